@@ -1,0 +1,1 @@
+//! strata-client: not built yet (see ARCHITECTURE.md for what it will own).
