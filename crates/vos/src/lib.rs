@@ -1,1 +1,154 @@
-//! strata-vos: not built yet (see ARCHITECTURE.md for what it will own).
+//! `strata-vos`: the versioned object store of one target (DAOS's VOS).
+//!
+//! Data model: container → object (128-bit [`Oid`]) → dkey → akey → either a **single value**
+//! or an **array** of byte extents addressed by offset. Every update carries an [`Epoch`]; a read
+//! at epoch `E` sees the newest version at or below `E`. Punches (object, dkey, akey, extent
+//! range) are versioned tombstones. Enumeration of objects, dkeys, akeys and extents works at
+//! any epoch with a cursor. [`Vos::aggregate`] drops versions no read at or above a given epoch,
+//! nor at a retained snapshot, can see.
+//!
+//! Storage: rows in an ordered key-value engine behind the [`KvEngine`] trait (fjall by default,
+//! values over 1 KiB separated into blob files so large extents are not rewritten by
+//! compaction). Row keys are order-preserving (`key_codec`): `cont | oid | dkey | akey | kind |
+//! [offset] | !epoch`, so the newest version at or below `E` is one seek, and akeys enumerate in
+//! byte order (the KV layer's range scans rely on it).
+//!
+//! Invariants:
+//! - An update batch is atomic and is acknowledged only after it is on stable storage;
+//!   concurrent batches share one sync (group commit, `group_commit.rs`).
+//! - Every stored record carries a crc32c over its header and payload, checked on every read;
+//!   a mismatch is [`VosError::Corrupt`], never data.
+//! - A read at epoch `E` returns the same bytes before and after any aggregation whose `upto`
+//!   is at most `E` or that retains `E`.
+//! - The store directory carries a format marker; a foreign or newer directory is refused.
+//!
+//! Limits (named constants below): dkey/akey 1..=4 KiB, single values up to 4 MiB, one extent
+//! up to 4 MiB, arrays up to 2^50 bytes, a fetch up to 64 MiB, a batch up to 64 MiB or 4096
+//! updates, 10,000 items per enumeration page. Extents longer than 4 MiB are refused (the array
+//! layer above splits at chunk boundaries), which bounds how far back a read must look for
+//! overlapping extents.
+//!
+//! Known limits of this version: visibility for enumeration ignores extent punches (an akey whose
+//! every byte was punched by extent punches still lists until aggregation); updates become
+//! readable a moment before they are durable (between the engine apply and its sync), as in most
+//! group-commit designs; acknowledgement still waits for the sync.
+
+mod engine;
+mod error;
+mod group_commit;
+mod interval_paint;
+mod key_codec;
+mod punch_index;
+mod record;
+mod store;
+
+pub use engine::{EngineOp, FjallEngine, FjallTuning, KvEngine, RowIter, Space};
+pub use error::VosError;
+pub use key_codec::RecordKey;
+pub use store::Vos;
+pub use strata_types::{ContId, Epoch, Oid};
+
+/// Store format written in the target's marker file.
+pub const FORMAT_VERSION: u32 = 1;
+pub const KEY_BYTES_MAX: usize = 4096;
+pub const VALUE_BYTES_MAX: usize = 4 << 20;
+pub const EXTENT_BYTES_MAX: u64 = 4 << 20;
+pub const ARRAY_BYTES_MAX: u64 = 1 << 50;
+pub const FETCH_BYTES_MAX: u64 = 64 << 20;
+pub const BATCH_BYTES_MAX: usize = 64 << 20;
+pub const BATCH_UPDATES_MAX: usize = 4096;
+pub const LIST_LIMIT_MAX: usize = 10_000;
+/// An extent punch is split into pieces of at most `EXTENT_BYTES_MAX`; this many at most.
+pub const PUNCH_PIECES_MAX: u64 = 256;
+
+const _: () = assert!(VALUE_BYTES_MAX <= BATCH_BYTES_MAX && EXTENT_BYTES_MAX as usize <= BATCH_BYTES_MAX);
+
+/// Per-target tuning. Defaults are small because tests run a dozen targets on one machine.
+#[derive(Clone, Debug)]
+pub struct VosConfig {
+    pub cache_bytes: u64,
+    pub engine_threads: usize,
+    /// Batches that may wait for the group-commit writer.
+    pub queue_depth: usize,
+    /// Bytes one commit group may gather before it is written.
+    pub group_bytes_max: usize,
+}
+
+impl Default for VosConfig {
+    fn default() -> Self {
+        VosConfig { cache_bytes: 16 << 20, engine_threads: 1, queue_depth: 1024, group_bytes_max: 64 << 20 }
+    }
+}
+
+/// One change in an update batch.
+#[derive(Clone, Debug)]
+pub struct Update {
+    pub cont: ContId,
+    pub oid: Oid,
+    pub dkey: Vec<u8>,
+    pub epoch: Epoch,
+    pub op: UpdateOp,
+}
+
+#[derive(Clone, Debug)]
+pub enum UpdateOp {
+    Single { akey: Vec<u8>, value: Vec<u8> },
+    Extent { akey: Vec<u8>, offset: u64, data: Vec<u8> },
+    PunchExtent { akey: Vec<u8>, offset: u64, len: u64 },
+    PunchAkey { akey: Vec<u8> },
+    PunchDkey,
+    PunchObject,
+}
+
+/// Bytes of an array range and which parts of it were written (the rest are holes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtentRead {
+    pub data: Vec<u8>,
+    /// `(offset, len)` of written ranges, absolute offsets, merged, ascending.
+    pub written: Vec<(u64, u64)>,
+}
+
+/// One page of an enumeration; pass `next` back as the cursor for the following page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<T>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AggregateStats {
+    pub records_examined: u64,
+    pub records_removed: u64,
+    pub bytes_reclaimed: u64,
+}
+
+/// A stored row as it is on disk, for shard copies between targets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawRecord {
+    pub punch: bool,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct CorruptRecord {
+    pub key: Option<RecordKey>,
+    pub raw_key: Vec<u8>,
+    pub defect: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ScrubReport {
+    pub records_checked: u64,
+    pub bytes_checked: u64,
+    pub corrupt: Vec<CorruptRecord>,
+    /// Corruption the storage engine itself detected (a block it could not read).
+    pub engine_errors: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpaceInfo {
+    pub used_bytes: u64,
+    pub fs_total_bytes: u64,
+    pub fs_free_bytes: u64,
+}

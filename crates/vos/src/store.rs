@@ -1,0 +1,568 @@
+//! `Vos`: one target's versioned object store on top of a `KvEngine`.
+
+use crate::engine::{EngineOp, FjallEngine, FjallTuning, KvEngine, Space};
+use crate::error::VosError;
+use crate::group_commit::GroupCommit;
+use crate::interval_paint::OwnerMap;
+use crate::key_codec::{
+    akey_prefix, decode_record_key, dkey_prefix, encode_record_key, extent_key, object_prefix, prefix_successor, single_key,
+    take_escaped, RecordKey, KIND_EXTENT, KIND_SINGLE,
+};
+use crate::punch_index::{PunchEntry, PunchIndex, PunchScope};
+use crate::record::{self, RecordKind};
+use crate::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use strata_types::{ContId, Epoch, Oid};
+
+const MARKER_FILE: &str = "STRATA_TARGET";
+const DB_DIR: &str = "db";
+
+pub struct Vos {
+    path: PathBuf,
+    engine: Arc<dyn KvEngine>,
+    punches: Arc<PunchIndex>,
+    writer: GroupCommit,
+}
+
+struct Row {
+    key: RecordKey,
+    kind: RecordKind,
+    len: u64,
+    payload: Vec<u8>,
+}
+
+fn corrupt(key: &[u8], defect: impl std::fmt::Display) -> VosError {
+    let location = match decode_record_key(key) {
+        Some(k) => format!(
+            "cont {} oid {} dkey {:?} akey {:?} {} epoch {}",
+            k.cont,
+            k.oid,
+            String::from_utf8_lossy(&k.dkey),
+            String::from_utf8_lossy(&k.akey),
+            k.offset.map(|o| format!("extent@{o}")).unwrap_or_else(|| "single".into()),
+            k.epoch
+        ),
+        None => format!("key {key:02x?}"),
+    };
+    VosError::Corrupt { location, defect: defect.to_string() }
+}
+
+fn decode_row(k: Vec<u8>, v: &[u8]) -> Result<Row, VosError> {
+    let key = decode_record_key(&k).ok_or_else(|| corrupt(&k, "undecodable record key"))?;
+    let r = record::decode(v).map_err(|d| corrupt(&k, d))?;
+    Ok(Row { key, kind: r.kind, len: r.len, payload: r.payload.to_vec() })
+}
+
+fn check_key(what: &'static str, k: &[u8]) -> Result<(), VosError> {
+    if k.is_empty() {
+        return Err(VosError::Empty { what });
+    }
+    if k.len() > KEY_BYTES_MAX {
+        return Err(VosError::TooLarge { what, got: k.len(), max: KEY_BYTES_MAX });
+    }
+    Ok(())
+}
+
+fn check_extent(offset: u64, len: u64) -> Result<(), VosError> {
+    if offset.checked_add(len).is_none_or(|end| end > ARRAY_BYTES_MAX) {
+        return Err(VosError::ExtentOutOfRange { offset, len, max: ARRAY_BYTES_MAX });
+    }
+    Ok(())
+}
+
+impl Vos {
+    /// Open (or create) the store in `dir`. A non-empty directory that is not a Strata target,
+    /// or one written by an unknown format version, is refused.
+    pub fn open(dir: &Path, cfg: &VosConfig) -> Result<Vos, VosError> {
+        let io = |source| VosError::Io { path: dir.to_owned(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let marker = dir.join(MARKER_FILE);
+        match std::fs::read_to_string(&marker) {
+            Ok(text) => {
+                if text.trim() != FORMAT_VERSION.to_string() {
+                    return Err(VosError::FormatVersion { path: dir.to_owned(), found: text.trim().to_owned(), supported: FORMAT_VERSION });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let empty = std::fs::read_dir(dir).map_err(io)?.next().is_none();
+                if !empty {
+                    return Err(VosError::OpenFailed {
+                        path: dir.to_owned(),
+                        reason: format!("directory is not empty and has no {MARKER_FILE} marker; point --dir at an empty directory or an existing target"),
+                    });
+                }
+                std::fs::write(&marker, FORMAT_VERSION.to_string()).map_err(|source| VosError::Io { path: marker.clone(), source })?;
+                if let Ok(d) = std::fs::File::open(dir) {
+                    d.sync_all().map_err(io)?;
+                }
+            }
+            Err(source) => return Err(VosError::Io { path: marker, source }),
+        }
+        let db_dir = dir.join(DB_DIR);
+        let tuning = FjallTuning { cache_bytes: cfg.cache_bytes, worker_threads: cfg.engine_threads };
+        let engine: Arc<dyn KvEngine> = Arc::new(FjallEngine::open(&db_dir, &tuning)?);
+        Self::with_engine(dir, engine, cfg)
+    }
+
+    /// Open on any engine that honours the `KvEngine` contract (tests inject faults this way).
+    pub fn with_engine(dir: &Path, engine: Arc<dyn KvEngine>, cfg: &VosConfig) -> Result<Vos, VosError> {
+        let punches = Arc::new(PunchIndex::default());
+        for row in engine.scan(Space::Punches, &[], None, false) {
+            let (k, _) = row?;
+            let p = PunchEntry::decode_key(&k).ok_or_else(|| VosError::Corrupt { location: "punch index".into(), defect: format!("undecodable punch key {k:02x?}") })?;
+            punches.insert(&p);
+        }
+        let writer = GroupCommit::start(engine.clone(), punches.clone(), cfg.queue_depth, cfg.group_bytes_max);
+        Ok(Vos { path: dir.to_owned(), engine, punches, writer })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Apply a batch atomically; returns once it is on stable storage.
+    pub fn update(&self, batch: &[Update]) -> Result<(), VosError> {
+        if batch.len() > BATCH_UPDATES_MAX {
+            return Err(VosError::BatchTooLarge { got: 0, ops: batch.len(), max_bytes: BATCH_BYTES_MAX, max_ops: BATCH_UPDATES_MAX });
+        }
+        let mut ops = Vec::with_capacity(batch.len() * 2);
+        let mut punches = Vec::new();
+        let mut bytes = 0usize;
+        for u in batch {
+            check_key("dkey", &u.dkey)?;
+            let obj_key = object_prefix(u.cont, u.oid);
+            let p = |akey: &[u8]| akey_prefix(u.cont, u.oid, &u.dkey, akey);
+            match &u.op {
+                UpdateOp::Single { akey, value } => {
+                    check_key("akey", akey)?;
+                    if value.len() > VALUE_BYTES_MAX {
+                        return Err(VosError::TooLarge { what: "single value", got: value.len(), max: VALUE_BYTES_MAX });
+                    }
+                    bytes += value.len();
+                    ops.push(EngineOp::Put(Space::Records, single_key(&p(akey), u.epoch), record::encode(RecordKind::Value, value.len() as u64, value)));
+                }
+                UpdateOp::Extent { akey, offset, data } => {
+                    check_key("akey", akey)?;
+                    if data.is_empty() {
+                        return Err(VosError::Empty { what: "extent data" });
+                    }
+                    if data.len() as u64 > EXTENT_BYTES_MAX {
+                        return Err(VosError::TooLarge { what: "extent", got: data.len(), max: EXTENT_BYTES_MAX as usize });
+                    }
+                    check_extent(*offset, data.len() as u64)?;
+                    bytes += data.len();
+                    ops.push(EngineOp::Put(Space::Records, extent_key(&p(akey), *offset, u.epoch), record::encode(RecordKind::Value, data.len() as u64, data)));
+                }
+                UpdateOp::PunchExtent { akey, offset, len } => {
+                    check_key("akey", akey)?;
+                    check_extent(*offset, *len)?;
+                    if *len > EXTENT_BYTES_MAX * PUNCH_PIECES_MAX {
+                        return Err(VosError::TooLarge { what: "extent punch (punch whole dkeys instead)", got: *len as usize, max: (EXTENT_BYTES_MAX * PUNCH_PIECES_MAX) as usize });
+                    }
+                    let mut off = *offset;
+                    while off < offset + len {
+                        let piece = (offset + len - off).min(EXTENT_BYTES_MAX);
+                        ops.push(EngineOp::Put(Space::Records, extent_key(&p(akey), off, u.epoch), record::encode(RecordKind::Punch, piece, &[])));
+                        off += piece;
+                    }
+                }
+                UpdateOp::PunchAkey { akey } => {
+                    check_key("akey", akey)?;
+                    punches.push(PunchEntry { cont: u.cont, oid: u.oid, scope: PunchScope::Akey(u.dkey.clone(), akey.clone()), epoch: u.epoch });
+                }
+                UpdateOp::PunchDkey => punches.push(PunchEntry { cont: u.cont, oid: u.oid, scope: PunchScope::Dkey(u.dkey.clone()), epoch: u.epoch }),
+                UpdateOp::PunchObject => punches.push(PunchEntry { cont: u.cont, oid: u.oid, scope: PunchScope::Object, epoch: u.epoch }),
+            }
+            ops.push(EngineOp::Put(Space::Objects, obj_key, Vec::new()));
+        }
+        if bytes > BATCH_BYTES_MAX {
+            return Err(VosError::BatchTooLarge { got: bytes, ops: batch.len(), max_bytes: BATCH_BYTES_MAX, max_ops: BATCH_UPDATES_MAX });
+        }
+        for p in &punches {
+            ops.push(EngineOp::Put(Space::Punches, p.encode_key(), Vec::new()));
+        }
+        self.writer.commit(ops, punches)
+    }
+
+    /// The newest single value of `akey` at or below `epoch`, with the epoch it was written at.
+    pub fn fetch_single(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8], epoch: Epoch) -> Result<Option<(Epoch, Vec<u8>)>, VosError> {
+        let p = akey_prefix(cont, oid, dkey, akey);
+        let hidden_upto = self.punches.covering(cont, oid, Some(dkey), Some(akey), epoch);
+        let mut end = p.clone();
+        end.push(KIND_SINGLE + 1);
+        let Some(row) = self.engine.scan(Space::Records, &single_key(&p, epoch), Some(&end), false).next() else {
+            return Ok(None);
+        };
+        let (k, v) = row?;
+        let row = decode_row(k, &v)?;
+        if hidden_upto.is_some_and(|h| row.key.epoch <= h) || row.kind == RecordKind::Punch {
+            return Ok(None);
+        }
+        Ok(Some((row.key.epoch, row.payload)))
+    }
+
+    /// Rows of one akey's extents that may overlap `[offset, end)`, visible at `epoch`.
+    fn extent_rows(&self, p: &[u8], offset: u64, end: Option<u64>, epoch: Epoch, hidden_upto: Option<Epoch>) -> Result<Vec<Row>, VosError> {
+        // An extent starting more than EXTENT_BYTES_MAX before `offset` cannot reach it.
+        let from = extent_key(p, offset.saturating_sub(EXTENT_BYTES_MAX - 1), Epoch::MAX);
+        let to = match end {
+            Some(e) => extent_key(p, e, Epoch::MAX),
+            None => {
+                let mut t = p.to_vec();
+                t.push(KIND_EXTENT + 1);
+                t
+            }
+        };
+        let mut rows = Vec::new();
+        for r in self.engine.scan(Space::Records, &from, Some(&to), false) {
+            let (k, v) = r?;
+            let key = decode_record_key(&k).ok_or_else(|| corrupt(&k, "undecodable record key"))?;
+            if key.epoch > epoch || hidden_upto.is_some_and(|h| key.epoch <= h) {
+                continue;
+            }
+            let row = decode_row(k, &v)?;
+            let start = row.key.offset.unwrap_or(0);
+            if start + row.len <= offset {
+                continue;
+            }
+            rows.push(row);
+        }
+        rows.sort_by_key(|r| r.key.epoch);
+        Ok(rows)
+    }
+
+    /// Read `[offset, offset + len)` of an array akey at `epoch`; holes read as zeros.
+    pub fn fetch_extent(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<ExtentRead, VosError> {
+        check_extent(offset, len)?;
+        if len > FETCH_BYTES_MAX {
+            return Err(VosError::TooLarge { what: "fetch", got: len as usize, max: FETCH_BYTES_MAX as usize });
+        }
+        let p = akey_prefix(cont, oid, dkey, akey);
+        let hidden = self.punches.covering(cont, oid, Some(dkey), Some(akey), epoch);
+        let rows = self.extent_rows(&p, offset, Some(offset + len), epoch, hidden)?;
+        let mut owners = OwnerMap::default();
+        for (i, r) in rows.iter().enumerate() {
+            let s = r.key.offset.unwrap_or(0);
+            owners.paint(s.max(offset), (s + r.len).min(offset + len), i);
+        }
+        let mut data = vec![0u8; len as usize];
+        let mut written = Vec::new();
+        for (s, e, i) in owners.iter() {
+            let r = &rows[i];
+            if r.kind == RecordKind::Punch {
+                continue;
+            }
+            let rs = r.key.offset.unwrap_or(0);
+            data[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&r.payload[(s - rs) as usize..(e - rs) as usize]);
+            match written.last_mut() {
+                Some((ws, wl)) if *ws + *wl == s => *wl += e - s,
+                _ => written.push((s, e - s)),
+            }
+        }
+        Ok(ExtentRead { data, written })
+    }
+
+    /// The written ranges of an array akey at `epoch`, merged, in offset order.
+    pub fn list_extents(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8], epoch: Epoch) -> Result<Vec<(u64, u64)>, VosError> {
+        let p = akey_prefix(cont, oid, dkey, akey);
+        let hidden = self.punches.covering(cont, oid, Some(dkey), Some(akey), epoch);
+        let rows = self.extent_rows(&p, 0, None, epoch, hidden)?;
+        let mut owners = OwnerMap::default();
+        for (i, r) in rows.iter().enumerate() {
+            let s = r.key.offset.unwrap_or(0);
+            owners.paint(s, s + r.len, i);
+        }
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (s, e, i) in owners.iter() {
+            if rows[i].kind == RecordKind::Punch {
+                continue;
+            }
+            match out.last_mut() {
+                Some((os, ol)) if *os + *ol == s => *ol += e - s,
+                _ => out.push((s, e - s)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One past the last written byte of an array akey at `epoch` (0 if none).
+    pub fn array_size(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8], epoch: Epoch) -> Result<u64, VosError> {
+        Ok(self.list_extents(cont, oid, dkey, akey, epoch)?.last().map_or(0, |(s, l)| s + l))
+    }
+
+    fn akey_visible(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8], epoch: Epoch) -> Result<bool, VosError> {
+        if self.fetch_single(cont, oid, dkey, akey, epoch)?.is_some() {
+            return Ok(true);
+        }
+        let p = akey_prefix(cont, oid, dkey, akey);
+        let hidden = self.punches.covering(cont, oid, Some(dkey), Some(akey), epoch);
+        Ok(self.extent_rows(&p, 0, None, epoch, hidden)?.iter().any(|r| r.kind == RecordKind::Value))
+    }
+
+    /// Distinct escaped fields that follow `prefix` in record keys, starting after `cursor`.
+    fn next_field(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<Vec<u8>>, VosError> {
+        let start = match after {
+            Some(field) => {
+                let mut k = prefix.to_vec();
+                crate::key_codec::push_escaped(&mut k, field);
+                prefix_successor(&k)
+            }
+            None => prefix.to_vec(),
+        };
+        let end = prefix_successor(prefix);
+        match self.engine.scan(Space::Records, &start, Some(&end), false).next() {
+            None => Ok(None),
+            Some(r) => {
+                let (k, _) = r?;
+                let (field, _) = take_escaped(&k[prefix.len()..]).ok_or_else(|| corrupt(&k, "undecodable record key"))?;
+                Ok(Some(field))
+            }
+        }
+    }
+
+    /// Akeys of a dkey that have data visible at `epoch`, in byte order, after `cursor`.
+    pub fn list_akeys(&self, cont: ContId, oid: Oid, dkey: &[u8], epoch: Epoch, cursor: Option<&[u8]>, limit: usize) -> Result<Page<Vec<u8>>, VosError> {
+        let prefix = dkey_prefix(cont, oid, dkey);
+        let mut out = Vec::new();
+        let mut at = cursor.map(|c| c.to_vec());
+        while out.len() < limit.min(LIST_LIMIT_MAX) {
+            let Some(akey) = self.next_field(&prefix, at.as_deref())? else { return Ok(Page { items: out, next: None }) };
+            if self.akey_visible(cont, oid, dkey, &akey, epoch)? {
+                out.push(akey.clone());
+            }
+            at = Some(akey);
+        }
+        Ok(Page { next: out.last().cloned(), items: out })
+    }
+
+    fn dkey_visible(&self, cont: ContId, oid: Oid, dkey: &[u8], epoch: Epoch) -> Result<bool, VosError> {
+        Ok(!self.list_akeys(cont, oid, dkey, epoch, None, 1)?.items.is_empty())
+    }
+
+    /// Dkeys of an object that have data visible at `epoch`, in byte order, after `cursor`.
+    pub fn list_dkeys(&self, cont: ContId, oid: Oid, epoch: Epoch, cursor: Option<&[u8]>, limit: usize) -> Result<Page<Vec<u8>>, VosError> {
+        let prefix = object_prefix(cont, oid);
+        let mut out = Vec::new();
+        let mut at = cursor.map(|c| c.to_vec());
+        while out.len() < limit.min(LIST_LIMIT_MAX) {
+            let Some(dkey) = self.next_field(&prefix, at.as_deref())? else { return Ok(Page { items: out, next: None }) };
+            if self.dkey_visible(cont, oid, &dkey, epoch)? {
+                out.push(dkey.clone());
+            }
+            at = Some(dkey);
+        }
+        Ok(Page { next: out.last().cloned(), items: out })
+    }
+
+    /// Objects of a container with data visible at `epoch`, in id order, after `cursor`.
+    pub fn list_objects(&self, cont: ContId, epoch: Epoch, cursor: Option<Oid>, limit: usize) -> Result<Page<Oid>, VosError> {
+        let start = match cursor {
+            Some(o) => prefix_successor(&object_prefix(cont, o)),
+            None => cont.as_bytes().to_vec(),
+        };
+        let end = prefix_successor(cont.as_bytes());
+        let mut out = Vec::new();
+        for r in self.engine.scan(Space::Objects, &start, Some(&end), false) {
+            let (k, _) = r?;
+            let oid = Oid::from_bytes(k.get(16..32).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt(&k, "bad object index key"))?);
+            if !self.list_dkeys(cont, oid, epoch, None, 1)?.items.is_empty() {
+                out.push(oid);
+                if out.len() >= limit.min(LIST_LIMIT_MAX) {
+                    return Ok(Page { next: Some(oid), items: out });
+                }
+            }
+        }
+        Ok(Page { items: out, next: None })
+    }
+
+    /// Every container with at least one object ever written on this target.
+    pub fn list_containers(&self) -> Result<Vec<ContId>, VosError> {
+        let mut out = Vec::new();
+        let mut start = Vec::new();
+        while let Some(r) = self.engine.scan(Space::Objects, &start, None, false).next() {
+            let (k, _) = r?;
+            let cont = ContId(uuid::Uuid::from_slice(k.get(..16).unwrap_or_default()).map_err(|_| corrupt(&k, "bad object index key"))?);
+            out.push(cont);
+            start = prefix_successor(cont.as_bytes());
+        }
+        Ok(out)
+    }
+
+    /// Remove everything a container holds on this target.
+    pub fn destroy_container(&self, cont: ContId) -> Result<(), VosError> {
+        let end = prefix_successor(cont.as_bytes());
+        let mut ops = Vec::new();
+        for space in [Space::Records, Space::Punches, Space::Objects] {
+            for r in self.engine.scan(space, cont.as_bytes(), Some(&end), false) {
+                let (k, _) = r?;
+                ops.push(EngineOp::Delete(space, k));
+                if ops.len() >= 10_000 {
+                    self.writer.commit(std::mem::take(&mut ops), Vec::new())?;
+                }
+            }
+        }
+        self.writer.commit(ops, Vec::new())?;
+        self.punches.remove_container(cont);
+        Ok(())
+    }
+
+    /// Drop versions at or below `upto` that no read at `upto` or at a retained snapshot epoch
+    /// can see any more; punched data is reclaimed. Reads at `upto`, above it, and at every
+    /// retained epoch return exactly what they returned before.
+    pub fn aggregate(&self, cont: ContId, upto: Epoch, retained: &[Epoch]) -> Result<AggregateStats, VosError> {
+        let mut points: Vec<Epoch> = retained.iter().copied().filter(|e| *e <= upto).collect();
+        points.push(upto);
+        points.sort();
+        points.dedup();
+        let mut stats = AggregateStats::default();
+        let end = prefix_successor(cont.as_bytes());
+        let mut start = cont.as_bytes().to_vec();
+        loop {
+            // One akey at a time: find the next akey prefix, then gather its rows.
+            let Some(first) = self.engine.scan(Space::Records, &start, Some(&end), false).next() else { break };
+            let (k, _) = first?;
+            let key = decode_record_key(&k).ok_or_else(|| corrupt(&k, "undecodable record key"))?;
+            let p = akey_prefix(key.cont, key.oid, &key.dkey, &key.akey);
+            let mut rows = Vec::new();
+            for r in self.engine.scan(Space::Records, &p, Some(&prefix_successor(&p)), false) {
+                let (k, v) = r?;
+                rows.push(decode_row(k, &v)?);
+            }
+            stats.records_examined += rows.len() as u64;
+            let mut keep = vec![false; rows.len()];
+            for (i, r) in rows.iter().enumerate() {
+                if r.key.epoch > upto {
+                    keep[i] = true;
+                }
+            }
+            for &at in &points {
+                let hidden = self.punches.covering(key.cont, key.oid, Some(&key.dkey), Some(&key.akey), at);
+                let visible = |r: &Row| r.key.epoch <= at && !hidden.is_some_and(|h| r.key.epoch <= h);
+                // Single values: the newest visible row is what a read at `at` returns.
+                if let Some(i) = rows.iter().enumerate().filter(|(_, r)| r.key.offset.is_none() && visible(r)).max_by_key(|(_, r)| r.key.epoch).map(|(i, _)| i) {
+                    keep[i] = true;
+                }
+                // Extents: every row owning at least one byte at `at`.
+                let mut order: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].key.offset.is_some() && visible(&rows[i])).collect();
+                order.sort_by_key(|&i| rows[i].key.epoch);
+                let mut owners = OwnerMap::default();
+                for i in order {
+                    let s = rows[i].key.offset.unwrap_or(0);
+                    owners.paint(s, s + rows[i].len, i);
+                }
+                for (_, _, i) in owners.iter() {
+                    keep[i] = true;
+                }
+            }
+            // A punch row with nothing older kept beneath it hides nothing.
+            for i in 0..rows.len() {
+                if keep[i] && rows[i].kind == RecordKind::Punch && rows[i].key.epoch <= upto {
+                    let r = &rows[i];
+                    let shadows_something = rows.iter().enumerate().any(|(j, o)| {
+                        keep[j] && o.key.epoch < r.key.epoch && o.key.offset.is_some() == r.key.offset.is_some() && {
+                            match (o.key.offset, r.key.offset) {
+                                (Some(os), Some(rs)) => os < rs + r.len && rs < os + o.len,
+                                _ => true,
+                            }
+                        }
+                    });
+                    if !shadows_something {
+                        keep[i] = false;
+                    }
+                }
+            }
+            let mut ops = Vec::new();
+            for (i, r) in rows.iter().enumerate() {
+                if !keep[i] {
+                    stats.records_removed += 1;
+                    stats.bytes_reclaimed += r.payload.len() as u64;
+                    ops.push(EngineOp::Delete(Space::Records, encode_record_key(&r.key)));
+                }
+            }
+            if !ops.is_empty() {
+                self.writer.commit(ops, Vec::new())?;
+            }
+            start = prefix_successor(&p);
+        }
+        Ok(stats)
+    }
+
+    /// Every stored row of an object (all versions, punches included), for copying a shard
+    /// to another target version-for-version (rebuild, reintegration).
+    pub fn export_object(&self, cont: ContId, oid: Oid) -> Result<Vec<RawRecord>, VosError> {
+        let p = object_prefix(cont, oid);
+        let end = prefix_successor(&p);
+        let mut out = Vec::new();
+        for space in [Space::Records, Space::Punches] {
+            for r in self.engine.scan(space, &p, Some(&end), false) {
+                let (key, value) = r?;
+                if space == Space::Records {
+                    record::decode(&value).map_err(|d| corrupt(&key, d))?;
+                }
+                out.push(RawRecord { punch: space == Space::Punches, key, value });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Store rows exported by `export_object` on another target (verified first), durably.
+    pub fn import(&self, records: &[RawRecord]) -> Result<(), VosError> {
+        let mut ops = Vec::with_capacity(records.len() + 1);
+        let mut punches = Vec::new();
+        for r in records {
+            if r.punch {
+                let p = PunchEntry::decode_key(&r.key).ok_or_else(|| corrupt(&r.key, "undecodable punch key"))?;
+                ops.push(EngineOp::Put(Space::Objects, object_prefix(p.cont, p.oid), Vec::new()));
+                ops.push(EngineOp::Put(Space::Punches, r.key.clone(), Vec::new()));
+                punches.push(p);
+            } else {
+                let k = decode_record_key(&r.key).ok_or_else(|| corrupt(&r.key, "undecodable record key"))?;
+                record::decode(&r.value).map_err(|d| corrupt(&r.key, d))?;
+                ops.push(EngineOp::Put(Space::Objects, object_prefix(k.cont, k.oid), Vec::new()));
+                ops.push(EngineOp::Put(Space::Records, r.key.clone(), r.value.clone()));
+            }
+        }
+        self.writer.commit(ops, punches)
+    }
+
+    /// Verify the checksum of every stored record; report the bad ones.
+    pub fn verify_all(&self) -> Result<ScrubReport, VosError> {
+        let mut report = ScrubReport::default();
+        for r in self.engine.scan(Space::Records, &[], None, false) {
+            let (k, v) = match r {
+                Ok(row) => row,
+                Err(e @ VosError::Corrupt { .. }) => {
+                    report.engine_errors.push(e.to_string());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            report.records_checked += 1;
+            report.bytes_checked += v.len() as u64;
+            if let Err(d) = record::decode(&v) {
+                report.corrupt.push(CorruptRecord { key: decode_record_key(&k), raw_key: k, defect: d.to_string() });
+            }
+        }
+        Ok(report)
+    }
+
+    /// Space used by this target and free on its file system.
+    pub fn space(&self) -> Result<SpaceInfo, VosError> {
+        let (total, free) = fs_space(&self.path).map_err(|source| VosError::Io { path: self.path.clone(), source })?;
+        Ok(SpaceInfo { used_bytes: self.engine.disk_bytes(), fs_total_bytes: total, fs_free_bytes: free })
+    }
+}
+
+fn fs_space(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is a plain struct statvfs fills in.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    Ok((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+}

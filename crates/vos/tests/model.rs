@@ -1,0 +1,209 @@
+//! Model-based test: random sequences of updates, punches, reads, enumerations and
+//! aggregations at random (out-of-order) epochs must agree with a plain in-memory model.
+
+use proptest::prelude::*;
+use std::collections::{BTreeSet, HashSet};
+use strata_types::{ContId, Epoch, Oid};
+use strata_vos::{Update, UpdateOp, Vos, VosConfig};
+
+#[derive(Clone, Debug)]
+enum Op {
+    Single { o: u8, d: u8, a: u8, v: u8, e: u16 },
+    Extent { o: u8, d: u8, a: u8, off: u8, len: u8, fill: u8, e: u16 },
+    PunchExtent { o: u8, d: u8, a: u8, off: u8, len: u8, e: u16 },
+    PunchAkey { o: u8, d: u8, a: u8, e: u16 },
+    PunchDkey { o: u8, d: u8, e: u16 },
+    PunchObject { o: u8, e: u16 },
+    Read { o: u8, d: u8, a: u8, e: u16 },
+    ReadExtent { o: u8, d: u8, a: u8, off: u8, len: u8, e: u16 },
+    List { o: u8, e: u16 },
+    Aggregate { upto: u16, keep: u16 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let k = 0u8..2;
+    prop_oneof![
+        4 => (k.clone(), k.clone(), k.clone(), any::<u8>(), any::<u16>()).prop_map(|(o, d, a, v, e)| Op::Single { o, d, a, v, e }),
+        4 => (k.clone(), k.clone(), k.clone(), 0u8..64, 1u8..40, any::<u8>(), any::<u16>()).prop_map(|(o, d, a, off, len, fill, e)| Op::Extent { o, d, a, off, len, fill, e }),
+        1 => (k.clone(), k.clone(), k.clone(), 0u8..64, 1u8..40, any::<u16>()).prop_map(|(o, d, a, off, len, e)| Op::PunchExtent { o, d, a, off, len, e }),
+        1 => (k.clone(), k.clone(), k.clone(), any::<u16>()).prop_map(|(o, d, a, e)| Op::PunchAkey { o, d, a, e }),
+        1 => (k.clone(), k.clone(), any::<u16>()).prop_map(|(o, d, e)| Op::PunchDkey { o, d, e }),
+        1 => (k.clone(), any::<u16>()).prop_map(|(o, e)| Op::PunchObject { o, e }),
+        4 => (k.clone(), k.clone(), k.clone(), any::<u16>()).prop_map(|(o, d, a, e)| Op::Read { o, d, a, e }),
+        4 => (k.clone(), k.clone(), k.clone(), 0u8..80, 1u8..60, any::<u16>()).prop_map(|(o, d, a, off, len, e)| Op::ReadExtent { o, d, a, off, len, e }),
+        2 => (k.clone(), any::<u16>()).prop_map(|(o, e)| Op::List { o, e }),
+        1 => (any::<u16>(), any::<u16>()).prop_map(|(upto, keep)| Op::Aggregate { upto, keep }),
+    ]
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Scope {
+    Object(u8),
+    Dkey(u8, u8),
+    Akey(u8, u8, u8),
+}
+
+#[derive(Default)]
+struct Model {
+    singles: Vec<((u8, u8, u8), u64, Vec<u8>)>,
+    extents: Vec<((u8, u8, u8), u64, u64, u64, Option<Vec<u8>>)>, // key, epoch, off, len, data
+    punches: Vec<(Scope, u64)>,
+}
+
+impl Model {
+    fn hidden(&self, o: u8, d: u8, a: u8, at: u64) -> Option<u64> {
+        self.punches
+            .iter()
+            .filter(|(s, e)| *e <= at && (*s == Scope::Object(o) || *s == Scope::Dkey(o, d) || *s == Scope::Akey(o, d, a)))
+            .map(|(_, e)| *e)
+            .max()
+    }
+    fn single(&self, o: u8, d: u8, a: u8, at: u64) -> Option<Vec<u8>> {
+        let best = self.singles.iter().filter(|(k, e, _)| *k == (o, d, a) && *e <= at).max_by_key(|(_, e, _)| *e)?;
+        if self.hidden(o, d, a, at).is_some_and(|h| best.1 <= h) {
+            return None;
+        }
+        Some(best.2.clone())
+    }
+    fn extent(&self, o: u8, d: u8, a: u8, off: u64, len: u64, at: u64) -> (Vec<u8>, Vec<bool>) {
+        let h = self.hidden(o, d, a, at);
+        let mut rows: Vec<_> = self.extents.iter().filter(|r| r.0 == (o, d, a) && r.1 <= at && !h.is_some_and(|h| r.1 <= h)).collect();
+        rows.sort_by_key(|r| (r.1, r.2));
+        let mut data = vec![0u8; len as usize];
+        let mut written = vec![false; len as usize];
+        for r in rows {
+            for b in r.2.max(off)..(r.2 + r.3).min(off + len) {
+                let i = (b - off) as usize;
+                match &r.4 {
+                    Some(bytes) => {
+                        data[i] = bytes[(b - r.2) as usize];
+                        written[i] = true;
+                    }
+                    None => {
+                        data[i] = 0;
+                        written[i] = false;
+                    }
+                }
+            }
+        }
+        (data, written)
+    }
+    fn akey_visible(&self, o: u8, d: u8, a: u8, at: u64) -> bool {
+        let h = self.hidden(o, d, a, at);
+        self.single(o, d, a, at).is_some() || self.extents.iter().any(|r| r.0 == (o, d, a) && r.1 <= at && r.4.is_some() && !h.is_some_and(|h| r.1 <= h))
+    }
+}
+
+fn oid(o: u8) -> Oid {
+    Oid::from_u128(0x100 + o as u128)
+}
+fn name(prefix: u8, i: u8) -> Vec<u8> {
+    vec![prefix, b'0' + i]
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let vos = Vos::open(dir.path(), &VosConfig::default()).unwrap();
+    let cont = ContId::new_random();
+    let mut m = Model::default();
+    let mut used = HashSet::new();
+    // Reads are compared only where aggregation promised to keep history.
+    let mut aggregations: Vec<(u64, BTreeSet<u64>)> = Vec::new();
+    let floor = |aggs: &Vec<(u64, BTreeSet<u64>)>| aggs.iter().map(|a| a.0).max().unwrap_or(0);
+    let comparable = |aggs: &Vec<(u64, BTreeSet<u64>)>, e: u64| aggs.iter().all(|(u, r)| e >= *u || r.contains(&e));
+    let mut fresh = |raw: u16, aggs: &Vec<(u64, BTreeSet<u64>)>| {
+        let mut e = floor(aggs) + 1 + raw as u64;
+        while !used.insert(e) {
+            e += 1;
+        }
+        e
+    };
+    let upd = |o: u8, d: u8, e: u64, op: UpdateOp| Update { cont, oid: oid(o), dkey: name(b'd', d), epoch: Epoch(e), op };
+    for op in ops {
+        match op {
+            Op::Single { o, d, a, v, e } => {
+                let e = fresh(e, &aggregations);
+                let value = vec![v; 1 + (v % 7) as usize];
+                vos.update(&[upd(o, d, e, UpdateOp::Single { akey: name(b'a', a), value: value.clone() })]).unwrap();
+                m.singles.push(((o, d, a), e, value));
+            }
+            Op::Extent { o, d, a, off, len, fill, e } => {
+                let e = fresh(e, &aggregations);
+                let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i)).collect();
+                vos.update(&[upd(o, d, e, UpdateOp::Extent { akey: name(b'x', a), offset: off as u64, data: data.clone() })]).unwrap();
+                m.extents.push(((o, d, a), e, off as u64, len as u64, Some(data)));
+            }
+            Op::PunchExtent { o, d, a, off, len, e } => {
+                let e = fresh(e, &aggregations);
+                vos.update(&[upd(o, d, e, UpdateOp::PunchExtent { akey: name(b'x', a), offset: off as u64, len: len as u64 })]).unwrap();
+                m.extents.push(((o, d, a), e, off as u64, len as u64, None));
+            }
+            Op::PunchAkey { o, d, a, e } => {
+                let e = fresh(e, &aggregations);
+                // Punch both the single-value akey and the array akey of the same index.
+                vos.update(&[upd(o, d, e, UpdateOp::PunchAkey { akey: name(b'a', a) }), upd(o, d, e, UpdateOp::PunchAkey { akey: name(b'x', a) })]).unwrap();
+                m.punches.push((Scope::Akey(o, d, a), e));
+            }
+            Op::PunchDkey { o, d, e } => {
+                let e = fresh(e, &aggregations);
+                vos.update(&[upd(o, d, e, UpdateOp::PunchDkey)]).unwrap();
+                m.punches.push((Scope::Dkey(o, d), e));
+            }
+            Op::PunchObject { o, e } => {
+                let e = fresh(e, &aggregations);
+                vos.update(&[upd(o, 0, e, UpdateOp::PunchObject)]).unwrap();
+                m.punches.push((Scope::Object(o), e));
+            }
+            Op::Read { o, d, a, e } => {
+                let e = e as u64 + floor(&aggregations) / 2;
+                if !comparable(&aggregations, e) {
+                    continue;
+                }
+                let got = vos.fetch_single(cont, oid(o), &name(b'd', d), &name(b'a', a), Epoch(e)).unwrap().map(|(_, v)| v);
+                prop_assert_eq!(got, m.single(o, d, a, e), "single {} {} {} at {}", o, d, a, e);
+            }
+            Op::ReadExtent { o, d, a, off, len, e } => {
+                let e = e as u64 + floor(&aggregations) / 2;
+                if !comparable(&aggregations, e) {
+                    continue;
+                }
+                let got = vos.fetch_extent(cont, oid(o), &name(b'd', d), &name(b'x', a), off as u64, len as u64, Epoch(e)).unwrap();
+                let (data, written) = m.extent(o, d, a, off as u64, len as u64, e);
+                prop_assert_eq!(&got.data, &data, "extent data at {}", e);
+                let mut got_written = vec![false; len as usize];
+                for (s, l) in &got.written {
+                    for b in *s..s + l {
+                        got_written[(b - off as u64) as usize] = true;
+                    }
+                }
+                prop_assert_eq!(got_written, written, "written map at {}", e);
+            }
+            Op::List { o, e } => {
+                let e = e as u64 + floor(&aggregations) / 2;
+                if !comparable(&aggregations, e) {
+                    continue;
+                }
+                let got = vos.list_dkeys(cont, oid(o), Epoch(e), None, 100).unwrap().items;
+                let want: Vec<Vec<u8>> =
+                    (0..2).filter(|&d| (0..2).any(|a| m.akey_visible(o, d, a, e))).map(|d| name(b'd', d)).collect();
+                prop_assert_eq!(got, want, "dkeys of {} at {}", o, e);
+            }
+            Op::Aggregate { upto, keep } => {
+                let upto = floor(&aggregations) + upto as u64 / 4;
+                let retained: BTreeSet<u64> = [keep as u64 % (upto + 1)].into_iter().collect();
+                let r: Vec<Epoch> = retained.iter().map(|e| Epoch(*e)).collect();
+                vos.aggregate(cont, Epoch(upto), &r).unwrap();
+                aggregations.push((upto, retained));
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn vos_agrees_with_model(ops in proptest::collection::vec(op(), 1..120)) {
+        run(ops)?;
+    }
+}
