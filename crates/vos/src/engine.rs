@@ -49,6 +49,8 @@ pub trait KvEngine: Send + Sync {
     fn apply(&self, ops: Vec<EngineOp>) -> Result<(), VosError>;
     fn sync(&self) -> Result<(), VosError>;
     fn disk_bytes(&self) -> u64;
+    /// Move everything buffered in memory into the engine's sorted files (a checkpoint).
+    fn flush(&self) -> Result<(), VosError>;
 }
 
 /// Tuning of the fjall backend; small defaults because one machine runs many targets in tests.
@@ -94,7 +96,9 @@ impl FjallEngine {
             db.keyspace(name, || {
                 let o = fjall::KeyspaceCreateOptions::default();
                 if separate {
-                    o.with_kv_separation(Some(fjall::KvSeparationOptions::default()))
+                    // Extents are mostly incompressible user data and carry their own crc; compressing
+                    // them costs CPU on the write path for nothing.
+                    o.with_kv_separation(Some(fjall::KvSeparationOptions::default().compression(fjall::CompressionType::None)))
                 } else {
                     o
                 }
@@ -153,5 +157,12 @@ impl KvEngine for FjallEngine {
 
     fn disk_bytes(&self) -> u64 {
         self.db.disk_space().unwrap_or(0)
+    }
+
+    fn flush(&self) -> Result<(), VosError> {
+        for ks in [&self.records, &self.punches, &self.objects, &self.meta] {
+            ks.rotate_memtable_and_wait().map_err(map_fjall)?;
+        }
+        Ok(())
     }
 }

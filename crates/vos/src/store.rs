@@ -547,6 +547,12 @@ impl Vos {
         Ok(report)
     }
 
+    /// Checkpoint: write buffered rows into the engine's sorted files so that recovery after a
+    /// restart replays less.
+    pub fn flush(&self) -> Result<(), VosError> {
+        self.engine.flush()
+    }
+
     /// Space used by this target and free on its file system.
     pub fn space(&self) -> Result<SpaceInfo, VosError> {
         let (total, free) = fs_space(&self.path).map_err(|source| VosError::Io { path: self.path.clone(), source })?;
