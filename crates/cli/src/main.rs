@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench_vos;
+mod fio;
 mod output;
 mod sim_placement;
 mod vos_cmd;

@@ -175,7 +175,7 @@ pub fn check(history: &[TxnRecord]) -> CheckReport {
     // Dependency graph over committed transactions.
     let n = history.len();
     let mut edges: Vec<HashMap<usize, DepKind>> = vec![HashMap::new(); n];
-    let mut add = |from: usize, to: usize, kind: DepKind, edges: &mut Vec<HashMap<usize, DepKind>>| {
+    let add = |from: usize, to: usize, kind: DepKind, edges: &mut Vec<HashMap<usize, DepKind>>| {
         if from != to && committed[from] && committed[to] {
             // Keep the "strongest" label for classification: ww < wr < rw.
             let e = edges[from].entry(to).or_insert(kind);
