@@ -52,7 +52,9 @@ pub fn run(dir: &Path, name: &str, args: &[String]) -> anyhow::Result<FioResult>
     let job = &v["jobs"][0];
     let is_read = args.iter().any(|a| a.starts_with("rw=") && a.contains("read"));
     let side = if is_read { &job["read"] } else { &job["write"] };
-    let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    // For jobs that sync after every write, an operation's latency is the write plus the sync.
+    let sync = &job["sync"]["lat_ns"]["percentile"];
+    let pct = |p: &str| (side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) + sync[p].as_f64().unwrap_or(0.0)) / 1000.0;
     let runtime_s = job["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0;
     let cpu_pct = job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
     Ok(FioResult {
