@@ -1,0 +1,148 @@
+//! Layout properties a pool relies on: fixed layouts for fixed inputs, distinct fault domains
+//! per group, balance, minimal movement on exclude/extend, exact restore on reintegration.
+
+use std::collections::{BTreeMap, HashSet};
+use strata_placement::*;
+use strata_types::{ObjectClass, ObjectType, Oid, TargetId};
+
+fn oid(class: &str, seq: u128) -> Oid {
+    Oid::new(ObjectType::Array, class.parse::<ObjectClass>().unwrap(), seq)
+}
+
+fn targets_of(l: &Layout) -> Vec<String> {
+    l.shards().iter().map(|s| s.target.to_string()).collect()
+}
+
+#[test]
+fn golden_layouts() {
+    // Changing any of these relocates every stored object: bump the map format instead.
+    let map = PlacementMap::new(&PoolMap::uniform(6, 2, 6), false);
+    let got: Vec<Vec<String>> = ["S1", "RP_3G1", "EC_2P1G1", "RP_2G2"].iter().enumerate().map(|(i, c)| targets_of(&map.layout(oid(c, 1000 + i as u128)).unwrap())).collect();
+    let golden: Vec<Vec<&str>> = vec![vec!["1:0"], vec!["0:1", "1:1", "3:1"], vec!["4:0", "1:1", "5:1"], vec!["1:0", "3:1", "5:0", "2:1"]];
+    assert_eq!(got, golden);
+    let dkeys: Vec<usize> = (0..8).map(|i| group_for_dkey(format!("chunk-{i}").as_bytes(), 8)).collect();
+    if std::env::var("PRINT_GOLDEN").is_ok() {
+        println!("{dkeys:?}");
+    }
+    assert_eq!(dkeys, GOLDEN_DKEYS);
+}
+
+const GOLDEN_DKEYS: [usize; 8] = [1, 5, 7, 1, 7, 7, 7, 6];
+
+fn host_of(map: &PoolMap, t: TargetId) -> String {
+    map.target(t).unwrap().domain.to_string()
+}
+
+#[test]
+fn groups_use_distinct_hosts_then_ranks() {
+    // 8 hosts: RP_3 and EC_4P2 groups spread over distinct hosts.
+    let pm = PoolMap::uniform(16, 4, 8);
+    let map = PlacementMap::new(&pm, false);
+    for class in ["RP_3G2", "EC_4P2G1", "RP_2GX"] {
+        for seq in 0..2000 {
+            let l = map.layout(oid(class, seq)).unwrap();
+            for g in l.groups() {
+                let hosts: HashSet<String> = g.iter().map(|s| host_of(&pm, s.target)).collect();
+                assert_eq!(hosts.len(), g.len(), "{class} seq {seq}: group shares a host: {g:?}");
+            }
+        }
+    }
+    // Only 2 hosts but 6 ranks: RP_3 falls back to distinct ranks.
+    let pm = PoolMap::uniform(6, 2, 2);
+    let map = PlacementMap::new(&pm, false);
+    for seq in 0..2000 {
+        let l = map.layout(oid("RP_3G1", seq)).unwrap();
+        let ranks: HashSet<u32> = l.group(0).iter().map(|s| s.target.rank.0).collect();
+        assert_eq!(ranks.len(), 3);
+    }
+}
+
+#[test]
+fn classes_that_do_not_fit_say_what_is_missing() {
+    let map = PlacementMap::new(&PoolMap::uniform(3, 1, 3), false);
+    let err = map.layout(oid("RP_4G1", 1)).unwrap_err();
+    assert!(err.to_string().contains("has only 3 usable targets"), "{err}");
+    let err = map.layout(oid("RP_3G2", 1)).unwrap_err();
+    assert!(err.to_string().contains("needs 6 targets"), "{err}");
+    assert_eq!(map.layout(oid("RP_3GX", 1)).unwrap().group_count(), 1);
+    assert_eq!(map.layout(oid("SX", 1)).unwrap().group_count(), 3);
+}
+
+#[test]
+fn one_million_s1_objects_are_balanced() {
+    let pm = PoolMap::uniform(100, 8, 100);
+    let map = PlacementMap::new(&pm, false);
+    let mut load: BTreeMap<TargetId, u32> = BTreeMap::new();
+    let n = 1_000_000u128;
+    for seq in 0..n {
+        let l = map.layout(oid("S1", seq)).unwrap();
+        *load.entry(l.shards()[0].target).or_default() += 1;
+    }
+    let mean = n as f64 / 800.0;
+    let max = *load.values().max().unwrap() as f64;
+    assert_eq!(load.len(), 800, "every target gets objects");
+    assert!(max / mean <= 1.15, "max/mean {:.3}", max / mean);
+}
+
+#[test]
+fn excluding_a_target_moves_only_its_shards_and_reintegration_restores() {
+    let mut pm = PoolMap::uniform(12, 2, 6);
+    let before = PlacementMap::new(&pm, false);
+    let victim = TargetId::new(5, 1);
+    pm.set_state(victim, TargetState::Down).unwrap();
+    let after = PlacementMap::new(&pm, false);
+    let mut moved = 0;
+    for class in ["S1", "RP_3G1", "EC_4P2G1", "RP_2GX"] {
+        for seq in 0..3000 {
+            let o = oid(class, seq);
+            let (a, b) = (before.layout(o).unwrap(), after.layout(o).unwrap());
+            for (x, y) in a.shards().iter().zip(b.shards()) {
+                if x.target != y.target {
+                    assert_eq!(x.target, victim, "{class}: a shard not on the excluded target moved");
+                    assert!(y.is_spare);
+                    assert_ne!(y.target, victim);
+                    moved += 1;
+                } else {
+                    assert_ne!(y.target, victim, "a shard stayed on the excluded target");
+                }
+            }
+            // Spares keep groups on distinct targets.
+            for g in b.groups() {
+                let t: HashSet<TargetId> = g.iter().map(|s| s.target).collect();
+                assert_eq!(t.len(), g.len());
+            }
+        }
+    }
+    assert!(moved > 0);
+    pm.set_state(victim, TargetState::DownOut).unwrap();
+    pm.set_state(victim, TargetState::UpIn).unwrap();
+    pm.set_state(victim, TargetState::Up).unwrap();
+    let back = PlacementMap::new(&pm, false);
+    for seq in 0..3000 {
+        let o = oid("RP_3G1", seq);
+        assert_eq!(before.layout(o).unwrap().shards(), back.layout(o).unwrap().shards());
+    }
+}
+
+#[test]
+fn extending_by_ten_percent_moves_about_ten_percent() {
+    let mut pm = PoolMap::uniform(50, 4, 50);
+    let extra = PoolMap::uniform(55, 4, 55).targets[200..].to_vec();
+    pm.add_targets(extra).unwrap();
+    let old = PlacementMap::new(&pm, false);
+    let new = PlacementMap::new(&pm, true);
+    assert_eq!(old.usable_targets(), 200);
+    assert_eq!(new.usable_targets(), 220);
+    for class in ["S1", "RP_3G1", "EC_2P1G1"] {
+        let (mut moved, mut total) = (0usize, 0usize);
+        for seq in 0..20_000 {
+            let o = oid(class, seq);
+            moved += diff_layouts(&old, &new, o).unwrap().len();
+            total += old.layout(o).unwrap().shards().len();
+        }
+        let frac = moved as f64 / total as f64;
+        let ideal = 20.0 / 220.0;
+        assert!(frac <= 1.3 * ideal, "{class}: moved {frac:.4}, ideal {ideal:.4}");
+        assert!(frac >= 0.5 * ideal, "{class}: new targets got almost nothing ({frac:.4})");
+    }
+}
