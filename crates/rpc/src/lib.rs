@@ -17,6 +17,8 @@
 
 mod client;
 pub mod frame;
+pub mod mgmt_client;
+pub mod mgmt_msg;
 mod server;
 
 pub use client::{ClientConfig, RpcClient, RpcPool};

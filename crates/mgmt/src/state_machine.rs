@@ -1,0 +1,311 @@
+//! The replicated state of the management service and the deterministic application of
+//! commands to it. Every replica applies the same commands in the same order and must reach
+//! the same state: no clocks, no randomness, no I/O in here (ids and times come in commands).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use strata_placement::resource_query;
+use strata_placement::{FaultDomain, PlacementMap, PoolMap, PoolTarget, TargetState};
+use strata_rpc::mgmt_msg::*;
+use strata_rpc::{ErrorCode, RemoteError};
+use strata_types::{ContId, ObjectClass, PoolId, Rank, TargetId};
+
+/// Longest pool or container label.
+pub const LABEL_BYTES_MAX: usize = 127;
+/// Most object ids one allocation may reserve.
+pub const OID_ALLOC_MAX: u64 = 1 << 20;
+/// Pool size used when `pool create` names none (capped by free space).
+pub const POOL_SIZE_DEFAULT: u64 = 8 << 30;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MgmtState {
+    pub format: u8,
+    pub ranks: BTreeMap<Rank, RankInfo>,
+    pub pools: BTreeMap<PoolId, PoolRecord>,
+    pub conts: BTreeMap<ContId, ContInfo>,
+    pub leases: BTreeMap<String, (String, u64)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PoolRecord {
+    pub id: PoolId,
+    pub label: String,
+    pub size_bytes: u64,
+    pub map: PoolMap,
+}
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
+    RemoteError::new(code, msg)
+}
+
+fn check_label(what: &str, label: &str) -> Result<(), RemoteError> {
+    let ok = !label.is_empty() && label.len() <= LABEL_BYTES_MAX && label.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        return Err(err(ErrorCode::InvalidArgument, format!("{what} label '{label}' must be 1..={LABEL_BYTES_MAX} characters of letters, digits, '-', '_' or '.'")));
+    }
+    Ok(())
+}
+
+fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", units[i])
+}
+
+impl MgmtState {
+    pub fn pool_by_name(&self, name: &str) -> Result<&PoolRecord, RemoteError> {
+        if let Ok(id) = name.parse::<PoolId>() {
+            if let Some(p) = self.pools.get(&id) {
+                return Ok(p);
+            }
+        }
+        self.pools.values().find(|p| p.label == name).ok_or_else(|| err(ErrorCode::NotFound, format!("no pool '{name}'; `strata pool list` shows the pools")))
+    }
+
+    fn pool_id(&self, name: &str) -> Result<PoolId, RemoteError> {
+        Ok(self.pool_by_name(name)?.id)
+    }
+
+    pub fn cont_by_name(&self, pool: &str, cont: &str) -> Result<&ContInfo, RemoteError> {
+        let pid = self.pool_id(pool)?;
+        if let Ok(id) = cont.parse::<ContId>() {
+            if let Some(c) = self.conts.get(&id).filter(|c| c.pool == pid) {
+                return Ok(c);
+            }
+        }
+        self.conts
+            .values()
+            .find(|c| c.pool == pid && c.label == cont)
+            .ok_or_else(|| err(ErrorCode::NotFound, format!("no container '{cont}' in pool '{pool}'; `strata cont list {pool}` shows them")))
+    }
+
+    pub fn pool_info(&self, p: &PoolRecord) -> PoolInfo {
+        let rank_addrs = p.map.ranks().into_iter().filter_map(|r| self.ranks.get(&r).map(|i| (r, i.data_addr.clone()))).collect();
+        PoolInfo { id: p.id, label: p.label.clone(), size_bytes: p.size_bytes, map: p.map.clone(), rank_addrs }
+    }
+
+    /// Bytes free for new pools: capacity counted once per host, minus every pool's size.
+    pub fn free_bytes(&self) -> u64 {
+        let mut per_host: BTreeMap<&str, u64> = BTreeMap::new();
+        for r in self.ranks.values().filter(|r| r.state == RankState::Joined) {
+            let e = per_host.entry(r.fault_domain.as_str()).or_default();
+            *e = (*e).max(r.capacity_bytes);
+        }
+        let cap: u64 = per_host.values().sum();
+        cap.saturating_sub(self.pools.values().map(|p| p.size_bytes).sum())
+    }
+
+    fn targets_of(&self, r: &RankInfo) -> Result<Vec<PoolTarget>, RemoteError> {
+        let domain = FaultDomain::parse(&r.fault_domain).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+        Ok((0..r.targets).map(|i| PoolTarget { id: TargetId { rank: r.rank, index: i }, domain: domain.clone(), labels: r.labels.clone(), state: TargetState::Up }).collect())
+    }
+
+    pub fn apply(&mut self, cmd: &MgmtCmd) -> Result<MgmtReply, RemoteError> {
+        self.format = 1;
+        match cmd {
+            MgmtCmd::Join { uuid, mgmt_addr, data_addr, fault_domain, labels, targets, capacity_bytes, access_point } => {
+                FaultDomain::parse(fault_domain).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+                if *targets == 0 || *targets > 64 {
+                    return Err(err(ErrorCode::InvalidArgument, format!("a rank needs 1..=64 targets, got {targets}")));
+                }
+                if let Some(existing) = self.ranks.values().find(|r| r.uuid != *uuid && (r.data_addr == *data_addr || r.mgmt_addr == *mgmt_addr) && r.state != RankState::Stopped && r.state != RankState::Dead) {
+                    return Err(err(ErrorCode::AlreadyExists, format!("address {data_addr} / {mgmt_addr} is already used by rank {} (a different server); give this server its own addresses", existing.rank)));
+                }
+                if let Some(r) = self.ranks.values_mut().find(|r| r.uuid == *uuid) {
+                    // A restart: same rank, maybe new addresses; targets stay as they were.
+                    r.mgmt_addr = mgmt_addr.clone();
+                    r.data_addr = data_addr.clone();
+                    r.capacity_bytes = *capacity_bytes;
+                    if r.state != RankState::Excluded {
+                        r.state = RankState::Joined;
+                    }
+                    return Ok(MgmtReply::Rank(r.rank));
+                }
+                let rank = Rank(self.ranks.keys().next_back().map_or(0, |r| r.0 + 1));
+                self.ranks.insert(
+                    rank,
+                    RankInfo { rank, uuid: uuid.clone(), mgmt_addr: mgmt_addr.clone(), data_addr: data_addr.clone(), fault_domain: fault_domain.clone(), labels: labels.clone(), targets: *targets, capacity_bytes: *capacity_bytes, state: RankState::Joined, access_point: *access_point },
+                );
+                Ok(MgmtReply::Rank(rank))
+            }
+            MgmtCmd::SetRankState { rank, state } => {
+                let r = self.ranks.get_mut(rank).ok_or_else(|| err(ErrorCode::NotFound, format!("no rank {rank}; `strata system query` lists the ranks")))?;
+                r.state = *state;
+                if matches!(state, RankState::Dead | RankState::Excluded) {
+                    for p in self.pools.values_mut() {
+                        p.map.set_rank_state(*rank, TargetState::Down);
+                    }
+                }
+                Ok(MgmtReply::Done)
+            }
+            MgmtCmd::PoolCreate { id, label, size_bytes, ranks, select } => {
+                check_label("pool", label)?;
+                if self.pools.values().any(|p| p.label == *label) {
+                    return Err(err(ErrorCode::AlreadyExists, format!("a pool named '{label}' already exists")));
+                }
+                let chosen: Vec<&RankInfo> = match ranks {
+                    Some(list) => {
+                        let mut v = Vec::new();
+                        for r in list {
+                            let info = self.ranks.get(r).ok_or_else(|| err(ErrorCode::NotFound, format!("no rank {r}")))?;
+                            if info.state != RankState::Joined {
+                                return Err(err(ErrorCode::Unavailable, format!("rank {r} is {:?}, not joined", info.state)));
+                            }
+                            v.push(info);
+                        }
+                        v
+                    }
+                    None => self.ranks.values().filter(|r| r.state == RankState::Joined).collect(),
+                };
+                if chosen.is_empty() {
+                    return Err(err(ErrorCode::Unavailable, "no joined ranks to build a pool on; start servers first"));
+                }
+                let mut targets = Vec::new();
+                for r in &chosen {
+                    targets.extend(self.targets_of(r)?);
+                }
+                if let Some(q) = select {
+                    let query = resource_query::parse(q).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+                    let cands: Vec<(TargetId, BTreeMap<String, String>)> = targets.iter().map(|t| (t.id, t.attributes())).collect();
+                    let keep = resource_query::select(&query, &cands, None).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+                    targets.retain(|t| keep.contains(&t.id));
+                    if targets.is_empty() {
+                        return Err(err(ErrorCode::InvalidArgument, format!("no target satisfies --select '{q}'")));
+                    }
+                }
+                let free = self.free_bytes();
+                let size = if *size_bytes == 0 { POOL_SIZE_DEFAULT.min(free) } else { *size_bytes };
+                if size == 0 || size > free {
+                    return Err(err(ErrorCode::NoSpace, format!("pool '{label}' needs {} but only {} is free across the system; pass a smaller --size or add servers", human_bytes(size.max(1)), human_bytes(free))));
+                }
+                let map = PoolMap::new(targets).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+                self.pools.insert(*id, PoolRecord { id: *id, label: label.clone(), size_bytes: size, map });
+                Ok(MgmtReply::Pool(self.pool_info(&self.pools[id])))
+            }
+            MgmtCmd::PoolDestroy { pool, force } => {
+                let id = self.pool_id(pool)?;
+                let n = self.conts.values().filter(|c| c.pool == id).count();
+                if n > 0 && !force {
+                    return Err(err(ErrorCode::Conflict, format!("pool '{pool}' still has {n} container(s); destroy them or pass --force")));
+                }
+                self.conts.retain(|_, c| c.pool != id);
+                self.pools.remove(&id);
+                Ok(MgmtReply::Done)
+            }
+            MgmtCmd::PoolTargets { pool, rank, index, action } => {
+                let id = self.pool_id(pool)?;
+                let p = self.pools.get_mut(&id).ok_or_else(|| err(ErrorCode::NotFound, "pool vanished"))?;
+                let ids: Vec<TargetId> = p.map.targets.iter().filter(|t| t.id.rank == *rank && index.is_none_or(|i| t.id.index == i)).map(|t| t.id).collect();
+                if ids.is_empty() {
+                    return Err(err(ErrorCode::NotFound, format!("pool '{pool}' has no target on rank {rank}{}", index.map(|i| format!(" index {i}")).unwrap_or_default())));
+                }
+                let mut next = p.map.clone();
+                for t in ids {
+                    let cur = next.target(t).map(|x| x.state).unwrap_or(TargetState::Up);
+                    let steps: &[TargetState] = match (action, cur) {
+                        (TargetAction::Exclude, TargetState::Down | TargetState::DownOut) => &[],
+                        (TargetAction::Exclude, _) => &[TargetState::Down],
+                        (TargetAction::Drain, _) => &[TargetState::Drain],
+                        (TargetAction::Reintegrate, TargetState::Up) => &[],
+                        (TargetAction::Reintegrate, TargetState::Drain) => &[TargetState::Up],
+                        (TargetAction::Reintegrate, _) => &[TargetState::UpIn],
+                    };
+                    for s in steps {
+                        next.set_state(t, *s).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+                    }
+                }
+                p.map = next;
+                Ok(MgmtReply::Pool(self.pool_info(&self.pools[&id])))
+            }
+            MgmtCmd::PoolExtend { pool, ranks } => {
+                let id = self.pool_id(pool)?;
+                let mut add = Vec::new();
+                for r in ranks {
+                    let info = self.ranks.get(r).ok_or_else(|| err(ErrorCode::NotFound, format!("no rank {r}")))?;
+                    add.extend(self.targets_of(info)?);
+                }
+                let p = self.pools.get_mut(&id).ok_or_else(|| err(ErrorCode::NotFound, "pool vanished"))?;
+                p.map.add_targets(add).map_err(|e| err(ErrorCode::AlreadyExists, e.to_string()))?;
+                Ok(MgmtReply::Pool(self.pool_info(&self.pools[&id])))
+            }
+            MgmtCmd::ContCreate { id, pool, label, ctype, oclass, rf, props } => {
+                check_label("container", label)?;
+                let pid = self.pool_id(pool)?;
+                if self.conts.values().any(|c| c.pool == pid && c.label == *label) {
+                    return Err(err(ErrorCode::AlreadyExists, format!("pool '{pool}' already has a container named '{label}'")));
+                }
+                let class: ObjectClass = oclass.parse().map_err(|e: strata_types::ObjectClassError| err(ErrorCode::InvalidArgument, e.to_string()))?;
+                if class.redundancy_factor() < *rf as usize {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!("container redundancy factor {rf} refuses object class {class}, which survives only {} failure(s); use e.g. RP_{}G1 or EC_2P{}G1", class.redundancy_factor(), rf + 1, rf),
+                    ));
+                }
+                let pm = PlacementMap::new(&self.pools[&pid].map, false);
+                if class.group_size() > pm.usable_targets() {
+                    return Err(err(ErrorCode::InvalidArgument, format!("object class {class} needs {} targets but pool '{pool}' has {}", class.group_size(), pm.usable_targets())));
+                }
+                let info = ContInfo { id: *id, pool: pid, label: label.clone(), ctype: *ctype, oclass: class.to_string(), rf: *rf, props: props.clone(), snapshots: BTreeMap::new(), next_oid: 1 };
+                self.conts.insert(*id, info.clone());
+                Ok(MgmtReply::Cont(info))
+            }
+            MgmtCmd::ContDestroy { pool, cont } => {
+                let id = self.cont_by_name(pool, cont)?.id;
+                self.conts.remove(&id);
+                Ok(MgmtReply::Done)
+            }
+            MgmtCmd::SnapshotCreate { pool, cont, name, epoch } => {
+                check_label("snapshot", name)?;
+                let id = self.cont_by_name(pool, cont)?.id;
+                let c = self.conts.get_mut(&id).ok_or_else(|| err(ErrorCode::NotFound, "container vanished"))?;
+                if c.snapshots.contains_key(name) {
+                    return Err(err(ErrorCode::AlreadyExists, format!("container '{cont}' already has a snapshot '{name}'")));
+                }
+                c.snapshots.insert(name.clone(), *epoch);
+                Ok(MgmtReply::Cont(c.clone()))
+            }
+            MgmtCmd::SnapshotDestroy { pool, cont, name } => {
+                let id = self.cont_by_name(pool, cont)?.id;
+                let c = self.conts.get_mut(&id).ok_or_else(|| err(ErrorCode::NotFound, "container vanished"))?;
+                c.snapshots.remove(name).ok_or_else(|| err(ErrorCode::NotFound, format!("no snapshot '{name}' in container '{cont}'")))?;
+                Ok(MgmtReply::Done)
+            }
+            MgmtCmd::AllocOids { pool, cont, count } => {
+                if *count == 0 || *count > OID_ALLOC_MAX {
+                    return Err(err(ErrorCode::InvalidArgument, format!("allocate 1..={OID_ALLOC_MAX} object ids at a time")));
+                }
+                let id = self.cont_by_name(pool, cont)?.id;
+                let c = self.conts.get_mut(&id).ok_or_else(|| err(ErrorCode::NotFound, "container vanished"))?;
+                let first = c.next_oid;
+                c.next_oid += count;
+                Ok(MgmtReply::OidRange { first, count: *count })
+            }
+            MgmtCmd::LeaseAcquire { key, holder, now_ms, ttl_ms } => {
+                if let Some((h, exp)) = self.leases.get(key) {
+                    if h != holder && *exp > *now_ms {
+                        return Err(err(ErrorCode::Conflict, format!("{key} is held by {h} for another {} ms", exp - now_ms)));
+                    }
+                }
+                self.leases.insert(key.clone(), (holder.clone(), now_ms + ttl_ms));
+                Ok(MgmtReply::Lease { holder: holder.clone(), expires_ms: now_ms + ttl_ms })
+            }
+            MgmtCmd::LeaseRelease { key, holder } => {
+                if self.leases.get(key).is_some_and(|(h, _)| h == holder) {
+                    self.leases.remove(key);
+                }
+                Ok(MgmtReply::Done)
+            }
+            MgmtCmd::SetProp { pool, cont, key, value } => {
+                let id = self.cont_by_name(pool, cont)?.id;
+                let c = self.conts.get_mut(&id).ok_or_else(|| err(ErrorCode::NotFound, "container vanished"))?;
+                c.props.insert(key.clone(), value.clone());
+                Ok(MgmtReply::Cont(c.clone()))
+            }
+        }
+    }
+}

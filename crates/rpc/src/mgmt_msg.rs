@@ -1,0 +1,163 @@
+//! Wire messages of the management service. Changes go through Raft as [`MgmtCmd`]s; reads
+//! are [`MgmtQuery`]s answered by the leader from its applied state.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use strata_placement::PoolMap;
+use strata_types::{ContId, Epoch, PoolId, Rank};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MgmtReq {
+    /// Raft traffic between access points; the openraft message is JSON in the payload.
+    RaftAppend,
+    RaftVote,
+    RaftSnapshot,
+    /// A change, replicated through Raft (followers answer `NotLeader` with the leader's address).
+    Write(MgmtCmd),
+    Query(MgmtQuery),
+    /// A rank's liveness report to the leader (not replicated: the leader keeps it in memory).
+    Heartbeat { rank: Rank, incarnation: u64, free_bytes: u64, total_bytes: u64 },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MgmtResp {
+    Ok,
+    Raft,
+    Reply(MgmtReply),
+    HeartbeatAck { pool_versions: BTreeMap<PoolId, u64> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContType {
+    Plain,
+    Kv,
+    Posix,
+    Block,
+}
+
+impl std::str::FromStr for ContType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "plain" => Ok(ContType::Plain),
+            "kv" => Ok(ContType::Kv),
+            "posix" => Ok(ContType::Posix),
+            "block" => Ok(ContType::Block),
+            o => Err(format!("unknown container type '{o}' (plain, kv, posix, block)")),
+        }
+    }
+}
+
+impl ContType {
+    pub fn name(self) -> &'static str {
+        match self {
+            ContType::Plain => "plain",
+            ContType::Kv => "kv",
+            ContType::Posix => "posix",
+            ContType::Block => "block",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RankState {
+    Joined,
+    Dead,
+    Excluded,
+    Stopped,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MgmtCmd {
+    /// A server joins (or re-joins: same `uuid` keeps its rank).
+    Join { uuid: String, mgmt_addr: String, data_addr: String, fault_domain: String, labels: BTreeMap<String, String>, targets: u16, capacity_bytes: u64, access_point: bool },
+    SetRankState { rank: Rank, state: RankState },
+    PoolCreate { id: PoolId, label: String, size_bytes: u64, ranks: Option<Vec<Rank>>, select: Option<String> },
+    PoolDestroy { pool: String, force: bool },
+    /// Exclude / reintegrate / drain targets (`index: None` means every target of the rank).
+    PoolTargets { pool: String, rank: Rank, index: Option<u16>, action: TargetAction },
+    PoolExtend { pool: String, ranks: Vec<Rank> },
+    ContCreate { id: ContId, pool: String, label: String, ctype: ContType, oclass: String, rf: u8, props: BTreeMap<String, String> },
+    ContDestroy { pool: String, cont: String },
+    SnapshotCreate { pool: String, cont: String, name: String, epoch: Epoch },
+    SnapshotDestroy { pool: String, cont: String, name: String },
+    /// Reserve `count` object sequence numbers in a container.
+    AllocOids { pool: String, cont: String, count: u64 },
+    LeaseAcquire { key: String, holder: String, now_ms: u64, ttl_ms: u64 },
+    LeaseRelease { key: String, holder: String },
+    SetProp { pool: String, cont: String, key: String, value: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TargetAction {
+    Exclude,
+    Reintegrate,
+    Drain,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MgmtQuery {
+    System,
+    Pools,
+    Pool { pool: String },
+    Conts { pool: String },
+    Cont { pool: String, cont: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RankInfo {
+    pub rank: Rank,
+    pub uuid: String,
+    pub mgmt_addr: String,
+    pub data_addr: String,
+    pub fault_domain: String,
+    pub labels: BTreeMap<String, String>,
+    pub targets: u16,
+    pub capacity_bytes: u64,
+    pub state: RankState,
+    pub access_point: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SystemInfo {
+    pub cluster_id: String,
+    pub leader: Option<String>,
+    pub access_points: Vec<String>,
+    pub ranks: Vec<RankInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PoolInfo {
+    pub id: PoolId,
+    pub label: String,
+    pub size_bytes: u64,
+    pub map: PoolMap,
+    /// Data addresses of the pool's ranks, for clients to reach engines.
+    pub rank_addrs: BTreeMap<Rank, String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ContInfo {
+    pub id: ContId,
+    pub pool: PoolId,
+    pub label: String,
+    pub ctype: ContType,
+    pub oclass: String,
+    pub rf: u8,
+    pub props: BTreeMap<String, String>,
+    pub snapshots: BTreeMap<String, Epoch>,
+    pub next_oid: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MgmtReply {
+    Done,
+    Rank(Rank),
+    System(SystemInfo),
+    Pools(Vec<PoolInfo>),
+    Pool(PoolInfo),
+    Conts(Vec<ContInfo>),
+    Cont(ContInfo),
+    OidRange { first: u64, count: u64 },
+    Lease { holder: String, expires_ms: u64 },
+}
