@@ -17,6 +17,7 @@
 
 mod client;
 pub mod frame;
+pub mod engine_msg;
 pub mod mgmt_client;
 pub mod mgmt_msg;
 mod server;

@@ -1,0 +1,247 @@
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use strata_placement::{PlacementMap, PoolMap};
+use strata_rpc::engine_msg::*;
+use strata_rpc::mgmt_client::MgmtClient;
+use strata_rpc::mgmt_msg::{MgmtQuery, MgmtReply};
+use strata_rpc::{ClientConfig, ErrorCode, Handler, RemoteError, RequestCtx, RpcPool, ServiceKind};
+use strata_types::{Epoch, Hlc, PoolId, Rank, Redundancy, SystemClock, TargetId};
+use strata_vos::{Update, UpdateOp, Vos, VosConfig, VosError};
+
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct EngineConfig {
+    pub dir: PathBuf,
+    pub rank: Rank,
+    pub targets: u16,
+    pub cluster: String,
+    pub vos: VosConfig,
+}
+
+struct PoolView {
+    map: PoolMap,
+    placement: Arc<PlacementMap>,
+    addrs: BTreeMap<Rank, String>,
+}
+
+pub struct Engine {
+    rank: Rank,
+    targets: Vec<Arc<Vos>>,
+    pools: RwLock<HashMap<PoolId, Arc<PoolView>>>,
+    mgmt: MgmtClient,
+    peers: RpcPool,
+    hlc: Hlc,
+}
+
+fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
+    RemoteError::new(code, msg)
+}
+
+fn vos_err(e: VosError) -> RemoteError {
+    let code = match &e {
+        VosError::Corrupt { .. } => ErrorCode::Corrupt,
+        VosError::TooLarge { .. } | VosError::Empty { .. } | VosError::ExtentOutOfRange { .. } | VosError::BatchTooLarge { .. } => ErrorCode::InvalidArgument,
+        _ => ErrorCode::Internal,
+    };
+    rerr(code, e.to_string())
+}
+
+impl Engine {
+    pub fn open(cfg: &EngineConfig, mgmt: MgmtClient) -> Result<Engine, String> {
+        let mut targets = Vec::new();
+        for i in 0..cfg.targets {
+            let dir = cfg.dir.join(format!("target-{i}"));
+            targets.push(Arc::new(Vos::open(&dir, &cfg.vos).map_err(|e| e.to_string())?));
+        }
+        let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
+        Ok(Engine { rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc })
+    }
+
+    pub fn targets(&self) -> &[Arc<Vos>] {
+        &self.targets
+    }
+
+    /// Free and total bytes of the file system holding the first target.
+    pub fn space(&self) -> (u64, u64) {
+        self.targets.first().and_then(|t| t.space().ok()).map_or((0, 0), |s| (s.fs_free_bytes, s.fs_total_bytes))
+    }
+
+    async fn refresh(&self, pool: PoolId) -> Result<Arc<PoolView>, RemoteError> {
+        let info = match self.mgmt.query(MgmtQuery::Pool { pool: pool.to_string() }).await {
+            Ok(MgmtReply::Pool(p)) => p,
+            Ok(_) => return Err(rerr(ErrorCode::Internal, "unexpected management reply")),
+            Err(strata_rpc::RpcError::Remote(e)) => return Err(e),
+            Err(e) => return Err(rerr(ErrorCode::Unavailable, format!("cannot reach the management service: {e}"))),
+        };
+        let view = Arc::new(PoolView { placement: Arc::new(PlacementMap::new(&info.map, false)), map: info.map, addrs: info.rank_addrs });
+        let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
+        let keep = match pools.get(&pool) {
+            Some(old) if old.map.version > view.map.version => old.clone(),
+            _ => view,
+        };
+        pools.insert(pool, keep.clone());
+        Ok(keep)
+    }
+
+    /// Refresh pools whose version moved on (from the management heartbeat answer).
+    pub async fn note_pool_versions(&self, versions: &BTreeMap<PoolId, u64>) {
+        for (pool, v) in versions {
+            let cur = self.pools.read().unwrap_or_else(|e| e.into_inner()).get(pool).map(|p| p.map.version);
+            if cur.is_some_and(|c| c < *v) {
+                if let Err(e) = self.refresh(*pool).await {
+                    tracing::warn!(%pool, error = %e, "could not refresh pool map");
+                }
+            }
+        }
+    }
+
+    async fn view(&self, pool: PoolId, version: u64) -> Result<Arc<PoolView>, RemoteError> {
+        let cur = self.pools.read().unwrap_or_else(|e| e.into_inner()).get(&pool).cloned();
+        let v = match cur {
+            Some(v) if v.map.version >= version => v,
+            _ => self.refresh(pool).await?,
+        };
+        if v.map.version > version {
+            return Err(rerr(ErrorCode::StaleMap, format!("pool map version {version} is stale; current is {}", v.map.version)));
+        }
+        if v.map.version < version {
+            return Err(rerr(ErrorCode::Unavailable, format!("the management service has not yet shown this engine pool map version {version}")));
+        }
+        Ok(v)
+    }
+
+    fn target(&self, t: TargetId) -> Result<&Arc<Vos>, RemoteError> {
+        if t.rank != self.rank {
+            return Err(rerr(ErrorCode::StaleMap, format!("target {t} is not on rank {}; refresh the pool map", self.rank)));
+        }
+        self.targets.get(t.index as usize).ok_or_else(|| rerr(ErrorCode::NotFound, format!("rank {} has no target {}", self.rank, t.index)))
+    }
+
+    fn to_updates(cont: strata_types::ContId, oid: strata_types::Oid, dkey: &[u8], epoch: Epoch, ops: &[WireOp], payload: &Bytes) -> Result<Vec<Update>, RemoteError> {
+        let mut at = 0usize;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            let n = op.payload_len();
+            let data = payload.get(at..at + n).ok_or_else(|| rerr(ErrorCode::InvalidArgument, "payload shorter than the ops declare"))?.to_vec();
+            at += n;
+            let op = match op.clone() {
+                WireOp::Single { akey, .. } => UpdateOp::Single { akey, value: data },
+                WireOp::Extent { akey, offset, .. } => UpdateOp::Extent { akey, offset, data },
+                WireOp::PunchExtent { akey, offset, len } => UpdateOp::PunchExtent { akey, offset, len },
+                WireOp::PunchAkey { akey } => UpdateOp::PunchAkey { akey },
+                WireOp::PunchDkey => UpdateOp::PunchDkey,
+                WireOp::PunchObject => UpdateOp::PunchObject,
+            };
+            out.push(Update { cont, oid, dkey: dkey.to_vec(), epoch, op });
+        }
+        if at != payload.len() {
+            return Err(rerr(ErrorCode::InvalidArgument, "payload longer than the ops declare"));
+        }
+        Ok(out)
+    }
+
+    async fn apply(&self, vos: Arc<Vos>, updates: Vec<Update>) -> Result<(), RemoteError> {
+        tokio::task::spawn_blocking(move || vos.update(&updates)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn update(&self, pool: PoolId, version: u64, cont: strata_types::ContId, oid: strata_types::Oid, dkey: Vec<u8>, epoch: Option<Epoch>, ops: Vec<WireOp>, payload: Bytes) -> Result<EngineResp, RemoteError> {
+        let view = self.view(pool, version).await?;
+        let layout = view.placement.layout(oid).map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
+        if matches!(layout.class.redundancy(), Redundancy::Erasure { .. }) {
+            return Err(rerr(ErrorCode::InvalidArgument, format!("object class {} (erasure coding) is not served by this engine version; use RP_ or S classes", layout.class)));
+        }
+        let group = layout.group(layout.group_for_dkey(&dkey)).to_vec();
+        let leader = group[0].target;
+        let vos = self.target(leader)?.clone();
+        let epoch = match epoch {
+            Some(e) => self.hlc.update(e).map(|_| e),
+            None => self.hlc.now(),
+        }
+        .map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
+        let updates = Self::to_updates(cont, oid, &dkey, epoch, &ops, &payload)?;
+        let mut work = Vec::new();
+        for shard in &group[1..] {
+            let t = shard.target;
+            let (ops, payload, dkey) = (ops.clone(), payload.clone(), dkey.clone());
+            let view = view.clone();
+            work.push(async move {
+                if t.rank == self.rank {
+                    let vos = self.target(t)?.clone();
+                    let u = Self::to_updates(cont, oid, &dkey, epoch, &ops, &payload)?;
+                    return self.apply(vos, u).await;
+                }
+                let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
+                let req = EngineReq::Replicate { pool, map_version: view.map.version, target: t.index, cont, oid, dkey, epoch, ops };
+                self.peers.call::<_, EngineResp>(addr, &req, payload, FORWARD_TIMEOUT).await.map(|_| ()).map_err(|e| rerr(ErrorCode::Unavailable, format!("replica {t} did not apply the update: {e}")))
+            });
+        }
+        let (local, remote) = tokio::join!(self.apply(vos, updates), futures::future::join_all(work));
+        local?;
+        for r in remote {
+            r?;
+        }
+        Ok(EngineResp::Updated { epoch })
+    }
+}
+
+impl Handler for Engine {
+    type Req = EngineReq;
+    type Resp = EngineResp;
+
+    async fn handle(&self, req: EngineReq, payload: Bytes, _ctx: RequestCtx) -> Result<(EngineResp, Bytes), RemoteError> {
+        match req {
+            EngineReq::Update { pool, map_version, cont, oid, dkey, epoch, ops } => Ok((self.update(pool, map_version, cont, oid, dkey, epoch, ops, payload).await?, Bytes::new())),
+            EngineReq::Replicate { pool, map_version, target, cont, oid, dkey, epoch, ops } => {
+                self.view(pool, map_version).await?;
+                self.hlc.update(epoch).map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
+                let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
+                let u = Self::to_updates(cont, oid, &dkey, epoch, &ops, &payload)?;
+                self.apply(vos, u).await?;
+                Ok((EngineResp::Updated { epoch }, Bytes::new()))
+            }
+            EngineReq::Fetch { pool, map_version, target, cont, oid, dkey, fetch, epoch } => {
+                self.view(pool, map_version).await?;
+                let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
+                let r = tokio::task::spawn_blocking(move || -> Result<(EngineResp, Bytes), VosError> {
+                    Ok(match fetch {
+                        FetchKind::Single { akey } => match vos.fetch_single(cont, oid, &dkey, &akey, epoch)? {
+                            Some((e, v)) => (EngineResp::Fetched { found: Some(e), written: vec![(0, v.len() as u64)] }, Bytes::from(v)),
+                            None => (EngineResp::Fetched { found: None, written: vec![] }, Bytes::new()),
+                        },
+                        FetchKind::Extent { akey, offset, len } => {
+                            let r = vos.fetch_extent(cont, oid, &dkey, &akey, offset, len, epoch)?;
+                            (EngineResp::Fetched { found: None, written: r.written }, Bytes::from(r.data))
+                        }
+                    })
+                })
+                .await
+                .map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+                r.map_err(vos_err)
+            }
+            EngineReq::ListDkeys { pool, map_version, target, cont, oid, epoch, cursor, limit } => {
+                self.view(pool, map_version).await?;
+                let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
+                let p = tokio::task::spawn_blocking(move || vos.list_dkeys(cont, oid, epoch, cursor.as_deref(), limit as usize)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                Ok((EngineResp::Keys { keys: p.items, next: p.next }, Bytes::new()))
+            }
+            EngineReq::ListAkeys { pool, map_version, target, cont, oid, dkey, epoch, cursor, limit } => {
+                self.view(pool, map_version).await?;
+                let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
+                let p = tokio::task::spawn_blocking(move || vos.list_akeys(cont, oid, &dkey, epoch, cursor.as_deref(), limit as usize)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                Ok((EngineResp::Keys { keys: p.items, next: p.next }, Bytes::new()))
+            }
+            EngineReq::ListObjects { pool, map_version, target, cont, epoch, cursor, limit } => {
+                self.view(pool, map_version).await?;
+                let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
+                let p = tokio::task::spawn_blocking(move || vos.list_objects(cont, epoch, cursor, limit as usize)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                Ok((EngineResp::Objects { oids: p.items, next: p.next }, Bytes::new()))
+            }
+            EngineReq::Clock => Ok((EngineResp::Clock { epoch: self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))? }, Bytes::new())),
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Wire messages of the data plane (client ↔ engine, engine ↔ engine). Bulk data travels in
+//! the frame payload; ops name their byte lengths in it, in order.
+
+use serde::{Deserialize, Serialize};
+use strata_types::{ContId, Epoch, Oid, PoolId};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum WireOp {
+    Single { akey: Vec<u8>, len: u32 },
+    Extent { akey: Vec<u8>, offset: u64, len: u32 },
+    PunchExtent { akey: Vec<u8>, offset: u64, len: u64 },
+    PunchAkey { akey: Vec<u8> },
+    PunchDkey,
+    PunchObject,
+}
+
+impl WireOp {
+    /// Payload bytes this op consumes.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            WireOp::Single { len, .. } | WireOp::Extent { len, .. } => *len as usize,
+            _ => 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum FetchKind {
+    Single { akey: Vec<u8> },
+    Extent { akey: Vec<u8>, offset: u64, len: u64 },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum EngineReq {
+    /// Client → the group's leader shard: apply at an epoch the leader picks (or `epoch`),
+    /// forward to the other replicas, acknowledge when all are durable.
+    Update { pool: PoolId, map_version: u64, cont: ContId, oid: Oid, dkey: Vec<u8>, epoch: Option<Epoch>, ops: Vec<WireOp> },
+    /// Leader → replica: apply exactly this at this epoch on the named target.
+    Replicate { pool: PoolId, map_version: u64, target: u16, cont: ContId, oid: Oid, dkey: Vec<u8>, epoch: Epoch, ops: Vec<WireOp> },
+    Fetch { pool: PoolId, map_version: u64, target: u16, cont: ContId, oid: Oid, dkey: Vec<u8>, fetch: FetchKind, epoch: Epoch },
+    ListDkeys { pool: PoolId, map_version: u64, target: u16, cont: ContId, oid: Oid, epoch: Epoch, cursor: Option<Vec<u8>>, limit: u32 },
+    ListAkeys { pool: PoolId, map_version: u64, target: u16, cont: ContId, oid: Oid, dkey: Vec<u8>, epoch: Epoch, cursor: Option<Vec<u8>>, limit: u32 },
+    ListObjects { pool: PoolId, map_version: u64, target: u16, cont: ContId, epoch: Epoch, cursor: Option<Oid>, limit: u32 },
+    /// The engine's clock, for snapshot epochs.
+    Clock,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum EngineResp {
+    Updated { epoch: Epoch },
+    /// `found` is the epoch of the version read (single values); data is the payload.
+    Fetched { found: Option<Epoch>, written: Vec<(u64, u64)> },
+    Keys { keys: Vec<Vec<u8>>, next: Option<Vec<u8>> },
+    Objects { oids: Vec<Oid>, next: Option<Oid> },
+    Clock { epoch: Epoch },
+}
