@@ -1,1 +1,39 @@
-//! strata-client: not built yet (see ARCHITECTURE.md for what it will own).
+//! `strata-client`: the client library. Connects through a cluster file, opens pools and
+//! containers via the management service, computes object layouts locally from the pool map
+//! and talks to engines directly.
+//!
+//! Updates go to the group's leader shard; reads go to any shard of the group, trying the next
+//! one when a replica is unreachable (degraded reads). A `StaleMap` answer, or an unreachable
+//! engine, refreshes the pool map from the management service and retries until the
+//! operation's deadline ([`OP_DEADLINE`]).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), strata_client::ClientError> {
+//! use strata_client::{Client, ClusterFile};
+//! let client = Client::connect(&ClusterFile::locate(None)?).await?;
+//! let cont = client.container("tank", "photos").await?;
+//! let obj = cont.create_object("RP_3G1".parse().unwrap()).await?;
+//! obj.put(b"dkey", b"akey", b"hello").await?;
+//! assert_eq!(obj.get(b"dkey", b"akey").await?.as_deref(), Some(&b"hello"[..]));
+//! # Ok(()) }
+//! ```
+
+mod cluster_file;
+mod object;
+
+pub use cluster_file::ClusterFile;
+pub use object::{Client, ContHandle, ObjHandle, PoolHandle, OP_DEADLINE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cluster file: {0}")]
+    ClusterFile(String),
+    #[error(transparent)]
+    Rpc(#[from] strata_rpc::RpcError),
+    #[error("{0}")]
+    Placement(#[from] strata_placement::PlacementError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("gave up after {0:?}: {1}")]
+    Deadline(std::time::Duration, String),
+}

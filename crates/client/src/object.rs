@@ -1,0 +1,316 @@
+use crate::{ClientError, ClusterFile};
+use bytes::Bytes;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use strata_placement::{Layout, PlacementMap};
+use strata_rpc::engine_msg::*;
+use strata_rpc::mgmt_client::MgmtClient;
+use strata_rpc::mgmt_msg::{ContInfo, MgmtCmd, MgmtQuery, MgmtReply, PoolInfo};
+use strata_rpc::{ClientConfig, ErrorCode, RpcError, RpcPool, ServiceKind};
+use strata_types::{Epoch, ObjectClass, ObjectType, Oid, TargetId};
+
+/// How long one object operation keeps retrying through map changes and failovers.
+pub const OP_DEADLINE: Duration = Duration::from_secs(30);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct Client {
+    pub mgmt: MgmtClient,
+    engines: RpcPool,
+    cluster: String,
+}
+
+impl Client {
+    pub async fn connect(f: &ClusterFile) -> Result<Client, ClientError> {
+        Ok(Client {
+            mgmt: MgmtClient::new(f.access_points.clone(), Some(f.cluster.clone())),
+            engines: RpcPool::new(ServiceKind::Engine, Some(f.cluster.clone()), ClientConfig::default()),
+            cluster: f.cluster.clone(),
+        })
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    pub async fn pool(&self, name: &str) -> Result<Arc<PoolHandle>, ClientError> {
+        let p = Arc::new(PoolHandle { client: self.clone(), name: name.to_owned(), view: RwLock::new(None) });
+        p.refresh().await?;
+        Ok(p)
+    }
+
+    pub async fn container(&self, pool: &str, cont: &str) -> Result<ContHandle, ClientError> {
+        let p = self.pool(pool).await?;
+        match self.mgmt.query(MgmtQuery::Cont { pool: pool.to_owned(), cont: cont.to_owned() }).await? {
+            MgmtReply::Cont(info) => Ok(ContHandle { pool: p, info }),
+            other => Err(ClientError::Invalid(format!("unexpected reply {other:?}"))),
+        }
+    }
+}
+
+struct PoolView {
+    info: PoolInfo,
+    placement: Arc<PlacementMap>,
+}
+
+pub struct PoolHandle {
+    client: Client,
+    name: String,
+    view: RwLock<Option<Arc<PoolView>>>,
+}
+
+impl PoolHandle {
+    pub async fn refresh(&self) -> Result<(), ClientError> {
+        let info = match self.client.mgmt.query(MgmtQuery::Pool { pool: self.name.clone() }).await? {
+            MgmtReply::Pool(p) => p,
+            other => return Err(ClientError::Invalid(format!("unexpected reply {other:?}"))),
+        };
+        let v = Arc::new(PoolView { placement: Arc::new(PlacementMap::new(&info.map, false)), info });
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Some(v);
+        Ok(())
+    }
+
+    fn view(&self) -> Result<Arc<PoolView>, ClientError> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| ClientError::Invalid("pool not loaded".into()))
+    }
+
+    pub fn info(&self) -> Result<PoolInfo, ClientError> {
+        Ok(self.view()?.info.clone())
+    }
+
+    pub fn layout(&self, oid: Oid) -> Result<Layout, ClientError> {
+        Ok(self.view()?.placement.layout(oid)?)
+    }
+}
+
+#[derive(Clone)]
+pub struct ContHandle {
+    pub pool: Arc<PoolHandle>,
+    pub info: ContInfo,
+}
+
+impl ContHandle {
+    /// Allocate a new object id of `class` in this container.
+    pub async fn create_object(&self, class: ObjectClass) -> Result<ObjHandle, ClientError> {
+        self.create_object_typed(ObjectType::Plain, class).await
+    }
+
+    pub async fn create_object_typed(&self, otype: ObjectType, class: ObjectClass) -> Result<ObjHandle, ClientError> {
+        let pool = self.info.pool.to_string();
+        let cont = self.info.id.to_string();
+        let first = match self.pool.client.mgmt.write(MgmtCmd::AllocOids { pool, cont, count: 1 }).await? {
+            MgmtReply::OidRange { first, .. } => first,
+            other => return Err(ClientError::Invalid(format!("unexpected reply {other:?}"))),
+        };
+        let oid = Oid::new(otype, class, first as u128);
+        self.pool.layout(oid)?;
+        Ok(self.object(oid))
+    }
+
+    pub fn object(&self, oid: Oid) -> ObjHandle {
+        ObjHandle { cont: self.clone(), oid }
+    }
+
+    /// Objects with data visible at `epoch`, gathered from every target of the pool.
+    pub async fn list_objects(&self, epoch: Epoch) -> Result<Vec<Oid>, ClientError> {
+        let view = self.pool.view()?;
+        let mut all = std::collections::BTreeSet::new();
+        for t in view.info.map.targets.iter().filter(|t| t.state.readable()) {
+            let Some(addr) = view.info.rank_addrs.get(&t.id.rank) else { continue };
+            let mut cursor = None;
+            loop {
+                let req = EngineReq::ListObjects { pool: view.info.id, map_version: view.info.map.version, target: t.id.index, cont: self.info.id, epoch, cursor, limit: 1000 };
+                match self.pool.client.engines.call::<_, EngineResp>(addr, &req, Bytes::new(), CALL_TIMEOUT).await {
+                    Ok((EngineResp::Objects { oids, next }, _)) => {
+                        all.extend(oids);
+                        if next.is_none() {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                    Ok(_) => return Err(ClientError::Invalid("unexpected engine reply".into())),
+                    // A dead rank's objects are also on its replicas.
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(all.into_iter().collect())
+    }
+}
+
+#[derive(Clone)]
+pub struct ObjHandle {
+    cont: ContHandle,
+    pub oid: Oid,
+}
+
+impl ObjHandle {
+    async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Arc<PoolView>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RpcError>>,
+    {
+        let start = Instant::now();
+        loop {
+            let view = self.cont.pool.view()?;
+            match op(view).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let retry = e.is_transient() || matches!(&e, RpcError::Remote(r) if r.code == ErrorCode::StaleMap);
+                    if !retry {
+                        return Err(e.into());
+                    }
+                    if start.elapsed() > OP_DEADLINE {
+                        return Err(ClientError::Deadline(OP_DEADLINE, format!("{what}: {e}")));
+                    }
+                    tracing::debug!(error = %e, "{what}: refreshing the pool map and retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = self.cont.pool.refresh().await;
+                }
+            }
+        }
+    }
+
+    fn shards(view: &PoolView, oid: Oid, dkey: &[u8]) -> Result<Vec<TargetId>, RpcError> {
+        let layout = view.placement.layout(oid).map_err(|e| RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::InvalidArgument, e.to_string())))?;
+        Ok(layout.group(layout.group_for_dkey(dkey)).iter().map(|s| s.target).collect())
+    }
+
+    async fn update(&self, dkey: &[u8], ops: Vec<WireOp>, payload: Bytes) -> Result<Epoch, ClientError> {
+        let client = self.cont.pool.client.clone();
+        let cont = self.cont.info.id;
+        self.retry("update", |view| {
+            let (client, ops, payload, oid) = (client.clone(), ops.clone(), payload.clone(), self.oid);
+            async move {
+                let leader = Self::shards(&view, oid, dkey)?[0];
+                let addr = view.info.rank_addrs.get(&leader.rank).cloned().unwrap_or_default();
+                let req = EngineReq::Update { pool: view.info.id, map_version: view.info.map.version, cont, oid, dkey: dkey.to_vec(), epoch: None, ops };
+                match client.engines.call::<_, EngineResp>(&addr, &req, payload, CALL_TIMEOUT).await? {
+                    (EngineResp::Updated { epoch }, _) => Ok(epoch),
+                    _ => Err(RpcError::Protocol("unexpected engine reply".into())),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn fetch(&self, dkey: &[u8], fetch: FetchKind, epoch: Epoch) -> Result<(Option<Epoch>, Vec<(u64, u64)>, Bytes), ClientError> {
+        let client = self.cont.pool.client.clone();
+        let cont = self.cont.info.id;
+        self.retry("fetch", |view| {
+            let (client, fetch, oid) = (client.clone(), fetch.clone(), self.oid);
+            async move {
+                let shards = Self::shards(&view, oid, dkey)?;
+                let mut last = None;
+                // Any replica can answer; spread reads by dkey and fall through on failure.
+                let start = dkey.iter().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(*b as usize)) % shards.len();
+                for i in 0..shards.len() {
+                    let t = shards[(start + i) % shards.len()];
+                    let Some(addr) = view.info.rank_addrs.get(&t.rank) else { continue };
+                    let req = EngineReq::Fetch { pool: view.info.id, map_version: view.info.map.version, target: t.index, cont, oid, dkey: dkey.to_vec(), fetch: fetch.clone(), epoch };
+                    match client.engines.call::<_, EngineResp>(addr, &req, Bytes::new(), CALL_TIMEOUT).await {
+                        Ok((EngineResp::Fetched { found, written }, data)) => return Ok((found, written, data)),
+                        Ok(_) => return Err(RpcError::Protocol("unexpected engine reply".into())),
+                        Err(RpcError::Remote(r)) if r.code != ErrorCode::Corrupt && r.code != ErrorCode::Unavailable => return Err(RpcError::Remote(r)),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or(RpcError::ConnectionClosed("no replica reachable".into())))
+            }
+        })
+        .await
+    }
+
+    /// Set a single value; returns the epoch it was written at (durable on every replica).
+    pub async fn put(&self, dkey: &[u8], akey: &[u8], value: &[u8]) -> Result<Epoch, ClientError> {
+        let ops = vec![WireOp::Single { akey: akey.to_vec(), len: value.len() as u32 }];
+        self.update(dkey, ops, Bytes::copy_from_slice(value)).await
+    }
+
+    pub async fn get(&self, dkey: &[u8], akey: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        self.get_at(dkey, akey, Epoch::MAX).await
+    }
+
+    pub async fn get_at(&self, dkey: &[u8], akey: &[u8], epoch: Epoch) -> Result<Option<Vec<u8>>, ClientError> {
+        let (found, _, data) = self.fetch(dkey, FetchKind::Single { akey: akey.to_vec() }, epoch).await?;
+        Ok(found.map(|_| data.to_vec()))
+    }
+
+    pub async fn write(&self, dkey: &[u8], akey: &[u8], offset: u64, data: &[u8]) -> Result<Epoch, ClientError> {
+        let ops = vec![WireOp::Extent { akey: akey.to_vec(), offset, len: data.len() as u32 }];
+        self.update(dkey, ops, Bytes::copy_from_slice(data)).await
+    }
+
+    pub async fn read(&self, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<(Vec<u8>, Vec<(u64, u64)>), ClientError> {
+        let (_, written, data) = self.fetch(dkey, FetchKind::Extent { akey: akey.to_vec(), offset, len }, epoch).await?;
+        Ok((data.to_vec(), written))
+    }
+
+    pub async fn punch_dkey(&self, dkey: &[u8]) -> Result<Epoch, ClientError> {
+        self.update(dkey, vec![WireOp::PunchDkey], Bytes::new()).await
+    }
+
+    pub async fn punch_akey(&self, dkey: &[u8], akey: &[u8]) -> Result<Epoch, ClientError> {
+        self.update(dkey, vec![WireOp::PunchAkey { akey: akey.to_vec() }], Bytes::new()).await
+    }
+
+    /// Punch the whole object: every group records the punch.
+    pub async fn punch(&self) -> Result<(), ClientError> {
+        let layout = self.cont.pool.layout(self.oid)?;
+        for g in 0..layout.group_count() {
+            // Any dkey that maps to group g carries the object punch to that group.
+            let dkey = (0u64..).map(|i| i.to_be_bytes()).find(|d| layout.group_for_dkey(d) == g).unwrap_or_default();
+            self.update(&dkey, vec![WireOp::PunchObject], Bytes::new()).await?;
+        }
+        Ok(())
+    }
+
+    /// Dkeys visible at `epoch`, merged over the object's groups.
+    pub async fn list_dkeys(&self, epoch: Epoch) -> Result<Vec<Vec<u8>>, ClientError> {
+        let client = self.cont.pool.client.clone();
+        let cont = self.cont.info.id;
+        self.retry("list", |view| {
+            let (client, oid) = (client.clone(), self.oid);
+            async move {
+                let layout = view.placement.layout(oid).map_err(|e| RpcError::Protocol(e.to_string()))?;
+                let mut all = std::collections::BTreeSet::new();
+                for group in layout.groups() {
+                    let mut done = false;
+                    let mut last = None;
+                    for s in group {
+                        let Some(addr) = view.info.rank_addrs.get(&s.target.rank) else { continue };
+                        let mut cursor = None;
+                        let r: Result<(), RpcError> = async {
+                            loop {
+                                let req = EngineReq::ListDkeys { pool: view.info.id, map_version: view.info.map.version, target: s.target.index, cont, oid, epoch, cursor: cursor.clone(), limit: 1000 };
+                                match client.engines.call::<_, EngineResp>(addr, &req, Bytes::new(), CALL_TIMEOUT).await? {
+                                    (EngineResp::Keys { keys, next }, _) => {
+                                        all.extend(keys);
+                                        if next.is_none() {
+                                            return Ok(());
+                                        }
+                                        cursor = next;
+                                    }
+                                    _ => return Err(RpcError::Protocol("unexpected engine reply".into())),
+                                }
+                            }
+                        }
+                        .await;
+                        match r {
+                            Ok(()) => {
+                                done = true;
+                                break;
+                            }
+                            Err(e) => last = Some(e),
+                        }
+                    }
+                    if !done {
+                        return Err(last.unwrap_or(RpcError::ConnectionClosed("no replica reachable".into())));
+                    }
+                }
+                Ok(all.into_iter().collect())
+            }
+        })
+        .await
+    }
+}
