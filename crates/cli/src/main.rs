@@ -4,9 +4,16 @@
 use clap::{Parser, Subcommand};
 
 mod bench_vos;
+mod cluster_cmd;
+mod cont_cmd;
 mod fio;
+mod obj_cmd;
 mod output;
+mod pool_cmd;
+mod server;
 mod sim_placement;
+mod system_cmd;
+mod up;
 mod vos_cmd;
 
 #[derive(Parser)]
@@ -16,7 +23,7 @@ mod vos_cmd;
     about = "Strata: a distributed, versioned object store with KV, POSIX and block personalities",
     long_about = "Strata stores objects (128-bit ids, dkey/akey, replication or erasure coding across \
 fault domains) and offers a transactional KV store, a FUSE file system and NBD block volumes on top.\n\n\
-Start here:\n  strata vos demo            versioned object store on this machine, step by step\n  \
+Start here:\n  strata up                  a local cluster (3 ranks) with a pool 'tank'\n  strata vos demo            versioned object store on this machine, step by step\n  \
 strata sim placement       where shards land and how much moves when a target fails\n  \
 strata bench vos           durable update rates vs fio on the same disk"
 )]
@@ -27,6 +34,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a whole cluster on this machine (ranks as child processes) and keep it running.
+    Up(up::Args),
+    /// Run one rank (a server process): management service if an access point, and its targets.
+    Server(server::Args),
+    /// Ranks and the management service.
+    #[command(subcommand)]
+    System(system_cmd::SystemCommand),
+    /// Pools: create, list, query, destroy, exclude, reintegrate, drain, extend.
+    #[command(subcommand)]
+    Pool(pool_cmd::PoolCommand),
+    /// Containers and snapshots.
+    #[command(subcommand)]
+    Cont(cont_cmd::ContCommand),
+    /// Objects: create, put, get, punch, list.
+    #[command(subcommand)]
+    Obj(obj_cmd::ObjCommand),
     /// The node-local versioned object store (one target), for inspection and demos.
     #[command(subcommand)]
     Vos(vos_cmd::VosCommand),
@@ -51,8 +74,15 @@ enum BenchCommand {
 }
 
 fn main() {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Up(a) => up::run(a),
+        Command::Server(a) => server::run(a),
+        Command::System(c) => system_cmd::run(c),
+        Command::Pool(c) => pool_cmd::run(c),
+        Command::Cont(c) => cont_cmd::run(c),
+        Command::Obj(c) => obj_cmd::run(c),
         Command::Vos(c) => vos_cmd::run(c),
         Command::Sim(SimCommand::Placement(a)) => sim_placement::run(a),
         Command::Bench(BenchCommand::Vos(a)) => bench_vos::run(a),

@@ -11,3 +11,34 @@ pub fn emit<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) -> anyh
     }
     Ok(())
 }
+
+/// Parse a size like `4096`, `512K`, `10G`, `1.5T` (binary units; `B`, `iB` suffixes allowed).
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim().trim_end_matches(['b', 'B']).trim_end_matches('i');
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 1 << 40),
+        Some('p' | 'P') => (&t[..t.len() - 1], 1 << 50),
+        _ => (t, 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("'{s}' is not a size; use e.g. 4096, 512K, 10G, 1T"))?;
+    anyhow::ensure!(v >= 0.0 && v.is_finite(), "'{s}' is not a size");
+    Ok((v * mult as f64) as u64)
+}
+
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}

@@ -78,6 +78,24 @@ impl PoolHandle {
         Ok(self.view()?.info.clone())
     }
 
+    /// An epoch at least the newest HLC of every reachable engine of the pool: reads at it
+    /// see every update acknowledged before this call (the seed's snapshot rule).
+    pub async fn max_epoch(&self) -> Result<Epoch, ClientError> {
+        let view = self.view()?;
+        let mut best = Epoch::ZERO;
+        let mut reached = 0;
+        for addr in view.info.rank_addrs.values() {
+            if let Ok((EngineResp::Clock { epoch }, _)) = self.client.engines.call::<_, EngineResp>(addr, &EngineReq::Clock, Bytes::new(), CALL_TIMEOUT).await {
+                best = best.max(epoch);
+                reached += 1;
+            }
+        }
+        if reached == 0 {
+            return Err(ClientError::Invalid("no engine of the pool answered; cannot pick a snapshot epoch".into()));
+        }
+        Ok(best)
+    }
+
     pub fn layout(&self, oid: Oid) -> Result<Layout, ClientError> {
         Ok(self.view()?.placement.layout(oid)?)
     }

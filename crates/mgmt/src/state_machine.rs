@@ -113,7 +113,7 @@ impl MgmtState {
                 if *targets == 0 || *targets > 64 {
                     return Err(err(ErrorCode::InvalidArgument, format!("a rank needs 1..=64 targets, got {targets}")));
                 }
-                if let Some(existing) = self.ranks.values().find(|r| r.uuid != *uuid && (r.data_addr == *data_addr || r.mgmt_addr == *mgmt_addr) && r.state != RankState::Stopped && r.state != RankState::Dead) {
+                if let Some(existing) = self.ranks.values().find(|r| r.uuid != *uuid && (r.data_addr == *data_addr || (!mgmt_addr.is_empty() && r.mgmt_addr == *mgmt_addr)) && r.state != RankState::Stopped && r.state != RankState::Dead) {
                     return Err(err(ErrorCode::AlreadyExists, format!("address {data_addr} / {mgmt_addr} is already used by rank {} (a different server); give this server its own addresses", existing.rank)));
                 }
                 if let Some(r) = self.ranks.values_mut().find(|r| r.uuid == *uuid) {

@@ -1,0 +1,144 @@
+//! `strata obj`: create, write, read, punch and list objects directly.
+
+use crate::cluster_cmd::{block_on, pool_cont, Conn};
+use crate::output::emit;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use strata_types::{Epoch, ObjectClass, Oid};
+
+#[derive(clap::Subcommand)]
+pub enum ObjCommand {
+    /// Allocate a new object id in POOL/CONT and print it.
+    Create {
+        target: String,
+        /// Object class (default: the container's).
+        #[arg(long)]
+        oclass: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Write a single value (from --value, --file, or stdin). Without OID, creates an object.
+    Put {
+        target: String,
+        oid: Option<String>,
+        #[arg(long)]
+        dkey: String,
+        #[arg(long)]
+        akey: String,
+        #[arg(long)]
+        value: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        oclass: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Read a single value to stdout (or --file); `--epoch` reads an older version.
+    Get {
+        target: String,
+        oid: String,
+        #[arg(long)]
+        dkey: String,
+        #[arg(long)]
+        akey: String,
+        #[arg(long)]
+        epoch: Option<u64>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Punch (delete, versioned) an object, a dkey or an akey.
+    Punch {
+        target: String,
+        oid: String,
+        #[arg(long)]
+        dkey: Option<String>,
+        #[arg(long)]
+        akey: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the objects of a container, or the dkeys of one object.
+    List {
+        target: String,
+        oid: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+pub fn run(c: ObjCommand) -> anyhow::Result<()> {
+    block_on(async move {
+        match c {
+            ObjCommand::Create { target, oclass, conn } => {
+                let (p, ct) = pool_cont(&target)?;
+                let cont = conn.client().await?.container(&p, &ct).await?;
+                let class: ObjectClass = oclass.as_deref().unwrap_or(&cont.info.oclass).parse()?;
+                let obj = cont.create_object(class).await?;
+                emit(conn.json, &serde_json::json!({"oid": obj.oid.to_string()}), |_| println!("{}", obj.oid))
+            }
+            ObjCommand::Put { target, oid, dkey, akey, value, file, oclass, conn } => {
+                let (p, ct) = pool_cont(&target)?;
+                let data = match (value, file) {
+                    (Some(v), _) => v.into_bytes(),
+                    (None, Some(f)) => std::fs::read(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?,
+                    (None, None) => {
+                        let mut b = Vec::new();
+                        std::io::stdin().read_to_end(&mut b)?;
+                        b
+                    }
+                };
+                let cont = conn.client().await?.container(&p, &ct).await?;
+                let obj = match oid {
+                    Some(o) => cont.object(o.parse::<Oid>()?),
+                    None => cont.create_object(oclass.as_deref().unwrap_or(&cont.info.oclass).parse()?).await?,
+                };
+                let epoch = obj.put(dkey.as_bytes(), akey.as_bytes(), &data).await?;
+                emit(conn.json, &serde_json::json!({"oid": obj.oid.to_string(), "epoch": epoch.0, "bytes": data.len()}), |_| println!("{}  ({} bytes at epoch {epoch})", obj.oid, data.len()))
+            }
+            ObjCommand::Get { target, oid, dkey, akey, epoch, file, conn } => {
+                let (p, ct) = pool_cont(&target)?;
+                let cont = conn.client().await?.container(&p, &ct).await?;
+                let obj = cont.object(oid.parse::<Oid>()?);
+                let v = obj.get_at(dkey.as_bytes(), akey.as_bytes(), epoch.map_or(Epoch::MAX, Epoch)).await?;
+                let Some(v) = v else { anyhow::bail!("no value at {oid} dkey '{dkey}' akey '{akey}'") };
+                if conn.json {
+                    return emit(true, &serde_json::json!({"oid": oid, "value": String::from_utf8_lossy(&v), "bytes": v.len()}), |_| {});
+                }
+                match file {
+                    Some(f) => std::fs::write(&f, &v).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?,
+                    None => std::io::stdout().write_all(&v)?,
+                }
+                Ok(())
+            }
+            ObjCommand::Punch { target, oid, dkey, akey, conn } => {
+                let (p, ct) = pool_cont(&target)?;
+                let cont = conn.client().await?.container(&p, &ct).await?;
+                let obj = cont.object(oid.parse::<Oid>()?);
+                match (dkey, akey) {
+                    (Some(d), Some(a)) => drop(obj.punch_akey(d.as_bytes(), a.as_bytes()).await?),
+                    (Some(d), None) => drop(obj.punch_dkey(d.as_bytes()).await?),
+                    (None, None) => obj.punch().await?,
+                    (None, Some(_)) => anyhow::bail!("--akey needs --dkey"),
+                }
+                emit(conn.json, &serde_json::json!({"punched": oid}), |_| println!("punched"))
+            }
+            ObjCommand::List { target, oid, conn } => {
+                let (p, ct) = pool_cont(&target)?;
+                let cont = conn.client().await?.container(&p, &ct).await?;
+                match oid {
+                    None => {
+                        let oids: Vec<String> = cont.list_objects(Epoch::MAX).await?.iter().map(|o| o.to_string()).collect();
+                        emit(conn.json, &oids, |l| l.iter().for_each(|o| println!("{o}")))
+                    }
+                    Some(o) => {
+                        let keys: Vec<String> = cont.object(o.parse::<Oid>()?).list_dkeys(Epoch::MAX).await?.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+                        emit(conn.json, &keys, |l| l.iter().for_each(|k| println!("{k}")))
+                    }
+                }
+            }
+        }
+    })
+}

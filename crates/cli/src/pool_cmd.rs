@@ -1,0 +1,128 @@
+//! `strata pool`: create, list, query, destroy pools and change their maps.
+
+use crate::cluster_cmd::{block_on, Conn};
+use crate::output::{emit, human_bytes, parse_size};
+use strata_rpc::mgmt_msg::{MgmtCmd, MgmtQuery, MgmtReply, PoolInfo, TargetAction};
+use strata_types::{PoolId, Rank};
+
+#[derive(clap::Subcommand)]
+pub enum PoolCommand {
+    /// Create a pool over the joined ranks (or --ranks), optionally filtered by --select.
+    Create {
+        label: String,
+        /// Capacity to reserve, e.g. 10G (default: 8 GiB or what is free). Refused if larger than the free space.
+        #[arg(long)]
+        size: Option<String>,
+        /// Only these ranks, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        ranks: Option<Vec<u32>>,
+        /// Resource query choosing targets, e.g. "media=ssd and unique(host)" or the seed's tuple form.
+        #[arg(long)]
+        select: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Pools with their sizes and map versions.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// One pool's map: every target and its state.
+    Query {
+        pool: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Destroy a pool (refused while it has containers, unless --force).
+    Destroy {
+        pool: String,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Mark a rank's targets (or one, with --target) DOWN in this pool.
+    Exclude {
+        pool: String,
+        #[arg(long)]
+        rank: u32,
+        #[arg(long)]
+        target: Option<u16>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Bring excluded targets back (UPIN, then UP once resynced).
+    Reintegrate {
+        pool: String,
+        #[arg(long)]
+        rank: u32,
+        #[arg(long)]
+        target: Option<u16>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Move data off a rank's targets before removing it.
+    Drain {
+        pool: String,
+        #[arg(long)]
+        rank: u32,
+        #[arg(long)]
+        target: Option<u16>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Add ranks to the pool (their targets join as NEW).
+    Extend {
+        pool: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        ranks: Vec<u32>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn print_pool(p: &PoolInfo) {
+    println!("pool {} ({})  size {}  map version {}", p.label, p.id, human_bytes(p.size_bytes), p.map.version);
+    println!("{:<8} {:<8} {:<16} {:<22}", "target", "state", "domain", "rank address");
+    for t in &p.map.targets {
+        println!("{:<8} {:<8} {:<16} {:<22}", t.id.to_string(), t.state.name(), t.domain.to_string(), p.rank_addrs.get(&t.id.rank).cloned().unwrap_or_default());
+    }
+}
+
+pub fn run(c: PoolCommand) -> anyhow::Result<()> {
+    block_on(async move {
+        let targets = |pool: String, rank: u32, target: Option<u16>, action| MgmtCmd::PoolTargets { pool, rank: Rank(rank), index: target, action };
+        let (conn, reply) = match c {
+            PoolCommand::Create { label, size, ranks, select, conn } => {
+                let size_bytes = size.as_deref().map(parse_size).transpose()?.unwrap_or(0);
+                let r = conn.write(MgmtCmd::PoolCreate { id: PoolId::new_random(), label, size_bytes, ranks: ranks.map(|v| v.into_iter().map(Rank).collect()), select }).await?;
+                (conn, r)
+            }
+            PoolCommand::List { conn } => {
+                let MgmtReply::Pools(pools) = conn.query(MgmtQuery::Pools).await? else { anyhow::bail!("unexpected reply") };
+                return emit(conn.json, &pools, |pools| {
+                    println!("{:<16} {:<38} {:>10} {:>8} {:>8}", "label", "uuid", "size", "targets", "version");
+                    for p in pools {
+                        println!("{:<16} {:<38} {:>10} {:>8} {:>8}", p.label, p.id.to_string(), human_bytes(p.size_bytes), p.map.targets.len(), p.map.version);
+                    }
+                });
+            }
+            PoolCommand::Query { pool, conn } => {
+                let r = conn.query(MgmtQuery::Pool { pool }).await?;
+                (conn, r)
+            }
+            PoolCommand::Destroy { pool, force, conn } => {
+                let r = conn.write(MgmtCmd::PoolDestroy { pool: pool.clone(), force }).await?;
+                return emit(conn.json, &serde_json::json!({"destroyed": pool}), |_| println!("pool {pool} destroyed")).map(|_| drop(r));
+            }
+            PoolCommand::Exclude { pool, rank, target, conn } => (conn.clone(), conn.write(targets(pool, rank, target, TargetAction::Exclude)).await?),
+            PoolCommand::Reintegrate { pool, rank, target, conn } => (conn.clone(), conn.write(targets(pool, rank, target, TargetAction::Reintegrate)).await?),
+            PoolCommand::Drain { pool, rank, target, conn } => (conn.clone(), conn.write(targets(pool, rank, target, TargetAction::Drain)).await?),
+            PoolCommand::Extend { pool, ranks, conn } => (conn.clone(), conn.write(MgmtCmd::PoolExtend { pool, ranks: ranks.into_iter().map(Rank).collect() }).await?),
+        };
+        match reply {
+            MgmtReply::Pool(p) => emit(conn.json, &p, print_pool),
+            other => emit(conn.json, &format!("{other:?}"), |s| println!("{s}")),
+        }
+    })
+}

@@ -1,0 +1,234 @@
+//! `strata server`: one rank. Runs the management service if its management address is one of
+//! the access points, joins the system (keeping its rank across restarts), serves its targets
+//! on the data address, and heartbeats the management leader.
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use strata_engine::{Engine, EngineConfig};
+use strata_mgmt::{MgmtConfig, MgmtNode};
+use strata_rpc::mgmt_client::MgmtClient;
+use strata_rpc::mgmt_msg::{MgmtCmd, MgmtReply, MgmtReq, MgmtResp};
+use strata_rpc::{ServerConfig, ServiceKind};
+use strata_types::Rank;
+use tokio::net::TcpListener;
+
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct Args {
+    /// TOML file with the same keys as the flags (dir, mgmt_addr, data_addr, access_points,
+    /// fault_domain, labels, targets, cluster, heartbeat_timeout_ms, threads); flags win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Directory for this rank's targets and state.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Management-network address (required on access points).
+    #[arg(long)]
+    pub mgmt_addr: Option<String>,
+    /// Data-network address engines and clients use.
+    #[arg(long)]
+    pub data_addr: Option<String>,
+    /// Management addresses of the access points, comma-separated, same order everywhere.
+    #[arg(long, value_delimiter = ',')]
+    pub access_points: Vec<String>,
+    /// Fault-domain path, e.g. /zone-a/rack-3/host-7 (default: /<hostname>).
+    #[arg(long)]
+    pub fault_domain: Option<String>,
+    /// Free labels for resource queries, e.g. --label media=ssd.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Targets (storage units) on this rank.
+    #[arg(long)]
+    pub targets: Option<u16>,
+    /// Cluster name; servers and clients of other clusters are refused.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// A rank silent for this long is marked dead (access points only).
+    #[arg(long)]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Runtime worker threads.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    dir: Option<PathBuf>,
+    mgmt_addr: Option<String>,
+    data_addr: Option<String>,
+    access_points: Option<Vec<String>>,
+    fault_domain: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    targets: Option<u16>,
+    cluster: Option<String>,
+    heartbeat_timeout_ms: Option<u64>,
+    threads: Option<usize>,
+}
+
+/// What a rank remembers across restarts.
+#[derive(Serialize, Deserialize)]
+struct Identity {
+    format: u8,
+    uuid: String,
+    cluster: String,
+    rank: Option<Rank>,
+}
+
+struct Resolved {
+    dir: PathBuf,
+    mgmt_addr: Option<String>,
+    data_addr: String,
+    access_points: Vec<String>,
+    fault_domain: String,
+    labels: BTreeMap<String, String>,
+    targets: u16,
+    cluster: String,
+    heartbeat_timeout: Duration,
+    threads: usize,
+}
+
+fn resolve(a: Args) -> anyhow::Result<Resolved> {
+    let file = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
+            toml::from_str::<FileConfig>(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let mut labels = file.labels.unwrap_or_default();
+    for l in &a.labels {
+        let (k, v) = l.split_once('=').with_context(|| format!("--label '{l}' must be key=value"))?;
+        labels.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".into());
+    let access_points = if a.access_points.is_empty() { file.access_points.unwrap_or_default() } else { a.access_points };
+    if access_points.is_empty() {
+        bail!("no access points: pass --access-points HOST:PORT[,..] (the management addresses of 1, 3 or 5 servers)");
+    }
+    if ![1, 3, 5].contains(&access_points.len()) {
+        bail!("{} access points given; use 1, 3 or 5 so that a majority survives failures", access_points.len());
+    }
+    let r = Resolved {
+        dir: a.dir.or(file.dir).context("no --dir: where should this rank keep its data?")?,
+        mgmt_addr: a.mgmt_addr.or(file.mgmt_addr),
+        data_addr: a.data_addr.or(file.data_addr).context("no --data-addr (e.g. 127.0.0.1:10001)")?,
+        access_points,
+        fault_domain: a.fault_domain.or(file.fault_domain).unwrap_or(format!("/{host}")),
+        labels,
+        targets: a.targets.or(file.targets).unwrap_or(2),
+        cluster: a.cluster.or(file.cluster).unwrap_or_else(|| "strata".into()),
+        heartbeat_timeout: Duration::from_millis(a.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms).unwrap_or(5000)),
+        threads: a.threads.or(file.threads).unwrap_or(2).max(1),
+    };
+    strata_placement::FaultDomain::parse(&r.fault_domain).map_err(|e| anyhow::anyhow!("--fault-domain: {e}"))?;
+    Ok(r)
+}
+
+fn load_identity(dir: &Path, cluster: &str) -> anyhow::Result<Identity> {
+    let path = dir.join("server.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id: Identity = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+            if id.cluster != cluster {
+                bail!("{} belongs to cluster '{}', not '{cluster}'; use another --dir or the right --cluster", dir.display(), id.cluster);
+            }
+            Ok(id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Identity { format: 1, uuid: uuid::Uuid::new_v4().to_string(), cluster: cluster.to_owned(), rank: None }),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn save_identity(dir: &Path, id: &Identity) -> anyhow::Result<()> {
+    let path = dir.join("server.json");
+    let tmp = dir.join("server.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(id)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let r = resolve(a)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(r.threads).enable_all().build()?;
+    rt.block_on(serve(r))
+}
+
+async fn serve(r: Resolved) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&r.dir).with_context(|| format!("creating {}", r.dir.display()))?;
+    let mut ident = load_identity(&r.dir, &r.cluster)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let ap_index = r.mgmt_addr.as_ref().and_then(|m| r.access_points.iter().position(|a| a == m));
+    if let Some(index) = ap_index {
+        let mgmt_addr = r.mgmt_addr.clone().unwrap_or_default();
+        let listener = TcpListener::bind(&mgmt_addr).await.with_context(|| format!("binding management address {mgmt_addr}"))?;
+        let node = MgmtNode::start(MgmtConfig { dir: r.dir.join("mgmt"), cluster: r.cluster.clone(), access_points: r.access_points.clone(), index, heartbeat_timeout: r.heartbeat_timeout })
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        tokio::spawn(strata_rpc::serve(listener, node, ServerConfig::new(ServiceKind::Mgmt, r.cluster.clone()), stop_rx.clone()));
+        tracing::info!(%mgmt_addr, index, "management service started");
+    } else if r.mgmt_addr.as_ref().is_some_and(|m| !m.is_empty()) {
+        tracing::info!("management address is not an access point; not running the management service");
+    }
+
+    let mgmt = MgmtClient::new(r.access_points.clone(), Some(r.cluster.clone())).with_deadline(Duration::from_secs(60));
+    let data_listener = TcpListener::bind(&r.data_addr).await.with_context(|| format!("binding data address {}", r.data_addr))?;
+    let free = {
+        let probe = r.dir.clone();
+        let vos = strata_vos::Vos::open(&probe.join("target-0"), &strata_vos::VosConfig::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let s = vos.space().map_err(|e| anyhow::anyhow!("{e}"))?;
+        s.fs_free_bytes
+    };
+    let join = MgmtCmd::Join {
+        uuid: ident.uuid.clone(),
+        mgmt_addr: r.mgmt_addr.clone().unwrap_or_default(),
+        data_addr: r.data_addr.clone(),
+        fault_domain: r.fault_domain.clone(),
+        labels: r.labels.clone(),
+        targets: r.targets,
+        capacity_bytes: free,
+        access_point: ap_index.is_some(),
+    };
+    let rank = match mgmt.write(join).await.context("joining the system")? {
+        MgmtReply::Rank(rank) => rank,
+        other => bail!("unexpected answer to join: {other:?}"),
+    };
+    if ident.rank.is_some_and(|old| old != rank) {
+        bail!("this directory was rank {:?} but the system now says rank {rank}; refusing to serve another rank's data", ident.rank);
+    }
+    ident.rank = Some(rank);
+    save_identity(&r.dir, &ident)?;
+
+    let engine = Arc::new(Engine::open(&EngineConfig { dir: r.dir.clone(), rank, targets: r.targets, cluster: r.cluster.clone(), vos: strata_vos::VosConfig::default() }, mgmt.clone()).map_err(|e| anyhow::anyhow!(e))?);
+    tokio::spawn(strata_rpc::serve(data_listener, engine.clone(), ServerConfig::new(ServiceKind::Engine, r.cluster.clone()), stop_rx.clone()));
+    println!("rank {rank} serving {} targets on {} (cluster {})", r.targets, r.data_addr, r.cluster);
+
+    // Heartbeats: a short per-call deadline, so a leader change costs one missed beat.
+    let beat = mgmt.clone().with_deadline(Duration::from_secs(2));
+    let period = (r.heartbeat_timeout / 5).max(Duration::from_millis(100));
+    let hb_engine = engine.clone();
+    tokio::spawn(async move {
+        loop {
+            let (free, total) = hb_engine.space();
+            match beat.call(&MgmtReq::Heartbeat { rank, incarnation: 0, free_bytes: free, total_bytes: total }).await {
+                Ok(MgmtResp::HeartbeatAck { pool_versions }) => hb_engine.note_pool_versions(&pool_versions).await,
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+            }
+            tokio::time::sleep(period).await;
+        }
+    });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    let _ = stop_tx.send(true);
+    println!("rank {rank} stopped");
+    Ok(())
+}

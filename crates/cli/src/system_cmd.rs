@@ -1,0 +1,54 @@
+//! `strata system`: ranks and the management service.
+
+use crate::cluster_cmd::{block_on, Conn};
+use crate::output::{emit, human_bytes};
+use strata_rpc::mgmt_msg::{MgmtCmd, MgmtQuery, MgmtReply, RankState};
+use strata_types::Rank;
+
+#[derive(clap::Subcommand)]
+pub enum SystemCommand {
+    /// Ranks, their addresses and states, and the management leader.
+    Query {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Exclude a rank: its targets go DOWN in every pool (rebuild moves its data away).
+    Exclude {
+        #[arg(long)]
+        rank: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Bring an excluded or dead rank back as a member (its pool targets need `pool reintegrate`).
+    Reintegrate {
+        #[arg(long)]
+        rank: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+pub fn run(c: SystemCommand) -> anyhow::Result<()> {
+    block_on(async move {
+        match c {
+            SystemCommand::Query { conn } => {
+                let MgmtReply::System(s) = conn.query(MgmtQuery::System).await? else { anyhow::bail!("unexpected reply") };
+                emit(conn.json, &s, |s| {
+                    println!("cluster {}  management leader {}", s.cluster_id, s.leader.clone().unwrap_or("-".into()));
+                    println!("{:<5} {:<9} {:<22} {:<12} {:>7} {:>10}  AP", "rank", "state", "data address", "domain", "targets", "capacity");
+                    for r in &s.ranks {
+                        println!("{:<5} {:<9} {:<22} {:<12} {:>7} {:>10}  {}", r.rank, format!("{:?}", r.state).to_lowercase(), r.data_addr, r.fault_domain, r.targets, human_bytes(r.capacity_bytes), if r.access_point { "yes" } else { "" });
+                    }
+                })
+            }
+            SystemCommand::Exclude { rank, conn } => {
+                conn.write(MgmtCmd::SetRankState { rank: Rank(rank), state: RankState::Excluded }).await?;
+                emit(conn.json, &serde_json::json!({"rank": rank, "state": "excluded"}), |_| println!("rank {rank} excluded; its targets are DOWN in every pool"))
+            }
+            SystemCommand::Reintegrate { rank, conn } => {
+                conn.write(MgmtCmd::SetRankState { rank: Rank(rank), state: RankState::Joined }).await?;
+                emit(conn.json, &serde_json::json!({"rank": rank, "state": "joined"}), |_| println!("rank {rank} is a member again; run `strata pool reintegrate POOL --rank {rank}` for its targets"))
+            }
+        }
+    })
+}
