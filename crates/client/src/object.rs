@@ -194,6 +194,15 @@ impl ObjHandle {
         Ok(layout.group(layout.group_for_dkey(dkey)).iter().map(|s| s.target).collect())
     }
 
+    /// Shards that hold the group's full data: a spare does only once rebuild has finished
+    /// (its home target is `DOWNOUT`); until then it holds only what was written since.
+    fn readable_shards(view: &PoolView, oid: Oid, dkey: &[u8]) -> Result<Vec<TargetId>, RpcError> {
+        let layout = view.placement.layout(oid).map_err(|e| RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::InvalidArgument, e.to_string())))?;
+        let group = layout.group(layout.group_for_dkey(dkey));
+        let rebuilt = |home| view.info.map.target(home).is_some_and(|t| t.state == strata_placement::TargetState::DownOut);
+        Ok(group.iter().filter(|s| !s.is_spare || rebuilt(s.home)).map(|s| s.target).collect())
+    }
+
     async fn update(&self, dkey: &[u8], ops: Vec<WireOp>, payload: Bytes) -> Result<Epoch, ClientError> {
         let client = self.cont.pool.client.clone();
         let cont = self.cont.info.id;
@@ -218,7 +227,10 @@ impl ObjHandle {
         self.retry("fetch", |view| {
             let (client, fetch, oid) = (client.clone(), fetch.clone(), self.oid);
             async move {
-                let shards = Self::shards(&view, oid, dkey)?;
+                let shards = Self::readable_shards(&view, oid, dkey)?;
+                if shards.is_empty() {
+                    return Err(RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::Unavailable, "every replica of this group is down or not yet rebuilt")));
+                }
                 let mut last = None;
                 // Any replica can answer; spread reads by dkey and fall through on failure.
                 let start = dkey.iter().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(*b as usize)) % shards.len();
@@ -292,10 +304,11 @@ impl ObjHandle {
             async move {
                 let layout = view.placement.layout(oid).map_err(|e| RpcError::Protocol(e.to_string()))?;
                 let mut all = std::collections::BTreeSet::new();
+                let rebuilt = |home| view.info.map.target(home).is_some_and(|t| t.state == strata_placement::TargetState::DownOut);
                 for group in layout.groups() {
                     let mut done = false;
                     let mut last = None;
-                    for s in group {
+                    for s in group.iter().filter(|s| !s.is_spare || rebuilt(s.home)) {
                         let Some(addr) = view.info.rank_addrs.get(&s.target.rank) else { continue };
                         let mut cursor = None;
                         let r: Result<(), RpcError> = async {

@@ -1,0 +1,135 @@
+//! A real cluster for tests: `strata up` as a child process in a temp dir, plus helpers that
+//! run the binary and parse its `--json` output. Every wait is a polled deadline.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_strata");
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub up: Option<Child>,
+    pub args: Vec<String>,
+}
+
+pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Cluster {
+    pub fn start(args: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("strata-test-").tempdir().unwrap();
+        let mut c = Cluster { dir, up: None, args: args.iter().map(|s| s.to_string()).collect() };
+        c.launch();
+        c
+    }
+
+    pub fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join(format!("up-{}.log", self.up.is_some() as u8))).unwrap();
+        let child = Command::new(BIN)
+            .arg("up")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.up = Some(child);
+        let cf = self.cluster_file();
+        let logs = self.dir.path().to_owned();
+        poll("strata up to report the cluster up", Duration::from_secs(90), || {
+            let text = std::fs::read_to_string(logs.join(format!("up-{}.log", 1))).or_else(|_| std::fs::read_to_string(logs.join("up-0.log"))).unwrap_or_default();
+            (cf.exists() && text.contains("is up")).then_some(())
+        });
+    }
+
+    pub fn cluster_file(&self) -> PathBuf {
+        self.dir.path().join("cluster.json")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        Command::new(BIN).args(args).env("STRATA_CLUSTER", self.cluster_file()).output().unwrap()
+    }
+
+    /// Run a command that must succeed and print JSON.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cmd(&a);
+        assert!(out.status.success(), "strata {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("strata {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Run a command that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cmd(args);
+        assert!(!out.status.success(), "strata {args:?} should have failed but printed {}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(out.status.code(), Some(1), "errors exit with 1");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// The pid of the server process of rank directory `rank-{i}`.
+    pub fn server_pid(&self, i: usize) -> Option<i32> {
+        let needle = format!("{}/rank-{i}", self.dir.path().display());
+        let out = Command::new("pgrep").args(["-f", &format!("strata server --dir {needle} ")]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
+    }
+
+    pub fn kill9_rank_dir(&self, i: usize) {
+        let pid = self.server_pid(i).unwrap_or_else(|| panic!("no server process for rank-{i}"));
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        poll("the killed server to vanish", Duration::from_secs(10), || self.server_pid(i).is_none().then_some(()));
+    }
+
+    /// Ctrl-C `strata up` and wait for it and its ranks to stop.
+    pub fn interrupt(&mut self) {
+        if let Some(mut c) = self.up.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGINT);
+            }
+            let status = poll("strata up to exit", Duration::from_secs(30), || c.try_wait().ok().flatten());
+            assert!(status.success(), "strata up exited with {status}");
+        }
+        poll("all ranks to stop", Duration::from_secs(15), || (0..8).all(|i| self.server_pid(i).is_none()).then_some(()));
+        self.up = Some(Command::new("true").spawn().unwrap());
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.up {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGINT);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+        }
+        // Any server left behind (e.g. the test panicked mid-way) is killed by its directory.
+        let _ = Command::new("pkill").args(["-9", "-f", &format!("strata server --dir {}/", self.dir.path().display())]).status();
+    }
+}
