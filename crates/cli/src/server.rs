@@ -211,11 +211,25 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     let beat = mgmt.clone().with_deadline(Duration::from_secs(2));
     let period = (r.heartbeat_timeout / 5).max(Duration::from_millis(100));
     let hb_engine = engine.clone();
+    let (stop_hb, mut stop_req) = tokio::sync::watch::channel(false);
+    let is_ap = ap_index.is_some();
     tokio::spawn(async move {
         loop {
             let (free, total) = hb_engine.space();
             match beat.call(&MgmtReq::Heartbeat { rank, incarnation: 0, free_bytes: free, total_bytes: total }).await {
-                Ok(MgmtResp::HeartbeatAck { pool_versions }) => hb_engine.note_pool_versions(&pool_versions).await,
+                Ok(MgmtResp::HeartbeatAck { pool_versions, stop }) => {
+                    if stop {
+                        println!("rank {rank}: stop requested by the management service");
+                        if is_ap {
+                            // Keep the management service up a little longer, so the other
+                            // ranks can learn of the stop at their next heartbeat.
+                            tokio::time::sleep(period * 3).await;
+                        }
+                        let _ = stop_hb.send(true);
+                        return;
+                    }
+                    hb_engine.note_pool_versions(&pool_versions).await
+                }
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
             }
@@ -227,6 +241,7 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = stop_req.changed() => {}
     }
     let _ = stop_tx.send(true);
     println!("rank {rank} stopped");

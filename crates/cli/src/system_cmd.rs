@@ -12,6 +12,13 @@ pub enum SystemCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Stop every rank (or --rank N) cleanly; `strata up` on the same directory starts them again.
+    Stop {
+        #[arg(long)]
+        rank: Option<u32>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Exclude a rank: its targets go DOWN in every pool (rebuild moves its data away).
     Exclude {
         #[arg(long)]
@@ -40,6 +47,18 @@ pub fn run(c: SystemCommand) -> anyhow::Result<()> {
                         println!("{:<5} {:<9} {:<22} {:<12} {:>7} {:>10}  {}", r.rank, format!("{:?}", r.state).to_lowercase(), r.data_addr, r.fault_domain, r.targets, human_bytes(r.capacity_bytes), if r.access_point { "yes" } else { "" });
                     }
                 })
+            }
+            SystemCommand::Stop { rank, conn } => {
+                let MgmtReply::System(s) = conn.query(MgmtQuery::System).await? else { anyhow::bail!("unexpected reply") };
+                let ranks: Vec<Rank> = s.ranks.iter().map(|r| r.rank).filter(|r| rank.is_none_or(|x| x == r.0)).collect();
+                anyhow::ensure!(!ranks.is_empty(), "no rank {} in the system", rank.unwrap_or(0));
+                // Access points last, so the management service can record the others.
+                let (aps, others): (Vec<Rank>, Vec<Rank>) = ranks.iter().partition(|r| s.ranks.iter().any(|i| i.rank == **r && i.access_point));
+                for r in others.iter().chain(aps.iter()) {
+                    conn.write(MgmtCmd::SetRankState { rank: *r, state: RankState::Stopped }).await?;
+                }
+                let list: Vec<u32> = ranks.iter().map(|r| r.0).collect();
+                emit(conn.json, &serde_json::json!({"stopping": list}), |_| println!("stopping ranks {list:?}; they exit at their next heartbeat"))
             }
             SystemCommand::Exclude { rank, conn } => {
                 conn.write(MgmtCmd::SetRankState { rank: Rank(rank), state: RankState::Excluded }).await?;

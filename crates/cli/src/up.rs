@@ -150,6 +150,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
             }
         }
+        if reported.iter().all(|r| *r) {
+            println!("every rank has stopped (`strata system stop`?); `strata up --dir {}` starts them again", dir.display());
+            return Ok(());
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     println!("\nstopping {} ranks...", children.len());

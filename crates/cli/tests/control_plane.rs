@@ -145,10 +145,34 @@ fn commands_json_restart_and_bad_input() {
     // Usage errors exit with 2.
     assert_eq!(Command::new(BIN).args(["pool", "frobnicate"]).output().unwrap().status.code(), Some(2));
 
+    // A server configured for another cluster, pointed at our access points, is refused.
+    let st = up_state(&c);
+    let ap = st["ranks"][0]["mgmt"].as_str().unwrap().to_owned();
+    let stray = c.path().join("stray");
+    let out = Command::new(BIN)
+        .args(["server", "--dir", &stray.display().to_string(), "--data-addr", "127.0.0.1:0", "--access-points", &ap, "--cluster", "someone-else"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to cluster"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(c.json(&["system", "query"])["ranks"].as_array().unwrap().len(), 3);
+
     // Ctrl-C, then `strata up` again on the same directory: the same state comes back.
     let pools = c.json(&["pool", "list"]);
     c.interrupt();
     c.launch();
     assert_eq!(c.json(&["pool", "list"]), pools);
     assert_eq!(labels(&c.json(&["cont", "list", "tank"])).len(), 3);
+
+    // `system stop` stops every rank cleanly and `strata up` exits by itself; up again restores.
+    c.json(&["system", "stop"]);
+    let mut up = c.up.take().unwrap();
+    let status = poll("strata up to exit after system stop", Duration::from_secs(30), || up.try_wait().ok().flatten());
+    assert!(status.success());
+    poll("every rank to exit", Duration::from_secs(10), || (0..3).all(|i| c.server_pid(i).is_none()).then_some(()));
+    c.up = Some(Command::new("true").spawn().unwrap());
+    c.launch();
+    assert_eq!(c.json(&["pool", "list"]), pools);
+    let sys = c.json(&["system", "query"]);
+    assert!(sys["ranks"].as_array().unwrap().iter().all(|r| r["state"] == "Joined"), "{sys}");
 }

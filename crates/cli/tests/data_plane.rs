@@ -15,7 +15,7 @@ fn value(class: usize, i: usize) -> Vec<u8> {
 
 #[test]
 fn replicated_objects_survive_a_killed_rank() {
-    let c = Cluster::start(&["--ranks", "5", "--heartbeat-timeout-ms", "1500"]);
+    let c = Cluster::start(&["--ranks", "5", "--heartbeat-timeout-ms", "2000"]);
     c.json(&["cont", "create", "tank", "rp3", "--oclass", "RP_3G1", "--rf", "2"]);
     c.json(&["cont", "create", "tank", "s1", "--oclass", "S1"]);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -45,6 +45,7 @@ fn replicated_objects_survive_a_killed_rank() {
 
     // rank-1's directory is a non-access-point rank (rank-0 runs the management service).
     c.kill9_rank_dir(1);
+    let killed_at = std::time::Instant::now();
     rt.block_on(async {
         // Before the map even changes, every replicated object reads back exactly.
         for (i, o) in rp_objs.iter().enumerate() {
@@ -54,7 +55,8 @@ fn replicated_objects_survive_a_killed_rank() {
         }
     });
     // Within 2 x the heartbeat timeout the rank is dead and its targets DOWN in a newer map.
-    let system = poll("the killed rank to be marked dead", Duration::from_secs(6), || {
+    // (Measured from the kill; the reads above took part of it.)
+    let system = poll("the killed rank to be marked dead", Duration::from_secs(4).saturating_sub(killed_at.elapsed()).max(Duration::from_millis(100)), || {
         let s = c.json(&["system", "query"]);
         s["ranks"].as_array().unwrap().iter().any(|r| r["state"] == "Dead").then_some(s)
     });

@@ -151,16 +151,16 @@ impl MgmtNode {
             return Err(not_leader(self.leader_addr()));
         }
         self.heartbeats.lock().unwrap_or_else(|e| e.into_inner()).insert(rank, Instant::now());
-        let (dead, versions) = {
+        let (dead, stop, versions) = {
             let g = self.sm.inner.read().await;
-            let dead = g.state.ranks.get(&rank).is_some_and(|r| r.state == RankState::Dead);
-            (dead, g.state.pools.iter().map(|(id, p)| (*id, p.map.version)).collect())
+            let state = g.state.ranks.get(&rank).map(|r| r.state);
+            (state == Some(RankState::Dead), state == Some(RankState::Stopped), g.state.pools.iter().map(|(id, p)| (*id, p.map.version)).collect())
         };
         if dead {
             // It is back; its targets stay DOWN until reintegrated.
             let _ = self.propose(MgmtCmd::SetRankState { rank, state: RankState::Joined }).await;
         }
-        Ok(MgmtResp::HeartbeatAck { pool_versions: versions })
+        Ok(MgmtResp::HeartbeatAck { pool_versions: versions, stop })
     }
 }
 

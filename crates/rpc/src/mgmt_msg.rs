@@ -24,7 +24,8 @@ pub enum MgmtResp {
     Ok,
     Raft,
     Reply(MgmtReply),
-    HeartbeatAck { pool_versions: BTreeMap<PoolId, u64> },
+    /// `stop` asks the rank to shut down cleanly (`strata system stop`).
+    HeartbeatAck { pool_versions: BTreeMap<PoolId, u64>, stop: bool },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
