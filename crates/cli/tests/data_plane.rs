@@ -18,11 +18,22 @@ fn replicated_objects_survive_a_killed_rank() {
     let c = Cluster::start(&["--ranks", "5", "--heartbeat-timeout-ms", "2000"]);
     c.json(&["cont", "create", "tank", "rp3", "--oclass", "RP_3G1", "--rf", "2"]);
     c.json(&["cont", "create", "tank", "s1", "--oclass", "S1"]);
+    c.json(&["cont", "create", "tank", "ec", "--oclass", "EC_2P1G1", "--rf", "1"]);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let cf = ClusterFile::load(&c.cluster_file()).unwrap();
     let n = 300;
-    let (rp_objs, s1_objs) = rt.block_on(async {
+    let (rp_objs, s1_objs, ec_objs) = rt.block_on(async {
         let client = Client::connect(&cf).await.unwrap();
+        let ec = client.container("tank", "ec").await.unwrap();
+        let ec_class: ObjectClass = "EC_2P1G1".parse().unwrap();
+        let mut ec_objs = Vec::new();
+        for i in 0..n / 3 {
+            let o = ec.create_object(ec_class).await.unwrap();
+            // Partial stripes at odd offsets, spanning cell and stripe boundaries.
+            o.write(b"arr", b"bytes", 60_000 + 1000 * i as u64, &value(2, i).repeat(40)).await.unwrap();
+            o.put(b"d", b"a", &value(2, i)).await.unwrap();
+            ec_objs.push(o);
+        }
         let rp = client.container("tank", "rp3").await.unwrap();
         let s1 = client.container("tank", "s1").await.unwrap();
         let mut rp_objs = Vec::new();
@@ -38,7 +49,7 @@ fn replicated_objects_survive_a_killed_rank() {
             o.put(b"d", b"a", &value(1, i)).await.unwrap();
             s1_objs.push(o);
         }
-        (rp_objs, s1_objs)
+        (rp_objs, s1_objs, ec_objs)
     });
     let before = c.json(&["pool", "query", "tank"]);
     let version_before = before["map"]["version"].as_u64().unwrap();
@@ -46,6 +57,18 @@ fn replicated_objects_survive_a_killed_rank() {
     // rank-1's directory is a non-access-point rank (rank-0 runs the management service).
     c.kill9_rank_dir(1);
     let killed_at = std::time::Instant::now();
+    let check_ec = |label: &'static str| {
+        let ec_objs = &ec_objs;
+        async move {
+            for (i, o) in ec_objs.iter().enumerate() {
+                let want = value(2, i).repeat(40);
+                let (data, _) = o.read(b"arr", b"bytes", 60_000 + 1000 * i as u64, want.len() as u64, Epoch::MAX).await.unwrap();
+                assert!(data == want, "EC object {i} {label}");
+                assert_eq!(o.get(b"d", b"a").await.unwrap().as_deref(), Some(&value(2, i)[..]), "EC single value {i} {label}");
+            }
+        }
+    };
+    rt.block_on(check_ec("before the kill"));
     rt.block_on(async {
         // Before the map even changes, every replicated object reads back exactly.
         for (i, o) in rp_objs.iter().enumerate() {
@@ -68,6 +91,8 @@ fn replicated_objects_survive_a_killed_rank() {
         assert_eq!(t["state"] == "Down", on_dead, "target {t}");
     }
     let s1_pool = rt.block_on(async { Client::connect(&cf).await.unwrap().pool("tank").await.unwrap() });
+    // EC objects decode what the dead rank held from the surviving cells.
+    rt.block_on(check_ec("after the kill (degraded)"));
     rt.block_on(async {
         for (i, o) in rp_objs.iter().enumerate() {
             assert_eq!(o.get(b"d", b"a").await.unwrap().as_deref(), Some(&value(0, i)[..]), "RP_3 object {i} after exclusion");
@@ -120,6 +145,36 @@ fn a_client_with_an_old_map_is_fenced_and_retries() {
         for (i, o) in objs.iter().enumerate() {
             let v = fresh.object(o.oid).get(b"k", b"v").await.unwrap();
             assert_eq!(v.as_deref(), Some(format!("fenced-{i}").as_bytes()));
+        }
+    });
+}
+
+#[test]
+fn concurrent_writers_to_one_ec_stripe_lose_nothing() {
+    let c = Cluster::start(&["--ranks", "3"]);
+    c.json(&["cont", "create", "tank", "ec", "--oclass", "EC_2P1G1"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    rt.block_on(async {
+        let client = Client::connect(&cf).await.unwrap();
+        let cont = client.container("tank", "ec").await.unwrap();
+        let obj = cont.create_object("EC_2P1G1".parse().unwrap()).await.unwrap();
+        // 64 writers, each its own 2 KiB of the same 128 KiB stripe, all at once.
+        let writers = 64u64;
+        let chunk = 2048u64;
+        let tasks: Vec<_> = (0..writers)
+            .map(|w| {
+                let o = obj.clone();
+                tokio::spawn(async move { o.write(b"d", b"a", w * chunk, &vec![w as u8 + 1; chunk as usize]).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (data, _) = obj.read(b"d", b"a", 0, writers * chunk, Epoch::MAX).await.unwrap();
+        for w in 0..writers {
+            let part = &data[(w * chunk) as usize..((w + 1) * chunk) as usize];
+            assert!(part.iter().all(|b| *b == w as u8 + 1), "writer {w}'s bytes were lost");
         }
     });
 }

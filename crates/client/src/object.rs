@@ -209,7 +209,12 @@ impl ObjHandle {
         self.retry("update", |view| {
             let (client, ops, payload, oid) = (client.clone(), ops.clone(), payload.clone(), self.oid);
             async move {
-                let leader = Self::shards(&view, oid, dkey)?[0];
+                let shards = Self::shards(&view, oid, dkey)?;
+                // EC groups are led by their first parity shard, replicated ones by shard 0.
+                let leader = match oid.class().map(|c| c.redundancy()) {
+                    Ok(strata_types::Redundancy::Erasure { data, .. }) => shards[data as usize],
+                    _ => shards[0],
+                };
                 let addr = view.info.rank_addrs.get(&leader.rank).cloned().unwrap_or_default();
                 let req = EngineReq::Update { pool: view.info.id, map_version: view.info.map.version, cont, oid, dkey: dkey.to_vec(), epoch: None, ops };
                 match client.engines.call::<_, EngineResp>(&addr, &req, payload, CALL_TIMEOUT).await? {
@@ -227,7 +232,12 @@ impl ObjHandle {
         self.retry("fetch", |view| {
             let (client, fetch, oid) = (client.clone(), fetch.clone(), self.oid);
             async move {
-                let shards = Self::readable_shards(&view, oid, dkey)?;
+                let mut shards = Self::readable_shards(&view, oid, dkey)?;
+                if let (Ok(strata_types::Redundancy::Erasure { data, .. }), FetchKind::Single { .. }) = (oid.class().map(|c| c.redundancy()), &fetch) {
+                    let all = Self::shards(&view, oid, dkey)?;
+                    let holders: Vec<TargetId> = std::iter::once(all[0]).chain(all[data as usize..].iter().copied()).collect();
+                    shards.retain(|t| holders.contains(t));
+                }
                 if shards.is_empty() {
                     return Err(RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::Unavailable, "every replica of this group is down or not yet rebuilt")));
                 }
@@ -272,8 +282,80 @@ impl ObjHandle {
     }
 
     pub async fn read(&self, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<(Vec<u8>, Vec<(u64, u64)>), ClientError> {
+        if let Ok(strata_types::Redundancy::Erasure { data, parity }) = self.oid.class().map(|c| c.redundancy()) {
+            let client = self.cont.pool.client.clone();
+            return self.retry("EC read", |view| {
+                let client = client.clone();
+                async move { self.ec_read(&client, &view, dkey, akey, offset, len, epoch, data as usize, parity as usize).await }
+            })
+            .await;
+        }
         let (_, written, data) = self.fetch(dkey, FetchKind::Extent { akey: akey.to_vec(), offset, len }, epoch).await?;
         Ok((data.to_vec(), written))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_cell(&self, client: &Client, view: &PoolView, t: TargetId, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<(Vec<u8>, Vec<(u64, u64)>), RpcError> {
+        let addr = view.info.rank_addrs.get(&t.rank).ok_or_else(|| RpcError::ConnectionClosed(format!("rank {}", t.rank)))?;
+        let req = EngineReq::Fetch { pool: view.info.id, map_version: view.info.map.version, target: t.index, cont: self.cont.info.id, oid: self.oid, dkey: dkey.to_vec(), fetch: FetchKind::Extent { akey: akey.to_vec(), offset, len }, epoch };
+        match client.engines.call::<_, EngineResp>(addr, &req, Bytes::new(), CALL_TIMEOUT).await? {
+            (EngineResp::Fetched { written, .. }, data) => Ok((data.to_vec(), written)),
+            _ => Err(RpcError::Protocol("unexpected engine reply".into())),
+        }
+    }
+
+    /// Read an EC extent: each part from the data shard holding it; a stripe with a missing
+    /// data shard is decoded from any k surviving cells (degraded read).
+    #[allow(clippy::too_many_arguments)]
+    async fn ec_read(&self, client: &Client, view: &PoolView, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch, k: usize, p: usize) -> Result<(Vec<u8>, Vec<(u64, u64)>), RpcError> {
+        let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).map_err(|e| RpcError::Protocol(e.to_string()))?;
+        let layout = view.placement.layout(self.oid).map_err(|e| RpcError::Protocol(e.to_string()))?;
+        let group = layout.group(layout.group_for_dkey(dkey)).to_vec();
+        let rebuilt = |home| view.info.map.target(home).is_some_and(|t| t.state == strata_placement::TargetState::DownOut);
+        let readable: Vec<bool> = group.iter().map(|s| !s.is_spare || rebuilt(s.home)).collect();
+        let mut out = vec![0u8; len as usize];
+        let mut written: Vec<(u64, u64)> = Vec::new();
+        let spans = st.spans(offset, len);
+        let mut degraded: std::collections::BTreeSet<u64> = Default::default();
+        for sp in &spans {
+            if !readable[sp.cell] {
+                degraded.insert(sp.stripe);
+                continue;
+            }
+            match self.fetch_cell(client, view, group[sp.cell].target, dkey, akey, sp.shard_offset, sp.buf.len() as u64, epoch).await {
+                Ok((data, w)) => {
+                    out[sp.buf.clone()].copy_from_slice(&data);
+                    for (ws, wl) in w {
+                        // Back from shard-local offsets to the object's offsets.
+                        let g = offset + sp.buf.start as u64 + (ws - sp.shard_offset);
+                        written.push((g, wl));
+                    }
+                }
+                Err(RpcError::Remote(r)) if r.code != ErrorCode::Unavailable && r.code != ErrorCode::Corrupt => return Err(RpcError::Remote(r)),
+                Err(_) => {
+                    degraded.insert(sp.stripe);
+                }
+            }
+        }
+        for s in degraded {
+            let mut cells: Vec<Option<Vec<u8>>> = vec![None; k + p];
+            for i in 0..k + p {
+                if readable[i] {
+                    if let Ok((c, _)) = self.fetch_cell(client, view, group[i].target, dkey, akey, s * st.cell_bytes, st.cell_bytes, epoch).await {
+                        cells[i] = Some(c);
+                    }
+                }
+            }
+            st.reconstruct(&mut cells).map_err(|e| RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::Unavailable, e.to_string())))?;
+            for sp in spans.iter().filter(|sp| sp.stripe == s) {
+                let cell = cells[sp.cell].as_deref().unwrap_or_default();
+                let from = (sp.shard_offset - s * st.cell_bytes) as usize;
+                out[sp.buf.clone()].copy_from_slice(&cell[from..from + sp.buf.len()]);
+                written.push((offset + sp.buf.start as u64, sp.buf.len() as u64));
+            }
+        }
+        written.sort_unstable();
+        Ok((out, written))
     }
 
     pub async fn punch_dkey(&self, dkey: &[u8]) -> Result<Epoch, ClientError> {

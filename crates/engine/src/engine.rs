@@ -23,12 +23,17 @@ pub struct EngineConfig {
 }
 
 struct PoolView {
+    map_pool_id: PoolId,
     map: PoolMap,
     placement: Arc<PlacementMap>,
     addrs: BTreeMap<Rank, String>,
 }
 
+/// Serializes read-modify-write of one EC stripe: (oid, dkey, akey, stripe).
+type StripeKey = (strata_types::Oid, Vec<u8>, Vec<u8>, u64);
+
 pub struct Engine {
+    stripe_locks: std::sync::Mutex<HashMap<StripeKey, Arc<tokio::sync::Mutex<()>>>>,
     rank: Rank,
     targets: Vec<Arc<Vos>>,
     pools: RwLock<HashMap<PoolId, Arc<PoolView>>>,
@@ -58,7 +63,7 @@ impl Engine {
             targets.push(Arc::new(Vos::open(&dir, &cfg.vos).map_err(|e| e.to_string())?));
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
-        Ok(Engine { rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc })
+        Ok(Engine { stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -77,7 +82,7 @@ impl Engine {
             Err(strata_rpc::RpcError::Remote(e)) => return Err(e),
             Err(e) => return Err(rerr(ErrorCode::Unavailable, format!("cannot reach the management service: {e}"))),
         };
-        let view = Arc::new(PoolView { placement: Arc::new(PlacementMap::new(&info.map, false)), map: info.map, addrs: info.rank_addrs });
+        let view = Arc::new(PoolView { map_pool_id: info.id, placement: Arc::new(PlacementMap::new(&info.map, false)), map: info.map, addrs: info.rank_addrs });
         let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
         let keep = match pools.get(&pool) {
             Some(old) if old.map.version > view.map.version => old.clone(),
@@ -152,10 +157,10 @@ impl Engine {
     async fn update(&self, pool: PoolId, version: u64, cont: strata_types::ContId, oid: strata_types::Oid, dkey: Vec<u8>, epoch: Option<Epoch>, ops: Vec<WireOp>, payload: Bytes) -> Result<EngineResp, RemoteError> {
         let view = self.view(pool, version).await?;
         let layout = view.placement.layout(oid).map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
-        if matches!(layout.class.redundancy(), Redundancy::Erasure { .. }) {
-            return Err(rerr(ErrorCode::InvalidArgument, format!("object class {} (erasure coding) is not served by this engine version; use RP_ or S classes", layout.class)));
-        }
         let group = layout.group(layout.group_for_dkey(&dkey)).to_vec();
+        if let Redundancy::Erasure { data, parity } = layout.class.redundancy() {
+            return self.ec_update(&view, cont, oid, dkey, epoch, ops, payload, &group, data as usize, parity as usize).await;
+        }
         let leader = group[0].target;
         let vos = self.target(leader)?.clone();
         let epoch = match epoch {
@@ -184,6 +189,130 @@ impl Engine {
         local?;
         for r in remote {
             r?;
+        }
+        Ok(EngineResp::Updated { epoch })
+    }
+}
+
+impl Engine {
+    /// Apply `ops` on one target (local or remote) at `epoch`.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_to(&self, view: &PoolView, pool: PoolId, t: TargetId, cont: strata_types::ContId, oid: strata_types::Oid, dkey: &[u8], epoch: Epoch, ops: Vec<WireOp>, payload: Bytes) -> Result<(), RemoteError> {
+        if t.rank == self.rank {
+            let vos = self.target(t)?.clone();
+            let u = Self::to_updates(cont, oid, dkey, epoch, &ops, &payload)?;
+            return self.apply(vos, u).await;
+        }
+        let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
+        let req = EngineReq::Replicate { pool, map_version: view.map.version, target: t.index, cont, oid, dkey: dkey.to_vec(), epoch, ops };
+        self.peers.call::<_, EngineResp>(addr, &req, payload, FORWARD_TIMEOUT).await.map(|_| ()).map_err(|e| rerr(ErrorCode::Unavailable, format!("shard {t} did not apply the update: {e}")))
+    }
+
+    /// Read `len` bytes at shard-local `offset` of one target (local or remote), newest version.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_cell(&self, view: &PoolView, pool: PoolId, t: TargetId, cont: strata_types::ContId, oid: strata_types::Oid, dkey: &[u8], akey: &[u8], offset: u64, len: u64) -> Result<Vec<u8>, RemoteError> {
+        if t.rank == self.rank {
+            let vos = self.target(t)?.clone();
+            let (dkey, akey) = (dkey.to_vec(), akey.to_vec());
+            return tokio::task::spawn_blocking(move || vos.fetch_extent(cont, oid, &dkey, &akey, offset, len, Epoch::MAX))
+                .await
+                .map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?
+                .map(|r| r.data)
+                .map_err(vos_err);
+        }
+        let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
+        let req = EngineReq::Fetch { pool, map_version: view.map.version, target: t.index, cont, oid, dkey: dkey.to_vec(), fetch: FetchKind::Extent { akey: akey.to_vec(), offset, len }, epoch: Epoch::MAX };
+        let (_, data) = self.peers.call::<_, EngineResp>(addr, &req, Bytes::new(), FORWARD_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("shard {t}: {e}")))?;
+        Ok(data.to_vec())
+    }
+
+    /// The current cells of stripe `s`, decoding from parity when data shards are missing.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_stripe(&self, view: &PoolView, pool: PoolId, group: &[strata_placement::ShardLoc], st: &strata_ec::EcStripe, cont: strata_types::ContId, oid: strata_types::Oid, dkey: &[u8], akey: &[u8], s: u64) -> Result<Vec<Vec<u8>>, RemoteError> {
+        let readable = |i: usize| !group[i].is_spare || view.map.target(group[i].home).is_some_and(|t| t.state == strata_placement::TargetState::DownOut);
+        let mut cells: Vec<Option<Vec<u8>>> = vec![None; st.k + st.p];
+        let reads = (0..st.k + st.p).filter(|&i| readable(i)).map(|i| async move { (i, self.read_cell(view, pool, group[i].target, cont, oid, dkey, akey, s * st.cell_bytes, st.cell_bytes).await) });
+        for (i, r) in futures::future::join_all(reads).await {
+            if let Ok(c) = r {
+                cells[i] = Some(c);
+            }
+        }
+        st.reconstruct(&mut cells).map_err(|e| rerr(ErrorCode::Unavailable, e.to_string()))?;
+        Ok(cells.into_iter().take(st.k).map(|c| c.unwrap_or_default()).collect())
+    }
+
+    /// EC update, run by the group's leader (the first parity shard): stripes are encoded
+    /// whole; a partial stripe is read, merged and re-encoded under the stripe's lock, so
+    /// concurrent writes to different bytes of one stripe never lose each other.
+    #[allow(clippy::too_many_arguments)]
+    async fn ec_update(&self, view: &Arc<PoolView>, cont: strata_types::ContId, oid: strata_types::Oid, dkey: Vec<u8>, epoch: Option<Epoch>, ops: Vec<WireOp>, payload: Bytes, group: &[strata_placement::ShardLoc], k: usize, p: usize) -> Result<EngineResp, RemoteError> {
+        let pool = view.map_pool_id;
+        let leader = group[k].target;
+        self.target(leader)?;
+        let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+        // Without a caller-chosen epoch, each stripe takes its epoch under its lock: a stripe
+        // written later must carry a newer epoch, or an older full-stripe version written
+        // after it would hide it.
+        let given = epoch;
+        let next_epoch = || match given {
+            Some(e) => self.hlc.update(e).map(|_| e).map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string())),
+            None => self.hlc.now().map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string())),
+        };
+        let mut epoch = next_epoch()?;
+        let mut at = 0usize;
+        for op in ops {
+            let n = op.payload_len();
+            let data = payload.get(at..at + n).ok_or_else(|| rerr(ErrorCode::InvalidArgument, "payload shorter than the ops declare"))?.to_vec();
+            at += n;
+            let (akey, offset, bytes): (Vec<u8>, u64, Vec<u8>) = match op {
+                WireOp::Extent { akey, offset, .. } => (akey, offset, data),
+                WireOp::PunchExtent { akey, offset, len } => {
+                    if len > 64 << 20 {
+                        return Err(rerr(ErrorCode::InvalidArgument, "EC extent punch over 64 MiB; punch the dkey instead"));
+                    }
+                    (akey, offset, vec![0; len as usize])
+                }
+                single_or_punch => {
+                    // Single values and key/object punches go to the p + 1 shards that hold
+                    // single values (data shard 0 and the parity shards), or to all for punches.
+                    let all = !matches!(single_or_punch, WireOp::Single { .. });
+                    let idx: Vec<usize> = if all { (0..k + p).collect() } else { std::iter::once(0).chain(k..k + p).collect() };
+                    let sends = idx.into_iter().map(|i| self.send_to(view, pool, group[i].target, cont, oid, &dkey, epoch, vec![single_or_punch.clone()], Bytes::from(data.clone())));
+                    for r in futures::future::join_all(sends).await {
+                        r?;
+                    }
+                    continue;
+                }
+            };
+            for s in st.stripes(offset, bytes.len() as u64) {
+                let key: StripeKey = (oid, dkey.clone(), akey.clone(), s);
+                let lock = self.stripe_locks.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone();
+                let guard = lock.lock().await;
+                epoch = next_epoch()?;
+                let sb = st.stripe_bytes();
+                let mut stripe = if st.covers_stripe(offset, bytes.len() as u64, s) { vec![0u8; sb as usize] } else { self.read_stripe(view, pool, group, &st, cont, oid, &dkey, &akey, s).await?.concat() };
+                let lo = offset.max(s * sb);
+                let hi = (offset + bytes.len() as u64).min((s + 1) * sb);
+                stripe[(lo - s * sb) as usize..(hi - s * sb) as usize].copy_from_slice(&bytes[(lo - offset) as usize..(hi - offset) as usize]);
+                let cells: Vec<&[u8]> = stripe.chunks(st.cell_bytes as usize).collect();
+                let parity = st.encode(&cells).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+                let all: Vec<Vec<u8>> = cells.iter().map(|c| c.to_vec()).chain(parity).collect();
+                let sends = all.into_iter().enumerate().map(|(i, cell)| {
+                    let op = WireOp::Extent { akey: akey.clone(), offset: s * st.cell_bytes, len: cell.len() as u32 };
+                    self.send_to(view, pool, group[i].target, cont, oid, &dkey, epoch, vec![op], Bytes::from(cell))
+                });
+                let results = futures::future::join_all(sends).await;
+                drop(guard);
+                {
+                    let mut locks = self.stripe_locks.lock().unwrap_or_else(|e| e.into_inner());
+                    if locks.get(&key).is_some_and(|l| Arc::strong_count(l) <= 2) {
+                        locks.remove(&key);
+                    }
+                }
+                for r in results {
+                    r?;
+                }
+            }
         }
         Ok(EngineResp::Updated { epoch })
     }
