@@ -156,6 +156,17 @@ fn commands_json_restart_and_bad_input() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to cluster"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(c.json(&["system", "query"])["ranks"].as_array().unwrap().len(), 3);
+    // A copy of a running rank's directory (same server identity) is refused: no rank collision.
+    let copy = c.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(c.path().join("rank-1/server.json"), copy.join("server.json")).unwrap();
+    let out = Command::new(BIN)
+        .args(["server", "--dir", &copy.display().to_string(), "--data-addr", "127.0.0.1:0", "--access-points", &ap, "--cluster", st["cluster"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(c.json(&["system", "query"])["ranks"].as_array().unwrap().len(), 3);
 
     // Ctrl-C, then `strata up` again on the same directory: the same state comes back.
     let pools = c.json(&["pool", "list"]);

@@ -125,6 +125,17 @@ impl ContHandle {
         Ok(self.object(oid))
     }
 
+    /// Allocate `count` object ids of `class` with one management round trip.
+    pub async fn create_objects(&self, class: ObjectClass, count: u64) -> Result<Vec<ObjHandle>, ClientError> {
+        let pool = self.info.pool.to_string();
+        let cont = self.info.id.to_string();
+        let first = match self.pool.client.mgmt.write(MgmtCmd::AllocOids { pool, cont, count }).await? {
+            MgmtReply::OidRange { first, .. } => first,
+            other => return Err(ClientError::Invalid(format!("unexpected reply {other:?}"))),
+        };
+        Ok((first..first + count).map(|s| self.object(Oid::new(ObjectType::Plain, class, s as u128))).collect())
+    }
+
     pub fn object(&self, oid: Oid) -> ObjHandle {
         ObjHandle { cont: self.clone(), oid }
     }

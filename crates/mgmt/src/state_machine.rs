@@ -117,6 +117,12 @@ impl MgmtState {
                     return Err(err(ErrorCode::AlreadyExists, format!("address {data_addr} / {mgmt_addr} is already used by rank {} (a different server); give this server its own addresses", existing.rank)));
                 }
                 if let Some(r) = self.ranks.values_mut().find(|r| r.uuid == *uuid) {
+                    if r.state == RankState::Joined && r.data_addr != *data_addr {
+                        return Err(err(
+                            ErrorCode::AlreadyExists,
+                            format!("rank {} (server {uuid}) is already running at {}; was this directory copied from another server? If it crashed, wait until it is marked dead", r.rank, r.data_addr),
+                        ));
+                    }
                     // A restart: same rank, maybe new addresses; targets stay as they were.
                     r.mgmt_addr = mgmt_addr.clone();
                     r.data_addr = data_addr.clone();
