@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_obj;
 mod bench_vos;
 mod cluster_cmd;
 mod cont_cmd;
@@ -71,6 +72,8 @@ enum SimCommand {
 enum BenchCommand {
     /// Versioned object store on one target vs fio on the same file system.
     Vos(bench_vos::Args),
+    /// Objects through a running cluster (any class, size, read/write) vs fio on the engines' disk.
+    Obj(bench_obj::Args),
 }
 
 fn main() {
@@ -86,6 +89,7 @@ fn main() {
         Command::Vos(c) => vos_cmd::run(c),
         Command::Sim(SimCommand::Placement(a)) => sim_placement::run(a),
         Command::Bench(BenchCommand::Vos(a)) => bench_vos::run(a),
+        Command::Bench(BenchCommand::Obj(a)) => bench_obj::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

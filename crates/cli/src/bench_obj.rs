@@ -1,0 +1,193 @@
+//! `strata bench obj`: object writes or reads through the client library against a running
+//! cluster, and (with `--baseline`) fio with the same block size and concurrency on the file
+//! system holding the engines, in the same invocation, with the ratios.
+
+use crate::cluster_cmd::Conn;
+use crate::fio;
+use crate::output::{emit, parse_size};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use strata_client::ClusterFile;
+use strata_rpc::mgmt_msg::{ContType, MgmtCmd};
+use strata_types::{ContId, Epoch, ObjectClass};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Object class to measure: S1, RP_3G1, EC_2P1G1, ...
+    #[arg(long, default_value = "RP_3G1")]
+    oclass: String,
+    /// Bytes per operation: 4k, 64k, 1m.
+    #[arg(long, default_value = "4k")]
+    size: String,
+    /// write (durable array writes) or read (of data written first).
+    #[arg(long, default_value = "write")]
+    op: String,
+    /// Concurrent operations in flight.
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
+    /// Seconds to run each side.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Pool to use.
+    #[arg(long, default_value = "tank")]
+    pool: String,
+    /// Also run fio with the same pattern on the engines' file system and print the ratio.
+    #[arg(long)]
+    baseline: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Serialize)]
+struct Report {
+    oclass: String,
+    op: String,
+    size_bytes: u64,
+    threads: usize,
+    ops_per_sec: f64,
+    mib_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    cpu_secs: f64,
+    fio: Option<fio::FioResult>,
+    throughput_ratio: Option<f64>,
+    p99_ratio: Option<f64>,
+    target: Option<String>,
+}
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)] as f64
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let class: ObjectClass = a.oclass.parse()?;
+    let size = parse_size(&a.size)?;
+    anyhow::ensure!(size > 0 && size <= 4 << 20, "--size must be 1 B ..= 4 MiB");
+    anyhow::ensure!(a.op == "write" || a.op == "read", "--op is write or read");
+    anyhow::ensure!((1..=1024).contains(&a.threads), "--threads must be 1..=1024");
+    if a.baseline {
+        fio::require()?;
+    }
+    let cluster_path = a.conn.cluster.clone().or_else(|| std::env::var_os("STRATA_CLUSTER").map(Into::into)).unwrap_or_else(ClusterFile::default_path);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let (lat, elapsed, cpu) = rt.block_on(async {
+        let client = a.conn.client().await?;
+        let cont_label = format!("bench-{}", class.to_string().to_lowercase().replace('_', "-"));
+        let _ = client.mgmt.write(MgmtCmd::ContCreate { id: ContId::new_random(), pool: a.pool.clone(), label: cont_label.clone(), ctype: ContType::Plain, oclass: class.to_string(), rf: 0, props: Default::default() }).await;
+        let cont = client.container(&a.pool, &cont_label).await?;
+        let objs = cont.create_objects(class, a.threads as u64).await?;
+        let data = Arc::new(vec![0x5au8; size as usize]);
+        let dkeys = 64u64;
+        if a.op == "read" {
+            for o in &objs {
+                for d in 0..dkeys {
+                    o.write(&d.to_be_bytes(), b"a", 0, &data).await?;
+                }
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let bar = (!a.conn.json).then(|| {
+            let b = indicatif::ProgressBar::new((a.duration * 10.0) as u64);
+            b.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {elapsed}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+            b.set_message(format!("{} {} {} x{}", class, a.op, a.size, a.threads));
+            b
+        });
+        let cpu0 = fio::self_cpu_secs();
+        let start = Instant::now();
+        let tasks: Vec<_> = objs
+            .into_iter()
+            .map(|o| {
+                let (stop, data, op) = (stop.clone(), data.clone(), a.op.clone());
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let t0 = Instant::now();
+                        let d = (i % dkeys).to_be_bytes();
+                        if op == "write" {
+                            o.write(&d, b"a", 0, &data).await?;
+                        } else {
+                            o.read(&d, b"a", 0, data.len() as u64, Epoch::MAX).await?;
+                        }
+                        lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        i += 1;
+                    }
+                    Ok::<_, strata_client::ClientError>(lat)
+                })
+            })
+            .collect();
+        let ticks = (a.duration * 10.0) as u64;
+        for _ in 0..ticks {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await??);
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        Ok::<_, anyhow::Error>((lat, start.elapsed().as_secs_f64(), fio::self_cpu_secs() - cpu0))
+    })?;
+    let mut lat = lat;
+    lat.sort_unstable();
+    let ops = lat.len() as f64 / elapsed;
+    let mut r = Report {
+        oclass: class.to_string(),
+        op: a.op.clone(),
+        size_bytes: size,
+        threads: a.threads,
+        ops_per_sec: ops,
+        mib_per_sec: ops * size as f64 / (1 << 20) as f64,
+        p50_us: pct(&lat, 0.50),
+        p99_us: pct(&lat, 0.99),
+        p999_us: pct(&lat, 0.999),
+        cpu_secs: cpu,
+        fio: None,
+        throughput_ratio: None,
+        p99_ratio: None,
+        target: None,
+    };
+    if a.baseline {
+        let dir = cluster_path.parent().map(|p| p.join("fio-baseline")).unwrap_or_else(|| std::env::temp_dir().join("strata-fio-baseline"));
+        std::fs::create_dir_all(&dir)?;
+        let rw = if a.op == "write" { "rw=write" } else { "rw=randread" };
+        let mut args = vec![rw.to_string(), format!("bs={size}"), "ioengine=psync".into(), format!("numjobs={}", a.threads), "size=64m".into(), "time_based".into(), format!("runtime={}", a.duration)];
+        if a.op == "write" {
+            args.push("fdatasync=1".into());
+        }
+        let f = fio::run(&dir, "obj", &args)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        r.throughput_ratio = Some(r.ops_per_sec / f.iops.max(f64::MIN_POSITIVE));
+        r.p99_ratio = Some(r.p99_us / f.p99_us.max(1.0));
+        let goal = match (class.redundancy(), size, a.op.as_str()) {
+            (strata_types::Redundancy::None, s, "write") if s >= 1 << 20 => Some(("S1 1 MiB writes >= 0.60x fio", r.throughput_ratio.unwrap_or(0.0) >= 0.6)),
+            (strata_types::Redundancy::Replicas(3), s, "write") if s >= 1 << 20 => Some(("RP_3 1 MiB writes >= 0.25x fio (three copies share one disk)", r.throughput_ratio.unwrap_or(0.0) >= 0.25)),
+            (strata_types::Redundancy::Replicas(3), 4096, "write") => Some(("RP_3 4 KiB update p99 <= 5x fio fsync'd 4 KiB p99", r.p99_ratio.unwrap_or(f64::MAX) <= 5.0)),
+            _ => None,
+        };
+        r.target = goal.map(|(t, met)| format!("{t}: {}", if met { "met" } else { "NOT met" }));
+        r.fio = Some(f);
+    }
+    emit(a.conn.json, &r, |r| {
+        println!("strata bench obj: {} {} of {} B, {} in flight, {:.1} s", r.oclass, r.op, r.size_bytes, r.threads, elapsed);
+        println!("strata: {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  p999 {:>7.0} us  cpu {:.1} s", r.ops_per_sec, r.mib_per_sec, r.p50_us, r.p99_us, r.p999_us, r.cpu_secs);
+        if let Some(f) = &r.fio {
+            println!("fio:    {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  cpu {:.1} s  (psync, {}{} jobs)", f.iops, f.bytes_per_sec / (1 << 20) as f64, f.p50_us, f.p99_us, f.cpu_secs, if r.op == "write" { "fdatasync each, " } else { "" }, r.threads);
+            println!("ratio:  throughput {:.2}x, p99 latency {:.2}x", r.throughput_ratio.unwrap_or(0.0), r.p99_ratio.unwrap_or(0.0));
+        }
+        if let Some(t) = &r.target {
+            println!("target: {t}");
+        }
+    })
+}
