@@ -51,6 +51,7 @@ struct Report {
     p50_us: f64,
     p99_us: f64,
     p999_us: f64,
+    /// CPU of this client process only (the engines are separate processes).
     cpu_secs: f64,
     fio: Option<fio::FioResult>,
     throughput_ratio: Option<f64>,
@@ -181,7 +182,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     emit(a.conn.json, &r, |r| {
         println!("strata bench obj: {} {} of {} B, {} in flight, {:.1} s", r.oclass, r.op, r.size_bytes, r.threads, elapsed);
-        println!("strata: {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  p999 {:>7.0} us  cpu {:.1} s", r.ops_per_sec, r.mib_per_sec, r.p50_us, r.p99_us, r.p999_us, r.cpu_secs);
+        println!("strata: {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  p999 {:>7.0} us  client cpu {:.1} s", r.ops_per_sec, r.mib_per_sec, r.p50_us, r.p99_us, r.p999_us, r.cpu_secs);
         if let Some(f) = &r.fio {
             println!("fio:    {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  cpu {:.1} s  (psync, {}{} jobs)", f.iops, f.bytes_per_sec / (1 << 20) as f64, f.p50_us, f.p99_us, f.cpu_secs, if r.op == "write" { "fdatasync each, " } else { "" }, r.threads);
             println!("ratio:  throughput {:.2}x, p99 latency {:.2}x", r.throughput_ratio.unwrap_or(0.0), r.p99_ratio.unwrap_or(0.0));
