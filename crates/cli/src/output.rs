@@ -28,17 +28,4 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     Ok((v * mult as f64) as u64)
 }
 
-pub fn human_bytes(b: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < units.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", units[i])
-    }
-}
+pub use strata_types::human_bytes;

@@ -42,35 +42,11 @@ pub enum PoolCommand {
         conn: Conn,
     },
     /// Mark a rank's targets (or one, with --target) DOWN in this pool.
-    Exclude {
-        pool: String,
-        #[arg(long)]
-        rank: u32,
-        #[arg(long)]
-        target: Option<u16>,
-        #[command(flatten)]
-        conn: Conn,
-    },
+    Exclude(TargetSel),
     /// Bring excluded targets back (UPIN, then UP once resynced).
-    Reintegrate {
-        pool: String,
-        #[arg(long)]
-        rank: u32,
-        #[arg(long)]
-        target: Option<u16>,
-        #[command(flatten)]
-        conn: Conn,
-    },
+    Reintegrate(TargetSel),
     /// Move data off a rank's targets before removing it.
-    Drain {
-        pool: String,
-        #[arg(long)]
-        rank: u32,
-        #[arg(long)]
-        target: Option<u16>,
-        #[command(flatten)]
-        conn: Conn,
-    },
+    Drain(TargetSel),
     /// Add ranks to the pool (their targets join as NEW).
     Extend {
         pool: String,
@@ -79,6 +55,19 @@ pub enum PoolCommand {
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+/// Which targets of which pool a map change applies to.
+#[derive(clap::Args)]
+pub struct TargetSel {
+    pool: String,
+    #[arg(long)]
+    rank: u32,
+    /// One target of the rank (default: all of them).
+    #[arg(long)]
+    target: Option<u16>,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 fn print_pool(p: &PoolInfo) {
@@ -91,7 +80,10 @@ fn print_pool(p: &PoolInfo) {
 
 pub fn run(c: PoolCommand) -> anyhow::Result<()> {
     block_on(async move {
-        let targets = |pool: String, rank: u32, target: Option<u16>, action| MgmtCmd::PoolTargets { pool, rank: Rank(rank), index: target, action };
+        let targets = |t: TargetSel, action| async move {
+            let r = t.conn.write(MgmtCmd::PoolTargets { pool: t.pool, rank: Rank(t.rank), index: t.target, action }).await?;
+            Ok::<_, anyhow::Error>((t.conn, r))
+        };
         let (conn, reply) = match c {
             PoolCommand::Create { label, size, ranks, select, conn } => {
                 let size_bytes = size.as_deref().map(parse_size).transpose()?.unwrap_or(0);
@@ -115,9 +107,9 @@ pub fn run(c: PoolCommand) -> anyhow::Result<()> {
                 let r = conn.write(MgmtCmd::PoolDestroy { pool: pool.clone(), force }).await?;
                 return emit(conn.json, &serde_json::json!({"destroyed": pool}), |_| println!("pool {pool} destroyed")).map(|_| drop(r));
             }
-            PoolCommand::Exclude { pool, rank, target, conn } => (conn.clone(), conn.write(targets(pool, rank, target, TargetAction::Exclude)).await?),
-            PoolCommand::Reintegrate { pool, rank, target, conn } => (conn.clone(), conn.write(targets(pool, rank, target, TargetAction::Reintegrate)).await?),
-            PoolCommand::Drain { pool, rank, target, conn } => (conn.clone(), conn.write(targets(pool, rank, target, TargetAction::Drain)).await?),
+            PoolCommand::Exclude(t) => targets(t, TargetAction::Exclude).await?,
+            PoolCommand::Reintegrate(t) => targets(t, TargetAction::Reintegrate).await?,
+            PoolCommand::Drain(t) => targets(t, TargetAction::Drain).await?,
             PoolCommand::Extend { pool, ranks, conn } => (conn.clone(), conn.write(MgmtCmd::PoolExtend { pool, ranks: ranks.into_iter().map(Rank).collect() }).await?),
         };
         match reply {

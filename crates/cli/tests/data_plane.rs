@@ -13,6 +13,20 @@ fn value(class: usize, i: usize) -> Vec<u8> {
     format!("class{class}-object{i}-").repeat(1 + i % 7).into_bytes()
 }
 
+/// Run `f(i, object)` for every object, 64 at a time.
+async fn in_batches<F, Fut>(objs: &[strata_client::ObjHandle], f: F)
+where
+    F: Fn(usize, strata_client::ObjHandle) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    for (c, chunk) in objs.chunks(64).enumerate() {
+        let tasks: Vec<_> = chunk.iter().cloned().enumerate().map(|(j, o)| tokio::spawn(f(c * 64 + j, o))).collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
 #[test]
 fn replicated_objects_survive_a_killed_rank() {
     let c = Cluster::start(&["--ranks", "5", "--heartbeat-timeout-ms", "2000"]);
@@ -29,27 +43,14 @@ fn replicated_objects_survive_a_killed_rank() {
         for (k, (cont, class)) in [("rp3", "RP_3G1"), ("s1", "S1"), ("ec", "EC_2P1G1")].into_iter().enumerate() {
             let h = client.container("tank", cont).await.unwrap();
             let objs = h.create_objects(class.parse::<ObjectClass>().unwrap(), n as u64).await.unwrap();
-            for chunk in objs.chunks(64).enumerate() {
-                let (c, chunk) = chunk;
-                let tasks: Vec<_> = chunk
-                    .iter()
-                    .cloned()
-                    .enumerate()
-                    .map(|(j, o)| {
-                        let i = c * 64 + j;
-                        tokio::spawn(async move {
-                            o.put(b"d", b"a", &value(k, i)).await.unwrap();
-                            if k != 1 && i % 10 == 0 {
-                                // Arrays too: partial stripes at odd offsets for EC.
-                                o.write(b"arr", b"bytes", 60_000 + 1000 * i as u64, &value(k, i).repeat(40)).await.unwrap();
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
+            in_batches(&objs, |i, o| async move {
+                o.put(b"d", b"a", &value(k, i)).await.unwrap();
+                if k != 1 && i % 10 == 0 {
+                    // Arrays too: partial stripes at odd offsets for EC.
+                    o.write(b"arr", b"bytes", 60_000 + 1000 * i as u64, &value(k, i).repeat(40)).await.unwrap();
                 }
-            }
+            })
+            .await;
             sets.push(objs);
         }
         let ec = sets.pop().unwrap();
@@ -65,28 +66,15 @@ fn replicated_objects_survive_a_killed_rank() {
     let check = |objs: &Vec<strata_client::ObjHandle>, k: usize, label: &'static str| {
         let objs = objs.clone();
         async move {
-            for chunk in objs.chunks(64).enumerate() {
-                let (c, chunk) = chunk;
-                let tasks: Vec<_> = chunk
-                    .iter()
-                    .cloned()
-                    .enumerate()
-                    .map(|(j, o)| {
-                        let i = c * 64 + j;
-                        tokio::spawn(async move {
-                            assert_eq!(o.get(b"d", b"a").await.unwrap().as_deref(), Some(&value(k, i)[..]), "class {k} object {i} {label}");
-                            if i % 10 == 0 {
-                                let want = value(k, i).repeat(40);
-                                let (data, _) = o.read(b"arr", b"bytes", 60_000 + 1000 * i as u64, want.len() as u64, Epoch::MAX).await.unwrap();
-                                assert!(data == want, "class {k} array {i} {label}");
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
+            in_batches(&objs, |i, o| async move {
+                assert_eq!(o.get(b"d", b"a").await.unwrap().as_deref(), Some(&value(k, i)[..]), "class {k} object {i} {label}");
+                if i % 10 == 0 {
+                    let want = value(k, i).repeat(40);
+                    let (data, _) = o.read(b"arr", b"bytes", 60_000 + 1000 * i as u64, want.len() as u64, Epoch::MAX).await.unwrap();
+                    assert!(data == want, "class {k} array {i} {label}");
                 }
-            }
+            })
+            .await;
         }
     };
     let check_ec = |label: &'static str| check(&ec_objs, 2, label);

@@ -8,7 +8,7 @@ use strata_placement::resource_query;
 use strata_placement::{FaultDomain, PlacementMap, PoolMap, PoolTarget, TargetState};
 use strata_rpc::mgmt_msg::*;
 use strata_rpc::{ErrorCode, RemoteError};
-use strata_types::{ContId, ObjectClass, PoolId, Rank, TargetId};
+use strata_types::{human_bytes, ContId, ObjectClass, PoolId, Rank, TargetId};
 
 /// Longest pool or container label.
 pub const LABEL_BYTES_MAX: usize = 127;
@@ -44,17 +44,6 @@ fn check_label(what: &str, label: &str) -> Result<(), RemoteError> {
         return Err(err(ErrorCode::InvalidArgument, format!("{what} label '{label}' must be 1..={LABEL_BYTES_MAX} characters of letters, digits, '-', '_' or '.'")));
     }
     Ok(())
-}
-
-fn human_bytes(b: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < units.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    format!("{v:.1} {}", units[i])
 }
 
 impl MgmtState {

@@ -17,12 +17,14 @@
 //! Limits: replicas 2..=8, EC data cells 2..=16 and parity 1..=4 (never more parity than
 //! data), fixed group counts 1..=16383 (`GX` means "as many as fit").
 
+mod bytes_fmt;
 mod epoch;
 mod hlc;
 mod ids;
 mod oclass;
 mod oid;
 
+pub use bytes_fmt::human_bytes;
 pub use epoch::Epoch;
 pub use hlc::{Hlc, HlcError, PhysicalClock, SystemClock, HLC_MAX_DRIFT_MS_DEFAULT};
 pub use ids::{ContId, IdParseError, PoolId, Rank, TargetId};
