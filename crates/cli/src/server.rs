@@ -237,6 +237,17 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
         }
     });
 
+    // Rebuild runs in the background, one pass at a time.
+    let rb = engine.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Err(e) = rb.rebuild_tick().await {
+                tracing::warn!(error = %e, "rebuild pass failed; retrying");
+            }
+        }
+    });
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

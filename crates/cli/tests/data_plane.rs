@@ -184,3 +184,60 @@ fn concurrent_writers_to_one_ec_stripe_lose_nothing() {
         }
     });
 }
+
+#[test]
+fn rebuild_restores_redundancy_so_a_second_failure_loses_nothing() {
+    let c = Cluster::start(&["--ranks", "5", "--heartbeat-timeout-ms", "1500"]);
+    c.json(&["cont", "create", "tank", "rp2", "--oclass", "RP_2G1", "--rf", "1"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    let n = 2000usize;
+    let objs = rt.block_on(async {
+        let client = Client::connect(&cf).await.unwrap();
+        let h = client.container("tank", "rp2").await.unwrap();
+        let objs = h.create_objects("RP_2G1".parse().unwrap(), n as u64).await.unwrap();
+        in_batches(&objs, |i, o| async move {
+            o.put(b"d", b"a", &value(3, i)).await.unwrap();
+            // An older version and a punched key must come across as they are.
+            o.put(b"d", b"gone", b"x").await.unwrap();
+            o.punch_akey(b"d", b"gone").await.unwrap();
+        })
+        .await;
+        objs
+    });
+    let down_out = |c: &Cluster| {
+        let p = c.json(&["pool", "query", "tank"]);
+        let t = p["map"]["targets"].as_array().unwrap().clone();
+        (t.iter().any(|t| t["state"] == "DownOut") && !t.iter().any(|t| t["state"] == "Down")).then_some(t)
+    };
+    c.kill9_rank_dir(1);
+    poll("rebuild of the first failure to finish (targets DOWNOUT)", Duration::from_secs(90), || down_out(&c));
+    // Writes after the first failure land on the spares too.
+    rt.block_on(in_batches(&objs[..200], |i, o| async move {
+        o.put(b"d", b"late", &value(4, i)).await.unwrap();
+    }));
+    c.kill9_rank_dir(2);
+    poll("the second rank to be marked dead", Duration::from_secs(10), || {
+        let s = c.json(&["system", "query"]);
+        (s["ranks"].as_array().unwrap().iter().filter(|r| r["state"] == "Dead").count() == 2).then_some(())
+    });
+    // RP_2 survives one failure; after rebuild it survives the second one as well.
+    let pool = rt.block_on(async { Client::connect(&cf).await.unwrap().pool("tank").await.unwrap() });
+    let pool = std::sync::Arc::new(pool);
+    rt.block_on(in_batches(&objs, move |i, o| {
+        let pool = pool.clone();
+        async move {
+        let got = o.get(b"d", b"a").await.unwrap();
+        if got.is_none() {
+            let l = pool.layout(o.oid).unwrap();
+            let states: Vec<String> = pool.info().unwrap().map.targets.iter().map(|t| format!("{}={}", t.id, t.state)).collect();
+            panic!("object {i} lost after two failures; layout {:?}; map {states:?}", l.shards());
+        }
+        assert_eq!(got.as_deref(), Some(&value(3, i)[..]), "object {i} lost after two failures");
+        assert_eq!(o.get(b"d", b"gone").await.unwrap(), None, "object {i}: a punched key came back");
+        if i < 200 {
+            assert_eq!(o.get(b"d", b"late").await.unwrap().as_deref(), Some(&value(4, i)[..]));
+        }
+        }
+    }));
+}

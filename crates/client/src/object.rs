@@ -205,13 +205,25 @@ impl ObjHandle {
         Ok(layout.group(layout.group_for_dkey(dkey)).iter().map(|s| s.target).collect())
     }
 
+    /// A replica in its home place always holds the group's data. A spare does once rebuild for
+    /// its home finished (home `DOWNOUT`) and no newer rebuild is pending (a spare may have
+    /// moved since); with no home replica left, a spare of a `DOWNOUT` home is the best there is.
+    fn shard_readable(map: &strata_placement::PoolMap, group: &[strata_placement::ShardLoc], s: &strata_placement::ShardLoc) -> bool {
+        use strata_placement::TargetState;
+        if !s.is_spare {
+            return true;
+        }
+        let home_out = map.target(s.home).is_some_and(|t| t.state == TargetState::DownOut);
+        let pending = map.targets.iter().any(|t| t.state == TargetState::Down);
+        home_out && (!pending || group.iter().all(|x| x.is_spare))
+    }
+
     /// Shards that hold the group's full data: a spare does only once rebuild has finished
     /// (its home target is `DOWNOUT`); until then it holds only what was written since.
     fn readable_shards(view: &PoolView, oid: Oid, dkey: &[u8]) -> Result<Vec<TargetId>, RpcError> {
         let layout = view.placement.layout(oid).map_err(|e| RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::InvalidArgument, e.to_string())))?;
         let group = layout.group(layout.group_for_dkey(dkey));
-        let rebuilt = |home| view.info.map.target(home).is_some_and(|t| t.state == strata_placement::TargetState::DownOut);
-        Ok(group.iter().filter(|s| !s.is_spare || rebuilt(s.home)).map(|s| s.target).collect())
+        Ok(group.iter().filter(|s| Self::shard_readable(&view.info.map, group, s)).map(|s| s.target).collect())
     }
 
     async fn update(&self, dkey: &[u8], ops: Vec<WireOp>, payload: Bytes) -> Result<Epoch, ClientError> {
@@ -322,8 +334,7 @@ impl ObjHandle {
         let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).map_err(|e| RpcError::Protocol(e.to_string()))?;
         let layout = view.placement.layout(self.oid).map_err(|e| RpcError::Protocol(e.to_string()))?;
         let group = layout.group(layout.group_for_dkey(dkey)).to_vec();
-        let rebuilt = |home| view.info.map.target(home).is_some_and(|t| t.state == strata_placement::TargetState::DownOut);
-        let readable: Vec<bool> = group.iter().map(|s| !s.is_spare || rebuilt(s.home)).collect();
+        let readable: Vec<bool> = group.iter().map(|s| Self::shard_readable(&view.info.map, &group, s)).collect();
         let mut out = vec![0u8; len as usize];
         let mut written: Vec<(u64, u64)> = Vec::new();
         let spans = st.spans(offset, len);
@@ -397,11 +408,10 @@ impl ObjHandle {
             async move {
                 let layout = view.placement.layout(oid).map_err(|e| RpcError::Protocol(e.to_string()))?;
                 let mut all = std::collections::BTreeSet::new();
-                let rebuilt = |home| view.info.map.target(home).is_some_and(|t| t.state == strata_placement::TargetState::DownOut);
                 for group in layout.groups() {
                     let mut done = false;
                     let mut last = None;
-                    for s in group.iter().filter(|s| !s.is_spare || rebuilt(s.home)) {
+                    for s in group.iter().filter(|s| Self::shard_readable(&view.info.map, group, s)) {
                         let Some(addr) = view.info.rank_addrs.get(&s.target.rank) else { continue };
                         let mut cursor = None;
                         let r: Result<(), RpcError> = async {

@@ -33,6 +33,8 @@ struct PoolView {
 type StripeKey = (strata_types::Oid, Vec<u8>, Vec<u8>, u64);
 
 pub struct Engine {
+    /// Per pool, the map version this rank last finished rebuilding for.
+    rebuilt: std::sync::Mutex<HashMap<PoolId, u64>>,
     stripe_locks: std::sync::Mutex<HashMap<StripeKey, Arc<tokio::sync::Mutex<()>>>>,
     rank: Rank,
     targets: Vec<Arc<Vos>>,
@@ -63,7 +65,7 @@ impl Engine {
             targets.push(Arc::new(Vos::open(&dir, &cfg.vos).map_err(|e| e.to_string())?));
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
-        Ok(Engine { stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc })
+        Ok(Engine { rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -96,7 +98,8 @@ impl Engine {
     pub async fn note_pool_versions(&self, versions: &BTreeMap<PoolId, u64>) {
         for (pool, v) in versions {
             let cur = self.pools.read().unwrap_or_else(|e| e.into_inner()).get(pool).map(|p| p.map.version);
-            if cur.is_some_and(|c| c < *v) {
+            // Unknown pools too: this rank may hold their data (and must rebuild it).
+            if cur.is_none_or(|c| c < *v) {
                 if let Err(e) = self.refresh(*pool).await {
                     tracing::warn!(%pool, error = %e, "could not refresh pool map");
                 }
@@ -318,6 +321,133 @@ impl Engine {
     }
 }
 
+/// Most bytes of records one rebuild import message carries.
+const IMPORT_BYTES_MAX: usize = 16 << 20;
+
+impl Engine {
+    /// One pass of rebuild (replicated objects): for every pool whose map has `DOWN` targets and
+    /// that this rank has not finished for the current version, push every object shard that
+    /// moved to a spare, from the group's first non-spare replica, then tell the management
+    /// service. Returns how many records were pushed. Called periodically by the server.
+    pub async fn rebuild_tick(&self) -> Result<u64, RemoteError> {
+        let pools: Vec<Arc<PoolView>> = self.pools.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut pushed = 0;
+        for view in pools {
+            let version = view.map.version;
+            if !view.map.targets.iter().any(|t| t.state == strata_placement::TargetState::Down) {
+                continue;
+            }
+            if self.rebuilt.lock().unwrap_or_else(|e| e.into_inner()).get(&view.map_pool_id) == Some(&version) {
+                continue;
+            }
+            let (n, complete) = self.rebuild_pool(&view).await?;
+            pushed += n;
+            if complete {
+                match self.mgmt.write(strata_rpc::mgmt_msg::MgmtCmd::RebuildDone { pool: view.map_pool_id, version, rank: self.rank }).await {
+                    Ok(_) => {
+                        self.rebuilt.lock().unwrap_or_else(|e| e.into_inner()).insert(view.map_pool_id, version);
+                        tracing::info!(pool = %view.map_pool_id, version, records = n, "rebuild done on this rank");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not report rebuild completion"),
+                }
+            }
+        }
+        Ok(pushed)
+    }
+
+    async fn rebuild_pool(&self, view: &Arc<PoolView>) -> Result<(u64, bool), RemoteError> {
+        let pool = view.map_pool_id;
+        let mut pushed = 0u64;
+        let mut complete = true;
+        for (i, vos) in self.targets.iter().enumerate() {
+            let me = TargetId { rank: self.rank, index: i as u16 };
+            let Some(mine) = view.map.target(me) else { continue };
+            if !mine.state.readable() && mine.state != strata_placement::TargetState::UpIn {
+                continue;
+            }
+            let v = vos.clone();
+            let conts = tokio::task::spawn_blocking(move || v.list_containers()).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+            for cont in conts {
+                let mut cursor = None;
+                loop {
+                    let v = vos.clone();
+                    let page = tokio::task::spawn_blocking(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                    for oid in &page.items {
+                        let Ok(layout) = view.placement.layout(*oid) else { continue };
+                        for (g, group) in layout.groups().enumerate() {
+                            // The pusher holds the full data: a replica in its home place, else a
+                            // spare rebuilt in an earlier round (its home is DOWNOUT).
+                            let home_out = |s: &&strata_placement::ShardLoc| view.map.target(s.home).is_some_and(|t| t.state == strata_placement::TargetState::DownOut);
+                            let Some(pusher) = group.iter().find(|s| !s.is_spare).or_else(|| group.iter().find(|s| s.is_spare && home_out(s))) else { continue };
+                            // Every other spare may be new since the last round: push to all
+                            // (imports are idempotent: same keys, same epochs).
+                            let spares: Vec<TargetId> = group.iter().filter(|s| s.is_spare && s.target != pusher.target).map(|s| s.target).collect();
+                            if pusher.target != me || spares.is_empty() {
+                                continue;
+                            }
+                            if matches!(layout.class.redundancy(), Redundancy::Erasure { .. }) {
+                                // EC cells must be decoded, not copied: not built yet, so the
+                                // targets stay DOWN (degraded reads keep working).
+                                complete = false;
+                                continue;
+                            }
+                            let (v, o) = (vos.clone(), *oid);
+                            let records = tokio::task::spawn_blocking(move || v.export_object(cont, o)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                            let mine: Vec<ImportRecord> = records
+                                .into_iter()
+                                .filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g))
+                                .map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value })
+                                .collect();
+                            for spare in spares {
+                                for batch in batches(&mine) {
+                                    pushed += batch.len() as u64;
+                                    self.import_to(view, pool, spare, batch).await?;
+                                }
+                            }
+                        }
+                    }
+                    match page.next {
+                        Some(n) => cursor = Some(n),
+                        None => break,
+                    }
+                }
+            }
+        }
+        Ok((pushed, complete))
+    }
+
+    async fn import_to(&self, view: &PoolView, pool: PoolId, t: TargetId, records: &[ImportRecord]) -> Result<(), RemoteError> {
+        if t.rank == self.rank {
+            let vos = self.target(t)?.clone();
+            let raw: Vec<strata_vos::RawRecord> = records.iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key.clone(), value: r.value.clone() }).collect();
+            return tokio::task::spawn_blocking(move || vos.import(&raw)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err);
+        }
+        let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
+        let payload = postcard::to_allocvec(records).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+        let req = EngineReq::Import { pool, map_version: view.map.version, target: t.index };
+        self.peers.call::<_, EngineResp>(addr, &req, Bytes::from(payload), FORWARD_TIMEOUT).await.map(|_| ()).map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))
+    }
+}
+
+/// Split records into messages of at most `IMPORT_BYTES_MAX`.
+fn batches(records: &[ImportRecord]) -> Vec<&[ImportRecord]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, r) in records.iter().enumerate() {
+        let n = r.key.len() + r.value.len();
+        if bytes + n > IMPORT_BYTES_MAX && i > start {
+            out.push(&records[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += n;
+    }
+    if start < records.len() {
+        out.push(&records[start..]);
+    }
+    out
+}
+
 impl Handler for Engine {
     type Req = EngineReq;
     type Resp = EngineResp;
@@ -369,6 +499,14 @@ impl Handler for Engine {
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
                 let p = tokio::task::spawn_blocking(move || vos.list_objects(cont, epoch, cursor, limit as usize)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
                 Ok((EngineResp::Objects { oids: p.items, next: p.next }, Bytes::new()))
+            }
+            EngineReq::Import { pool, map_version, target } => {
+                self.view(pool, map_version).await?;
+                let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
+                let records: Vec<ImportRecord> = postcard::from_bytes(&payload).map_err(|e| rerr(ErrorCode::InvalidArgument, format!("import records: {e}")))?;
+                let raw: Vec<strata_vos::RawRecord> = records.into_iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key, value: r.value }).collect();
+                tokio::task::spawn_blocking(move || vos.import(&raw)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                Ok((EngineResp::Updated { epoch: Epoch::ZERO }, Bytes::new()))
             }
             EngineReq::Clock => Ok((EngineResp::Clock { epoch: self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))? }, Bytes::new())),
         }

@@ -32,6 +32,12 @@ pub struct PoolRecord {
     pub label: String,
     pub size_bytes: u64,
     pub map: PoolMap,
+    /// Ranks that finished rebuild for the current map version.
+    #[serde(default)]
+    pub rebuilt_by: std::collections::BTreeSet<Rank>,
+    /// The map version `rebuilt_by` speaks of.
+    #[serde(default)]
+    pub rebuilt_version: u64,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
@@ -179,7 +185,7 @@ impl MgmtState {
                     return Err(err(ErrorCode::NoSpace, format!("pool '{label}' needs {} but only {} is free across the system; pass a smaller --size or add servers", human_bytes(size.max(1)), human_bytes(free))));
                 }
                 let map = PoolMap::new(targets).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
-                self.pools.insert(*id, PoolRecord { id: *id, label: label.clone(), size_bytes: size, map });
+                self.pools.insert(*id, PoolRecord { id: *id, label: label.clone(), size_bytes: size, map, rebuilt_by: Default::default(), rebuilt_version: 0 });
                 Ok(MgmtReply::Pool(self.pool_info(&self.pools[id])))
             }
             MgmtCmd::PoolDestroy { pool, force } => {
@@ -288,6 +294,28 @@ impl MgmtState {
                 }
                 self.leases.insert(key.clone(), (holder.clone(), now_ms + ttl_ms));
                 Ok(MgmtReply::Lease { holder: holder.clone(), expires_ms: now_ms + ttl_ms })
+            }
+            MgmtCmd::RebuildDone { pool, version, rank } => {
+                let ranks = &self.ranks;
+                let p = self.pools.get_mut(pool).ok_or_else(|| err(ErrorCode::NotFound, format!("no pool {pool}")))?;
+                if p.map.version != *version {
+                    // A report for an older map: rebuild restarts on the newer one.
+                    return Ok(MgmtReply::Done);
+                }
+                if p.rebuilt_version != *version {
+                    p.rebuilt_by.clear();
+                    p.rebuilt_version = *version;
+                }
+                p.rebuilt_by.insert(*rank);
+                let live: Vec<Rank> = p.map.ranks().into_iter().filter(|r| ranks.get(r).is_some_and(|i| i.state == RankState::Joined)).filter(|r| p.map.targets.iter().any(|t| t.id.rank == *r && t.state != TargetState::Down && t.state != TargetState::DownOut)).collect();
+                if live.iter().all(|r| p.rebuilt_by.contains(r)) {
+                    let down: Vec<TargetId> = p.map.targets.iter().filter(|t| t.state == TargetState::Down).map(|t| t.id).collect();
+                    for t in down {
+                        p.map.set_state(t, TargetState::DownOut).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+                    }
+                    p.rebuilt_by.clear();
+                }
+                Ok(MgmtReply::Done)
             }
             MgmtCmd::LeaseRelease { key, holder } => {
                 if self.leases.get(key).is_some_and(|(h, _)| h == holder) {

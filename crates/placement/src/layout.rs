@@ -202,12 +202,15 @@ impl PlacementMap {
             }
             // Replace shards on unhealthy targets by spares, leaving the others in place.
             let mut cur: Vec<u32> = homes.clone();
-            for i in 0..size {
+            // Shards that lost their home longest ago (DOWNOUT: rebuilt) choose first, so a
+            // newer failure in the group can never take their spare (and its data) away.
+            let mut order: Vec<usize> = (0..size).filter(|&i| !self.targets[homes[i] as usize].1.in_layout()).collect();
+            order.sort_by_key(|&i| (self.targets[homes[i] as usize].1 != TargetState::DownOut, i));
+            for i in order {
                 let idx = gstart + i;
-                if self.targets[homes[i] as usize].1.in_layout() {
-                    continue;
-                }
-                let spare = self.spare(oh, g, i, spread, &cur)?;
+                // Against the homes (not earlier spares), so one shard's spare does not depend
+                // on another shard's failure; `cur` only rules out reusing a spare twice.
+                let spare = self.spare(oh, g, i, spread, &homes, &cur)?;
                 cur[i] = spare;
                 shards[idx].target = self.targets[spare as usize].0;
                 shards[idx].is_spare = true;
@@ -231,7 +234,7 @@ impl PlacementMap {
 
     /// A healthy target not already in the group, preferring one whose spread-level domain the
     /// group does not use.
-    fn spare(&self, oh: u64, g: usize, i: usize, spread: usize, group: &[u32]) -> Result<u32, PlacementError> {
+    fn spare(&self, oh: u64, g: usize, i: usize, spread: usize, group: &[u32], assigned: &[u32]) -> Result<u32, PlacementError> {
         if self.healthy.is_empty() {
             return Err(PlacementError::NoSpare { oid: format!("{oh:x}"), group: g, shard: i });
         }
@@ -243,9 +246,13 @@ impl PlacementMap {
             .filter_map(|(_, &t)| self.chains[t as usize].get(spread).copied())
             .collect();
         let mut fallback = None;
+        // Candidates come from a sequence over *all* targets that depends only on the shard, so
+        // the spare changes only if the spare itself fails: other failures leave it in place
+        // (and with it the data rebuild put there).
         for attempt in 0..ATTEMPTS_MAX {
-            let cand = self.healthy[jump(shard_key(oh, g as u32, i as u32, attempt, SPARE_SALT), self.healthy.len() as u32) as usize];
-            if taken.contains(&cand) {
+            let cand = jump(shard_key(oh, g as u32, i as u32, attempt, SPARE_SALT), self.targets.len() as u32);
+            let usable = self.targets[cand as usize].1.in_layout() && !self.chains[cand as usize].is_empty();
+            if !usable || taken.contains(&cand) || assigned.contains(&cand) {
                 continue;
             }
             let dom = self.chains[cand as usize].get(spread).copied();
@@ -255,7 +262,7 @@ impl PlacementMap {
             fallback.get_or_insert(cand);
         }
         fallback
-            .or_else(|| self.healthy.iter().copied().find(|c| !taken.contains(c)))
+            .or_else(|| self.healthy.iter().copied().find(|c| !taken.contains(c) && !assigned.contains(c)))
             .ok_or(PlacementError::NoSpare { oid: format!("{oh:x}"), group: g, shard: i })
     }
 }

@@ -146,3 +146,21 @@ fn extending_by_ten_percent_moves_about_ten_percent() {
         assert!(frac >= 0.5 * ideal, "{class}: new targets got almost nothing ({frac:.4})");
     }
 }
+
+#[test]
+fn a_spare_stays_put_when_another_target_fails() {
+    let mut pm = PoolMap::uniform(12, 2, 12);
+    pm.set_state(TargetId::new(3, 0), TargetState::Down).unwrap();
+    let one = PlacementMap::new(&pm, false);
+    pm.set_state(TargetId::new(7, 1), TargetState::Down).unwrap();
+    let two = PlacementMap::new(&pm, false);
+    for seq in 0..5000 {
+        let o = oid("RP_2G1", seq);
+        let (a, b) = (one.layout(o).unwrap(), two.layout(o).unwrap());
+        for (x, y) in a.shards().iter().zip(b.shards()) {
+            if x.is_spare && x.target != TargetId::new(7, 1) {
+                assert_eq!(x.target, y.target, "a spare moved although it did not fail");
+            }
+        }
+    }
+}

@@ -24,6 +24,14 @@ impl WireOp {
     }
 }
 
+/// One stored version copied between targets by rebuild.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImportRecord {
+    pub punch: bool,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum FetchKind {
     Single { akey: Vec<u8> },
@@ -43,6 +51,9 @@ pub enum EngineReq {
     ListObjects { pool: PoolId, map_version: u64, target: u16, cont: ContId, epoch: Epoch, cursor: Option<Oid>, limit: u32 },
     /// The engine's clock, for snapshot epochs.
     Clock,
+    /// Rebuild: store these records (postcard `Vec<ImportRecord>` in the payload) on `target`,
+    /// keeping their epochs.
+    Import { pool: PoolId, map_version: u64, target: u16 },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

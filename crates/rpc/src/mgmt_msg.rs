@@ -85,6 +85,9 @@ pub enum MgmtCmd {
     /// Reserve `count` object sequence numbers in a container.
     AllocOids { pool: String, cont: String, count: u64 },
     LeaseAcquire { key: String, holder: String, now_ms: u64, ttl_ms: u64 },
+    /// A rank finished rebuilding everything it must push for this map version; when every
+    /// live rank of the pool has, the DOWN targets become DOWNOUT.
+    RebuildDone { pool: PoolId, version: u64, rank: Rank },
     LeaseRelease { key: String, holder: String },
     SetProp { pool: String, cont: String, key: String, value: String },
 }

@@ -130,6 +130,20 @@ pub struct RawRecord {
     pub value: Vec<u8>,
 }
 
+impl RawRecord {
+    /// The dkey this row belongs to; `None` for an object-level punch (it covers every dkey).
+    pub fn dkey(&self) -> Option<Vec<u8>> {
+        if self.punch {
+            match punch_index::PunchEntry::decode_key(&self.key)?.scope {
+                punch_index::PunchScope::Object => None,
+                punch_index::PunchScope::Dkey(d) | punch_index::PunchScope::Akey(d, _) => Some(d),
+            }
+        } else {
+            key_codec::decode_record_key(&self.key).map(|k| k.dkey)
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct CorruptRecord {
     pub key: Option<RecordKey>,
