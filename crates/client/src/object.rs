@@ -211,10 +211,11 @@ impl ObjHandle {
     fn shard_readable(map: &strata_placement::PoolMap, group: &[strata_placement::ShardLoc], s: &strata_placement::ShardLoc) -> bool {
         use strata_placement::TargetState;
         if !s.is_spare {
-            return true;
+            // A reintegrating (UPIN) replica may have missed writes until its resync is done.
+            return map.target(s.target).is_some_and(|t| t.state.readable());
         }
         let home_out = map.target(s.home).is_some_and(|t| t.state == TargetState::DownOut);
-        let pending = map.targets.iter().any(|t| t.state == TargetState::Down);
+        let pending = map.targets.iter().any(|t| matches!(t.state, TargetState::Down | TargetState::UpIn));
         home_out && (!pending || group.iter().all(|x| x.is_spare))
     }
 

@@ -334,7 +334,7 @@ impl Engine {
         let mut pushed = 0;
         for view in pools {
             let version = view.map.version;
-            if !view.map.targets.iter().any(|t| t.state == strata_placement::TargetState::Down) {
+            if !view.map.targets.iter().any(|t| matches!(t.state, strata_placement::TargetState::Down | strata_placement::TargetState::UpIn)) {
                 continue;
             }
             if self.rebuilt.lock().unwrap_or_else(|e| e.into_inner()).get(&view.map_pool_id) == Some(&version) {
@@ -377,11 +377,15 @@ impl Engine {
                         for (g, group) in layout.groups().enumerate() {
                             // The pusher holds the full data: a replica in its home place, else a
                             // spare rebuilt in an earlier round (its home is DOWNOUT).
-                            let home_out = |s: &&strata_placement::ShardLoc| view.map.target(s.home).is_some_and(|t| t.state == strata_placement::TargetState::DownOut);
-                            let Some(pusher) = group.iter().find(|s| !s.is_spare).or_else(|| group.iter().find(|s| s.is_spare && home_out(s))) else { continue };
-                            // Every other spare may be new since the last round: push to all
-                            // (imports are idempotent: same keys, same epochs).
-                            let spares: Vec<TargetId> = group.iter().filter(|s| s.is_spare && s.target != pusher.target).map(|s| s.target).collect();
+                            use strata_placement::TargetState as TS;
+                            let state = |t: TargetId| view.map.target(t).map(|x| x.state);
+                            let home_out = |s: &&strata_placement::ShardLoc| state(s.home) == Some(TS::DownOut);
+                            // A reintegrating (UPIN) replica may have missed writes: not a source.
+                            let Some(pusher) = group.iter().find(|s| !s.is_spare && state(s.target).is_some_and(|x| x.readable())).or_else(|| group.iter().find(|s| s.is_spare && home_out(s))) else { continue };
+                            // Every other spare may be new since the last round, and UPIN
+                            // replicas resync: push to all of them (imports are idempotent:
+                            // same keys, same epochs).
+                            let spares: Vec<TargetId> = group.iter().filter(|s| s.target != pusher.target && (s.is_spare || state(s.target) == Some(TS::UpIn))).map(|s| s.target).collect();
                             if pusher.target != me || spares.is_empty() {
                                 continue;
                             }

@@ -307,11 +307,22 @@ impl MgmtState {
                     p.rebuilt_version = *version;
                 }
                 p.rebuilt_by.insert(*rank);
-                let live: Vec<Rank> = p.map.ranks().into_iter().filter(|r| ranks.get(r).is_some_and(|i| i.state == RankState::Joined)).filter(|r| p.map.targets.iter().any(|t| t.id.rank == *r && t.state != TargetState::Down && t.state != TargetState::DownOut)).collect();
+                // Ranks that must push: alive, with a target holding data (UPIN ones only receive).
+                let live: Vec<Rank> = p.map.ranks().into_iter().filter(|r| ranks.get(r).is_some_and(|i| i.state == RankState::Joined)).filter(|r| p.map.targets.iter().any(|t| t.id.rank == *r && t.state.readable())).collect();
                 if live.iter().all(|r| p.rebuilt_by.contains(r)) {
-                    let down: Vec<TargetId> = p.map.targets.iter().filter(|t| t.state == TargetState::Down).map(|t| t.id).collect();
-                    for t in down {
-                        p.map.set_state(t, TargetState::DownOut).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+                    // Rebuilt: DOWN targets are out for good; resynced UPIN targets serve again.
+                    let moves: Vec<(TargetId, TargetState)> = p
+                        .map
+                        .targets
+                        .iter()
+                        .filter_map(|t| match t.state {
+                            TargetState::Down => Some((t.id, TargetState::DownOut)),
+                            TargetState::UpIn => Some((t.id, TargetState::Up)),
+                            _ => None,
+                        })
+                        .collect();
+                    for (t, s) in moves {
+                        p.map.set_state(t, s).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
                     }
                     p.rebuilt_by.clear();
                 }

@@ -96,6 +96,32 @@ impl Cluster {
         poll("the killed server to vanish", Duration::from_secs(10), || self.server_pid(i).is_none().then_some(()));
     }
 
+    /// Start the server of directory `rank-{i}` again by hand, as `strata up` started it.
+    pub fn restart_rank_dir(&self, i: usize, heartbeat_ms: u64) -> Child {
+        let st: Value = serde_json::from_slice(&std::fs::read(self.path().join("up.json")).unwrap()).unwrap();
+        let ranks = st["ranks"].as_array().unwrap();
+        let aps: Vec<String> = ranks[..st["access_points"].as_u64().unwrap() as usize].iter().map(|r| r["mgmt"].as_str().unwrap().to_owned()).collect();
+        let r = &ranks[i];
+        let log = std::fs::File::create(self.path().join(format!("restart-{i}.log"))).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["server", "--dir", &self.path().join(format!("rank-{i}")).display().to_string()])
+            .args(["--data-addr", r["data"].as_str().unwrap(), "--access-points", &aps.join(",")])
+            .args(["--cluster", st["cluster"].as_str().unwrap(), "--fault-domain", &format!("/node-{i}"), "--targets", &st["targets"].to_string()])
+            .args(["--heartbeat-timeout-ms", &heartbeat_ms.to_string()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if i < aps.len() {
+            cmd.args(["--mgmt-addr", r["mgmt"].as_str().unwrap()]);
+        }
+        cmd.spawn().unwrap()
+    }
+
+    /// The rank id of the server in directory `rank-{i}`.
+    pub fn rank_of_dir(&self, i: usize) -> u64 {
+        let id: Value = serde_json::from_slice(&std::fs::read(self.path().join(format!("rank-{i}/server.json"))).unwrap()).unwrap();
+        id["rank"].as_u64().unwrap()
+    }
+
     /// Ctrl-C `strata up` and wait for it and its ranks to stop.
     pub fn interrupt(&mut self) {
         if let Some(mut c) = self.up.take() {
