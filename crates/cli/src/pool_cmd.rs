@@ -72,6 +72,10 @@ pub struct TargetSel {
 
 fn print_pool(p: &PoolInfo) {
     println!("pool {} ({})  size {}  map version {}", p.label, p.id, human_bytes(p.size_bytes), p.map.version);
+    match &p.rebuild {
+        Some(r) => println!("rebuild: in progress for map version {}, {}/{} ranks done", r.version, r.ranks_done, r.ranks_total),
+        None => println!("rebuild: idle"),
+    }
     println!("{:<8} {:<8} {:<16} {:<22}", "target", "state", "domain", "rank address");
     for t in &p.map.targets {
         println!("{:<8} {:<8} {:<16} {:<22}", t.id.to_string(), t.state.name(), t.domain.to_string(), p.rank_addrs.get(&t.id.rank).cloned().unwrap_or_default());

@@ -288,3 +288,38 @@ fn a_reintegrated_rank_is_resynced_before_it_serves_reads() {
     let _ = back.kill();
     let _ = back.wait();
 }
+
+#[test]
+fn a_drained_rank_can_be_removed_without_losing_even_unreplicated_objects() {
+    let c = Cluster::start(&["--ranks", "4", "--heartbeat-timeout-ms", "1500"]);
+    c.json(&["cont", "create", "tank", "mixed", "--oclass", "S1"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    let objs = rt.block_on(async {
+        let h = Client::connect(&cf).await.unwrap().container("tank", "mixed").await.unwrap();
+        let mut objs = h.create_objects("S1".parse().unwrap(), 500).await.unwrap();
+        objs.extend(h.create_objects("RP_2G1".parse().unwrap(), 500).await.unwrap());
+        in_batches(&objs, |i, o| async move {
+            o.put(b"d", b"a", &value(7, i)).await.unwrap();
+        })
+        .await;
+        objs
+    });
+    let rank = c.rank_of_dir(2);
+    let p = c.json(&["pool", "drain", "tank", "--rank", &rank.to_string()]);
+    assert!(p["rebuild"]["ranks_total"].as_u64().unwrap() >= 1, "pool query shows the data movement: {}", p["rebuild"]);
+    // Reads keep working while the drain runs.
+    rt.block_on(in_batches(&objs[..100], |i, o| async move {
+        assert_eq!(o.get(b"d", b"a").await.unwrap().as_deref(), Some(&value(7, i)[..]));
+    }));
+    poll("the drain to finish (targets DOWNOUT)", Duration::from_secs(90), || {
+        let p = c.json(&["pool", "query", "tank"]);
+        let t = p["map"]["targets"].as_array().unwrap().clone();
+        (p["rebuild"].is_null() && t.iter().filter(|t| t["id"]["rank"] == rank).all(|t| t["state"] == "DownOut")).then_some(())
+    });
+    // The drained rank can go away for good: every object, even the unreplicated ones, moved.
+    c.kill9_rank_dir(2);
+    rt.block_on(in_batches(&objs, |i, o| async move {
+        assert_eq!(o.get(b"d", b"a").await.unwrap().as_deref(), Some(&value(7, i)[..]), "object {i} did not move off the drained rank");
+    }));
+}

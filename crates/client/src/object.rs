@@ -205,18 +205,23 @@ impl ObjHandle {
         Ok(layout.group(layout.group_for_dkey(dkey)).iter().map(|s| s.target).collect())
     }
 
-    /// A replica in its home place always holds the group's data. A spare does once rebuild for
-    /// its home finished (home `DOWNOUT`) and no newer rebuild is pending (a spare may have
-    /// moved since); with no home replica left, a spare of a `DOWNOUT` home is the best there is.
-    fn shard_readable(map: &strata_placement::PoolMap, group: &[strata_placement::ShardLoc], s: &strata_placement::ShardLoc) -> bool {
+    /// Where to read a shard from, if anywhere. A replica in its home place always holds the
+    /// group's data (unless reintegrating: UPIN may have missed writes). A draining home still
+    /// does while its spare is being filled. A spare does once rebuild for its home finished
+    /// (home `DOWNOUT`) and no newer rebuild is pending (the spare may have moved since); with
+    /// no home replica left, a spare of a `DOWNOUT` home is the best there is.
+    fn read_target(map: &strata_placement::PoolMap, group: &[strata_placement::ShardLoc], s: &strata_placement::ShardLoc) -> Option<TargetId> {
         use strata_placement::TargetState;
+        let state = |t: TargetId| map.target(t).map(|x| x.state);
         if !s.is_spare {
-            // A reintegrating (UPIN) replica may have missed writes until its resync is done.
-            return map.target(s.target).is_some_and(|t| t.state.readable());
+            return state(s.target).is_some_and(|x| x.readable()).then_some(s.target);
         }
-        let home_out = map.target(s.home).is_some_and(|t| t.state == TargetState::DownOut);
-        let pending = map.targets.iter().any(|t| matches!(t.state, TargetState::Down | TargetState::UpIn));
-        home_out && (!pending || group.iter().all(|x| x.is_spare))
+        if state(s.home) == Some(TargetState::Drain) {
+            return Some(s.home);
+        }
+        let home_out = state(s.home) == Some(TargetState::DownOut);
+        let pending = map.targets.iter().any(|t| matches!(t.state, TargetState::Down | TargetState::UpIn | TargetState::Drain));
+        (home_out && (!pending || group.iter().all(|x| x.is_spare))).then_some(s.target)
     }
 
     /// Shards that hold the group's full data: a spare does only once rebuild has finished
@@ -224,7 +229,7 @@ impl ObjHandle {
     fn readable_shards(view: &PoolView, oid: Oid, dkey: &[u8]) -> Result<Vec<TargetId>, RpcError> {
         let layout = view.placement.layout(oid).map_err(|e| RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::InvalidArgument, e.to_string())))?;
         let group = layout.group(layout.group_for_dkey(dkey));
-        Ok(group.iter().filter(|s| Self::shard_readable(&view.info.map, group, s)).map(|s| s.target).collect())
+        Ok(group.iter().filter_map(|s| Self::read_target(&view.info.map, group, s)).collect())
     }
 
     async fn update(&self, dkey: &[u8], ops: Vec<WireOp>, payload: Bytes) -> Result<Epoch, ClientError> {
@@ -335,17 +340,17 @@ impl ObjHandle {
         let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).map_err(|e| RpcError::Protocol(e.to_string()))?;
         let layout = view.placement.layout(self.oid).map_err(|e| RpcError::Protocol(e.to_string()))?;
         let group = layout.group(layout.group_for_dkey(dkey)).to_vec();
-        let readable: Vec<bool> = group.iter().map(|s| Self::shard_readable(&view.info.map, &group, s)).collect();
+        let sources: Vec<Option<TargetId>> = group.iter().map(|s| Self::read_target(&view.info.map, &group, s)).collect();
         let mut out = vec![0u8; len as usize];
         let mut written: Vec<(u64, u64)> = Vec::new();
         let spans = st.spans(offset, len);
         let mut degraded: std::collections::BTreeSet<u64> = Default::default();
         for sp in &spans {
-            if !readable[sp.cell] {
+            let Some(source) = sources[sp.cell] else {
                 degraded.insert(sp.stripe);
                 continue;
-            }
-            match self.fetch_cell(client, view, group[sp.cell].target, dkey, akey, sp.shard_offset, sp.buf.len() as u64, epoch).await {
+            };
+            match self.fetch_cell(client, view, source, dkey, akey, sp.shard_offset, sp.buf.len() as u64, epoch).await {
                 Ok((data, w)) => {
                     out[sp.buf.clone()].copy_from_slice(&data);
                     for (ws, wl) in w {
@@ -363,8 +368,8 @@ impl ObjHandle {
         for s in degraded {
             let mut cells: Vec<Option<Vec<u8>>> = vec![None; k + p];
             for i in 0..k + p {
-                if readable[i] {
-                    if let Ok((c, _)) = self.fetch_cell(client, view, group[i].target, dkey, akey, s * st.cell_bytes, st.cell_bytes, epoch).await {
+                if let Some(source) = sources[i] {
+                    if let Ok((c, _)) = self.fetch_cell(client, view, source, dkey, akey, s * st.cell_bytes, st.cell_bytes, epoch).await {
                         cells[i] = Some(c);
                     }
                 }
@@ -412,12 +417,12 @@ impl ObjHandle {
                 for group in layout.groups() {
                     let mut done = false;
                     let mut last = None;
-                    for s in group.iter().filter(|s| Self::shard_readable(&view.info.map, group, s)) {
-                        let Some(addr) = view.info.rank_addrs.get(&s.target.rank) else { continue };
+                    for t in group.iter().filter_map(|s| Self::read_target(&view.info.map, group, s)) {
+                        let Some(addr) = view.info.rank_addrs.get(&t.rank) else { continue };
                         let mut cursor = None;
                         let r: Result<(), RpcError> = async {
                             loop {
-                                let req = EngineReq::ListDkeys { pool: view.info.id, map_version: view.info.map.version, target: s.target.index, cont, oid, epoch, cursor: cursor.clone(), limit: 1000 };
+                                let req = EngineReq::ListDkeys { pool: view.info.id, map_version: view.info.map.version, target: t.index, cont, oid, epoch, cursor: cursor.clone(), limit: 1000 };
                                 match client.engines.call::<_, EngineResp>(addr, &req, Bytes::new(), CALL_TIMEOUT).await? {
                                     (EngineResp::Keys { keys, next }, _) => {
                                         all.extend(keys);

@@ -334,7 +334,7 @@ impl Engine {
         let mut pushed = 0;
         for view in pools {
             let version = view.map.version;
-            if !view.map.targets.iter().any(|t| matches!(t.state, strata_placement::TargetState::Down | strata_placement::TargetState::UpIn)) {
+            if !view.map.targets.iter().any(|t| matches!(t.state, strata_placement::TargetState::Down | strata_placement::TargetState::UpIn | strata_placement::TargetState::Drain)) {
                 continue;
             }
             if self.rebuilt.lock().unwrap_or_else(|e| e.into_inner()).get(&view.map_pool_id) == Some(&version) {
@@ -381,7 +381,9 @@ impl Engine {
                             let state = |t: TargetId| view.map.target(t).map(|x| x.state);
                             let home_out = |s: &&strata_placement::ShardLoc| state(s.home) == Some(TS::DownOut);
                             // A reintegrating (UPIN) replica may have missed writes: not a source.
-                            let Some(pusher) = group.iter().find(|s| !s.is_spare && state(s.target).is_some_and(|x| x.readable())).or_else(|| group.iter().find(|s| s.is_spare && home_out(s))) else { continue };
+                            // A draining home still has everything: it is the source of its spare.
+                            let drained = group.iter().find(|s| s.is_spare && state(s.home) == Some(TS::Drain)).map(|s| strata_placement::ShardLoc { target: s.home, home: s.home, is_spare: false });
+                            let Some(pusher) = group.iter().find(|s| !s.is_spare && state(s.target).is_some_and(|x| x.readable())).or(drained.as_ref()).or_else(|| group.iter().find(|s| s.is_spare && home_out(s))) else { continue };
                             // Every other spare may be new since the last round, and UPIN
                             // replicas resync: push to all of them (imports are idempotent:
                             // same keys, same epochs).

@@ -81,7 +81,18 @@ impl MgmtState {
 
     pub fn pool_info(&self, p: &PoolRecord) -> PoolInfo {
         let rank_addrs = p.map.ranks().into_iter().filter_map(|r| self.ranks.get(&r).map(|i| (r, i.data_addr.clone()))).collect();
-        PoolInfo { id: p.id, label: p.label.clone(), size_bytes: p.size_bytes, map: p.map.clone(), rank_addrs }
+        let pending = p.map.targets.iter().any(|t| matches!(t.state, TargetState::Down | TargetState::UpIn | TargetState::Drain));
+        let rebuild = pending.then(|| {
+            let live = self.rebuild_ranks(p);
+            let done = if p.rebuilt_version == p.map.version { live.iter().filter(|r| p.rebuilt_by.contains(r)).count() } else { 0 };
+            RebuildStatus { version: p.map.version, ranks_done: done as u32, ranks_total: live.len() as u32 }
+        });
+        PoolInfo { id: p.id, label: p.label.clone(), size_bytes: p.size_bytes, map: p.map.clone(), rank_addrs, rebuild }
+    }
+
+    /// Ranks that must push for a rebuild of `p`: alive, with a target holding data.
+    pub fn rebuild_ranks(&self, p: &PoolRecord) -> Vec<Rank> {
+        p.map.ranks().into_iter().filter(|r| self.ranks.get(r).is_some_and(|i| i.state == RankState::Joined)).filter(|r| p.map.targets.iter().any(|t| t.id.rank == *r && t.state.readable())).collect()
     }
 
     /// Bytes free for new pools: capacity counted once per host, minus every pool's size.
@@ -296,7 +307,10 @@ impl MgmtState {
                 Ok(MgmtReply::Lease { holder: holder.clone(), expires_ms: now_ms + ttl_ms })
             }
             MgmtCmd::RebuildDone { pool, version, rank } => {
-                let ranks = &self.ranks;
+                let live = match self.pools.get(pool) {
+                    Some(p) => self.rebuild_ranks(p),
+                    None => return Err(err(ErrorCode::NotFound, format!("no pool {pool}"))),
+                };
                 let p = self.pools.get_mut(pool).ok_or_else(|| err(ErrorCode::NotFound, format!("no pool {pool}")))?;
                 if p.map.version != *version {
                     // A report for an older map: rebuild restarts on the newer one.
@@ -307,8 +321,6 @@ impl MgmtState {
                     p.rebuilt_version = *version;
                 }
                 p.rebuilt_by.insert(*rank);
-                // Ranks that must push: alive, with a target holding data (UPIN ones only receive).
-                let live: Vec<Rank> = p.map.ranks().into_iter().filter(|r| ranks.get(r).is_some_and(|i| i.state == RankState::Joined)).filter(|r| p.map.targets.iter().any(|t| t.id.rank == *r && t.state.readable())).collect();
                 if live.iter().all(|r| p.rebuilt_by.contains(r)) {
                     // Rebuilt: DOWN targets are out for good; resynced UPIN targets serve again.
                     let moves: Vec<(TargetId, TargetState)> = p
@@ -316,7 +328,7 @@ impl MgmtState {
                         .targets
                         .iter()
                         .filter_map(|t| match t.state {
-                            TargetState::Down => Some((t.id, TargetState::DownOut)),
+                            TargetState::Down | TargetState::Drain => Some((t.id, TargetState::DownOut)),
                             TargetState::UpIn => Some((t.id, TargetState::Up)),
                             _ => None,
                         })

@@ -138,6 +138,18 @@ pub struct PoolInfo {
     pub map: PoolMap,
     /// Data addresses of the pool's ranks, for clients to reach engines.
     pub rank_addrs: BTreeMap<Rank, String>,
+    /// Data movement under way (targets DOWN, UPIN or DRAIN), if any.
+    #[serde(default)]
+    pub rebuild: Option<RebuildStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RebuildStatus {
+    /// The map version being rebuilt for.
+    pub version: u64,
+    /// Ranks that finished pushing their part, of those that must.
+    pub ranks_done: u32,
+    pub ranks_total: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
