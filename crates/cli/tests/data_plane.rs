@@ -323,3 +323,36 @@ fn a_drained_rank_can_be_removed_without_losing_even_unreplicated_objects() {
         assert_eq!(o.get(b"d", b"a").await.unwrap().as_deref(), Some(&value(7, i)[..]), "object {i} did not move off the drained rank");
     }));
 }
+
+#[test]
+fn a_failure_during_rebuild_restarts_it_and_three_failures_of_rp3_lose_nothing() {
+    let c = Cluster::start(&["--ranks", "6", "--heartbeat-timeout-ms", "1500"]);
+    c.json(&["cont", "create", "tank", "rp3", "--oclass", "RP_3G1", "--rf", "2"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    let objs = rt.block_on(async {
+        let h = Client::connect(&cf).await.unwrap().container("tank", "rp3").await.unwrap();
+        let objs = h.create_objects("RP_3G1".parse().unwrap(), 2000).await.unwrap();
+        in_batches(&objs, |i, o| async move {
+            o.put(b"d", b"a", &value(8, i)).await.unwrap();
+        })
+        .await;
+        objs
+    });
+    let states = |c: &Cluster| -> Vec<String> { c.json(&["pool", "query", "tank"])["map"]["targets"].as_array().unwrap().iter().map(|t| t["state"].as_str().unwrap().to_owned()).collect() };
+    let settled = |c: &Cluster, out: usize| {
+        let s = states(c);
+        (s.iter().filter(|x| *x == "DownOut").count() == out && !s.contains(&"Down".to_string())).then_some(())
+    };
+    c.kill9_rank_dir(1);
+    // The second failure comes as soon as the first is noticed, while its rebuild runs.
+    poll("the first failure to be noticed", Duration::from_secs(10), || states(&c).contains(&"Down".to_string()).then_some(()));
+    c.kill9_rank_dir(2);
+    poll("rebuild of both failures to finish", Duration::from_secs(120), || settled(&c, 4));
+    // Redundancy is back to three copies: a third failure still loses nothing.
+    c.kill9_rank_dir(3);
+    poll("the third failure to be noticed", Duration::from_secs(10), || states(&c).contains(&"Down".to_string()).then_some(()));
+    rt.block_on(in_batches(&objs, |i, o| async move {
+        assert_eq!(o.get(b"d", b"a").await.unwrap().as_deref(), Some(&value(8, i)[..]), "object {i} lost after three failures");
+    }));
+}
