@@ -47,6 +47,14 @@ pub enum PoolCommand {
     Reintegrate(TargetSel),
     /// Move data off a rank's targets before removing it.
     Drain(TargetSel),
+    /// Data movement (rebuild, reintegration, drain) of a pool; --watch draws it until done.
+    Rebuild {
+        pool: String,
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Add ranks to the pool (their targets join as NEW).
     Extend {
         pool: String,
@@ -110,6 +118,31 @@ pub fn run(c: PoolCommand) -> anyhow::Result<()> {
             PoolCommand::Destroy { pool, force, conn } => {
                 let r = conn.write(MgmtCmd::PoolDestroy { pool: pool.clone(), force }).await?;
                 return emit(conn.json, &serde_json::json!({"destroyed": pool}), |_| println!("pool {pool} destroyed")).map(|_| drop(r));
+            }
+            PoolCommand::Rebuild { pool, watch, conn } => {
+                let fetch = || async { match conn.query(MgmtQuery::Pool { pool: pool.clone() }).await? { MgmtReply::Pool(p) => Ok(p), other => anyhow::bail!("unexpected reply {other:?}") } };
+                let mut p = fetch().await?;
+                if watch && !conn.json {
+                    let bar = indicatif::ProgressBar::new(1);
+                    bar.set_style(indicatif::ProgressStyle::with_template("rebuild {msg} [{bar:30}] {pos}/{len} ranks {elapsed}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+                    // Bounded: a rebuild that takes longer than an hour is left to `pool query`.
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+                    while let Some(r) = &p.rebuild {
+                        bar.set_length(r.ranks_total as u64);
+                        bar.set_position(r.ranks_done as u64);
+                        bar.set_message(format!("map v{}", r.version));
+                        if std::time::Instant::now() > deadline {
+                            break;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        p = fetch().await?;
+                    }
+                    bar.finish_and_clear();
+                }
+                return emit(conn.json, &p.rebuild, |r| match r {
+                    Some(r) => println!("rebuild in progress for map version {}: {}/{} ranks done", r.version, r.ranks_done, r.ranks_total),
+                    None => println!("no rebuild in progress; pool map version {}", p.map.version),
+                });
             }
             PoolCommand::Exclude(t) => targets(t, TargetAction::Exclude).await?,
             PoolCommand::Reintegrate(t) => targets(t, TargetAction::Reintegrate).await?,

@@ -317,6 +317,10 @@ fn a_drained_rank_can_be_removed_without_losing_even_unreplicated_objects() {
         let t = p["map"]["targets"].as_array().unwrap().clone();
         (p["rebuild"].is_null() && t.iter().filter(|t| t["id"]["rank"] == rank).all(|t| t["state"] == "DownOut")).then_some(())
     });
+    // `pool rebuild --watch` returns once nothing moves any more.
+    let out = c.cmd(&["pool", "rebuild", "tank", "--watch"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("no rebuild in progress"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(c.json(&["pool", "rebuild", "tank"]).is_null());
     // The drained rank can go away for good: every object, even the unreplicated ones, moved.
     c.kill9_rank_dir(2);
     rt.block_on(in_batches(&objs, |i, o| async move {
