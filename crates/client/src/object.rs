@@ -355,7 +355,7 @@ impl ObjHandle {
                     out[sp.buf.clone()].copy_from_slice(&data);
                     for (ws, wl) in w {
                         // Back from shard-local offsets to the object's offsets.
-                        let g = offset + sp.buf.start as u64 + (ws - sp.shard_offset);
+                        let g = offset + sp.buf.start as u64 + ws.saturating_sub(sp.shard_offset);
                         written.push((g, wl));
                     }
                 }
