@@ -47,6 +47,12 @@ pub enum PoolCommand {
     Reintegrate(TargetSel),
     /// Move data off a rank's targets before removing it.
     Drain(TargetSel),
+    /// Verify the checksum of every record on every rank now; repair bad ones from replicas.
+    Scrub {
+        pool: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Data movement (rebuild, reintegration, drain) of a pool; --watch draws it until done.
     Rebuild {
         pool: String,
@@ -118,6 +124,29 @@ pub fn run(c: PoolCommand) -> anyhow::Result<()> {
             PoolCommand::Destroy { pool, force, conn } => {
                 let r = conn.write(MgmtCmd::PoolDestroy { pool: pool.clone(), force }).await?;
                 return emit(conn.json, &serde_json::json!({"destroyed": pool}), |_| println!("pool {pool} destroyed")).map(|_| drop(r));
+            }
+            PoolCommand::Scrub { pool, conn } => {
+                let client = conn.client().await?;
+                let p = client.pool(&pool).await?.info()?;
+                let engines = strata_rpc::RpcPool::new(strata_rpc::ServiceKind::Engine, Some(client.cluster().to_owned()), Default::default());
+                let mut total = strata_rpc::engine_msg::ScrubCounters::default();
+                for (rank, addr) in &p.rank_addrs {
+                    let req = strata_rpc::engine_msg::EngineReq::Scrub { pool: p.id, map_version: p.map.version };
+                    match engines.call::<_, strata_rpc::engine_msg::EngineResp>(addr, &req, bytes::Bytes::new(), std::time::Duration::from_secs(600)).await {
+                        Ok((strata_rpc::engine_msg::EngineResp::Scrubbed(c), _)) => {
+                            total.records_checked += c.records_checked;
+                            total.bytes_checked += c.bytes_checked;
+                            total.corrupt += c.corrupt;
+                            total.repaired += c.repaired;
+                            total.lost += c.lost;
+                        }
+                        Ok(_) => anyhow::bail!("rank {rank} answered the scrub oddly"),
+                        Err(e) => eprintln!("rank {rank} ({addr}) not scrubbed: {e}"),
+                    }
+                }
+                return emit(conn.json, &total, |c| {
+                    println!("scrub of pool {pool}: {} records ({}) checked, {} corrupt, {} repaired, {} lost", c.records_checked, human_bytes(c.bytes_checked), c.corrupt, c.repaired, c.lost)
+                });
             }
             PoolCommand::Rebuild { pool, watch, conn } => {
                 let fetch = || async { match conn.query(MgmtQuery::Pool { pool: pool.clone() }).await? { MgmtReply::Pool(p) => Ok(p), other => anyhow::bail!("unexpected reply {other:?}") } };

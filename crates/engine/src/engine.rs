@@ -435,6 +435,56 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Scrub this rank's targets for one pool (see `EngineReq::Scrub`).
+    pub async fn scrub(&self, pool: PoolId, version: u64) -> Result<ScrubCounters, RemoteError> {
+        let view = self.view(pool, version).await?;
+        let mut c = ScrubCounters::default();
+        for (i, vos) in self.targets.iter().enumerate() {
+            let me = TargetId { rank: self.rank, index: i as u16 };
+            if view.map.target(me).is_none() {
+                continue;
+            }
+            let v = vos.clone();
+            // Check what is on disk, not what sits in memory.
+            let report = tokio::task::spawn_blocking(move || v.flush().and_then(|()| v.verify_all())).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+            c.records_checked += report.records_checked;
+            c.bytes_checked += report.bytes_checked;
+            c.corrupt += (report.corrupt.len() + report.engine_errors.len()) as u64;
+            c.lost += report.engine_errors.len() as u64;
+            for bad in report.corrupt {
+                let Some(key) = bad.key else {
+                    c.lost += 1;
+                    continue;
+                };
+                tracing::warn!(target = %me, oid = %key.oid, defect = %bad.defect, "scrub found a corrupt record");
+                let mut repaired = false;
+                if let Ok(layout) = view.placement.layout(key.oid) {
+                    let group = layout.group(layout.group_for_dkey(&key.dkey)).to_vec();
+                    let replicated = matches!(layout.class.redundancy(), Redundancy::Replicas(_));
+                    for s in group.iter().filter(|s| replicated && s.target != me && !s.is_spare) {
+                        let Some(addr) = view.addrs.get(&s.target.rank) else { continue };
+                        let req = EngineReq::RawGet { pool, map_version: view.map.version, target: s.target.index, key: bad.raw_key.clone() };
+                        if let Ok((EngineResp::Raw { found: true }, value)) = self.peers.call::<_, EngineResp>(addr, &req, Bytes::new(), FORWARD_TIMEOUT).await {
+                            let (v, rec) = (vos.clone(), strata_vos::RawRecord { punch: false, key: bad.raw_key.clone(), value: value.to_vec() });
+                            if tokio::task::spawn_blocking(move || v.import(&[rec])).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.is_ok() {
+                                repaired = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                if repaired {
+                    c.repaired += 1;
+                } else {
+                    c.lost += 1;
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
 /// Split records into messages of at most `IMPORT_BYTES_MAX`.
 fn batches(records: &[ImportRecord]) -> Vec<&[ImportRecord]> {
     let mut out = Vec::new();
@@ -513,6 +563,16 @@ impl Handler for Engine {
                 let raw: Vec<strata_vos::RawRecord> = records.into_iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key, value: r.value }).collect();
                 tokio::task::spawn_blocking(move || vos.import(&raw)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
                 Ok((EngineResp::Updated { epoch: Epoch::ZERO }, Bytes::new()))
+            }
+            EngineReq::Scrub { pool, map_version } => Ok((EngineResp::Scrubbed(self.scrub(pool, map_version).await?), Bytes::new())),
+            EngineReq::RawGet { pool, map_version, target, key } => {
+                self.view(pool, map_version).await?;
+                let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
+                let r = tokio::task::spawn_blocking(move || vos.get_raw(&key)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                Ok(match r {
+                    Some(rec) => (EngineResp::Raw { found: true }, Bytes::from(rec.value)),
+                    None => (EngineResp::Raw { found: false }, Bytes::new()),
+                })
             }
             EngineReq::Clock => Ok((EngineResp::Clock { epoch: self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))? }, Bytes::new())),
         }

@@ -51,6 +51,11 @@ pub enum EngineReq {
     ListObjects { pool: PoolId, map_version: u64, target: u16, cont: ContId, epoch: Epoch, cursor: Option<Oid>, limit: u32 },
     /// The engine's clock, for snapshot epochs.
     Clock,
+    /// Scrub every target of this rank in the pool: verify every record, repair bad ones from
+    /// a healthy replica.
+    Scrub { pool: PoolId, map_version: u64 },
+    /// One stored record by raw key, verified (scrub's repair source).
+    RawGet { pool: PoolId, map_version: u64, target: u16, key: Vec<u8> },
     /// Rebuild: store these records (postcard `Vec<ImportRecord>` in the payload) on `target`,
     /// keeping their epochs.
     Import { pool: PoolId, map_version: u64, target: u16 },
@@ -64,4 +69,17 @@ pub enum EngineResp {
     Keys { keys: Vec<Vec<u8>>, next: Option<Vec<u8>> },
     Objects { oids: Vec<Oid>, next: Option<Oid> },
     Clock { epoch: Epoch },
+    Scrubbed(ScrubCounters),
+    /// The record's value is the payload (absent: `found` false).
+    Raw { found: bool },
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ScrubCounters {
+    pub records_checked: u64,
+    pub bytes_checked: u64,
+    pub corrupt: u64,
+    pub repaired: u64,
+    /// Corrupt with no healthy copy to repair from (or not attributable to a record).
+    pub lost: u64,
 }

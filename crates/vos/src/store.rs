@@ -526,6 +526,17 @@ impl Vos {
         self.writer.commit(ops, punches)
     }
 
+    /// One stored row by its raw key, checksum-verified (scrub repairs from a replica's copy).
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<RawRecord>, VosError> {
+        match self.engine.get(Space::Records, key)? {
+            None => Ok(None),
+            Some(value) => {
+                record::decode(&value).map_err(|d| corrupt(key, d))?;
+                Ok(Some(RawRecord { punch: false, key: key.to_vec(), value }))
+            }
+        }
+    }
+
     /// Verify the checksum of every stored record; report the bad ones.
     pub fn verify_all(&self) -> Result<ScrubReport, VosError> {
         let mut report = ScrubReport::default();
