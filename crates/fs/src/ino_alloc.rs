@@ -54,10 +54,16 @@ impl InoAlloc {
             let first = self.source.reserve(self.batch).await?;
             *r = (first, first + self.batch);
         }
+        // FUSE reserves 0, and 1 names the root there: neither is ever a (non-root) inode.
+        while r.0 <= 1 && r.0 < r.1 {
+            r.0 += 1;
+        }
+        if r.0 >= r.1 {
+            let first = self.source.reserve(self.batch).await?.max(2);
+            *r = (first, first + self.batch);
+        }
         let ino = r.0;
         r.0 += 1;
-        // FUSE reserves 0; 1 is the root's FUSE number and is translated at the boundary.
-        assert!(ino != 0, "inode allocator returned 0");
         Ok(ino)
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod file_data;
 pub mod fs_error;
+pub mod fuse_mount;
 pub mod ino_alloc;
 pub mod meta_schema;
 pub mod meta_store;
