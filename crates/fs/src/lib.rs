@@ -13,6 +13,7 @@
 //! Limits: names 255 bytes, symlink targets 4096 bytes, files 16 TiB
 //! ([`namespace::FILE_BYTES_MAX`]), xattrs 64 KiB per value and 256 KiB per inode.
 
+pub mod exnode;
 pub mod file_data;
 pub mod fs_error;
 pub mod fuse_mount;
