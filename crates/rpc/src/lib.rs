@@ -18,6 +18,7 @@
 mod client;
 pub mod frame;
 pub mod engine_msg;
+pub mod kv_msg;
 pub mod mgmt_client;
 pub mod mgmt_msg;
 mod server;
