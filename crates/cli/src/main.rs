@@ -8,6 +8,7 @@ mod bench_vos;
 mod cluster_cmd;
 mod cont_cmd;
 mod fio;
+mod kv_cmd;
 mod obj_cmd;
 mod output;
 mod pool_cmd;
@@ -57,6 +58,9 @@ enum Command {
     /// Simulations that need no cluster (placement balance and movement).
     #[command(subcommand)]
     Sim(SimCommand),
+    /// Transactional KV stores: get, put, del, cas, scan, txn, snapshots.
+    #[command(subcommand)]
+    Kv(kv_cmd::KvCommand),
     /// Benchmarks that print figures and the ratio to a baseline run in the same invocation.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -87,6 +91,7 @@ fn main() {
         Command::Cont(c) => cont_cmd::run(c),
         Command::Obj(c) => obj_cmd::run(c),
         Command::Vos(c) => vos_cmd::run(c),
+        Command::Kv(c) => kv_cmd::run(c),
         Command::Sim(SimCommand::Placement(a)) => sim_placement::run(a),
         Command::Bench(BenchCommand::Vos(a)) => bench_vos::run(a),
         Command::Bench(BenchCommand::Obj(a)) => bench_obj::run(a),
