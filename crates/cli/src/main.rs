@@ -8,6 +8,7 @@ mod bench_vos;
 mod cluster_cmd;
 mod cont_cmd;
 mod fio;
+mod fs_cmd;
 mod kv_cmd;
 mod obj_cmd;
 mod output;
@@ -64,6 +65,9 @@ enum Command {
     /// Benchmarks that print figures and the ratio to a baseline run in the same invocation.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// POSIX volumes: mount with FUSE, unmount, file layouts (exNode), reads at a snapshot.
+    #[command(subcommand)]
+    Fs(fs_cmd::FsCommand),
 }
 
 #[derive(Subcommand)]
@@ -95,6 +99,7 @@ fn main() {
         Command::Sim(SimCommand::Placement(a)) => sim_placement::run(a),
         Command::Bench(BenchCommand::Vos(a)) => bench_vos::run(a),
         Command::Bench(BenchCommand::Obj(a)) => bench_obj::run(a),
+        Command::Fs(c) => fs_cmd::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -21,7 +21,7 @@ use crate::file_data::{data_oid, DataStore, FileData};
 use crate::fs_error::FsError;
 use crate::meta_schema::{Inode, Kind};
 use crate::meta_store::MetaStore;
-use crate::namespace::{now_ns, Namespace, NewNode, RenameMode, SetAttr, FILE_BYTES_MAX};
+use crate::namespace::{now_ns, Namespace, NewNode, RenameMode, SetAttr, FILE_BYTES_MAX, OCLASS_XATTR};
 use crate::write_back::WriteBack;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
@@ -813,6 +813,10 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let ino = self.ino_in(ino);
         match self.block(self.inode(ino, false)) {
+            Ok(i) if name.as_bytes() == OCLASS_XATTR && matches!(i.kind, Kind::File | Kind::Dir) => {
+                let class = i.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+                xattr_reply(reply, class.as_bytes(), size)
+            }
             Ok(i) => match i.xattrs.get(name.as_bytes()) {
                 Some(v) => xattr_reply(reply, v, size),
                 None => reply.error(Errno::from_i32(libc::ENODATA)),

@@ -26,6 +26,9 @@ pub const TREE_DEPTH_MAX: u32 = 4096;
 pub const FILE_BYTES_MAX: u64 = 1 << 44;
 /// Symbolic links followed when resolving a path outside the kernel (`strata fs cat`).
 pub const SYMLINK_FOLLOW_MAX: u32 = 40;
+/// Virtual extended attribute: the object class of a file (settable until it has data) or the
+/// class a directory's new children inherit.
+pub const OCLASS_XATTR: &[u8] = b"user.strata.oclass";
 
 pub fn now_ns() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
@@ -577,6 +580,23 @@ impl<S: MetaStore> Namespace<S> {
         }
         if value.len() > XATTR_VALUE_BYTES_MAX {
             return Err(FsError::TooBig(XATTR_VALUE_BYTES_MAX as u64));
+        }
+        if name == OCLASS_XATTR {
+            let class = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<strata_types::ObjectClass>().ok()).ok_or_else(|| FsError::Invalid(format!("'{}' is not an object class (e.g. RP_2G1, EC_2P1G1, S1)", String::from_utf8_lossy(value))))?;
+            return self
+                .txn("setclass", async |tx| {
+                    let mut i = Self::tx_inode(tx, ino).await?;
+                    match i.kind {
+                        Kind::Dir => {}
+                        Kind::File if i.size == 0 && i.data_version == 0 => {}
+                        Kind::File => return Err(FsError::Invalid("the object class of a file is fixed once it has data".into())),
+                        _ => return Err(FsError::Invalid("only files and directories have an object class".into())),
+                    }
+                    i.oclass = Some(class.to_string());
+                    i.ctime_ns = now_ns();
+                    Self::tx_put(tx, &i).await
+                })
+                .await;
         }
         self.txn("setxattr", async |tx| {
             let mut i = Self::tx_inode(tx, ino).await?;
