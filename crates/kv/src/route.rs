@@ -1,88 +1,338 @@
-//! Wire side of the KV client (first version: plain object operations, no isolation yet;
-//! replaced by the shard-leader protocol).
+//! The KV client's wire side: every request goes to the leader of its shard (computed from
+//! the pool map, `kv_msg::kv_leader`), through map changes and failovers until the operation
+//! deadline. Here too is the client half of commit: the one-round fast path for one shard, and
+//! two-phase commit with the transaction record on the first written shard otherwise.
 
 use crate::error::KvError;
 use crate::shard_map::ShardMap;
-use crate::txn::Txn;
-use strata_client::{ContHandle, ObjHandle};
+use crate::txn::{successor, Txn};
+use bytes::Bytes;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+use strata_client::ContHandle;
+use strata_rpc::engine_msg::{EngineReq, EngineResp};
+use strata_rpc::kv_msg::*;
+use strata_rpc::{ErrorCode, RpcError};
 use strata_types::{Epoch, Hlc, Oid, SystemClock};
 
+/// One attempt's wait for an engine.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one operation keeps retrying through map changes, failovers and busy keys.
+const OP_DEADLINE: Duration = Duration::from_secs(40);
+/// Keys one scan request asks a shard for.
+const SCAN_PAGE: usize = 1000;
+/// Attempts one call makes at most (each bounded by `CALL_TIMEOUT`; the deadline cuts first).
+const ATTEMPTS_MAX: u32 = 1000;
+
 pub(crate) struct Route {
-    obj: ObjHandle,
+    cont: ContHandle,
+    oid: Oid,
+    /// The client's clock: every epoch an engine answers is merged, so a transaction begun
+    /// after a commit returned reads at or above that commit.
     hlc: Hlc,
 }
 
-fn akey(key: &[u8]) -> Vec<u8> {
-    let mut a = Vec::with_capacity(key.len() + 1);
-    a.push(b'k');
-    a.extend_from_slice(key);
-    a
+fn rpc_err(e: RpcError) -> KvError {
+    match e {
+        RpcError::Remote(r) => match r.code {
+            ErrorCode::InvalidArgument => KvError::Remote(r.message),
+            ErrorCode::NotFound => KvError::NotAStore(r.message),
+            _ => KvError::Unavailable(r.message),
+        },
+        other => KvError::Unavailable(other.to_string()),
+    }
+}
+
+fn refusal(r: KvRefusal) -> KvError {
+    match r {
+        KvRefusal::Conflict { key, reason } => KvError::Conflict { key, reason },
+        KvRefusal::CasFailed { key, current } => KvError::CasFailed { key, current },
+    }
+}
+
+fn new_txn_id() -> TxnId {
+    *uuid::Uuid::new_v4().as_bytes()
+}
+
+/// Wire form of buffered writes: ops plus their values concatenated.
+fn wire_writes(writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> (Vec<KvWrite>, Bytes) {
+    let mut payload = Vec::with_capacity(writes.iter().map(|(_, v)| v.as_ref().map_or(0, Vec::len)).sum());
+    let ops = writes
+        .iter()
+        .map(|(k, v)| match v {
+            Some(v) => {
+                payload.extend_from_slice(v);
+                KvWrite::Put { key: k.clone(), len: v.len() as u32 }
+            }
+            None => KvWrite::Delete { key: k.clone() },
+        })
+        .collect();
+    (ops, Bytes::from(payload))
+}
+
+struct Participant {
+    reads: ReadSet,
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl Route {
     pub(crate) fn new(cont: ContHandle, oid: Oid) -> Route {
-        Route { obj: cont.object(oid), hlc: Hlc::new(Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT) }
+        Route { cont, oid, hlc: Hlc::new(Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT) }
     }
 
     pub(crate) fn now(&self) -> Result<Epoch, KvError> {
         self.hlc.now().map_err(|e| KvError::Remote(e.to_string()))
     }
 
+    fn observe(&self, e: Epoch) {
+        // An epoch too far ahead of our wall clock is not merged; reads stay correct (the
+        // engines order them), only read-your-writes across clients would suffer.
+        let _ = self.hlc.update(e);
+    }
+
+    /// Send one request to the leader of shard `dkey`, retrying through stale maps, failovers
+    /// and busy keys until the deadline.
+    async fn call(&self, dkey: &[u8], make: impl Fn(KvShard) -> KvReq, payload: Bytes) -> Result<(KvResp, Bytes), KvError> {
+        let start = Instant::now();
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS_MAX {
+            let cont = self.cont.info.id;
+            let r = self
+                .cont
+                .pool
+                .call_engine(
+                    self.oid,
+                    |map, layout| kv_leader(map, layout.group(layout.group_for_dkey(dkey))),
+                    |pool, map_version, _| EngineReq::Kv(make(KvShard { pool, map_version, cont, oid: self.oid, dkey: dkey.to_vec() })),
+                    payload.clone(),
+                    CALL_TIMEOUT,
+                )
+                .await;
+            let e = match r {
+                Ok((EngineResp::Kv(resp), data)) => return Ok((resp, data)),
+                Ok(other) => return Err(KvError::Remote(format!("unexpected engine reply {other:?}"))),
+                Err(e) => e,
+            };
+            let stale = matches!(&e, RpcError::Remote(r) if r.code == ErrorCode::StaleMap);
+            let busy = matches!(&e, RpcError::Remote(r) if r.code == ErrorCode::Busy);
+            if !(stale || e.is_transient()) {
+                return Err(rpc_err(e));
+            }
+            last = e.to_string();
+            if start.elapsed() > OP_DEADLINE {
+                break;
+            }
+            if !stale {
+                tokio::time::sleep(Duration::from_millis((20 * u64::from(attempt)).min(500))).await;
+            }
+            if !busy {
+                if let Err(e) = self.cont.pool.refresh().await {
+                    tracing::debug!(error = %e, "KV: pool map refresh failed; retrying");
+                }
+            }
+        }
+        Err(KvError::Unavailable(format!("gave up after {:?}: {last}", start.elapsed())))
+    }
+
     pub(crate) async fn max_epoch(&self) -> Result<Epoch, KvError> {
-        Ok(self.now()?)
+        let answers = self.cont.pool.call_all_engines(&EngineReq::Clock, CALL_TIMEOUT).await?;
+        let best = answers.into_iter().filter_map(|a| match a {
+            Ok((EngineResp::Clock { epoch }, _)) => Some(epoch),
+            _ => None,
+        });
+        let e = best.max().ok_or_else(|| KvError::Unavailable("no engine of the pool answered; cannot pick a snapshot epoch".into()))?;
+        self.observe(e);
+        Ok(e)
     }
 
     pub(crate) async fn get(&self, map: &ShardMap, key: &[u8], at: Option<Epoch>) -> Result<(Option<Vec<u8>>, Epoch), KvError> {
         let dkey = ShardMap::shard_dkey(map.shard_of(key));
-        let at = at.unwrap_or(Epoch::MAX);
-        Ok((self.obj.get_at(&dkey, &akey(key), at).await?, at))
+        match self.call(&dkey, |shard| KvReq::Get { shard, key: key.to_vec(), at }, Bytes::new()).await? {
+            (KvResp::Value { found, read_at }, data) => {
+                self.observe(read_at);
+                Ok((found.map(|_| data.to_vec()), read_at))
+            }
+            (other, _) => Err(KvError::Remote(format!("unexpected answer to a get: {other:?}"))),
+        }
     }
 
+    /// A one-key transaction in one round (put, delete, compare-and-set). A conflict with a
+    /// transaction holding the key is retried until the deadline: these carry no reads, so
+    /// running them again is always right.
     pub(crate) async fn write1(&self, map: &ShardMap, key: &[u8], cas: Option<Option<&[u8]>>, value: Option<&[u8]>) -> Result<Epoch, KvError> {
         let dkey = ShardMap::shard_dkey(map.shard_of(key));
-        if let Some(expected) = cas {
-            let cur = self.obj.get(&dkey, &akey(key)).await?;
-            if cur.as_deref() != expected {
-                return Err(KvError::CasFailed { key: key.to_vec(), current: cur });
-            }
-        }
-        let e = match value {
-            Some(v) => self.obj.put(&dkey, &akey(key), v).await?,
-            None => self.obj.punch_akey(&dkey, &akey(key)).await?,
-        };
-        let _ = self.hlc.update(e);
-        Ok(e)
-    }
-
-    pub(crate) async fn scan(&self, map: &ShardMap, start: &[u8], end: Option<&[u8]>, limit: usize, at: Epoch) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
-        let mut all = std::collections::BTreeMap::new();
-        for shard in map.shards_for_range(start, end) {
-            let dkey = ShardMap::shard_dkey(shard);
-            let mut cursor = None;
-            for _ in 0..10_000 {
-                let (keys, next) = self.obj.list_akeys(&dkey, at, cursor.clone(), 1000).await?;
-                for a in keys {
-                    let Some(k) = a.strip_prefix(b"k") else { continue };
-                    if k >= start && end.is_none_or(|e| k < e) {
-                        if let Some(v) = self.obj.get_at(&dkey, &a, at).await? {
-                            all.insert(k.to_vec(), v);
-                        }
+        let txn = new_txn_id();
+        let (writes, payload) = wire_writes(&[(key.to_vec(), value.map(<[u8]>::to_vec))]);
+        let checks: Vec<(Vec<u8>, Option<Vec<u8>>)> = cas.map(|e| vec![(key.to_vec(), e.map(<[u8]>::to_vec))]).unwrap_or_default();
+        let start = Instant::now();
+        for attempt in 1..=ATTEMPTS_MAX {
+            let rts = self.now()?;
+            let req = |shard| KvReq::Commit1 { shard, txn, rts, reads: ReadSet::default(), checks: checks.clone(), writes: writes.clone() };
+            match self.call(&dkey, req, payload.clone()).await? {
+                (KvResp::Committed { epoch }, _) => {
+                    self.observe(epoch);
+                    return Ok(epoch);
+                }
+                (KvResp::Refused(KvRefusal::Conflict { key, reason }), _) => {
+                    if start.elapsed() > OP_DEADLINE {
+                        return Err(KvError::Conflict { key, reason });
                     }
+                    tokio::time::sleep(Duration::from_millis((5 * u64::from(attempt)).min(200))).await;
                 }
-                match next {
-                    Some(n) => cursor = Some(n),
-                    None => break,
-                }
+                (KvResp::Refused(r), _) => return Err(refusal(r)),
+                (other, _) => return Err(KvError::Remote(format!("unexpected answer to a commit: {other:?}"))),
             }
         }
-        Ok(all.into_iter().take(limit).collect())
+        Err(KvError::Conflict { key: Some(key.to_vec()), reason: "kept conflicting".into() })
     }
 
-    pub(crate) async fn commit(&self, map: &ShardMap, txn: Txn) -> Result<Epoch, KvError> {
-        let mut last = Epoch::ZERO;
-        for (k, v) in &txn.writes {
-            last = last.max(self.write1(map, k, None, v.as_deref()).await?);
+    async fn scan_page(&self, shard: u32, start: &[u8], end: Option<&[u8]>, limit: usize, at: Epoch) -> Result<(VecDeque<(Vec<u8>, Vec<u8>)>, bool), KvError> {
+        let dkey = ShardMap::shard_dkey(shard);
+        let range = KeyRange { start: start.to_vec(), end: end.map(<[u8]>::to_vec) };
+        match self.call(&dkey, |shard| KvReq::Scan { shard, range: range.clone(), limit: limit as u32, at }, Bytes::new()).await? {
+            (KvResp::Scanned { keys, more, read_at }, data) => {
+                self.observe(read_at);
+                let mut at = 0usize;
+                let mut rows = VecDeque::with_capacity(keys.len());
+                for (k, n) in keys {
+                    let v = data.get(at..at + n as usize).ok_or_else(|| KvError::Remote("scan answer shorter than its keys declare".into()))?;
+                    at += n as usize;
+                    rows.push_back((k, v.to_vec()));
+                }
+                Ok((rows, more))
+            }
+            (other, _) => Err(KvError::Remote(format!("unexpected answer to a scan: {other:?}"))),
         }
-        Ok(last)
+    }
+
+    /// Keys of `[start, end)` at `at` over every shard that may hold some, merged in key order.
+    pub(crate) async fn scan(&self, map: &ShardMap, start: &[u8], end: Option<&[u8]>, limit: usize, at: Epoch) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let page = limit.min(SCAN_PAGE);
+        let shards = map.shards_for_range(start, end);
+        let firsts = futures::future::join_all(shards.iter().map(|s| self.scan_page(*s, start, end, page, at))).await;
+        struct Cursor {
+            shard: u32,
+            rows: VecDeque<(Vec<u8>, Vec<u8>)>,
+            more: bool,
+        }
+        let mut curs = Vec::with_capacity(shards.len());
+        for (s, r) in shards.iter().zip(firsts) {
+            let (rows, more) = r?;
+            curs.push(Cursor { shard: *s, rows, more });
+        }
+        let mut out = Vec::with_capacity(limit.min(4096));
+        while out.len() < limit {
+            for c in curs.iter_mut().filter(|c| c.rows.is_empty() && c.more) {
+                let from = out.last().map(|(k, _): &(Vec<u8>, Vec<u8>)| successor(k)).unwrap_or_else(|| start.to_vec());
+                let (rows, more) = self.scan_page(c.shard, &from, end, page, at).await?;
+                c.rows = rows;
+                c.more = more;
+            }
+            let Some(best) = curs.iter_mut().filter(|c| !c.rows.is_empty()).min_by(|a, b| a.rows[0].0.cmp(&b.rows[0].0)) else { break };
+            if let Some(row) = best.rows.pop_front() {
+                out.push(row);
+            }
+            if best.rows.is_empty() && best.more {
+                // Refill from just after this shard's last key on the next turn.
+                let last = out.last().map(|(k, _)| k.clone()).unwrap_or_default();
+                let (rows, more) = self.scan_page(best.shard, &successor(&last), end, page, at).await?;
+                best.rows = rows;
+                best.more = more;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commit a transaction with writes.
+    pub(crate) async fn commit(&self, map: &ShardMap, txn: Txn) -> Result<Epoch, KvError> {
+        let mut parts: BTreeMap<u32, Participant> = BTreeMap::new();
+        for (k, v) in &txn.writes {
+            parts.entry(map.shard_of(k)).or_insert_with(|| Participant { reads: ReadSet::default(), writes: Vec::new() }).writes.push((k.clone(), v.clone()));
+        }
+        for k in &txn.reads {
+            parts.entry(map.shard_of(k)).or_insert_with(|| Participant { reads: ReadSet::default(), writes: Vec::new() }).reads.keys.push(k.clone());
+        }
+        for r in &txn.ranges {
+            for s in map.shards_for_range(&r.start, r.end.as_deref()) {
+                parts.entry(s).or_insert_with(|| Participant { reads: ReadSet::default(), writes: Vec::new() }).reads.ranges.push(r.clone());
+            }
+        }
+        let (id, rts) = (txn.id, txn.rts);
+        if parts.len() == 1 {
+            let (shard, p) = parts.into_iter().next().expect("one participant");
+            let (writes, payload) = wire_writes(&p.writes);
+            let req = |s| KvReq::Commit1 { shard: s, txn: id, rts, reads: p.reads.clone(), checks: Vec::new(), writes: writes.clone() };
+            return match self.call(&ShardMap::shard_dkey(shard), req, payload).await? {
+                (KvResp::Committed { epoch }, _) => {
+                    self.observe(epoch);
+                    Ok(epoch)
+                }
+                (KvResp::Refused(r), _) => Err(refusal(r)),
+                (other, _) => Err(KvError::Remote(format!("unexpected answer to a commit: {other:?}"))),
+            };
+        }
+        // Two-phase commit; the record lives on the shard of the first written key.
+        let first = txn.writes.keys().next().expect("commit with writes");
+        let coord = ShardMap::shard_dkey(map.shard_of(first)).to_vec();
+        let prepares = parts.iter().map(|(shard, p)| {
+            let (writes, payload) = wire_writes(&p.writes);
+            let coord = coord.clone();
+            async move {
+                let req = |s| KvReq::Prepare { shard: s, txn: id, coord: coord.clone(), rts, reads: p.reads.clone(), writes: writes.clone() };
+                self.call(&ShardMap::shard_dkey(*shard), req, payload).await
+            }
+        });
+        let mut proposal = Epoch::ZERO;
+        let mut failure: Option<KvError> = None;
+        for r in futures::future::join_all(prepares).await {
+            match r {
+                Ok((KvResp::Prepared { proposal: p }, _)) => proposal = proposal.max(p),
+                Ok((KvResp::Refused(r), _)) => failure = failure.or(Some(refusal(r))),
+                Ok((other, _)) => failure = failure.or(Some(KvError::Remote(format!("unexpected answer to a prepare: {other:?}")))),
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        if failure.is_none() && txn.started.elapsed() > txn.deadline {
+            failure = Some(KvError::Deadline { deadline_ms: txn.deadline.as_millis() as u64 });
+        }
+        if let Some(f) = failure {
+            self.abort(&coord, id, parts.keys().copied()).await;
+            return Err(f);
+        }
+        // The commit point: the record says Committed (unless a reader aborted us first).
+        let decided = match self.call(&coord, |s| KvReq::Decide { shard: s, txn: id, decision: Decision::Committed(proposal) }, Bytes::new()).await {
+            Ok((KvResp::Decided(d), _)) => d,
+            Ok((other, _)) => return Err(KvError::Indeterminate(format!("unexpected answer to the commit decision: {other:?}"))),
+            Err(e) => return Err(KvError::Indeterminate(format!("the coordinator did not confirm the commit: {e}"))),
+        };
+        let resolves = parts.keys().map(|s| async move { self.call(&ShardMap::shard_dkey(*s), move |sh| KvReq::Resolve { shard: sh, txn: id, decision: decided }, Bytes::new()).await });
+        let all_resolved = futures::future::join_all(resolves).await.iter().all(Result::is_ok);
+        match decided {
+            Decision::Committed(c) => {
+                self.observe(c);
+                if all_resolved {
+                    // Every intent is gone: nobody will ask for the record again.
+                    let _ = self.call(&coord, |s| KvReq::Forget { shard: s, txn: id }, Bytes::new()).await;
+                }
+                Ok(c)
+            }
+            Decision::Aborted => Err(KvError::Conflict { key: None, reason: "aborted by another client that found this transaction stalled".into() }),
+        }
+    }
+
+    /// Record the abort (so that readers meeting a stray intent settle it at once) and drop
+    /// the intents everywhere; best effort: leftovers are aborted when met.
+    async fn abort(&self, coord: &[u8], id: TxnId, shards: impl Iterator<Item = u32>) {
+        let decide = self.call(coord, |s| KvReq::Decide { shard: s, txn: id, decision: Decision::Aborted }, Bytes::new());
+        let d = match decide.await {
+            Ok((KvResp::Decided(d), _)) => d,
+            _ => Decision::Aborted,
+        };
+        let shards: Vec<u32> = shards.collect();
+        let resolves = shards.iter().map(|s| async move { self.call(&ShardMap::shard_dkey(*s), move |sh| KvReq::Resolve { shard: sh, txn: id, decision: d }, Bytes::new()).await });
+        futures::future::join_all(resolves).await;
     }
 }

@@ -158,3 +158,26 @@ pub fn kv_leader(map: &PoolMap, group: &[ShardLoc]) -> Option<TargetId> {
     let pending = map.targets.iter().any(|t| matches!(t.state, TargetState::Down | TargetState::UpIn | TargetState::Drain));
     group.iter().find(|s| s.is_spare && state(s.home) == Some(TargetState::DownOut) && state(s.target).is_some_and(TargetState::readable) && !pending).map(|s| s.target)
 }
+
+/// What a participant stores for a prepared transaction (one record per transaction and
+/// shard, postcard, under a reserved akey of the shard's dkey): enough to rebuild its locks
+/// after a restart or a change of leader, and to apply its writes at commit.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IntentRecord {
+    pub format: u8,
+    /// Dkey of the shard holding the transaction record.
+    pub coord: Vec<u8>,
+    pub rts: Epoch,
+    /// The epoch this participant proposed; the commit epoch is the largest proposal.
+    pub proposal: Epoch,
+    pub reads: ReadSet,
+    /// `None` deletes the key.
+    pub writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// The transaction record at the coordinator shard: its presence is the decision.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TxnRecord {
+    pub format: u8,
+    pub decision: Decision,
+}
