@@ -130,6 +130,7 @@ impl<S: MetaStore> Namespace<S> {
                 Err(FsError::Meta(MetaError::Conflict)) => {}
                 Err(e) => return Err(e),
             }
+            tracing::debug!(what, attempt, "metadata transaction conflicted; retrying");
             let base_us = 50u64 << attempt.min(8);
             tokio::time::sleep(Duration::from_micros(base_us + rand::random_range(0..base_us))).await;
         }

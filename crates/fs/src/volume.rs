@@ -67,6 +67,7 @@ impl Volume {
         };
         cont.info.oclass.parse::<ObjectClass>().map_err(|e| FsError::Invalid(format!("container class '{}': {e}", cont.info.oclass)))?;
         let meta = KvMeta::open(&cont).await?;
+        meta.warm_up().await;
         let ids = InoAlloc::new(Arc::new(MgmtIds { cont: cont.clone() }), INO_BATCH);
         let ns = Namespace::open(meta, ids, cont.info.oclass.clone(), chunk).await?;
         Ok(Volume { data: Arc::new(ObjData { cont: cont.clone() }), cont, ns: Arc::new(ns) })
