@@ -287,3 +287,82 @@ fn fsynced_data_survives_a_killed_mount() {
     assert_eq!(&got[..data.len()], &data[..]);
     umount(&c, &a);
 }
+
+#[test]
+fn capabilities_grant_one_shard_and_nothing_else() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let c = Cluster::start(&["--ranks", "3"]);
+    c.json(&["cont", "create", "tank", "vol", "--type", "posix", "--oclass", "RP_2G1"]);
+    let a = c.path().join("a");
+    let _guard = MountGuard(vec![a.clone()]);
+    mount(&c, "tank/vol", &a, &[]);
+    // Three groups of two replicas over six targets; one byte in each of 16 chunks.
+    fs::create_dir(a.join("wide")).unwrap();
+    assert_eq!(xattr_set(&a.join("wide"), "user.strata.oclass", b"RP_2GX"), 0);
+    let f = fs::File::create(a.join("wide/f")).unwrap();
+    for i in 0..16u64 {
+        f.write_all_at(&[b'a' + i as u8], i << 20).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let path = a.join("wide/f");
+    let x = c.json(&["fs", "layout", path.to_str().unwrap(), "--format", "json"]);
+    assert_eq!(x["segments"][0]["groups"], 3);
+    let blocks = x["blocks"].as_array().unwrap().clone();
+    assert_eq!(blocks.len(), 6);
+    let leader = blocks.iter().find(|b| b["group"] == 0 && b["shard"] == 0).unwrap();
+    let replica = blocks.iter().find(|b| b["group"] == 0 && b["shard"] == 1).unwrap();
+    let read_cap = leader["read_cap"].as_str().unwrap();
+    let get = |cap: &str, chunk: u64| c.cmd(&["obj", "get", "--cap", cap, "--chunk", &chunk.to_string(), "--akey", "d", "--len", "1"]);
+    // The read_cap reads its group's chunks and is refused for the others.
+    let mut mine = Vec::new();
+    let mut others = 0;
+    for i in 0..16u64 {
+        let out = get(read_cap, i);
+        if out.status.success() {
+            assert_eq!(out.stdout, vec![b'a' + i as u8], "chunk {i} through the capability");
+            mine.push(i);
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("group"), "chunk {i}: {err}");
+            others += 1;
+        }
+    }
+    assert!(!mine.is_empty() && others > 0, "chunks spread over groups: mine {mine:?}, others {others}");
+    // The replica's read_cap reads the same chunk from the other target.
+    let out = get(replica["read_cap"].as_str().unwrap(), mine[0]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, vec![b'a' + mine[0] as u8]);
+    // Forged (one digit of the signature changed) and expired tokens are refused.
+    let mut forged = read_cap.to_string();
+    let last = forged.pop().unwrap();
+    forged.push(if last == '0' { '1' } else { '0' });
+    let err = String::from_utf8_lossy(&get(&forged, mine[0]).stderr).into_owned();
+    assert!(err.contains("signature"), "{err}");
+    let short = c.json(&["fs", "layout", path.to_str().unwrap(), "--format", "json", "--cap-ttl-s", "0"]);
+    let expired = short["blocks"][0]["read_cap"].as_str().unwrap().to_string();
+    poll("the capability to expire", Duration::from_secs(5), || {
+        let err = String::from_utf8_lossy(&get(&expired, 0).stderr).into_owned();
+        err.contains("expired").then_some(())
+    });
+    // Writes: a read_cap cannot write; a non-leader write_cap is refused; the leader's writes.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let cf = strata_client::ClusterFile::load(&c.cluster_file()).unwrap();
+    rt.block_on(async {
+        let client = strata_client::Client::connect(&cf).await.unwrap();
+        let dkey = mine[0].to_be_bytes();
+        let e = client.cap_write(read_cap, &dkey, b"d", 0, b"X").await.unwrap_err().to_string();
+        assert!(e.contains("grants Read"), "{e}");
+        let e = client.cap_write(replica["write_cap"].as_str().unwrap(), &dkey, b"d", 0, b"X").await.unwrap_err().to_string();
+        assert!(e.contains("leader"), "{e}");
+        client.cap_write(leader["write_cap"].as_str().unwrap(), &dkey, b"d", 0, b"Z").await.unwrap();
+        let other = (0..16u64).find(|i| !mine.contains(i)).unwrap();
+        let e = client.cap_write(leader["write_cap"].as_str().unwrap(), &other.to_be_bytes(), b"d", 0, b"X").await.unwrap_err().to_string();
+        assert!(e.contains("group"), "{e}");
+    });
+    assert_eq!(get(replica["read_cap"].as_str().unwrap(), mine[0]).stdout, b"Z", "the leader replicated the capability write");
+    umount(&c, &a);
+}

@@ -519,3 +519,38 @@ impl PoolHandle {
         Ok(futures::future::join_all(calls).await)
     }
 }
+
+impl Client {
+    /// The engine address of the shard a capability names (the token's claims, unverified:
+    /// the engine verifies).
+    async fn cap_target(&self, token: &str) -> Result<(String, strata_rpc::capability::CapClaims), ClientError> {
+        let claims = strata_rpc::capability::peek(token).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let info = match self.mgmt.query(MgmtQuery::Pool { pool: claims.pool.to_string() }).await? {
+            MgmtReply::Pool(p) => p,
+            other => return Err(ClientError::Invalid(format!("unexpected reply {other:?}"))),
+        };
+        let addr = info.rank_addrs.get(&claims.target.rank).cloned().ok_or_else(|| ClientError::Invalid(format!("rank {} of the capability is not in the pool", claims.target.rank)))?;
+        Ok((addr, claims))
+    }
+
+    /// Read with only a capability (a `read_cap`): `(found epoch, written extents, data)`.
+    pub async fn cap_fetch(&self, token: &str, dkey: &[u8], fetch: FetchKind, epoch: Epoch) -> Result<(Option<Epoch>, Vec<(u64, u64)>, Bytes), ClientError> {
+        let (addr, _) = self.cap_target(token).await?;
+        let req = EngineReq::CapFetch { token: token.to_owned(), dkey: dkey.to_vec(), fetch, epoch };
+        match self.engines.call::<_, EngineResp>(&addr, &req, Bytes::new(), CALL_TIMEOUT).await? {
+            (EngineResp::Fetched { found, written }, data) => Ok((found, written, data)),
+            _ => Err(ClientError::Invalid("unexpected engine reply".into())),
+        }
+    }
+
+    /// Write an extent with only a capability (a leader block's `write_cap`).
+    pub async fn cap_write(&self, token: &str, dkey: &[u8], akey: &[u8], offset: u64, data: &[u8]) -> Result<Epoch, ClientError> {
+        let (addr, _) = self.cap_target(token).await?;
+        let ops = vec![WireOp::Extent { akey: akey.to_vec(), offset, len: data.len() as u32 }];
+        let req = EngineReq::CapUpdate { token: token.to_owned(), dkey: dkey.to_vec(), ops };
+        match self.engines.call::<_, EngineResp>(&addr, &req, Bytes::copy_from_slice(data), CALL_TIMEOUT).await? {
+            (EngineResp::Updated { epoch }, _) => Ok(epoch),
+            _ => Err(ClientError::Invalid("unexpected engine reply".into())),
+        }
+    }
+}
