@@ -47,7 +47,7 @@ pub use error::KvError;
 pub use store::{KeyLocation, KvOptions, KvStore, PROP_OCLASS, PROP_SHARD};
 pub use strata_rpc::kv_msg::TxnId;
 pub use strata_types::Epoch;
-pub use txn::{Txn, TXN_DEADLINE_DEFAULT, TXN_READS_MAX, TXN_WRITES_MAX, TXN_WRITE_BYTES_MAX};
+pub use txn::{PreparedTxn, Txn, TXN_DEADLINE_DEFAULT, TXN_READS_MAX, TXN_WRITES_MAX, TXN_WRITE_BYTES_MAX};
 
 /// Longest user key; keys are akeys in the object store, which bounds them.
 pub const KEY_BYTES_MAX: usize = 1024;

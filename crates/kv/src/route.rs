@@ -70,6 +70,20 @@ fn wire_writes(writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> (Vec<KvWrite>, Bytes) {
     (ops, Bytes::from(payload))
 }
 
+/// A transaction after phase one.
+pub(crate) enum Prepared {
+    /// One shard: committed in the same round.
+    Committed(Epoch),
+    TwoPhase(TwoPhase),
+}
+
+pub(crate) struct TwoPhase {
+    pub(crate) id: TxnId,
+    pub(crate) coord: Vec<u8>,
+    pub(crate) shards: Vec<u32>,
+    pub(crate) proposal: Epoch,
+}
+
 struct Participant {
     reads: ReadSet,
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
@@ -248,34 +262,50 @@ impl Route {
 
     /// Commit a transaction with writes.
     pub(crate) async fn commit(&self, map: &ShardMap, txn: Txn) -> Result<Epoch, KvError> {
+        let p = match self.prepare(map, &txn, false).await? {
+            Prepared::Committed(e) => return Ok(e),
+            Prepared::TwoPhase(p) => p,
+        };
+        if txn.started.elapsed() > txn.deadline {
+            self.abort(&p.coord, p.id, p.shards.iter().copied()).await;
+            return Err(KvError::Deadline { deadline_ms: txn.deadline.as_millis() as u64 });
+        }
+        let d = self.decide(&p).await?;
+        self.finish(&p, d).await
+    }
+
+    /// Phase one (or the whole one-round commit when one shard is involved and `force_2pc`
+    /// is off). On failure every participant is told to drop its intents.
+    pub(crate) async fn prepare(&self, map: &ShardMap, txn: &Txn, force_2pc: bool) -> Result<Prepared, KvError> {
         let mut parts: BTreeMap<u32, Participant> = BTreeMap::new();
+        let new = || Participant { reads: ReadSet::default(), writes: Vec::new() };
         for (k, v) in &txn.writes {
-            parts.entry(map.shard_of(k)).or_insert_with(|| Participant { reads: ReadSet::default(), writes: Vec::new() }).writes.push((k.clone(), v.clone()));
+            parts.entry(map.shard_of(k)).or_insert_with(new).writes.push((k.clone(), v.clone()));
         }
         for k in &txn.reads {
-            parts.entry(map.shard_of(k)).or_insert_with(|| Participant { reads: ReadSet::default(), writes: Vec::new() }).reads.keys.push(k.clone());
+            parts.entry(map.shard_of(k)).or_insert_with(new).reads.keys.push(k.clone());
         }
         for r in &txn.ranges {
             for s in map.shards_for_range(&r.start, r.end.as_deref()) {
-                parts.entry(s).or_insert_with(|| Participant { reads: ReadSet::default(), writes: Vec::new() }).reads.ranges.push(r.clone());
+                parts.entry(s).or_insert_with(new).reads.ranges.push(r.clone());
             }
         }
         let (id, rts) = (txn.id, txn.rts);
-        if parts.len() == 1 {
+        if parts.len() == 1 && !force_2pc {
             let (shard, p) = parts.into_iter().next().expect("one participant");
             let (writes, payload) = wire_writes(&p.writes);
             let req = |s| KvReq::Commit1 { shard: s, txn: id, rts, reads: p.reads.clone(), checks: Vec::new(), writes: writes.clone() };
             return match self.call(&ShardMap::shard_dkey(shard), req, payload).await? {
                 (KvResp::Committed { epoch }, _) => {
                     self.observe(epoch);
-                    Ok(epoch)
+                    Ok(Prepared::Committed(epoch))
                 }
                 (KvResp::Refused(r), _) => Err(refusal(r)),
                 (other, _) => Err(KvError::Remote(format!("unexpected answer to a commit: {other:?}"))),
             };
         }
         // Two-phase commit; the record lives on the shard of the first written key.
-        let first = txn.writes.keys().next().expect("commit with writes");
+        let first = txn.writes.keys().next().ok_or_else(|| KvError::Remote("two-phase commit without writes".into()))?;
         let coord = ShardMap::shard_dkey(map.shard_of(first)).to_vec();
         let prepares = parts.iter().map(|(shard, p)| {
             let (writes, payload) = wire_writes(&p.writes);
@@ -295,27 +325,35 @@ impl Route {
                 Err(e) => failure = failure.or(Some(e)),
             }
         }
-        if failure.is_none() && txn.started.elapsed() > txn.deadline {
-            failure = Some(KvError::Deadline { deadline_ms: txn.deadline.as_millis() as u64 });
-        }
+        let shards: Vec<u32> = parts.keys().copied().collect();
         if let Some(f) = failure {
-            self.abort(&coord, id, parts.keys().copied()).await;
+            self.abort(&coord, id, shards.into_iter()).await;
             return Err(f);
         }
-        // The commit point: the record says Committed (unless a reader aborted us first).
-        let decided = match self.call(&coord, |s| KvReq::Decide { shard: s, txn: id, decision: Decision::Committed(proposal) }, Bytes::new()).await {
-            Ok((KvResp::Decided(d), _)) => d,
-            Ok((other, _)) => return Err(KvError::Indeterminate(format!("unexpected answer to the commit decision: {other:?}"))),
-            Err(e) => return Err(KvError::Indeterminate(format!("the coordinator did not confirm the commit: {e}"))),
-        };
-        let resolves = parts.keys().map(|s| async move { self.call(&ShardMap::shard_dkey(*s), move |sh| KvReq::Resolve { shard: sh, txn: id, decision: decided }, Bytes::new()).await });
+        Ok(Prepared::TwoPhase(TwoPhase { id, coord, shards, proposal }))
+    }
+
+    /// The commit point: record Committed at the coordinator, unless a reader aborted the
+    /// transaction first (the recorded decision is the answer).
+    pub(crate) async fn decide(&self, p: &TwoPhase) -> Result<Decision, KvError> {
+        match self.call(&p.coord, |s| KvReq::Decide { shard: s, txn: p.id, decision: Decision::Committed(p.proposal) }, Bytes::new()).await {
+            Ok((KvResp::Decided(d), _)) => Ok(d),
+            Ok((other, _)) => Err(KvError::Indeterminate(format!("unexpected answer to the commit decision: {other:?}"))),
+            Err(e) => Err(KvError::Indeterminate(format!("the coordinator did not confirm the commit: {e}"))),
+        }
+    }
+
+    /// Phase two: every participant applies the decision; then the record can go.
+    pub(crate) async fn finish(&self, p: &TwoPhase, d: Decision) -> Result<Epoch, KvError> {
+        let id = p.id;
+        let resolves = p.shards.iter().map(|s| async move { self.call(&ShardMap::shard_dkey(*s), move |sh| KvReq::Resolve { shard: sh, txn: id, decision: d }, Bytes::new()).await });
         let all_resolved = futures::future::join_all(resolves).await.iter().all(Result::is_ok);
-        match decided {
+        match d {
             Decision::Committed(c) => {
                 self.observe(c);
                 if all_resolved {
                     // Every intent is gone: nobody will ask for the record again.
-                    let _ = self.call(&coord, |s| KvReq::Forget { shard: s, txn: id }, Bytes::new()).await;
+                    let _ = self.call(&p.coord, |s| KvReq::Forget { shard: s, txn: id }, Bytes::new()).await;
                 }
                 Ok(c)
             }
@@ -325,7 +363,7 @@ impl Route {
 
     /// Record the abort (so that readers meeting a stray intent settle it at once) and drop
     /// the intents everywhere; best effort: leftovers are aborted when met.
-    async fn abort(&self, coord: &[u8], id: TxnId, shards: impl Iterator<Item = u32>) {
+    pub(crate) async fn abort(&self, coord: &[u8], id: TxnId, shards: impl Iterator<Item = u32>) {
         let decide = self.call(coord, |s| KvReq::Decide { shard: s, txn: id, decision: Decision::Aborted }, Bytes::new());
         let d = match decide.await {
             Ok((KvResp::Decided(d), _)) => d,

@@ -5,6 +5,7 @@
 //! transaction record on the first written shard (see `route.rs`).
 
 use crate::error::KvError;
+use crate::route::{Prepared, TwoPhase};
 use crate::store::{check_range, KvStore};
 use crate::{check_key, check_value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -161,6 +162,47 @@ impl Txn {
 
     /// Abandon the transaction (the same as dropping it; nothing was sent).
     pub fn abort(self) {}
+
+    /// Tests: run phase one of two-phase commit (even on one shard) and stop there, so a test
+    /// can act as a client that dies after prepare or right after the commit point.
+    #[doc(hidden)]
+    pub async fn prepare_two_phase(self) -> Result<PreparedTxn, KvError> {
+        match self.store.inner.route.prepare(&self.store.inner.map, &self, true).await? {
+            Prepared::TwoPhase(p) => Ok(PreparedTxn { store: self.store.clone(), p }),
+            Prepared::Committed(_) => Err(KvError::Remote("one-round commit where two phases were asked".into())),
+        }
+    }
+}
+
+/// Tests: a transaction whose intents are durable on every participant, not yet decided.
+#[doc(hidden)]
+pub struct PreparedTxn {
+    store: KvStore,
+    p: TwoPhase,
+}
+
+impl PreparedTxn {
+    /// The epoch the commit would get.
+    pub fn proposal(&self) -> Epoch {
+        self.p.proposal
+    }
+
+    /// Only the commit point (the record), no resolution: a client dying right after it.
+    pub async fn decide_only(&self) -> Result<Epoch, KvError> {
+        match self.store.inner.route.decide(&self.p).await? {
+            strata_rpc::kv_msg::Decision::Committed(c) => Ok(c),
+            strata_rpc::kv_msg::Decision::Aborted => Err(KvError::Conflict { key: None, reason: "aborted before its commit point".into() }),
+        }
+    }
+
+    pub async fn commit(self) -> Result<Epoch, KvError> {
+        let d = self.store.inner.route.decide(&self.p).await?;
+        self.store.inner.route.finish(&self.p, d).await
+    }
+
+    pub async fn abort(self) {
+        self.store.inner.route.abort(&self.p.coord, self.p.id, self.p.shards.iter().copied()).await;
+    }
 }
 
 /// The smallest key greater than `k`.
