@@ -47,6 +47,14 @@ impl VolumeExports {
         Ok(VolumeExports { bc, names, read_only, lease_ttl_ms, holder: holder_name("nbd"), writers: Default::default(), releases: Default::default() })
     }
 
+    /// Release the writer leases of every open volume (the server is stopping).
+    pub async fn release_all(&self) {
+        let devs: Vec<Arc<VolumeIo>> = self.writers.lock().await.values().filter_map(Weak::upgrade).collect();
+        for d in devs {
+            d.release_lease().await;
+        }
+    }
+
     fn known(&self, name: &str) -> Result<(), OpenError> {
         if self.names.iter().any(|n| n == name) {
             Ok(())

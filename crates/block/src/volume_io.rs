@@ -306,6 +306,13 @@ impl ReleaseTracker {
 }
 
 impl VolumeIo {
+    /// Give up the writer lease now (server shutdown); later writes fail.
+    pub async fn release_lease(&self) {
+        if let Some(l) = self.writer.as_ref().and_then(|w| w.lease.as_ref()) {
+            l.release().await;
+        }
+    }
+
     pub fn track_releases(&mut self, r: Arc<ReleaseTracker>) {
         self.releases = Some(r);
     }

@@ -37,6 +37,8 @@ pub const BLOCK_AKEY: &[u8] = b"b";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Layer {
+    /// Written as text (`array.RP_3GX.1f`), as the CLI prints object ids.
+    #[serde(with = "oid_text")]
     pub oid: Oid,
     /// `None`: the newest version (the writable head); otherwise a pinned epoch.
     pub epoch: Option<Epoch>,
@@ -115,6 +117,20 @@ impl VolumeMeta {
     }
 }
 
+mod oid_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use strata_types::Oid;
+
+    pub fn serialize<S: Serializer>(o: &Oid, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(o)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Oid, D::Error> {
+        let t = String::deserialize(d)?;
+        t.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Volume and snapshot names: letters, digits, '-' and '_' (no '.' or '@', which separate).
 pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     let ok = !name.is_empty() && name.len() <= NAME_BYTES_MAX && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
@@ -141,7 +157,7 @@ mod tests {
             size_bytes: 1 << 30,
             block_bytes: BLOCK_BYTES_DEFAULT,
             oclass: "RP_3GX".into(),
-            layers: vec![Layer { oid: Oid { hi: 1, lo: 2 }, epoch: None, limit_bytes: 1 << 30 }],
+            layers: vec![Layer { oid: Oid::new(strata_types::ObjectType::Array, "RP_3GX".parse().unwrap(), 0x1f), epoch: None, limit_bytes: 1 << 30 }],
             parent: None,
             snapshots: BTreeMap::new(),
             created_ms: 5,
@@ -152,6 +168,7 @@ mod tests {
     fn record_round_trips_and_refuses_other_formats() {
         let m = meta();
         assert_eq!(VolumeMeta::decode("v", &m.encode()).unwrap(), m);
+        assert!(String::from_utf8(m.encode()).unwrap().contains("\"array.RP_3GX.1f\""));
         let mut v: serde_json::Value = serde_json::from_slice(&m.encode()).unwrap();
         v["format"] = 2.into();
         assert!(matches!(VolumeMeta::decode("v", v.to_string().as_bytes()), Err(MetaError::Format { found: 2, .. })));
