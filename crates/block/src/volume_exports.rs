@@ -55,11 +55,14 @@ impl VolumeExports {
         }
     }
 
+    /// Configured names, and `VOLUME@SNAPSHOT` of any configured volume (snapshots taken
+    /// while the server runs are exported too).
     fn known(&self, name: &str) -> Result<(), OpenError> {
-        if self.names.iter().any(|n| n == name) {
+        let vol = split_snap(name).map(|(v, _)| v);
+        if self.names.iter().any(|n| n == name || Some(n.as_str()) == vol) {
             Ok(())
         } else {
-            Err(OpenError::Unknown(format!("no export '{name}'; this server exports: {}", self.names.join(", "))))
+            Err(OpenError::Unknown(format!("no export '{name}'; this server exports: {} (and their VOLUME@SNAPSHOT)", self.names.join(", "))))
         }
     }
 
