@@ -9,6 +9,7 @@ use strata_rpc::mgmt_client::MgmtClient;
 use strata_rpc::mgmt_msg::{MgmtQuery, MgmtReply};
 use strata_rpc::{ClientConfig, ErrorCode, Handler, RemoteError, RequestCtx, RpcPool, ServiceKind};
 use strata_types::{Epoch, Hlc, PoolId, Rank, Redundancy, SystemClock, TargetId};
+use crate::ec_rebuild;
 use strata_vos::{Update, UpdateOp, Vos, VosConfig, VosError};
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -321,6 +322,9 @@ impl Engine {
     }
 }
 
+/// Most bytes one object-shard export answer carries (the RPC frame limit bounds it too).
+const EXPORT_BYTES_MAX: usize = strata_rpc::frame::PAYLOAD_BYTES_MAX as usize;
+
 /// Most bytes of records one rebuild import message carries.
 const IMPORT_BYTES_MAX: usize = 16 << 20;
 
@@ -358,7 +362,6 @@ impl Engine {
     async fn rebuild_pool(&self, view: &Arc<PoolView>) -> Result<(u64, bool), RemoteError> {
         let pool = view.map_pool_id;
         let mut pushed = 0u64;
-        let mut complete = true;
         for (i, vos) in self.targets.iter().enumerate() {
             let me = TargetId { rank: self.rank, index: i as u16 };
             let Some(mine) = view.map.target(me) else { continue };
@@ -391,10 +394,8 @@ impl Engine {
                             if pusher.target != me || spares.is_empty() {
                                 continue;
                             }
-                            if matches!(layout.class.redundancy(), Redundancy::Erasure { .. }) {
-                                // EC cells must be decoded, not copied: not built yet, so the
-                                // targets stay DOWN (degraded reads keep working).
-                                complete = false;
+                            if let Redundancy::Erasure { data: k, parity: p } = layout.class.redundancy() {
+                                pushed += self.rebuild_ec_group(view, cont, *oid, &layout, g, group, &spares, k as usize, p as usize).await?;
                                 continue;
                             }
                             let (v, o) = (vos.clone(), *oid);
@@ -419,7 +420,51 @@ impl Engine {
                 }
             }
         }
-        Ok((pushed, complete))
+        Ok((pushed, true))
+    }
+
+    /// EC cells are decoded, not copied: gather the group's records from every readable shard
+    /// and compute each destination shard's records from them.
+    #[allow(clippy::too_many_arguments)]
+    async fn rebuild_ec_group(&self, view: &PoolView, cont: strata_types::ContId, oid: strata_types::Oid, layout: &strata_placement::Layout, g: usize, group: &[strata_placement::ShardLoc], dests: &[TargetId], k: usize, p: usize) -> Result<u64, RemoteError> {
+        let pool = view.map_pool_id;
+        let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+        let readable = |t: TargetId| view.map.target(t).is_some_and(|x| x.state.readable());
+        let mut sources = Vec::new();
+        for (i, s) in group.iter().enumerate() {
+            if !readable(s.target) {
+                continue;
+            }
+            match self.export_from(view, s.target, cont, oid).await {
+                Ok(records) => sources.push((i, records.into_iter().filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g)).collect::<Vec<_>>())),
+                Err(e) => tracing::warn!(shard = %s.target, error = %e, "EC rebuild source unavailable; decoding from the others"),
+            }
+        }
+        let mut pushed = 0;
+        for (j, s) in group.iter().enumerate().filter(|(_, s)| dests.contains(&s.target)) {
+            let rebuilt = ec_rebuild::rebuild_ec_shard(&st, &sources, j);
+            if rebuilt.undecodable > 0 {
+                tracing::error!(%oid, shard = j, stripes = rebuilt.undecodable, "stripe versions with fewer than k readable cells cannot be rebuilt");
+            }
+            let records: Vec<ImportRecord> = rebuilt.records.into_iter().map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value }).collect();
+            for batch in batches(&records) {
+                pushed += batch.len() as u64;
+                self.import_to(view, pool, s.target, batch).await?;
+            }
+        }
+        Ok(pushed)
+    }
+
+    async fn export_from(&self, view: &PoolView, t: TargetId, cont: strata_types::ContId, oid: strata_types::Oid) -> Result<Vec<strata_vos::RawRecord>, RemoteError> {
+        if t.rank == self.rank {
+            let vos = self.target(t)?.clone();
+            return tokio::task::spawn_blocking(move || vos.export_object(cont, oid)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err);
+        }
+        let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
+        let req = EngineReq::Export { pool: view.map_pool_id, map_version: view.map.version, target: t.index, cont, oid };
+        let (_, payload) = self.peers.call::<_, EngineResp>(addr, &req, Bytes::new(), FORWARD_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("export from {t}: {e}")))?;
+        let records: Vec<ImportRecord> = postcard::from_bytes(&payload).map_err(|e| rerr(ErrorCode::Internal, format!("export from {t}: {e}")))?;
+        Ok(records.into_iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key, value: r.value }).collect())
     }
 
     async fn import_to(&self, view: &PoolView, pool: PoolId, t: TargetId, records: &[ImportRecord]) -> Result<(), RemoteError> {
@@ -459,29 +504,81 @@ impl Engine {
                 };
                 tracing::warn!(target = %me, oid = %key.oid, defect = %bad.defect, "scrub found a corrupt record");
                 let mut repaired = false;
-                if let Ok(layout) = view.placement.layout(key.oid) {
-                    let group = layout.group(layout.group_for_dkey(&key.dkey)).to_vec();
-                    let replicated = matches!(layout.class.redundancy(), Redundancy::Replicas(_));
-                    for s in group.iter().filter(|s| replicated && s.target != me && !s.is_spare) {
-                        let Some(addr) = view.addrs.get(&s.target.rank) else { continue };
-                        let req = EngineReq::RawGet { pool, map_version: view.map.version, target: s.target.index, key: bad.raw_key.clone() };
-                        if let Ok((EngineResp::Raw { found: true }, value)) = self.peers.call::<_, EngineResp>(addr, &req, Bytes::new(), FORWARD_TIMEOUT).await {
-                            let (v, rec) = (vos.clone(), strata_vos::RawRecord { punch: false, key: bad.raw_key.clone(), value: value.to_vec() });
-                            if tokio::task::spawn_blocking(move || v.import(&[rec])).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.is_ok() {
-                                repaired = true;
-                                break;
-                            }
-                        }
-                    }
+                if let Some(good) = self.repair_source(&view, me, &key, &bad.raw_key).await {
+                    let v = vos.clone();
+                    repaired = tokio::task::spawn_blocking(move || v.import(&[good])).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.is_ok();
                 }
                 if repaired {
+                    tracing::info!(target = %me, oid = %key.oid, "scrub repaired the record from healthy shards");
                     c.repaired += 1;
                 } else {
+                    tracing::error!(target = %me, oid = %key.oid, "scrub could not repair the record: no healthy shard has it");
                     c.lost += 1;
                 }
             }
         }
         Ok(c)
+    }
+}
+
+impl Engine {
+    /// A healthy copy of the record `raw_key` of shard `me`: a replica's copy, or for EC the cell
+    /// decoded from the same stripe version on the other shards (single values: a copy from
+    /// another shard that holds them).
+    async fn repair_source(&self, view: &PoolView, me: TargetId, key: &strata_vos::RecordKey, raw_key: &[u8]) -> Option<strata_vos::RawRecord> {
+        let layout = view.placement.layout(key.oid).ok()?;
+        let group = layout.group(layout.group_for_dkey(&key.dkey)).to_vec();
+        let mine = group.iter().position(|s| s.target == me)?;
+        let readable = |t: TargetId| view.map.target(t).is_some_and(|x| x.state.readable());
+        let others = group.iter().enumerate().filter(|(i, s)| *i != mine && readable(s.target));
+        match layout.class.redundancy() {
+            Redundancy::Erasure { data: k, parity: p } if key.offset.is_some() => {
+                let (k, p) = (k as usize, p as usize);
+                let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).ok()?;
+                let mut cells: Vec<Option<Vec<u8>>> = vec![None; k + p];
+                let mut template = None;
+                for (i, s) in others {
+                    if let Some(r) = self.raw_get(view, s.target, raw_key).await {
+                        if let Ok(Some(cell)) = r.payload() {
+                            cells[i] = Some(cell.to_vec());
+                            template = Some(r);
+                        }
+                    }
+                }
+                st.reconstruct(&mut cells).ok()?;
+                Some(template?.with_payload(cells[mine].as_deref()?))
+            }
+            Redundancy::Erasure { data: k, .. } => {
+                for (_, s) in others.filter(|(i, _)| ec_rebuild::holds_singles(k as usize, *i)) {
+                    if let Some(r) = self.raw_get(view, s.target, raw_key).await {
+                        return Some(r);
+                    }
+                }
+                None
+            }
+            _ => {
+                for (_, s) in others {
+                    if let Some(r) = self.raw_get(view, s.target, raw_key).await {
+                        return Some(r);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// One verified record of another shard, if it has it.
+    async fn raw_get(&self, view: &PoolView, t: TargetId, raw_key: &[u8]) -> Option<strata_vos::RawRecord> {
+        if t.rank == self.rank {
+            let (vos, k) = (self.target(t).ok()?.clone(), raw_key.to_vec());
+            return tokio::task::spawn_blocking(move || vos.get_raw(&k)).await.ok()?.ok()?;
+        }
+        let addr = view.addrs.get(&t.rank)?;
+        let req = EngineReq::RawGet { pool: view.map_pool_id, map_version: view.map.version, target: t.index, key: raw_key.to_vec() };
+        match self.peers.call::<_, EngineResp>(addr, &req, Bytes::new(), FORWARD_TIMEOUT).await {
+            Ok((EngineResp::Raw { found: true }, value)) => Some(strata_vos::RawRecord { punch: false, key: raw_key.to_vec(), value: value.to_vec() }),
+            _ => None,
+        }
     }
 }
 
@@ -563,6 +660,17 @@ impl Handler for Engine {
                 let raw: Vec<strata_vos::RawRecord> = records.into_iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key, value: r.value }).collect();
                 tokio::task::spawn_blocking(move || vos.import(&raw)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
                 Ok((EngineResp::Updated { epoch: Epoch::ZERO }, Bytes::new()))
+            }
+            EngineReq::Export { pool, map_version, target, cont, oid } => {
+                self.view(pool, map_version).await?;
+                let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
+                let records = tokio::task::spawn_blocking(move || vos.export_object(cont, oid)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                let records: Vec<ImportRecord> = records.into_iter().map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value }).collect();
+                let payload = postcard::to_allocvec(&records).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+                if payload.len() > EXPORT_BYTES_MAX {
+                    return Err(rerr(ErrorCode::InvalidArgument, format!("object {oid} holds {} bytes on this shard, more than one export answer carries ({EXPORT_BYTES_MAX})", payload.len())));
+                }
+                Ok((EngineResp::Updated { epoch: Epoch::ZERO }, Bytes::from(payload)))
             }
             EngineReq::Scrub { pool, map_version } => Ok((EngineResp::Scrubbed(self.scrub(pool, map_version).await?), Bytes::new())),
             EngineReq::RawGet { pool, map_version, target, key } => {

@@ -11,8 +11,12 @@
 //! older one first fetches the newer map from the management service.
 //!
 //! Limits: requests as `strata-rpc` bounds them; updates per request 4096 (VOS batch limit).
-//! Not yet here: erasure-coded updates (refused with a clear error), rebuild and scrub.
+//! Erasure-coded updates are serialized per stripe by the group's first parity shard.
+//!
+//! Self-healing lives here too: rebuild (replicas copied, EC cells decoded from k survivors by
+//! [`ec_rebuild`]), reintegration resync, drain, and scrub with repair from healthy shards.
 
+pub mod ec_rebuild;
 mod engine;
 
 pub use engine::{Engine, EngineConfig};

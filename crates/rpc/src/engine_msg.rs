@@ -56,6 +56,9 @@ pub enum EngineReq {
     Scrub { pool: PoolId, map_version: u64 },
     /// One stored record by raw key, verified (scrub's repair source).
     RawGet { pool: PoolId, map_version: u64, target: u16, key: Vec<u8> },
+    /// Every stored record of one object on `target` (postcard `Vec<ImportRecord>` in the
+    /// answer's payload): the sources of an EC shard rebuild.
+    Export { pool: PoolId, map_version: u64, target: u16, cont: ContId, oid: Oid },
     /// Rebuild: store these records (postcard `Vec<ImportRecord>` in the payload) on `target`,
     /// keeping their epochs.
     Import { pool: PoolId, map_version: u64, target: u16 },

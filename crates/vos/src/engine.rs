@@ -46,6 +46,9 @@ pub type RowIter<'a> = Box<dyn Iterator<Item = Result<Row, VosError>> + 'a>;
 pub trait KvEngine: Send + Sync {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, VosError>;
     fn scan<'a>(&'a self, space: Space, start: &[u8], end: Option<&[u8]>, reverse: bool) -> RowIter<'a>;
+    /// Keys only, in order, without reading separated values: scrub lists keys this way so that
+    /// a damaged value file is attributed to the record it belongs to.
+    fn scan_keys<'a>(&'a self, space: Space) -> Box<dyn Iterator<Item = Result<Vec<u8>, VosError>> + 'a>;
     fn apply(&self, ops: Vec<EngineOp>) -> Result<(), VosError>;
     fn sync(&self) -> Result<(), VosError>;
     fn disk_bytes(&self) -> u64;
@@ -138,6 +141,10 @@ impl KvEngine for FjallEngine {
         } else {
             Box::new(it.map(map))
         }
+    }
+
+    fn scan_keys<'a>(&'a self, space: Space) -> Box<dyn Iterator<Item = Result<Vec<u8>, VosError>> + 'a> {
+        Box::new(self.ks(space).iter().map(|g: fjall::Guard| g.into_inner_if(|_| false).map(|(k, _)| k.to_vec()).map_err(map_fjall)))
     }
 
     fn apply(&self, ops: Vec<EngineOp>) -> Result<(), VosError> {

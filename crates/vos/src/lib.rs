@@ -142,6 +142,31 @@ impl RawRecord {
             key_codec::decode_record_key(&self.key).map(|k| k.dkey)
         }
     }
+
+    /// The decoded key of a value row (`None` for punch-index rows or an undecodable key).
+    pub fn record_key(&self) -> Option<RecordKey> {
+        if self.punch {
+            None
+        } else {
+            key_codec::decode_record_key(&self.key)
+        }
+    }
+
+    /// The checksum-verified payload of a stored value (`Ok(None)` for punch rows and extent
+    /// punches, which carry no bytes).
+    pub fn payload(&self) -> Result<Option<&[u8]>, VosError> {
+        if self.punch {
+            return Ok(None);
+        }
+        let r = record::decode(&self.value).map_err(|d| VosError::Corrupt { location: format!("record {}", hex_prefix(&self.key)), defect: d.to_string() })?;
+        Ok((r.kind == record::RecordKind::Value).then_some(r.payload))
+    }
+
+    /// A value row with this row's key and another payload (an EC cell decoded for a different
+    /// shard of the same stripe version).
+    pub fn with_payload(&self, payload: &[u8]) -> RawRecord {
+        RawRecord { punch: false, key: self.key.clone(), value: record::encode(record::RecordKind::Value, payload.len() as u64, payload) }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -165,4 +190,8 @@ pub struct SpaceInfo {
     pub used_bytes: u64,
     pub fs_total_bytes: u64,
     pub fs_free_bytes: u64,
+}
+
+fn hex_prefix(k: &[u8]) -> String {
+    k.iter().take(48).map(|b| format!("{b:02x}")).collect()
 }

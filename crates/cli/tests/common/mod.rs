@@ -157,5 +157,10 @@ impl Drop for Cluster {
         }
         // Any server left behind (e.g. the test panicked mid-way) is killed by its directory.
         let _ = Command::new("pkill").args(["-9", "-f", &format!("strata server --dir {}/", self.dir.path().display())]).status();
+        // STRATA_TEST_KEEP=1 keeps the cluster's directory (logs, data) for a post-mortem.
+        if std::env::var_os("STRATA_TEST_KEEP").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            eprintln!("kept cluster directory {}", dir.keep().display());
+        }
     }
 }
