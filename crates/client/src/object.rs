@@ -415,6 +415,11 @@ impl ObjHandle {
         self.update(dkey, vec![WireOp::PunchAkey { akey: akey.to_vec() }], Bytes::new()).await
     }
 
+    /// Punch `[offset, offset + len)` of an array akey: it reads as zeros afterwards.
+    pub async fn punch_extent(&self, dkey: &[u8], akey: &[u8], offset: u64, len: u64) -> Result<Epoch, ClientError> {
+        self.update(dkey, vec![WireOp::PunchExtent { akey: akey.to_vec(), offset, len }], Bytes::new()).await
+    }
+
     /// Punch the whole object: every group records the punch.
     pub async fn punch(&self) -> Result<(), ClientError> {
         let layout = self.cont.pool.layout(self.oid)?;

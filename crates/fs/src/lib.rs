@@ -1,1 +1,26 @@
-//! strata-fs: not built yet (see ARCHITECTURE.md for what it will own).
+//! `strata-fs`: the POSIX file system of Strata (seeds 001 and 003).
+//!
+//! A volume is a container of type `posix`. Its metadata lives in KV tables
+//! ([`meta_schema`]): dentries `(parent ino, name) -> (ino, kind)` and inodes
+//! `ino -> attributes`, sharded by the first 9 key bytes so a directory is one shard and one
+//! prefix scan. Every multi-key change is one serializable transaction ([`namespace`]),
+//! retried on conflict a bounded number of times. File data is one array object per file,
+//! chunked by dkey ([`file_data`]); the object class comes from the file, its directory, or
+//! the container default. The FUSE mount ([`fuse_mount`]) adds a metadata cache with
+//! close-to-open consistency and write-back buffering ([`write_back`]) flushed on fsync and
+//! close.
+//!
+//! Limits: names 255 bytes, symlink targets 4096 bytes, files 16 TiB
+//! ([`namespace::FILE_BYTES_MAX`]), xattrs 64 KiB per value and 256 KiB per inode.
+
+pub mod exnode;
+pub mod file_data;
+pub mod fs_error;
+pub mod fuse_mount;
+pub mod ino_alloc;
+pub mod meta_schema;
+pub mod meta_store;
+pub mod namespace;
+pub mod write_back;
+
+pub use fs_error::FsError;

@@ -1,0 +1,244 @@
+//! File data: one array object per file; byte `o` of the file lives in chunk `o / chunk_bytes`
+//! (the dkey, 8 bytes big-endian) at offset `o % chunk_bytes` of the akey [`DATA_AKEY`].
+//! A hole is a chunk or range never written: it costs nothing and reads as zeros.
+//!
+//! [`DataStore`] is the chunk-level contract (the object store, or memory in tests);
+//! [`FileData`] splits byte ranges into chunks and runs chunk I/O concurrently, bounded by
+//! [`CHUNK_IO_INFLIGHT_MAX`].
+
+use crate::fs_error::FsError;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use strata_types::{Epoch, ObjectClass, ObjectType, Oid};
+
+pub const DATA_AKEY: &[u8] = b"d";
+/// Chunk reads or writes in flight for one file operation.
+pub const CHUNK_IO_INFLIGHT_MAX: usize = 8;
+/// Chunks punched one by one when shrinking a file; beyond this the object's dkeys are listed
+/// instead (a sparse multi-terabyte file must not cost millions of punches).
+pub const PUNCH_BY_INDEX_MAX: u64 = 4096;
+
+/// The data object of inode `ino` with class `class`: the inode number is its sequence.
+pub fn data_oid(ino: u64, class: &str) -> Result<Oid, FsError> {
+    let c: ObjectClass = class.parse().map_err(|e| FsError::Invalid(format!("object class '{class}': {e}")))?;
+    Ok(Oid::new(ObjectType::Array, c, u128::from(ino)))
+}
+
+pub fn chunk_dkey(chunk: u64) -> [u8; 8] {
+    chunk.to_be_bytes()
+}
+
+pub trait DataStore: Send + Sync + 'static {
+    fn write_chunk(&self, oid: Oid, chunk: u64, offset: u64, data: &[u8]) -> impl Future<Output = Result<(), FsError>> + Send;
+    /// Exactly `len` bytes; holes read as zeros.
+    fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, epoch: Epoch) -> impl Future<Output = Result<Vec<u8>, FsError>> + Send;
+    fn punch_chunk(&self, oid: Oid, chunk: u64) -> impl Future<Output = Result<(), FsError>> + Send;
+    fn punch_range(&self, oid: Oid, chunk: u64, offset: u64, len: u64) -> impl Future<Output = Result<(), FsError>> + Send;
+    /// Chunks holding data (any order).
+    fn chunks(&self, oid: Oid) -> impl Future<Output = Result<Vec<u64>, FsError>> + Send;
+    fn punch_object(&self, oid: Oid) -> impl Future<Output = Result<(), FsError>> + Send;
+}
+
+#[derive(Clone)]
+pub struct FileData<D: DataStore> {
+    pub store: Arc<D>,
+    pub chunk_bytes: u64,
+}
+
+impl<D: DataStore> FileData<D> {
+    pub fn new(store: Arc<D>, chunk_bytes: u64) -> FileData<D> {
+        assert!(chunk_bytes.is_power_of_two());
+        FileData { store, chunk_bytes }
+    }
+
+    /// `(chunk, offset in chunk, range in the caller's buffer)` pieces of `[offset, offset+len)`.
+    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, std::ops::Range<usize>)> {
+        let mut out = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let chunk = pos / self.chunk_bytes;
+            let in_chunk = pos % self.chunk_bytes;
+            let n = (self.chunk_bytes - in_chunk).min(end - pos);
+            out.push((chunk, in_chunk, (pos - offset) as usize..(pos - offset + n) as usize));
+            pos += n;
+        }
+        out
+    }
+
+    pub async fn write(&self, oid: Oid, offset: u64, data: &[u8]) -> Result<(), FsError> {
+        let pieces = self.pieces(offset, data.len() as u64);
+        stream::iter(pieces.into_iter().map(|(c, o, r)| self.store.write_chunk(oid, c, o, &data[r])))
+            .buffer_unordered(CHUNK_IO_INFLIGHT_MAX)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    pub async fn read(&self, oid: Oid, offset: u64, len: u64, epoch: Epoch) -> Result<Vec<u8>, FsError> {
+        let pieces = self.pieces(offset, len);
+        let parts: Vec<(std::ops::Range<usize>, Vec<u8>)> = stream::iter(pieces.into_iter().map(|(c, o, r)| async move {
+            let d = self.store.read_chunk(oid, c, o, r.len() as u64, epoch).await?;
+            Ok::<_, FsError>((r, d))
+        }))
+        .buffer_unordered(CHUNK_IO_INFLIGHT_MAX)
+        .try_collect()
+        .await?;
+        let mut out = vec![0u8; len as usize];
+        for (r, d) in parts {
+            let n = d.len().min(r.len());
+            out[r.start..r.start + n].copy_from_slice(&d[..n]);
+        }
+        Ok(out)
+    }
+
+    /// Make `[new_size, old_size)` a hole after a truncate.
+    pub async fn truncate(&self, oid: Oid, new_size: u64, old_size: u64) -> Result<(), FsError> {
+        if new_size >= old_size {
+            return Ok(());
+        }
+        let first_whole = new_size.div_ceil(self.chunk_bytes);
+        if new_size % self.chunk_bytes != 0 {
+            let c = new_size / self.chunk_bytes;
+            let o = new_size % self.chunk_bytes;
+            self.store.punch_range(oid, c, o, self.chunk_bytes - o).await?;
+        }
+        let last = old_size.div_ceil(self.chunk_bytes);
+        let doomed: Vec<u64> = if last - first_whole <= PUNCH_BY_INDEX_MAX {
+            (first_whole..last).collect()
+        } else {
+            self.store.chunks(oid).await?.into_iter().filter(|c| *c >= first_whole).collect()
+        };
+        stream::iter(doomed.into_iter().map(|c| self.store.punch_chunk(oid, c))).buffer_unordered(CHUNK_IO_INFLIGHT_MAX).try_collect::<Vec<()>>().await?;
+        Ok(())
+    }
+
+    /// Zero `[offset, offset+len)` inside the file (fallocate punch-hole).
+    pub async fn punch_hole(&self, oid: Oid, offset: u64, len: u64) -> Result<(), FsError> {
+        for (c, o, r) in self.pieces(offset, len) {
+            if o == 0 && r.len() as u64 == self.chunk_bytes {
+                self.store.punch_chunk(oid, c).await?;
+            } else {
+                self.store.punch_range(oid, c, o, r.len() as u64).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Chunks in memory, newest data only (tests of everything above the object store).
+#[derive(Default)]
+pub struct MemData {
+    chunks: Mutex<HashMap<(Oid, u64), Vec<u8>>>,
+}
+
+impl MemData {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Oid, u64), Vec<u8>>> {
+        self.chunks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl DataStore for MemData {
+    async fn write_chunk(&self, oid: Oid, chunk: u64, offset: u64, data: &[u8]) -> Result<(), FsError> {
+        let mut m = self.lock();
+        let c = m.entry((oid, chunk)).or_default();
+        let end = offset as usize + data.len();
+        if c.len() < end {
+            c.resize(end, 0);
+        }
+        c[offset as usize..end].copy_from_slice(data);
+        Ok(())
+    }
+    async fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, _epoch: Epoch) -> Result<Vec<u8>, FsError> {
+        let m = self.lock();
+        let mut out = vec![0u8; len as usize];
+        if let Some(c) = m.get(&(oid, chunk)) {
+            let s = (offset as usize).min(c.len());
+            let e = (offset as usize + len as usize).min(c.len());
+            out[..e - s].copy_from_slice(&c[s..e]);
+        }
+        Ok(out)
+    }
+    async fn punch_chunk(&self, oid: Oid, chunk: u64) -> Result<(), FsError> {
+        self.lock().remove(&(oid, chunk));
+        Ok(())
+    }
+    async fn punch_range(&self, oid: Oid, chunk: u64, offset: u64, len: u64) -> Result<(), FsError> {
+        if let Some(c) = self.lock().get_mut(&(oid, chunk)) {
+            let s = (offset as usize).min(c.len());
+            let e = (offset as usize + len as usize).min(c.len());
+            c[s..e].fill(0);
+        }
+        Ok(())
+    }
+    async fn chunks(&self, oid: Oid) -> Result<Vec<u64>, FsError> {
+        Ok(self.lock().keys().filter(|(o, _)| *o == oid).map(|(_, c)| *c).collect())
+    }
+    async fn punch_object(&self, oid: Oid) -> Result<(), FsError> {
+        self.lock().retain(|(o, _), _| *o != oid);
+        Ok(())
+    }
+}
+
+/// Chunks as extents of array objects in a Strata container.
+pub struct ObjData {
+    pub cont: strata_client::ContHandle,
+}
+
+fn data_err(e: strata_client::ClientError) -> FsError {
+    FsError::Data(e.to_string())
+}
+
+impl DataStore for ObjData {
+    async fn write_chunk(&self, oid: Oid, chunk: u64, offset: u64, data: &[u8]) -> Result<(), FsError> {
+        self.cont.object(oid).write(&chunk_dkey(chunk), DATA_AKEY, offset, data).await.map_err(data_err)?;
+        Ok(())
+    }
+    async fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, epoch: Epoch) -> Result<Vec<u8>, FsError> {
+        let (mut d, _) = self.cont.object(oid).read(&chunk_dkey(chunk), DATA_AKEY, offset, len, epoch).await.map_err(data_err)?;
+        d.resize(len as usize, 0);
+        Ok(d)
+    }
+    async fn punch_chunk(&self, oid: Oid, chunk: u64) -> Result<(), FsError> {
+        self.cont.object(oid).punch_dkey(&chunk_dkey(chunk)).await.map_err(data_err)?;
+        Ok(())
+    }
+    async fn punch_range(&self, oid: Oid, chunk: u64, offset: u64, len: u64) -> Result<(), FsError> {
+        self.cont.object(oid).punch_extent(&chunk_dkey(chunk), DATA_AKEY, offset, len).await.map_err(data_err)?;
+        Ok(())
+    }
+    async fn chunks(&self, oid: Oid) -> Result<Vec<u64>, FsError> {
+        let keys = self.cont.object(oid).list_dkeys(Epoch::MAX).await.map_err(data_err)?;
+        Ok(keys.iter().filter_map(|k| <[u8; 8]>::try_from(k.as_slice()).ok()).map(u64::from_be_bytes).collect())
+    }
+    async fn punch_object(&self, oid: Oid) -> Result<(), FsError> {
+        self.cont.object(oid).punch().await.map_err(data_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_at_chunk_boundaries_and_truncate_makes_holes() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let fd = FileData::new(Arc::new(MemData::default()), 4096);
+            let oid = data_oid(7, "S1").unwrap();
+            let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+            fd.write(oid, 1000, &data).await.unwrap();
+            assert_eq!(fd.read(oid, 1000, 10_000, Epoch::MAX).await.unwrap(), data);
+            assert_eq!(fd.read(oid, 0, 1000, Epoch::MAX).await.unwrap(), vec![0; 1000]);
+            fd.truncate(oid, 5000, 11_000).await.unwrap();
+            let got = fd.read(oid, 0, 11_000, Epoch::MAX).await.unwrap();
+            assert_eq!(&got[1000..5000], &data[..4000]);
+            assert!(got[5000..].iter().all(|b| *b == 0));
+            let mut chunks = fd.store.chunks(oid).await.unwrap();
+            chunks.sort();
+            assert_eq!(chunks, vec![0, 1]);
+        });
+    }
+}

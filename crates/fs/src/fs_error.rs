@@ -1,0 +1,66 @@
+//! One error type for file-system operations, with the errno each maps to at the FUSE boundary.
+
+use crate::meta_schema::DecodeError;
+use crate::meta_store::MetaError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("file name longer than 255 bytes")]
+    NameTooLong,
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("no such extended attribute")]
+    NoXattr,
+    #[error("value does not fit the buffer")]
+    Range,
+    #[error("operation not permitted: {0}")]
+    Perm(&'static str),
+    #[error("file too large (limit {0} bytes)")]
+    TooBig(u64),
+    #[error("no space for extended attributes (limit {0} bytes per inode)")]
+    NoSpace(usize),
+    #[error("too many levels of symbolic links")]
+    Loop,
+    #[error("gave up on {0} after {1} conflicting attempts")]
+    Contended(&'static str, u32),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Corrupt(#[from] DecodeError),
+    #[error("data store: {0}")]
+    Data(String),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::NoXattr => libc::ENODATA,
+            FsError::Range => libc::ERANGE,
+            FsError::Perm(_) => libc::EPERM,
+            FsError::TooBig(_) => libc::EFBIG,
+            FsError::NoSpace(_) => libc::ENOSPC,
+            FsError::Loop => libc::ELOOP,
+            FsError::Contended(..) => libc::EAGAIN,
+            FsError::Meta(MetaError::Conflict) => libc::EAGAIN,
+            FsError::Meta(MetaError::Invalid(_)) => libc::EINVAL,
+            FsError::Meta(MetaError::Unavailable(_)) | FsError::Corrupt(_) | FsError::Data(_) => libc::EIO,
+        }
+    }
+}

@@ -1,0 +1,961 @@
+//! The FUSE file system: kernel requests → [`Namespace`] transactions and [`FileData`] I/O.
+//!
+//! fuser calls us synchronously from its worker threads; each callback blocks on the mount's
+//! tokio runtime (`Handle::block_on`), so several requests run at once, one per fuser thread.
+//!
+//! Caching and consistency (close-to-open, as NFS):
+//! - `open` always re-reads the inode from the metadata store. If its data version moved
+//!   since this mount last saw it, the kernel's page cache for the file is dropped (no
+//!   `FOPEN_KEEP_CACHE`), so a reader sees everything a writer flushed before its close.
+//! - Other attributes and name lookups are cached here for `meta_cache` (default 1 s): a
+//!   change by another mount may be seen that late by `stat`, never by `open`+`read`.
+//! - Writes are buffered per open file ([`WriteBack`]) and flushed on `flush` (every close),
+//!   `fsync`, `release`, and when the buffer passes `write_back_bytes_max`. A flushed write is
+//!   durable on every replica (the object store acknowledges only then).
+//! - Permission checks are the kernel's (`default_permissions`).
+//!
+//! Unlinking a file open in this mount keeps its inode as an orphan until the last close.
+//! Another mount holding it open loses it at unlink (reads fail with `ENOENT`).
+
+use crate::file_data::{data_oid, DataStore, FileData};
+use crate::fs_error::FsError;
+use crate::meta_schema::{Inode, Kind};
+use crate::meta_store::MetaStore;
+use crate::namespace::{now_ns, Namespace, NewNode, RenameMode, SetAttr, FILE_BYTES_MAX};
+use crate::write_back::WriteBack;
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use strata_types::Epoch;
+
+/// Entries of one directory listing held for an open directory handle.
+pub const DIR_LIST_ENTRIES_MAX: usize = 1 << 20;
+const DIR_PAGE_ENTRIES: usize = 1024;
+/// Largest write the kernel sends in one request.
+pub const MAX_WRITE_BYTES: u32 = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    pub read_only: bool,
+    pub allow_other: bool,
+    /// How long attributes and names are trusted here without asking the metadata store.
+    pub meta_cache: Duration,
+    /// How long the kernel trusts entries and attributes without asking us.
+    pub kernel_ttl: Duration,
+    /// fuser worker threads (requests served at once).
+    pub threads: usize,
+    /// Dirty bytes buffered per open file before a flush.
+    pub write_back_bytes_max: usize,
+    pub fsname: String,
+    /// Reported by statfs.
+    pub capacity_bytes: u64,
+}
+
+impl Default for MountOptions {
+    fn default() -> MountOptions {
+        MountOptions { read_only: false, allow_other: false, meta_cache: Duration::from_secs(1), kernel_ttl: Duration::ZERO, threads: 4, write_back_bytes_max: 8 << 20, fsname: "strata".into(), capacity_bytes: 1 << 40 }
+    }
+}
+
+struct OpenState {
+    inode: Inode,
+    wb: WriteBack,
+    /// The file's size as this mount sees it (store size, buffered writes, local truncates).
+    size: u64,
+}
+
+struct OpenFile {
+    opens: u32,
+    state: Arc<tokio::sync::Mutex<OpenState>>,
+}
+
+struct DirHandle {
+    entries: Vec<(Vec<u8>, u64, Kind)>,
+}
+
+pub struct StrataFs<S: MetaStore, D: DataStore> {
+    rt: tokio::runtime::Handle,
+    ns: Arc<Namespace<S>>,
+    data: FileData<D>,
+    opts: MountOptions,
+    attrs: Mutex<HashMap<u64, (Inode, Instant)>>,
+    names: Mutex<HashMap<(u64, Vec<u8>), (u64, Instant)>>,
+    open: Mutex<HashMap<u64, OpenFile>>,
+    handles: Mutex<HashMap<u64, u64>>,
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+    /// Data version of each file when this mount last synchronised its page cache with it.
+    seen_version: Mutex<HashMap<u64, u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn errno(e: &FsError) -> Errno {
+    if e.errno() == libc::EIO {
+        tracing::warn!(error = %e, "file system request failed");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn ns_of(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn ns_of_time_or_now(t: TimeOrNow) -> i64 {
+    match t {
+        TimeOrNow::Now => now_ns(),
+        TimeOrNow::SpecificTime(t) => ns_of(t),
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
+    pub fn new(rt: tokio::runtime::Handle, ns: Arc<Namespace<S>>, data: Arc<D>, opts: MountOptions) -> StrataFs<S, D> {
+        let chunk = ns.chunk_bytes;
+        StrataFs {
+            rt,
+            ns,
+            data: FileData::new(data, chunk),
+            opts,
+            attrs: Mutex::default(),
+            names: Mutex::default(),
+            open: Mutex::default(),
+            handles: Mutex::default(),
+            dirs: Mutex::default(),
+            next_fh: AtomicU64::new(1),
+            seen_version: Mutex::default(),
+        }
+    }
+
+    /// FUSE calls the root 1; the volume's root has its own number.
+    fn ino_in(&self, i: INodeNo) -> u64 {
+        if i.0 == 1 {
+            self.ns.root
+        } else {
+            i.0
+        }
+    }
+
+    fn ino_out(&self, ino: u64) -> INodeNo {
+        INodeNo(if ino == self.ns.root { 1 } else { ino })
+    }
+
+    fn attr(&self, i: &Inode) -> FileAttr {
+        let blksize = self.ns.chunk_bytes.min(1 << 20) as u32;
+        FileAttr {
+            ino: self.ino_out(i.ino),
+            size: i.size,
+            blocks: i.size.div_ceil(512),
+            atime: time(i.atime_ns),
+            mtime: time(i.mtime_ns),
+            ctime: time(i.ctime_ns),
+            crtime: time(i.crtime_ns),
+            kind: file_type(i.kind),
+            perm: i.perm,
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: i.rdev,
+            blksize,
+            flags: 0,
+        }
+    }
+
+    fn remember(&self, i: &Inode) {
+        lock(&self.attrs).insert(i.ino, (i.clone(), Instant::now()));
+    }
+
+    fn forget_ino(&self, ino: u64) {
+        lock(&self.attrs).remove(&ino);
+    }
+
+    fn forget_name(&self, parent: u64, name: &[u8]) {
+        lock(&self.names).remove(&(parent, name.to_vec()));
+    }
+
+    fn open_state(&self, ino: u64) -> Option<Arc<tokio::sync::Mutex<OpenState>>> {
+        lock(&self.open).get(&ino).map(|o| o.state.clone())
+    }
+
+    fn is_open(&self, ino: u64) -> bool {
+        lock(&self.open).contains_key(&ino)
+    }
+
+    /// The inode as this mount sees it: cached within `meta_cache`, with the size and mtime of
+    /// buffered writes of an open file.
+    async fn inode(&self, ino: u64, fresh: bool) -> Result<Inode, FsError> {
+        let cached = if fresh { None } else { lock(&self.attrs).get(&ino).filter(|(_, t)| t.elapsed() < self.opts.meta_cache).map(|(i, _)| i.clone()) };
+        let mut i = match cached {
+            Some(i) => i,
+            None => {
+                let i = self.ns.inode(ino).await?;
+                self.remember(&i);
+                i
+            }
+        };
+        if let Some(st) = self.open_state(ino) {
+            let st = st.lock().await;
+            i.size = st.size;
+            if !st.wb.is_empty() {
+                i.mtime_ns = i.mtime_ns.max(st.wb.mtime_ns);
+                i.ctime_ns = i.ctime_ns.max(st.wb.mtime_ns);
+            }
+        }
+        Ok(i)
+    }
+
+    async fn lookup_name(&self, parent: u64, name: &[u8]) -> Result<Inode, FsError> {
+        let key = (parent, name.to_vec());
+        let hit = lock(&self.names).get(&key).filter(|(_, t)| t.elapsed() < self.opts.meta_cache).map(|(i, _)| *i);
+        if let Some(ino) = hit {
+            match self.inode(ino, false).await {
+                Ok(i) => return Ok(i),
+                Err(FsError::NotFound) => self.forget_name(parent, name),
+                Err(e) => return Err(e),
+            }
+        }
+        let i = self.ns.lookup(parent, name).await?;
+        self.remember(&i);
+        lock(&self.names).insert(key, (i.ino, Instant::now()));
+        self.inode(i.ino, false).await
+    }
+
+    fn writable(&self) -> Result<(), FsError> {
+        if self.opts.read_only {
+            return Err(FsError::Perm("read-only mount"));
+        }
+        Ok(())
+    }
+
+    /// Write the buffered extents of an open file to its object, then record the new size.
+    async fn flush_state(&self, st: &mut OpenState) -> Result<(), FsError> {
+        if st.wb.is_empty() {
+            return Ok(());
+        }
+        let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+        let oid = data_oid(st.inode.ino, &class)?;
+        let mtime = st.wb.mtime_ns;
+        let extents = st.wb.take();
+        let end = extents.iter().map(|(o, d)| o + d.len() as u64).max().unwrap_or(0);
+        let mut failed = None;
+        for (off, d) in &extents {
+            if let Err(e) = self.data.write(oid, *off, d).await {
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            // Keep the bytes: a later flush may succeed.
+            for (off, d) in extents {
+                st.wb.write(off, &d, mtime);
+            }
+            return Err(e);
+        }
+        let i = self.ns.commit_write(st.inode.ino, end.min(st.size), mtime).await?;
+        lock(&self.seen_version).insert(i.ino, i.data_version);
+        self.remember(&i);
+        st.size = st.size.max(i.size);
+        st.inode = i;
+        Ok(())
+    }
+
+    async fn flush_ino(&self, ino: u64) -> Result<(), FsError> {
+        if let Some(st) = self.open_state(ino) {
+            let mut st = st.lock().await;
+            self.flush_state(&mut st).await?;
+        }
+        Ok(())
+    }
+
+    async fn punch_freed(&self, freed: &[Inode]) {
+        for i in freed {
+            self.forget_ino(i.ino);
+            if i.kind != Kind::File {
+                continue;
+            }
+            let class = i.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+            match data_oid(i.ino, &class) {
+                // Garbage if this fails: the inode is gone, the object unreachable.
+                Ok(oid) => {
+                    if let Err(e) = self.data.store.punch_object(oid).await {
+                        tracing::warn!(ino = i.ino, error = %e, "could not punch a deleted file's data");
+                    }
+                }
+                Err(e) => tracing::warn!(ino = i.ino, error = %e, "deleted file has an unusable object class"),
+            }
+        }
+    }
+
+    async fn do_setattr(&self, ino: u64, mut a: SetAttr) -> Result<Inode, FsError> {
+        self.writable()?;
+        if let Some(size) = a.size {
+            if size > FILE_BYTES_MAX {
+                return Err(FsError::TooBig(FILE_BYTES_MAX));
+            }
+            let cur = self.ns.inode(ino).await?;
+            if cur.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            let class = cur.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+            let oid = data_oid(ino, &class)?;
+            let state = self.open_state(ino);
+            let mut guard = match &state {
+                Some(s) => Some(s.lock().await),
+                None => None,
+            };
+            let old = guard.as_ref().map_or(cur.size, |g| g.size.max(cur.size));
+            if let Some(g) = guard.as_mut() {
+                g.wb.truncate(size);
+            }
+            self.data.truncate(oid, size, old).await?;
+            a.mtime_ns = a.mtime_ns.or(Some(now_ns()));
+            let i = self.ns.setattr(ino, &a).await?;
+            if let Some(g) = guard.as_mut() {
+                g.size = size;
+                g.inode = i.clone();
+            }
+            lock(&self.seen_version).insert(ino, i.data_version);
+            self.remember(&i);
+            return Ok(i);
+        }
+        let i = self.ns.setattr(ino, &a).await?;
+        self.remember(&i);
+        Ok(i)
+    }
+
+    async fn make(&self, req: &Request, parent: u64, name: &OsStr, node: NewNode) -> Result<Inode, FsError> {
+        self.writable()?;
+        let _ = req;
+        let i = self.ns.create(parent, name.as_bytes(), node).await?;
+        self.forget_ino(parent);
+        self.remember(&i);
+        Ok(i)
+    }
+
+    async fn open_file(&self, ino: u64, truncate: bool) -> Result<(u64, FopenFlags), FsError> {
+        // Close-to-open: always the store's current inode, never the cache.
+        let fresh = self.ns.inode(ino).await?;
+        self.remember(&fresh);
+        if fresh.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let keep = {
+            let mut seen = lock(&self.seen_version);
+            let same = seen.get(&ino) == Some(&fresh.data_version);
+            seen.insert(ino, fresh.data_version);
+            same
+        };
+        let state = {
+            let mut open = lock(&self.open);
+            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default() })) });
+            e.opens += 1;
+            e.state.clone()
+        };
+        {
+            let mut st = state.lock().await;
+            if st.wb.is_empty() {
+                st.size = fresh.size;
+            }
+            st.inode = fresh.clone();
+        }
+        let _ = truncate;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, ino);
+        Ok((fh, if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }))
+    }
+
+    async fn release_file(&self, ino: u64, fh: u64) -> Result<(), FsError> {
+        lock(&self.handles).remove(&fh);
+        let flushed = self.flush_ino(ino).await;
+        let last = {
+            let mut open = lock(&self.open);
+            match open.get_mut(&ino) {
+                Some(o) if o.opens > 1 => {
+                    o.opens -= 1;
+                    false
+                }
+                Some(_) => {
+                    open.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            // The last close of an unlinked file reclaims it.
+            if let Ok(i) = self.ns.inode(ino).await {
+                if i.nlink == 0 {
+                    if let Some(i) = self.ns.reclaim_orphan(ino).await? {
+                        self.punch_freed(&[i]).await;
+                    }
+                }
+            }
+        }
+        flushed
+    }
+
+    async fn read_file(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let Some(state) = self.open_state(ino) else {
+            // Reads without an open (kernel readahead after release): plain store read.
+            let i = self.ns.inode(ino).await?;
+            return self.read_at(&i, i.size, offset, size, Epoch::MAX).await;
+        };
+        let st = state.lock().await;
+        let mut out = self.read_at(&st.inode, st.size, offset, size, Epoch::MAX).await?;
+        st.wb.overlay(offset, &mut out);
+        Ok(out)
+    }
+
+    async fn read_at(&self, i: &Inode, file_size: u64, offset: u64, size: u32, epoch: Epoch) -> Result<Vec<u8>, FsError> {
+        if offset >= file_size {
+            return Ok(Vec::new());
+        }
+        let len = u64::from(size).min(file_size - offset);
+        let class = i.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+        self.data.read(data_oid(i.ino, &class)?, offset, len, epoch).await
+    }
+
+    async fn write_file(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        self.writable()?;
+        if offset.checked_add(data.len() as u64).is_none_or(|e| e > FILE_BYTES_MAX) {
+            return Err(FsError::TooBig(FILE_BYTES_MAX));
+        }
+        let state = match self.open_state(ino) {
+            Some(s) => s,
+            None => return Err(FsError::Invalid("write to a file that is not open".into())),
+        };
+        let mut st = state.lock().await;
+        st.wb.write(offset, data, now_ns());
+        st.size = st.size.max(offset + data.len() as u64);
+        if st.wb.bytes() >= self.opts.write_back_bytes_max {
+            self.flush_state(&mut st).await?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    async fn list_dir(&self, ino: u64) -> Result<DirHandle, FsError> {
+        let dir = self.inode(ino, false).await?;
+        if dir.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let mut entries = vec![(b".".to_vec(), ino, Kind::Dir), (b"..".to_vec(), dir.parent, Kind::Dir)];
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.ns.readdir(ino, after.as_deref(), DIR_PAGE_ENTRIES).await?;
+            let n = page.len();
+            for (name, d) in page {
+                entries.push((name.clone(), d.ino, d.kind));
+                after = Some(name);
+            }
+            if n < DIR_PAGE_ENTRIES {
+                break;
+            }
+            if entries.len() > DIR_LIST_ENTRIES_MAX {
+                return Err(FsError::Invalid(format!("directory has more than {DIR_LIST_ENTRIES_MAX} entries")));
+            }
+        }
+        Ok(DirHandle { entries })
+    }
+
+    fn dir_handle(&self, fh: u64, ino: u64) -> Result<Arc<DirHandle>, FsError> {
+        if let Some(d) = lock(&self.dirs).get(&fh) {
+            return Ok(d.clone());
+        }
+        // No opendir state (should not happen): list now.
+        Ok(Arc::new(self.rt.block_on(self.list_dir(ino))?))
+    }
+
+    fn block<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.rt.block_on(f)
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, data: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE_BYTES);
+        let _ = config.set_max_readahead(MAX_WRITE_BYTES);
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = self.ino_in(parent);
+        match self.block(self.lookup_name(parent, name.as_bytes())) {
+            Ok(i) => reply.entry(&self.opts.kernel_ttl, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ino = self.ino_in(ino);
+        match self.block(self.inode(ino, false)) {
+            Ok(i) => reply.attr(&self.opts.kernel_ttl, &self.attr(&i)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let ino = self.ino_in(ino);
+        let a = SetAttr { perm: mode.map(|m| (m & 0o7777) as u16), uid, gid, size, atime_ns: atime.map(ns_of_time_or_now), mtime_ns: mtime.map(ns_of_time_or_now), ctime_ns: ctime.map(ns_of) };
+        let r = self.block(async {
+            self.do_setattr(ino, a).await?;
+            self.inode(ino, false).await
+        });
+        match r {
+            Ok(i) => reply.attr(&self.opts.kernel_ttl, &self.attr(&i)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let ino = self.ino_in(ino);
+        match self.block(self.inode(ino, false)) {
+            Ok(i) => match &i.symlink {
+                Some(t) => reply.data(t),
+                None => reply.error(Errno::EINVAL),
+            },
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let parent = self.ino_in(parent);
+        let Some(kind) = Kind::from_mode(mode) else { return reply.error(Errno::EINVAL) };
+        if kind == Kind::Dir || kind == Kind::Symlink {
+            return reply.error(Errno::EINVAL);
+        }
+        let node = NewNode { kind, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev, symlink: None };
+        match self.block(self.make(req, parent, name, node)) {
+            Ok(i) => reply.entry(&self.opts.kernel_ttl, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let parent = self.ino_in(parent);
+        let node = NewNode { kind: Kind::Dir, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev: 0, symlink: None };
+        match self.block(self.make(req, parent, name, node)) {
+            Ok(i) => reply.entry(&self.opts.kernel_ttl, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let parent = self.ino_in(parent);
+        let r = self.block(async {
+            self.writable()?;
+            let rel = self.ns.unlink(parent, name.as_bytes(), |i| self.is_open(i)).await?;
+            self.forget_name(parent, name.as_bytes());
+            self.forget_ino(parent);
+            for o in &rel.orphaned {
+                self.forget_ino(*o);
+            }
+            self.punch_freed(&rel.freed).await;
+            Ok::<_, FsError>(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let parent = self.ino_in(parent);
+        let r = self.block(async {
+            self.writable()?;
+            self.ns.rmdir(parent, name.as_bytes()).await?;
+            self.forget_name(parent, name.as_bytes());
+            self.forget_ino(parent);
+            Ok::<_, FsError>(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let parent = self.ino_in(parent);
+        let node = NewNode { kind: Kind::Symlink, perm: 0o777, uid: req.uid(), gid: req.gid(), rdev: 0, symlink: Some(target.as_os_str().as_bytes().to_vec()) };
+        match self.block(self.make(req, parent, link_name, node)) {
+            Ok(i) => reply.entry(&self.opts.kernel_ttl, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        let (parent, newparent) = (self.ino_in(parent), self.ino_in(newparent));
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        }
+        let mode = RenameMode { noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE), exchange: flags.contains(RenameFlags::RENAME_EXCHANGE) };
+        let r = self.block(async {
+            self.writable()?;
+            let rel = self.ns.rename(parent, name.as_bytes(), newparent, newname.as_bytes(), mode, |i| self.is_open(i)).await?;
+            self.forget_name(parent, name.as_bytes());
+            self.forget_name(newparent, newname.as_bytes());
+            self.forget_ino(parent);
+            self.forget_ino(newparent);
+            for o in &rel.orphaned {
+                self.forget_ino(*o);
+            }
+            // The moved inode's ctime (and a directory's parent) changed.
+            lock(&self.attrs).clear();
+            self.punch_freed(&rel.freed).await;
+            Ok::<_, FsError>(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let (ino, newparent) = (self.ino_in(ino), self.ino_in(newparent));
+        let r = self.block(async {
+            self.writable()?;
+            let i = self.ns.link(ino, newparent, newname.as_bytes()).await?;
+            self.forget_ino(newparent);
+            self.remember(&i);
+            self.inode(ino, false).await
+        });
+        match r {
+            Ok(i) => reply.entry(&self.opts.kernel_ttl, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let ino = self.ino_in(ino);
+        if self.opts.read_only && flags.acc_mode() != fuser::OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.block(self.open_file(ino, flags.0 & libc::O_TRUNC != 0)) {
+            Ok((fh, f)) => reply.opened(FileHandle(fh), f),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock_owner: Option<LockOwner>, reply: ReplyData) {
+        let ino = self.ino_in(ino);
+        match self.block(self.read_file(ino, offset, size)) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, data: &[u8], _write_flags: WriteFlags, _flags: OpenFlags, _lock_owner: Option<LockOwner>, reply: ReplyWrite) {
+        let ino = self.ino_in(ino);
+        match self.block(self.write_file(ino, offset, data)) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let ino = self.ino_in(ino);
+        match self.block(self.flush_ino(ino)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock_owner: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        let ino = self.ino_in(ino);
+        match self.block(self.release_file(ino, fh.0)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let ino = self.ino_in(ino);
+        match self.block(self.flush_ino(ino)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let ino = self.ino_in(ino);
+        match self.block(self.list_dir(ino)) {
+            Ok(d) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                lock(&self.dirs).insert(fh, Arc::new(d));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let ino = self.ino_in(ino);
+        let d = match self.dir_handle(fh.0, ino) {
+            Ok(d) => d,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        for (i, (name, child, kind)) in d.entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(self.ino_out(*child), (i + 1) as u64, file_type(*kind), OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let ino = self.ino_in(ino);
+        let d = match self.dir_handle(fh.0, ino) {
+            Ok(d) => d,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        for (i, (name, child, _)) in d.entries.iter().enumerate().skip(offset as usize) {
+            let attr = match self.block(self.inode(*child, false)) {
+                Ok(a) => a,
+                // Removed since the listing: leave it out.
+                Err(FsError::NotFound) => continue,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            if reply.add(self.ino_out(*child), (i + 1) as u64, OsStr::from_bytes(name), &self.opts.kernel_ttl, &self.attr(&attr), Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Every metadata change is committed (durably) before its request returns.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let bsize = 4096u64;
+        let blocks = self.opts.capacity_bytes / bsize;
+        reply.statfs(blocks, blocks, blocks, u64::from(u32::MAX), u64::from(u32::MAX), bsize as u32, crate::meta_schema::NAME_BYTES_MAX as u32, bsize as u32);
+    }
+
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        let ino = self.ino_in(ino);
+        let r = self.block(async {
+            self.writable()?;
+            self.ns.set_xattr(ino, name.as_bytes(), value, flags & libc::XATTR_CREATE != 0, flags & libc::XATTR_REPLACE != 0).await?;
+            self.forget_ino(ino);
+            Ok::<_, FsError>(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let ino = self.ino_in(ino);
+        match self.block(self.inode(ino, false)) {
+            Ok(i) => match i.xattrs.get(name.as_bytes()) {
+                Some(v) => xattr_reply(reply, v, size),
+                None => reply.error(Errno::from_i32(libc::ENODATA)),
+            },
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let ino = self.ino_in(ino);
+        match self.block(self.inode(ino, false)) {
+            Ok(i) => {
+                let mut names = Vec::new();
+                for k in i.xattrs.keys() {
+                    names.extend_from_slice(k);
+                    names.push(0);
+                }
+                xattr_reply(reply, &names, size);
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let ino = self.ino_in(ino);
+        let r = self.block(async {
+            self.writable()?;
+            self.ns.remove_xattr(ino, name.as_bytes()).await?;
+            self.forget_ino(ino);
+            Ok::<_, FsError>(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let ino = self.ino_in(ino);
+        let i = match self.block(self.inode(ino, false)) {
+            Ok(i) => i,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        if mask == AccessFlags::F_OK {
+            return reply.ok();
+        }
+        if mask.contains(AccessFlags::W_OK) && self.opts.read_only {
+            return reply.error(Errno::EROFS);
+        }
+        let want = mask.bits() as u16 & 0o7;
+        let granted = if req.uid() == 0 {
+            // Root may do anything but execute a file nobody may execute.
+            if want & 1 != 0 && i.kind != Kind::Dir && i.perm & 0o111 == 0 {
+                0o6
+            } else {
+                0o7
+            }
+        } else if req.uid() == i.uid {
+            (i.perm >> 6) & 7
+        } else if req.gid() == i.gid {
+            (i.perm >> 3) & 7
+        } else {
+            i.perm & 7
+        };
+        if want & !granted == 0 {
+            reply.ok()
+        } else {
+            reply.error(Errno::EACCES)
+        }
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let parent = self.ino_in(parent);
+        let node = NewNode { kind: Kind::File, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev: 0, symlink: None };
+        let r = self.block(async {
+            let i = self.make(req, parent, name, node).await?;
+            let (fh, f) = self.open_file(i.ino, flags & libc::O_TRUNC != 0).await?;
+            Ok::<_, FsError>((i, fh, f))
+        });
+        match r {
+            Ok((i, fh, f)) => reply.created(&self.opts.kernel_ttl, &self.attr(&i), Generation(0), FileHandle(fh), f),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let ino = self.ino_in(ino);
+        let r = self.block(async {
+            self.writable()?;
+            let end = offset.checked_add(length).filter(|e| *e <= FILE_BYTES_MAX).ok_or(FsError::TooBig(FILE_BYTES_MAX))?;
+            let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+            let punch = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
+            if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+                return Err(FsError::Invalid("unsupported fallocate mode".into()));
+            }
+            self.flush_ino(ino).await?;
+            let cur = self.inode(ino, true).await?;
+            if punch {
+                let class = cur.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+                let hole_end = end.min(cur.size);
+                if offset < hole_end {
+                    self.data.punch_hole(data_oid(ino, &class)?, offset, hole_end - offset).await?;
+                    self.ns.commit_write(ino, 0, now_ns()).await?;
+                }
+            }
+            // Space is never reserved (objects are sparse); extending the size is what shows.
+            if !keep_size && end > cur.size {
+                self.do_setattr(ino, SetAttr { size: Some(end), ..Default::default() }).await?;
+            }
+            if let Some(st) = self.open_state(ino) {
+                let mut st = st.lock().await;
+                if !keep_size {
+                    st.size = st.size.max(end);
+                }
+                if let Ok(i) = self.ns.inode(ino).await {
+                    lock(&self.seen_version).insert(ino, i.data_version);
+                    st.inode = i;
+                }
+            }
+            self.forget_ino(ino);
+            Ok::<_, FsError>(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+/// Mount `fs` on `mountpoint` and serve until unmounted. `on_mounted` runs once the kernel
+/// accepted the mount (daemons report readiness there).
+pub fn serve<S: MetaStore, D: DataStore>(fs: StrataFs<S, D>, mountpoint: &Path, on_mounted: impl FnOnce(fuser::SessionUnmounter)) -> std::io::Result<()> {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![fuser::MountOption::FSName(fs.opts.fsname.clone()), fuser::MountOption::Subtype("strata".into()), fuser::MountOption::DefaultPermissions];
+    if fs.opts.read_only {
+        config.mount_options.push(fuser::MountOption::RO);
+    }
+    if fs.opts.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(fs.opts.threads.max(1));
+    config.clone_fd = fs.opts.threads > 1;
+    let mut session = fuser::Session::new(fs, mountpoint, &config)?;
+    on_mounted(session.unmount_callable());
+    session.run()
+}

@@ -1,0 +1,116 @@
+//! The metadata store over `strata-kv`: a volume's dentry and inode tables are one KV table of
+//! its `posix` container, sharded by the first [`SHARD_PREFIX_BYTES`] bytes of the key
+//! (`prefix:9`), so one directory's entries are one shard and one scan.
+
+use crate::meta_schema::SHARD_PREFIX_BYTES;
+use crate::meta_store::{KeyValue, MetaError, MetaStore, MetaTxn};
+use strata_kv::{KvError, KvOptions, KvStore, Txn};
+use strata_types::Epoch;
+
+/// The KV table of a volume's metadata (table 0 is the container's general KV store).
+pub const FS_META_TABLE: u32 = 1;
+/// Shards of the metadata table: directories and inodes spread over this many dkeys.
+pub const FS_META_SHARDS: u32 = 256;
+
+fn meta_err(e: KvError) -> MetaError {
+    match e {
+        KvError::Conflict { .. } => MetaError::Conflict,
+        KvError::TooLarge { .. } | KvError::InvalidKey(_) => MetaError::Invalid(e.to_string()),
+        e => MetaError::Unavailable(e.to_string()),
+    }
+}
+
+/// The first key after every key starting with `prefix` (`None`: no such key).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut e = prefix.to_vec();
+    while let Some(last) = e.pop() {
+        if last < 0xff {
+            e.push(last + 1);
+            return Some(e);
+        }
+    }
+    None
+}
+
+fn scan_start(prefix: &[u8], after: Option<&[u8]>) -> Vec<u8> {
+    match after {
+        Some(a) if a >= prefix => {
+            let mut s = a.to_vec();
+            s.push(0);
+            s
+        }
+        _ => prefix.to_vec(),
+    }
+}
+
+#[derive(Clone)]
+pub struct KvMeta {
+    pub kv: KvStore,
+}
+
+impl KvMeta {
+    pub async fn open(cont: &strata_client::ContHandle) -> Result<KvMeta, MetaError> {
+        let shard = format!("prefix:{SHARD_PREFIX_BYTES}:{FS_META_SHARDS}").parse().map_err(|e| MetaError::Invalid(format!("{e}")))?;
+        let opts = KvOptions { table: FS_META_TABLE, shard: Some(shard), oclass: None };
+        Ok(KvMeta { kv: KvStore::open_with(cont, &opts).await.map_err(meta_err)? })
+    }
+}
+
+pub struct KvMetaTxn(Txn);
+
+impl MetaStore for KvMeta {
+    type Txn = KvMetaTxn;
+    async fn begin(&self) -> Result<KvMetaTxn, MetaError> {
+        Ok(KvMetaTxn(self.kv.begin()))
+    }
+    async fn get_at(&self, key: &[u8], epoch: Epoch) -> Result<Option<Vec<u8>>, MetaError> {
+        if epoch == Epoch::MAX {
+            self.kv.get(key).await.map_err(meta_err)
+        } else {
+            self.kv.get_at(key, epoch).await.map_err(meta_err)
+        }
+    }
+    async fn scan_prefix_at(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize, epoch: Epoch) -> Result<Vec<KeyValue>, MetaError> {
+        let start = scan_start(prefix, after);
+        let end = prefix_end(prefix);
+        if epoch == Epoch::MAX {
+            self.kv.scan(&start, end.as_deref(), limit).await.map_err(meta_err)
+        } else {
+            self.kv.scan_at(&start, end.as_deref(), limit, epoch).await.map_err(meta_err)
+        }
+    }
+}
+
+impl MetaTxn for KvMetaTxn {
+    async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
+        self.0.get(key).await.map_err(meta_err)
+    }
+    async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), MetaError> {
+        self.0.put(key, value).map_err(meta_err)
+    }
+    async fn delete(&mut self, key: &[u8]) -> Result<(), MetaError> {
+        self.0.delete(key).map_err(meta_err)
+    }
+    async fn scan_prefix(&mut self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>, MetaError> {
+        let start = scan_start(prefix, after);
+        let end = prefix_end(prefix);
+        self.0.scan(&start, end.as_deref(), limit).await.map_err(meta_err)
+    }
+    async fn commit(self) -> Result<Epoch, MetaError> {
+        self.0.commit().await.map_err(meta_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ranges() {
+        assert_eq!(prefix_end(b"D\x00\x01"), Some(b"D\x00\x02".to_vec()));
+        assert_eq!(prefix_end(b"D\xff"), Some(b"E".to_vec()));
+        assert_eq!(prefix_end(b"\xff\xff"), None);
+        assert_eq!(scan_start(b"Dp", Some(b"Dpa")), b"Dpa\x00".to_vec());
+        assert_eq!(scan_start(b"Dp", None), b"Dp".to_vec());
+    }
+}

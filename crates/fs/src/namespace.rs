@@ -1,0 +1,750 @@
+//! The namespace: every metadata operation of the file system as one transaction over the
+//! dentry and inode tables ([`crate::meta_schema`]), retried on conflict a bounded number of
+//! times. Nothing here knows about FUSE or file data; callers punch the data of the inodes an
+//! operation frees after it committed.
+//!
+//! Invariants kept by every operation:
+//! - A dentry names an existing inode; an inode with `nlink > 0` is named by exactly `nlink`
+//!   dentries (directories: their own dentry plus `.` plus one `..` per child directory,
+//!   i.e. `nlink = 2 + subdirectories`).
+//! - A directory's `parent` is the directory whose dentry names it; no directory is its own
+//!   ancestor (rename refuses to move one into its subtree).
+//! - An inode with `nlink == 0` exists only while open somewhere, and then has an orphan key.
+
+use crate::fs_error::FsError;
+use crate::ino_alloc::InoAlloc;
+use crate::meta_schema::*;
+use crate::meta_store::{MetaError, MetaStore, MetaTxn};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use strata_types::Epoch;
+
+/// Attempts of one metadata transaction before giving up with `EAGAIN`.
+pub const TXN_ATTEMPTS_MAX: u32 = 64;
+/// Deepest directory tree the rename loop check walks.
+pub const TREE_DEPTH_MAX: u32 = 4096;
+/// Largest file: 2^44 bytes (16 TiB) keeps chunk indices and offsets far from overflow.
+pub const FILE_BYTES_MAX: u64 = 1 << 44;
+/// Symbolic links followed when resolving a path outside the kernel (`strata fs cat`).
+pub const SYMLINK_FOLLOW_MAX: u32 = 40;
+
+pub fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+pub fn check_name(name: &[u8]) -> Result<(), FsError> {
+    if name.len() > NAME_BYTES_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        return Err(FsError::Invalid(format!("'{}' is not a valid file name", String::from_utf8_lossy(name))));
+    }
+    Ok(())
+}
+
+/// What a new inode starts as.
+#[derive(Clone, Debug)]
+pub struct NewNode {
+    pub kind: Kind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub symlink: Option<Vec<u8>>,
+}
+
+/// Attribute changes of `setattr`; `None` leaves a field alone.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime_ns: Option<i64>,
+    pub mtime_ns: Option<i64>,
+    pub ctime_ns: Option<i64>,
+}
+
+/// An inode whose last link went away: its data must be punched (or kept while open).
+#[derive(Clone, Debug, Default)]
+pub struct Released {
+    /// Deleted now: punch its data.
+    pub freed: Vec<Inode>,
+    /// Still open here: kept with an orphan key until the last close.
+    pub orphaned: Vec<u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenameMode {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+pub struct Namespace<S: MetaStore> {
+    pub store: S,
+    pub root: u64,
+    pub chunk_bytes: u64,
+    pub default_oclass: String,
+    ids: InoAlloc,
+}
+
+impl<S: MetaStore> Namespace<S> {
+    /// Open the volume's namespace, formatting it (superblock and root directory) when empty.
+    pub async fn open(store: S, ids: InoAlloc, default_oclass: String, chunk_bytes: u64) -> Result<Namespace<S>, FsError> {
+        assert!(chunk_bytes.is_power_of_two() && chunk_bytes >= 4096, "chunk size must be a power of two >= 4 KiB");
+        for _ in 0..TXN_ATTEMPTS_MAX {
+            if let Some(b) = store.get_at(&super_key(), Epoch::MAX).await? {
+                let sb = decode_super(&b)?;
+                return Ok(Namespace { store, root: sb.root, chunk_bytes: sb.chunk_bytes, default_oclass, ids });
+            }
+            let root = ids.next().await?;
+            let now = now_ns();
+            let inode = Inode { ino: root, kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, size: 0, nlink: 2, atime_ns: now, mtime_ns: now, ctime_ns: now, crtime_ns: now, rdev: 0, parent: root, oclass: None, symlink: None, xattrs: Default::default(), data_version: 0 };
+            let sb = Superblock { root, chunk_bytes, created_ns: now };
+            let mut tx = store.begin().await?;
+            if tx.get(&super_key()).await?.is_some() {
+                continue;
+            }
+            tx.put(&inode_key(root), &encode_inode(&inode)).await?;
+            tx.put(&super_key(), &encode_super(&sb)).await?;
+            match tx.commit().await {
+                Ok(_) | Err(MetaError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(FsError::Contended("format", TXN_ATTEMPTS_MAX))
+    }
+
+    /// Run `f` in a transaction, retrying on conflict with a growing, jittered pause.
+    pub async fn txn<T>(&self, what: &'static str, mut f: impl AsyncFnMut(&mut S::Txn) -> Result<T, FsError>) -> Result<T, FsError> {
+        for attempt in 0..TXN_ATTEMPTS_MAX {
+            let mut tx = self.store.begin().await?;
+            match f(&mut tx).await {
+                Ok(v) => match tx.commit().await {
+                    Ok(_) => return Ok(v),
+                    Err(MetaError::Conflict) => {}
+                    Err(e) => return Err(e.into()),
+                },
+                Err(FsError::Meta(MetaError::Conflict)) => {}
+                Err(e) => return Err(e),
+            }
+            let base_us = 50u64 << attempt.min(8);
+            tokio::time::sleep(Duration::from_micros(base_us + rand::random_range(0..base_us))).await;
+        }
+        Err(FsError::Contended(what, TXN_ATTEMPTS_MAX))
+    }
+
+    pub async fn inode(&self, ino: u64) -> Result<Inode, FsError> {
+        self.inode_at(ino, Epoch::MAX).await
+    }
+
+    pub async fn inode_at(&self, ino: u64, epoch: Epoch) -> Result<Inode, FsError> {
+        match self.store.get_at(&inode_key(ino), epoch).await? {
+            Some(b) => Ok(decode_inode(&b)?),
+            None => Err(FsError::NotFound),
+        }
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Inode, FsError> {
+        self.lookup_at(parent, name, Epoch::MAX).await
+    }
+
+    pub async fn lookup_at(&self, parent: u64, name: &[u8], epoch: Epoch) -> Result<Inode, FsError> {
+        if name.len() > NAME_BYTES_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let d = match self.store.get_at(&dentry_key(parent, name), epoch).await? {
+            Some(b) => decode_dentry(&b)?,
+            None => {
+                // Tell "no such entry" from "parent is not a directory".
+                let p = self.inode_at(parent, epoch).await?;
+                return Err(if p.kind == Kind::Dir { FsError::NotFound } else { FsError::NotDir });
+            }
+        };
+        self.inode_at(d.ino, epoch).await
+    }
+
+    /// Up to `limit` entries of a directory after `after` (a name), in name order.
+    pub async fn readdir(&self, dir: u64, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Dentry)>, FsError> {
+        let prefix = dentry_prefix(dir);
+        let after_key = after.map(|a| dentry_key(dir, a));
+        let kvs = self.store.scan_prefix_at(&prefix, after_key.as_deref(), limit, Epoch::MAX).await?;
+        kvs.into_iter().map(|(k, v)| Ok((dentry_name(&k).to_vec(), decode_dentry(&v)?))).collect()
+    }
+
+    /// Resolve an absolute path (relative to the volume root) at an epoch, following symlinks.
+    pub async fn resolve_at(&self, path: &str, epoch: Epoch) -> Result<Inode, FsError> {
+        let mut pending: Vec<Vec<u8>> = path.split('/').filter(|c| !c.is_empty()).map(|c| c.as_bytes().to_vec()).rev().collect();
+        let mut cur = self.inode_at(self.root, epoch).await?;
+        let mut follows = 0;
+        while let Some(c) = pending.pop() {
+            if c == b"." {
+                continue;
+            }
+            if c == b".." {
+                cur = self.inode_at(cur.parent, epoch).await?;
+                continue;
+            }
+            if cur.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            let next = self.lookup_at(cur.ino, &c, epoch).await?;
+            if next.kind == Kind::Symlink && !pending.is_empty() || next.kind == Kind::Symlink && pending.is_empty() {
+                follows += 1;
+                if follows > SYMLINK_FOLLOW_MAX {
+                    return Err(FsError::Loop);
+                }
+                let target = next.symlink.clone().unwrap_or_default();
+                if target.starts_with(b"/") {
+                    return Err(FsError::Invalid("absolute symbolic links point outside the volume".into()));
+                }
+                pending.extend(target.split(|b| *b == b'/').filter(|c| !c.is_empty()).map(|c| c.to_vec()).rev());
+                continue;
+            }
+            cur = next;
+        }
+        Ok(cur)
+    }
+
+    async fn tx_inode(tx: &mut S::Txn, ino: u64) -> Result<Inode, FsError> {
+        match tx.get(&inode_key(ino)).await? {
+            Some(b) => Ok(decode_inode(&b)?),
+            None => Err(FsError::NotFound),
+        }
+    }
+
+    async fn tx_dir(tx: &mut S::Txn, ino: u64) -> Result<Inode, FsError> {
+        let d = Self::tx_inode(tx, ino).await?;
+        if d.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if d.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        Ok(d)
+    }
+
+    async fn tx_dentry(tx: &mut S::Txn, parent: u64, name: &[u8]) -> Result<Option<Dentry>, FsError> {
+        match tx.get(&dentry_key(parent, name)).await? {
+            Some(b) => Ok(Some(decode_dentry(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn tx_put(tx: &mut S::Txn, i: &Inode) -> Result<(), FsError> {
+        Ok(tx.put(&inode_key(i.ino), &encode_inode(i)).await?)
+    }
+
+    /// Drop one link of `i` (already loaded); delete it when none remain unless it is open.
+    async fn tx_drop_link(tx: &mut S::Txn, mut i: Inode, now: i64, is_open: &impl Fn(u64) -> bool, rel: &mut Released) -> Result<(), FsError> {
+        i.nlink = i.nlink.saturating_sub(if i.kind == Kind::Dir { i.nlink } else { 1 });
+        i.ctime_ns = now;
+        if i.nlink > 0 {
+            return Self::tx_put(tx, &i).await;
+        }
+        if i.kind != Kind::Dir && is_open(i.ino) {
+            tx.put(&orphan_key(i.ino), b"").await?;
+            rel.orphaned.push(i.ino);
+            return Self::tx_put(tx, &i).await;
+        }
+        tx.delete(&inode_key(i.ino)).await?;
+        rel.freed.push(i);
+        Ok(())
+    }
+
+    pub async fn create(&self, parent: u64, name: &[u8], node: NewNode) -> Result<Inode, FsError> {
+        check_name(name)?;
+        if let Some(t) = &node.symlink {
+            if t.is_empty() || t.len() > SYMLINK_BYTES_MAX || t.contains(&0) {
+                return Err(FsError::Invalid("symbolic link target must be 1..=4096 bytes without NUL".into()));
+            }
+        }
+        let ino = self.ids.next().await?;
+        self.txn("create", async |tx| {
+            let mut p = Self::tx_dir(tx, parent).await?;
+            if Self::tx_dentry(tx, parent, name).await?.is_some() {
+                return Err(FsError::Exists);
+            }
+            let now = now_ns();
+            let mut perm = node.perm & 0o7777;
+            let mut gid = node.gid;
+            // BSD group semantics on set-group-id directories (as Linux does).
+            if p.perm & (libc::S_ISGID as u16) != 0 {
+                gid = p.gid;
+                if node.kind == Kind::Dir {
+                    perm |= libc::S_ISGID as u16;
+                }
+            }
+            let oclass = match node.kind {
+                Kind::File => Some(p.oclass.clone().unwrap_or_else(|| self.default_oclass.clone())),
+                Kind::Dir => p.oclass.clone(),
+                _ => None,
+            };
+            let size = node.symlink.as_ref().map_or(0, |t| t.len() as u64);
+            let nlink = if node.kind == Kind::Dir { 2 } else { 1 };
+            let i = Inode { ino, kind: node.kind, perm, uid: node.uid, gid, size, nlink, atime_ns: now, mtime_ns: now, ctime_ns: now, crtime_ns: now, rdev: node.rdev, parent, oclass, symlink: node.symlink.clone(), xattrs: Default::default(), data_version: 0 };
+            Self::tx_put(tx, &i).await?;
+            tx.put(&dentry_key(parent, name), &encode_dentry(Dentry { ino, kind: node.kind })).await?;
+            p.mtime_ns = now;
+            p.ctime_ns = now;
+            if node.kind == Kind::Dir {
+                p.nlink += 1;
+            }
+            Self::tx_put(tx, &p).await?;
+            Ok(i)
+        })
+        .await
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &[u8], is_open: impl Fn(u64) -> bool) -> Result<Released, FsError> {
+        if name.len() > NAME_BYTES_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        self.txn("unlink", async |tx| {
+            let mut p = Self::tx_dir(tx, parent).await?;
+            let d = Self::tx_dentry(tx, parent, name).await?.ok_or(FsError::NotFound)?;
+            if d.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            let i = Self::tx_inode(tx, d.ino).await?;
+            tx.delete(&dentry_key(parent, name)).await?;
+            let now = now_ns();
+            let mut rel = Released::default();
+            Self::tx_drop_link(tx, i, now, &is_open, &mut rel).await?;
+            p.mtime_ns = now;
+            p.ctime_ns = now;
+            Self::tx_put(tx, &p).await?;
+            Ok(rel)
+        })
+        .await
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        if name.len() > NAME_BYTES_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        if name == b"." {
+            return Err(FsError::Invalid("cannot remove '.'".into()));
+        }
+        if name == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        self.txn("rmdir", async |tx| {
+            let mut p = Self::tx_dir(tx, parent).await?;
+            let d = Self::tx_dentry(tx, parent, name).await?.ok_or(FsError::NotFound)?;
+            if d.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            if !tx.scan_prefix(&dentry_prefix(d.ino), None, 1).await?.is_empty() {
+                return Err(FsError::NotEmpty);
+            }
+            tx.delete(&dentry_key(parent, name)).await?;
+            tx.delete(&inode_key(d.ino)).await?;
+            let now = now_ns();
+            p.nlink = p.nlink.saturating_sub(1).max(2);
+            p.mtime_ns = now;
+            p.ctime_ns = now;
+            Self::tx_put(tx, &p).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Is `dir` equal to `ancestor` or below it?
+    async fn tx_is_within(tx: &mut S::Txn, root: u64, mut dir: u64, ancestor: u64) -> Result<bool, FsError> {
+        for _ in 0..TREE_DEPTH_MAX {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == root {
+                return Ok(false);
+            }
+            dir = Self::tx_inode(tx, dir).await?.parent;
+        }
+        Err(FsError::Invalid(format!("directory tree deeper than {TREE_DEPTH_MAX} levels")))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], mode: RenameMode, is_open: impl Fn(u64) -> bool) -> Result<Released, FsError> {
+        check_name(new_name)?;
+        if name.len() > NAME_BYTES_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        if mode.noreplace && mode.exchange {
+            return Err(FsError::Invalid("RENAME_NOREPLACE and RENAME_EXCHANGE exclude each other".into()));
+        }
+        let root = self.root;
+        self.txn("rename", async |tx| {
+            let mut rel = Released::default();
+            let mut sp = Self::tx_dir(tx, parent).await?;
+            let src = Self::tx_dentry(tx, parent, name).await?.ok_or(FsError::NotFound)?;
+            if parent == new_parent && name == new_name {
+                return Ok(rel);
+            }
+            let mut dp = if new_parent == parent { None } else { Some(Self::tx_dir(tx, new_parent).await?) };
+            let dst = Self::tx_dentry(tx, new_parent, new_name).await?;
+            if src.kind == Kind::Dir && new_parent != parent && Self::tx_is_within(tx, root, new_parent, src.ino).await? {
+                return Err(FsError::Invalid("cannot move a directory into itself".into()));
+            }
+            let now = now_ns();
+            let mut moved = Self::tx_inode(tx, src.ino).await?;
+            if mode.exchange {
+                let dst = dst.ok_or(FsError::NotFound)?;
+                if dst.kind == Kind::Dir && new_parent != parent && Self::tx_is_within(tx, root, parent, dst.ino).await? {
+                    return Err(FsError::Invalid("cannot move a directory into itself".into()));
+                }
+                let mut other = Self::tx_inode(tx, dst.ino).await?;
+                tx.put(&dentry_key(parent, name), &encode_dentry(dst)).await?;
+                tx.put(&dentry_key(new_parent, new_name), &encode_dentry(src)).await?;
+                if let Some(dp) = dp.as_mut() {
+                    // Each directory moved across parents changes both parents' link counts.
+                    if moved.kind == Kind::Dir {
+                        moved.parent = new_parent;
+                        sp.nlink -= 1;
+                        dp.nlink += 1;
+                    }
+                    if other.kind == Kind::Dir {
+                        other.parent = parent;
+                        dp.nlink -= 1;
+                        sp.nlink += 1;
+                    }
+                }
+                other.ctime_ns = now;
+                Self::tx_put(tx, &other).await?;
+            } else {
+                if let Some(dst) = dst {
+                    if mode.noreplace {
+                        return Err(FsError::Exists);
+                    }
+                    if dst.ino == src.ino {
+                        // Both names link the same inode: POSIX says do nothing.
+                        return Ok(rel);
+                    }
+                    let victim = Self::tx_inode(tx, dst.ino).await?;
+                    match (src.kind == Kind::Dir, victim.kind == Kind::Dir) {
+                        (true, false) => return Err(FsError::NotDir),
+                        (false, true) => return Err(FsError::IsDir),
+                        (true, true) => {
+                            if !tx.scan_prefix(&dentry_prefix(victim.ino), None, 1).await?.is_empty() {
+                                return Err(FsError::NotEmpty);
+                            }
+                            let target_parent = dp.as_mut().unwrap_or(&mut sp);
+                            target_parent.nlink = target_parent.nlink.saturating_sub(1).max(2);
+                        }
+                        (false, false) => {}
+                    }
+                    Self::tx_drop_link(tx, victim, now, &is_open, &mut rel).await?;
+                }
+                tx.delete(&dentry_key(parent, name)).await?;
+                tx.put(&dentry_key(new_parent, new_name), &encode_dentry(src)).await?;
+                if let Some(dp) = dp.as_mut() {
+                    if moved.kind == Kind::Dir {
+                        moved.parent = new_parent;
+                        sp.nlink = sp.nlink.saturating_sub(1).max(2);
+                        dp.nlink += 1;
+                    }
+                }
+            }
+            moved.ctime_ns = now;
+            Self::tx_put(tx, &moved).await?;
+            sp.mtime_ns = now;
+            sp.ctime_ns = now;
+            Self::tx_put(tx, &sp).await?;
+            if let Some(mut dp) = dp {
+                dp.mtime_ns = now;
+                dp.ctime_ns = now;
+                Self::tx_put(tx, &dp).await?;
+            }
+            Ok(rel)
+        })
+        .await
+    }
+
+    pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<Inode, FsError> {
+        check_name(new_name)?;
+        self.txn("link", async |tx| {
+            let mut i = Self::tx_inode(tx, ino).await?;
+            if i.kind == Kind::Dir {
+                return Err(FsError::Perm("hard links to directories are not allowed"));
+            }
+            if i.nlink == 0 {
+                return Err(FsError::NotFound);
+            }
+            let mut dp = Self::tx_dir(tx, new_parent).await?;
+            if Self::tx_dentry(tx, new_parent, new_name).await?.is_some() {
+                return Err(FsError::Exists);
+            }
+            let now = now_ns();
+            i.nlink += 1;
+            i.ctime_ns = now;
+            Self::tx_put(tx, &i).await?;
+            tx.put(&dentry_key(new_parent, new_name), &encode_dentry(Dentry { ino, kind: i.kind })).await?;
+            dp.mtime_ns = now;
+            dp.ctime_ns = now;
+            Self::tx_put(tx, &dp).await?;
+            Ok(i)
+        })
+        .await
+    }
+
+    /// Change attributes. A size change here is metadata only: the caller punches data beyond
+    /// a shrunk size before calling.
+    pub async fn setattr(&self, ino: u64, a: &SetAttr) -> Result<Inode, FsError> {
+        if a.size.is_some_and(|s| s > FILE_BYTES_MAX) {
+            return Err(FsError::TooBig(FILE_BYTES_MAX));
+        }
+        self.txn("setattr", async |tx| {
+            let mut i = Self::tx_inode(tx, ino).await?;
+            let now = now_ns();
+            if let Some(p) = a.perm {
+                i.perm = p & 0o7777;
+            }
+            if a.uid.is_some() || a.gid.is_some() {
+                // chown clears set-user/group-id on non-directories (as Linux does).
+                if i.kind != Kind::Dir {
+                    i.perm &= !(libc::S_ISUID as u16);
+                    if i.perm & (libc::S_IXGRP as u16) != 0 {
+                        i.perm &= !(libc::S_ISGID as u16);
+                    }
+                }
+                i.uid = a.uid.unwrap_or(i.uid);
+                i.gid = a.gid.unwrap_or(i.gid);
+            }
+            if let Some(s) = a.size {
+                if i.kind == Kind::Dir {
+                    return Err(FsError::IsDir);
+                }
+                if i.kind != Kind::File {
+                    return Err(FsError::Invalid("only regular files have a size to set".into()));
+                }
+                if s != i.size {
+                    i.data_version += 1;
+                }
+                i.size = s;
+                i.mtime_ns = now;
+            }
+            if let Some(t) = a.atime_ns {
+                i.atime_ns = t;
+            }
+            if let Some(t) = a.mtime_ns {
+                i.mtime_ns = t;
+            }
+            i.ctime_ns = a.ctime_ns.unwrap_or(now);
+            Self::tx_put(tx, &i).await?;
+            Ok(i)
+        })
+        .await
+    }
+
+    /// Record a flushed write: the size grows to at least `end` and the data version moves.
+    pub async fn commit_write(&self, ino: u64, end: u64, mtime_ns: i64) -> Result<Inode, FsError> {
+        self.txn("write", async |tx| {
+            let mut i = Self::tx_inode(tx, ino).await?;
+            i.size = i.size.max(end);
+            i.mtime_ns = i.mtime_ns.max(mtime_ns);
+            i.ctime_ns = i.ctime_ns.max(mtime_ns);
+            i.data_version += 1;
+            Self::tx_put(tx, &i).await?;
+            Ok(i)
+        })
+        .await
+    }
+
+    /// Delete an orphan (unlinked while open) at its last close; returns it for data punching.
+    pub async fn reclaim_orphan(&self, ino: u64) -> Result<Option<Inode>, FsError> {
+        self.txn("reclaim", async |tx| {
+            let Some(b) = tx.get(&inode_key(ino)).await? else { return Ok(None) };
+            let i = decode_inode(&b)?;
+            if i.nlink > 0 {
+                tx.delete(&orphan_key(ino)).await?;
+                return Ok(None);
+            }
+            tx.delete(&inode_key(ino)).await?;
+            tx.delete(&orphan_key(ino)).await?;
+            Ok(Some(i))
+        })
+        .await
+    }
+
+    /// Orphans left by a mount that died with unlinked files open.
+    pub async fn orphans(&self, limit: usize) -> Result<Vec<u64>, FsError> {
+        let kvs = self.store.scan_prefix_at(ORPHAN_PREFIX, None, limit, Epoch::MAX).await?;
+        Ok(kvs.iter().filter_map(|(k, _)| k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)).collect())
+    }
+
+    pub async fn set_xattr(&self, ino: u64, name: &[u8], value: &[u8], create: bool, replace: bool) -> Result<(), FsError> {
+        if name.is_empty() || name.len() > XATTR_NAME_BYTES_MAX {
+            return Err(FsError::Range);
+        }
+        if value.len() > XATTR_VALUE_BYTES_MAX {
+            return Err(FsError::TooBig(XATTR_VALUE_BYTES_MAX as u64));
+        }
+        self.txn("setxattr", async |tx| {
+            let mut i = Self::tx_inode(tx, ino).await?;
+            let exists = i.xattrs.contains_key(name);
+            if create && exists {
+                return Err(FsError::Exists);
+            }
+            if replace && !exists {
+                return Err(FsError::NoXattr);
+            }
+            let old = i.xattrs.get(name).map_or(0, |v| name.len() + v.len());
+            if i.xattrs_bytes() - old + name.len() + value.len() > XATTRS_BYTES_MAX {
+                return Err(FsError::NoSpace(XATTRS_BYTES_MAX));
+            }
+            i.xattrs.insert(name.to_vec(), value.to_vec());
+            i.ctime_ns = now_ns();
+            Self::tx_put(tx, &i).await
+        })
+        .await
+    }
+
+    pub async fn remove_xattr(&self, ino: u64, name: &[u8]) -> Result<(), FsError> {
+        self.txn("removexattr", async |tx| {
+            let mut i = Self::tx_inode(tx, ino).await?;
+            if i.xattrs.remove(name).is_none() {
+                return Err(FsError::NoXattr);
+            }
+            i.ctime_ns = now_ns();
+            Self::tx_put(tx, &i).await
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta_store::MemMetaStore;
+
+    fn block<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime").block_on(f)
+    }
+
+    fn file() -> NewNode {
+        NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0, symlink: None }
+    }
+    fn dir() -> NewNode {
+        NewNode { kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, rdev: 0, symlink: None }
+    }
+
+    async fn ns() -> Namespace<MemMetaStore> {
+        Namespace::open(MemMetaStore::new(), InoAlloc::counter(16), "RP_2G1".into(), 1 << 20).await.unwrap()
+    }
+
+    #[test]
+    fn create_lookup_unlink_and_link_counts() {
+        block(async {
+            let ns = ns().await;
+            let r = ns.root;
+            let a = ns.create(r, b"a", file()).await.unwrap();
+            assert!(matches!(ns.create(r, b"a", file()).await, Err(FsError::Exists)));
+            assert_eq!(ns.lookup(r, b"a").await.unwrap().ino, a.ino);
+            let d = ns.create(r, b"d", dir()).await.unwrap();
+            assert_eq!(ns.inode(r).await.unwrap().nlink, 3);
+            ns.link(a.ino, d.ino, b"b").await.unwrap();
+            assert_eq!(ns.inode(a.ino).await.unwrap().nlink, 2);
+            assert!(matches!(ns.rmdir(r, b"d").await, Err(FsError::NotEmpty)));
+            assert!(matches!(ns.unlink(r, b"d", |_| false).await, Err(FsError::IsDir)));
+            assert!(ns.unlink(r, b"a", |_| false).await.unwrap().freed.is_empty());
+            let rel = ns.unlink(d.ino, b"b", |_| false).await.unwrap();
+            assert_eq!(rel.freed.len(), 1);
+            assert!(matches!(ns.inode(a.ino).await, Err(FsError::NotFound)));
+            ns.rmdir(r, b"d").await.unwrap();
+            assert_eq!(ns.inode(r).await.unwrap().nlink, 2);
+            assert!(matches!(ns.lookup(a.ino, b"x").await, Err(FsError::NotFound)));
+            assert!(matches!(ns.create(r, &[b'x'; 256], file()).await, Err(FsError::NameTooLong)));
+            assert_eq!(ns.readdir(r, None, 10).await.unwrap().len(), 0);
+        });
+    }
+
+    #[test]
+    fn unlink_of_an_open_file_orphans_it_until_reclaimed() {
+        block(async {
+            let ns = ns().await;
+            let a = ns.create(ns.root, b"a", file()).await.unwrap();
+            let rel = ns.unlink(ns.root, b"a", |i| i == a.ino).await.unwrap();
+            assert_eq!(rel.orphaned, vec![a.ino]);
+            assert_eq!(ns.inode(a.ino).await.unwrap().nlink, 0);
+            assert_eq!(ns.orphans(10).await.unwrap(), vec![a.ino]);
+            assert!(ns.reclaim_orphan(a.ino).await.unwrap().is_some());
+            assert!(ns.orphans(10).await.unwrap().is_empty());
+        });
+    }
+
+    #[test]
+    fn rename_over_files_and_directories() {
+        block(async {
+            let ns = ns().await;
+            let r = ns.root;
+            let a = ns.create(r, b"a", file()).await.unwrap();
+            let b = ns.create(r, b"b", file()).await.unwrap();
+            let rel = ns.rename(r, b"a", r, b"b", RenameMode::default(), |_| false).await.unwrap();
+            assert_eq!(rel.freed.iter().map(|i| i.ino).collect::<Vec<_>>(), vec![b.ino]);
+            assert_eq!(ns.lookup(r, b"b").await.unwrap().ino, a.ino);
+            let d1 = ns.create(r, b"d1", dir()).await.unwrap();
+            let d2 = ns.create(r, b"d2", dir()).await.unwrap();
+            ns.create(d2.ino, b"x", file()).await.unwrap();
+            assert!(matches!(ns.rename(r, b"d1", r, b"d2", RenameMode::default(), |_| false).await, Err(FsError::NotEmpty)));
+            assert!(matches!(ns.rename(r, b"d1", r, b"b", RenameMode::default(), |_| false).await, Err(FsError::NotDir)));
+            assert!(matches!(ns.rename(r, b"b", r, b"d1", RenameMode::default(), |_| false).await, Err(FsError::IsDir)));
+            assert!(matches!(ns.rename(r, b"d1", r, b"b", RenameMode { noreplace: true, exchange: false }, |_| false).await, Err(FsError::Exists)));
+            // Into its own subtree.
+            let sub = ns.create(d1.ino, b"sub", dir()).await.unwrap();
+            assert!(matches!(ns.rename(r, b"d1", sub.ino, b"x", RenameMode::default(), |_| false).await, Err(FsError::Invalid(_))));
+            // Move a directory across parents: link counts follow.
+            ns.rename(d1.ino, b"sub", d2.ino, b"sub", RenameMode::default(), |_| false).await.unwrap();
+            assert_eq!(ns.inode(d1.ino).await.unwrap().nlink, 2);
+            assert_eq!(ns.inode(d2.ino).await.unwrap().nlink, 3);
+            assert_eq!(ns.inode(sub.ino).await.unwrap().parent, d2.ino);
+            // Exchange a file and a directory.
+            ns.rename(r, b"b", d2.ino, b"sub", RenameMode { noreplace: false, exchange: true }, |_| false).await.unwrap();
+            assert_eq!(ns.lookup(r, b"b").await.unwrap().ino, sub.ino);
+            assert_eq!(ns.lookup(d2.ino, b"sub").await.unwrap().ino, a.ino);
+            assert_eq!(ns.inode(d2.ino).await.unwrap().nlink, 2);
+            assert_eq!(ns.inode(sub.ino).await.unwrap().parent, r);
+            let got = ns.resolve_at("/d2/sub", Epoch::MAX).await.unwrap();
+            assert_eq!(got.ino, a.ino);
+        });
+    }
+
+    #[test]
+    fn concurrent_creates_in_one_directory_all_land() {
+        let ns = std::sync::Arc::new(block(ns()));
+        // Threads with their own runtimes: the commits really race.
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let ns = ns.clone();
+                std::thread::spawn(move || {
+                    block(async {
+                        for i in 0..8 {
+                            ns.create(ns.root, format!("f{t}-{i}").as_bytes(), file()).await.unwrap();
+                        }
+                    })
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        block(async {
+            assert_eq!(ns.readdir(ns.root, None, 100).await.unwrap().len(), 32);
+            let page = ns.readdir(ns.root, Some(b"f1"), 5).await.unwrap();
+            assert_eq!(page.len(), 5);
+            assert!(page.iter().all(|(n, _)| n.as_slice() > &b"f1"[..]));
+        });
+    }
+
+    #[test]
+    fn xattrs_respect_create_replace_and_limits() {
+        block(async {
+            let ns = ns().await;
+            let a = ns.create(ns.root, b"a", file()).await.unwrap();
+            ns.set_xattr(a.ino, b"user.k", b"v", true, false).await.unwrap();
+            assert!(matches!(ns.set_xattr(a.ino, b"user.k", b"v", true, false).await, Err(FsError::Exists)));
+            assert!(matches!(ns.set_xattr(a.ino, b"user.z", b"v", false, true).await, Err(FsError::NoXattr)));
+            assert_eq!(ns.inode(a.ino).await.unwrap().xattrs.get(&b"user.k"[..]).map(|v| v.as_slice()), Some(&b"v"[..]));
+            ns.remove_xattr(a.ino, b"user.k").await.unwrap();
+            assert!(matches!(ns.remove_xattr(a.ino, b"user.k").await, Err(FsError::NoXattr)));
+        });
+    }
+}
