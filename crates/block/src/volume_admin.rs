@@ -356,7 +356,7 @@ impl BlockContainer {
 
     /// Delete a volume, its snapshots and the objects no other volume reads.
     pub async fn delete(&self, name: &str) -> Result<(), BlockError> {
-        self.locked(self.exclusive(name, async {
+        self.locked(async {
             let m = self.get(name).await?;
             let all = self.list().await?;
             let clones = Self::clones_of(&all, name, None);
@@ -364,6 +364,14 @@ impl BlockContainer {
                 let names: Vec<String> = clones.iter().map(|c| format!("{} (from @{})", c.name, c.parent.as_ref().map(|p| p.snapshot.as_str()).unwrap_or(""))).collect();
                 return Err(BlockError::InUse(format!("volume '{name}' has clones: {}; delete them first", names.join(", "))));
             }
+            self.exclusive(name, self.delete_unlocked(m, all)).await
+        })
+        .await
+    }
+
+    async fn delete_unlocked(&self, m: VolumeMeta, all: Vec<VolumeMeta>) -> Result<(), BlockError> {
+        let name = m.name.as_str();
+        {
             let mut shared: BTreeSet<Oid> = BTreeSet::new();
             for v in all.iter().filter(|v| v.name != name) {
                 shared.extend(v.layers.iter().map(|l| l.oid));
@@ -381,7 +389,6 @@ impl BlockContainer {
                 self.unpin(name, snap).await;
             }
             Ok(())
-        }))
-        .await
+        }
     }
 }

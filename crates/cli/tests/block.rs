@@ -339,3 +339,297 @@ fn one_writer_per_volume_and_bad_requests_are_refused() {
     assert_eq!(wa.read(0, 4096).unwrap().unwrap(), vec![3; 4096]);
     wa.disconnect();
 }
+
+mod lib_side {
+    //! Helpers that use the block library directly (real client, real cluster).
+    use std::sync::Arc;
+    use strata_block::writer_lease::Lease;
+    use strata_block::{BlockContainer, VolumeIo};
+
+    pub async fn open(cf: &std::path::Path) -> BlockContainer {
+        let client = strata_client::Client::connect(&strata_client::ClusterFile::load(cf).unwrap()).await.unwrap();
+        BlockContainer::open(&client, "tank", "blk").await.unwrap()
+    }
+
+    pub async fn writer(bc: &BlockContainer, name: &str) -> Arc<VolumeIo> {
+        let lease = Lease::acquire(&bc.client, &bc.writer_lease_key(name), "test-writer", 30_000).await.unwrap();
+        Arc::new(VolumeIo::open(&bc.cont, &bc.get(name).await.unwrap(), None, Some(lease)).await.unwrap())
+    }
+
+    pub async fn reader(bc: &BlockContainer, name: &str, snap: Option<&str>) -> VolumeIo {
+        VolumeIo::open(&bc.cont, &bc.get(name).await.unwrap(), snap, None).await.unwrap()
+    }
+
+    pub async fn read_all(v: &VolumeIo) -> Vec<u8> {
+        use strata_block::BlockDevice;
+        v.read_at(0, v.size_bytes()).await.unwrap()
+    }
+}
+
+#[test]
+fn snapshots_clones_rollback_and_resize() {
+    let c = block_cluster(&[]);
+    c.json(&["block", "create", "tank/blk", "base", "8M", "--block-size", "64K"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cf = c.cluster_file();
+    rt.block_on(async {
+        let bc = lib_side::open(&cf).await;
+        let m = 1usize << 20;
+        let w = lib_side::writer(&bc, "base").await;
+        let a = pattern(1, 8 * m);
+        w.write_at(0, a.clone().into()).await.unwrap();
+        let s1 = c.json(&["block", "snapshot", "tank/blk", "base@s1"]);
+        assert!(s1["epoch"].as_u64().unwrap() > 0);
+
+        // After the snapshot: an unaligned write across blocks, a trimmed block, written zeros.
+        let mut head = a.clone();
+        let b = pattern(2, 100_000);
+        w.write_at(m as u64 + 333, b.clone().into()).await.unwrap();
+        head[m + 333..m + 333 + b.len()].copy_from_slice(&b);
+        w.zero_at(3 * m as u64, 64 << 10, false).await.unwrap();
+        head[3 * m..3 * m + (64 << 10)].fill(0);
+        w.zero_at(5 * m as u64 + 1000, 5000, true).await.unwrap();
+        head[5 * m + 1000..5 * m + 6000].fill(0);
+        assert!(lib_side::read_all(&*w).await == head, "the volume reads what was written");
+        assert!(lib_side::read_all(&lib_side::reader(&bc, "base", Some("s1")).await).await == a, "the snapshot is unchanged");
+        c.json(&["block", "snapshot", "tank/blk", "base@s2"]);
+
+        // A clone reads its parent's snapshot and differs from it only where written.
+        c.json(&["block", "clone", "tank/blk", "base@s1", "c1"]);
+        let cw = lib_side::writer(&bc, "c1").await;
+        assert!(lib_side::read_all(&*cw).await == a, "a fresh clone reads as its snapshot");
+        let mut clone = a.clone();
+        let cdata = pattern(3, 4096);
+        cw.write_at(2 * m as u64, cdata.clone().into()).await.unwrap();
+        clone[2 * m..2 * m + 4096].copy_from_slice(&cdata);
+        cw.zero_at(6 * m as u64, 64 << 10, false).await.unwrap();
+        clone[6 * m..6 * m + (64 << 10)].fill(0);
+        cw.zero_at(7 * m as u64 + 512, 512, false).await.unwrap();
+        clone[7 * m + 512..7 * m + 1024].fill(0);
+        assert!(lib_side::read_all(&*cw).await == clone, "a trim in a clone reads zeros, not the parent");
+        assert!(lib_side::read_all(&*w).await == head, "the parent is untouched by its clone");
+
+        // Dependents protect their parents.
+        assert!(c.fails(&["block", "delete", "tank/blk", "base"]).contains("has clones: c1"));
+        assert!(c.fails(&["block", "snapshot", "tank/blk", "base@s1", "--delete"]).contains("has clones (c1)"));
+        c.json(&["block", "snapshot", "tank/blk", "base@s2", "--delete"]);
+        c.json(&["block", "snapshot", "tank/blk", "base@s2"]);
+
+        // Rollback needs the writer gone; afterwards the volume reads as s1 and s2 survives.
+        let e = c.fails(&["block", "rollback", "tank/blk", "base@s1"]);
+        assert!(e.contains("exported for writing"), "{e}");
+        drop(w);
+        poll("rollback once the writer lease is released", Duration::from_secs(20), || c.cmd(&["block", "rollback", "tank/blk", "base@s1"]).status.success().then_some(()));
+        let w = lib_side::writer(&bc, "base").await;
+        assert!(lib_side::read_all(&*w).await == a, "rolled back to s1");
+        assert!(lib_side::read_all(&lib_side::reader(&bc, "base", Some("s2")).await).await == head, "a newer snapshot survives rollback");
+        w.write_at(0, vec![9u8; 4096].into()).await.unwrap();
+        assert!(lib_side::read_all(&lib_side::reader(&bc, "base", Some("s1")).await).await == a);
+        drop(w);
+
+        // Resize: grow reads zeros; shrink needs --force; shrink-then-grow reads zeros too
+        // (neither the old bytes nor the layers below show through).
+        let resize = |size: &str, force: bool| {
+            let mut args = vec!["block", "resize", "tank/blk", "base", size];
+            if force {
+                args.push("--force");
+            }
+            poll("resize once the writer lease is released", Duration::from_secs(20), || {
+                let out = c.cmd(&args);
+                let err = String::from_utf8_lossy(&out.stderr).into_owned();
+                (out.status.success() || !err.contains("exported for writing")).then_some((out.status.success(), err))
+            })
+        };
+        assert!(resize("4M", false).1.contains("--force"));
+        assert!(resize("16M", false).0);
+        let r = lib_side::reader(&bc, "base", None).await;
+        let all = lib_side::read_all(&r).await;
+        assert_eq!(all.len(), 16 * m);
+        assert!(all[..4096].iter().all(|x| *x == 9) && all[4096..8 * m] == a[4096..] && all[8 * m..].iter().all(|x| *x == 0));
+        assert!(resize("4M", true).0);
+        assert!(resize("8M", false).0);
+        let all = lib_side::read_all(&lib_side::reader(&bc, "base", None).await).await;
+        assert!(all[4096..4 * m] == a[4096..4 * m] && all[4 * m..].iter().all(|x| *x == 0), "shrink then grow reads zeros past the shrink point");
+        assert!(lib_side::read_all(&*cw).await == clone, "the clone is untouched by its parent's rollback and resize");
+        drop(cw);
+
+        // Capacity is checked against the pool; names are checked.
+        let e = c.fails(&["block", "create", "tank/blk", "huge", "1P"]);
+        assert!(e.contains("needs") && e.contains("pool 'tank'"), "{e}");
+        assert!(c.fails(&["block", "create", "tank/blk", "bad.name", "1M"]).contains("letters, digits"));
+        let names: Vec<String> = c.json(&["block", "list", "tank/blk"]).as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(names, ["base", "c1"]);
+        poll("delete of the clone", Duration::from_secs(20), || c.cmd(&["block", "delete", "tank/blk", "c1"]).status.success().then_some(()));
+        c.json(&["block", "delete", "tank/blk", "base"]);
+        assert!(c.json(&["block", "list", "tank/blk"]).as_array().unwrap().is_empty());
+        let snaps = c.json(&["cont", "query", "tank", "blk"]);
+        assert!(snaps["snapshots"].as_object().unwrap().is_empty(), "pinned epochs are released with the volume");
+    });
+}
+
+#[test]
+fn a_snapshot_is_one_instant_of_a_volume_under_writes() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+    const TASKS: u64 = 4;
+    const SLOTS: u64 = 64;
+    const SLOT_BYTES: u64 = 16 << 10;
+    let c = block_cluster(&[]);
+    c.json(&["block", "create", "tank/blk", "seq", "8M", "--block-size", "64K"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cf = c.cluster_file();
+    let slot_off = |t: u64, k: u64| (t * SLOTS + k) * SLOT_BYTES;
+    let content = |t: u64, i: u64| {
+        let mut b = Vec::with_capacity(4096);
+        while b.len() < 4096 {
+            b.extend_from_slice(&t.to_be_bytes());
+            b.extend_from_slice(&i.to_be_bytes());
+        }
+        b
+    };
+    let (logs, snap_window) = rt.block_on(async {
+        let bc = lib_side::open(&cf).await;
+        let w = lib_side::writer(&bc, "seq").await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let total = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let (w, stop, total) = (w.clone(), stop.clone(), total.clone());
+                tokio::spawn(async move {
+                    // (seq, started, acknowledged) of every write of this task, in order.
+                    let mut log: Vec<(u64, Instant, Instant)> = Vec::new();
+                    for i in 1..100_000u64 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let started = Instant::now();
+                        w.write_at(slot_off(t, i % SLOTS), content(t, i).into()).await.unwrap();
+                        log.push((i, started, Instant::now()));
+                        total.fetch_add(1, Ordering::Relaxed);
+                    }
+                    log
+                })
+            })
+            .collect();
+        let t0 = Instant::now();
+        while total.load(Ordering::Relaxed) < 200 && t0.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let cluster = c.cluster_file();
+        let window = tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            let out = Command::new(BIN).args(["block", "snapshot", "tank/blk", "seq@mid", "--json"]).env("STRATA_CLUSTER", cluster).output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            (start, Instant::now())
+        })
+        .await
+        .unwrap();
+        let after = total.load(Ordering::Relaxed);
+        while total.load(Ordering::Relaxed) < after + 200 && t0.elapsed() < Duration::from_secs(120) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut logs = Vec::new();
+        for t in tasks {
+            logs.push(t.await.unwrap());
+        }
+        (logs, window)
+    });
+    let snap = rt.block_on(async {
+        let bc = lib_side::open(&cf).await;
+        lib_side::read_all(&lib_side::reader(&bc, "seq", Some("mid")).await).await
+    });
+    let (snap_start, snap_end) = snap_window;
+    let mut cuts = Vec::new();
+    for t in 0..TASKS {
+        let log = &logs[t as usize];
+        let seen: Vec<u64> = (0..SLOTS)
+            .map(|k| {
+                let o = slot_off(t, k) as usize;
+                let b = &snap[o..o + 4096];
+                if b.iter().all(|x| *x == 0) {
+                    return 0;
+                }
+                let i = u64::from_be_bytes(b[8..16].try_into().unwrap());
+                assert!(b == content(t, i), "slot {k} of task {t} holds a torn or foreign block");
+                i
+            })
+            .collect();
+        let cut = *seen.iter().max().unwrap();
+        // Within a task: exactly the writes up to the cut, none after.
+        for (k, &i) in seen.iter().enumerate() {
+            let want = (1..=cut).rev().find(|j| j % SLOTS == k as u64).unwrap_or(0);
+            assert_eq!(i, want, "task {t} slot {k}: the snapshot holds write {i} but its cut is {cut}");
+        }
+        for &(i, started, acked) in log {
+            assert!(!(acked < snap_start && i > cut), "write {i} of task {t} was acknowledged before the snapshot began but is missing");
+            assert!(!(started > snap_end && i <= cut), "write {i} of task {t} began after the snapshot ended but is in it");
+        }
+        cuts.push(cut);
+    }
+    // Across tasks: a write in the snapshot implies every write acknowledged before it began.
+    for b in 0..TASKS as usize {
+        let Some(&(_, began, _)) = logs[b].iter().find(|(i, _, _)| *i == cuts[b]) else { continue };
+        for a in 0..TASKS as usize {
+            for &(i, _, acked) in &logs[a] {
+                assert!(!(acked < began && i > cuts[a]), "task {a}'s write {i} was acknowledged before task {b}'s write {} began, which is in the snapshot, but it is not", cuts[b]);
+            }
+        }
+    }
+    assert!(cuts.iter().all(|c| *c > 0), "every task had writes in the snapshot: {cuts:?}");
+}
+
+#[test]
+fn acknowledged_writes_survive_a_killed_server_and_rank() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let c = block_cluster(&["--heartbeat-timeout-ms", "2000"]);
+    c.json(&["block", "create", "tank/blk", "vol", "32M"]);
+    let mut srv = NbdServer::start(&c, &["tank/blk", "vol", "--lease-ttl-ms", "2000"]);
+    let progress = Arc::new(AtomicU64::new(0));
+    // Writes known durable: acknowledged with FUA, or acknowledged before an acknowledged FLUSH.
+    let durable: Arc<Mutex<Vec<u64>>> = Default::default();
+    let writer = {
+        let (addr, progress, durable) = (srv.addr.clone(), progress.clone(), durable.clone());
+        std::thread::spawn(move || {
+            let mut w = RawNbd::connect(&addr, "vol").unwrap();
+            let mut unflushed = Vec::new();
+            for i in 0..8192u64 {
+                let fua = i % 2 == 0;
+                match w.write(i * 4096, &pattern(i, 4096), if fua { NBD_FUA } else { 0 }) {
+                    Ok(0) if fua => durable.lock().unwrap().push(i),
+                    Ok(0) => unflushed.push(i),
+                    Ok(e) => panic!("write {i} failed with errno {e}"),
+                    Err(_) => return,
+                }
+                if i % 8 == 7 {
+                    if w.send(NBD_FLUSH, 0, 9, 0, 0, &[]).is_err() {
+                        return;
+                    }
+                    match w.reply(0) {
+                        Ok((0, _, _)) => durable.lock().unwrap().append(&mut unflushed),
+                        _ => return,
+                    }
+                }
+                progress.store(i + 1, Ordering::Relaxed);
+            }
+        })
+    };
+    let wait_for = |n: u64| poll("writes to progress", Duration::from_secs(90), || (progress.load(Ordering::Relaxed) >= n).then_some(()));
+    wait_for(200);
+    c.kill9_rank_dir(1);
+    let at_kill = progress.load(Ordering::Relaxed);
+    wait_for(at_kill + 200);
+    srv.kill9();
+    writer.join().unwrap();
+    let durable = durable.lock().unwrap().clone();
+    assert!(durable.len() >= 400, "only {} writes were durable", durable.len());
+
+    let srv2 = NbdServer::start(&c, &["tank/blk", "vol"]);
+    let mut r = poll("a new server to take the writer lease", Duration::from_secs(30), || RawNbd::connect(&srv2.addr, "vol").ok());
+    for i in durable {
+        assert_eq!(r.read(i * 4096, 4096).unwrap().unwrap(), pattern(i, 4096), "durable write {i} lost");
+    }
+    r.disconnect();
+}
