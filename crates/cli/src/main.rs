@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench_obj;
+mod block_cmd;
 mod bench_vos;
 mod cluster_cmd;
 mod cont_cmd;
@@ -68,6 +69,9 @@ enum Command {
     /// POSIX volumes: mount with FUSE, unmount, file layouts (exNode), reads at a snapshot.
     #[command(subcommand)]
     Fs(fs_cmd::FsCommand),
+    /// Block volumes: create, list, info, resize, delete, snapshot, clone, rollback, nbd.
+    #[command(subcommand)]
+    Block(block_cmd::BlockCommand),
 }
 
 #[derive(Subcommand)]
@@ -100,6 +104,7 @@ fn main() {
         Command::Bench(BenchCommand::Vos(a)) => bench_vos::run(a),
         Command::Bench(BenchCommand::Obj(a)) => bench_obj::run(a),
         Command::Fs(c) => fs_cmd::run(c),
+        Command::Block(c) => block_cmd::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
