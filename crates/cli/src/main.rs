@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_fs;
 mod bench_obj;
 mod block_cmd;
 mod bench_vos;
@@ -86,6 +87,8 @@ enum BenchCommand {
     Vos(bench_vos::Args),
     /// Objects through a running cluster (any class, size, read/write) vs fio on the engines' disk.
     Obj(bench_obj::Args),
+    /// The file system through FUSE: mdtest-style metadata and fio data vs bindfs.
+    Fs(bench_fs::Args),
 }
 
 fn main() {
@@ -103,6 +106,7 @@ fn main() {
         Command::Sim(SimCommand::Placement(a)) => sim_placement::run(a),
         Command::Bench(BenchCommand::Vos(a)) => bench_vos::run(a),
         Command::Bench(BenchCommand::Obj(a)) => bench_obj::run(a),
+        Command::Bench(BenchCommand::Fs(a)) => bench_fs::run(a),
         Command::Fs(c) => fs_cmd::run(c),
         Command::Block(c) => block_cmd::run(c),
     };

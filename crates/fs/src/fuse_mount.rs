@@ -73,6 +73,8 @@ struct OpenState {
 
 struct OpenFile {
     opens: u32,
+    /// Unlinked while open here: reclaimed at the last close.
+    orphaned: bool,
     state: Arc<tokio::sync::Mutex<OpenState>>,
 }
 
@@ -212,6 +214,16 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         lock(&self.open).contains_key(&ino)
     }
 
+    fn mark_orphans(&self, inos: &[u64]) {
+        let mut open = lock(&self.open);
+        for ino in inos {
+            self.forget_ino(*ino);
+            if let Some(o) = open.get_mut(ino) {
+                o.orphaned = true;
+            }
+        }
+    }
+
     /// The inode as this mount sees it: cached within `meta_cache`, with the size and mtime of
     /// buffered writes of an open file.
     async fn inode(&self, ino: u64, fresh: bool) -> Result<Inode, FsError> {
@@ -245,7 +257,8 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
                 Err(e) => return Err(e),
             }
         }
-        let i = self.ns.lookup(parent, name).await?;
+        // The kernel only looks names up in directories: a missing dentry is ENOENT.
+        let i = self.ns.lookup_known_dir(parent, name).await?;
         self.remember(&i);
         lock(&self.names).insert(key, (i.ino, Instant::now()));
         self.inode(i.ino, false).await
@@ -298,19 +311,26 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         Ok(())
     }
 
+    /// Punch the data of deleted files, in the background: the inode is already gone, so
+    /// nobody can reach the object; a failure leaves unreachable garbage (logged).
     async fn punch_freed(&self, freed: &[Inode]) {
         for i in freed {
             self.forget_ino(i.ino);
-            if i.kind != Kind::File {
+            lock(&self.seen_version).remove(&i.ino);
+            // A file never written has no object to punch.
+            if i.kind != Kind::File || (i.data_version == 0 && i.size == 0) {
                 continue;
             }
             let class = i.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
             match data_oid(i.ino, &class) {
-                // Garbage if this fails: the inode is gone, the object unreachable.
                 Ok(oid) => {
-                    if let Err(e) = self.data.store.punch_object(oid).await {
-                        tracing::warn!(ino = i.ino, error = %e, "could not punch a deleted file's data");
-                    }
+                    let store = self.data.store.clone();
+                    let ino = i.ino;
+                    self.rt.spawn(async move {
+                        if let Err(e) = store.punch_object(oid).await {
+                            tracing::warn!(ino, error = %e, "could not punch a deleted file's data");
+                        }
+                    });
                 }
                 Err(e) => tracing::warn!(ino = i.ino, error = %e, "deleted file has an unusable object class"),
             }
@@ -360,12 +380,17 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         let i = self.ns.create(parent, name.as_bytes(), node).await?;
         self.forget_ino(parent);
         self.remember(&i);
+        lock(&self.names).insert((parent, name.as_bytes().to_vec()), (i.ino, Instant::now()));
         Ok(i)
     }
 
-    async fn open_file(&self, ino: u64, truncate: bool) -> Result<(u64, FopenFlags), FsError> {
+    /// `created`: the inode this mount just created (already current).
+    async fn open_file(&self, ino: u64, created: Option<Inode>) -> Result<(u64, FopenFlags), FsError> {
         // Close-to-open: always the store's current inode, never the cache.
-        let fresh = self.ns.inode(ino).await?;
+        let fresh = match created {
+            Some(i) => i,
+            None => self.ns.inode(ino).await?,
+        };
         self.remember(&fresh);
         if fresh.kind == Kind::Dir {
             return Err(FsError::IsDir);
@@ -378,7 +403,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         };
         let state = {
             let mut open = lock(&self.open);
-            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default() })) });
+            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default() })) });
             e.opens += 1;
             e.state.clone()
         };
@@ -389,7 +414,6 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             }
             st.inode = fresh.clone();
         }
-        let _ = truncate;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, ino);
         Ok((fh, if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }))
@@ -398,28 +422,21 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
     async fn release_file(&self, ino: u64, fh: u64) -> Result<(), FsError> {
         lock(&self.handles).remove(&fh);
         let flushed = self.flush_ino(ino).await;
-        let last = {
+        let orphan_closed = {
             let mut open = lock(&self.open);
             match open.get_mut(&ino) {
                 Some(o) if o.opens > 1 => {
                     o.opens -= 1;
                     false
                 }
-                Some(_) => {
-                    open.remove(&ino);
-                    true
-                }
+                Some(_) => open.remove(&ino).is_some_and(|o| o.orphaned),
                 None => false,
             }
         };
-        if last {
-            // The last close of an unlinked file reclaims it.
-            if let Ok(i) = self.ns.inode(ino).await {
-                if i.nlink == 0 {
-                    if let Some(i) = self.ns.reclaim_orphan(ino).await? {
-                        self.punch_freed(&[i]).await;
-                    }
-                }
+        if orphan_closed {
+            // The last close of a file unlinked while open reclaims it.
+            if let Some(i) = self.ns.reclaim_orphan(ino).await? {
+                self.punch_freed(&[i]).await;
             }
         }
         flushed
@@ -605,9 +622,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
             let rel = self.ns.unlink(parent, name.as_bytes(), |i| self.is_open(i)).await?;
             self.forget_name(parent, name.as_bytes());
             self.forget_ino(parent);
-            for o in &rel.orphaned {
-                self.forget_ino(*o);
-            }
+            self.mark_orphans(&rel.orphaned);
             self.punch_freed(&rel.freed).await;
             Ok::<_, FsError>(())
         });
@@ -654,9 +669,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
             self.forget_name(newparent, newname.as_bytes());
             self.forget_ino(parent);
             self.forget_ino(newparent);
-            for o in &rel.orphaned {
-                self.forget_ino(*o);
-            }
+            self.mark_orphans(&rel.orphaned);
             // The moved inode's ctime (and a directory's parent) changed.
             lock(&self.attrs).clear();
             self.punch_freed(&rel.freed).await;
@@ -688,7 +701,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
         if self.opts.read_only && flags.acc_mode() != fuser::OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        match self.block(self.open_file(ino, flags.0 & libc::O_TRUNC != 0)) {
+        match self.block(self.open_file(ino, None)) {
             Ok((fh, f)) => reply.opened(FileHandle(fh), f),
             Err(e) => reply.error(errno(&e)),
         }
@@ -893,7 +906,8 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
         let node = NewNode { kind: Kind::File, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev: 0, symlink: None };
         let r = self.block(async {
             let i = self.make(req, parent, name, node).await?;
-            let (fh, f) = self.open_file(i.ino, flags & libc::O_TRUNC != 0).await?;
+            let _ = flags;
+            let (fh, f) = self.open_file(i.ino, Some(i.clone())).await?;
             Ok::<_, FsError>((i, fh, f))
         });
         match r {

@@ -167,6 +167,17 @@ impl<S: MetaStore> Namespace<S> {
         self.inode_at(d.ino, epoch).await
     }
 
+    /// [`Self::lookup`] in a directory known to exist: one read less for a missing name.
+    pub async fn lookup_known_dir(&self, parent: u64, name: &[u8]) -> Result<Inode, FsError> {
+        if name.len() > NAME_BYTES_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        match self.store.get_at(&dentry_key(parent, name), Epoch::MAX).await? {
+            Some(b) => self.inode(decode_dentry(&b)?.ino).await,
+            None => Err(FsError::NotFound),
+        }
+    }
+
     /// Up to `limit` entries of a directory after `after` (a name), in name order.
     pub async fn readdir(&self, dir: u64, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Dentry)>, FsError> {
         let prefix = dentry_prefix(dir);
