@@ -320,6 +320,16 @@ impl ObjHandle {
         self.update(dkey, ops, Bytes::copy_from_slice(data)).await
     }
 
+    /// Several extents of one array akey in one update: one round trip, one epoch.
+    pub async fn write_extents(&self, dkey: &[u8], akey: &[u8], extents: &[(u64, &[u8])]) -> Result<Epoch, ClientError> {
+        let ops = extents.iter().map(|(offset, d)| WireOp::Extent { akey: akey.to_vec(), offset: *offset, len: d.len() as u32 }).collect();
+        let mut payload = Vec::with_capacity(extents.iter().map(|(_, d)| d.len()).sum());
+        for (_, d) in extents {
+            payload.extend_from_slice(d);
+        }
+        self.update(dkey, ops, Bytes::from(payload)).await
+    }
+
     pub async fn read(&self, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<(Vec<u8>, Vec<(u64, u64)>), ClientError> {
         if let Ok(strata_types::Redundancy::Erasure { data, parity }) = self.oid.class().map(|c| c.redundancy()) {
             let client = self.cont.pool.client.clone();

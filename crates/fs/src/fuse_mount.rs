@@ -21,7 +21,7 @@ use crate::file_data::{data_oid, DataStore, FileData};
 use crate::fs_error::FsError;
 use crate::meta_schema::{Inode, Kind};
 use crate::meta_store::MetaStore;
-use crate::namespace::{now_ns, Namespace, NewNode, RenameMode, SetAttr, FILE_BYTES_MAX, OCLASS_XATTR};
+use crate::namespace::{now_ns, Namespace, NewNode, Released, RenameMode, SetAttr, FILE_BYTES_MAX, OCLASS_XATTR};
 use crate::write_back::WriteBack;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
@@ -64,11 +64,40 @@ impl Default for MountOptions {
     }
 }
 
+/// Dirty extents being written to the store in the background (a full write-back buffer).
+struct Pending {
+    extents: Arc<Vec<(u64, Vec<u8>)>>,
+    mtime_ns: i64,
+    task: tokio::task::JoinHandle<Result<(), FsError>>,
+}
+
+/// Background buffer writes per open file: the writer fills the next buffer meanwhile.
+const PENDING_FLUSHES_MAX: usize = 2;
+
 struct OpenState {
     inode: Inode,
     wb: WriteBack,
+    /// Older dirty extents on their way to the store; committed (size) at the next flush.
+    pending: Vec<Pending>,
     /// The file's size as this mount sees it (store size, buffered writes, local truncates).
     size: u64,
+}
+
+impl OpenState {
+    /// Dirty bytes over `out` (the file's bytes from `offset`): in-flight ones, then newer.
+    fn overlay(&self, offset: u64, out: &mut [u8]) {
+        let end = offset + out.len() as u64;
+        for p in &self.pending {
+            for (s, d) in p.extents.iter() {
+                let e = s + d.len() as u64;
+                let (lo, hi) = ((*s).max(offset), e.min(end));
+                if lo < hi {
+                    out[(lo - offset) as usize..(hi - offset) as usize].copy_from_slice(&d[(lo - s) as usize..(hi - s) as usize]);
+                }
+            }
+        }
+        self.wb.overlay(offset, out);
+    }
 }
 
 struct OpenFile {
@@ -214,7 +243,11 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         lock(&self.open).contains_key(&ino)
     }
 
-    fn mark_orphans(&self, inos: &[u64]) {
+    fn mark_orphans(&self, rel: &Released) {
+        for ino in &rel.touched {
+            self.forget_ino(*ino);
+        }
+        let inos = &rel.orphaned;
         let mut open = lock(&self.open);
         for ino in inos {
             self.forget_ino(*ino);
@@ -272,23 +305,72 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
     }
 
     /// Write the buffered extents of an open file to its object, then record the new size.
-    async fn flush_state(&self, st: &mut OpenState) -> Result<(), FsError> {
-        if st.wb.is_empty() {
-            return Ok(());
-        }
+    /// Start writing the buffer to the store in the background; wait for the oldest write
+    /// when [`PENDING_FLUSHES_MAX`] are in flight.
+    async fn flush_in_background(&self, st: &mut OpenState) -> Result<(), FsError> {
         let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
         let oid = data_oid(st.inode.ino, &class)?;
-        let mtime = st.wb.mtime_ns;
-        let extents = st.wb.take();
-        let end = extents.iter().map(|(o, d)| o + d.len() as u64).max().unwrap_or(0);
-        let mut failed = None;
-        for (off, d) in &extents {
-            if let Err(e) = self.data.write(oid, *off, d).await {
-                failed = Some(e);
-                break;
+        let mtime_ns = st.wb.mtime_ns;
+        let extents = Arc::new(st.wb.take());
+        let (data, ext) = (self.data.clone(), extents.clone());
+        let task = self.rt.spawn(async move { data.write_extents(oid, &ext).await });
+        st.pending.push(Pending { extents, mtime_ns, task });
+        while st.pending.len() > PENDING_FLUSHES_MAX {
+            let p = st.pending.remove(0);
+            if let Err(e) = Self::join(p.task).await {
+                // Keep the bytes (older than the buffer's): a later flush may succeed.
+                let newer = st.wb.take();
+                for (off, d) in p.extents.iter().chain(newer.iter()) {
+                    st.wb.write(*off, d, p.mtime_ns);
+                }
+                return Err(e);
             }
         }
-        if let Some(e) = failed {
+        Ok(())
+    }
+
+    async fn join(task: tokio::task::JoinHandle<Result<(), FsError>>) -> Result<(), FsError> {
+        task.await.map_err(|e| FsError::Data(format!("write task: {e}")))?
+    }
+
+    /// Wait for every background write; on failure their bytes go back into the buffer.
+    async fn drain_pending(&self, st: &mut OpenState) -> Result<(u64, i64), FsError> {
+        let mut end = 0;
+        let mut mtime = 0;
+        let mut failed = None;
+        let pending = std::mem::take(&mut st.pending);
+        let newer = st.wb.take();
+        for p in pending {
+            let r = Self::join(p.task).await;
+            end = p.extents.iter().map(|(o, d)| o + d.len() as u64).fold(end, u64::max);
+            mtime = mtime.max(p.mtime_ns);
+            if let Err(e) = r {
+                for (off, d) in p.extents.iter() {
+                    st.wb.write(*off, d, p.mtime_ns);
+                }
+                failed = Some(e);
+            }
+        }
+        for (off, d) in newer {
+            st.wb.write(off, &d, mtime);
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((end, mtime)),
+        }
+    }
+
+    async fn flush_state(&self, st: &mut OpenState) -> Result<(), FsError> {
+        if st.wb.is_empty() && st.pending.is_empty() {
+            return Ok(());
+        }
+        let (pending_end, pending_mtime) = self.drain_pending(st).await?;
+        let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+        let oid = data_oid(st.inode.ino, &class)?;
+        let mtime = st.wb.mtime_ns.max(pending_mtime);
+        let extents = st.wb.take();
+        let end = extents.iter().map(|(o, d)| o + d.len() as u64).fold(pending_end, u64::max);
+        if let Err(e) = self.data.write_extents(oid, &extents).await {
             // Keep the bytes: a later flush may succeed.
             for (off, d) in extents {
                 st.wb.write(off, &d, mtime);
@@ -354,6 +436,10 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
                 Some(s) => Some(s.lock().await),
                 None => None,
             };
+            if let Some(g) = guard.as_mut() {
+                // A background write must not land after the punch below.
+                self.drain_pending(g).await?;
+            }
             let old = guard.as_ref().map_or(cur.size, |g| g.size.max(cur.size));
             if let Some(g) = guard.as_mut() {
                 g.wb.truncate(size);
@@ -403,7 +489,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         };
         let state = {
             let mut open = lock(&self.open);
-            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default() })) });
+            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new() })) });
             e.opens += 1;
             e.state.clone()
         };
@@ -450,7 +536,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         };
         let st = state.lock().await;
         let mut out = self.read_at(&st.inode, st.size, offset, size, Epoch::MAX).await?;
-        st.wb.overlay(offset, &mut out);
+        st.overlay(offset, &mut out);
         Ok(out)
     }
 
@@ -476,7 +562,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         st.wb.write(offset, data, now_ns());
         st.size = st.size.max(offset + data.len() as u64);
         if st.wb.bytes() >= self.opts.write_back_bytes_max {
-            self.flush_state(&mut st).await?;
+            self.flush_in_background(&mut st).await?;
         }
         Ok(data.len() as u32)
     }
@@ -622,7 +708,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
             let rel = self.ns.unlink(parent, name.as_bytes(), |i| self.is_open(i)).await?;
             self.forget_name(parent, name.as_bytes());
             self.forget_ino(parent);
-            self.mark_orphans(&rel.orphaned);
+            self.mark_orphans(&rel);
             self.punch_freed(&rel.freed).await;
             Ok::<_, FsError>(())
         });
@@ -669,7 +755,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
             self.forget_name(newparent, newname.as_bytes());
             self.forget_ino(parent);
             self.forget_ino(newparent);
-            self.mark_orphans(&rel.orphaned);
+            self.mark_orphans(&rel);
             // The moved inode's ctime (and a directory's parent) changed.
             lock(&self.attrs).clear();
             self.punch_freed(&rel.freed).await;

@@ -74,6 +74,8 @@ pub struct Released {
     pub freed: Vec<Inode>,
     /// Still open here: kept with an orphan key until the last close.
     pub orphaned: Vec<u64>,
+    /// Every inode that lost a link (its cached attributes are stale).
+    pub touched: Vec<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -253,6 +255,7 @@ impl<S: MetaStore> Namespace<S> {
     async fn tx_drop_link(tx: &mut S::Txn, mut i: Inode, now: i64, is_open: &impl Fn(u64) -> bool, rel: &mut Released) -> Result<(), FsError> {
         i.nlink = i.nlink.saturating_sub(if i.kind == Kind::Dir { i.nlink } else { 1 });
         i.ctime_ns = now;
+        rel.touched.push(i.ino);
         if i.nlink > 0 {
             return Self::tx_put(tx, &i).await;
         }
