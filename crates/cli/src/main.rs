@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench_obj;
+mod block_cmd;
 mod bench_vos;
 mod cluster_cmd;
 mod cont_cmd;
@@ -64,6 +65,9 @@ enum Command {
     /// Benchmarks that print figures and the ratio to a baseline run in the same invocation.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Block volumes: create, list, info, resize, delete, snapshot, clone, rollback, nbd.
+    #[command(subcommand)]
+    Block(block_cmd::BlockCommand),
 }
 
 #[derive(Subcommand)]
@@ -95,6 +99,7 @@ fn main() {
         Command::Sim(SimCommand::Placement(a)) => sim_placement::run(a),
         Command::Bench(BenchCommand::Vos(a)) => bench_vos::run(a),
         Command::Bench(BenchCommand::Obj(a)) => bench_obj::run(a),
+        Command::Block(c) => block_cmd::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -237,6 +237,12 @@ impl ObjHandle {
     }
 
     async fn update(&self, dkey: &[u8], ops: Vec<WireOp>, payload: Bytes) -> Result<Epoch, ClientError> {
+        self.update_at(dkey, ops, payload, None).await
+    }
+
+    /// An update at a caller-chosen epoch (`None`: the leader picks one). A writer that issues
+    /// its own epochs from one clock orders its updates across groups the way it issued them.
+    async fn update_at(&self, dkey: &[u8], ops: Vec<WireOp>, payload: Bytes, at: Option<Epoch>) -> Result<Epoch, ClientError> {
         let client = self.cont.pool.client.clone();
         let cont = self.cont.info.id;
         self.retry("update", |view| {
@@ -249,7 +255,7 @@ impl ObjHandle {
                     _ => shards[0],
                 };
                 let addr = view.info.rank_addrs.get(&leader.rank).cloned().unwrap_or_default();
-                let req = EngineReq::Update { pool: view.info.id, map_version: view.info.map.version, cont, oid, dkey: dkey.to_vec(), epoch: None, ops };
+                let req = EngineReq::Update { pool: view.info.id, map_version: view.info.map.version, cont, oid, dkey: dkey.to_vec(), epoch: at, ops };
                 match client.engines.call::<_, EngineResp>(&addr, &req, payload, CALL_TIMEOUT).await? {
                     (EngineResp::Updated { epoch }, _) => Ok(epoch),
                     _ => Err(RpcError::Protocol("unexpected engine reply".into())),
@@ -388,6 +394,21 @@ impl ObjHandle {
         }
         written.sort_unstable();
         Ok((out, written))
+    }
+
+    /// Write an extent from a shared buffer (no copy) at `epoch` (`None`: the leader picks).
+    pub async fn write_bytes_at(&self, dkey: &[u8], akey: &[u8], offset: u64, data: Bytes, epoch: Option<Epoch>) -> Result<Epoch, ClientError> {
+        let ops = vec![WireOp::Extent { akey: akey.to_vec(), offset, len: data.len() as u32 }];
+        self.update_at(dkey, ops, data, epoch).await
+    }
+
+    /// Punch `len` bytes of an array at `offset`: reads see a hole there.
+    pub async fn punch_extent_at(&self, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Option<Epoch>) -> Result<Epoch, ClientError> {
+        self.update_at(dkey, vec![WireOp::PunchExtent { akey: akey.to_vec(), offset, len }], Bytes::new(), epoch).await
+    }
+
+    pub async fn punch_dkey_at(&self, dkey: &[u8], epoch: Option<Epoch>) -> Result<Epoch, ClientError> {
+        self.update_at(dkey, vec![WireOp::PunchDkey], Bytes::new(), epoch).await
     }
 
     pub async fn punch_dkey(&self, dkey: &[u8]) -> Result<Epoch, ClientError> {

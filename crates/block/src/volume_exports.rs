@@ -1,0 +1,137 @@
+//! The NBD exports of one `strata block nbd` server: named volumes (writable unless the server
+//! is read-only) and `VOLUME@SNAPSHOT` (always read-only). All connections to one writable
+//! volume share one device and one writer lease; the lease is taken when the first of them
+//! opens and released when the last closes.
+
+use crate::block_device::{BlockDevice, ExportDesc, Exports, OpenError};
+use crate::volume_admin::BlockContainer;
+use crate::volume_io::{ReleaseTracker, VolumeIo};
+use crate::volume_meta::split_snap;
+use crate::writer_lease::{holder_name, Lease};
+use crate::BlockError;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+pub struct VolumeExports {
+    bc: BlockContainer,
+    names: Vec<String>,
+    read_only: bool,
+    lease_ttl_ms: u64,
+    holder: String,
+    writers: tokio::sync::Mutex<HashMap<String, Weak<VolumeIo>>>,
+    releases: Arc<ReleaseTracker>,
+}
+
+fn open_err(e: BlockError) -> OpenError {
+    match e {
+        BlockError::NotFound(m) => OpenError::Unknown(m),
+        BlockError::Held(m) => OpenError::Policy(m),
+        e => OpenError::Unavailable(e.to_string()),
+    }
+}
+
+impl VolumeExports {
+    /// Check that every export exists now (a typo fails at start, not at first connect).
+    pub async fn new(bc: BlockContainer, names: Vec<String>, read_only: bool, lease_ttl_ms: u64) -> Result<VolumeExports, BlockError> {
+        for n in &names {
+            let (vol, snap) = split_snap(n).map(|(v, s)| (v, Some(s))).unwrap_or((n.as_str(), None));
+            let m = bc.get(vol).await?;
+            if let Some(s) = snap {
+                if !m.snapshots.contains_key(s) {
+                    return Err(BlockError::NotFound(format!("volume '{vol}' has no snapshot '{s}'")));
+                }
+            }
+        }
+        Ok(VolumeExports { bc, names, read_only, lease_ttl_ms, holder: holder_name("nbd"), writers: Default::default(), releases: Default::default() })
+    }
+
+    /// Release the writer leases of every open volume (the server is stopping).
+    pub async fn release_all(&self) {
+        let devs: Vec<Arc<VolumeIo>> = self.writers.lock().await.values().filter_map(Weak::upgrade).collect();
+        for d in devs {
+            d.release_lease().await;
+        }
+    }
+
+    /// Configured names, and `VOLUME@SNAPSHOT` of any configured volume (snapshots taken
+    /// while the server runs are exported too).
+    fn known(&self, name: &str) -> Result<(), OpenError> {
+        let vol = split_snap(name).map(|(v, _)| v);
+        if self.names.iter().any(|n| n == name || Some(n.as_str()) == vol) {
+            Ok(())
+        } else {
+            Err(OpenError::Unknown(format!("no export '{name}'; this server exports: {} (and their VOLUME@SNAPSHOT)", self.names.join(", "))))
+        }
+    }
+
+    async fn open_volume(&self, name: &str) -> Result<Arc<dyn BlockDevice>, BlockError> {
+        let (vol, snap) = split_snap(name).map(|(v, s)| (v, Some(s))).unwrap_or((name, None));
+        let meta = self.bc.get(vol).await?;
+        if self.read_only || snap.is_some() {
+            return Ok(Arc::new(VolumeIo::open(&self.bc.cont, &meta, snap, None).await?));
+        }
+        let mut writers = self.writers.lock().await;
+        if let Some(d) = writers.get(vol).and_then(Weak::upgrade) {
+            return Ok(d);
+        }
+        let key = self.bc.writer_lease_key(vol);
+        self.releases.wait(&key).await;
+        let lease = Lease::acquire(&self.bc.client, &key, &self.holder, self.lease_ttl_ms).await.map_err(|e| match e {
+            BlockError::Held(m) => BlockError::Held(format!("volume '{vol}' already has a writer ({m}); export it --read-only here, or retry once the other server's clients disconnect")),
+            e => e,
+        })?;
+        // Re-read the record under the lease: a resize or rollback may have finished meanwhile.
+        let meta = self.bc.get(vol).await?;
+        let mut dev = match VolumeIo::open(&self.bc.cont, &meta, None, Some(lease.clone())).await {
+            Ok(d) => d,
+            Err(e) => {
+                lease.release().await;
+                return Err(e);
+            }
+        };
+        lease.keep_renewed();
+        dev.track_releases(self.releases.clone());
+        let dev = Arc::new(dev);
+        writers.insert(vol.to_owned(), Arc::downgrade(&dev));
+        Ok(dev)
+    }
+}
+
+impl Exports for VolumeExports {
+    fn list(&self) -> Vec<(String, String)> {
+        self.names.iter().map(|n| (n.clone(), format!("strata volume {}/{}/{n}", self.bc.pool_name, self.bc.cont_name))).collect()
+    }
+
+    fn default_name(&self) -> Option<String> {
+        self.names.first().cloned()
+    }
+
+    fn describe<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ExportDesc, OpenError>> {
+        async move {
+            self.known(name)?;
+            let (vol, snap) = split_snap(name).map(|(v, s)| (v, Some(s))).unwrap_or((name, None));
+            let m = self.bc.get(vol).await.map_err(open_err)?;
+            let size = match snap {
+                Some(s) => m.snapshots.get(s).map(|x| x.size_bytes).ok_or_else(|| OpenError::Unknown(format!("volume '{vol}' has no snapshot '{s}'")))?,
+                None => m.size_bytes,
+            };
+            Ok(ExportDesc {
+                name: name.to_owned(),
+                description: format!("strata volume {}/{}/{name}, class {}, {} KiB blocks", self.bc.pool_name, self.bc.cont_name, m.oclass, m.block_bytes >> 10),
+                size_bytes: size,
+                read_only: self.read_only || snap.is_some(),
+            })
+        }
+        .boxed()
+    }
+
+    fn open<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Arc<dyn BlockDevice>, OpenError>> {
+        async move {
+            self.known(name)?;
+            self.open_volume(name).await.map_err(open_err)
+        }
+        .boxed()
+    }
+}
