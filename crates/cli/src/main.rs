@@ -3,11 +3,13 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_kv;
 mod bench_obj;
 mod block_cmd;
 mod bench_vos;
 mod cluster_cmd;
 mod cont_cmd;
+mod etcd_peer;
 mod fio;
 mod kv_cmd;
 mod obj_cmd;
@@ -82,6 +84,8 @@ enum BenchCommand {
     Vos(bench_vos::Args),
     /// Objects through a running cluster (any class, size, read/write) vs fio on the engines' disk.
     Obj(bench_obj::Args),
+    /// KV puts/gets/transactions at 16 and 64 clients vs etcd (started here) and plain objects.
+    Kv(bench_kv::Args),
 }
 
 fn main() {
@@ -99,6 +103,7 @@ fn main() {
         Command::Sim(SimCommand::Placement(a)) => sim_placement::run(a),
         Command::Bench(BenchCommand::Vos(a)) => bench_vos::run(a),
         Command::Bench(BenchCommand::Obj(a)) => bench_obj::run(a),
+        Command::Bench(BenchCommand::Kv(a)) => bench_kv::run(a),
         Command::Block(c) => block_cmd::run(c),
     };
     if let Err(e) = result {

@@ -148,15 +148,36 @@ impl Route {
         Err(KvError::Unavailable(format!("gave up after {:?}: {last}", start.elapsed())))
     }
 
+    /// An epoch at or above every engine's clock (the seed's snapshot rule). Engines that do
+    /// not answer (dead) are skipped: every commit they acknowledged was also merged into the
+    /// clocks of its other replicas. The client's own clock covers what it saw committed.
     pub(crate) async fn max_epoch(&self) -> Result<Epoch, KvError> {
-        let answers = self.cont.pool.call_all_engines(&EngineReq::Clock, CALL_TIMEOUT).await?;
-        let best = answers.into_iter().filter_map(|a| match a {
-            Ok((EngineResp::Clock { epoch }, _)) => Some(epoch),
-            _ => None,
-        });
-        let e = best.max().ok_or_else(|| KvError::Unavailable("no engine of the pool answered; cannot pick a snapshot epoch".into()))?;
-        self.observe(e);
-        Ok(e)
+        let start = Instant::now();
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS_MAX {
+            let answers = self.cont.pool.call_all_engines(&EngineReq::Clock, CALL_TIMEOUT).await?;
+            let mut best = None;
+            for a in answers {
+                match a {
+                    Ok((EngineResp::Clock { epoch }, _)) => best = best.max(Some(epoch)),
+                    Ok(_) => last = "unexpected answer to a clock query".into(),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if let Some(e) = best {
+                let e = e.max(self.hlc.peek());
+                self.observe(e);
+                return Ok(e);
+            }
+            if start.elapsed() > OP_DEADLINE {
+                break;
+            }
+            // Connections to restarted engines reopen on the next call; a new map may list
+            // new addresses.
+            tokio::time::sleep(Duration::from_millis((50 * u64::from(attempt)).min(500))).await;
+            let _ = self.cont.pool.refresh().await;
+        }
+        Err(KvError::Unavailable(format!("no engine of the pool answered a clock query; cannot pick a snapshot epoch ({last})")))
     }
 
     pub(crate) async fn get(&self, map: &ShardMap, key: &[u8], at: Option<Epoch>) -> Result<(Option<Vec<u8>>, Epoch), KvError> {
