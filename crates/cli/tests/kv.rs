@@ -639,3 +639,20 @@ fn bank_total_holds_in_every_snapshot_through_kills() {
         }
     });
 }
+
+#[test]
+fn bench_kv_compares_with_etcd_and_plain_objects() {
+    // The bench starts etcd itself: it must be installed (scripts/test installs etcd-server).
+    assert!(Command::new("etcd").arg("--version").output().is_ok_and(|o| o.status.success()), "etcd is not installed: apt-get install etcd-server");
+    let c = Cluster::start(&["--ranks", "3"]);
+    let v = c.json(&["bench", "kv", "--clients", "4", "--duration", "0.5", "--reps", "1", "--keys", "64"]);
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 3, "put, get and txn at one client count");
+    for p in points {
+        assert!(p["median_ops_per_sec"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["etcd_median_ops_per_sec"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["etcd_ratio"].as_f64().is_some());
+    }
+    assert!(points[0]["object_ratio"].as_f64().is_some() && points[1]["object_ratio"].as_f64().is_some());
+    assert!(points.iter().flat_map(|p| p["targets"].as_array().unwrap()).any(|t| t.as_str().unwrap().contains("etcd")));
+}
