@@ -39,6 +39,19 @@ fn keys_on_two_shards(kv: &KvStore, prefix: &str) -> (Vec<u8>, Vec<u8>) {
     (a, b)
 }
 
+/// The rank directory (not 0: it runs the management service) whose rank leads the shard of
+/// the first key of `candidates` led by such a rank: killing it kills a transaction leader.
+fn leader_dir(c: &Cluster, kv: &KvStore, candidates: impl Iterator<Item = Vec<u8>>, ranks: usize) -> (Vec<u8>, usize) {
+    let dirs: Vec<(usize, u64)> = (1..ranks).map(|i| (i, c.rank_of_dir(i))).collect();
+    for k in candidates {
+        let leader = kv.locate(&k).unwrap().leader_rank.unwrap();
+        if let Some((i, _)) = dirs.iter().find(|(_, r)| *r == u64::from(leader)) {
+            return (k, *i);
+        }
+    }
+    panic!("no key led by a rank outside directory 0");
+}
+
 #[test]
 fn cli_end_to_end_and_bad_input() {
     let c = Cluster::start(&["--ranks", "3"]);
@@ -268,6 +281,13 @@ impl Rng {
     }
 }
 
+/// What a client does after a conflict: wait a little, more after each failure, jittered so
+/// that clients that collided do not collide again.
+async fn backoff(attempt: u32, rng: &mut Rng) {
+    let cap_ms = (2u64 << attempt.min(6)).min(100);
+    tokio::time::sleep(Duration::from_millis(1 + rng.next() % cap_ms)).await;
+}
+
 fn parse_list(v: Option<Vec<u8>>) -> Vec<u64> {
     v.map(|b| String::from_utf8(b).unwrap().split(',').filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect()).unwrap_or_default()
 }
@@ -320,7 +340,10 @@ async fn append_worker(kv: &KvStore, id: u64, txns: u64, keys: u64, out: &mut st
                     log(out, json!({"id": tid, "phase": "end", "outcome": "ok", "ops": done}));
                     break;
                 }
-                Err(e) if definite_abort(&e, committing) => log(out, json!({"id": tid, "phase": "end", "outcome": "fail", "error": e.to_string()})),
+                Err(e) if definite_abort(&e, committing) => {
+                    log(out, json!({"id": tid, "phase": "end", "outcome": "fail", "error": e.to_string()}));
+                    backoff(attempt, &mut rng).await;
+                }
                 Err(e) => {
                     log(out, json!({"id": tid, "phase": "end", "outcome": "info", "error": e.to_string()}));
                     break;
@@ -338,7 +361,7 @@ async fn bank_worker(kv: &KvStore, id: u64, transfers: u64, accounts: u64, out: 
         let amount = 1 + rng.next() % 20;
         let record = format!("xfer/{id}/{seq}");
         log(out, json!({"seq": seq, "phase": "start"}));
-        for _attempt in 0..100 {
+        for attempt in 0..100 {
             let mut committing = false;
             let r: Result<bool, KvError> = async {
                 let mut txn = kv.begin();
@@ -362,7 +385,7 @@ async fn bank_worker(kv: &KvStore, id: u64, transfers: u64, accounts: u64, out: 
                     log(out, json!({"seq": seq, "phase": "end", "outcome": if applied { "ok" } else { "skipped" }}));
                     break;
                 }
-                Err(e) if definite_abort(&e, committing) => continue,
+                Err(e) if definite_abort(&e, committing) => backoff(attempt, &mut rng).await,
                 Err(e) => {
                     log(out, json!({"seq": seq, "phase": "end", "outcome": "info", "error": e.to_string()}));
                     break;
@@ -560,8 +583,12 @@ fn list_append_survives_killed_rank_and_client() {
     let keys = 8;
     let (mut children, files) = run_append(&c, "tank/la", 4, 80, keys);
     poll("clients to make progress", Duration::from_secs(120), || (progress(&files) >= 40).then_some(()));
-    // rank-0 runs the management service; SIGKILL a data-only rank mid-run.
-    c.kill9_rank_dir(3);
+    // SIGKILL the rank leading the shard of the first key: the transaction leader (record
+    // holder) of every transaction whose first written key it is.
+    let kv = rt().block_on(open_store(&c.cluster_file(), "tank/la"));
+    let (k, dir) = leader_dir(&c, &kv, (0..keys).map(|k| format!("la/{k}").into_bytes()), 5);
+    eprintln!("killing rank directory {dir}, leader of the shard of {}", String::from_utf8_lossy(&k));
+    c.kill9_rank_dir(dir);
     poll("clients to make progress after the rank died", Duration::from_secs(180), || (progress(&files) >= 120).then_some(()));
     // A client dies mid-transaction: its intents are aborted by whoever meets them.
     kill9(&mut children[0]);
@@ -591,26 +618,34 @@ fn bank_total_holds_in_every_snapshot_through_kills() {
     let total = |rows: &[(Vec<u8>, Vec<u8>)]| -> i64 { rows.iter().map(|(_, v)| String::from_utf8_lossy(v).parse::<i64>().unwrap()).sum() };
     let mut snapshots = 0;
     let mut check_snapshot = |phase: &str| {
-        rt.block_on(async {
+        let r = rt.block_on(async {
             let name = format!("s{snapshots}-{phase}");
             let e = kv.snapshot_create(&name).await.unwrap();
             let rows = kv.scan_at(b"acct/", Some(b"acct0"), 1000, e).await.unwrap();
             assert_eq!(rows.len() as u64, accounts, "snapshot {name}");
             assert_eq!(total(&rows), accounts as i64 * initial, "total in snapshot {name}");
-            let rows = kv.scan(b"acct/", Some(b"acct0"), 1000).await.unwrap();
-            assert_eq!(total(&rows), accounts as i64 * initial, "total in a scan of the newest state");
+            let newest = kv.scan(b"acct/", Some(b"acct0"), 1000).await.unwrap();
+            assert_eq!(total(&newest), accounts as i64 * initial, "total in a scan of the newest state");
+            (e, rows)
         });
         snapshots += 1;
+        r
     };
     poll("transfers to start", Duration::from_secs(120), || (progress(&files) >= 20).then_some(()));
-    check_snapshot("running");
-    c.kill9_rank_dir(2);
+    let first = check_snapshot("running");
+    // Kill the leader of account 0's shard: the transaction leader of its transfers.
+    let (k, dir) = leader_dir(&c, &kv, (0..accounts).map(|a| format!("acct/{a:03}").into_bytes()), 5);
+    eprintln!("killing rank directory {dir}, leader of the shard of {}", String::from_utf8_lossy(&k));
+    c.kill9_rank_dir(dir);
     check_snapshot("rank-killed");
     poll("transfers to continue after the rank died", Duration::from_secs(180), || (progress(&files) >= 120).then_some(()));
     kill9(&mut children[1]);
     check_snapshot("client-killed");
     wait_workers(&mut [children.remove(2), children.remove(0)], Duration::from_secs(600));
     check_snapshot("done");
+    // A snapshot read never changes, across the failover and everything committed since.
+    let again = rt.block_on(kv.scan_at(b"acct/", Some(b"acct0"), 1000, first.0)).unwrap();
+    assert!(again == first.1, "the first snapshot reads differently after the failover");
 
     // Every acknowledged transfer applied exactly once: balances are the initial ones plus
     // exactly the transfers whose records exist, and every acknowledged one has its record.
