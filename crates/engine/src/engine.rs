@@ -386,33 +386,37 @@ impl Engine {
                             // A reintegrating (UPIN) replica may have missed writes: not a source.
                             // A draining home still has everything: it is the source of its spare.
                             let drained = group.iter().find(|s| s.is_spare && state(s.home) == Some(TS::Drain)).map(|s| strata_placement::ShardLoc { target: s.home, home: s.home, is_spare: false });
-                            // EC: single values live only on shard 0 and the parity shards, so
-                            // only those are sure to list the object; they go first.
-                            let order: Vec<&strata_placement::ShardLoc> = match layout.class.redundancy() {
+                            let readable = |s: &&strata_placement::ShardLoc| state(s.target).is_some_and(|x| x.readable());
+                            let pushers: Vec<TargetId> = match layout.class.redundancy() {
+                                // EC decodes from every readable shard, so a pusher only has to
+                                // list the object. Single values live only on shard 0 and the
+                                // parity shards, so only those are sure to; and a spare of a
+                                // DOWNOUT home may itself be new and empty. So every such holder
+                                // pushes what it lists (imports are idempotent).
                                 Redundancy::Erasure { data: k, .. } => {
                                     let k = k as usize;
-                                    group.iter().enumerate().filter(|(i, _)| ec_rebuild::holds_singles(k, *i)).chain(group.iter().enumerate().filter(|(i, _)| !ec_rebuild::holds_singles(k, *i))).map(|(_, s)| s).collect()
+                                    let holders: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| ec_rebuild::holds_singles(k, *i) && readable(s) && (!s.is_spare || home_out(s))).map(|(_, s)| s.target).collect();
+                                    if holders.is_empty() {
+                                        group.iter().find(|s| readable(s) && (!s.is_spare || home_out(s))).map(|s| s.target).into_iter().collect()
+                                    } else {
+                                        holders
+                                    }
                                 }
-                                _ => group.iter().collect(),
+                                _ => match group.iter().find(|s| !s.is_spare && readable(s)).or(drained.as_ref()) {
+                                    Some(s) => vec![s.target],
+                                    // No home replica left: every spare of a DOWNOUT home pushes,
+                                    // since one of them may be new (its predecessor failed).
+                                    None => group.iter().filter(|s| s.is_spare && home_out(s)).map(|s| s.target).collect(),
+                                },
                             };
-                            let ec = matches!(layout.class.redundancy(), Redundancy::Erasure { .. });
-                            let Some(pusher) = order
-                                .iter()
-                                .copied()
-                                // EC decodes from every readable shard, so the pusher only has
-                                // to list the object: a rebuilt single-value holder is better
-                                // than a data shard that never saw it.
-                                .find(|s| state(s.target).is_some_and(|x| x.readable()) && (!s.is_spare || (ec && home_out(s))))
-                                .or(drained.as_ref())
-                                .or_else(|| group.iter().find(|s| s.is_spare && home_out(s)))
-                            else {
+                            if !pushers.contains(&me) {
                                 continue;
-                            };
+                            }
                             // Every other spare may be new since the last round, and UPIN
                             // replicas resync: push to all of them (imports are idempotent:
                             // same keys, same epochs).
-                            let spares: Vec<TargetId> = group.iter().filter(|s| s.target != pusher.target && (s.is_spare || state(s.target) == Some(TS::UpIn))).map(|s| s.target).collect();
-                            if pusher.target != me || spares.is_empty() {
+                            let spares: Vec<TargetId> = group.iter().filter(|s| s.target != me && (s.is_spare || state(s.target) == Some(TS::UpIn))).map(|s| s.target).collect();
+                            if spares.is_empty() {
                                 continue;
                             }
                             if let Redundancy::Erasure { data: k, parity: p } = layout.class.redundancy() {
@@ -426,6 +430,7 @@ impl Engine {
                                 .filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g))
                                 .map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value })
                                 .collect();
+                            tracing::info!(oid = %oid, group = g, to = ?spares, records = mine.len(), "replicas pushed");
                             for spare in spares {
                                 for batch in batches(&mine) {
                                     pushed += batch.len() as u64;
@@ -465,8 +470,11 @@ impl Engine {
         for (j, s) in group.iter().enumerate().filter(|(_, s)| dests.contains(&s.target)) {
             let rebuilt = ec_rebuild::rebuild_ec_shard(&st, &sources, j);
             if rebuilt.undecodable > 0 {
-                tracing::error!(%oid, shard = j, stripes = rebuilt.undecodable, "stripe versions with fewer than k readable cells cannot be rebuilt");
+                // Also seen when a spare rebuilt in an earlier round is offered again and its
+                // own cells were needed for the decode: then it already holds them.
+                tracing::warn!(%oid, shard = j, stripes = rebuilt.undecodable, "stripe versions with fewer than k readable cells besides this shard were not rebuilt");
             }
+            tracing::info!(%oid, group = g, shard = j, to = %s.target, records = rebuilt.records.len(), sources = ?sources.iter().map(|(i, r)| (*i, r.len())).collect::<Vec<_>>(), "EC shard rebuilt");
             let records: Vec<ImportRecord> = rebuilt.records.into_iter().map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value }).collect();
             for batch in batches(&records) {
                 pushed += batch.len() as u64;
