@@ -21,6 +21,30 @@ pub struct EngineConfig {
     pub targets: u16,
     pub cluster: String,
     pub vos: VosConfig,
+    /// Most bytes per second rebuild, resync and drain push from this rank (0: no limit), so
+    /// foreground I/O stays responsive while redundancy comes back.
+    pub rebuild_bytes_per_s: u64,
+}
+
+/// Paces data movement: each push reserves its share of the rate and waits for its turn.
+struct MoveThrottle {
+    bytes_per_s: u64,
+    next_free: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl MoveThrottle {
+    async fn take(&self, bytes: u64) {
+        if self.bytes_per_s == 0 {
+            return;
+        }
+        let start = {
+            let mut next = self.next_free.lock().await;
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
 }
 
 struct PoolView {
@@ -34,6 +58,7 @@ struct PoolView {
 type StripeKey = (strata_types::Oid, Vec<u8>, Vec<u8>, u64);
 
 pub struct Engine {
+    throttle: MoveThrottle,
     /// Per pool, the map version this rank last finished rebuilding for.
     rebuilt: std::sync::Mutex<HashMap<PoolId, u64>>,
     stripe_locks: std::sync::Mutex<HashMap<StripeKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -66,7 +91,8 @@ impl Engine {
             targets.push(Arc::new(Vos::open(&dir, &cfg.vos).map_err(|e| e.to_string())?));
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
-        Ok(Engine { rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc })
+        let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
+        Ok(Engine { throttle, rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -497,6 +523,7 @@ impl Engine {
     }
 
     async fn import_to(&self, view: &PoolView, pool: PoolId, t: TargetId, records: &[ImportRecord]) -> Result<(), RemoteError> {
+        self.throttle.take(records.iter().map(|r| (r.key.len() + r.value.len()) as u64).sum()).await;
         if t.rank == self.rank {
             let vos = self.target(t)?.clone();
             let raw: Vec<strata_vos::RawRecord> = records.iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key.clone(), value: r.value.clone() }).collect();
@@ -713,5 +740,27 @@ impl Handler for Engine {
             }
             EngineReq::Clock => Ok((EngineResp::Clock { epoch: self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))? }, Bytes::new())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On tokio's paused clock: the check is on virtual time, deterministic on any machine.
+    #[tokio::test(start_paused = true)]
+    async fn data_movement_is_paced_to_the_configured_rate() {
+        let t = MoveThrottle { bytes_per_s: 10 << 20, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
+        let start = tokio::time::Instant::now();
+        for _ in 0..4 {
+            t.take(5 << 20).await;
+        }
+        // 20 MiB at 10 MiB/s: the fourth push may start only after 1.5 s of budget is used.
+        assert!(start.elapsed() >= Duration::from_millis(1500), "pushed too fast: {:?}", start.elapsed());
+        assert!(start.elapsed() < Duration::from_millis(1600), "paced slower than the rate: {:?}", start.elapsed());
+        let unlimited = MoveThrottle { bytes_per_s: 0, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
+        let s2 = tokio::time::Instant::now();
+        unlimited.take(1 << 30).await;
+        assert_eq!(s2.elapsed(), Duration::ZERO, "0 means no limit");
     }
 }
