@@ -4,11 +4,13 @@
 use clap::{Parser, Subcommand};
 
 mod bench_fs;
+mod bench_kv;
 mod bench_obj;
 mod block_cmd;
 mod bench_vos;
 mod cluster_cmd;
 mod cont_cmd;
+mod etcd_peer;
 mod fio;
 mod fs_cmd;
 mod kv_cmd;
@@ -89,6 +91,8 @@ enum BenchCommand {
     Obj(bench_obj::Args),
     /// The file system through FUSE: mdtest-style metadata and fio data vs bindfs.
     Fs(bench_fs::Args),
+    /// KV puts/gets/transactions at 16 and 64 clients vs etcd (started here) and plain objects.
+    Kv(bench_kv::Args),
 }
 
 fn main() {
@@ -108,6 +112,7 @@ fn main() {
         Command::Bench(BenchCommand::Obj(a)) => bench_obj::run(a),
         Command::Bench(BenchCommand::Fs(a)) => bench_fs::run(a),
         Command::Fs(c) => fs_cmd::run(c),
+        Command::Bench(BenchCommand::Kv(a)) => bench_kv::run(a),
         Command::Block(c) => block_cmd::run(c),
     };
     if let Err(e) = result {

@@ -41,6 +41,8 @@ const READ_WAIT_MAX: Duration = Duration::from_secs(8);
 const LOCK_WAIT_MAX: Duration = Duration::from_secs(3);
 /// Re-check interval while waiting (wake-ups come earlier through the shard's change counter).
 const WAIT_SLICE: Duration = Duration::from_millis(100);
+/// Least time between two status queries for one undecided transaction by one waiter.
+const STATUS_INTERVAL_MIN: Duration = Duration::from_millis(10);
 /// A prepared transaction with no decision this long after its proposal is abandoned (its
 /// client died): whoever meets it asks the coordinator to abort it.
 const ABANDON_MS: u64 = 4_000;
@@ -494,6 +496,8 @@ impl Engine {
         match decision {
             Some(d) => self.kv_resolve(ctx, txn, d).await,
             None => {
+                // Undecided: ask again no sooner than this, unless the lock goes first.
+                tokio::time::sleep(STATUS_INTERVAL_MIN).await;
                 wait(rx).await;
                 Ok(())
             }
@@ -525,19 +529,25 @@ impl Engine {
     /// Read the transaction record; with `want`, write it when there is none. The answer is
     /// the recorded decision (decisions never change once written).
     async fn kv_record(&self, ctx: &Ctx, txn: TxnId, want: Option<Decision>) -> Result<Option<Decision>, RemoteError> {
+        tracing::debug!(txn = ?txn[..4], ?want, "KV record");
         if let Some(d) = self.kv.decided(&txn) {
             return Ok(Some(d));
         }
         let deadline = Instant::now() + LOCK_WAIT_MAX;
-        loop {
-            let mut rx = ctx.shard.changed.subscribe();
+        // Record accesses are short (one read, maybe one write): poll rather than wake.
+        let mut mine = false;
+        for _ in 0..10_000 {
             if ctx.shard.st().records_busy.insert(txn) {
+                mine = true;
                 break;
             }
             if Instant::now() >= deadline {
-                return Err(rerr(ErrorCode::Busy, "transaction record busy"));
+                break;
             }
-            let _ = tokio::time::timeout(WAIT_SLICE, rx.changed()).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if !mine {
+            return Err(rerr(ErrorCode::Busy, "transaction record busy"));
         }
         let result = async {
             let (v, cont, oid, dkey, a) = (ctx.vos.clone(), ctx.cont, ctx.oid, ctx.dkey.clone(), akey(KIND_RECORD, &txn));
@@ -558,7 +568,6 @@ impl Engine {
         }
         .await;
         ctx.shard.st().records_busy.remove(&txn);
-        ctx.shard.bump();
         if let Ok(Some(d)) = &result {
             self.kv.remember(txn, *d);
         }
@@ -568,6 +577,7 @@ impl Engine {
     /// Apply a decision to this shard: write the versions at the commit epoch (or not), drop
     /// the intent record, release the locks. Idempotent.
     async fn kv_resolve(&self, ctx: &Ctx, txn: TxnId, d: Decision) -> Result<(), RemoteError> {
+        tracing::debug!(txn = ?txn[..4], ?d, "KV resolve");
         let held = ctx.shard.st().held.get(&txn).cloned();
         let writes = match held {
             Some(h) => h.writes,
@@ -675,6 +685,7 @@ impl Engine {
             };
             let Some((t, k, h)) = blocker else { break };
             let Some(h) = h else { continue };
+            tracing::debug!(txn = ?txn[..4], holder = ?t[..4], phase = ?h.phase, "KV lock conflict");
             let decided = self.kv.decided(&t).is_some();
             let abandoned = h.phase == Phase::Prepared && self.hlc.peek().physical_ms().saturating_sub(h.proposal.physical_ms()) > ABANDON_MS;
             if decided || abandoned {

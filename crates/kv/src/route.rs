@@ -84,6 +84,49 @@ pub(crate) struct TwoPhase {
     pub(crate) proposal: Epoch,
 }
 
+/// Send one request to the leader of shard `dkey`, retrying through stale maps, failovers
+/// and busy keys until the deadline.
+async fn call(cont: &ContHandle, oid: Oid, dkey: &[u8], make: impl Fn(KvShard) -> KvReq, payload: Bytes) -> Result<(KvResp, Bytes), KvError> {
+    let start = Instant::now();
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS_MAX {
+        let cont_id = cont.info.id;
+        let r = cont
+            .pool
+            .call_engine(
+                oid,
+                |map, layout| kv_leader(map, layout.group(layout.group_for_dkey(dkey))),
+                |pool, map_version, _| EngineReq::Kv(make(KvShard { pool, map_version, cont: cont_id, oid, dkey: dkey.to_vec() })),
+                payload.clone(),
+                CALL_TIMEOUT,
+            )
+            .await;
+        let e = match r {
+            Ok((EngineResp::Kv(resp), data)) => return Ok((resp, data)),
+            Ok(other) => return Err(KvError::Remote(format!("unexpected engine reply {other:?}"))),
+            Err(e) => e,
+        };
+        let stale = matches!(&e, RpcError::Remote(r) if r.code == ErrorCode::StaleMap);
+        let busy = matches!(&e, RpcError::Remote(r) if r.code == ErrorCode::Busy);
+        if !(stale || e.is_transient()) {
+            return Err(rpc_err(e));
+        }
+        last = e.to_string();
+        if start.elapsed() > OP_DEADLINE {
+            break;
+        }
+        if !stale {
+            tokio::time::sleep(Duration::from_millis((20 * u64::from(attempt)).min(500))).await;
+        }
+        if !busy {
+            if let Err(e) = cont.pool.refresh().await {
+                tracing::debug!(error = %e, "KV: pool map refresh failed; retrying");
+            }
+        }
+    }
+    Err(KvError::Unavailable(format!("gave up after {:?}: {last}", start.elapsed())))
+}
+
 struct Participant {
     reads: ReadSet,
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
@@ -104,59 +147,40 @@ impl Route {
         let _ = self.hlc.update(e);
     }
 
-    /// Send one request to the leader of shard `dkey`, retrying through stale maps, failovers
-    /// and busy keys until the deadline.
     async fn call(&self, dkey: &[u8], make: impl Fn(KvShard) -> KvReq, payload: Bytes) -> Result<(KvResp, Bytes), KvError> {
+        call(&self.cont, self.oid, dkey, make, payload).await
+    }
+
+    /// An epoch at or above every engine's clock (the seed's snapshot rule). Engines that do
+    /// not answer (dead) are skipped: every commit they acknowledged was also merged into the
+    /// clocks of its other replicas. The client's own clock covers what it saw committed.
+    pub(crate) async fn max_epoch(&self) -> Result<Epoch, KvError> {
         let start = Instant::now();
         let mut last = String::new();
         for attempt in 1..=ATTEMPTS_MAX {
-            let cont = self.cont.info.id;
-            let r = self
-                .cont
-                .pool
-                .call_engine(
-                    self.oid,
-                    |map, layout| kv_leader(map, layout.group(layout.group_for_dkey(dkey))),
-                    |pool, map_version, _| EngineReq::Kv(make(KvShard { pool, map_version, cont, oid: self.oid, dkey: dkey.to_vec() })),
-                    payload.clone(),
-                    CALL_TIMEOUT,
-                )
-                .await;
-            let e = match r {
-                Ok((EngineResp::Kv(resp), data)) => return Ok((resp, data)),
-                Ok(other) => return Err(KvError::Remote(format!("unexpected engine reply {other:?}"))),
-                Err(e) => e,
-            };
-            let stale = matches!(&e, RpcError::Remote(r) if r.code == ErrorCode::StaleMap);
-            let busy = matches!(&e, RpcError::Remote(r) if r.code == ErrorCode::Busy);
-            if !(stale || e.is_transient()) {
-                return Err(rpc_err(e));
+            let answers = self.cont.pool.call_all_engines(&EngineReq::Clock, CALL_TIMEOUT).await?;
+            let mut best = None;
+            for a in answers {
+                match a {
+                    Ok((EngineResp::Clock { epoch }, _)) => best = best.max(Some(epoch)),
+                    Ok(_) => last = "unexpected answer to a clock query".into(),
+                    Err(e) => last = e.to_string(),
+                }
             }
-            last = e.to_string();
+            if let Some(e) = best {
+                let e = e.max(self.hlc.peek());
+                self.observe(e);
+                return Ok(e);
+            }
             if start.elapsed() > OP_DEADLINE {
                 break;
             }
-            if !stale {
-                tokio::time::sleep(Duration::from_millis((20 * u64::from(attempt)).min(500))).await;
-            }
-            if !busy {
-                if let Err(e) = self.cont.pool.refresh().await {
-                    tracing::debug!(error = %e, "KV: pool map refresh failed; retrying");
-                }
-            }
+            // Connections to restarted engines reopen on the next call; a new map may list
+            // new addresses.
+            tokio::time::sleep(Duration::from_millis((50 * u64::from(attempt)).min(500))).await;
+            let _ = self.cont.pool.refresh().await;
         }
-        Err(KvError::Unavailable(format!("gave up after {:?}: {last}", start.elapsed())))
-    }
-
-    pub(crate) async fn max_epoch(&self) -> Result<Epoch, KvError> {
-        let answers = self.cont.pool.call_all_engines(&EngineReq::Clock, CALL_TIMEOUT).await?;
-        let best = answers.into_iter().filter_map(|a| match a {
-            Ok((EngineResp::Clock { epoch }, _)) => Some(epoch),
-            _ => None,
-        });
-        let e = best.max().ok_or_else(|| KvError::Unavailable("no engine of the pool answered; cannot pick a snapshot epoch".into()))?;
-        self.observe(e);
-        Ok(e)
+        Err(KvError::Unavailable(format!("no engine of the pool answered a clock query; cannot pick a snapshot epoch ({last})")))
     }
 
     pub(crate) async fn get(&self, map: &ShardMap, key: &[u8], at: Option<Epoch>) -> Result<(Option<Vec<u8>>, Epoch), KvError> {
@@ -352,8 +376,12 @@ impl Route {
             Decision::Committed(c) => {
                 self.observe(c);
                 if all_resolved {
-                    // Every intent is gone: nobody will ask for the record again.
-                    let _ = self.call(&p.coord, |s| KvReq::Forget { shard: s, txn: id }, Bytes::new()).await;
+                    // Every intent is gone: nobody will ask for the record again. Not on the
+                    // commit's path; a record left behind (the client exited) is harmless.
+                    let (cont, oid, coord) = (self.cont.clone(), self.oid, p.coord.clone());
+                    tokio::spawn(async move {
+                        let _ = call(&cont, oid, &coord, |s| KvReq::Forget { shard: s, txn: id }, Bytes::new()).await;
+                    });
                 }
                 Ok(c)
             }

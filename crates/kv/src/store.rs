@@ -56,6 +56,7 @@ pub struct KeyLocation {
     pub group: usize,
     /// The shard's leader (serves its reads, locks and transactions).
     pub leader: Option<String>,
+    pub leader_rank: Option<u32>,
     pub replicas: Vec<String>,
 }
 
@@ -128,9 +129,9 @@ impl KvStore {
         let layout = self.inner.cont.pool.layout(self.inner.oid)?;
         let group = layout.group_for_dkey(&dkey);
         let name = |t: TargetId| format!("rank {} target {} ({})", t.rank, t.index, info.rank_addrs.get(&t.rank).map(String::as_str).unwrap_or("?"));
-        let leader = strata_rpc::kv_msg::kv_leader(&info.map, layout.group(group)).map(name);
+        let leader_target = strata_rpc::kv_msg::kv_leader(&info.map, layout.group(group));
         let replicas = layout.group(group).iter().map(|s| name(s.target)).collect();
-        Ok(KeyLocation { shard, dkey, group, leader, replicas })
+        Ok(KeyLocation { shard, dkey, group, leader: leader_target.map(name), leader_rank: leader_target.map(|t| t.rank.0), replicas })
     }
 
     /// The newest committed value.
