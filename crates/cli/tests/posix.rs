@@ -315,7 +315,7 @@ fn fsx(paths: &[PathBuf], ops: usize, seed: u64) {
         let w = which;
         let ctx = |what: &str| format!("fsx seed {seed} op {i} {what} (mount {w})");
         match rng.below(100) {
-            0..=39 => {
+            0..=44 => {
                 let off = rng.below(FILE_BYTES_MAX - OP_BYTES_MAX);
                 let len = 1 + rng.below(OP_BYTES_MAX);
                 let byte = (rng.next() % 255 + 1) as u8;
@@ -328,7 +328,7 @@ fn fsx(paths: &[PathBuf], ops: usize, seed: u64) {
                 }
                 model[off as usize..end].copy_from_slice(&buf);
             }
-            40..=69 => {
+            45..=79 => {
                 let len = model.len() as u64;
                 let off = rng.below(len + 1);
                 let n = rng.below(OP_BYTES_MAX).min(len - off);
@@ -339,12 +339,12 @@ fn fsx(paths: &[PathBuf], ops: usize, seed: u64) {
                     panic!("{}: bytes differ from the model at file offset {}", ctx("read"), off as usize + at);
                 }
             }
-            70..=79 => {
+            80..=87 => {
                 let size = rng.below(FILE_BYTES_MAX);
                 f.set_len(size).unwrap_or_else(|e| panic!("{}: {e}", ctx("truncate")));
                 model.resize(size as usize, 0);
             }
-            80..=86 => {
+            88..=93 => {
                 let len = model.len() as u64;
                 let off = rng.below(len + 1);
                 let n = rng.below(OP_BYTES_MAX * 4).min(len - off);
@@ -354,8 +354,8 @@ fn fsx(paths: &[PathBuf], ops: usize, seed: u64) {
                     model[off as usize..(off + n) as usize].fill(0);
                 }
             }
-            87..=89 => f.sync_all().unwrap_or_else(|e| panic!("{}: {e}", ctx("fsync"))),
-            90..=94 => {
+            94..=95 => f.sync_all().unwrap_or_else(|e| panic!("{}: {e}", ctx("fsync"))),
+            96..=98 => {
                 assert_eq!(f.metadata().unwrap().len(), model.len() as u64, "{}", ctx("size"));
             }
             _ => {

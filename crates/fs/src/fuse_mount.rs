@@ -81,6 +81,13 @@ struct OpenState {
     pending: Vec<Pending>,
     /// The file's size as this mount sees it (store size, buffered writes, local truncates).
     size: u64,
+    /// Data changed in the store (punches, truncates, written buffers) since the last commit
+    /// of size and data version; `truncated`: the size must be committed exactly, not grown.
+    meta_dirty: bool,
+    truncated: bool,
+    /// End of the furthest byte written and latest change time since the last commit.
+    dirty_end: u64,
+    dirty_mtime_ns: i64,
 }
 
 impl OpenState {
@@ -272,9 +279,10 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         if let Some(st) = self.open_state(ino) {
             let st = st.lock().await;
             i.size = st.size;
-            if !st.wb.is_empty() {
-                i.mtime_ns = i.mtime_ns.max(st.wb.mtime_ns);
-                i.ctime_ns = i.ctime_ns.max(st.wb.mtime_ns);
+            let t = st.wb.mtime_ns.max(st.dirty_mtime_ns);
+            if !st.wb.is_empty() || st.meta_dirty {
+                i.mtime_ns = i.mtime_ns.max(t);
+                i.ctime_ns = i.ctime_ns.max(t);
             }
         }
         Ok(i)
@@ -360,7 +368,8 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         }
     }
 
-    async fn flush_state(&self, st: &mut OpenState) -> Result<(), FsError> {
+    /// Write every dirty byte to the store (no metadata commit).
+    async fn flush_data(&self, st: &mut OpenState) -> Result<(), FsError> {
         if st.wb.is_empty() && st.pending.is_empty() {
             return Ok(());
         }
@@ -377,7 +386,24 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             }
             return Err(e);
         }
-        let i = self.ns.commit_write(st.inode.ino, end.min(st.size), mtime).await?;
+        st.meta_dirty = true;
+        st.dirty_end = st.dirty_end.max(end);
+        st.dirty_mtime_ns = st.dirty_mtime_ns.max(mtime);
+        Ok(())
+    }
+
+    /// Write dirty bytes, then commit size, mtime and data version in one transaction.
+    async fn flush_state(&self, st: &mut OpenState) -> Result<(), FsError> {
+        self.flush_data(st).await?;
+        if !st.meta_dirty {
+            return Ok(());
+        }
+        let exact = st.truncated.then_some(st.size);
+        let (end, mtime) = (st.dirty_end.min(st.size), st.dirty_mtime_ns);
+        let i = self.ns.commit_write(st.inode.ino, end, mtime, exact).await?;
+        st.meta_dirty = false;
+        st.truncated = false;
+        st.dirty_end = 0;
         lock(&self.seen_version).insert(i.ino, i.data_version);
         self.remember(&i);
         st.size = st.size.max(i.size);
@@ -425,17 +451,23 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             if size > FILE_BYTES_MAX {
                 return Err(FsError::TooBig(FILE_BYTES_MAX));
             }
-            let cur = self.ns.inode(ino).await?;
-            if cur.kind == Kind::Dir {
-                return Err(FsError::IsDir);
-            }
-            let class = cur.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
-            let oid = data_oid(ino, &class)?;
             let state = self.open_state(ino);
             let mut guard = match &state {
                 Some(s) => Some(s.lock().await),
                 None => None,
             };
+            let cur = match guard.as_ref() {
+                Some(g) => g.inode.clone(),
+                None => self.ns.inode(ino).await?,
+            };
+            if cur.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            if cur.kind != Kind::File {
+                return Err(FsError::Invalid("only regular files have a size to set".into()));
+            }
+            let class = cur.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+            let oid = data_oid(ino, &class)?;
             if let Some(g) = guard.as_mut() {
                 // A background write must not land after the punch below.
                 self.drain_pending(g).await?;
@@ -445,7 +477,20 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
                 g.wb.truncate(size);
             }
             self.data.truncate(oid, size, old).await?;
-            a.mtime_ns = a.mtime_ns.or(Some(now_ns()));
+            let now = now_ns();
+            if let Some(g) = guard.as_mut() {
+                if a.perm.is_none() && a.uid.is_none() && a.gid.is_none() && a.atime_ns.is_none() && a.mtime_ns.is_none() {
+                    // An open file: the new size is committed with its next flush (close,
+                    // fsync), like its writes.
+                    g.size = size;
+                    g.meta_dirty = true;
+                    g.truncated = true;
+                    g.dirty_mtime_ns = g.dirty_mtime_ns.max(now);
+                    drop(guard);
+                    return self.inode(ino, false).await;
+                }
+            }
+            a.mtime_ns = a.mtime_ns.or(Some(now));
             let i = self.ns.setattr(ino, &a).await?;
             if let Some(g) = guard.as_mut() {
                 g.size = size;
@@ -489,7 +534,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         };
         let state = {
             let mut open = lock(&self.open);
-            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new() })) });
+            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new(), meta_dirty: false, truncated: false, dirty_end: 0, dirty_mtime_ns: 0 })) });
             e.opens += 1;
             e.state.clone()
         };
@@ -1012,14 +1057,32 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
             if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
                 return Err(FsError::Invalid("unsupported fallocate mode".into()));
             }
-            self.flush_ino(ino).await?;
+            if let Some(st) = self.open_state(ino) {
+                // An open file: punch now, commit size and data version at its next flush.
+                let mut st = st.lock().await;
+                self.flush_data(&mut st).await?;
+                if punch {
+                    let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+                    let hole_end = end.min(st.size);
+                    if offset < hole_end {
+                        self.data.punch_hole(data_oid(ino, &class)?, offset, hole_end - offset).await?;
+                    }
+                }
+                if !keep_size && end > st.size {
+                    st.size = end;
+                    st.truncated = true;
+                }
+                st.meta_dirty = true;
+                st.dirty_mtime_ns = st.dirty_mtime_ns.max(now_ns());
+                return Ok(());
+            }
             let cur = self.inode(ino, true).await?;
             if punch {
                 let class = cur.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
                 let hole_end = end.min(cur.size);
                 if offset < hole_end {
                     self.data.punch_hole(data_oid(ino, &class)?, offset, hole_end - offset).await?;
-                    self.ns.commit_write(ino, 0, now_ns()).await?;
+                    self.ns.commit_write(ino, 0, now_ns(), None).await?;
                 }
             }
             // Space is never reserved (objects are sparse); extending the size is what shows.

@@ -553,11 +553,15 @@ impl<S: MetaStore> Namespace<S> {
         .await
     }
 
-    /// Record a flushed write: the size grows to at least `end` and the data version moves.
-    pub async fn commit_write(&self, ino: u64, end: u64, mtime_ns: i64) -> Result<Inode, FsError> {
+    /// Record flushed data: the size grows to at least `end` (or becomes `exact` after a
+    /// truncate) and the data version moves.
+    pub async fn commit_write(&self, ino: u64, end: u64, mtime_ns: i64, exact: Option<u64>) -> Result<Inode, FsError> {
         self.txn("write", async |tx| {
             let mut i = Self::tx_inode(tx, ino).await?;
-            i.size = i.size.max(end);
+            i.size = match exact {
+                Some(s) => s.max(end),
+                None => i.size.max(end),
+            };
             i.mtime_ns = i.mtime_ns.max(mtime_ns);
             i.ctime_ns = i.ctime_ns.max(mtime_ns);
             i.data_version += 1;
