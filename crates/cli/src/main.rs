@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_block;
 mod bench_obj;
 mod block_cmd;
 mod bench_vos;
@@ -78,6 +79,8 @@ enum BenchCommand {
     Vos(bench_vos::Args),
     /// Objects through a running cluster (any class, size, read/write) vs fio on the engines' disk.
     Obj(bench_obj::Args),
+    /// Block volumes over NBD (fio's nbd engine) vs `nbdkit file` on the same disk.
+    Block(bench_block::Args),
 }
 
 fn main() {
@@ -95,6 +98,7 @@ fn main() {
         Command::Bench(BenchCommand::Vos(a)) => bench_vos::run(a),
         Command::Bench(BenchCommand::Obj(a)) => bench_obj::run(a),
         Command::Block(c) => block_cmd::run(c),
+        Command::Bench(BenchCommand::Block(a)) => bench_block::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
