@@ -386,7 +386,28 @@ impl Engine {
                             // A reintegrating (UPIN) replica may have missed writes: not a source.
                             // A draining home still has everything: it is the source of its spare.
                             let drained = group.iter().find(|s| s.is_spare && state(s.home) == Some(TS::Drain)).map(|s| strata_placement::ShardLoc { target: s.home, home: s.home, is_spare: false });
-                            let Some(pusher) = group.iter().find(|s| !s.is_spare && state(s.target).is_some_and(|x| x.readable())).or(drained.as_ref()).or_else(|| group.iter().find(|s| s.is_spare && home_out(s))) else { continue };
+                            // EC: single values live only on shard 0 and the parity shards, so
+                            // only those are sure to list the object; they go first.
+                            let order: Vec<&strata_placement::ShardLoc> = match layout.class.redundancy() {
+                                Redundancy::Erasure { data: k, .. } => {
+                                    let k = k as usize;
+                                    group.iter().enumerate().filter(|(i, _)| ec_rebuild::holds_singles(k, *i)).chain(group.iter().enumerate().filter(|(i, _)| !ec_rebuild::holds_singles(k, *i))).map(|(_, s)| s).collect()
+                                }
+                                _ => group.iter().collect(),
+                            };
+                            let ec = matches!(layout.class.redundancy(), Redundancy::Erasure { .. });
+                            let Some(pusher) = order
+                                .iter()
+                                .copied()
+                                // EC decodes from every readable shard, so the pusher only has
+                                // to list the object: a rebuilt single-value holder is better
+                                // than a data shard that never saw it.
+                                .find(|s| state(s.target).is_some_and(|x| x.readable()) && (!s.is_spare || (ec && home_out(s))))
+                                .or(drained.as_ref())
+                                .or_else(|| group.iter().find(|s| s.is_spare && home_out(s)))
+                            else {
+                                continue;
+                            };
                             // Every other spare may be new since the last round, and UPIN
                             // replicas resync: push to all of them (imports are idempotent:
                             // same keys, same epochs).
