@@ -369,7 +369,8 @@ mod lib_side {
 #[test]
 fn snapshots_clones_rollback_and_resize() {
     let c = block_cluster(&[]);
-    c.json(&["block", "create", "tank/blk", "base", "8M", "--block-size", "64K"]);
+    // Default 512 KiB blocks of 64 KiB chunks: the edits below cut through both.
+    c.json(&["block", "create", "tank/blk", "base", "8M"]);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let cf = c.cluster_file();
     rt.block_on(async {
@@ -446,10 +447,12 @@ fn snapshots_clones_rollback_and_resize() {
         let all = lib_side::read_all(&r).await;
         assert_eq!(all.len(), 16 * m);
         assert!(all[..4096].iter().all(|x| *x == 9) && all[4096..8 * m] == a[4096..] && all[8 * m..].iter().all(|x| *x == 0));
-        assert!(resize("4M", true).0);
+        // 4100 KiB: inside a block and inside a chunk.
+        assert!(resize("4100K", true).0);
         assert!(resize("8M", false).0);
+        let cut = 4100 << 10;
         let all = lib_side::read_all(&lib_side::reader(&bc, "base", None).await).await;
-        assert!(all[4096..4 * m] == a[4096..4 * m] && all[4 * m..].iter().all(|x| *x == 0), "shrink then grow reads zeros past the shrink point");
+        assert!(all[4096..cut] == a[4096..cut] && all[cut..].iter().all(|x| *x == 0), "shrink then grow reads zeros past the shrink point");
         assert!(lib_side::read_all(&*cw).await == clone, "the clone is untouched by its parent's rollback and resize");
         drop(cw);
 

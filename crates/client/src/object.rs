@@ -392,6 +392,16 @@ impl ObjHandle {
         Ok((out, written))
     }
 
+    /// Several ops on one dkey in one round trip, at `epoch` (`None`: the leader picks);
+    /// `payload` holds the data of the ops that carry any, in order.
+    pub async fn update_ops_at(&self, dkey: &[u8], ops: Vec<WireOp>, payload: Bytes, epoch: Option<Epoch>) -> Result<Epoch, ClientError> {
+        let need: usize = ops.iter().map(|o| o.payload_len()).sum();
+        if need != payload.len() {
+            return Err(ClientError::Invalid(format!("ops declare {need} payload bytes but {} were given", payload.len())));
+        }
+        self.update_at(dkey, ops, payload, epoch).await
+    }
+
     /// Write an extent from a shared buffer (no copy) at `epoch` (`None`: the leader picks).
     pub async fn write_bytes_at(&self, dkey: &[u8], akey: &[u8], offset: u64, data: Bytes, epoch: Option<Epoch>) -> Result<Epoch, ClientError> {
         let ops = vec![WireOp::Extent { akey: akey.to_vec(), offset, len: data.len() as u32 }];
