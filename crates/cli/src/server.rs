@@ -52,6 +52,10 @@ pub struct Args {
     /// Runtime worker threads.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Most MiB per second this rank pushes for rebuild, resync and drain (0: no limit;
+    /// default 256), so foreground I/O stays responsive.
+    #[arg(long)]
+    pub rebuild_mib_per_s: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -67,6 +71,7 @@ struct FileConfig {
     cluster: Option<String>,
     heartbeat_timeout_ms: Option<u64>,
     threads: Option<usize>,
+    rebuild_mib_per_s: Option<u64>,
 }
 
 /// What a rank remembers across restarts.
@@ -89,6 +94,7 @@ struct Resolved {
     cluster: String,
     heartbeat_timeout: Duration,
     threads: usize,
+    rebuild_bytes_per_s: u64,
 }
 
 fn resolve(a: Args) -> anyhow::Result<Resolved> {
@@ -123,6 +129,7 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
         cluster: a.cluster.or(file.cluster).unwrap_or_else(|| "strata".into()),
         heartbeat_timeout: Duration::from_millis(a.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms).unwrap_or(5000)),
         threads: a.threads.or(file.threads).unwrap_or(2).max(1),
+        rebuild_bytes_per_s: a.rebuild_mib_per_s.or(file.rebuild_mib_per_s).unwrap_or(256) << 20,
     };
     strata_placement::FaultDomain::parse(&r.fault_domain).map_err(|e| anyhow::anyhow!("--fault-domain: {e}"))?;
     Ok(r)
@@ -203,7 +210,7 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     ident.rank = Some(rank);
     save_identity(&r.dir, &ident)?;
 
-    let engine = Arc::new(Engine::open(&EngineConfig { dir: r.dir.clone(), rank, targets: r.targets, cluster: r.cluster.clone(), vos: strata_vos::VosConfig::default() }, mgmt.clone()).map_err(|e| anyhow::anyhow!(e))?);
+    let engine = Arc::new(Engine::open(&EngineConfig { dir: r.dir.clone(), rank, targets: r.targets, cluster: r.cluster.clone(), vos: strata_vos::VosConfig::default(), rebuild_bytes_per_s: r.rebuild_bytes_per_s }, mgmt.clone()).map_err(|e| anyhow::anyhow!(e))?);
     tokio::spawn(strata_rpc::serve(data_listener, engine.clone(), ServerConfig::new(ServiceKind::Engine, r.cluster.clone()), stop_rx.clone()));
     println!("rank {rank} serving {} targets on {} (cluster {})", r.targets, r.data_addr, r.cluster);
 

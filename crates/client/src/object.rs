@@ -51,6 +51,9 @@ impl Client {
 struct PoolView {
     info: PoolInfo,
     placement: Arc<PlacementMap>,
+    /// Placement of the map as it stood when data movement last finished (while some is
+    /// pending): its spares are the ones known to be filled.
+    settled: Option<Arc<PlacementMap>>,
 }
 
 pub struct PoolHandle {
@@ -65,7 +68,8 @@ impl PoolHandle {
             MgmtReply::Pool(p) => p,
             other => return Err(ClientError::Invalid(format!("unexpected reply {other:?}"))),
         };
-        let v = Arc::new(PoolView { placement: Arc::new(PlacementMap::new(&info.map, false)), info });
+        let settled = info.map.settled().map(|m| Arc::new(PlacementMap::new(&m, false)));
+        let v = Arc::new(PoolView { placement: Arc::new(PlacementMap::new(&info.map, false)), settled, info });
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = Some(v);
         Ok(())
     }
@@ -205,23 +209,31 @@ impl ObjHandle {
         Ok(layout.group(layout.group_for_dkey(dkey)).iter().map(|s| s.target).collect())
     }
 
-    /// Where to read a shard from, if anywhere. A replica in its home place always holds the
-    /// group's data (unless reintegrating: UPIN may have missed writes). A draining home still
-    /// does while its spare is being filled. A spare does once rebuild for its home finished
-    /// (home `DOWNOUT`) and no newer rebuild is pending (the spare may have moved since); with
-    /// no home replica left, a spare of a `DOWNOUT` home is the best there is.
-    fn read_target(map: &strata_placement::PoolMap, group: &[strata_placement::ShardLoc], s: &strata_placement::ShardLoc) -> Option<TargetId> {
+    /// Where to read shard `idx` of a group from, if anywhere. A replica in its home place
+    /// always holds the group's data (unless reintegrating: UPIN may have missed writes). A
+    /// draining home still does while its spare is being filled. A spare does once rebuild for
+    /// its home finished (home `DOWNOUT`) and it is the spare that rebuild filled: while newer
+    /// movement is pending, the spare of the settled layout (`settled_group`).
+    fn read_target(map: &strata_placement::PoolMap, settled_group: Option<&[strata_placement::ShardLoc]>, idx: usize, s: &strata_placement::ShardLoc) -> Option<TargetId> {
         use strata_placement::TargetState;
         let state = |t: TargetId| map.target(t).map(|x| x.state);
         if !s.is_spare {
             return state(s.target).is_some_and(|x| x.readable()).then_some(s.target);
         }
-        if state(s.home) == Some(TargetState::Drain) {
-            return Some(s.home);
+        match state(s.home) {
+            Some(TargetState::Drain) => Some(s.home),
+            Some(TargetState::DownOut) => match settled_group {
+                None => Some(s.target),
+                Some(g) => g.get(idx).is_some_and(|x| x.target == s.target).then_some(s.target),
+            },
+            _ => None,
         }
-        let home_out = state(s.home) == Some(TargetState::DownOut);
-        let pending = map.targets.iter().any(|t| matches!(t.state, TargetState::Down | TargetState::UpIn | TargetState::Drain));
-        (home_out && (!pending || group.iter().all(|x| x.is_spare))).then_some(s.target)
+    }
+
+    /// The settled layout's shards of the group holding `dkey` (see `PoolView::settled`).
+    fn settled_group(view: &PoolView, oid: Oid, dkey: &[u8]) -> Option<Vec<strata_placement::ShardLoc>> {
+        let l = view.settled.as_ref()?.layout(oid).ok()?;
+        Some(l.group(l.group_for_dkey(dkey)).to_vec())
     }
 
     /// Shards that hold the group's full data: a spare does only once rebuild has finished
@@ -229,7 +241,8 @@ impl ObjHandle {
     fn readable_shards(view: &PoolView, oid: Oid, dkey: &[u8]) -> Result<Vec<TargetId>, RpcError> {
         let layout = view.placement.layout(oid).map_err(|e| RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::InvalidArgument, e.to_string())))?;
         let group = layout.group(layout.group_for_dkey(dkey));
-        Ok(group.iter().filter_map(|s| Self::read_target(&view.info.map, group, s)).collect())
+        let settled = Self::settled_group(view, oid, dkey);
+        Ok(group.iter().enumerate().filter_map(|(i, s)| Self::read_target(&view.info.map, settled.as_deref(), i, s)).collect())
     }
 
     async fn update(&self, dkey: &[u8], ops: Vec<WireOp>, payload: Bytes) -> Result<Epoch, ClientError> {
@@ -346,7 +359,8 @@ impl ObjHandle {
         let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).map_err(|e| RpcError::Protocol(e.to_string()))?;
         let layout = view.placement.layout(self.oid).map_err(|e| RpcError::Protocol(e.to_string()))?;
         let group = layout.group(layout.group_for_dkey(dkey)).to_vec();
-        let sources: Vec<Option<TargetId>> = group.iter().map(|s| Self::read_target(&view.info.map, &group, s)).collect();
+        let settled = Self::settled_group(view, self.oid, dkey);
+        let sources: Vec<Option<TargetId>> = group.iter().enumerate().map(|(i, s)| Self::read_target(&view.info.map, settled.as_deref(), i, s)).collect();
         let mut out = vec![0u8; len as usize];
         let mut written: Vec<(u64, u64)> = Vec::new();
         let spans = st.spans(offset, len);
@@ -449,11 +463,13 @@ impl ObjHandle {
             let (client, oid) = (client.clone(), self.oid);
             async move {
                 let layout = view.placement.layout(oid).map_err(|e| RpcError::Protocol(e.to_string()))?;
+                let settled = view.settled.as_ref().and_then(|p| p.layout(oid).ok());
                 let mut all = std::collections::BTreeSet::new();
-                for group in layout.groups() {
+                for (g, group) in layout.groups().enumerate() {
                     let mut done = false;
                     let mut last = None;
-                    for t in group.iter().filter_map(|s| Self::read_target(&view.info.map, group, s)) {
+                    let sg = settled.as_ref().map(|l| l.group(g));
+                    for t in group.iter().enumerate().filter_map(|(i, s)| Self::read_target(&view.info.map, sg, i, s)) {
                         let Some(addr) = view.info.rank_addrs.get(&t.rank) else { continue };
                         let mut cursor = None;
                         let r: Result<(), RpcError> = async {

@@ -21,6 +21,30 @@ pub struct EngineConfig {
     pub targets: u16,
     pub cluster: String,
     pub vos: VosConfig,
+    /// Most bytes per second rebuild, resync and drain push from this rank (0: no limit), so
+    /// foreground I/O stays responsive while redundancy comes back.
+    pub rebuild_bytes_per_s: u64,
+}
+
+/// Paces data movement: each push reserves its share of the rate and waits for its turn.
+struct MoveThrottle {
+    bytes_per_s: u64,
+    next_free: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl MoveThrottle {
+    async fn take(&self, bytes: u64) {
+        if self.bytes_per_s == 0 {
+            return;
+        }
+        let start = {
+            let mut next = self.next_free.lock().await;
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
 }
 
 struct PoolView {
@@ -34,6 +58,7 @@ struct PoolView {
 type StripeKey = (strata_types::Oid, Vec<u8>, Vec<u8>, u64);
 
 pub struct Engine {
+    throttle: MoveThrottle,
     /// Per pool, the map version this rank last finished rebuilding for.
     rebuilt: std::sync::Mutex<HashMap<PoolId, u64>>,
     stripe_locks: std::sync::Mutex<HashMap<StripeKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -66,7 +91,8 @@ impl Engine {
             targets.push(Arc::new(Vos::open(&dir, &cfg.vos).map_err(|e| e.to_string())?));
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
-        Ok(Engine { rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc })
+        let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
+        Ok(Engine { throttle, rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -386,33 +412,37 @@ impl Engine {
                             // A reintegrating (UPIN) replica may have missed writes: not a source.
                             // A draining home still has everything: it is the source of its spare.
                             let drained = group.iter().find(|s| s.is_spare && state(s.home) == Some(TS::Drain)).map(|s| strata_placement::ShardLoc { target: s.home, home: s.home, is_spare: false });
-                            // EC: single values live only on shard 0 and the parity shards, so
-                            // only those are sure to list the object; they go first.
-                            let order: Vec<&strata_placement::ShardLoc> = match layout.class.redundancy() {
+                            let readable = |s: &&strata_placement::ShardLoc| state(s.target).is_some_and(|x| x.readable());
+                            let pushers: Vec<TargetId> = match layout.class.redundancy() {
+                                // EC decodes from every readable shard, so a pusher only has to
+                                // list the object. Single values live only on shard 0 and the
+                                // parity shards, so only those are sure to; and a spare of a
+                                // DOWNOUT home may itself be new and empty. So every such holder
+                                // pushes what it lists (imports are idempotent).
                                 Redundancy::Erasure { data: k, .. } => {
                                     let k = k as usize;
-                                    group.iter().enumerate().filter(|(i, _)| ec_rebuild::holds_singles(k, *i)).chain(group.iter().enumerate().filter(|(i, _)| !ec_rebuild::holds_singles(k, *i))).map(|(_, s)| s).collect()
+                                    let holders: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| ec_rebuild::holds_singles(k, *i) && readable(s) && (!s.is_spare || home_out(s))).map(|(_, s)| s.target).collect();
+                                    if holders.is_empty() {
+                                        group.iter().find(|s| readable(s) && (!s.is_spare || home_out(s))).map(|s| s.target).into_iter().collect()
+                                    } else {
+                                        holders
+                                    }
                                 }
-                                _ => group.iter().collect(),
+                                _ => match group.iter().find(|s| !s.is_spare && readable(s)).or(drained.as_ref()) {
+                                    Some(s) => vec![s.target],
+                                    // No home replica left: every spare of a DOWNOUT home pushes,
+                                    // since one of them may be new (its predecessor failed).
+                                    None => group.iter().filter(|s| s.is_spare && home_out(s)).map(|s| s.target).collect(),
+                                },
                             };
-                            let ec = matches!(layout.class.redundancy(), Redundancy::Erasure { .. });
-                            let Some(pusher) = order
-                                .iter()
-                                .copied()
-                                // EC decodes from every readable shard, so the pusher only has
-                                // to list the object: a rebuilt single-value holder is better
-                                // than a data shard that never saw it.
-                                .find(|s| state(s.target).is_some_and(|x| x.readable()) && (!s.is_spare || (ec && home_out(s))))
-                                .or(drained.as_ref())
-                                .or_else(|| group.iter().find(|s| s.is_spare && home_out(s)))
-                            else {
+                            if !pushers.contains(&me) {
                                 continue;
-                            };
+                            }
                             // Every other spare may be new since the last round, and UPIN
                             // replicas resync: push to all of them (imports are idempotent:
                             // same keys, same epochs).
-                            let spares: Vec<TargetId> = group.iter().filter(|s| s.target != pusher.target && (s.is_spare || state(s.target) == Some(TS::UpIn))).map(|s| s.target).collect();
-                            if pusher.target != me || spares.is_empty() {
+                            let spares: Vec<TargetId> = group.iter().filter(|s| s.target != me && (s.is_spare || state(s.target) == Some(TS::UpIn))).map(|s| s.target).collect();
+                            if spares.is_empty() {
                                 continue;
                             }
                             if let Redundancy::Erasure { data: k, parity: p } = layout.class.redundancy() {
@@ -426,6 +456,7 @@ impl Engine {
                                 .filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g))
                                 .map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value })
                                 .collect();
+                            tracing::info!(oid = %oid, group = g, to = ?spares, records = mine.len(), "replicas pushed");
                             for spare in spares {
                                 for batch in batches(&mine) {
                                     pushed += batch.len() as u64;
@@ -465,8 +496,11 @@ impl Engine {
         for (j, s) in group.iter().enumerate().filter(|(_, s)| dests.contains(&s.target)) {
             let rebuilt = ec_rebuild::rebuild_ec_shard(&st, &sources, j);
             if rebuilt.undecodable > 0 {
-                tracing::error!(%oid, shard = j, stripes = rebuilt.undecodable, "stripe versions with fewer than k readable cells cannot be rebuilt");
+                // Also seen when a spare rebuilt in an earlier round is offered again and its
+                // own cells were needed for the decode: then it already holds them.
+                tracing::warn!(%oid, shard = j, stripes = rebuilt.undecodable, "stripe versions with fewer than k readable cells besides this shard were not rebuilt");
             }
+            tracing::info!(%oid, group = g, shard = j, to = %s.target, records = rebuilt.records.len(), sources = ?sources.iter().map(|(i, r)| (*i, r.len())).collect::<Vec<_>>(), "EC shard rebuilt");
             let records: Vec<ImportRecord> = rebuilt.records.into_iter().map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value }).collect();
             for batch in batches(&records) {
                 pushed += batch.len() as u64;
@@ -489,6 +523,7 @@ impl Engine {
     }
 
     async fn import_to(&self, view: &PoolView, pool: PoolId, t: TargetId, records: &[ImportRecord]) -> Result<(), RemoteError> {
+        self.throttle.take(records.iter().map(|r| (r.key.len() + r.value.len()) as u64).sum()).await;
         if t.rank == self.rank {
             let vos = self.target(t)?.clone();
             let raw: Vec<strata_vos::RawRecord> = records.iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key.clone(), value: r.value.clone() }).collect();
@@ -705,5 +740,27 @@ impl Handler for Engine {
             }
             EngineReq::Clock => Ok((EngineResp::Clock { epoch: self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))? }, Bytes::new())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On tokio's paused clock: the check is on virtual time, deterministic on any machine.
+    #[tokio::test(start_paused = true)]
+    async fn data_movement_is_paced_to_the_configured_rate() {
+        let t = MoveThrottle { bytes_per_s: 10 << 20, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
+        let start = tokio::time::Instant::now();
+        for _ in 0..4 {
+            t.take(5 << 20).await;
+        }
+        // 20 MiB at 10 MiB/s: the fourth push may start only after 1.5 s of budget is used.
+        assert!(start.elapsed() >= Duration::from_millis(1500), "pushed too fast: {:?}", start.elapsed());
+        assert!(start.elapsed() < Duration::from_millis(1600), "paced slower than the rate: {:?}", start.elapsed());
+        let unlimited = MoveThrottle { bytes_per_s: 0, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
+        let s2 = tokio::time::Instant::now();
+        unlimited.take(1 << 30).await;
+        assert_eq!(s2.elapsed(), Duration::ZERO, "0 means no limit");
     }
 }

@@ -192,6 +192,31 @@ impl PoolMap {
     }
 
     /// Move one target to a new state; illegal transitions are refused and change nothing.
+    /// Whether data movement is pending: some target is `DOWN` (rebuild), `UPIN` (resync) or
+    /// `DRAIN`.
+    pub fn movement_pending(&self) -> bool {
+        self.targets.iter().any(|t| matches!(t.state, TargetState::Down | TargetState::UpIn | TargetState::Drain))
+    }
+
+    /// The map as it stood when data movement last finished: pending `DOWN` and `DRAIN`
+    /// targets back to `UP`, `UPIN` back to `DOWNOUT`; `None` if nothing is pending. Every
+    /// spare in this map's layouts had been filled, which is how readers tell a rebuilt spare
+    /// from one that a newer failure just put in place.
+    pub fn settled(&self) -> Option<PoolMap> {
+        if !self.movement_pending() {
+            return None;
+        }
+        let mut m = self.clone();
+        for t in &mut m.targets {
+            t.state = match t.state {
+                TargetState::Down | TargetState::Drain => TargetState::Up,
+                TargetState::UpIn => TargetState::DownOut,
+                s => s,
+            };
+        }
+        Some(m)
+    }
+
     pub fn set_state(&mut self, id: TargetId, to: TargetState) -> Result<(), PlacementError> {
         let t = self.targets.iter_mut().find(|t| t.id == id).ok_or(PlacementError::UnknownTarget(id))?;
         let from = t.state;
@@ -249,6 +274,21 @@ impl PoolMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settled_map_undoes_pending_movement() {
+        let mut m = PoolMap::uniform(4, 1, 4);
+        assert!(m.settled().is_none(), "nothing pending: nothing to undo");
+        m.set_state(TargetId::new(0, 0), TargetState::Down).unwrap();
+        m.set_state(TargetId::new(0, 0), TargetState::DownOut).unwrap();
+        m.set_state(TargetId::new(1, 0), TargetState::Down).unwrap();
+        m.set_state(TargetId::new(2, 0), TargetState::Drain).unwrap();
+        let s = m.settled().expect("movement pending");
+        let st = |m: &PoolMap, r| m.target(TargetId::new(r, 0)).unwrap().state;
+        assert_eq!((st(&s, 0), st(&s, 1), st(&s, 2), st(&s, 3)), (TargetState::DownOut, TargetState::Up, TargetState::Up, TargetState::Up));
+        m.set_state(TargetId::new(0, 0), TargetState::UpIn).unwrap();
+        assert_eq!(st(&m.settled().unwrap(), 0), TargetState::DownOut, "a reintegrating target was out when movement last finished");
+    }
 
     #[test]
     fn transitions_are_checked_and_bump_the_version() {
