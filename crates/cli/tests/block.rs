@@ -136,7 +136,9 @@ fn standard_nbd_clients_work_against_volumes() {
     run(Command::new("fio")
         .args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=64m", "--verify=crc32c", "--do_verify=1", "--output-format=json"])
         .arg(format!("--uri={}", srv.uri("small")))
-        .arg(format!("--output={}", fio_out.display())));
+        .arg(format!("--output={}", fio_out.display()))
+        // fio leaves its verify state file in the working directory.
+        .current_dir(&dir));
     let text = std::fs::read_to_string(&fio_out).unwrap();
     let report: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
     let job = &report["jobs"][0];
