@@ -4,12 +4,15 @@
 use clap::{Parser, Subcommand};
 
 mod bench_block;
+mod bench_kv;
 mod bench_obj;
 mod block_cmd;
 mod bench_vos;
 mod cluster_cmd;
 mod cont_cmd;
+mod etcd_peer;
 mod fio;
+mod kv_cmd;
 mod obj_cmd;
 mod output;
 mod pool_cmd;
@@ -59,6 +62,9 @@ enum Command {
     /// Simulations that need no cluster (placement balance and movement).
     #[command(subcommand)]
     Sim(SimCommand),
+    /// Transactional KV stores: get, put, del, cas, scan, txn, snapshots.
+    #[command(subcommand)]
+    Kv(kv_cmd::KvCommand),
     /// Benchmarks that print figures and the ratio to a baseline run in the same invocation.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -81,6 +87,8 @@ enum BenchCommand {
     Obj(bench_obj::Args),
     /// Block volumes over NBD (fio's nbd engine) vs `nbdkit file` on the same disk.
     Block(bench_block::Args),
+    /// KV puts/gets/transactions at 16 and 64 clients vs etcd (started here) and plain objects.
+    Kv(bench_kv::Args),
 }
 
 fn main() {
@@ -94,9 +102,11 @@ fn main() {
         Command::Cont(c) => cont_cmd::run(c),
         Command::Obj(c) => obj_cmd::run(c),
         Command::Vos(c) => vos_cmd::run(c),
+        Command::Kv(c) => kv_cmd::run(c),
         Command::Sim(SimCommand::Placement(a)) => sim_placement::run(a),
         Command::Bench(BenchCommand::Vos(a)) => bench_vos::run(a),
         Command::Bench(BenchCommand::Obj(a)) => bench_obj::run(a),
+        Command::Bench(BenchCommand::Kv(a)) => bench_kv::run(a),
         Command::Block(c) => block_cmd::run(c),
         Command::Bench(BenchCommand::Block(a)) => bench_block::run(a),
     };

@@ -78,6 +78,10 @@ impl PoolHandle {
         self.view.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| ClientError::Invalid("pool not loaded".into()))
     }
 
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     pub fn info(&self) -> Result<PoolInfo, ClientError> {
         Ok(self.view()?.info.clone())
     }
@@ -504,5 +508,61 @@ impl ObjHandle {
             }
         })
         .await
+    }
+}
+
+impl ObjHandle {
+    /// Akeys of one dkey visible at `epoch`, in byte order, after `cursor`, at most `limit`.
+    /// Returns the keys and whether more may follow.
+    pub async fn list_akeys(&self, dkey: &[u8], epoch: Epoch, cursor: Option<Vec<u8>>, limit: u32) -> Result<(Vec<Vec<u8>>, Option<Vec<u8>>), ClientError> {
+        let client = self.cont.pool.client.clone();
+        let cont = self.cont.info.id;
+        self.retry("list akeys", |view| {
+            let (client, oid, cursor) = (client.clone(), self.oid, cursor.clone());
+            async move {
+                let mut last = None;
+                for t in Self::readable_shards(&view, oid, dkey)? {
+                    let Some(addr) = view.info.rank_addrs.get(&t.rank) else { continue };
+                    let req = EngineReq::ListAkeys { pool: view.info.id, map_version: view.info.map.version, target: t.index, cont, oid, dkey: dkey.to_vec(), epoch, cursor: cursor.clone(), limit };
+                    match client.engines.call::<_, EngineResp>(addr, &req, Bytes::new(), CALL_TIMEOUT).await {
+                        Ok((EngineResp::Keys { keys, next }, _)) => return Ok((keys, next)),
+                        Ok(_) => return Err(RpcError::Protocol("unexpected engine reply".into())),
+                        Err(RpcError::Remote(r)) if r.code != ErrorCode::Corrupt && r.code != ErrorCode::Unavailable => return Err(RpcError::Remote(r)),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or(RpcError::ConnectionClosed("no replica reachable".into())))
+            }
+        })
+        .await
+    }
+}
+
+impl PoolHandle {
+    /// One engine request under the current pool map, for layers above objects (the KV layer)
+    /// that route by their own rules: `pick` chooses the target from the map and the object's
+    /// layout, `make` builds the request for (pool id, map version, target). No retries: the
+    /// caller branches on the error (refresh on `StaleMap`, retry on transient ones).
+    pub async fn call_engine(
+        &self,
+        oid: Oid,
+        pick: impl FnOnce(&strata_placement::PoolMap, &Layout) -> Option<TargetId>,
+        make: impl FnOnce(strata_types::PoolId, u64, TargetId) -> EngineReq,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(EngineResp, Bytes), RpcError> {
+        let view = self.view().map_err(|e| RpcError::Protocol(e.to_string()))?;
+        let layout = view.placement.layout(oid).map_err(|e| RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::InvalidArgument, e.to_string())))?;
+        let t = pick(&view.info.map, &layout).ok_or_else(|| RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::Unavailable, "no readable replica holds this shard (every replica down or not yet rebuilt)")))?;
+        let addr = view.info.rank_addrs.get(&t.rank).ok_or_else(|| RpcError::ConnectionClosed(format!("no address for rank {}", t.rank)))?;
+        let req = make(view.info.id, view.info.map.version, t);
+        self.client.engines.call::<_, EngineResp>(addr, &req, payload, timeout).await
+    }
+
+    /// Ask every engine of the pool's map, in parallel; answers in rank order (errors included).
+    pub async fn call_all_engines(&self, req: &EngineReq, timeout: Duration) -> Result<Vec<Result<(EngineResp, Bytes), RpcError>>, ClientError> {
+        let view = self.view()?;
+        let calls = view.info.rank_addrs.values().map(|addr| self.client.engines.call::<_, EngineResp>(addr, req, Bytes::new(), timeout));
+        Ok(futures::future::join_all(calls).await)
     }
 }

@@ -12,6 +12,9 @@ use strata_types::{Epoch, Hlc, PoolId, Rank, Redundancy, SystemClock, TargetId};
 use crate::ec_rebuild;
 use strata_vos::{Update, UpdateOp, Vos, VosConfig, VosError};
 
+#[path = "txn.rs"]
+mod txn;
+
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
@@ -68,6 +71,8 @@ pub struct Engine {
     mgmt: MgmtClient,
     peers: RpcPool,
     hlc: Hlc,
+    /// Transactional KV state of the shards this rank leads (`txn.rs`).
+    kv: txn::KvState,
 }
 
 fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
@@ -92,7 +97,7 @@ impl Engine {
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
         let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc })
+        Ok(Engine { throttle, rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default() })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -739,6 +744,7 @@ impl Handler for Engine {
                 })
             }
             EngineReq::Clock => Ok((EngineResp::Clock { epoch: self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))? }, Bytes::new())),
+            EngineReq::Kv(r) => self.kv(r, payload).await,
         }
     }
 }

@@ -62,6 +62,8 @@ pub enum EngineReq {
     /// Rebuild: store these records (postcard `Vec<ImportRecord>` in the payload) on `target`,
     /// keeping their epochs.
     Import { pool: PoolId, map_version: u64, target: u16 },
+    /// Transactional KV (see `kv_msg`), to the shard's leader.
+    Kv(crate::kv_msg::KvReq),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -75,6 +77,7 @@ pub enum EngineResp {
     Scrubbed(ScrubCounters),
     /// The record's value is the payload (absent: `found` false).
     Raw { found: bool },
+    Kv(crate::kv_msg::KvResp),
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

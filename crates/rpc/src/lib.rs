@@ -19,6 +19,7 @@ pub mod capability;
 mod client;
 pub mod frame;
 pub mod engine_msg;
+pub mod kv_msg;
 pub mod mgmt_client;
 pub mod mgmt_msg;
 mod server;
