@@ -337,10 +337,12 @@ impl Engine {
         shard
             .loaded
             .get_or_try_init(|| async {
-                let prev = shard.prev.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let prev = shard.prev.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 if let Some(p) = prev {
                     let mut g = tokio::time::timeout(READ_WAIT_MAX + LOCK_WAIT_MAX, p.gate.write()).await.map_err(|_| rerr(ErrorCode::Unavailable, "old KV shard state still busy"))?;
                     *g = true;
+                    // Retired: let it go (a failed load keeps it, to retire it on the next try).
+                    *shard.prev.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
                 for _ in 0..1000 {
                     let now = self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.physical_ms();
@@ -692,10 +694,12 @@ impl Engine {
                 self.kv_settle(ctx, t, &h, deadline, &mut rx).await.map_err(|_| ()).ok();
                 continue;
             }
-            // Wait-die: an older transaction waits for a younger one; a younger one aborts.
-            let older = (rts, txn) < (h.rts, t);
-            if !older || Instant::now() >= deadline {
-                return Ok(conflict(Some(&k), if older { "key stayed locked by another transaction past the wait deadline" } else { "key locked by an older transaction" }));
+            // Wait-die: an older transaction waits for a younger one; a younger one aborts. A
+            // one-round commit holds no lock anywhere while it waits, so it cannot be part of
+            // a deadlock: it always waits.
+            let may_wait = coord.is_none() || (rts, txn) < (h.rts, t);
+            if !may_wait || Instant::now() >= deadline {
+                return Ok(conflict(Some(&k), if may_wait { "key stayed locked by another transaction past the wait deadline" } else { "key locked by an older transaction" }));
             }
             if h.phase == Phase::Prepared {
                 // It may be decided already: settle it rather than wait for its resolve.
@@ -705,7 +709,9 @@ impl Engine {
             }
         }
         // Locks held: check what was read.
-        let verdict = {
+        let verdict = if reads.is_empty() && checks.is_empty() {
+            Ok(None)
+        } else {
             let (v, cont, oid, dkey, reads, checks) = (ctx.vos.clone(), ctx.cont, ctx.oid, ctx.dkey.clone(), reads.clone(), checks.clone());
             self.kv_blocking(move || validate(&v, cont, oid, &dkey, rts, &reads, &checks)).await
         };
