@@ -914,3 +914,52 @@ fn scan_vos(v: &Vos, cont: ContId, oid: Oid, dkey: &[u8], range: &KeyRange, limi
     }
     Ok((out, true))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(reads: &[&[u8]], ranges: &[(&[u8], Option<&[u8]>)], writes: &[&[u8]]) -> Held {
+        Held {
+            coord: vec![],
+            rts: Epoch(1),
+            proposal: Epoch(2),
+            phase: Phase::Prepared,
+            durable: true,
+            failed: false,
+            reads: ReadSet { keys: reads.iter().map(|k| k.to_vec()).collect(), ranges: ranges.iter().map(|(s, e)| KeyRange { start: s.to_vec(), end: e.map(<[u8]>::to_vec) }).collect() },
+            writes: writes.iter().map(|k| (k.to_vec(), Some(b"v".to_vec()))).collect(),
+        }
+    }
+
+    fn rs(keys: &[&[u8]], ranges: &[(&[u8], Option<&[u8]>)]) -> ReadSet {
+        held(keys, ranges, &[]).reads
+    }
+
+    #[test]
+    fn locks_conflict_as_two_phase_locking_says() {
+        let (t1, t2) = ([1u8; 16], [2u8; 16]);
+        let mut st = ShardSt::default();
+        st.acquire(t1, held(&[b"r"], &[(b"m", Some(b"p"))], &[b"w"]));
+        // Reads share; a read of a written key, a write of a read key, a write into a read range conflict.
+        assert!(st.conflict(&t2, &rs(&[b"r"], &[]), &[]).is_none());
+        assert_eq!(st.conflict(&t2, &rs(&[b"w"], &[]), &[]).map(|c| c.1), Some(b"w".to_vec()));
+        assert_eq!(st.conflict(&t2, &rs(&[], &[]), &[b"r"]).map(|c| c.1), Some(b"r".to_vec()));
+        assert_eq!(st.conflict(&t2, &rs(&[], &[]), &[b"n"]).map(|c| c.1), Some(b"n".to_vec()));
+        assert!(st.conflict(&t2, &rs(&[], &[]), &[b"p"]).is_none(), "range ends are exclusive");
+        assert_eq!(st.conflict(&t2, &rs(&[], &[(b"a", None)]), &[]).map(|c| c.0), Some(t1), "a scan over a written key");
+        // Its own locks never conflict; released locks are gone.
+        assert!(st.conflict(&t1, &rs(&[b"w"], &[(b"a", None)]), &[b"r", b"n"]).is_none());
+        assert!(st.release(&t1).is_some());
+        assert!(st.conflict(&t2, &rs(&[b"w"], &[(b"a", None)]), &[b"r", b"n"]).is_none());
+        assert!(st.write_locks.is_empty() && st.read_locks.is_empty() && st.ranged.is_empty() && st.held.is_empty());
+    }
+
+    #[test]
+    fn versions_encode_deletes_and_refuse_garbage() {
+        assert_eq!(decode_version(&encode_version(Some(b"x"))).unwrap(), Some(b"x".to_vec()));
+        assert_eq!(decode_version(&encode_version(Some(b""))).unwrap(), Some(vec![]));
+        assert_eq!(decode_version(&encode_version(None)).unwrap(), None);
+        assert!(decode_version(&[]).is_err() && decode_version(&[7, 1]).is_err() && decode_version(&[0, 0]).is_err());
+    }
+}
