@@ -337,6 +337,11 @@ impl ReleaseTracker {
 }
 
 impl VolumeIo {
+    /// Whether writes can still succeed (writable and the lease, if any, still held).
+    pub fn writable_now(&self) -> bool {
+        self.writer().is_ok()
+    }
+
     /// Give up the writer lease now (server shutdown); later writes fail.
     pub async fn release_lease(&self) {
         if let Some(l) = self.writer.as_ref().and_then(|w| w.lease.as_ref()) {
