@@ -45,6 +45,8 @@ pub struct Args {
     #[arg(long, default_value = "tank")]
     pool: String,
     /// Object class of the bench store and object (default: RP_3GX with 3+ ranks, else RP_2GX).
+    /// etcd runs with as many members as the class has replicas (one for S*): the same number
+    /// of fsynced copies per write.
     #[arg(long)]
     oclass: Option<String>,
     /// Skip the etcd comparison.
@@ -87,6 +89,7 @@ struct Point {
 struct Report {
     store: String,
     oclass: String,
+    etcd_members: usize,
     value_bytes: usize,
     keys: u64,
     duration_secs: f64,
@@ -192,25 +195,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.duration > 0.0 && a.duration <= 600.0, "--duration must be in (0, 600] seconds");
     anyhow::ensure!(a.value_bytes <= strata_kv::VALUE_BYTES_MAX, "--value-bytes at most {}", strata_kv::VALUE_BYTES_MAX);
     anyhow::ensure!((2..=1_000_000).contains(&a.keys), "--keys must be 2..=1000000");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let class: ObjectClass = match &a.oclass {
+        Some(c) => c.parse()?,
+        None => {
+            let ranks = rt.block_on(async { Ok::<_, anyhow::Error>(a.conn.client().await?.pool(&a.pool).await?.info()?.map.ranks().len()) })?;
+            if ranks >= 3 { "RP_3GX" } else { "RP_2GX" }.parse()?
+        }
+    };
+    // The same durability on both sides: as many etcd members (each fsyncing) as replicas.
+    let members = match class.redundancy() {
+        strata_types::Redundancy::Replicas(n) => n as usize,
+        _ => 1,
+    };
     let etcd = if a.no_etcd {
         None
     } else {
         let cluster = a.conn.cluster.clone().or_else(|| std::env::var_os("STRATA_CLUSTER").map(Into::into)).unwrap_or_else(strata_client::ClusterFile::default_path);
         // etcd's data goes next to the cluster's, on the same file system as the engines.
         let parent = cluster.parent().map(|p| p.to_path_buf()).unwrap_or_else(std::env::temp_dir);
-        Some(Etcd::start(&parent)?)
+        Some(Etcd::start(&parent, members)?)
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let dur = Duration::from_secs_f64(a.duration);
     let value = Arc::new(vec![0x6bu8; a.value_bytes]);
     let report = rt.block_on(async {
         let client = a.conn.client().await?;
-        let ranks = client.pool(&a.pool).await?.info()?.map.ranks().len();
-        let class: ObjectClass = match &a.oclass {
-            Some(c) => c.parse()?,
-            None if ranks >= 3 => "RP_3GX".parse()?,
-            None => "RP_2GX".parse()?,
-        };
         let label = format!("bench-kv-{}", class.to_string().to_lowercase().replace('_', "-"));
         let props = BTreeMap::from([(strata_kv::PROP_OCLASS.to_owned(), class.to_string())]);
         // Reuse the store of an earlier run (AlreadyExists is fine).
@@ -241,7 +250,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         }
         if let Some(e) = &etcd {
-            let mut c = EtcdConn::connect(&e.addr).await?;
+            let mut c = EtcdConn::connect(&e.addrs[0]).await?;
             for i in 0..a.keys {
                 c.put(&key(i), &value).await?;
             }
@@ -294,9 +303,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         p.object.push(s);
                     }
                     if let Some(e) = &etcd {
-                        let (addr, v2) = (e.addr.clone(), value.clone());
+                        let (addrs, v2) = (e.addrs.clone(), value.clone());
                         let cpu = || e.cpu_secs();
-                        let s = drive(clients, dur, Some(&cpu), |i| { let (addr, v) = (addr.clone(), v2.clone()); async move { Ok((EtcdConn::connect(&addr).await?, v, seed(i))) } }, move |(mut c, v, mut r)| async move {
+                        // Clients spread over the members, as etcd clients balance endpoints.
+                        let s = drive(clients, dur, Some(&cpu), |i| { let (addr, v) = (addrs[i % addrs.len()].clone(), v2.clone()); async move { Ok((EtcdConn::connect(&addr).await?, v, seed(i))) } }, move |(mut c, v, mut r)| async move {
                             let k = key(next(&mut r) % keys);
                             match op {
                                 "put" => c.put(&k, &v).await?,
@@ -350,11 +360,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if !a.conn.json {
             eprint!("\r{:60}\r", "");
         }
-        Ok::<_, anyhow::Error>(Report { store: format!("{}/{label}", a.pool), oclass: class.to_string(), value_bytes: a.value_bytes, keys: a.keys, duration_secs: a.duration, reps: a.reps, points })
+        Ok::<_, anyhow::Error>(Report { store: format!("{}/{label}", a.pool), oclass: class.to_string(), etcd_members: if a.no_etcd { 0 } else { members }, value_bytes: a.value_bytes, keys: a.keys, duration_secs: a.duration, reps: a.reps, points })
     })?;
     drop(etcd);
     emit(a.conn.json, &report, |r| {
-        println!("strata bench kv: store {} ({}), {} B values over {} keys, {} x {:.0} s per point; medians", r.store, r.oclass, r.value_bytes, r.keys, r.reps, r.duration_secs);
+        println!("strata bench kv: store {} ({}), etcd with {} member(s), {} B values over {} keys, {} x {:.0} s per point; medians", r.store, r.oclass, r.etcd_members, r.value_bytes, r.keys, r.reps, r.duration_secs);
         println!("{:>7} {:>4} | {:>9} {:>8} {:>7} | {:>9} {:>8} {:>7} | {:>6} | {:>9} {:>6}", "clients", "op", "kv ops/s", "p99 ms", "cpu/op", "etcd op/s", "p99 ms", "cpu/op", "ratio", "obj ops/s", "kv/obj");
         for p in &r.points {
             let cpu = |v: &[Sample]| median(v.iter().map(|s| s.client_cpu_ms_per_op + s.server_cpu_ms_per_op.unwrap_or(0.0)));
@@ -374,7 +384,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 opt(p.object_ratio, 2),
             );
         }
-        println!("cpu/op: ms of CPU per operation, the client's (this process) plus, for etcd, its server process; Strata's engines run in other processes and are not counted");
+        println!("cpu/op: ms of CPU per operation, the client's (this process) plus, for etcd, its server processes; Strata's engines run in other processes and are not counted");
         for p in &r.points {
             for t in &p.targets {
                 println!("target ({} clients): {t}", p.clients);

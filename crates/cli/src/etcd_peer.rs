@@ -1,6 +1,7 @@
-//! etcd as a benchmark peer: started by the bench on loopback ports with its own data
-//! directory (fsync on, its default), driven over its JSON gateway (`/v3/kv/*`) with a small
-//! keep-alive HTTP/1.1 client, stopped by its PID when the bench ends.
+//! etcd as a benchmark peer: started by the bench on loopback ports (one member, or as many as
+//! the Strata class has replicas) with its own data directory (fsync on, its default), driven
+//! over its JSON gateway (`/v3/kv/*`) with a small keep-alive HTTP/1.1 client, stopped by its
+//! PIDs when the bench ends.
 
 use anyhow::{bail, Context};
 use std::path::Path;
@@ -15,8 +16,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const RESPONSE_BYTES_MAX: usize = 16 << 20;
 
 pub struct Etcd {
-    child: Child,
-    pub addr: String,
+    children: Vec<Child>,
+    /// Client addresses, one per member.
+    pub addrs: Vec<String>,
     dir: std::path::PathBuf,
 }
 
@@ -29,55 +31,66 @@ pub fn available() -> bool {
 }
 
 impl Etcd {
-    /// Start a single-node etcd with its data under `parent`.
-    pub fn start(parent: &Path) -> anyhow::Result<Etcd> {
+    /// Start an etcd cluster of `members` (1 = single node) with its data under `parent`:
+    /// with three members every write is fsynced by three processes, as `RP_3` does.
+    pub fn start(parent: &Path, members: usize) -> anyhow::Result<Etcd> {
         if !available() {
             bail!("etcd is not installed; the KV bench compares with it: `apt-get install etcd-server` (Debian), or pass --no-etcd");
         }
+        anyhow::ensure!((1..=7).contains(&members), "etcd members must be 1..=7");
         let dir = parent.join(format!("etcd-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let (client, peer) = (free_port()?, free_port()?);
-        let log = std::fs::File::create(dir.join("etcd.log"))?;
-        let child = Command::new("etcd")
-            .args(["--name", "bench", "--data-dir"])
-            .arg(dir.join("data"))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}"), "--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}"), "--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("bench=http://127.0.0.1:{peer}")])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting etcd")?;
-        let e = Etcd { child, addr: format!("127.0.0.1:{client}"), dir };
+        let ports: Vec<(u16, u16)> = (0..members).map(|_| Ok::<_, anyhow::Error>((free_port()?, free_port()?))).collect::<Result<_, _>>()?;
+        let initial: Vec<String> = ports.iter().enumerate().map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}")).collect();
+        let mut e = Etcd { children: Vec::new(), addrs: ports.iter().map(|(c, _)| format!("127.0.0.1:{c}")).collect(), dir };
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let log = std::fs::File::create(e.dir.join(format!("etcd-{i}.log")))?;
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(e.dir.join(format!("data-{i}")))
+                .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}"), "--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}"), "--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting etcd")?;
+            e.children.push(child);
+        }
         let start = Instant::now();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        loop {
-            let ok = rt.block_on(async {
-                let mut c = EtcdConn::connect(&e.addr).await.ok()?;
-                c.put(b"/bench/ready", b"1").await.ok()
-            });
-            if ok.is_some() {
-                return Ok(e);
+        for addr in e.addrs.clone() {
+            loop {
+                let ok = rt.block_on(async {
+                    let mut c = EtcdConn::connect(&addr).await.ok()?;
+                    c.put(b"/bench/ready", b"1").await.ok()
+                });
+                if ok.is_some() {
+                    break;
+                }
+                if start.elapsed() > START_TIMEOUT {
+                    bail!("etcd did not start within {START_TIMEOUT:?}; see {}", e.dir.display());
+                }
+                std::thread::sleep(Duration::from_millis(200));
             }
-            if start.elapsed() > START_TIMEOUT {
-                bail!("etcd did not start within {START_TIMEOUT:?}; see {}", e.dir.join("etcd.log").display());
-            }
-            std::thread::sleep(Duration::from_millis(200));
         }
+        Ok(e)
     }
 
-    /// CPU seconds the etcd process used so far.
+    /// CPU seconds the etcd processes used so far.
     pub fn cpu_secs(&self) -> f64 {
-        proc_cpu_secs(self.child.id())
+        self.children.iter().map(|c| proc_cpu_secs(c.id())).sum()
     }
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -79,6 +79,9 @@ pub enum KvCommand {
     /// Run a transaction script from stdin (get/put/del/cas/scan, one per line), atomically.
     Txn {
         store: String,
+        /// Refuse to commit later than this after the transaction began (nothing is written).
+        #[arg(long, default_value_t = 30_000)]
+        deadline_ms: u64,
         #[command(flatten)]
         conn: Conn,
     },
@@ -215,7 +218,7 @@ pub fn run(c: KvCommand) -> anyhow::Result<()> {
                     }
                 })
             }
-            KvCommand::Txn { store, conn } => {
+            KvCommand::Txn { store, deadline_ms, conn } => {
                 let mut script = String::new();
                 std::io::stdin().take(64 << 20).read_to_string(&mut script).context("reading the transaction script from stdin")?;
                 let ops = txn_script::parse(&script)?;
@@ -223,7 +226,7 @@ pub fn run(c: KvCommand) -> anyhow::Result<()> {
                 let mut attempt = 0;
                 let (epoch, results) = loop {
                     attempt += 1;
-                    match run_script(&kv, &ops).await {
+                    match run_script(&kv, &ops, std::time::Duration::from_millis(deadline_ms)).await {
                         Ok(r) => break r,
                         Err(e) if e.is_retryable() && attempt < TXN_ATTEMPTS_MAX => continue,
                         Err(e) => return Err(e.into()),
@@ -265,8 +268,9 @@ pub fn run(c: KvCommand) -> anyhow::Result<()> {
 }
 
 /// One attempt at a script: every result, then the commit epoch.
-async fn run_script(kv: &KvStore, ops: &[TxnOp]) -> Result<(Epoch, Vec<serde_json::Value>), KvError> {
+async fn run_script(kv: &KvStore, ops: &[TxnOp], deadline: std::time::Duration) -> Result<(Epoch, Vec<serde_json::Value>), KvError> {
     let mut t = kv.begin();
+    t.set_deadline(deadline);
     let mut results = Vec::new();
     for op in ops {
         let r = match op {

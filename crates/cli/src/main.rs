@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench_fs;
+mod bench_block;
 mod bench_kv;
 mod bench_obj;
 mod block_cmd;
@@ -91,6 +92,8 @@ enum BenchCommand {
     Obj(bench_obj::Args),
     /// The file system through FUSE: mdtest-style metadata and fio data vs bindfs.
     Fs(bench_fs::Args),
+    /// Block volumes over NBD (fio's nbd engine) vs `nbdkit file` on the same disk.
+    Block(bench_block::Args),
     /// KV puts/gets/transactions at 16 and 64 clients vs etcd (started here) and plain objects.
     Kv(bench_kv::Args),
 }
@@ -114,6 +117,7 @@ fn main() {
         Command::Fs(c) => fs_cmd::run(c),
         Command::Bench(BenchCommand::Kv(a)) => bench_kv::run(a),
         Command::Block(c) => block_cmd::run(c),
+        Command::Bench(BenchCommand::Block(a)) => bench_block::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -129,6 +129,14 @@ fn cli_end_to_end_and_bad_input() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(c.json(&["kv", "get", "tank/kv", "lime"])["found"], false);
 
+    // A transaction past its deadline: a clear error, nothing written.
+    let mut child = Command::new(common::BIN).args(["kv", "txn", "tank/kv", "--deadline-ms", "0"]).env("STRATA_CLUSTER", c.cluster_file()).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"put mango 1\nput papaya 2\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("past its deadline"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(c.json(&["kv", "get", "tank/kv", "mango"])["found"], false);
+
     // Bad input: oversized key and value, unknown store, wrong container type, bad shard function.
     let long_key = "k".repeat(strata_kv::KEY_BYTES_MAX + 1);
     assert!(c.fails(&["kv", "put", "tank/kv", &long_key, "v"]).contains("key is 1025 bytes; the limit is 1024"));
@@ -163,7 +171,8 @@ fn prepared_transactions_make_readers_ask_the_leader_and_writers_wait() {
         kv.put(&k1, b"0").await.unwrap();
         kv.put(&k2, b"0").await.unwrap();
 
-        // An older writer waits for the prepared transaction; a younger one aborts at once.
+        // An older writer waits for the prepared transaction; a younger one that may hold
+        // other locks (two shards: two-phase) aborts at once (wait-die).
         let mut older = kv.begin();
         let mut t1 = kv.begin();
         t1.put(&k1, b"t1").unwrap();
@@ -171,6 +180,7 @@ fn prepared_transactions_make_readers_ask_the_leader_and_writers_wait() {
         let p1 = t1.prepare_two_phase().await.unwrap();
         let mut younger = kv.begin();
         younger.put(&k1, b"young").unwrap();
+        younger.put(&k2, b"young").unwrap();
         match younger.commit().await {
             Err(e @ KvError::Conflict { .. }) => assert!(e.is_retryable()),
             other => panic!("a younger writer must abort on a prepared key, got {other:?}"),

@@ -415,7 +415,6 @@ impl Engine {
                             // spare rebuilt in an earlier round (its home is DOWNOUT).
                             use strata_placement::TargetState as TS;
                             let state = |t: TargetId| view.map.target(t).map(|x| x.state);
-                            let home_out = |s: &&strata_placement::ShardLoc| state(s.home) == Some(TS::DownOut);
                             // A reintegrating (UPIN) replica may have missed writes: not a source.
                             // A draining home still has everything: it is the source of its spare.
                             let drained = group.iter().find(|s| s.is_spare && state(s.home) == Some(TS::Drain)).map(|s| strata_placement::ShardLoc { target: s.home, home: s.home, is_spare: false });
@@ -423,23 +422,25 @@ impl Engine {
                             let pushers: Vec<TargetId> = match layout.class.redundancy() {
                                 // EC decodes from every readable shard, so a pusher only has to
                                 // list the object. Single values live only on shard 0 and the
-                                // parity shards, so only those are sure to; and a spare of a
-                                // DOWNOUT home may itself be new and empty. So every such holder
-                                // pushes what it lists (imports are idempotent).
+                                // parity shards, so only those are sure to, and a spare may be
+                                // new and empty: every readable holder pushes what it lists
+                                // (imports are idempotent).
                                 Redundancy::Erasure { data: k, .. } => {
                                     let k = k as usize;
-                                    let holders: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| ec_rebuild::holds_singles(k, *i) && readable(s) && (!s.is_spare || home_out(s))).map(|(_, s)| s.target).collect();
+                                    let holders: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| ec_rebuild::holds_singles(k, *i) && readable(s)).map(|(_, s)| s.target).collect();
                                     if holders.is_empty() {
-                                        group.iter().find(|s| readable(s) && (!s.is_spare || home_out(s))).map(|s| s.target).into_iter().collect()
+                                        group.iter().find(|s| readable(s)).map(|s| s.target).into_iter().collect()
                                     } else {
                                         holders
                                     }
                                 }
                                 _ => match group.iter().find(|s| !s.is_spare && readable(s)).or(drained.as_ref()) {
                                     Some(s) => vec![s.target],
-                                    // No home replica left: every spare of a DOWNOUT home pushes,
-                                    // since one of them may be new (its predecessor failed).
-                                    None => group.iter().filter(|s| s.is_spare && home_out(s)).map(|s| s.target).collect(),
+                                    // No home replica left: every spare pushes what it lists. One
+                                    // may be new and empty, or hold only writes since it became a
+                                    // spare; imports only add versions, so a partial push is
+                                    // harmless and the filled one completes the others.
+                                    None => group.iter().filter(|s| s.is_spare && readable(s)).map(|s| s.target).collect(),
                                 },
                             };
                             if !pushers.contains(&me) {

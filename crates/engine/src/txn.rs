@@ -337,10 +337,12 @@ impl Engine {
         shard
             .loaded
             .get_or_try_init(|| async {
-                let prev = shard.prev.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let prev = shard.prev.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 if let Some(p) = prev {
                     let mut g = tokio::time::timeout(READ_WAIT_MAX + LOCK_WAIT_MAX, p.gate.write()).await.map_err(|_| rerr(ErrorCode::Unavailable, "old KV shard state still busy"))?;
                     *g = true;
+                    // Retired: let it go (a failed load keeps it, to retire it on the next try).
+                    *shard.prev.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
                 for _ in 0..1000 {
                     let now = self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.physical_ms();
@@ -692,10 +694,12 @@ impl Engine {
                 self.kv_settle(ctx, t, &h, deadline, &mut rx).await.map_err(|_| ()).ok();
                 continue;
             }
-            // Wait-die: an older transaction waits for a younger one; a younger one aborts.
-            let older = (rts, txn) < (h.rts, t);
-            if !older || Instant::now() >= deadline {
-                return Ok(conflict(Some(&k), if older { "key stayed locked by another transaction past the wait deadline" } else { "key locked by an older transaction" }));
+            // Wait-die: an older transaction waits for a younger one; a younger one aborts. A
+            // one-round commit holds no lock anywhere while it waits, so it cannot be part of
+            // a deadlock: it always waits.
+            let may_wait = coord.is_none() || (rts, txn) < (h.rts, t);
+            if !may_wait || Instant::now() >= deadline {
+                return Ok(conflict(Some(&k), if may_wait { "key stayed locked by another transaction past the wait deadline" } else { "key locked by an older transaction" }));
             }
             if h.phase == Phase::Prepared {
                 // It may be decided already: settle it rather than wait for its resolve.
@@ -705,7 +709,9 @@ impl Engine {
             }
         }
         // Locks held: check what was read.
-        let verdict = {
+        let verdict = if reads.is_empty() && checks.is_empty() {
+            Ok(None)
+        } else {
             let (v, cont, oid, dkey, reads, checks) = (ctx.vos.clone(), ctx.cont, ctx.oid, ctx.dkey.clone(), reads.clone(), checks.clone());
             self.kv_blocking(move || validate(&v, cont, oid, &dkey, rts, &reads, &checks)).await
         };
@@ -907,4 +913,53 @@ fn scan_vos(v: &Vos, cont: ContId, oid: Oid, dkey: &[u8], range: &KeyRange, limi
         }
     }
     Ok((out, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(reads: &[&[u8]], ranges: &[(&[u8], Option<&[u8]>)], writes: &[&[u8]]) -> Held {
+        Held {
+            coord: vec![],
+            rts: Epoch(1),
+            proposal: Epoch(2),
+            phase: Phase::Prepared,
+            durable: true,
+            failed: false,
+            reads: ReadSet { keys: reads.iter().map(|k| k.to_vec()).collect(), ranges: ranges.iter().map(|(s, e)| KeyRange { start: s.to_vec(), end: e.map(<[u8]>::to_vec) }).collect() },
+            writes: writes.iter().map(|k| (k.to_vec(), Some(b"v".to_vec()))).collect(),
+        }
+    }
+
+    fn rs(keys: &[&[u8]], ranges: &[(&[u8], Option<&[u8]>)]) -> ReadSet {
+        held(keys, ranges, &[]).reads
+    }
+
+    #[test]
+    fn locks_conflict_as_two_phase_locking_says() {
+        let (t1, t2) = ([1u8; 16], [2u8; 16]);
+        let mut st = ShardSt::default();
+        st.acquire(t1, held(&[b"r"], &[(b"m", Some(b"p"))], &[b"w"]));
+        // Reads share; a read of a written key, a write of a read key, a write into a read range conflict.
+        assert!(st.conflict(&t2, &rs(&[b"r"], &[]), &[]).is_none());
+        assert_eq!(st.conflict(&t2, &rs(&[b"w"], &[]), &[]).map(|c| c.1), Some(b"w".to_vec()));
+        assert_eq!(st.conflict(&t2, &rs(&[], &[]), &[b"r"]).map(|c| c.1), Some(b"r".to_vec()));
+        assert_eq!(st.conflict(&t2, &rs(&[], &[]), &[b"n"]).map(|c| c.1), Some(b"n".to_vec()));
+        assert!(st.conflict(&t2, &rs(&[], &[]), &[b"p"]).is_none(), "range ends are exclusive");
+        assert_eq!(st.conflict(&t2, &rs(&[], &[(b"a", None)]), &[]).map(|c| c.0), Some(t1), "a scan over a written key");
+        // Its own locks never conflict; released locks are gone.
+        assert!(st.conflict(&t1, &rs(&[b"w"], &[(b"a", None)]), &[b"r", b"n"]).is_none());
+        assert!(st.release(&t1).is_some());
+        assert!(st.conflict(&t2, &rs(&[b"w"], &[(b"a", None)]), &[b"r", b"n"]).is_none());
+        assert!(st.write_locks.is_empty() && st.read_locks.is_empty() && st.ranged.is_empty() && st.held.is_empty());
+    }
+
+    #[test]
+    fn versions_encode_deletes_and_refuse_garbage() {
+        assert_eq!(decode_version(&encode_version(Some(b"x"))).unwrap(), Some(b"x".to_vec()));
+        assert_eq!(decode_version(&encode_version(Some(b""))).unwrap(), Some(vec![]));
+        assert_eq!(decode_version(&encode_version(None)).unwrap(), None);
+        assert!(decode_version(&[]).is_err() && decode_version(&[7, 1]).is_err() && decode_version(&[0, 0]).is_err());
+    }
 }

@@ -93,9 +93,14 @@ impl ShardMap {
                 (first..=last).collect()
             }
             ShardFunction::Prefix { len, .. } => {
-                // A range inside one prefix maps to one shard.
+                // A range inside one prefix maps to one shard: `end` shares the prefix, or is at
+                // most the first key after every key with that prefix.
+                let inside = |e: &[u8]| {
+                    let p = &start[..*len];
+                    (e.len() >= *len && e[..*len] == *p) || prefix_successor(p).is_some_and(|s| e <= s.as_slice())
+                };
                 match end {
-                    Some(e) if start.len() >= *len && e.len() >= *len && start[..*len] == e[..*len] => vec![self.shard_of(start)],
+                    Some(e) if start.len() >= *len && inside(e) => vec![self.shard_of(start)],
                     _ => (0..self.shard_count()).collect(),
                 }
             }
@@ -108,6 +113,18 @@ impl ShardMap {
         let b = shard.to_be_bytes();
         [b's', b[0], b[1], b[2], b[3]]
     }
+}
+
+/// The first key after every key starting with `p` (`None` when `p` is all 0xff).
+fn prefix_successor(p: &[u8]) -> Option<Vec<u8>> {
+    let mut s = p.to_vec();
+    while let Some(last) = s.pop() {
+        if last < 0xff {
+            s.push(last + 1);
+            return Some(s);
+        }
+    }
+    None
 }
 
 impl fmt::Display for ShardFunction {
@@ -218,6 +235,11 @@ mod tests {
             assert_eq!(m.shard_of(k), s);
         }
         assert_eq!(m.shards_for_range(b"user0000", Some(b"user9999")), vec![s]);
+        // Everything under a prefix: [P, successor(P)) is one shard too.
+        assert_eq!(m.shards_for_range(b"user", Some(b"uses")), vec![s]);
+        assert_eq!(m.shards_for_range(b"user00", Some(b"uses")), vec![s]);
+        assert_eq!(m.shards_for_range(b"user", Some(b"uset")).len(), 16);
+        assert_eq!(m.shards_for_range(b"use", Some(b"usf")).len(), 16);
     }
 
     proptest! {
@@ -226,6 +248,14 @@ mod tests {
             for f in [ShardFunction::Hash { shards: n }, ShardFunction::Prefix { len: 3, shards: n }] {
                 let m = ShardMap::new(f);
                 prop_assert!(m.shard_of(&key) < n);
+            }
+        }
+        #[test]
+        fn prefix_scan_visits_the_shard_of_every_key_inside(a in proptest::collection::vec(0u8..4, 0..6), b in proptest::collection::vec(0u8..4, 0..6), k in proptest::collection::vec(0u8..4, 0..6)) {
+            let m = ShardMap::new(ShardFunction::Prefix { len: 2, shards: 8 });
+            let shards = m.shards_for_range(&a, Some(&b));
+            if a <= k && k < b {
+                prop_assert!(shards.contains(&m.shard_of(&k)));
             }
         }
         #[test]

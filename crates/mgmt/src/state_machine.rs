@@ -108,7 +108,7 @@ impl MgmtState {
 
     fn targets_of(&self, r: &RankInfo) -> Result<Vec<PoolTarget>, RemoteError> {
         let domain = FaultDomain::parse(&r.fault_domain).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
-        Ok((0..r.targets).map(|i| PoolTarget { id: TargetId { rank: r.rank, index: i }, domain: domain.clone(), labels: r.labels.clone(), state: TargetState::Up }).collect())
+        Ok((0..r.targets).map(|i| PoolTarget { id: TargetId { rank: r.rank, index: i }, domain: domain.clone(), labels: r.labels.clone(), state: TargetState::Up, out_since: 0 }).collect())
     }
 
     pub fn apply(&mut self, cmd: &MgmtCmd) -> Result<MgmtReply, RemoteError> {

@@ -35,7 +35,8 @@ struct Node {
 /// A pool map prepared for fast layout computation. Build once per map version.
 pub struct PlacementMap {
     version: u64,
-    targets: Vec<(TargetId, TargetState)>,
+    /// Per target: id, state, and the map version at which it left the layout.
+    targets: Vec<(TargetId, TargetState, u64)>,
     nodes: Vec<Node>,
     /// Node ids per tree depth (0 = outermost domain level), in order of first appearance.
     levels: Vec<Vec<u32>>,
@@ -102,7 +103,7 @@ impl PlacementMap {
         let mut targets = Vec::with_capacity(map.targets.len());
         let mut healthy = Vec::new();
         for (ti, t) in map.targets.iter().enumerate() {
-            targets.push((t.id, t.state));
+            targets.push((t.id, t.state, t.out_since));
             if t.state == TargetState::New && !include_new {
                 continue;
             }
@@ -202,10 +203,12 @@ impl PlacementMap {
             }
             // Replace shards on unhealthy targets by spares, leaving the others in place.
             let mut cur: Vec<u32> = homes.clone();
-            // Shards that lost their home longest ago (DOWNOUT: rebuilt) choose first, so a
-            // newer failure in the group can never take their spare (and its data) away.
+            // In the order the homes left the layout: an older spare (filled by an earlier
+            // rebuild) is never taken by a newer failure, which matters most for EC, whose
+            // cells of different shards share record keys. The order survives DOWN -> DOWNOUT,
+            // so finishing a rebuild moves no spare (nothing would refill it).
             let mut order: Vec<usize> = (0..size).filter(|&i| !self.targets[homes[i] as usize].1.in_layout()).collect();
-            order.sort_by_key(|&i| (self.targets[homes[i] as usize].1 != TargetState::DownOut, i));
+            order.sort_by_key(|&i| (self.targets[homes[i] as usize].2, i));
             for i in order {
                 let idx = gstart + i;
                 // Against the homes (not earlier spares), so one shard's spare does not depend

@@ -122,6 +122,11 @@ pub struct PoolTarget {
     pub domain: FaultDomain,
     pub labels: BTreeMap<String, String>,
     pub state: TargetState,
+    /// The map version at which the target left the layout (went `DOWN` or `DRAIN`); 0 while
+    /// it is in. Kept through `DOWN` -> `DOWNOUT`, so spares are assigned in the order their
+    /// homes failed, and finishing a rebuild never reorders (and so never moves) a spare.
+    #[serde(default)]
+    pub out_since: u64,
 }
 
 impl PoolTarget {
@@ -177,6 +182,7 @@ impl PoolMap {
                     domain: FaultDomain(vec![format!("host-{}", r % hosts.max(1))]),
                     labels: BTreeMap::new(),
                     state: TargetState::Up,
+                    out_since: 0,
                 });
             }
         }
@@ -209,7 +215,11 @@ impl PoolMap {
         let mut m = self.clone();
         for t in &mut m.targets {
             t.state = match t.state {
-                TargetState::Down | TargetState::Drain => TargetState::Up,
+                TargetState::Down | TargetState::Drain => {
+                    t.out_since = 0;
+                    TargetState::Up
+                }
+                // Back out of the layout as it was (its spares were placed before later ones).
                 TargetState::UpIn => TargetState::DownOut,
                 s => s,
             };
@@ -228,8 +238,13 @@ impl PoolMap {
                 allowed: from.allowed_next().iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
             });
         }
-        t.state = to;
         self.version += 1;
+        t.out_since = match (from.in_layout(), to.in_layout()) {
+            (true, false) => self.version,
+            (_, true) => 0,
+            (false, false) => t.out_since,
+        };
+        t.state = to;
         Ok(())
     }
 
@@ -237,14 +252,20 @@ impl PoolMap {
     /// version is bumped once if anything changed.
     pub fn set_rank_state(&mut self, rank: Rank, to: TargetState) -> usize {
         let mut n = 0;
+        let version = self.version + 1;
         for t in self.targets.iter_mut().filter(|t| t.id.rank == rank) {
             if t.state.allowed_next().contains(&to) {
+                t.out_since = match (t.state.in_layout(), to.in_layout()) {
+                    (true, false) => version,
+                    (_, true) => 0,
+                    (false, false) => t.out_since,
+                };
                 t.state = to;
                 n += 1;
             }
         }
         if n > 0 {
-            self.version += 1;
+            self.version = version;
         }
         n
     }

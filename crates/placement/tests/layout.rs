@@ -164,3 +164,38 @@ fn a_spare_stays_put_when_another_target_fails() {
         }
     }
 }
+
+#[test]
+fn no_spare_moves_when_rebuild_finishes() {
+    // DOWN -> DOWNOUT triggers no data movement, so it must not move any spare: a spare that
+    // moved then would be trusted by readers without ever having been filled. Nor may a newer
+    // failure take an older shard's (filled) spare.
+    let base = PoolMap::uniform(6, 2, 6);
+    for (first, second) in [(0u32, 1u32), (1, 0), (3, 5), (2, 4)] {
+        let mut pm = base.clone();
+        let set = |pm: &mut PoolMap, r: u32, s: TargetState| {
+            for t in 0..2 {
+                pm.set_state(TargetId::new(r, t), s).unwrap();
+            }
+        };
+        set(&mut pm, first, TargetState::Down);
+        set(&mut pm, first, TargetState::DownOut);
+        let first_done = PlacementMap::new(&pm, false);
+        set(&mut pm, second, TargetState::Down);
+        let rebuilding = PlacementMap::new(&pm, false);
+        set(&mut pm, second, TargetState::DownOut);
+        let done = PlacementMap::new(&pm, false);
+        for class in ["RP_3G1", "EC_4P2G1", "EC_2P1GX"] {
+            for seq in 0..3000 {
+                let o = oid(class, seq);
+                assert_eq!(targets_of(&rebuilding.layout(o).unwrap()), targets_of(&done.layout(o).unwrap()), "{class} seq {seq}: a spare moved when rebuild finished");
+                // A newer failure never takes a filled spare away from an older one.
+                for (a, b) in first_done.layout(o).unwrap().shards().iter().zip(rebuilding.layout(o).unwrap().shards()) {
+                    if a.is_spare && a.target.rank.0 != second {
+                        assert_eq!(a.target, b.target, "{class} seq {seq}: the second failure took the first one's spare");
+                    }
+                }
+            }
+        }
+    }
+}

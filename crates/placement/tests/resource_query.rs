@@ -21,7 +21,7 @@ fn targets() -> Vec<(TargetId, BTreeMap<String, String>)> {
             if *gpu {
                 labels.insert("gpu".into(), "yes".into());
             }
-            let t = PoolTarget { id: TargetId::new(r as u32, 0), domain: FaultDomain::parse(dom).unwrap(), labels, state: TargetState::Up };
+            let t = PoolTarget { id: TargetId::new(r as u32, 0), domain: FaultDomain::parse(dom).unwrap(), labels, state: TargetState::Up, out_since: 0 };
             (t.id, t.attributes())
         })
         .collect()
