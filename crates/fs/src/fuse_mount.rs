@@ -22,6 +22,7 @@ use crate::fs_error::FsError;
 use crate::meta_schema::{Inode, Kind};
 use crate::meta_store::MetaStore;
 use crate::namespace::{now_ns, Namespace, NewNode, Released, RenameMode, SetAttr, FILE_BYTES_MAX, OCLASS_XATTR};
+use crate::read_cache::{ReadCache, CACHE_BLOCK_BYTES};
 use crate::write_back::WriteBack;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
@@ -56,11 +57,13 @@ pub struct MountOptions {
     pub fsname: String,
     /// Reported by statfs.
     pub capacity_bytes: u64,
+    /// Clean file data cached in the mount (0: none).
+    pub read_cache_bytes: u64,
 }
 
 impl Default for MountOptions {
     fn default() -> MountOptions {
-        MountOptions { read_only: false, allow_other: false, meta_cache: Duration::from_secs(1), kernel_ttl: Duration::ZERO, threads: 4, write_back_bytes_max: 8 << 20, fsname: "strata".into(), capacity_bytes: 1 << 40 }
+        MountOptions { read_only: false, allow_other: false, meta_cache: Duration::from_secs(1), kernel_ttl: Duration::ZERO, threads: 4, write_back_bytes_max: 8 << 20, fsname: "strata".into(), capacity_bytes: 1 << 40, read_cache_bytes: 64 << 20 }
     }
 }
 
@@ -129,6 +132,7 @@ pub struct StrataFs<S: MetaStore, D: DataStore> {
     handles: Mutex<HashMap<u64, u64>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
+    cache: ReadCache,
     /// Data version of each file when this mount last synchronised its page cache with it.
     seen_version: Mutex<HashMap<u64, u64>>,
 }
@@ -181,6 +185,7 @@ fn file_type(k: Kind) -> FileType {
 impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
     pub fn new(rt: tokio::runtime::Handle, ns: Arc<Namespace<S>>, data: Arc<D>, opts: MountOptions) -> StrataFs<S, D> {
         let chunk = ns.chunk_bytes;
+        let cache = ReadCache::new(opts.read_cache_bytes);
         StrataFs {
             rt,
             ns,
@@ -192,6 +197,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             handles: Mutex::default(),
             dirs: Mutex::default(),
             next_fh: AtomicU64::new(1),
+            cache,
             seen_version: Mutex::default(),
         }
     }
@@ -424,6 +430,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
     async fn punch_freed(&self, freed: &[Inode]) {
         for i in freed {
             self.forget_ino(i.ino);
+            self.cache.drop_file(i.ino);
             lock(&self.seen_version).remove(&i.ino);
             // A file never written has no object to punch.
             if i.kind != Kind::File || (i.data_version == 0 && i.size == 0) {
@@ -477,6 +484,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
                 g.wb.truncate(size);
             }
             self.data.truncate(oid, size, old).await?;
+            self.cache.drop_range(ino, size, u64::MAX);
             let now = now_ns();
             if let Some(g) = guard.as_mut() {
                 if a.perm.is_none() && a.uid.is_none() && a.gid.is_none() && a.atime_ns.is_none() && a.mtime_ns.is_none() {
@@ -532,6 +540,9 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             seen.insert(ino, fresh.data_version);
             same
         };
+        if !keep {
+            self.cache.drop_file(ino);
+        }
         let state = {
             let mut open = lock(&self.open);
             let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new(), meta_dirty: false, truncated: false, dirty_end: 0, dirty_mtime_ns: 0 })) });
@@ -580,8 +591,55 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             return self.read_at(&i, i.size, offset, size, Epoch::MAX).await;
         };
         let st = state.lock().await;
-        let mut out = self.read_at(&st.inode, st.size, offset, size, Epoch::MAX).await?;
-        st.overlay(offset, &mut out);
+        if !self.cache.enabled() {
+            let mut out = self.read_at(&st.inode, st.size, offset, size, Epoch::MAX).await?;
+            st.overlay(offset, &mut out);
+            return Ok(out);
+        }
+        self.read_cached(&st, offset, size).await
+    }
+
+    /// Read through the block cache: cached blocks are copied, each run of missing blocks is
+    /// one store read, completed with this mount's dirty bytes before it is cached.
+    async fn read_cached(&self, st: &OpenState, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        if offset >= st.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let len = u64::from(size).min(st.size - offset);
+        let ino = st.inode.ino;
+        let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+        let oid = data_oid(ino, &class)?;
+        let b = CACHE_BLOCK_BYTES;
+        let first = offset / b;
+        let last = (offset + len - 1) / b;
+        let mut blocks: Vec<Option<Arc<Vec<u8>>>> = (first..=last).map(|k| self.cache.get(ino, k)).collect();
+        let mut k = 0;
+        while k < blocks.len() {
+            if blocks[k].is_some() {
+                k += 1;
+                continue;
+            }
+            let start = k;
+            while k < blocks.len() && blocks[k].is_none() {
+                k += 1;
+            }
+            let run_off = (first + start as u64) * b;
+            let mut data = self.data.read(oid, run_off, (k - start) as u64 * b, Epoch::MAX).await?;
+            st.overlay(run_off, &mut data);
+            for (j, part) in data.chunks(b as usize).enumerate() {
+                let v = part.to_vec();
+                self.cache.put(ino, first + (start + j) as u64, v.clone());
+                blocks[start + j] = Some(Arc::new(v));
+            }
+        }
+        let mut out = vec![0u8; len as usize];
+        for (j, blk) in blocks.iter().enumerate() {
+            let Some(blk) = blk else { continue };
+            let bs = (first + j as u64) * b;
+            let (lo, hi) = (offset.max(bs), (offset + len).min(bs + b));
+            out[(lo - offset) as usize..(hi - offset) as usize].copy_from_slice(&blk[(lo - bs) as usize..(hi - bs) as usize]);
+        }
+        // No overlay needed for hits: writes patch cached blocks under the same state lock.
         Ok(out)
     }
 
@@ -605,6 +663,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         };
         let mut st = state.lock().await;
         st.wb.write(offset, data, now_ns());
+        self.cache.patch(ino, offset, data);
         st.size = st.size.max(offset + data.len() as u64);
         if st.wb.bytes() >= self.opts.write_back_bytes_max {
             self.flush_in_background(&mut st).await?;
@@ -1066,6 +1125,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
                     let hole_end = end.min(st.size);
                     if offset < hole_end {
                         self.data.punch_hole(data_oid(ino, &class)?, offset, hole_end - offset).await?;
+                        self.cache.drop_range(ino, offset, hole_end - offset);
                     }
                 }
                 if !keep_size && end > st.size {
@@ -1082,6 +1142,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
                 let hole_end = end.min(cur.size);
                 if offset < hole_end {
                     self.data.punch_hole(data_oid(ino, &class)?, offset, hole_end - offset).await?;
+                    self.cache.drop_range(ino, offset, hole_end - offset);
                     self.ns.commit_write(ino, 0, now_ns(), None).await?;
                 }
             }

@@ -22,6 +22,7 @@ pub mod kv_meta;
 pub mod meta_schema;
 pub mod meta_store;
 pub mod namespace;
+pub mod read_cache;
 pub mod volume;
 pub mod write_back;
 
