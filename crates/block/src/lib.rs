@@ -89,10 +89,10 @@ pub struct NbdLimits {
 impl Default for NbdLimits {
     fn default() -> Self {
         NbdLimits {
-            payload_bytes_max: 32 << 20,
+            payload_bytes_max: PAYLOAD_BYTES_MAX_DEFAULT,
             min_block_bytes: 512,
             preferred_block_bytes: 4096,
-            inflight_bytes_max: 128 << 20,
+            inflight_bytes_max: INFLIGHT_BYTES_MAX_DEFAULT,
             option_bytes_max: 64 << 10,
             options_max: 1024,
             handshake_timeout: Duration::from_secs(30),
@@ -101,5 +101,8 @@ impl Default for NbdLimits {
     }
 }
 
-// The in-flight budget must hold at least one maximal request.
-const _: () = assert!((128u64 << 20) >= (32u64 << 20));
+/// 32 MiB: what qemu and libnbd clients expect at most by default.
+pub const PAYLOAD_BYTES_MAX_DEFAULT: u32 = 32 << 20;
+pub const INFLIGHT_BYTES_MAX_DEFAULT: u64 = 128 << 20;
+// The in-flight budget holds several maximal requests (transmission also enforces one at least).
+const _: () = assert!(INFLIGHT_BYTES_MAX_DEFAULT >= 4 * PAYLOAD_BYTES_MAX_DEFAULT as u64);

@@ -9,6 +9,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Serve one connection to its end. Errors are the client's and are only logged.
 pub async fn serve_connection<S>(mut stream: S, exports: Arc<dyn Exports>, limits: NbdLimits)
 where
@@ -35,11 +38,19 @@ where
     tracing::info!(export = %name, ?end, requests = stats.requests, errors = stats.errors, "NBD connection ended");
 }
 
-/// Accept TCP connections until the listener fails; at most `connections_max` at once.
+/// Accept TCP connections forever; at most `connections_max` at once.
 pub async fn serve_tcp(listener: tokio::net::TcpListener, exports: Arc<dyn Exports>, limits: NbdLimits) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.connections_max));
     loop {
-        let (sock, peer) = listener.accept().await?;
+        let (sock, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, or a connection reset before accept: keep serving.
+                tracing::warn!(error = %e, "accepting an NBD connection failed");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
         let _ = sock.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "refusing NBD connection: {} already open", limits.connections_max);
@@ -57,7 +68,14 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, exports: Arc<dyn Expor
 pub async fn serve_unix(listener: tokio::net::UnixListener, exports: Arc<dyn Exports>, limits: NbdLimits) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.connections_max));
     loop {
-        let (sock, _) = listener.accept().await?;
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an NBD connection failed");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!("refusing NBD connection: {} already open", limits.connections_max);
             continue;

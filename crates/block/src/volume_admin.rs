@@ -176,6 +176,7 @@ impl BlockContainer {
                 name: name.to_owned(),
                 size_bytes: size,
                 block_bytes,
+                chunk_bytes: CHUNK_BYTES_DEFAULT.min(block_bytes),
                 oclass: class.to_string(),
                 layers: vec![Layer { oid: head.oid, epoch: None, limit_bytes: size }],
                 parent: None,
@@ -215,8 +216,8 @@ impl BlockContainer {
                     }
                 }
                 if size % bs != 0 {
-                    let last = size / bs;
-                    head.punch_extent_at(&last.to_be_bytes(), BLOCK_AKEY, size % bs, bs - size % bs, None).await?;
+                    let ops = crate::volume_io::punch_ops(size % bs, bs - size % bs, bs, m.chunk_bytes as u64);
+                    head.update_ops_at(&(size / bs).to_be_bytes(), ops, bytes::Bytes::new(), None).await?;
                 }
                 for l in m.layers.iter_mut() {
                     l.limit_bytes = l.limit_bytes.min(size);
@@ -321,6 +322,7 @@ impl BlockContainer {
                 name: new.to_owned(),
                 size_bytes: s.size_bytes,
                 block_bytes: parent.block_bytes,
+                chunk_bytes: parent.chunk_bytes,
                 oclass: parent.oclass.clone(),
                 layers,
                 parent: Some(ParentRef { volume: name.to_owned(), snapshot: snap.to_owned() }),

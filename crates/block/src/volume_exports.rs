@@ -19,7 +19,6 @@ pub struct VolumeExports {
     names: Vec<String>,
     read_only: bool,
     lease_ttl_ms: u64,
-    holder: String,
     writers: tokio::sync::Mutex<HashMap<String, Weak<VolumeIo>>>,
     releases: Arc<ReleaseTracker>,
 }
@@ -44,7 +43,7 @@ impl VolumeExports {
                 }
             }
         }
-        Ok(VolumeExports { bc, names, read_only, lease_ttl_ms, holder: holder_name("nbd"), writers: Default::default(), releases: Default::default() })
+        Ok(VolumeExports { bc, names, read_only, lease_ttl_ms, writers: Default::default(), releases: Default::default() })
     }
 
     /// Release the writer leases of every open volume (the server is stopping).
@@ -73,12 +72,15 @@ impl VolumeExports {
             return Ok(Arc::new(VolumeIo::open(&self.bc.cont, &meta, snap, None).await?));
         }
         let mut writers = self.writers.lock().await;
-        if let Some(d) = writers.get(vol).and_then(Weak::upgrade) {
+        // Connections share the device while its lease holds; one that lost its lease (renewal
+        // failed past expiry) is left to its connections and a new lease is sought.
+        if let Some(d) = writers.get(vol).and_then(Weak::upgrade).filter(|d| d.writable_now()) {
             return Ok(d);
         }
         let key = self.bc.writer_lease_key(vol);
         self.releases.wait(&key).await;
-        let lease = Lease::acquire(&self.bc.client, &key, &self.holder, self.lease_ttl_ms).await.map_err(|e| match e {
+        // A holder name per open: a stale device's late release can never drop a newer lease.
+        let lease = Lease::acquire(&self.bc.client, &key, &holder_name("nbd"), self.lease_ttl_ms).await.map_err(|e| match e {
             BlockError::Held(m) => BlockError::Held(format!("volume '{vol}' already has a writer ({m}); export it --read-only here, or retry once the other server's clients disconnect")),
             e => e,
         })?;

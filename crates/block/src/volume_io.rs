@@ -1,5 +1,9 @@
-//! Reading and writing a volume: byte ranges split on block boundaries (one dkey per block),
-//! blocks fetched and written in parallel within a per-volume bound, reads falling through the
+//! Reading and writing a volume: byte ranges split on block boundaries (one dkey per block) and
+//! within a block on chunk boundaries (one akey per chunk). A block's part of a write is one
+//! update carrying an op per chunk; reads go chunk by chunk, because the object store loads and
+//! checksums whole records: a 4 KiB read of a block written as one 512 KiB record would move
+//! 512 KiB (measured: 64 KiB records give ~13x the 4 KiB random-read rate of 512 KiB ones).
+//! Blocks and chunks are worked on in parallel within a per-volume bound; reads fall through the
 //! layer stack for bytes the upper layers never wrote.
 //!
 //! Epochs: the writer stamps every update with an epoch from its own hybrid logical clock, one
@@ -10,7 +14,8 @@
 //! stripe to arrive in epoch order.
 
 use crate::block_device::{BlockDevice, DevError};
-use crate::volume_meta::{VolumeMeta, BLOCK_AKEY};
+use crate::volume_meta::{chunk_akey, VolumeMeta};
+use strata_rpc::engine_msg::WireOp;
 use crate::writer_lease::Lease;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -44,6 +49,7 @@ pub struct VolumeIo {
     layers: Vec<LayerIo>,
     size_bytes: u64,
     block_bytes: u64,
+    chunk_bytes: u64,
     writer: Option<WriteSide>,
     releases: Option<Arc<ReleaseTracker>>,
     slots: Semaphore,
@@ -102,6 +108,27 @@ fn subtract(ranges: &[(u64, u64)], written: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
+/// Ops writing `len` bytes at `off` within a block, one per chunk touched, in offset order
+/// (so the request's bytes are their payload as they are).
+pub fn write_ops(off: u64, len: u64, chunk_bytes: u64) -> Vec<WireOp> {
+    segments(off, len, chunk_bytes).map(|p| WireOp::Extent { akey: chunk_akey(p.block).to_vec(), offset: p.off, len: p.len as u32 }).collect()
+}
+
+/// Ops punching `len` bytes at `off` within a block: whole chunks by akey, parts by extent.
+pub fn punch_ops(off: u64, len: u64, block_bytes: u64, chunk_bytes: u64) -> Vec<WireOp> {
+    assert!(off + len <= block_bytes);
+    segments(off, len, chunk_bytes)
+        .map(|p| {
+            let akey = chunk_akey(p.block).to_vec();
+            if p.off == 0 && p.len == chunk_bytes {
+                WireOp::PunchAkey { akey }
+            } else {
+                WireOp::PunchExtent { akey, offset: p.off, len: p.len }
+            }
+        })
+        .collect()
+}
+
 fn io_err(e: ClientError) -> DevError {
     DevError::Io(e.to_string())
 }
@@ -136,6 +163,7 @@ impl VolumeIo {
             layers: layers.iter().map(|l| LayerIo { obj: cont.object(l.oid), epoch: l.epoch.unwrap_or(Epoch::MAX), limit_bytes: l.limit_bytes }).collect(),
             size_bytes: size,
             block_bytes: meta.block_bytes as u64,
+            chunk_bytes: meta.chunk_bytes as u64,
             writer,
             releases: None,
             slots: Semaphore::new(BLOCK_OPS_INFLIGHT_MAX),
@@ -160,19 +188,22 @@ impl VolumeIo {
         }
     }
 
+    /// Read one chunk's part (`s.block` is the chunk's index in the volume).
     async fn read_segment(&self, s: Segment) -> Result<Vec<u8>, DevError> {
         let _slot = self.slots.acquire().await.map_err(|_| DevError::Io("volume closed".into()))?;
-        let dkey = s.block.to_be_bytes();
-        let base = s.block * self.block_bytes;
+        let per_block = self.block_bytes / self.chunk_bytes;
+        let dkey = (s.block / per_block).to_be_bytes();
+        let akey = chunk_akey(s.block % per_block);
+        let base = s.block * self.chunk_bytes;
         let mut out = vec![0u8; s.len as usize];
         let mut missing = vec![(s.off, s.off + s.len)];
         for layer in &self.layers {
             let lim = layer.limit_bytes.saturating_sub(base);
             let wanted: Vec<(u64, u64)> = missing.iter().filter(|r| r.0 < lim).map(|&(a, b)| (a, b.min(lim))).collect();
             let (Some(lo), Some(hi)) = (wanted.first().map(|r| r.0), wanted.last().map(|r| r.1)) else { continue };
-            let (data, written) = layer.obj.read(&dkey, BLOCK_AKEY, lo, hi - lo, layer.epoch).await.map_err(io_err)?;
+            let (data, written) = layer.obj.read(&dkey, &akey, lo, hi - lo, layer.epoch).await.map_err(io_err)?;
             if data.len() as u64 != hi - lo {
-                return Err(DevError::Io(format!("block {} of '{}': asked {} bytes, got {}", s.block, self.name, hi - lo, data.len())));
+                return Err(DevError::Io(format!("chunk {} of '{}': asked {} bytes, got {}", s.block, self.name, hi - lo, data.len())));
             }
             for &(ws, wl) in &written {
                 let a = ws.max(lo);
@@ -195,7 +226,7 @@ impl VolumeIo {
     pub async fn read_at(&self, offset: u64, len: u64) -> Result<Vec<u8>, DevError> {
         self.check(offset, len)?;
         let mut out = vec![0u8; len as usize];
-        let mut parts = futures::stream::iter(segments(offset, len, self.block_bytes).map(|s| async move { self.read_segment(s).await.map(|d| (s, d)) })).buffer_unordered(BLOCKS_PER_REQUEST_PARALLEL);
+        let mut parts = futures::stream::iter(segments(offset, len, self.chunk_bytes).map(|s| async move { self.read_segment(s).await.map(|d| (s, d)) })).buffer_unordered(BLOCKS_PER_REQUEST_PARALLEL);
         while let Some((s, d)) = parts.try_next().await? {
             out[s.buf_off as usize..(s.buf_off + s.len) as usize].copy_from_slice(&d);
         }
@@ -241,7 +272,7 @@ impl VolumeIo {
             futures::stream::iter(parts.into_iter().map(|(s, part)| {
                 async move {
                     let _slot = self.slots.acquire().await.map_err(|_| DevError::Io("volume closed".into()))?;
-                    head.write_bytes_at(&s.block.to_be_bytes(), BLOCK_AKEY, s.off, part, Some(epoch)).await.map_err(io_err)
+                    head.update_ops_at(&s.block.to_be_bytes(), write_ops(s.off, s.len, self.chunk_bytes), part, Some(epoch)).await.map_err(io_err)
                 }
             }))
             .buffer_unordered(BLOCKS_PER_REQUEST_PARALLEL)
@@ -271,11 +302,11 @@ impl VolumeIo {
                 let lower_visible = self.layers[1..].iter().any(|l| l.limit_bytes > base + s.off);
                 let whole = s.off == 0 && (s.len == self.block_bytes || base + s.len >= self.size_bytes);
                 if allocate || lower_visible {
-                    head.write_bytes_at(&dkey, BLOCK_AKEY, s.off, self.zeros.slice(..s.len as usize), Some(epoch)).await
+                    head.update_ops_at(&dkey, write_ops(s.off, s.len, self.chunk_bytes), self.zeros.slice(..s.len as usize), Some(epoch)).await
                 } else if whole {
                     head.punch_dkey_at(&dkey, Some(epoch)).await
                 } else {
-                    head.punch_extent_at(&dkey, BLOCK_AKEY, s.off, s.len, Some(epoch)).await
+                    head.update_ops_at(&dkey, punch_ops(s.off, s.len, self.block_bytes, self.chunk_bytes), Bytes::new(), Some(epoch)).await
                 }
                 .map_err(io_err)
             }
@@ -306,6 +337,11 @@ impl ReleaseTracker {
 }
 
 impl VolumeIo {
+    /// Whether writes can still succeed (writable and the lease, if any, still held).
+    pub fn writable_now(&self) -> bool {
+        self.writer().is_ok()
+    }
+
     /// Give up the writer lease now (server shutdown); later writes fail.
     pub async fn release_lease(&self) {
         if let Some(l) = self.writer.as_ref().and_then(|w| w.lease.as_ref()) {
@@ -376,6 +412,17 @@ mod tests {
         );
         assert_eq!(segments(0, 0, 512).count(), 0);
         assert_eq!(segments(4096, 4096, 4096).collect::<Vec<_>>(), vec![Segment { block: 1, off: 0, len: 4096, buf_off: 0 }]);
+    }
+
+    #[test]
+    fn block_ops_split_on_chunks() {
+        let ops = write_ops(1000, 70_000, 65_536);
+        assert_eq!(ops.len(), 2);
+        assert!(matches!(&ops[0], WireOp::Extent { akey, offset: 1000, len: 64_536 } if akey == b"c\0\0"));
+        assert!(matches!(&ops[1], WireOp::Extent { akey, offset: 0, len: 5464 } if akey == b"c\0\x01"));
+        let p = punch_ops(65_536, 65_536 + 10, 524_288, 65_536);
+        assert!(matches!(&p[0], WireOp::PunchAkey { akey } if akey == b"c\0\x01"));
+        assert!(matches!(&p[1], WireOp::PunchExtent { offset: 0, len: 10, .. }));
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! per volume keeps volumes independent; changes to any record of a container take the
 //! container's metadata lease first (see `volume_admin`), so read-modify-write is safe.
 //!
+//! Data: block `n` of a volume is dkey `n` (big-endian u64) of its object; within it, chunk `i`
+//! (`chunk_bytes`, default 64 KiB) is array akey `c<i as u16>` at chunk-relative offsets.
+//!
 //! A volume's data is a stack of **layers**: layer 0 is the object it writes (read at the
 //! newest epoch); below it, for clones and rolled-back volumes, objects read at a pinned epoch.
 //! A byte reads from the first layer that has written it, and only below a layer's
@@ -32,8 +35,19 @@ pub const NAME_BYTES_MAX: usize = 48;
 
 pub const META_DKEY_PREFIX: &str = "vol/";
 pub const META_AKEY: &[u8] = b"meta";
-/// The akey of a volume's blocks (dkey = block number, big-endian u64).
-pub const BLOCK_AKEY: &[u8] = b"b";
+/// Bytes per chunk: a block's data is kept as one array akey per chunk, so that a small read
+/// loads (and checksums) only the records of its chunk, not of the whole block.
+pub const CHUNK_BYTES_DEFAULT: u32 = 64 << 10;
+pub const CHUNK_BYTES_MIN: u32 = 4 << 10;
+
+/// The akey of chunk `i` of a block (dkey = block number, big-endian u64).
+pub fn chunk_akey(i: u64) -> [u8; 3] {
+    assert!(i < 1 << 16, "chunk index {i} out of range");
+    [b'c', (i >> 8) as u8, i as u8]
+}
+
+// Every chunk index of the largest block fits the akey's 16 bits.
+const _: () = assert!(BLOCK_BYTES_MAX / CHUNK_BYTES_MIN < 1 << 16);
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Layer {
@@ -66,7 +80,10 @@ pub struct VolumeMeta {
     pub format: u8,
     pub name: String,
     pub size_bytes: u64,
+    /// Bytes per dkey: the unit of placement.
     pub block_bytes: u32,
+    /// Bytes per akey within a block: the unit a read loads.
+    pub chunk_bytes: u32,
     pub oclass: String,
     pub layers: Vec<Layer>,
     /// The snapshot this volume was cloned from.
@@ -97,7 +114,11 @@ impl VolumeMeta {
             return Err(MetaError::Format { name: name.into(), found });
         }
         let m: VolumeMeta = serde_json::from_value(v).map_err(|e| MetaError::Decode { name: name.into(), detail: e.to_string() })?;
-        if m.layers.is_empty() || m.layers.len() > LAYERS_MAX || m.layers[0].epoch.is_some() || m.block_bytes < BLOCK_BYTES_MIN || m.block_bytes > BLOCK_BYTES_MAX {
+        let geometry_ok = (BLOCK_BYTES_MIN..=BLOCK_BYTES_MAX).contains(&m.block_bytes)
+            && m.chunk_bytes >= CHUNK_BYTES_MIN
+            && m.chunk_bytes.is_power_of_two()
+            && m.block_bytes % m.chunk_bytes == 0;
+        if m.layers.is_empty() || m.layers.len() > LAYERS_MAX || m.layers[0].epoch.is_some() || !geometry_ok {
             return Err(MetaError::Decode { name: name.into(), detail: "layers or block size out of bounds".into() });
         }
         Ok(m)
@@ -156,6 +177,7 @@ mod tests {
             name: "v".into(),
             size_bytes: 1 << 30,
             block_bytes: BLOCK_BYTES_DEFAULT,
+            chunk_bytes: CHUNK_BYTES_DEFAULT,
             oclass: "RP_3GX".into(),
             layers: vec![Layer { oid: Oid::new(strata_types::ObjectType::Array, "RP_3GX".parse().unwrap(), 0x1f), epoch: None, limit_bytes: 1 << 30 }],
             parent: None,

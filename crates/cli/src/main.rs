@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_fs;
+mod bench_block;
 mod bench_kv;
 mod bench_obj;
 mod block_cmd;
@@ -11,6 +13,7 @@ mod cluster_cmd;
 mod cont_cmd;
 mod etcd_peer;
 mod fio;
+mod fs_cmd;
 mod kv_cmd;
 mod obj_cmd;
 mod output;
@@ -67,6 +70,9 @@ enum Command {
     /// Benchmarks that print figures and the ratio to a baseline run in the same invocation.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// POSIX volumes: mount with FUSE, unmount, file layouts (exNode), reads at a snapshot.
+    #[command(subcommand)]
+    Fs(fs_cmd::FsCommand),
     /// Block volumes: create, list, info, resize, delete, snapshot, clone, rollback, nbd.
     #[command(subcommand)]
     Block(block_cmd::BlockCommand),
@@ -84,6 +90,10 @@ enum BenchCommand {
     Vos(bench_vos::Args),
     /// Objects through a running cluster (any class, size, read/write) vs fio on the engines' disk.
     Obj(bench_obj::Args),
+    /// The file system through FUSE: mdtest-style metadata and fio data vs bindfs.
+    Fs(bench_fs::Args),
+    /// Block volumes over NBD (fio's nbd engine) vs `nbdkit file` on the same disk.
+    Block(bench_block::Args),
     /// KV puts/gets/transactions at 16 and 64 clients vs etcd (started here) and plain objects.
     Kv(bench_kv::Args),
 }
@@ -103,8 +113,11 @@ fn main() {
         Command::Sim(SimCommand::Placement(a)) => sim_placement::run(a),
         Command::Bench(BenchCommand::Vos(a)) => bench_vos::run(a),
         Command::Bench(BenchCommand::Obj(a)) => bench_obj::run(a),
+        Command::Bench(BenchCommand::Fs(a)) => bench_fs::run(a),
+        Command::Fs(c) => fs_cmd::run(c),
         Command::Bench(BenchCommand::Kv(a)) => bench_kv::run(a),
         Command::Block(c) => block_cmd::run(c),
+        Command::Bench(BenchCommand::Block(a)) => bench_block::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -36,16 +36,30 @@ pub enum ObjCommand {
     },
     /// Read a single value to stdout (or --file); `--epoch` reads an older version.
     Get {
-        target: String,
-        oid: String,
-        #[arg(long)]
-        dkey: String,
+        /// POOL/CONT (not with --cap: the capability names it).
+        #[arg(required_unless_present = "cap")]
+        target: Option<String>,
+        #[arg(required_unless_present = "cap")]
+        oid: Option<String>,
+        #[arg(long, required_unless_present = "chunk")]
+        dkey: Option<String>,
         #[arg(long)]
         akey: String,
         #[arg(long)]
         epoch: Option<u64>,
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Read with only a capability (a read_cap from `strata fs layout`): one shard.
+        #[arg(long)]
+        cap: Option<String>,
+        /// The dkey as a big-endian 64-bit number (a file-system chunk index).
+        #[arg(long, conflicts_with = "dkey")]
+        chunk: Option<u64>,
+        /// Read an array extent of this many bytes from --offset instead of a single value.
+        #[arg(long)]
+        len: Option<u64>,
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
         #[command(flatten)]
         conn: Conn,
     },
@@ -98,11 +112,37 @@ pub fn run(c: ObjCommand) -> anyhow::Result<()> {
                 let epoch = obj.put(dkey.as_bytes(), akey.as_bytes(), &data).await?;
                 emit(conn.json, &serde_json::json!({"oid": obj.oid.to_string(), "epoch": epoch.0, "bytes": data.len()}), |_| println!("{}  ({} bytes at epoch {epoch})", obj.oid, data.len()))
             }
-            ObjCommand::Get { target, oid, dkey, akey, epoch, file, conn } => {
-                let (p, ct) = pool_cont(&target)?;
-                let cont = conn.client().await?.container(&p, &ct).await?;
-                let obj = cont.object(oid.parse::<Oid>()?);
-                let v = obj.get_at(dkey.as_bytes(), akey.as_bytes(), epoch.map_or(Epoch::MAX, Epoch)).await?;
+            ObjCommand::Get { target, oid, dkey, akey, epoch, file, cap, chunk, len, offset, conn } => {
+                let dkey_bytes = match (&dkey, chunk) {
+                    (_, Some(c)) => c.to_be_bytes().to_vec(),
+                    (Some(d), None) => d.as_bytes().to_vec(),
+                    (None, None) => anyhow::bail!("give --dkey or --chunk"),
+                };
+                let dkey = dkey.unwrap_or_else(|| format!("chunk {}", chunk.unwrap_or_default()));
+                let epoch = epoch.map_or(Epoch::MAX, Epoch);
+                let (oid, v) = match cap {
+                    Some(token) => {
+                        use strata_rpc::engine_msg::FetchKind;
+                        let fetch = match len {
+                            Some(len) => FetchKind::Extent { akey: akey.as_bytes().to_vec(), offset, len },
+                            None => FetchKind::Single { akey: akey.as_bytes().to_vec() },
+                        };
+                        let (found, _, data) = conn.client().await?.cap_fetch(&token, &dkey_bytes, fetch, epoch).await?;
+                        let oid = strata_rpc::capability::peek(&token).map(|c| c.oid.to_string()).unwrap_or_default();
+                        (oid, (len.is_some() || found.is_some()).then(|| data.to_vec()))
+                    }
+                    None => {
+                        let (Some(target), Some(oid)) = (target, oid) else { anyhow::bail!("give POOL/CONT and OID, or --cap") };
+                        let (p, ct) = pool_cont(&target)?;
+                        let cont = conn.client().await?.container(&p, &ct).await?;
+                        let obj = cont.object(oid.parse::<Oid>()?);
+                        let v = match len {
+                            Some(len) => Some(obj.read(&dkey_bytes, akey.as_bytes(), offset, len, epoch).await?.0),
+                            None => obj.get_at(&dkey_bytes, akey.as_bytes(), epoch).await?,
+                        };
+                        (oid, v)
+                    }
+                };
                 let Some(v) = v else { anyhow::bail!("no value at {oid} dkey '{dkey}' akey '{akey}'") };
                 if conn.json {
                     return emit(true, &serde_json::json!({"oid": oid, "value": String::from_utf8_lossy(&v), "bytes": v.len()}), |_| {});

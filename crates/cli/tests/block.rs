@@ -104,9 +104,10 @@ fn standard_nbd_clients_work_against_volumes() {
     assert_eq!(v["block_bytes"], 512 << 10);
     assert_eq!(v["oclass"], "RP_3GX");
     c.json(&["block", "create", "tank/blk", "small", "64M", "--oclass", "S1", "--block-size", "64K"]);
+    c.json(&["block", "create", "tank/blk", "ec", "32M", "--oclass", "EC_2P1GX"]);
     let list = c.json(&["block", "list", "tank/blk"]);
-    assert_eq!(list.as_array().unwrap().len(), 2);
-    let srv = NbdServer::start(&c, &["tank/blk", "vol", "small"]);
+    assert_eq!(list.as_array().unwrap().len(), 3);
+    let srv = NbdServer::start(&c, &["tank/blk", "vol", "small", "ec"]);
 
     // nbdinfo: size and flags, and the list of exports.
     let info: serde_json::Value = serde_json::from_str(&run(Command::new("nbdinfo").arg("--json").arg(srv.uri("vol")))).unwrap();
@@ -118,7 +119,7 @@ fn standard_nbd_clients_work_against_volumes() {
     assert_eq!(e["block_size_maximum"], 32 << 20);
     let list: serde_json::Value = serde_json::from_str(&run(Command::new("nbdinfo").args(["--list", "--json"]).arg(format!("nbd://{}", srv.addr)))).unwrap();
     let names: Vec<&str> = list["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["vol", "small"]);
+    assert_eq!(names, ["vol", "small", "ec"]);
 
     // qemu-img: a 256 MiB random image in and out, identical.
     let dir = c.path().join("img");
@@ -131,17 +132,23 @@ fn standard_nbd_clients_work_against_volumes() {
     assert_eq!(sha256(&input), sha256(&output), "image read back differs");
     std::fs::remove_file(&output).unwrap();
 
-    // fio's nbd engine: random writes, then verify every block's crc32c.
-    let fio_out = dir.join("fio.json");
-    run(Command::new("fio")
-        .args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=64m", "--verify=crc32c", "--do_verify=1", "--output-format=json"])
-        .arg(format!("--uri={}", srv.uri("small")))
-        .arg(format!("--output={}", fio_out.display())));
-    let text = std::fs::read_to_string(&fio_out).unwrap();
-    let report: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
-    let job = &report["jobs"][0];
-    assert_eq!(job["error"], 0, "fio reported an error");
-    assert_eq!(job["read"]["io_bytes"], 64 << 20, "fio verified every block it wrote");
+    // fio's nbd engine: random writes, then verify every block's crc32c; on the erasure-coded
+    // volume 16 writes in flight share stripes (per-block locks keep them in epoch order).
+    for (export, size) in [("small", 64u64 << 20), ("ec", 32 << 20)] {
+        let fio_out = dir.join(format!("fio-{export}.json"));
+        run(Command::new("fio")
+            .args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--output-format=json"])
+            .arg(format!("--size={size}"))
+            .arg(format!("--uri={}", srv.uri(export)))
+            .arg(format!("--output={}", fio_out.display()))
+            // fio leaves its verify state file in the working directory.
+            .current_dir(&dir));
+        let text = std::fs::read_to_string(&fio_out).unwrap();
+        let report: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+        let job = &report["jobs"][0];
+        assert_eq!(job["error"], 0, "fio reported an error on {export}");
+        assert_eq!(job["read"]["io_bytes"], size, "fio verified every block it wrote on {export}");
+    }
 
     // nbdfuse: the volume as a file; mkfs.ext4, fsck -n clean; then a loop mount round trip.
     let fmnt = dir.join("fuse");
@@ -369,7 +376,8 @@ mod lib_side {
 #[test]
 fn snapshots_clones_rollback_and_resize() {
     let c = block_cluster(&[]);
-    c.json(&["block", "create", "tank/blk", "base", "8M", "--block-size", "64K"]);
+    // Default 512 KiB blocks of 64 KiB chunks: the edits below cut through both.
+    c.json(&["block", "create", "tank/blk", "base", "8M"]);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let cf = c.cluster_file();
     rt.block_on(async {
@@ -446,10 +454,12 @@ fn snapshots_clones_rollback_and_resize() {
         let all = lib_side::read_all(&r).await;
         assert_eq!(all.len(), 16 * m);
         assert!(all[..4096].iter().all(|x| *x == 9) && all[4096..8 * m] == a[4096..] && all[8 * m..].iter().all(|x| *x == 0));
-        assert!(resize("4M", true).0);
+        // 4100 KiB: inside a block and inside a chunk.
+        assert!(resize("4100K", true).0);
         assert!(resize("8M", false).0);
+        let cut = 4100 << 10;
         let all = lib_side::read_all(&lib_side::reader(&bc, "base", None).await).await;
-        assert!(all[4096..4 * m] == a[4096..4 * m] && all[4 * m..].iter().all(|x| *x == 0), "shrink then grow reads zeros past the shrink point");
+        assert!(all[4096..cut] == a[4096..cut] && all[cut..].iter().all(|x| *x == 0), "shrink then grow reads zeros past the shrink point");
         assert!(lib_side::read_all(&*cw).await == clone, "the clone is untouched by its parent's rollback and resize");
         drop(cw);
 
@@ -472,78 +482,53 @@ fn a_snapshot_is_one_instant_of_a_volume_under_writes() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     use std::time::Instant;
-    const TASKS: u64 = 4;
+    // Writers on their own NBD connections to one server (multi-conn), each writing
+    // sequence-numbered blocks round-robin over its own slots, while another process snapshots.
+    const WRITERS: u64 = 4;
     const SLOTS: u64 = 64;
     const SLOT_BYTES: u64 = 16 << 10;
     let c = block_cluster(&[]);
-    c.json(&["block", "create", "tank/blk", "seq", "8M", "--block-size", "64K"]);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let cf = c.cluster_file();
+    c.json(&["block", "create", "tank/blk", "seq", "8M"]);
+    let srv = NbdServer::start(&c, &["tank/blk", "seq"]);
     let slot_off = |t: u64, k: u64| (t * SLOTS + k) * SLOT_BYTES;
-    let content = |t: u64, i: u64| {
-        let mut b = Vec::with_capacity(4096);
-        while b.len() < 4096 {
-            b.extend_from_slice(&t.to_be_bytes());
-            b.extend_from_slice(&i.to_be_bytes());
-        }
-        b
-    };
-    let (logs, snap_window) = rt.block_on(async {
-        let bc = lib_side::open(&cf).await;
-        let w = lib_side::writer(&bc, "seq").await;
-        let stop = Arc::new(AtomicBool::new(false));
-        let total = Arc::new(AtomicU64::new(0));
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|t| {
-                let (w, stop, total) = (w.clone(), stop.clone(), total.clone());
-                tokio::spawn(async move {
-                    // (seq, started, acknowledged) of every write of this task, in order.
-                    let mut log: Vec<(u64, Instant, Instant)> = Vec::new();
-                    for i in 1..100_000u64 {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let started = Instant::now();
-                        w.write_at(slot_off(t, i % SLOTS), content(t, i).into()).await.unwrap();
-                        log.push((i, started, Instant::now()));
-                        total.fetch_add(1, Ordering::Relaxed);
+    let content = |t: u64, i: u64| -> Vec<u8> { (0..256).flat_map(|_| t.to_be_bytes().into_iter().chain(i.to_be_bytes())).collect() };
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|t| {
+            let (addr, stop, total) = (srv.addr.clone(), stop.clone(), total.clone());
+            std::thread::spawn(move || {
+                let mut w = RawNbd::connect(&addr, "seq").unwrap();
+                // (seq, started, acknowledged) of every write, in order.
+                let mut log: Vec<(u64, Instant, Instant)> = Vec::new();
+                for i in 1..1_000_000u64 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
                     }
-                    log
-                })
+                    let started = Instant::now();
+                    assert_eq!(w.write(slot_off(t, i % SLOTS), &content(t, i), 0).unwrap(), 0);
+                    log.push((i, started, Instant::now()));
+                    total.fetch_add(1, Ordering::Relaxed);
+                }
+                w.disconnect();
+                log
             })
-            .collect();
-        let t0 = Instant::now();
-        while total.load(Ordering::Relaxed) < 200 && t0.elapsed() < Duration::from_secs(60) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let cluster = c.cluster_file();
-        let window = tokio::task::spawn_blocking(move || {
-            let start = Instant::now();
-            let out = Command::new(BIN).args(["block", "snapshot", "tank/blk", "seq@mid", "--json"]).env("STRATA_CLUSTER", cluster).output().unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            (start, Instant::now())
         })
-        .await
-        .unwrap();
-        let after = total.load(Ordering::Relaxed);
-        while total.load(Ordering::Relaxed) < after + 200 && t0.elapsed() < Duration::from_secs(120) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        stop.store(true, Ordering::Relaxed);
-        let mut logs = Vec::new();
-        for t in tasks {
-            logs.push(t.await.unwrap());
-        }
-        (logs, window)
-    });
-    let snap = rt.block_on(async {
-        let bc = lib_side::open(&cf).await;
-        lib_side::read_all(&lib_side::reader(&bc, "seq", Some("mid")).await).await
-    });
-    let (snap_start, snap_end) = snap_window;
+        .collect();
+    poll("writes to start", Duration::from_secs(60), || (total.load(Ordering::Relaxed) >= 200).then_some(()));
+    let snap_start = Instant::now();
+    c.json(&["block", "snapshot", "tank/blk", "seq@mid"]);
+    let snap_end = Instant::now();
+    let after = total.load(Ordering::Relaxed);
+    poll("writes after the snapshot", Duration::from_secs(60), || (total.load(Ordering::Relaxed) >= after + 200).then_some(()));
+    stop.store(true, Ordering::Relaxed);
+    let logs: Vec<Vec<(u64, Instant, Instant)>> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    // Read the snapshot back through the same server (VOLUME@SNAPSHOT is exported read-only).
+    let mut r = RawNbd::connect(&srv.addr, "seq@mid").unwrap();
+    let snap = r.read(0, (WRITERS * SLOTS * SLOT_BYTES) as u32).unwrap().unwrap();
+    r.disconnect();
     let mut cuts = Vec::new();
-    for t in 0..TASKS {
-        let log = &logs[t as usize];
+    for t in 0..WRITERS {
         let seen: Vec<u64> = (0..SLOTS)
             .map(|k| {
                 let o = slot_off(t, k) as usize;
@@ -552,32 +537,32 @@ fn a_snapshot_is_one_instant_of_a_volume_under_writes() {
                     return 0;
                 }
                 let i = u64::from_be_bytes(b[8..16].try_into().unwrap());
-                assert!(b == content(t, i), "slot {k} of task {t} holds a torn or foreign block");
+                assert!(b == content(t, i), "slot {k} of writer {t} holds a torn or foreign block");
                 i
             })
             .collect();
         let cut = *seen.iter().max().unwrap();
-        // Within a task: exactly the writes up to the cut, none after.
+        // Within a writer: exactly the writes up to the cut, none after.
         for (k, &i) in seen.iter().enumerate() {
             let want = (1..=cut).rev().find(|j| j % SLOTS == k as u64).unwrap_or(0);
-            assert_eq!(i, want, "task {t} slot {k}: the snapshot holds write {i} but its cut is {cut}");
+            assert_eq!(i, want, "writer {t} slot {k}: the snapshot holds write {i} but its cut is {cut}");
         }
-        for &(i, started, acked) in log {
-            assert!(!(acked < snap_start && i > cut), "write {i} of task {t} was acknowledged before the snapshot began but is missing");
-            assert!(!(started > snap_end && i <= cut), "write {i} of task {t} began after the snapshot ended but is in it");
+        for &(i, started, acked) in &logs[t as usize] {
+            assert!(!(acked < snap_start && i > cut), "write {i} of writer {t} was acknowledged before the snapshot began but is missing");
+            assert!(!(started > snap_end && i <= cut), "write {i} of writer {t} began after the snapshot ended but is in it");
         }
         cuts.push(cut);
     }
-    // Across tasks: a write in the snapshot implies every write acknowledged before it began.
-    for b in 0..TASKS as usize {
+    // Across writers: a write in the snapshot implies every write acknowledged before it began.
+    for b in 0..WRITERS as usize {
         let Some(&(_, began, _)) = logs[b].iter().find(|(i, _, _)| *i == cuts[b]) else { continue };
-        for a in 0..TASKS as usize {
+        for a in 0..WRITERS as usize {
             for &(i, _, acked) in &logs[a] {
-                assert!(!(acked < began && i > cuts[a]), "task {a}'s write {i} was acknowledged before task {b}'s write {} began, which is in the snapshot, but it is not", cuts[b]);
+                assert!(!(acked < began && i > cuts[a]), "writer {a}'s write {i} was acknowledged before writer {b}'s write {} began, which is in the snapshot, but it is not", cuts[b]);
             }
         }
     }
-    assert!(cuts.iter().all(|c| *c > 0), "every task had writes in the snapshot: {cuts:?}");
+    assert!(cuts.iter().all(|c| *c > 0), "every writer had writes in the snapshot: {cuts:?}");
 }
 
 #[test]

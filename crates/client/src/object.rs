@@ -337,6 +337,16 @@ impl ObjHandle {
         self.update(dkey, ops, Bytes::copy_from_slice(data)).await
     }
 
+    /// Several extents of one array akey in one update: one round trip, one epoch.
+    pub async fn write_extents(&self, dkey: &[u8], akey: &[u8], extents: &[(u64, &[u8])]) -> Result<Epoch, ClientError> {
+        let ops = extents.iter().map(|(offset, d)| WireOp::Extent { akey: akey.to_vec(), offset: *offset, len: d.len() as u32 }).collect();
+        let mut payload = Vec::with_capacity(extents.iter().map(|(_, d)| d.len()).sum());
+        for (_, d) in extents {
+            payload.extend_from_slice(d);
+        }
+        self.update(dkey, ops, Bytes::from(payload)).await
+    }
+
     pub async fn read(&self, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<(Vec<u8>, Vec<(u64, u64)>), ClientError> {
         if let Ok(strata_types::Redundancy::Erasure { data, parity }) = self.oid.class().map(|c| c.redundancy()) {
             let client = self.cont.pool.client.clone();
@@ -412,6 +422,16 @@ impl ObjHandle {
         }
         written.sort_unstable();
         Ok((out, written))
+    }
+
+    /// Several ops on one dkey in one round trip, at `epoch` (`None`: the leader picks);
+    /// `payload` holds the data of the ops that carry any, in order.
+    pub async fn update_ops_at(&self, dkey: &[u8], ops: Vec<WireOp>, payload: Bytes, epoch: Option<Epoch>) -> Result<Epoch, ClientError> {
+        let need: usize = ops.iter().map(|o| o.payload_len()).sum();
+        if need != payload.len() {
+            return Err(ClientError::Invalid(format!("ops declare {need} payload bytes but {} were given", payload.len())));
+        }
+        self.update_at(dkey, ops, payload, epoch).await
     }
 
     /// Write an extent from a shared buffer (no copy) at `epoch` (`None`: the leader picks).
@@ -559,5 +579,40 @@ impl PoolHandle {
         let view = self.view()?;
         let calls = view.info.rank_addrs.values().map(|addr| self.client.engines.call::<_, EngineResp>(addr, req, Bytes::new(), timeout));
         Ok(futures::future::join_all(calls).await)
+    }
+}
+
+impl Client {
+    /// The engine address of the shard a capability names (the token's claims, unverified:
+    /// the engine verifies).
+    async fn cap_target(&self, token: &str) -> Result<(String, strata_rpc::capability::CapClaims), ClientError> {
+        let claims = strata_rpc::capability::peek(token).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let info = match self.mgmt.query(MgmtQuery::Pool { pool: claims.pool.to_string() }).await? {
+            MgmtReply::Pool(p) => p,
+            other => return Err(ClientError::Invalid(format!("unexpected reply {other:?}"))),
+        };
+        let addr = info.rank_addrs.get(&claims.target.rank).cloned().ok_or_else(|| ClientError::Invalid(format!("rank {} of the capability is not in the pool", claims.target.rank)))?;
+        Ok((addr, claims))
+    }
+
+    /// Read with only a capability (a `read_cap`): `(found epoch, written extents, data)`.
+    pub async fn cap_fetch(&self, token: &str, dkey: &[u8], fetch: FetchKind, epoch: Epoch) -> Result<(Option<Epoch>, Vec<(u64, u64)>, Bytes), ClientError> {
+        let (addr, _) = self.cap_target(token).await?;
+        let req = EngineReq::CapFetch { token: token.to_owned(), dkey: dkey.to_vec(), fetch, epoch };
+        match self.engines.call::<_, EngineResp>(&addr, &req, Bytes::new(), CALL_TIMEOUT).await? {
+            (EngineResp::Fetched { found, written }, data) => Ok((found, written, data)),
+            _ => Err(ClientError::Invalid("unexpected engine reply".into())),
+        }
+    }
+
+    /// Write an extent with only a capability (a leader block's `write_cap`).
+    pub async fn cap_write(&self, token: &str, dkey: &[u8], akey: &[u8], offset: u64, data: &[u8]) -> Result<Epoch, ClientError> {
+        let (addr, _) = self.cap_target(token).await?;
+        let ops = vec![WireOp::Extent { akey: akey.to_vec(), offset, len: data.len() as u32 }];
+        let req = EngineReq::CapUpdate { token: token.to_owned(), dkey: dkey.to_vec(), ops };
+        match self.engines.call::<_, EngineResp>(&addr, &req, Bytes::copy_from_slice(data), CALL_TIMEOUT).await? {
+            (EngineResp::Updated { epoch }, _) => Ok(epoch),
+            _ => Err(ClientError::Invalid("unexpected engine reply".into())),
+        }
     }
 }

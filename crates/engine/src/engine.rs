@@ -14,6 +14,8 @@ use strata_vos::{Update, UpdateOp, Vos, VosConfig, VosError};
 
 #[path = "txn.rs"]
 mod txn;
+#[path = "capability_check.rs"]
+mod capability_check;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -746,6 +748,8 @@ impl Handler for Engine {
             }
             EngineReq::Clock => Ok((EngineResp::Clock { epoch: self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))? }, Bytes::new())),
             EngineReq::Kv(r) => self.kv(r, payload).await,
+            EngineReq::CapFetch { token, dkey, fetch, epoch } => self.cap_fetch(&token, dkey, fetch, epoch).await,
+            EngineReq::CapUpdate { token, dkey, ops } => Ok((self.cap_update(&token, dkey, ops, payload).await?, Bytes::new())),
         }
     }
 }

@@ -19,6 +19,8 @@ pub const CHUNK_IO_INFLIGHT_MAX: usize = 8;
 /// Chunks punched one by one when shrinking a file; beyond this the object's dkeys are listed
 /// instead (a sparse multi-terabyte file must not cost millions of punches).
 pub const PUNCH_BY_INDEX_MAX: u64 = 4096;
+/// Extents of one chunk sent in one update (small random writes coalesce per chunk).
+pub const EXTENTS_PER_UPDATE_MAX: usize = 1024;
 
 /// The data object of inode `ino` with class `class`: the inode number is its sequence.
 pub fn data_oid(ino: u64, class: &str) -> Result<Oid, FsError> {
@@ -32,6 +34,8 @@ pub fn chunk_dkey(chunk: u64) -> [u8; 8] {
 
 pub trait DataStore: Send + Sync + 'static {
     fn write_chunk(&self, oid: Oid, chunk: u64, offset: u64, data: &[u8]) -> impl Future<Output = Result<(), FsError>> + Send;
+    /// Several `(offset, bytes)` extents of one chunk at once.
+    fn write_chunk_extents(&self, oid: Oid, chunk: u64, extents: &[(u64, &[u8])]) -> impl Future<Output = Result<(), FsError>> + Send;
     /// Exactly `len` bytes; holes read as zeros.
     fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, epoch: Epoch) -> impl Future<Output = Result<Vec<u8>, FsError>> + Send;
     fn punch_chunk(&self, oid: Oid, chunk: u64) -> impl Future<Output = Result<(), FsError>> + Send;
@@ -41,10 +45,15 @@ pub trait DataStore: Send + Sync + 'static {
     fn punch_object(&self, oid: Oid) -> impl Future<Output = Result<(), FsError>> + Send;
 }
 
-#[derive(Clone)]
 pub struct FileData<D: DataStore> {
     pub store: Arc<D>,
     pub chunk_bytes: u64,
+}
+
+impl<D: DataStore> Clone for FileData<D> {
+    fn clone(&self) -> Self {
+        FileData { store: self.store.clone(), chunk_bytes: self.chunk_bytes }
+    }
 }
 
 impl<D: DataStore> FileData<D> {
@@ -75,6 +84,37 @@ impl<D: DataStore> FileData<D> {
             .try_collect::<Vec<()>>()
             .await?;
         Ok(())
+    }
+
+    /// Write many extents: grouped per chunk, one update per chunk (up to
+    /// [`EXTENTS_PER_UPDATE_MAX`] extents), [`CHUNK_IO_INFLIGHT_MAX`] updates in flight.
+    pub async fn write_extents(&self, oid: Oid, extents: &[(u64, Vec<u8>)]) -> Result<(), FsError> {
+        let mut per_chunk: std::collections::BTreeMap<u64, Vec<(u64, &[u8])>> = Default::default();
+        for (off, d) in extents {
+            for (c, o, r) in self.pieces(*off, d.len() as u64) {
+                per_chunk.entry(c).or_default().push((o, &d[r]));
+            }
+        }
+        let mut batches = Vec::new();
+        for (c, list) in &per_chunk {
+            for b in list.chunks(EXTENTS_PER_UPDATE_MAX) {
+                batches.push((*c, b));
+            }
+        }
+        // A plain loop rather than a stream of closures: the future must be `Send` for
+        // background flushes, which closures over borrowed slices defeat.
+        let mut inflight = futures::stream::FuturesUnordered::new();
+        let mut todo = batches.into_iter();
+        loop {
+            while inflight.len() < CHUNK_IO_INFLIGHT_MAX {
+                let Some((c, b)) = todo.next() else { break };
+                inflight.push(self.store.write_chunk_extents(oid, c, b));
+            }
+            match inflight.next().await {
+                Some(r) => r?,
+                None => return Ok(()),
+            }
+        }
     }
 
     pub async fn read(&self, oid: Oid, offset: u64, len: u64, epoch: Epoch) -> Result<Vec<u8>, FsError> {
@@ -151,6 +191,12 @@ impl DataStore for MemData {
         c[offset as usize..end].copy_from_slice(data);
         Ok(())
     }
+    async fn write_chunk_extents(&self, oid: Oid, chunk: u64, extents: &[(u64, &[u8])]) -> Result<(), FsError> {
+        for (o, d) in extents {
+            self.write_chunk(oid, chunk, *o, d).await?;
+        }
+        Ok(())
+    }
     async fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, _epoch: Epoch) -> Result<Vec<u8>, FsError> {
         let m = self.lock();
         let mut out = vec![0u8; len as usize];
@@ -194,6 +240,10 @@ fn data_err(e: strata_client::ClientError) -> FsError {
 impl DataStore for ObjData {
     async fn write_chunk(&self, oid: Oid, chunk: u64, offset: u64, data: &[u8]) -> Result<(), FsError> {
         self.cont.object(oid).write(&chunk_dkey(chunk), DATA_AKEY, offset, data).await.map_err(data_err)?;
+        Ok(())
+    }
+    async fn write_chunk_extents(&self, oid: Oid, chunk: u64, extents: &[(u64, &[u8])]) -> Result<(), FsError> {
+        self.cont.object(oid).write_extents(&chunk_dkey(chunk), DATA_AKEY, extents).await.map_err(data_err)?;
         Ok(())
     }
     async fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, epoch: Epoch) -> Result<Vec<u8>, FsError> {

@@ -21,7 +21,7 @@ use crate::file_data::{data_oid, DataStore, FileData};
 use crate::fs_error::FsError;
 use crate::meta_schema::{Inode, Kind};
 use crate::meta_store::MetaStore;
-use crate::namespace::{now_ns, Namespace, NewNode, RenameMode, SetAttr, FILE_BYTES_MAX};
+use crate::namespace::{now_ns, Namespace, NewNode, Released, RenameMode, SetAttr, FILE_BYTES_MAX, OCLASS_XATTR};
 use crate::write_back::WriteBack;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
@@ -64,15 +64,53 @@ impl Default for MountOptions {
     }
 }
 
+/// Dirty extents being written to the store in the background (a full write-back buffer).
+struct Pending {
+    extents: Arc<Vec<(u64, Vec<u8>)>>,
+    mtime_ns: i64,
+    task: tokio::task::JoinHandle<Result<(), FsError>>,
+}
+
+/// Background buffer writes per open file: the writer fills the next buffer meanwhile.
+const PENDING_FLUSHES_MAX: usize = 2;
+
 struct OpenState {
     inode: Inode,
     wb: WriteBack,
+    /// Older dirty extents on their way to the store; committed (size) at the next flush.
+    pending: Vec<Pending>,
     /// The file's size as this mount sees it (store size, buffered writes, local truncates).
     size: u64,
+    /// Data changed in the store (punches, truncates, written buffers) since the last commit
+    /// of size and data version; `truncated`: the size must be committed exactly, not grown.
+    meta_dirty: bool,
+    truncated: bool,
+    /// End of the furthest byte written and latest change time since the last commit.
+    dirty_end: u64,
+    dirty_mtime_ns: i64,
+}
+
+impl OpenState {
+    /// Dirty bytes over `out` (the file's bytes from `offset`): in-flight ones, then newer.
+    fn overlay(&self, offset: u64, out: &mut [u8]) {
+        let end = offset + out.len() as u64;
+        for p in &self.pending {
+            for (s, d) in p.extents.iter() {
+                let e = s + d.len() as u64;
+                let (lo, hi) = ((*s).max(offset), e.min(end));
+                if lo < hi {
+                    out[(lo - offset) as usize..(hi - offset) as usize].copy_from_slice(&d[(lo - s) as usize..(hi - s) as usize]);
+                }
+            }
+        }
+        self.wb.overlay(offset, out);
+    }
 }
 
 struct OpenFile {
     opens: u32,
+    /// Unlinked while open here: reclaimed at the last close.
+    orphaned: bool,
     state: Arc<tokio::sync::Mutex<OpenState>>,
 }
 
@@ -212,6 +250,20 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         lock(&self.open).contains_key(&ino)
     }
 
+    fn mark_orphans(&self, rel: &Released) {
+        for ino in &rel.touched {
+            self.forget_ino(*ino);
+        }
+        let inos = &rel.orphaned;
+        let mut open = lock(&self.open);
+        for ino in inos {
+            self.forget_ino(*ino);
+            if let Some(o) = open.get_mut(ino) {
+                o.orphaned = true;
+            }
+        }
+    }
+
     /// The inode as this mount sees it: cached within `meta_cache`, with the size and mtime of
     /// buffered writes of an open file.
     async fn inode(&self, ino: u64, fresh: bool) -> Result<Inode, FsError> {
@@ -227,9 +279,10 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         if let Some(st) = self.open_state(ino) {
             let st = st.lock().await;
             i.size = st.size;
-            if !st.wb.is_empty() {
-                i.mtime_ns = i.mtime_ns.max(st.wb.mtime_ns);
-                i.ctime_ns = i.ctime_ns.max(st.wb.mtime_ns);
+            let t = st.wb.mtime_ns.max(st.dirty_mtime_ns);
+            if !st.wb.is_empty() || st.meta_dirty {
+                i.mtime_ns = i.mtime_ns.max(t);
+                i.ctime_ns = i.ctime_ns.max(t);
             }
         }
         Ok(i)
@@ -245,7 +298,8 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
                 Err(e) => return Err(e),
             }
         }
-        let i = self.ns.lookup(parent, name).await?;
+        // The kernel only looks names up in directories: a missing dentry is ENOENT.
+        let i = self.ns.lookup_known_dir(parent, name).await?;
         self.remember(&i);
         lock(&self.names).insert(key, (i.ino, Instant::now()));
         self.inode(i.ino, false).await
@@ -259,30 +313,97 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
     }
 
     /// Write the buffered extents of an open file to its object, then record the new size.
-    async fn flush_state(&self, st: &mut OpenState) -> Result<(), FsError> {
-        if st.wb.is_empty() {
-            return Ok(());
-        }
+    /// Start writing the buffer to the store in the background; wait for the oldest write
+    /// when [`PENDING_FLUSHES_MAX`] are in flight.
+    async fn flush_in_background(&self, st: &mut OpenState) -> Result<(), FsError> {
         let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
         let oid = data_oid(st.inode.ino, &class)?;
-        let mtime = st.wb.mtime_ns;
-        let extents = st.wb.take();
-        let end = extents.iter().map(|(o, d)| o + d.len() as u64).max().unwrap_or(0);
-        let mut failed = None;
-        for (off, d) in &extents {
-            if let Err(e) = self.data.write(oid, *off, d).await {
-                failed = Some(e);
-                break;
+        let mtime_ns = st.wb.mtime_ns;
+        let extents = Arc::new(st.wb.take());
+        let (data, ext) = (self.data.clone(), extents.clone());
+        let task = self.rt.spawn(async move { data.write_extents(oid, &ext).await });
+        st.pending.push(Pending { extents, mtime_ns, task });
+        while st.pending.len() > PENDING_FLUSHES_MAX {
+            let p = st.pending.remove(0);
+            if let Err(e) = Self::join(p.task).await {
+                // Keep the bytes (older than the buffer's): a later flush may succeed.
+                let newer = st.wb.take();
+                for (off, d) in p.extents.iter().chain(newer.iter()) {
+                    st.wb.write(*off, d, p.mtime_ns);
+                }
+                return Err(e);
             }
         }
-        if let Some(e) = failed {
+        Ok(())
+    }
+
+    async fn join(task: tokio::task::JoinHandle<Result<(), FsError>>) -> Result<(), FsError> {
+        task.await.map_err(|e| FsError::Data(format!("write task: {e}")))?
+    }
+
+    /// Wait for every background write; on failure their bytes go back into the buffer.
+    async fn drain_pending(&self, st: &mut OpenState) -> Result<(u64, i64), FsError> {
+        let mut end = 0;
+        let mut mtime = 0;
+        let mut failed = None;
+        let pending = std::mem::take(&mut st.pending);
+        let newer = st.wb.take();
+        for p in pending {
+            let r = Self::join(p.task).await;
+            end = p.extents.iter().map(|(o, d)| o + d.len() as u64).fold(end, u64::max);
+            mtime = mtime.max(p.mtime_ns);
+            if let Err(e) = r {
+                for (off, d) in p.extents.iter() {
+                    st.wb.write(*off, d, p.mtime_ns);
+                }
+                failed = Some(e);
+            }
+        }
+        for (off, d) in newer {
+            st.wb.write(off, &d, mtime);
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((end, mtime)),
+        }
+    }
+
+    /// Write every dirty byte to the store (no metadata commit).
+    async fn flush_data(&self, st: &mut OpenState) -> Result<(), FsError> {
+        if st.wb.is_empty() && st.pending.is_empty() {
+            return Ok(());
+        }
+        let (pending_end, pending_mtime) = self.drain_pending(st).await?;
+        let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+        let oid = data_oid(st.inode.ino, &class)?;
+        let mtime = st.wb.mtime_ns.max(pending_mtime);
+        let extents = st.wb.take();
+        let end = extents.iter().map(|(o, d)| o + d.len() as u64).fold(pending_end, u64::max);
+        if let Err(e) = self.data.write_extents(oid, &extents).await {
             // Keep the bytes: a later flush may succeed.
             for (off, d) in extents {
                 st.wb.write(off, &d, mtime);
             }
             return Err(e);
         }
-        let i = self.ns.commit_write(st.inode.ino, end.min(st.size), mtime).await?;
+        st.meta_dirty = true;
+        st.dirty_end = st.dirty_end.max(end);
+        st.dirty_mtime_ns = st.dirty_mtime_ns.max(mtime);
+        Ok(())
+    }
+
+    /// Write dirty bytes, then commit size, mtime and data version in one transaction.
+    async fn flush_state(&self, st: &mut OpenState) -> Result<(), FsError> {
+        self.flush_data(st).await?;
+        if !st.meta_dirty {
+            return Ok(());
+        }
+        let exact = st.truncated.then_some(st.size);
+        let (end, mtime) = (st.dirty_end.min(st.size), st.dirty_mtime_ns);
+        let i = self.ns.commit_write(st.inode.ino, end, mtime, exact).await?;
+        st.meta_dirty = false;
+        st.truncated = false;
+        st.dirty_end = 0;
         lock(&self.seen_version).insert(i.ino, i.data_version);
         self.remember(&i);
         st.size = st.size.max(i.size);
@@ -298,19 +419,26 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         Ok(())
     }
 
+    /// Punch the data of deleted files, in the background: the inode is already gone, so
+    /// nobody can reach the object; a failure leaves unreachable garbage (logged).
     async fn punch_freed(&self, freed: &[Inode]) {
         for i in freed {
             self.forget_ino(i.ino);
-            if i.kind != Kind::File {
+            lock(&self.seen_version).remove(&i.ino);
+            // A file never written has no object to punch.
+            if i.kind != Kind::File || (i.data_version == 0 && i.size == 0) {
                 continue;
             }
             let class = i.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
             match data_oid(i.ino, &class) {
-                // Garbage if this fails: the inode is gone, the object unreachable.
                 Ok(oid) => {
-                    if let Err(e) = self.data.store.punch_object(oid).await {
-                        tracing::warn!(ino = i.ino, error = %e, "could not punch a deleted file's data");
-                    }
+                    let store = self.data.store.clone();
+                    let ino = i.ino;
+                    self.rt.spawn(async move {
+                        if let Err(e) = store.punch_object(oid).await {
+                            tracing::warn!(ino, error = %e, "could not punch a deleted file's data");
+                        }
+                    });
                 }
                 Err(e) => tracing::warn!(ino = i.ino, error = %e, "deleted file has an unusable object class"),
             }
@@ -323,23 +451,46 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             if size > FILE_BYTES_MAX {
                 return Err(FsError::TooBig(FILE_BYTES_MAX));
             }
-            let cur = self.ns.inode(ino).await?;
-            if cur.kind == Kind::Dir {
-                return Err(FsError::IsDir);
-            }
-            let class = cur.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
-            let oid = data_oid(ino, &class)?;
             let state = self.open_state(ino);
             let mut guard = match &state {
                 Some(s) => Some(s.lock().await),
                 None => None,
             };
+            let cur = match guard.as_ref() {
+                Some(g) => g.inode.clone(),
+                None => self.ns.inode(ino).await?,
+            };
+            if cur.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            if cur.kind != Kind::File {
+                return Err(FsError::Invalid("only regular files have a size to set".into()));
+            }
+            let class = cur.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+            let oid = data_oid(ino, &class)?;
+            if let Some(g) = guard.as_mut() {
+                // A background write must not land after the punch below.
+                self.drain_pending(g).await?;
+            }
             let old = guard.as_ref().map_or(cur.size, |g| g.size.max(cur.size));
             if let Some(g) = guard.as_mut() {
                 g.wb.truncate(size);
             }
             self.data.truncate(oid, size, old).await?;
-            a.mtime_ns = a.mtime_ns.or(Some(now_ns()));
+            let now = now_ns();
+            if let Some(g) = guard.as_mut() {
+                if a.perm.is_none() && a.uid.is_none() && a.gid.is_none() && a.atime_ns.is_none() && a.mtime_ns.is_none() {
+                    // An open file: the new size is committed with its next flush (close,
+                    // fsync), like its writes.
+                    g.size = size;
+                    g.meta_dirty = true;
+                    g.truncated = true;
+                    g.dirty_mtime_ns = g.dirty_mtime_ns.max(now);
+                    drop(guard);
+                    return self.inode(ino, false).await;
+                }
+            }
+            a.mtime_ns = a.mtime_ns.or(Some(now));
             let i = self.ns.setattr(ino, &a).await?;
             if let Some(g) = guard.as_mut() {
                 g.size = size;
@@ -360,12 +511,17 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         let i = self.ns.create(parent, name.as_bytes(), node).await?;
         self.forget_ino(parent);
         self.remember(&i);
+        lock(&self.names).insert((parent, name.as_bytes().to_vec()), (i.ino, Instant::now()));
         Ok(i)
     }
 
-    async fn open_file(&self, ino: u64, truncate: bool) -> Result<(u64, FopenFlags), FsError> {
+    /// `created`: the inode this mount just created (already current).
+    async fn open_file(&self, ino: u64, created: Option<Inode>) -> Result<(u64, FopenFlags), FsError> {
         // Close-to-open: always the store's current inode, never the cache.
-        let fresh = self.ns.inode(ino).await?;
+        let fresh = match created {
+            Some(i) => i,
+            None => self.ns.inode(ino).await?,
+        };
         self.remember(&fresh);
         if fresh.kind == Kind::Dir {
             return Err(FsError::IsDir);
@@ -378,7 +534,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         };
         let state = {
             let mut open = lock(&self.open);
-            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default() })) });
+            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new(), meta_dirty: false, truncated: false, dirty_end: 0, dirty_mtime_ns: 0 })) });
             e.opens += 1;
             e.state.clone()
         };
@@ -389,7 +545,6 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             }
             st.inode = fresh.clone();
         }
-        let _ = truncate;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, ino);
         Ok((fh, if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }))
@@ -398,28 +553,21 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
     async fn release_file(&self, ino: u64, fh: u64) -> Result<(), FsError> {
         lock(&self.handles).remove(&fh);
         let flushed = self.flush_ino(ino).await;
-        let last = {
+        let orphan_closed = {
             let mut open = lock(&self.open);
             match open.get_mut(&ino) {
                 Some(o) if o.opens > 1 => {
                     o.opens -= 1;
                     false
                 }
-                Some(_) => {
-                    open.remove(&ino);
-                    true
-                }
+                Some(_) => open.remove(&ino).is_some_and(|o| o.orphaned),
                 None => false,
             }
         };
-        if last {
-            // The last close of an unlinked file reclaims it.
-            if let Ok(i) = self.ns.inode(ino).await {
-                if i.nlink == 0 {
-                    if let Some(i) = self.ns.reclaim_orphan(ino).await? {
-                        self.punch_freed(&[i]).await;
-                    }
-                }
+        if orphan_closed {
+            // The last close of a file unlinked while open reclaims it.
+            if let Some(i) = self.ns.reclaim_orphan(ino).await? {
+                self.punch_freed(&[i]).await;
             }
         }
         flushed
@@ -433,7 +581,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         };
         let st = state.lock().await;
         let mut out = self.read_at(&st.inode, st.size, offset, size, Epoch::MAX).await?;
-        st.wb.overlay(offset, &mut out);
+        st.overlay(offset, &mut out);
         Ok(out)
     }
 
@@ -459,7 +607,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         st.wb.write(offset, data, now_ns());
         st.size = st.size.max(offset + data.len() as u64);
         if st.wb.bytes() >= self.opts.write_back_bytes_max {
-            self.flush_state(&mut st).await?;
+            self.flush_in_background(&mut st).await?;
         }
         Ok(data.len() as u32)
     }
@@ -605,9 +753,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
             let rel = self.ns.unlink(parent, name.as_bytes(), |i| self.is_open(i)).await?;
             self.forget_name(parent, name.as_bytes());
             self.forget_ino(parent);
-            for o in &rel.orphaned {
-                self.forget_ino(*o);
-            }
+            self.mark_orphans(&rel);
             self.punch_freed(&rel.freed).await;
             Ok::<_, FsError>(())
         });
@@ -654,9 +800,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
             self.forget_name(newparent, newname.as_bytes());
             self.forget_ino(parent);
             self.forget_ino(newparent);
-            for o in &rel.orphaned {
-                self.forget_ino(*o);
-            }
+            self.mark_orphans(&rel);
             // The moved inode's ctime (and a directory's parent) changed.
             lock(&self.attrs).clear();
             self.punch_freed(&rel.freed).await;
@@ -688,7 +832,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
         if self.opts.read_only && flags.acc_mode() != fuser::OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        match self.block(self.open_file(ino, flags.0 & libc::O_TRUNC != 0)) {
+        match self.block(self.open_file(ino, None)) {
             Ok((fh, f)) => reply.opened(FileHandle(fh), f),
             Err(e) => reply.error(errno(&e)),
         }
@@ -813,6 +957,10 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let ino = self.ino_in(ino);
         match self.block(self.inode(ino, false)) {
+            Ok(i) if name.as_bytes() == OCLASS_XATTR && matches!(i.kind, Kind::File | Kind::Dir) => {
+                let class = i.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+                xattr_reply(reply, class.as_bytes(), size)
+            }
             Ok(i) => match i.xattrs.get(name.as_bytes()) {
                 Some(v) => xattr_reply(reply, v, size),
                 None => reply.error(Errno::from_i32(libc::ENODATA)),
@@ -889,7 +1037,8 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
         let node = NewNode { kind: Kind::File, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev: 0, symlink: None };
         let r = self.block(async {
             let i = self.make(req, parent, name, node).await?;
-            let (fh, f) = self.open_file(i.ino, flags & libc::O_TRUNC != 0).await?;
+            let _ = flags;
+            let (fh, f) = self.open_file(i.ino, Some(i.clone())).await?;
             Ok::<_, FsError>((i, fh, f))
         });
         match r {
@@ -908,14 +1057,32 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
             if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
                 return Err(FsError::Invalid("unsupported fallocate mode".into()));
             }
-            self.flush_ino(ino).await?;
+            if let Some(st) = self.open_state(ino) {
+                // An open file: punch now, commit size and data version at its next flush.
+                let mut st = st.lock().await;
+                self.flush_data(&mut st).await?;
+                if punch {
+                    let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
+                    let hole_end = end.min(st.size);
+                    if offset < hole_end {
+                        self.data.punch_hole(data_oid(ino, &class)?, offset, hole_end - offset).await?;
+                    }
+                }
+                if !keep_size && end > st.size {
+                    st.size = end;
+                    st.truncated = true;
+                }
+                st.meta_dirty = true;
+                st.dirty_mtime_ns = st.dirty_mtime_ns.max(now_ns());
+                return Ok(());
+            }
             let cur = self.inode(ino, true).await?;
             if punch {
                 let class = cur.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
                 let hole_end = end.min(cur.size);
                 if offset < hole_end {
                     self.data.punch_hole(data_oid(ino, &class)?, offset, hole_end - offset).await?;
-                    self.ns.commit_write(ino, 0, now_ns()).await?;
+                    self.ns.commit_write(ino, 0, now_ns(), None).await?;
                 }
             }
             // Space is never reserved (objects are sparse); extending the size is what shows.

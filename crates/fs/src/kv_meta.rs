@@ -10,9 +10,12 @@ use strata_types::Epoch;
 /// The KV table of a volume's metadata (table 0 is the container's general KV store).
 pub const FS_META_TABLE: u32 = 1;
 /// Shards of the metadata table: directories and inodes spread over this many dkeys.
-pub const FS_META_SHARDS: u32 = 256;
+pub const FS_META_SHARDS: u32 = 64;
+/// Concurrent reads when warming the shards up at open.
+const WARM_UP_INFLIGHT_MAX: usize = 64;
 
 fn meta_err(e: KvError) -> MetaError {
+    tracing::debug!(error = %e, "metadata store");
     match e {
         KvError::Conflict { .. } => MetaError::Conflict,
         KvError::TooLarge { .. } | KvError::InvalidKey(_) => MetaError::Invalid(e.to_string()),
@@ -53,6 +56,30 @@ impl KvMeta {
         let shard = format!("prefix:{SHARD_PREFIX_BYTES}:{FS_META_SHARDS}").parse().map_err(|e| MetaError::Invalid(format!("{e}")))?;
         let opts = KvOptions { table: FS_META_TABLE, shard: Some(shard), oclass: None };
         Ok(KvMeta { kv: KvStore::open_with(cont, &opts).await.map_err(meta_err)? })
+    }
+
+    /// Touch every shard once, concurrently. A shard's first use on its leader waits out a
+    /// clock margin (about a second); paying it for all shards at once at mount time beats
+    /// paying it one shard at a time during the first creates.
+    pub async fn warm_up(&self) {
+        use futures::stream::{self, StreamExt};
+        let map = self.kv.shard_map();
+        let mut keys: std::collections::BTreeMap<u32, Vec<u8>> = Default::default();
+        for n in 0..u64::from(FS_META_SHARDS) * 64 {
+            let k = crate::meta_schema::inode_key(u64::MAX - n);
+            keys.entry(map.shard_of(&k)).or_insert(k);
+            if keys.len() == FS_META_SHARDS as usize {
+                break;
+            }
+        }
+        stream::iter(keys.into_values().map(|k| async move { self.kv.get(&k).await }))
+            .buffer_unordered(WARM_UP_INFLIGHT_MAX)
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "warming a metadata shard up");
+                }
+            })
+            .await;
     }
 }
 

@@ -18,9 +18,11 @@ pub mod file_data;
 pub mod fs_error;
 pub mod fuse_mount;
 pub mod ino_alloc;
+pub mod kv_meta;
 pub mod meta_schema;
 pub mod meta_store;
 pub mod namespace;
+pub mod volume;
 pub mod write_back;
 
 pub use fs_error::FsError;

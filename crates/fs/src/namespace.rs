@@ -26,6 +26,9 @@ pub const TREE_DEPTH_MAX: u32 = 4096;
 pub const FILE_BYTES_MAX: u64 = 1 << 44;
 /// Symbolic links followed when resolving a path outside the kernel (`strata fs cat`).
 pub const SYMLINK_FOLLOW_MAX: u32 = 40;
+/// Virtual extended attribute: the object class of a file (settable until it has data) or the
+/// class a directory's new children inherit.
+pub const OCLASS_XATTR: &[u8] = b"user.strata.oclass";
 
 pub fn now_ns() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
@@ -71,6 +74,8 @@ pub struct Released {
     pub freed: Vec<Inode>,
     /// Still open here: kept with an orphan key until the last close.
     pub orphaned: Vec<u64>,
+    /// Every inode that lost a link (its cached attributes are stale).
+    pub touched: Vec<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -127,6 +132,7 @@ impl<S: MetaStore> Namespace<S> {
                 Err(FsError::Meta(MetaError::Conflict)) => {}
                 Err(e) => return Err(e),
             }
+            tracing::debug!(what, attempt, "metadata transaction conflicted; retrying");
             let base_us = 50u64 << attempt.min(8);
             tokio::time::sleep(Duration::from_micros(base_us + rand::random_range(0..base_us))).await;
         }
@@ -161,6 +167,17 @@ impl<S: MetaStore> Namespace<S> {
             }
         };
         self.inode_at(d.ino, epoch).await
+    }
+
+    /// [`Self::lookup`] in a directory known to exist: one read less for a missing name.
+    pub async fn lookup_known_dir(&self, parent: u64, name: &[u8]) -> Result<Inode, FsError> {
+        if name.len() > NAME_BYTES_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        match self.store.get_at(&dentry_key(parent, name), Epoch::MAX).await? {
+            Some(b) => self.inode(decode_dentry(&b)?.ino).await,
+            None => Err(FsError::NotFound),
+        }
     }
 
     /// Up to `limit` entries of a directory after `after` (a name), in name order.
@@ -238,6 +255,7 @@ impl<S: MetaStore> Namespace<S> {
     async fn tx_drop_link(tx: &mut S::Txn, mut i: Inode, now: i64, is_open: &impl Fn(u64) -> bool, rel: &mut Released) -> Result<(), FsError> {
         i.nlink = i.nlink.saturating_sub(if i.kind == Kind::Dir { i.nlink } else { 1 });
         i.ctime_ns = now;
+        rel.touched.push(i.ino);
         if i.nlink > 0 {
             return Self::tx_put(tx, &i).await;
         }
@@ -535,11 +553,15 @@ impl<S: MetaStore> Namespace<S> {
         .await
     }
 
-    /// Record a flushed write: the size grows to at least `end` and the data version moves.
-    pub async fn commit_write(&self, ino: u64, end: u64, mtime_ns: i64) -> Result<Inode, FsError> {
+    /// Record flushed data: the size grows to at least `end` (or becomes `exact` after a
+    /// truncate) and the data version moves.
+    pub async fn commit_write(&self, ino: u64, end: u64, mtime_ns: i64, exact: Option<u64>) -> Result<Inode, FsError> {
         self.txn("write", async |tx| {
             let mut i = Self::tx_inode(tx, ino).await?;
-            i.size = i.size.max(end);
+            i.size = match exact {
+                Some(s) => s.max(end),
+                None => i.size.max(end),
+            };
             i.mtime_ns = i.mtime_ns.max(mtime_ns);
             i.ctime_ns = i.ctime_ns.max(mtime_ns);
             i.data_version += 1;
@@ -577,6 +599,23 @@ impl<S: MetaStore> Namespace<S> {
         }
         if value.len() > XATTR_VALUE_BYTES_MAX {
             return Err(FsError::TooBig(XATTR_VALUE_BYTES_MAX as u64));
+        }
+        if name == OCLASS_XATTR {
+            let class = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<strata_types::ObjectClass>().ok()).ok_or_else(|| FsError::Invalid(format!("'{}' is not an object class (e.g. RP_2G1, EC_2P1G1, S1)", String::from_utf8_lossy(value))))?;
+            return self
+                .txn("setclass", async |tx| {
+                    let mut i = Self::tx_inode(tx, ino).await?;
+                    match i.kind {
+                        Kind::Dir => {}
+                        Kind::File if i.size == 0 && i.data_version == 0 => {}
+                        Kind::File => return Err(FsError::Invalid("the object class of a file is fixed once it has data".into())),
+                        _ => return Err(FsError::Invalid("only files and directories have an object class".into())),
+                    }
+                    i.oclass = Some(class.to_string());
+                    i.ctime_ns = now_ns();
+                    Self::tx_put(tx, &i).await
+                })
+                .await;
         }
         self.txn("setxattr", async |tx| {
             let mut i = Self::tx_inode(tx, ino).await?;

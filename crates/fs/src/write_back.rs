@@ -35,6 +35,14 @@ impl WriteBack {
         }
         self.mtime_ns = self.mtime_ns.max(now_ns);
         let end = offset + data.len() as u64;
+        // Sequential writers append to the last extent: grow it in place.
+        if let Some((s, d)) = self.extents.iter_mut().next_back() {
+            if *s + d.len() as u64 == offset {
+                d.extend_from_slice(data);
+                self.bytes += data.len();
+                return;
+            }
+        }
         // Every extent touching [offset, end] (adjacent included) merges into one.
         let first = self.extents.range(..=offset).next_back().filter(|(s, d)| *s + d.len() as u64 >= offset).map(|(s, _)| *s);
         let start = first.unwrap_or(offset);

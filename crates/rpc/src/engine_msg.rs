@@ -64,6 +64,11 @@ pub enum EngineReq {
     Import { pool: PoolId, map_version: u64, target: u16 },
     /// Transactional KV (see `kv_msg`), to the shard's leader.
     Kv(crate::kv_msg::KvReq),
+    /// Read with only a capability (`read_cap` of an exNode block): the shard it names, if
+    /// the token verifies and `dkey` belongs to its group (see `capability`).
+    CapFetch { token: String, dkey: Vec<u8>, fetch: FetchKind, epoch: Epoch },
+    /// Write with only a capability (`write_cap`), honoured by the group leader it names.
+    CapUpdate { token: String, dkey: Vec<u8>, ops: Vec<WireOp> },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

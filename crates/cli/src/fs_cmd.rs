@@ -1,0 +1,338 @@
+//! `strata fs`: mount a POSIX volume with FUSE, unmount it, show a file's exNode layout, and
+//! read a file as of a snapshot or epoch.
+//!
+//! `mount` runs in the background by default: it starts itself again with `--foreground`
+//! (in a new session, logging to a file) and returns once the kernel lists the mount.
+
+use crate::cluster_cmd::{block_on, pool_cont, Conn};
+use crate::output::emit;
+use anyhow::{bail, Context};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use strata_fs::fuse_mount::{serve, MountOptions, StrataFs};
+use strata_fs::volume::Volume;
+use strata_types::Epoch;
+
+/// How long `mount` waits for the background mount to appear, and `umount` for it to go.
+const MOUNT_WAIT: Duration = Duration::from_secs(30);
+/// The mount source shown in /proc/mounts: `strata:POOL/CONT`.
+const FSNAME_PREFIX: &str = "strata:";
+
+#[derive(Clone, Debug)]
+pub enum MountOpt {
+    ReadOnly,
+    ReadWrite,
+    AllowOther,
+    /// Seconds the kernel caches entries and attributes.
+    KernelTtl(f64),
+}
+
+fn parse_mount_opt(s: &str) -> Result<MountOpt, String> {
+    match s.split_once('=') {
+        None if s == "ro" => Ok(MountOpt::ReadOnly),
+        None if s == "rw" => Ok(MountOpt::ReadWrite),
+        None if s == "allow_other" => Ok(MountOpt::AllowOther),
+        Some(("attr_timeout" | "entry_timeout", v)) => v.parse::<f64>().ok().filter(|v| *v >= 0.0 && *v <= 3600.0).map(MountOpt::KernelTtl).ok_or_else(|| format!("'{s}': timeout must be 0..=3600 seconds")),
+        _ => Err(format!("unknown mount option '{s}' (ro, rw, allow_other, attr_timeout=SECONDS)")),
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub enum FsCommand {
+    /// Mount volume POOL/CONT (a container of type posix) on MOUNTPOINT.
+    Mount {
+        target: String,
+        mountpoint: PathBuf,
+        /// Serve in this process until unmounted (default: in the background).
+        #[arg(long)]
+        foreground: bool,
+        /// Mount options, comma separated: ro, rw, allow_other, attr_timeout=SECONDS.
+        #[arg(short = 'o', value_delimiter = ',', value_parser = parse_mount_opt)]
+        options: Vec<MountOpt>,
+        /// Requests served at once.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// How long this mount trusts cached names and attributes (open always revalidates).
+        #[arg(long, default_value_t = 1000)]
+        meta_cache_ms: u64,
+        /// Log file of a background mount (default: /tmp/strata-fs-<mountpoint>.log).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Unmount a strata mount point (the mount process then exits).
+    Umount {
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Where a file's data lives, as an exNode with per-shard capabilities.
+    Layout {
+        /// A path on a strata mount, or POOL/CONT:/PATH.
+        path: String,
+        /// exnode (the seed's text form) or json.
+        #[arg(long, default_value = "exnode", value_parser = ["exnode", "json"])]
+        format: String,
+        /// Lifetime of the capabilities printed.
+        #[arg(long, default_value_t = 3600)]
+        cap_ttl_s: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print a file as of a snapshot or epoch (default: now).
+    Cat {
+        /// A path on a strata mount, or POOL/CONT:/PATH.
+        path: String,
+        #[arg(long, conflicts_with = "epoch")]
+        snapshot: Option<String>,
+        #[arg(long)]
+        epoch: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+struct MountEntry {
+    mountpoint: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = String::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v as char);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
+fn mounts() -> Vec<MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mp = pre.split(' ').nth(4)?;
+            let mut post = post.split(' ');
+            Some(MountEntry { mountpoint: PathBuf::from(unescape_mountinfo(mp)), fstype: post.next()?.to_owned(), source: unescape_mountinfo(post.next()?) })
+        })
+        .collect()
+}
+
+fn is_mounted(mp: &Path) -> bool {
+    mounts().iter().any(|m| m.mountpoint == mp)
+}
+
+/// (POOL, CONT, path inside the volume) for a path on a mount or `POOL/CONT:/PATH`.
+fn locate(path: &str) -> anyhow::Result<(String, String, String)> {
+    if let Some((pc, rel)) = path.split_once(":/") {
+        if !Path::new(path).exists() {
+            let (p, c) = pool_cont(pc)?;
+            return Ok((p, c, format!("/{rel}")));
+        }
+    }
+    let abs = std::path::absolute(path).with_context(|| format!("'{path}'"))?;
+    let best = mounts().into_iter().filter(|m| m.source.starts_with(FSNAME_PREFIX) && abs.starts_with(&m.mountpoint)).max_by_key(|m| m.mountpoint.as_os_str().len());
+    let Some(m) = best else { bail!("'{path}' is neither on a strata mount nor of the form POOL/CONT:/PATH") };
+    let (p, c) = pool_cont(&m.source[FSNAME_PREFIX.len()..])?;
+    let rel = abs.strip_prefix(&m.mountpoint).unwrap_or(Path::new("")).to_string_lossy().into_owned();
+    Ok((p, c, format!("/{rel}")))
+}
+
+fn fs_err(e: strata_fs::FsError, what: &str) -> anyhow::Error {
+    match e {
+        strata_fs::FsError::NotFound => anyhow::anyhow!("{what}: no such file or directory"),
+        strata_fs::FsError::IsDir => anyhow::anyhow!("{what}: is a directory"),
+        e => anyhow::anyhow!("{what}: {e}"),
+    }
+}
+
+fn check_mountpoint(mp: &Path) -> anyhow::Result<PathBuf> {
+    let abs = std::path::absolute(mp)?;
+    let md = std::fs::metadata(&abs).map_err(|e| anyhow::anyhow!("mount point {}: {e}; create it first (mkdir -p {})", abs.display(), abs.display()))?;
+    anyhow::ensure!(md.is_dir(), "mount point {} is not a directory", abs.display());
+    let canon = std::fs::canonicalize(&abs)?;
+    anyhow::ensure!(!is_mounted(&canon), "{} is already a mount point (busy); unmount it first with `strata fs umount {}`", canon.display(), canon.display());
+    Ok(canon)
+}
+
+fn fuse_ready() -> anyhow::Result<()> {
+    anyhow::ensure!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: load the fuse kernel module (modprobe fuse)");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mount_foreground(target: &str, mp: &Path, opts: &[MountOpt], threads: usize, meta_cache_ms: u64, conn: &Conn) -> anyhow::Result<()> {
+    let (pool, cont) = pool_cont(target)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("strata-fs-io").enable_all().build()?;
+    let (vol, capacity) = rt.block_on(async {
+        let client = conn.client().await?;
+        let vol = Volume::open(&client, &pool, &cont).await.map_err(|e| anyhow::anyhow!("volume {pool}/{cont}: {e}"))?;
+        let cap = vol.cont.pool.info().map(|i| i.size_bytes).unwrap_or(1 << 40);
+        anyhow::Ok((vol, cap))
+    })?;
+    let mut mo = MountOptions { threads: threads.clamp(1, 64), meta_cache: Duration::from_millis(meta_cache_ms), fsname: format!("{FSNAME_PREFIX}{pool}/{cont}"), capacity_bytes: capacity, ..Default::default() };
+    for o in opts {
+        match o {
+            MountOpt::ReadOnly => mo.read_only = true,
+            MountOpt::ReadWrite => mo.read_only = false,
+            MountOpt::AllowOther => mo.allow_other = true,
+            MountOpt::KernelTtl(s) => mo.kernel_ttl = Duration::from_secs_f64(*s),
+        }
+    }
+    let fs = StrataFs::new(rt.handle().clone(), vol.ns.clone(), vol.data.clone(), mo);
+    let unmounter: Arc<Mutex<Option<fuser::SessionUnmounter>>> = Arc::default();
+    let u2 = unmounter.clone();
+    let mp_text = mp.display().to_string();
+    rt.spawn(async move {
+        let (Ok(mut int), Ok(mut term)) = (tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()), tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())) else { return };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        if let Some(u) = u2.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            let _ = u.unmount();
+        }
+    });
+    serve(fs, mp, |u| {
+        *unmounter.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+        println!("mounted {pool}/{cont} on {mp_text} (pid {})", std::process::id());
+        let _ = std::io::stdout().flush();
+    })
+    .with_context(|| format!("serving the mount on {}", mp.display()))?;
+    Ok(())
+}
+
+fn mount_background(args: &[String], mp: &Path, log: &Path) -> anyhow::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let logf = std::fs::File::create(log).with_context(|| format!("log file {}", log.display()))?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(args).arg("--foreground").stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
+    // A new session: the mount outlives this shell's job control and its Ctrl-C.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let start = Instant::now();
+    loop {
+        if is_mounted(mp) {
+            return Ok(child.id());
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("the mount process exited ({status}): {}", text.trim());
+        }
+        if start.elapsed() > MOUNT_WAIT {
+            let _ = child.kill();
+            bail!("{} did not appear as a mount within {MOUNT_WAIT:?}; see {}", mp.display(), log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn run(c: FsCommand) -> anyhow::Result<()> {
+    match c {
+        FsCommand::Mount { target, mountpoint, foreground, options, threads, meta_cache_ms, log, conn } => {
+            fuse_ready()?;
+            pool_cont(&target)?;
+            let mp = check_mountpoint(&mountpoint)?;
+            if foreground {
+                return mount_foreground(&target, &mp, &options, threads, meta_cache_ms, &conn);
+            }
+            let log = log.unwrap_or_else(|| PathBuf::from(format!("/tmp/strata-fs-{}.log", mp.display().to_string().replace('/', "_"))));
+            let mut args: Vec<String> = vec!["fs".into(), "mount".into(), target.clone(), mp.display().to_string(), "--threads".into(), threads.to_string(), "--meta-cache-ms".into(), meta_cache_ms.to_string()];
+            let opt_text: Vec<String> = options
+                .iter()
+                .map(|o| match o {
+                    MountOpt::ReadOnly => "ro".to_string(),
+                    MountOpt::ReadWrite => "rw".to_string(),
+                    MountOpt::AllowOther => "allow_other".to_string(),
+                    MountOpt::KernelTtl(s) => format!("attr_timeout={s}"),
+                })
+                .collect();
+            if !opt_text.is_empty() {
+                args.push("-o".into());
+                args.push(opt_text.join(","));
+            }
+            if let Some(cf) = &conn.cluster {
+                args.push("--cluster".into());
+                args.push(std::path::absolute(cf)?.display().to_string());
+            }
+            let pid = mount_background(&args, &mp, &log)?;
+            emit(conn.json, &serde_json::json!({"mounted": target, "mountpoint": mp, "pid": pid, "log": log}), |_| println!("mounted {target} on {} (pid {pid}, log {})", mp.display(), log.display()))
+        }
+        FsCommand::Umount { mountpoint, conn } => {
+            let mp = std::fs::canonicalize(&mountpoint).or_else(|_| std::path::absolute(&mountpoint))?;
+            let entry = mounts().into_iter().find(|m| m.mountpoint == mp);
+            let Some(entry) = entry else { bail!("{} is not mounted", mp.display()) };
+            anyhow::ensure!(entry.source.starts_with(FSNAME_PREFIX) && entry.fstype.starts_with("fuse"), "{} is not a strata mount ({} {})", mp.display(), entry.fstype, entry.source);
+            let out = Command::new("fusermount3").arg("-u").arg(&mp).output();
+            let ok = matches!(&out, Ok(o) if o.status.success());
+            if !ok {
+                let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes())?;
+                // Root needs no fusermount; a busy mount reports EBUSY here.
+                if unsafe { libc::umount(c.as_ptr()) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    let why = out.map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned()).unwrap_or_else(|e| e.to_string());
+                    bail!("cannot unmount {}: {e} ({why}); close the files open on it and retry", mp.display());
+                }
+            }
+            let start = Instant::now();
+            while is_mounted(&mp) {
+                anyhow::ensure!(start.elapsed() < MOUNT_WAIT, "{} still mounted after {MOUNT_WAIT:?}", mp.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            emit(conn.json, &serde_json::json!({"unmounted": mp}), |_| println!("unmounted {}", mp.display()))
+        }
+        FsCommand::Layout { path, format, cap_ttl_s, conn } => block_on(async move {
+            let (pool, cont, rel) = locate(&path)?;
+            let client = conn.client().await?;
+            let vol = Volume::open(&client, &pool, &cont).await.map_err(|e| anyhow::anyhow!("volume {pool}/{cont}: {e}"))?;
+            let x = vol.layout(&rel, cap_ttl_s.saturating_mul(1000)).await.map_err(|e| fs_err(e, &path))?;
+            emit(conn.json || format == "json", &x, |x| print!("{}", strata_fs::exnode::render(x)))
+        }),
+        FsCommand::Cat { path, snapshot, epoch, conn } => block_on(async move {
+            let (pool, cont, rel) = locate(&path)?;
+            let client = conn.client().await?;
+            let vol = Volume::open(&client, &pool, &cont).await.map_err(|e| anyhow::anyhow!("volume {pool}/{cont}: {e}"))?;
+            let at = match (&snapshot, epoch) {
+                (Some(name), _) => {
+                    let info = client.container(&pool, &cont).await?.info;
+                    match info.snapshots.get(name) {
+                        Some(e) => *e,
+                        None => bail!("no snapshot '{name}' of {pool}/{cont}; it has: {}", info.snapshots.keys().cloned().collect::<Vec<_>>().join(", ")),
+                    }
+                }
+                (None, Some(e)) => Epoch(e),
+                (None, None) => Epoch::MAX,
+            };
+            let i = vol.file_at(&rel, at).await.map_err(|e| fs_err(e, &path))?;
+            if conn.json {
+                let mut buf = Vec::new();
+                vol.cat_at(&i, at, &mut buf).await.map_err(|e| fs_err(e, &path))?;
+                return emit(true, &serde_json::json!({"path": rel, "epoch": at.0, "bytes": buf.len(), "text": String::from_utf8_lossy(&buf)}), |_| {});
+            }
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            vol.cat_at(&i, at, &mut out).await.map_err(|e| fs_err(e, &path))?;
+            out.flush()?;
+            Ok(())
+        }),
+    }
+}

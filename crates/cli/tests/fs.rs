@@ -1,0 +1,368 @@
+//! The POSIX file system on a real cluster through real FUSE mounts (`strata fs mount`):
+//! file operations with `std::fs` and libc, two mounts of one volume (close-to-open),
+//! remount persistence, a SIGKILLed mount keeps what it fsync'd, exNode layouts, reads at a
+//! snapshot, and bad input. Needs /dev/fuse and fusermount3: fails under CI=true without them.
+
+mod common;
+
+use common::{poll, Cluster};
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn fuse_available() -> bool {
+    let ok = Path::new("/dev/fuse").exists() && Command::new("fusermount3").arg("-V").output().is_ok_and(|o| o.status.success());
+    if !ok && std::env::var("CI").as_deref() == Ok("true") {
+        panic!("file system tests need /dev/fuse and fusermount3 (apt-get install fuse3)");
+    }
+    if !ok {
+        eprintln!("skipping: no /dev/fuse or fusermount3 (set CI=true to make this a failure)");
+    }
+    ok
+}
+
+fn is_mounted(mp: &Path) -> bool {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let needle = format!(" {} ", mp.display());
+    text.lines().any(|l| l.contains(&needle))
+}
+
+/// Unmounts (lazily, forcibly) whatever is still mounted when a test ends or panics.
+struct MountGuard(Vec<PathBuf>);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        for mp in &self.0 {
+            if is_mounted(mp) {
+                let _ = Command::new("fusermount3").arg("-uz").arg(mp).status();
+            }
+        }
+    }
+}
+
+fn mount(c: &Cluster, vol: &str, mp: &Path, extra: &[&str]) {
+    fs::create_dir_all(mp).unwrap();
+    let mut args = vec!["fs", "mount", vol, mp.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let v = c.json(&args);
+    assert!(v["pid"].as_u64().is_some(), "mount reports its pid: {v}");
+    assert!(is_mounted(mp));
+}
+
+fn umount(c: &Cluster, mp: &Path) {
+    c.json(&["fs", "umount", mp.to_str().unwrap()]);
+    assert!(!is_mounted(mp));
+}
+
+fn errno_of<T>(r: std::io::Result<T>) -> i32 {
+    r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)
+}
+
+fn xattr_set(p: &Path, name: &str, value: &[u8]) -> i32 {
+    let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let name = std::ffi::CString::new(name).unwrap();
+    let rc = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if rc == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+fn xattr_get(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let name = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1));
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+#[test]
+fn posix_volume_on_a_cluster() {
+    if !fuse_available() {
+        return;
+    }
+    let c = Cluster::start(&["--ranks", "3"]);
+    c.json(&["cont", "create", "tank", "vol", "--type", "posix", "--oclass", "RP_2G1"]);
+    let a = c.path().join("a");
+    let b = c.path().join("b");
+    let _guard = MountGuard(vec![a.clone(), b.clone()]);
+    mount(&c, "tank/vol", &a, &[]);
+
+    // Create, write, read; modes and owners.
+    fs::write(a.join("f"), b"hello world").unwrap();
+    assert_eq!(fs::read(a.join("f")).unwrap(), b"hello world");
+    fs::set_permissions(a.join("f"), fs::Permissions::from_mode(0o640)).unwrap();
+    let md = fs::metadata(a.join("f")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.len(), md.nlink(), md.uid()), (0o640, 11, 1, 0));
+    // Several chunks (1 MiB each) at an odd offset.
+    let big: Vec<u8> = (0..3_500_000u32).map(|i| (i % 251) as u8).collect();
+    {
+        let mut f = fs::File::create(a.join("big")).unwrap();
+        f.write_all(&big[..1000]).unwrap();
+        f.write_all(&big[1000..]).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_eq!(fs::read(a.join("big")).unwrap(), big);
+    // Rename over an existing file.
+    fs::write(a.join("g"), b"old").unwrap();
+    fs::rename(a.join("f"), a.join("g")).unwrap();
+    assert_eq!(fs::read(a.join("g")).unwrap(), b"hello world");
+    assert_eq!(errno_of(fs::metadata(a.join("f"))), libc::ENOENT);
+    // Hard and symbolic links.
+    fs::hard_link(a.join("g"), a.join("h")).unwrap();
+    assert_eq!(fs::metadata(a.join("g")).unwrap().nlink(), 2);
+    assert_eq!(fs::metadata(a.join("g")).unwrap().ino(), fs::metadata(a.join("h")).unwrap().ino());
+    std::os::unix::fs::symlink("g", a.join("s")).unwrap();
+    assert_eq!(fs::read_link(a.join("s")).unwrap(), PathBuf::from("g"));
+    assert_eq!(fs::read(a.join("s")).unwrap(), b"hello world");
+    // Unlink a file that is open: the descriptor still reads it.
+    let mut open = fs::File::open(a.join("h")).unwrap();
+    fs::remove_file(a.join("g")).unwrap();
+    fs::remove_file(a.join("h")).unwrap();
+    assert_eq!(errno_of(fs::metadata(a.join("h"))), libc::ENOENT);
+    let mut text = String::new();
+    open.read_to_string(&mut text).unwrap();
+    assert_eq!(text, "hello world");
+    drop(open);
+    // Sparse files and truncate.
+    {
+        let mut f = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(a.join("sparse")).unwrap();
+        f.seek(SeekFrom::Start(5 << 20)).unwrap();
+        f.write_all(b"tail").unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(f.metadata().unwrap().len(), (5 << 20) + 4);
+        let mut head = vec![1u8; 8192];
+        f.seek(SeekFrom::Start(4 << 20)).unwrap();
+        f.read_exact(&mut head).unwrap();
+        assert!(head.iter().all(|x| *x == 0), "a hole reads as zeros");
+        f.set_len(100).unwrap();
+        f.set_len(3 << 20).unwrap();
+    }
+    let sparse = fs::read(a.join("sparse")).unwrap();
+    assert_eq!(sparse.len(), 3 << 20);
+    assert!(sparse.iter().all(|x| *x == 0), "truncate then extend leaves zeros");
+    // Extended attributes, and the object class attribute.
+    assert_eq!(xattr_set(&a.join("big"), "user.color", b"blue"), 0);
+    assert_eq!(xattr_get(&a.join("big"), "user.color"), Ok(b"blue".to_vec()));
+    assert_eq!(xattr_get(&a.join("big"), "user.none"), Err(libc::ENODATA));
+    assert_eq!(xattr_get(&a.join("big"), "user.strata.oclass"), Ok(b"RP_2G1".to_vec()));
+    // Directories: non-empty rmdir fails; a directory's class is inherited by new files.
+    fs::create_dir(a.join("d")).unwrap();
+    fs::write(a.join("d/x"), b"x").unwrap();
+    assert_eq!(errno_of(fs::remove_dir(a.join("d"))), libc::ENOTEMPTY);
+    assert_eq!(errno_of(fs::create_dir(a.join("d"))), libc::EEXIST);
+    assert_eq!(errno_of(fs::write(a.join("big/x"), b"")), libc::ENOTDIR);
+    assert_eq!(errno_of(fs::write(a.join("n".repeat(256)), b"")), libc::ENAMETOOLONG);
+    fs::create_dir(a.join("ec")).unwrap();
+    assert_eq!(xattr_set(&a.join("ec"), "user.strata.oclass", b"S1"), 0);
+    fs::write(a.join("ec/file"), b"striped").unwrap();
+    assert_eq!(xattr_get(&a.join("ec/file"), "user.strata.oclass"), Ok(b"S1".to_vec()));
+    assert_eq!(xattr_set(&a.join("ec"), "user.strata.oclass", b"nonsense"), libc::EINVAL);
+    fs::remove_file(a.join("d/x")).unwrap();
+    fs::remove_dir(a.join("d")).unwrap();
+    let mut names: Vec<String> = fs::read_dir(&a).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["big", "ec", "s", "sparse"]);
+    assert_eq!(fs::metadata(&a).unwrap().nlink(), 3, "root: ., .. and one subdirectory");
+
+    // Layout: an exNode with one replicate segment of two blocks, each with capabilities.
+    let out = c.cmd(&["fs", "layout", a.join("big").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in ["[exnode]", "[view]", "[segment-", "driver = replicate", "class = RP_2G1", "[block-", "read_cap = cap1.", "write_cap = cap1.", "size = 3500000"] {
+        assert!(text.contains(needle), "layout lacks '{needle}':\n{text}");
+    }
+    assert_eq!(text.matches("[block-").count(), 2);
+    let j = c.json(&["fs", "layout", a.join("ec/file").to_str().unwrap(), "--format", "json"]);
+    assert_eq!(j["segments"][0]["driver"], "stripe");
+    assert_eq!(j["blocks"].as_array().unwrap().len(), 1);
+    let err = c.fails(&["fs", "layout", a.join("ec").to_str().unwrap()]);
+    assert!(err.contains("is a directory"), "{err}");
+
+    // A snapshot, then a change: cat shows either version.
+    fs::write(a.join("ver"), b"version one").unwrap();
+    c.json(&["cont", "snapshot", "create", "tank", "vol", "v1"]);
+    fs::write(a.join("ver"), b"version two, longer").unwrap();
+    let out = c.cmd(&["fs", "cat", a.join("ver").to_str().unwrap(), "--snapshot", "v1"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "version one", "{}", String::from_utf8_lossy(&out.stderr));
+    let out = c.cmd(&["fs", "cat", "tank/vol:/ver"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "version two, longer");
+    fs::remove_file(a.join("ver")).unwrap();
+    let out = c.cmd(&["fs", "cat", a.join("ver").to_str().unwrap(), "--snapshot", "v1"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "version one", "a deleted file is still in the snapshot");
+    assert!(c.fails(&["fs", "cat", "tank/vol:/ver"]).contains("no such file"));
+
+    // A second mount of the same volume: close-to-open in both directions.
+    mount(&c, "tank/vol", &b, &[]);
+    assert_eq!(fs::read(b.join("big")).unwrap(), big);
+    fs::write(a.join("shared"), b"from a").unwrap();
+    assert_eq!(fs::read(b.join("shared")).unwrap(), b"from a");
+    fs::write(b.join("shared"), b"b wrote this, longer").unwrap();
+    assert_eq!(fs::read(a.join("shared")).unwrap(), b"b wrote this, longer");
+    {
+        let mut f = fs::OpenOptions::new().write(true).open(a.join("shared")).unwrap();
+        f.write_all(b"A").unwrap();
+    }
+    assert_eq!(fs::read(b.join("shared")).unwrap(), b"A wrote this, longer");
+    fs::create_dir(b.join("from-b")).unwrap();
+    assert!(fs::metadata(a.join("from-b")).unwrap().is_dir());
+
+    // Remount: everything is still there.
+    umount(&c, &a);
+    umount(&c, &b);
+    mount(&c, "tank/vol", &a, &[]);
+    assert_eq!(fs::read(a.join("big")).unwrap(), big);
+    assert_eq!(fs::read(a.join("shared")).unwrap(), b"A wrote this, longer");
+    assert_eq!(xattr_get(&a.join("big"), "user.color"), Ok(b"blue".to_vec()));
+    assert_eq!(fs::read_link(a.join("s")).unwrap(), PathBuf::from("g"));
+
+    // Read-only mount refuses writes.
+    umount(&c, &a);
+    mount(&c, "tank/vol", &a, &["-o", "ro"]);
+    assert_eq!(errno_of(fs::write(a.join("nope"), b"x")), libc::EROFS);
+    assert_eq!(fs::read(a.join("shared")).unwrap(), b"A wrote this, longer");
+    umount(&c, &a);
+
+    // Bad input: a missing mount point, a busy one, a volume of another type, no such volume.
+    let missing = c.path().join("missing");
+    let err = c.fails(&["fs", "mount", "tank/vol", missing.to_str().unwrap()]);
+    assert!(err.contains("does not exist") || err.contains("No such file"), "{err}");
+    mount(&c, "tank/vol", &a, &[]);
+    let err = c.fails(&["fs", "mount", "tank/vol", a.to_str().unwrap()]);
+    assert!(err.contains("already a mount point"), "{err}");
+    umount(&c, &a);
+    c.json(&["cont", "create", "tank", "plain"]);
+    let err = c.fails(&["fs", "mount", "tank/plain", a.to_str().unwrap()]);
+    assert!(err.contains("not posix"), "{err}");
+    assert!(!is_mounted(&a));
+    let out = c.cmd(&["fs", "mount", "tank/vol", a.to_str().unwrap(), "-o", "bogus"]);
+    assert_eq!(out.status.code(), Some(2), "bad mount options are usage errors");
+    assert!(c.fails(&["fs", "umount", a.to_str().unwrap()]).contains("not mounted"));
+}
+
+#[test]
+fn fsynced_data_survives_a_killed_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let c = Cluster::start(&["--ranks", "3"]);
+    c.json(&["cont", "create", "tank", "vol", "--type", "posix"]);
+    let a = c.path().join("a");
+    let _guard = MountGuard(vec![a.clone()]);
+    fs::create_dir_all(&a).unwrap();
+    let log = fs::File::create(c.path().join("mount.log")).unwrap();
+    let mut child = Command::new(common::BIN)
+        .args(["fs", "mount", "tank/vol", a.to_str().unwrap(), "--foreground"])
+        .env("STRATA_CLUSTER", c.cluster_file())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    poll("the foreground mount", Duration::from_secs(30), || is_mounted(&a).then_some(()));
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 13 % 256) as u8).collect();
+    let mut f = fs::File::create(a.join("durable")).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    // Written but never flushed: may be lost, must not corrupt what was synced.
+    f.write_all(b"unsynced tail").unwrap();
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
+    drop(f);
+    let _ = Command::new("fusermount3").arg("-uz").arg(&a).status();
+    poll("the dead mount to go", Duration::from_secs(10), || (!is_mounted(&a)).then_some(()));
+    mount(&c, "tank/vol", &a, &[]);
+    let got = fs::read(a.join("durable")).unwrap();
+    assert!(got.len() >= data.len(), "fsync'd bytes are all there ({} < {})", got.len(), data.len());
+    assert_eq!(&got[..data.len()], &data[..]);
+    umount(&c, &a);
+}
+
+#[test]
+fn capabilities_grant_one_shard_and_nothing_else() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let c = Cluster::start(&["--ranks", "3"]);
+    c.json(&["cont", "create", "tank", "vol", "--type", "posix", "--oclass", "RP_2G1"]);
+    let a = c.path().join("a");
+    let _guard = MountGuard(vec![a.clone()]);
+    mount(&c, "tank/vol", &a, &[]);
+    // Three groups of two replicas over six targets; one byte in each of 16 chunks.
+    fs::create_dir(a.join("wide")).unwrap();
+    assert_eq!(xattr_set(&a.join("wide"), "user.strata.oclass", b"RP_2GX"), 0);
+    let f = fs::File::create(a.join("wide/f")).unwrap();
+    for i in 0..16u64 {
+        f.write_all_at(&[b'a' + i as u8], i << 20).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let path = a.join("wide/f");
+    let x = c.json(&["fs", "layout", path.to_str().unwrap(), "--format", "json"]);
+    assert_eq!(x["segments"][0]["groups"], 3);
+    let blocks = x["blocks"].as_array().unwrap().clone();
+    assert_eq!(blocks.len(), 6);
+    let leader = blocks.iter().find(|b| b["group"] == 0 && b["shard"] == 0).unwrap();
+    let replica = blocks.iter().find(|b| b["group"] == 0 && b["shard"] == 1).unwrap();
+    let read_cap = leader["read_cap"].as_str().unwrap();
+    let get = |cap: &str, chunk: u64| c.cmd(&["obj", "get", "--cap", cap, "--chunk", &chunk.to_string(), "--akey", "d", "--len", "1"]);
+    // The read_cap reads its group's chunks and is refused for the others.
+    let mut mine = Vec::new();
+    let mut others = 0;
+    for i in 0..16u64 {
+        let out = get(read_cap, i);
+        if out.status.success() {
+            assert_eq!(out.stdout, vec![b'a' + i as u8], "chunk {i} through the capability");
+            mine.push(i);
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("group"), "chunk {i}: {err}");
+            others += 1;
+        }
+    }
+    assert!(!mine.is_empty() && others > 0, "chunks spread over groups: mine {mine:?}, others {others}");
+    // The replica's read_cap reads the same chunk from the other target.
+    let out = get(replica["read_cap"].as_str().unwrap(), mine[0]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, vec![b'a' + mine[0] as u8]);
+    // Forged (one digit of the signature changed) and expired tokens are refused.
+    let mut forged = read_cap.to_string();
+    let last = forged.pop().unwrap();
+    forged.push(if last == '0' { '1' } else { '0' });
+    let err = String::from_utf8_lossy(&get(&forged, mine[0]).stderr).into_owned();
+    assert!(err.contains("signature"), "{err}");
+    let short = c.json(&["fs", "layout", path.to_str().unwrap(), "--format", "json", "--cap-ttl-s", "0"]);
+    let expired = short["blocks"][0]["read_cap"].as_str().unwrap().to_string();
+    poll("the capability to expire", Duration::from_secs(5), || {
+        let err = String::from_utf8_lossy(&get(&expired, 0).stderr).into_owned();
+        err.contains("expired").then_some(())
+    });
+    // Writes: a read_cap cannot write; a non-leader write_cap is refused; the leader's writes.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let cf = strata_client::ClusterFile::load(&c.cluster_file()).unwrap();
+    rt.block_on(async {
+        let client = strata_client::Client::connect(&cf).await.unwrap();
+        let dkey = mine[0].to_be_bytes();
+        let e = client.cap_write(read_cap, &dkey, b"d", 0, b"X").await.unwrap_err().to_string();
+        assert!(e.contains("grants Read"), "{e}");
+        let e = client.cap_write(replica["write_cap"].as_str().unwrap(), &dkey, b"d", 0, b"X").await.unwrap_err().to_string();
+        assert!(e.contains("leader"), "{e}");
+        client.cap_write(leader["write_cap"].as_str().unwrap(), &dkey, b"d", 0, b"Z").await.unwrap();
+        let other = (0..16u64).find(|i| !mine.contains(i)).unwrap();
+        let e = client.cap_write(leader["write_cap"].as_str().unwrap(), &other.to_be_bytes(), b"d", 0, b"X").await.unwrap_err().to_string();
+        assert!(e.contains("group"), "{e}");
+    });
+    assert_eq!(get(replica["read_cap"].as_str().unwrap(), mine[0]).stdout, b"Z", "the leader replicated the capability write");
+    umount(&c, &a);
+}
