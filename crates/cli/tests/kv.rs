@@ -312,7 +312,7 @@ async fn append_worker(kv: &KvStore, id: u64, txns: u64, keys: u64, out: &mut st
     let mut next_value = (id + 1) * 10_000_000;
     for t in 0..txns {
         let n = 1 + rng.next() % 4;
-        let plan: Vec<(bool, u64)> = (0..n).map(|_| (rng.next() % 2 == 0, rng.next() % keys)).collect();
+        let plan: Vec<(bool, u64)> = (0..n).map(|_| (rng.next() & 1 == 0, rng.next() % keys)).collect();
         for attempt in 0..100 {
             let ops: Vec<(bool, u64, u64)> = plan
                 .iter()
