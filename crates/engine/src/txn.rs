@@ -628,6 +628,8 @@ impl Engine {
     async fn kv_lock_and_write(&self, ctx: &Ctx, txn: TxnId, coord: Option<Vec<u8>>, rts: Epoch, mut reads: ReadSet, checks: Vec<(Vec<u8>, Option<Vec<u8>>)>, writes: Vec<KvWrite>, payload: Bytes) -> Result<KvResp, RemoteError> {
         match self.kv.decided(&txn) {
             Some(Decision::Committed(c)) if coord.is_none() => return Ok(KvResp::Committed { epoch: c }),
+            // A prepare after the decision can only be a stray duplicate: never lock again.
+            Some(Decision::Committed(_)) => return Err(rerr(ErrorCode::InvalidArgument, "prepare of a transaction that already committed")),
             Some(Decision::Aborted) => return Ok(conflict(None, "the transaction was already aborted")),
             _ => {}
         }
