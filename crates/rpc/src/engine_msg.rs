@@ -69,6 +69,8 @@ pub enum EngineReq {
     CapFetch { token: String, dkey: Vec<u8>, fetch: FetchKind, epoch: Epoch },
     /// Write with only a capability (`write_cap`), honoured by the group leader it names.
     CapUpdate { token: String, dkey: Vec<u8>, ops: Vec<WireOp> },
+    /// Self-healing counters of this rank since it started (data moved, background scrub).
+    Stats,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -83,6 +85,19 @@ pub enum EngineResp {
     /// The record's value is the payload (absent: `found` false).
     Raw { found: bool },
     Kv(crate::kv_msg::KvResp),
+    Stats(EngineStats),
+}
+
+/// What one rank's self-healing did since it started.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct EngineStats {
+    /// Records and bytes (keys and stored values) this rank pushed to other places: rebuild,
+    /// resync, drain and extension rebalancing.
+    pub moved_records: u64,
+    pub moved_bytes: u64,
+    /// Completed passes of the periodic background scrub, and what they found.
+    pub scrub_passes: u64,
+    pub scrub: ScrubCounters,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
