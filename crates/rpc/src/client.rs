@@ -157,6 +157,9 @@ impl RpcClient {
     }
 }
 
+/// The connection to one address, once made; its lock is held while connecting.
+type ConnSlot = Arc<tokio::sync::Mutex<Option<RpcClient>>>;
+
 /// One client per (address, service), reconnecting when a connection has closed.
 ///
 /// Each address has its own slot: a connect to a slow or hung peer (up to the connect
@@ -166,7 +169,7 @@ pub struct RpcPool {
     service: ServiceKind,
     cluster: Option<String>,
     cfg: ClientConfig,
-    conns: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<RpcClient>>>>>>,
+    conns: Arc<Mutex<HashMap<String, ConnSlot>>>,
 }
 
 impl RpcPool {
