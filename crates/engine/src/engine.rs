@@ -16,6 +16,8 @@ use strata_vos::{Update, UpdateOp, Vos, VosConfig, VosError};
 mod txn;
 #[path = "capability_check.rs"]
 mod capability_check;
+#[path = "aggregation.rs"]
+pub(crate) mod aggregation;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -29,6 +31,7 @@ pub struct EngineConfig {
     /// Most bytes per second rebuild, resync and drain push from this rank (0: no limit), so
     /// foreground I/O stays responsive while redundancy comes back.
     pub rebuild_bytes_per_s: u64,
+    pub aggregation: aggregation::AggregationConfig,
 }
 
 /// Paces data movement: each push reserves its share of the rate and waits for its turn.
@@ -97,8 +100,11 @@ pub struct Engine {
     throttle: MoveThrottle,
     inflight: Inflight,
     inflight_done: tokio::sync::Notify,
+    /// Signalled when a newer pool map is installed (`map_changed`).
+    map_changed: tokio::sync::Notify,
     moved_records: std::sync::atomic::AtomicU64,
     moved_bytes: std::sync::atomic::AtomicU64,
+    extension_write_bytes: std::sync::atomic::AtomicU64,
     /// Passes of the background scrub and their findings, for `EngineReq::Stats`.
     scrubbed: std::sync::Mutex<(u64, ScrubCounters)>,
     /// Per pool, the map version this rank last finished rebuilding for.
@@ -112,6 +118,8 @@ pub struct Engine {
     hlc: Hlc,
     /// Transactional KV state of the shards this rank leads (`txn.rs`).
     kv: txn::KvState,
+    aggregation: aggregation::AggregationConfig,
+    agg_counters: aggregation::AggregationCounters,
 }
 
 fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
@@ -121,7 +129,7 @@ fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
 fn vos_err(e: VosError) -> RemoteError {
     let code = match &e {
         VosError::Corrupt { .. } => ErrorCode::Corrupt,
-        VosError::TooLarge { .. } | VosError::Empty { .. } | VosError::ExtentOutOfRange { .. } | VosError::BatchTooLarge { .. } => ErrorCode::InvalidArgument,
+        VosError::TooLarge { .. } | VosError::Empty { .. } | VosError::ExtentOutOfRange { .. } | VosError::BatchTooLarge { .. } | VosError::Aggregated { .. } => ErrorCode::InvalidArgument,
         _ => ErrorCode::Internal,
     };
     rerr(code, e.to_string())
@@ -136,11 +144,24 @@ impl Engine {
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
         let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default() })
+        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default() })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
         &self.targets
+    }
+
+    pub fn aggregation_config(&self) -> &aggregation::AggregationConfig {
+        &self.aggregation
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let used_bytes = self.targets.iter().filter_map(|t| t.space().ok()).map(|s| s.used_bytes).sum();
+        let (scrub_passes, scrub) = self.scrubbed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let moved_records = self.moved_records.load(std::sync::atomic::Ordering::Relaxed);
+        let moved_bytes = self.moved_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let extension_write_bytes = self.extension_write_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        EngineStats { targets: self.targets.len() as u16, used_bytes, aggregation: self.agg_counters.snapshot(), moved_records, moved_bytes, extension_write_bytes, scrub_passes, scrub }
     }
 
     /// Free and total bytes of the file system holding the first target.
@@ -162,8 +183,19 @@ impl Engine {
             Some(old) if old.map.version > view.map.version => old.clone(),
             _ => view,
         };
+        let newer = pools.get(&pool).is_none_or(|old| old.map.version < keep.map.version);
         pools.insert(pool, keep.clone());
+        drop(pools);
+        if newer {
+            self.map_changed.notify_one();
+        }
         Ok(keep)
+    }
+
+    /// Returns once a newer pool map has been installed since the last call (or at once if one
+    /// was): data movement starts without waiting for its next tick.
+    pub async fn map_changed(&self) {
+        self.map_changed.notified().await
     }
 
     /// Refresh pools whose version moved on (from the management heartbeat answer).
@@ -292,7 +324,7 @@ impl Engine {
         let updates = Self::to_updates(cont, oid, &dkey, epoch, &ops, &payload)?;
         let mut work = Vec::new();
         let extension: Vec<TargetId> = group.iter().filter_map(|s| Self::extension_of(&view, oid, &dkey, s.target)).collect();
-        for t in group[1..].iter().map(|s| s.target).chain(extension) {
+        for t in group[1..].iter().map(|s| s.target).chain(extension.iter().copied()) {
             let (ops, payload, dkey) = (ops.clone(), payload.clone(), dkey.clone());
             let view = view.clone();
             work.push(async move {
@@ -306,11 +338,13 @@ impl Engine {
                 self.peers.call::<_, EngineResp>(addr, &req, payload, FORWARD_TIMEOUT).await.map(|_| ()).map_err(|e| rerr(ErrorCode::Unavailable, format!("replica {t} did not apply the update: {e}")))
             });
         }
+        let extra = extension.len() as u64 * payload.len() as u64;
         let (local, remote) = tokio::join!(self.apply(vos, updates), futures::future::join_all(work));
         local?;
         for r in remote {
             r?;
         }
+        self.extension_write_bytes.fetch_add(extra, std::sync::atomic::Ordering::Relaxed);
         Ok(EngineResp::Updated { epoch })
     }
 }
@@ -323,7 +357,11 @@ impl Engine {
         match Self::extension_of(view, oid, dkey, t) {
             None => self.send_one(view, pool, t, cont, oid, dkey, epoch, ops, payload).await,
             Some(to) => {
+                let n = payload.len() as u64;
                 let (a, b) = tokio::join!(self.send_one(view, pool, t, cont, oid, dkey, epoch, ops.clone(), payload.clone()), self.send_one(view, pool, to, cont, oid, dkey, epoch, ops, payload));
+                if b.is_ok() {
+                    self.extension_write_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
                 a.and(b)
             }
         }
@@ -674,12 +712,6 @@ impl Engine {
         Ok((pushed, true))
     }
 
-    /// Self-healing counters since this engine started.
-    pub fn stats(&self) -> EngineStats {
-        let (passes, scrub) = self.scrubbed.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        EngineStats { moved_records: self.moved_records.load(std::sync::atomic::Ordering::Relaxed), moved_bytes: self.moved_bytes.load(std::sync::atomic::Ordering::Relaxed), scrub_passes: passes, scrub }
-    }
-
     /// EC cells are decoded, not copied: gather the group's records from every readable shard
     /// and compute each destination shard's records from them.
     #[allow(clippy::too_many_arguments)]
@@ -951,11 +983,11 @@ impl Handler for Engine {
                     None => (EngineResp::Raw { found: false }, Bytes::new()),
                 })
             }
-            EngineReq::Stats => Ok((EngineResp::Stats(self.stats()), Bytes::new())),
             EngineReq::Clock => Ok((EngineResp::Clock { epoch: self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))? }, Bytes::new())),
             EngineReq::Kv(r) => self.kv(r, payload).await,
             EngineReq::CapFetch { token, dkey, fetch, epoch } => self.cap_fetch(&token, dkey, fetch, epoch).await,
             EngineReq::CapUpdate { token, dkey, ops } => Ok((self.cap_update(&token, dkey, ops, payload).await?, Bytes::new())),
+            EngineReq::Stats => Ok((EngineResp::Stats(self.stats()), Bytes::new())),
         }
     }
 }

@@ -42,8 +42,9 @@ pub struct RpcClient {
     inner: Arc<Inner>,
 }
 
-fn lock(p: &Pending) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Reply>>> {
-    p.lock().unwrap_or_else(|e| e.into_inner())
+/// A poisoned lock still holds consistent maps here: every critical section is one insert or remove.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl RpcClient {
@@ -156,29 +157,35 @@ impl RpcClient {
     }
 }
 
+/// The connection to one address, once made; its lock is held while connecting.
+type ConnSlot = Arc<tokio::sync::Mutex<Option<RpcClient>>>;
+
 /// One client per (address, service), reconnecting when a connection has closed.
+///
+/// Each address has its own slot: a connect to a slow or hung peer (up to the connect
+/// timeout) delays only the callers of that peer, never calls to the others.
 #[derive(Clone)]
 pub struct RpcPool {
     service: ServiceKind,
     cluster: Option<String>,
     cfg: ClientConfig,
-    conns: Arc<tokio::sync::Mutex<HashMap<String, RpcClient>>>,
+    conns: Arc<Mutex<HashMap<String, ConnSlot>>>,
 }
 
 impl RpcPool {
     pub fn new(service: ServiceKind, cluster: Option<String>, cfg: ClientConfig) -> RpcPool {
-        RpcPool { service, cluster, cfg, conns: Arc::new(tokio::sync::Mutex::new(HashMap::new())) }
+        RpcPool { service, cluster, cfg, conns: Arc::new(Mutex::new(HashMap::new())) }
     }
 
     pub async fn get(&self, addr: &str) -> Result<RpcClient, RpcError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(addr) {
-            if !c.is_closed() {
-                return Ok(c.clone());
-            }
+        let slot = lock(&self.conns).entry(addr.to_owned()).or_default().clone();
+        // Callers of one address share its connect rather than racing to open several.
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
         }
         let c = RpcClient::connect(addr, self.service, self.cluster.as_deref(), &self.cfg).await?;
-        conns.insert(addr.to_owned(), c.clone());
+        *slot = Some(c.clone());
         Ok(c)
     }
 

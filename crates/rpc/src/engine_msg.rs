@@ -69,7 +69,8 @@ pub enum EngineReq {
     CapFetch { token: String, dkey: Vec<u8>, fetch: FetchKind, epoch: Epoch },
     /// Write with only a capability (`write_cap`), honoured by the group leader it names.
     CapUpdate { token: String, dkey: Vec<u8>, ops: Vec<WireOp> },
-    /// Self-healing counters of this rank since it started (data moved, background scrub).
+    /// This rank's counters (background aggregation, space used by its targets, data moved,
+    /// background scrub).
     Stats,
 }
 
@@ -88,16 +89,47 @@ pub enum EngineResp {
     Stats(EngineStats),
 }
 
-/// What one rank's self-healing did since it started.
+/// Counters of one rank since it started.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct EngineStats {
+    pub targets: u16,
+    /// Bytes the storage engine of every target holds on disk.
+    pub used_bytes: u64,
+    pub aggregation: AggregationStats,
     /// Records and bytes (keys and stored values) this rank pushed to other places: rebuild,
     /// resync, drain and extension rebalancing.
+    #[serde(default)]
     pub moved_records: u64,
+    #[serde(default)]
     pub moved_bytes: u64,
+    /// Payload bytes of updates this rank also wrote to their places in the extended layout
+    /// while the pool was being extended (the movement rebalancing did not have to do).
+    #[serde(default)]
+    pub extension_write_bytes: u64,
     /// Completed passes of the periodic background scrub, and what they found.
+    #[serde(default)]
     pub scrub_passes: u64,
+    #[serde(default)]
     pub scrub: ScrubCounters,
+}
+
+/// Background aggregation of one rank: versions no reader can need, merged away.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AggregationStats {
+    pub passes: u64,
+    /// Container passes that had something due (writes or another snapshot list).
+    pub containers_aggregated: u64,
+    pub records_examined: u64,
+    pub bytes_examined: u64,
+    pub records_removed: u64,
+    /// Payload bytes of the removed versions (the storage engine frees the space when it
+    /// compacts).
+    pub bytes_reclaimed: u64,
+    /// Passes that skipped a pool because data movement was under way.
+    pub pools_skipped_for_movement: u64,
+    pub errors: u64,
+    /// The highest epoch a pass aggregated up to.
+    pub last_upto: Epoch,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

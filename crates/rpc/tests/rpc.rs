@@ -187,3 +187,36 @@ async fn ten_thousand_bad_frames_hurt_nobody_else() {
     let fresh = client(&addr).await;
     let _: (Resp, Bytes) = fresh.call(&Req::Echo { tag: 1, delay_ms: 0 }, Bytes::new(), T).await.unwrap();
 }
+
+/// A peer that accepts and then never answers the handshake (a stopped process) must delay
+/// only its own callers: calls through the same pool to a healthy server go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_peer_does_not_block_a_pool_s_calls_to_others() {
+    let (addr, _stop) = start("c1").await;
+    let hung = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap().to_string();
+    let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel();
+    let silent = tokio::spawn(async move {
+        let (s, _) = hung.accept().await.unwrap();
+        let _ = accepted_tx.send(());
+        // Hold the connection open without a word until the test ends.
+        std::future::pending::<()>().await;
+        drop(s);
+    });
+    let pool = RpcPool::new(ServiceKind::Engine, Some("c1".into()), ClientConfig { connect_timeout: Duration::from_secs(120), ..ClientConfig::default() });
+    let (p2, h2) = (pool.clone(), hung_addr.clone());
+    let stuck = tokio::spawn(async move { p2.call::<_, Resp>(&h2, &Req::Echo { tag: 1, delay_ms: 0 }, Bytes::new(), T).await });
+    // The stuck call is inside its handshake once the silent peer has accepted it.
+    tokio::time::timeout(T, accepted_rx).await.expect("the pool never connected to the silent peer").unwrap();
+    let healthy = async {
+        for tag in 0..20 {
+            let (r, _): (Resp, Bytes) = pool.call(&addr, &Req::Echo { tag, delay_ms: 0 }, Bytes::from_static(b"x"), T).await.unwrap();
+            assert_eq!(r, Resp { tag, len: 1 });
+        }
+    };
+    // Far below the silent peer's 120 s connect timeout: the healthy calls never waited for it.
+    tokio::time::timeout(Duration::from_secs(60), healthy).await.expect("calls to a healthy server waited for a hung peer's handshake");
+    assert!(!stuck.is_finished(), "the silent peer cannot have completed a handshake");
+    stuck.abort();
+    silent.abort();
+}
