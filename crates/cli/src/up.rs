@@ -42,6 +42,9 @@ pub struct Args {
     /// Passed to every rank (`strata server --aggregate-margin-ms`).
     #[arg(long)]
     aggregate_margin_ms: Option<u64>,
+    /// Passed to every rank (`strata server --scrub-interval-ms`).
+    #[arg(long)]
+    scrub_interval_ms: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -134,6 +137,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         if let Some(ms) = a.aggregate_interval_ms {
             cmd.args(["--aggregate-interval-ms", &ms.to_string()]);
+        }
+        if let Some(ms) = a.scrub_interval_ms {
+            cmd.args(["--scrub-interval-ms", &ms.to_string()]);
         }
         if let Some(ms) = a.aggregate_margin_ms {
             cmd.args(["--aggregate-margin-ms", &ms.to_string()]);

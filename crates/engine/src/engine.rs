@@ -782,8 +782,40 @@ impl Engine {
 }
 
 impl Engine {
+    /// One background scrub pass over every pool this rank serves that has no data movement
+    /// under way (a spare being filled is not yet a repair source), reading at most
+    /// `bytes_per_s` on average over each target (0: no limit); adds to the counters
+    /// `EngineReq::Stats` reports.
+    pub async fn scrub_tick(&self, bytes_per_s: u64) {
+        let pools: Vec<Arc<PoolView>> = self.pools.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut total = ScrubCounters::default();
+        for view in pools.iter().filter(|v| !v.map.movement_pending() && v.extended.is_none()) {
+            match self.scrub_paced(view.map_pool_id, view.map.version, bytes_per_s).await {
+                Ok(c) => {
+                    total.records_checked += c.records_checked;
+                    total.bytes_checked += c.bytes_checked;
+                    total.corrupt += c.corrupt;
+                    total.repaired += c.repaired;
+                    total.lost += c.lost;
+                }
+                Err(e) => tracing::warn!(pool = %view.map_pool_id, error = %e, "background scrub pass failed; the next one retries"),
+            }
+        }
+        let mut s = self.scrubbed.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 += 1;
+        s.1.records_checked += total.records_checked;
+        s.1.bytes_checked += total.bytes_checked;
+        s.1.corrupt += total.corrupt;
+        s.1.repaired += total.repaired;
+        s.1.lost += total.lost;
+    }
+
     /// Scrub this rank's targets for one pool (see `EngineReq::Scrub`).
     pub async fn scrub(&self, pool: PoolId, version: u64) -> Result<ScrubCounters, RemoteError> {
+        self.scrub_paced(pool, version, 0).await
+    }
+
+    async fn scrub_paced(&self, pool: PoolId, version: u64, bytes_per_s: u64) -> Result<ScrubCounters, RemoteError> {
         let view = self.view(pool, version).await?;
         let mut c = ScrubCounters::default();
         for (i, vos) in self.targets.iter().enumerate() {
@@ -792,8 +824,13 @@ impl Engine {
                 continue;
             }
             let v = vos.clone();
+            let started = tokio::time::Instant::now();
             // Check what is on disk, not what sits in memory.
             let report = tokio::task::spawn_blocking(move || v.flush().and_then(|()| v.verify_all())).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+            if bytes_per_s > 0 {
+                // One target is verified in one go: pace by resting after it.
+                tokio::time::sleep_until(started + Duration::from_secs_f64(report.bytes_checked as f64 / bytes_per_s as f64)).await;
+            }
             c.records_checked += report.records_checked;
             c.bytes_checked += report.bytes_checked;
             c.corrupt += (report.corrupt.len() + report.engine_errors.len()) as u64;
