@@ -508,7 +508,20 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             self.remember(&i);
             return Ok(i);
         }
+        let state = if a.mtime_ns.is_some() { self.open_state(ino) } else { None };
+        let mut guard = match &state {
+            Some(s) => Some(s.lock().await),
+            None => None,
+        };
+        if let Some(g) = guard.as_mut() {
+            // Explicit times (tar, cp -p: futimens after writing) must win over the writes
+            // before them: commit those first, under the lock that orders them.
+            self.flush_state(g).await?;
+        }
         let i = self.ns.setattr(ino, &a).await?;
+        if let Some(g) = guard.as_mut() {
+            g.inode = i.clone();
+        }
         self.remember(&i);
         Ok(i)
     }

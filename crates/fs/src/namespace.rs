@@ -190,6 +190,10 @@ impl<S: MetaStore> Namespace<S> {
 
     /// Resolve an absolute path (relative to the volume root) at an epoch, following symlinks.
     pub async fn resolve_at(&self, path: &str, epoch: Epoch) -> Result<Inode, FsError> {
+        // The kernel never passes a NUL; a path typed or scripted to the CLI might.
+        if path.contains('\0') {
+            return Err(FsError::Invalid(format!("path {path:?} contains a NUL byte")));
+        }
         let mut pending: Vec<Vec<u8>> = path.split('/').filter(|c| !c.is_empty()).map(|c| c.as_bytes().to_vec()).rev().collect();
         let mut cur = self.inode_at(self.root, epoch).await?;
         let mut follows = 0;
@@ -693,6 +697,29 @@ mod tests {
             assert!(matches!(ns.lookup(a.ino, b"x").await, Err(FsError::NotFound)));
             assert!(matches!(ns.create(r, &[b'x'; 256], file()).await, Err(FsError::NameTooLong)));
             assert_eq!(ns.readdir(r, None, 10).await.unwrap().len(), 0);
+        });
+    }
+
+    #[test]
+    fn bad_names_and_paths_are_refused_with_their_errno() {
+        block(async {
+            let ns = ns().await;
+            let r = ns.root;
+            let long = vec![b'n'; NAME_BYTES_MAX + 1];
+            for bad in [&b"a\0b"[..], b"a/b", b"", b".", b".."] {
+                let e = ns.create(r, bad, file()).await.unwrap_err();
+                assert_eq!(e.errno(), libc::EINVAL, "{bad:?}: {e}");
+            }
+            assert_eq!(ns.create(r, &long, file()).await.unwrap_err().errno(), libc::ENAMETOOLONG);
+            ns.create(r, &long[..NAME_BYTES_MAX], file()).await.unwrap();
+            let f = ns.create(r, b"f", file()).await.unwrap();
+            assert_eq!(ns.link(f.ino, r, &long).await.unwrap_err().errno(), libc::ENAMETOOLONG);
+            assert_eq!(ns.rename(r, b"f", r, &long, RenameMode::default(), |_| false).await.unwrap_err().errno(), libc::ENAMETOOLONG);
+            let e = ns.resolve_at("/f\0/x", Epoch::MAX).await.unwrap_err();
+            assert!(e.errno() == libc::EINVAL && e.to_string().contains("NUL"), "{e}");
+            // Nothing was half-made: the namespace still works.
+            assert_eq!(ns.resolve_at("/f", Epoch::MAX).await.unwrap().ino, f.ino);
+            assert_eq!(ns.readdir(r, None, 10).await.unwrap().len(), 2);
         });
     }
 

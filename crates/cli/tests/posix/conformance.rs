@@ -1,62 +1,17 @@
-//! POSIX conformance of a strata mount, our own suite: for chmod, chown, link, mkdir, open,
-//! rename, rmdir, symlink, truncate, unlink, utimensat and xattrs it checks modes, ownership,
-//! errno values (EEXIST, ENOENT, ENOTDIR, EISDIR, ENOTEMPTY, EACCES/EPERM for a non-root uid,
-//! ENAMETOOLONG, ELOOP, EINVAL), link counts and timestamp updates. Every check runs; the test
-//! fails listing all that did not hold. Then an fsx-style random test: 100,000 random writes,
-//! truncates, hole punches and reads on one file compared with a model, and the same over two
-//! mounts alternating with close/open (close-to-open consistency).
-//! Needs /dev/fuse and fusermount3; fails under CI=true without them.
+//! The conformance checks: for chmod, chown, link, mkdir, open, rename, rmdir, symlink,
+//! truncate, unlink, utimensat and xattrs, modes, ownership, errno values (EEXIST, ENOENT,
+//! ENOTDIR, EISDIR, ENOTEMPTY, EACCES/EPERM for a non-root uid, ENAMETOOLONG, ELOOP, EINVAL),
+//! link counts and timestamp updates. Every check runs; the caller fails listing all that did
+//! not hold.
 
-mod common;
-
-use common::Cluster;
+use crate::mount::{cstr, errno_of, last_errno, OTHER_UID};
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-const OTHER_UID: u32 = 4242;
-/// Random operations on one file before the next (see the comment at the call).
-const FSX_OPS_PER_FILE: usize = 10_000;
-
-fn fuse_available() -> bool {
-    let ok = Path::new("/dev/fuse").exists() && Command::new("fusermount3").arg("-V").output().is_ok_and(|o| o.status.success());
-    if !ok && std::env::var("CI").as_deref() == Ok("true") {
-        panic!("POSIX tests need /dev/fuse and fusermount3 (apt-get install fuse3)");
-    }
-    ok
-}
-
-fn is_mounted(mp: &Path) -> bool {
-    let needle = format!(" {} ", mp.display());
-    fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.contains(&needle))
-}
-
-struct MountGuard(Vec<PathBuf>);
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        for mp in &self.0 {
-            if is_mounted(mp) {
-                let _ = Command::new("fusermount3").arg("-uz").arg(mp).status();
-            }
-        }
-    }
-}
-
-fn cstr(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).unwrap()
-}
-
-fn last_errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
-fn errno_of<T>(r: std::io::Result<T>) -> i32 {
-    r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)
-}
 
 /// Run a shell command as an unprivileged user; returns its stderr if it failed.
 fn as_user(cmd: &str) -> Result<(), String> {
@@ -78,9 +33,9 @@ fn mtime_ns(p: &Path) -> i128 {
     m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
 }
 
-struct Checks {
-    failed: Vec<String>,
-    passed: usize,
+pub struct Checks {
+    pub failed: Vec<String>,
+    pub passed: usize,
 }
 
 impl Checks {
@@ -96,7 +51,7 @@ impl Checks {
     }
 }
 
-fn conformance(m: &Path, c: &mut Checks) {
+pub fn conformance(m: &Path, c: &mut Checks) {
     let p = |s: &str| m.join(s);
     // --- mkdir
     let root_nlink = fs::metadata(m).unwrap().nlink();
@@ -248,6 +203,15 @@ fn conformance(m: &Path, c: &mut Checks) {
     let r = unsafe { libc::removexattr(cstr(&p("file")).as_ptr(), n.as_ptr()) };
     let r2 = unsafe { libc::removexattr(cstr(&p("file")).as_ptr(), n.as_ptr()) };
     c.check("xattr: remove, then ENODATA", r == 0 && r2 < 0 && last_errno() == libc::ENODATA, ());
+    // --- bad input: names over 255 bytes for every call that makes a name
+    let long = "x".repeat(256);
+    c.errno("create: ENAMETOOLONG", errno_of(fs::File::create(p(&long))), libc::ENAMETOOLONG);
+    c.errno("rename: ENAMETOOLONG target", errno_of(fs::rename(p("r2"), p(&long))), libc::ENAMETOOLONG);
+    c.errno("link: ENAMETOOLONG", errno_of(fs::hard_link(p("r2"), p(&long))), libc::ENAMETOOLONG);
+    c.errno("symlink: ENAMETOOLONG", errno_of(std::os::unix::fs::symlink("r2", p(&long))), libc::ENAMETOOLONG);
+    c.errno("lookup: ENAMETOOLONG", errno_of(fs::metadata(p(&long))), libc::ENAMETOOLONG);
+    c.errno("symlink: target over 4096 bytes ENAMETOOLONG", errno_of(std::os::unix::fs::symlink("t".repeat(4097), p("longtarget"))), libc::ENAMETOOLONG);
+    c.check("mount still works after long names", fs::read(p("r2")).map(|d| d == b"one").unwrap_or(false) && !p(&"x".repeat(255)).exists(), ());
     // --- bad input: past the largest file, and the mount keeps working
     let big = fs::OpenOptions::new().write(true).open(p("trunc")).unwrap();
     c.errno("write: EFBIG past 16 TiB", errno_of(big.write_all_at(b"x", 1 << 44)), libc::EFBIG);
@@ -260,125 +224,3 @@ fn conformance(m: &Path, c: &mut Checks) {
     c.check("mknod: fifo", r == 0 && fs::symlink_metadata(p("fifo")).unwrap().file_type().is_fifo(), ());
 }
 
-#[test]
-fn posix_conformance_and_random_operations() {
-    if !fuse_available() {
-        return;
-    }
-    let c = Cluster::start(&["--ranks", "3"]);
-    c.json(&["cont", "create", "tank", "vol", "--type", "posix"]);
-    let (a, b) = (c.path().join("a"), c.path().join("b"));
-    let _guard = MountGuard(vec![a.clone(), b.clone()]);
-    for mp in [&a, &b] {
-        fs::create_dir_all(mp).unwrap();
-        c.json(&["fs", "mount", "tank/vol", mp.to_str().unwrap(), "-o", "allow_other"]);
-    }
-    // The unprivileged user needs to reach the mount point.
-    fs::set_permissions(c.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    fs::create_dir(a.join("suite")).unwrap();
-    let mut checks = Checks { failed: vec![], passed: 0 };
-    conformance(&a.join("suite"), &mut checks);
-    assert!(checks.failed.is_empty(), "{} of {} POSIX checks failed:\n{}", checks.failed.len(), checks.failed.len() + checks.passed, checks.failed.join("\n"));
-
-    // 100,000 operations in files of 10,000 each: engines do not aggregate old versions in
-    // the background yet, so one file's extent history (and its read cost) would grow without
-    // bound over the whole run.
-    let ops: usize = std::env::var("STRATA_FSX_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
-    let per_file = ops.min(FSX_OPS_PER_FILE);
-    for n in 0..ops.div_ceil(per_file) {
-        fsx(&[a.join(format!("fsx-one-{n}"))], per_file, 1 + n as u64);
-    }
-    let two = (ops / 5).max(1);
-    for n in 0..two.div_ceil(per_file) {
-        fsx(&[a.join(format!("fsx-two-{n}")), b.join(format!("fsx-two-{n}"))], per_file.min(two), 1000 + n as u64);
-    }
-    for mp in [&a, &b] {
-        c.json(&["fs", "umount", mp.to_str().unwrap()]);
-    }
-}
-
-/// A small deterministic generator (xorshift), so a failure names a reproducible seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-/// fsx: random operations on one file (through `paths`, one per mount, switching mount with
-/// a close and an open), compared with an in-memory model after every read.
-fn fsx(paths: &[PathBuf], ops: usize, seed: u64) {
-    const FILE_BYTES_MAX: u64 = 4 << 20;
-    const OP_BYTES_MAX: u64 = 96 << 10;
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seed);
-    let mut model: Vec<u8> = Vec::new();
-    let mut which = 0usize;
-    let open = |p: &Path| fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(p).unwrap();
-    let mut f = open(&paths[0]);
-    let mut buf = Vec::new();
-    for i in 0..ops {
-        let w = which;
-        let ctx = |what: &str| format!("fsx seed {seed} op {i} {what} (mount {w})");
-        match rng.below(100) {
-            0..=44 => {
-                let off = rng.below(FILE_BYTES_MAX - OP_BYTES_MAX);
-                let len = 1 + rng.below(OP_BYTES_MAX);
-                let byte = (rng.next() % 255 + 1) as u8;
-                buf.clear();
-                buf.extend((0..len).map(|k| byte.wrapping_add(k as u8)));
-                f.write_all_at(&buf, off).unwrap_or_else(|e| panic!("{}: {e}", ctx("write")));
-                let end = (off + len) as usize;
-                if model.len() < end {
-                    model.resize(end, 0);
-                }
-                model[off as usize..end].copy_from_slice(&buf);
-            }
-            45..=79 => {
-                let len = model.len() as u64;
-                let off = rng.below(len + 1);
-                let n = rng.below(OP_BYTES_MAX).min(len - off);
-                let mut got = vec![0u8; n as usize];
-                f.read_exact_at(&mut got, off).unwrap_or_else(|e| panic!("{}: {e}", ctx("read")));
-                if got != model[off as usize..(off + n) as usize] {
-                    let at = got.iter().zip(&model[off as usize..]).position(|(x, y)| x != y).unwrap_or(0);
-                    panic!("{}: bytes differ from the model at file offset {}", ctx("read"), off as usize + at);
-                }
-            }
-            80..=87 => {
-                let size = rng.below(FILE_BYTES_MAX);
-                f.set_len(size).unwrap_or_else(|e| panic!("{}: {e}", ctx("truncate")));
-                model.resize(size as usize, 0);
-            }
-            88..=93 => {
-                let len = model.len() as u64;
-                let off = rng.below(len + 1);
-                let n = rng.below(OP_BYTES_MAX * 4).min(len - off);
-                if n > 0 {
-                    let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off as i64, n as i64) };
-                    assert_eq!(r, 0, "{}: {}", ctx("punch hole"), std::io::Error::last_os_error());
-                    model[off as usize..(off + n) as usize].fill(0);
-                }
-            }
-            94..=95 => f.sync_all().unwrap_or_else(|e| panic!("{}: {e}", ctx("fsync"))),
-            96..=98 => {
-                assert_eq!(f.metadata().unwrap().len(), model.len() as u64, "{}", ctx("size"));
-            }
-            _ => {
-                // Close, and open again (on the other mount when there are two).
-                drop(f);
-                which = (which + 1) % paths.len();
-                f = open(&paths[which]);
-                assert_eq!(f.metadata().unwrap().len(), model.len() as u64, "{}", ctx("size after reopen"));
-            }
-        }
-    }
-    drop(f);
-    let all = fs::read(&paths[0]).unwrap();
-    assert!(all == model, "fsx seed {seed}: final contents differ from the model");
-}
