@@ -303,7 +303,7 @@ impl Engine {
     }
 
     async fn apply(&self, vos: Arc<Vos>, updates: Vec<Update>) -> Result<(), RemoteError> {
-        tokio::task::spawn_blocking(move || vos.update(&updates)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)
+        vos.update_async(&updates).await.map_err(vos_err)
     }
 
     #[allow(clippy::too_many_arguments)]
