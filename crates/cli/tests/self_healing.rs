@@ -435,3 +435,64 @@ fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_littl
         }
     });
 }
+
+#[test]
+fn background_scrub_finds_and_repairs_corruption_without_being_asked() {
+    let c = Cluster::start(&["--ranks", "4", "--heartbeat-timeout-ms", "5000", "--scrub-interval-ms", "500"]);
+    c.json(&["cont", "create", "tank", "rp", "--oclass", "RP_2G1", "--rf", "1"]);
+    c.json(&["cont", "create", "tank", "ec", "--oclass", "EC_2P1G1", "--rf", "1"]);
+    let rt = runtime();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    let (rp, ec) = rt.block_on(async {
+        let client = Client::connect(&cf).await.unwrap();
+        let rp = client.container("tank", "rp").await.unwrap().create_object("RP_2G1".parse().unwrap()).await.unwrap();
+        let ec = client.container("tank", "ec").await.unwrap().create_object("EC_2P1G1".parse().unwrap()).await.unwrap();
+        rp.put(b"d", b"a", &ext_value("bg-rp", 48 << 10)).await.unwrap();
+        ec.write(b"d", b"x", 0, &ext_value("bg-ec", 48 << 10)).await.unwrap();
+        (rp, ec)
+    });
+    let scrub = |c: &Cluster| c.json(&["pool", "query", "tank"])["scrub"].clone();
+    // Two more passes on every rank: one of them started after the writes, and a pass flushes
+    // before it verifies, so the values are in files to damage.
+    let start = scrub(&c)["passes"].as_u64().unwrap();
+    poll("two background scrub passes on every rank", Duration::from_secs(60), || (scrub(&c)["passes"].as_u64()? >= start + 8).then_some(()));
+    let clean = scrub(&c);
+    assert_eq!(clean["corrupt"], 0, "a fresh pool scrubs clean: {clean}");
+    assert!(clean["records_checked"].as_u64().unwrap() >= 5, "{clean}");
+
+    let pool = rt.block_on(async { Arc::new(Client::connect(&cf).await.unwrap().pool("tank").await.unwrap()) });
+    let rank_dir_of = |t: strata_types::TargetId| -> usize { (0..4).find(|i| c.rank_of_dir(*i) == t.rank.0 as u64).expect("a rank dir for every rank") };
+    let victims = [(pool.layout(rp.oid).unwrap().shards()[1].target, ext_value("bg-rp", 48 << 10)), (pool.layout(ec.oid).unwrap().shards()[0].target, ext_value("bg-ec", 48 << 10))];
+    let mut children = Vec::new();
+    for (target, bytes) in &victims {
+        let i = rank_dir_of(*target);
+        c.kill9_rank_dir(i);
+        assert!(corrupt_on_disk(&c.path().join(format!("rank-{i}")), &bytes[20000..20064]) > 0, "the value is stored uncompressed on rank-{i}");
+        children.push(c.restart_rank_dir_with(i, 5000, &["--scrub-interval-ms", "500"]));
+        poll("the restarted rank to serve", Duration::from_secs(30), || {
+            let out = c.cmd(&["system", "query", "--json"]);
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            s["ranks"].as_array()?.iter().all(|r| r["state"] == "Joined").then_some(())
+        });
+    }
+    // Nobody calls `pool scrub`: the background passes find and repair both.
+    let found = poll("the background scrub to repair both damaged records", Duration::from_secs(120), || {
+        let s = scrub(&c);
+        (s["repaired"].as_u64()? >= 2 && s["ranks_answered"] == 4).then_some(s)
+    });
+    assert_eq!(found["corrupt"], 2, "{found}");
+    assert_eq!(found["lost"], 0, "{found}");
+    // Later passes find nothing more: the repair holds.
+    let passes = found["passes"].as_u64().unwrap();
+    let later = poll("two more passes on every rank", Duration::from_secs(60), || {
+        let s = scrub(&c);
+        (s["passes"].as_u64()? >= passes + 8).then_some(s)
+    });
+    assert_eq!(later["corrupt"], 2, "no new damage found after the repair: {later}");
+    rt.block_on(async {
+        assert_eq!(rp.get(b"d", b"a").await.unwrap(), Some(ext_value("bg-rp", 48 << 10)));
+        let (got, _) = ec.read(b"d", b"x", 0, 48 << 10, strata_types::Epoch::MAX).await.unwrap();
+        assert!(got == ext_value("bg-ec", 48 << 10), "EC bytes differ after repair");
+    });
+    drop(children);
+}
