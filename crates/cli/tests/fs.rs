@@ -366,3 +366,27 @@ fn capabilities_grant_one_shard_and_nothing_else() {
     assert_eq!(get(replica["read_cap"].as_str().unwrap(), mine[0]).stdout, b"Z", "the leader replicated the capability write");
     umount(&c, &a);
 }
+
+#[test]
+fn bench_fs_reports_ratios_against_bindfs() {
+    if !fuse_available() {
+        return;
+    }
+    // The baseline: scripts/test installs bindfs.
+    if Command::new("bindfs").arg("--version").output().is_err() {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "bench fs needs bindfs (apt-get install bindfs)");
+        eprintln!("skipping: no bindfs");
+        return;
+    }
+    let c = Cluster::start(&["--ranks", "3"]);
+    let v = c.json(&["bench", "fs", "--files", "300", "--size", "4M", "--random-secs", "1", "--runs", "1"]);
+    for job in ["create", "stat", "unlink", "seq-write-1m", "seq-read-1m", "rand-write-4k", "rand-read-4k"] {
+        let f = &v[job];
+        let (s, b, r) = (f["strata"].as_f64().unwrap_or(0.0), f["bindfs"].as_f64().unwrap_or(0.0), f["ratio"].as_f64().unwrap_or(-1.0));
+        assert!(s > 0.0 && b > 0.0, "{job}: both sides measured: {f}");
+        assert!((r - s / b).abs() < 1e-6 * r.max(1.0), "{job}: ratio is strata/bindfs: {f}");
+    }
+    assert_eq!(v["create"]["target"].as_f64(), Some(0.5));
+    assert_eq!(v["seq-read-1m"]["target"].as_f64(), Some(0.6));
+    assert!(v["seq-read-1m"]["met"].is_boolean());
+}
