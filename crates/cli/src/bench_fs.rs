@@ -154,7 +154,9 @@ fn meta_run(dir: &Path, files: usize, threads: usize) -> anyhow::Result<[f64; 3]
                             let p = d.join(format!("f{i}"));
                             match phase {
                                 0 => drop(std::fs::File::create(&p)?),
-                                1 => drop(std::fs::metadata(&p)?),
+                                1 => {
+                                    std::fs::metadata(&p)?;
+                                }
                                 _ => std::fs::remove_file(&p)?,
                             }
                         }
