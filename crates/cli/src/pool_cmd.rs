@@ -53,6 +53,13 @@ pub enum PoolCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Counters of every rank serving the pool: space used, background aggregation (versions
+    /// and bytes reclaimed).
+    Stats {
+        pool: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Data movement (rebuild, reintegration, drain) of a pool; --watch draws it until done.
     Rebuild {
         pool: String,
@@ -124,6 +131,29 @@ pub fn run(c: PoolCommand) -> anyhow::Result<()> {
             PoolCommand::Destroy { pool, force, conn } => {
                 let r = conn.write(MgmtCmd::PoolDestroy { pool: pool.clone(), force }).await?;
                 return emit(conn.json, &serde_json::json!({"destroyed": pool}), |_| println!("pool {pool} destroyed")).map(|_| drop(r));
+            }
+            PoolCommand::Stats { pool, conn } => {
+                use strata_rpc::engine_msg::{EngineReq, EngineResp, EngineStats};
+                let client = conn.client().await?;
+                let p = client.pool(&pool).await?.info()?;
+                let engines = strata_rpc::RpcPool::new(strata_rpc::ServiceKind::Engine, Some(client.cluster().to_owned()), Default::default());
+                let mut ranks: std::collections::BTreeMap<String, EngineStats> = Default::default();
+                for (rank, addr) in &p.rank_addrs {
+                    match engines.call::<_, EngineResp>(addr, &EngineReq::Stats, bytes::Bytes::new(), std::time::Duration::from_secs(10)).await {
+                        Ok((EngineResp::Stats(s), _)) => {
+                            ranks.insert(rank.to_string(), s);
+                        }
+                        Ok(_) => anyhow::bail!("rank {rank} answered the stats request oddly"),
+                        Err(e) => eprintln!("rank {rank} ({addr}) did not answer: {e}"),
+                    }
+                }
+                return emit(conn.json, &serde_json::json!({ "pool": pool, "ranks": ranks }), |_| {
+                    println!("{:<6} {:>10} {:>8} {:>14} {:>14} {:>12} {:>8}", "rank", "used", "passes", "examined", "removed", "reclaimed", "errors");
+                    for (rank, s) in &ranks {
+                        let a = &s.aggregation;
+                        println!("{:<6} {:>10} {:>8} {:>14} {:>14} {:>12} {:>8}", rank, human_bytes(s.used_bytes), a.passes, a.records_examined, a.records_removed, human_bytes(a.bytes_reclaimed), a.errors);
+                    }
+                });
             }
             PoolCommand::Scrub { pool, conn } => {
                 let client = conn.client().await?;

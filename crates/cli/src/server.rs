@@ -19,7 +19,9 @@ use tokio::net::TcpListener;
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct Args {
     /// TOML file with the same keys as the flags (dir, mgmt_addr, data_addr, access_points,
-    /// fault_domain, labels, targets, cluster, heartbeat_timeout_ms, threads); flags win.
+    /// fault_domain, labels, targets, cluster, heartbeat_timeout_ms, threads,
+    /// rebuild_mib_per_s, aggregate_interval_ms, aggregate_margin_ms, aggregate_mib_per_s);
+    /// flags win.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Directory for this rank's targets and state.
@@ -56,6 +58,17 @@ pub struct Args {
     /// default 256), so foreground I/O stays responsive.
     #[arg(long)]
     pub rebuild_mib_per_s: Option<u64>,
+    /// Time between background aggregation passes, which merge away versions no reader needs
+    /// (0: off; default 10000).
+    #[arg(long)]
+    pub aggregate_interval_ms: Option<u64>,
+    /// How far below the engine's clock aggregation stays (default 30000, at least 1000):
+    /// reads at older epochs that are not container snapshots are refused after it.
+    #[arg(long)]
+    pub aggregate_margin_ms: Option<u64>,
+    /// Most MiB per second aggregation reads to examine versions (0: no limit; default 64).
+    #[arg(long)]
+    pub aggregate_mib_per_s: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -72,6 +85,9 @@ struct FileConfig {
     heartbeat_timeout_ms: Option<u64>,
     threads: Option<usize>,
     rebuild_mib_per_s: Option<u64>,
+    aggregate_interval_ms: Option<u64>,
+    aggregate_margin_ms: Option<u64>,
+    aggregate_mib_per_s: Option<u64>,
 }
 
 /// What a rank remembers across restarts.
@@ -95,6 +111,7 @@ struct Resolved {
     heartbeat_timeout: Duration,
     threads: usize,
     rebuild_bytes_per_s: u64,
+    aggregation: strata_engine::AggregationConfig,
 }
 
 fn resolve(a: Args) -> anyhow::Result<Resolved> {
@@ -130,6 +147,19 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
         heartbeat_timeout: Duration::from_millis(a.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms).unwrap_or(5000)),
         threads: a.threads.or(file.threads).unwrap_or(2).max(1),
         rebuild_bytes_per_s: a.rebuild_mib_per_s.or(file.rebuild_mib_per_s).unwrap_or(256) << 20,
+        aggregation: {
+            let d = strata_engine::AggregationConfig::default();
+            let margin_ms = a.aggregate_margin_ms.or(file.aggregate_margin_ms).unwrap_or(d.margin.as_millis() as u64);
+            if margin_ms < strata_engine::AGGREGATION_MARGIN_MS_MIN {
+                bail!("--aggregate-margin-ms {margin_ms} is below {} ms (clock drift between engines plus snapshot registration)", strata_engine::AGGREGATION_MARGIN_MS_MIN);
+            }
+            strata_engine::AggregationConfig {
+                interval: a.aggregate_interval_ms.or(file.aggregate_interval_ms).map_or(d.interval, Duration::from_millis),
+                margin: Duration::from_millis(margin_ms),
+                bytes_per_s: a.aggregate_mib_per_s.or(file.aggregate_mib_per_s).map_or(d.bytes_per_s, |m| m << 20),
+                ..d
+            }
+        },
     };
     strata_placement::FaultDomain::parse(&r.fault_domain).map_err(|e| anyhow::anyhow!("--fault-domain: {e}"))?;
     Ok(r)
@@ -210,7 +240,7 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     ident.rank = Some(rank);
     save_identity(&r.dir, &ident)?;
 
-    let engine = Arc::new(Engine::open(&EngineConfig { dir: r.dir.clone(), rank, targets: r.targets, cluster: r.cluster.clone(), vos: strata_vos::VosConfig::default(), rebuild_bytes_per_s: r.rebuild_bytes_per_s }, mgmt.clone()).map_err(|e| anyhow::anyhow!(e))?);
+    let engine = Arc::new(Engine::open(&EngineConfig { dir: r.dir.clone(), rank, targets: r.targets, cluster: r.cluster.clone(), vos: strata_vos::VosConfig::default(), rebuild_bytes_per_s: r.rebuild_bytes_per_s, aggregation: r.aggregation.clone() }, mgmt.clone()).map_err(|e| anyhow::anyhow!(e))?);
     tokio::spawn(strata_rpc::serve(data_listener, engine.clone(), ServerConfig::new(ServiceKind::Engine, r.cluster.clone()), stop_rx.clone()));
     println!("rank {rank} serving {} targets on {} (cluster {})", r.targets, r.data_addr, r.cluster);
 
@@ -254,6 +284,18 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
             }
         }
     });
+
+    // Aggregation runs in the background too, one pass at a time.
+    if !r.aggregation.interval.is_zero() {
+        let ag = engine.clone();
+        let interval = r.aggregation.interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                ag.aggregate_tick().await;
+            }
+        });
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

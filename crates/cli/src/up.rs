@@ -36,6 +36,12 @@ pub struct Args {
     /// Size of that pool.
     #[arg(long, default_value = "4G")]
     pool_size: String,
+    /// Passed to every rank (`strata server --aggregate-interval-ms`).
+    #[arg(long)]
+    aggregate_interval_ms: Option<u64>,
+    /// Passed to every rank (`strata server --aggregate-margin-ms`).
+    #[arg(long)]
+    aggregate_margin_ms: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -125,6 +131,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .stderr(log);
         if (i as u32) < st.access_points {
             cmd.args(["--mgmt-addr", &r.mgmt]);
+        }
+        if let Some(ms) = a.aggregate_interval_ms {
+            cmd.args(["--aggregate-interval-ms", &ms.to_string()]);
+        }
+        if let Some(ms) = a.aggregate_margin_ms {
+            cmd.args(["--aggregate-margin-ms", &ms.to_string()]);
         }
         children.push(cmd.spawn().with_context(|| format!("starting rank {i}"))?);
     }

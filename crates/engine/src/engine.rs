@@ -16,6 +16,8 @@ use strata_vos::{Update, UpdateOp, Vos, VosConfig, VosError};
 mod txn;
 #[path = "capability_check.rs"]
 mod capability_check;
+#[path = "aggregation.rs"]
+pub(crate) mod aggregation;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -29,6 +31,7 @@ pub struct EngineConfig {
     /// Most bytes per second rebuild, resync and drain push from this rank (0: no limit), so
     /// foreground I/O stays responsive while redundancy comes back.
     pub rebuild_bytes_per_s: u64,
+    pub aggregation: aggregation::AggregationConfig,
 }
 
 /// Paces data movement: each push reserves its share of the rate and waits for its turn.
@@ -75,6 +78,8 @@ pub struct Engine {
     hlc: Hlc,
     /// Transactional KV state of the shards this rank leads (`txn.rs`).
     kv: txn::KvState,
+    aggregation: aggregation::AggregationConfig,
+    agg_counters: aggregation::AggregationCounters,
 }
 
 fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
@@ -84,7 +89,7 @@ fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
 fn vos_err(e: VosError) -> RemoteError {
     let code = match &e {
         VosError::Corrupt { .. } => ErrorCode::Corrupt,
-        VosError::TooLarge { .. } | VosError::Empty { .. } | VosError::ExtentOutOfRange { .. } | VosError::BatchTooLarge { .. } => ErrorCode::InvalidArgument,
+        VosError::TooLarge { .. } | VosError::Empty { .. } | VosError::ExtentOutOfRange { .. } | VosError::BatchTooLarge { .. } | VosError::Aggregated { .. } => ErrorCode::InvalidArgument,
         _ => ErrorCode::Internal,
     };
     rerr(code, e.to_string())
@@ -99,11 +104,20 @@ impl Engine {
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
         let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default() })
+        Ok(Engine { throttle, rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default() })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
         &self.targets
+    }
+
+    pub fn aggregation_config(&self) -> &aggregation::AggregationConfig {
+        &self.aggregation
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let used_bytes = self.targets.iter().filter_map(|t| t.space().ok()).map(|s| s.used_bytes).sum();
+        EngineStats { targets: self.targets.len() as u16, used_bytes, aggregation: self.agg_counters.snapshot() }
     }
 
     /// Free and total bytes of the file system holding the first target.
@@ -750,6 +764,7 @@ impl Handler for Engine {
             EngineReq::Kv(r) => self.kv(r, payload).await,
             EngineReq::CapFetch { token, dkey, fetch, epoch } => self.cap_fetch(&token, dkey, fetch, epoch).await,
             EngineReq::CapUpdate { token, dkey, ops } => Ok((self.cap_update(&token, dkey, ops, payload).await?, Bytes::new())),
+            EngineReq::Stats => Ok((EngineResp::Stats(self.stats()), Bytes::new())),
         }
     }
 }

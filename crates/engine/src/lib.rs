@@ -15,8 +15,11 @@
 //!
 //! Self-healing lives here too: rebuild (replicas copied, EC cells decoded from k survivors by
 //! [`ec_rebuild`]), reintegration resync, drain, and scrub with repair from healthy shards.
+//! Background aggregation (`aggregation.rs`) merges away versions below the engine's clock
+//! minus a margin, keeping every container snapshot.
 
 pub mod ec_rebuild;
 mod engine;
 
+pub use engine::aggregation::{aggregation_upto, AggregationConfig, AGGREGATION_MARGIN_MS_MIN};
 pub use engine::{Engine, EngineConfig};

@@ -69,6 +69,8 @@ pub enum EngineReq {
     CapFetch { token: String, dkey: Vec<u8>, fetch: FetchKind, epoch: Epoch },
     /// Write with only a capability (`write_cap`), honoured by the group leader it names.
     CapUpdate { token: String, dkey: Vec<u8>, ops: Vec<WireOp> },
+    /// This rank's counters (background aggregation, space used by its targets).
+    Stats,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -83,6 +85,35 @@ pub enum EngineResp {
     /// The record's value is the payload (absent: `found` false).
     Raw { found: bool },
     Kv(crate::kv_msg::KvResp),
+    Stats(EngineStats),
+}
+
+/// Counters of one rank since it started.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct EngineStats {
+    pub targets: u16,
+    /// Bytes the storage engine of every target holds on disk.
+    pub used_bytes: u64,
+    pub aggregation: AggregationStats,
+}
+
+/// Background aggregation of one rank: versions no reader can need, merged away.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AggregationStats {
+    pub passes: u64,
+    /// Container passes that had something due (writes or another snapshot list).
+    pub containers_aggregated: u64,
+    pub records_examined: u64,
+    pub bytes_examined: u64,
+    pub records_removed: u64,
+    /// Payload bytes of the removed versions (the storage engine frees the space when it
+    /// compacts).
+    pub bytes_reclaimed: u64,
+    /// Passes that skipped a pool because data movement was under way.
+    pub pools_skipped_for_movement: u64,
+    pub errors: u64,
+    /// The highest epoch a pass aggregated up to.
+    pub last_upto: Epoch,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

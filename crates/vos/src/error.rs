@@ -22,6 +22,8 @@ pub enum VosError {
     Engine(String),
     #[error("I/O error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("epoch {epoch} of container {cont} is below its aggregation horizon {horizon} and is not a retained snapshot; older versions may be gone: read at a newer epoch or at a snapshot")]
+    Aggregated { cont: strata_types::ContId, epoch: strata_types::Epoch, horizon: strata_types::Epoch },
     #[error("the store's writer thread has stopped (an earlier write failed: {0}); reopen the target")]
     WriterStopped(String),
 }

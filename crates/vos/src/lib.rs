@@ -19,7 +19,13 @@
 //! - Every stored record carries a crc32c over its header and payload, checked on every read;
 //!   a mismatch is [`VosError::Corrupt`], never data.
 //! - A read at epoch `E` returns the same bytes before and after any aggregation whose `upto`
-//!   is at most `E` or that retains `E`.
+//!   is at most `E` or that retains `E`, and stays so when rows at any epoch are added later
+//!   (late writes, rebuild imports): aggregation removes only rows that own no byte (or are not
+//!   the newest single value) at every kept read point, so a later row changes those reads
+//!   exactly as it would have without aggregation (extent punch rows that own bytes are kept).
+//! - A read below a container's aggregation horizon that is not at a snapshot retained by every
+//!   aggregation since is refused ([`VosError::Aggregated`]), never answered from partial
+//!   history. The horizon is stored in the same batch as the deletions it allows.
 //! - The store directory carries a format marker; a foreign or newer directory is refused.
 //!
 //! Limits (named constants below): dkey/akey 1..=4 KiB, single values up to 4 MiB, one extent
@@ -35,6 +41,7 @@
 
 mod engine;
 mod error;
+mod aggregation_horizon;
 mod group_commit;
 mod interval_paint;
 mod key_codec;
@@ -45,6 +52,7 @@ mod store;
 pub use engine::{EngineOp, FjallEngine, FjallTuning, KvEngine, RowIter, Space};
 pub use error::VosError;
 pub use key_codec::RecordKey;
+pub use aggregation_horizon::Horizon;
 pub use store::Vos;
 pub use strata_types::{ContId, Epoch, Oid};
 
@@ -118,8 +126,38 @@ pub struct Page<T> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AggregateStats {
     pub records_examined: u64,
+    /// Stored bytes read to examine them (what a rate limit paces).
+    pub bytes_examined: u64,
     pub records_removed: u64,
     pub bytes_reclaimed: u64,
+}
+
+impl AggregateStats {
+    pub fn add(&mut self, o: &AggregateStats) {
+        self.records_examined += o.records_examined;
+        self.bytes_examined += o.bytes_examined;
+        self.records_removed += o.records_removed;
+        self.bytes_reclaimed += o.bytes_reclaimed;
+    }
+}
+
+/// Bounds on one `Vos::aggregate_step`: it stops after the akey that crosses either limit, so
+/// a background pass can yield to foreground I/O between steps.
+#[derive(Clone, Copy, Debug)]
+pub struct AggregateLimits {
+    pub records_max: u64,
+    pub bytes_max: u64,
+}
+
+impl AggregateLimits {
+    pub const UNLIMITED: AggregateLimits = AggregateLimits { records_max: u64::MAX, bytes_max: u64::MAX };
+}
+
+/// What one step did and where the next one starts (`None`: the container is done).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AggregateStep {
+    pub stats: AggregateStats,
+    pub next: Option<Vec<u8>>,
 }
 
 /// A stored row as it is on disk, for shard copies between targets.

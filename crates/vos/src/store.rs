@@ -1,5 +1,6 @@
 //! `Vos`: one target's versioned object store on top of a `KvEngine`.
 
+use crate::aggregation_horizon::{DirtyBook, Horizon};
 use crate::engine::{EngineOp, FjallEngine, FjallTuning, KvEngine, Space};
 use crate::error::VosError;
 use crate::group_commit::GroupCommit;
@@ -12,7 +13,8 @@ use crate::punch_index::{PunchEntry, PunchIndex, PunchScope};
 use crate::record::{self, RecordKind};
 use crate::*;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use strata_types::{ContId, Epoch, Oid};
 
 const MARKER_FILE: &str = "STRATA_TARGET";
@@ -23,6 +25,17 @@ pub struct Vos {
     engine: Arc<dyn KvEngine>,
     punches: Arc<PunchIndex>,
     writer: GroupCommit,
+    /// Per container: the aggregation horizon (`aggregation_horizon.rs`), mirrored in `Meta`.
+    horizons: RwLock<HashMap<ContId, Horizon>>,
+    dirty: Mutex<DirtyBook>,
+}
+
+/// What aggregation needs of a row: no payload, so an akey with many large versions costs
+/// little memory.
+struct RowMeta {
+    key: RecordKey,
+    len: u64,
+    stored_bytes: u64,
 }
 
 struct Row {
@@ -113,8 +126,39 @@ impl Vos {
             let p = PunchEntry::decode_key(&k).ok_or_else(|| VosError::Corrupt { location: "punch index".into(), defect: format!("undecodable punch key {k:02x?}") })?;
             punches.insert(&p);
         }
+        let mut horizons = HashMap::new();
+        let prefix = Horizon::key_prefix();
+        for row in engine.scan(Space::Meta, prefix, Some(&prefix_successor(prefix)), false) {
+            let (k, v) = row?;
+            let bad = || VosError::Corrupt { location: "aggregation horizon".into(), defect: format!("undecodable horizon row {k:02x?}") };
+            let cont = Horizon::cont_of_key(&k).ok_or_else(bad)?;
+            horizons.insert(cont, Horizon::decode(&v).ok_or_else(bad)?);
+        }
         let writer = GroupCommit::start(engine.clone(), punches.clone(), cfg.queue_depth, cfg.group_bytes_max);
-        Ok(Vos { path: dir.to_owned(), engine, punches, writer })
+        let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()) };
+        // What happened before the restart is unknown: every container is due once.
+        for cont in vos.list_containers()? {
+            vos.dirty().note_all(cont);
+        }
+        Ok(vos)
+    }
+
+    fn dirty(&self) -> std::sync::MutexGuard<'_, DirtyBook> {
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The aggregation horizon of a container (default: nothing aggregated).
+    pub fn horizon(&self, cont: ContId) -> Horizon {
+        self.horizons.read().unwrap_or_else(|e| e.into_inner()).get(&cont).cloned().unwrap_or_default()
+    }
+
+    /// Refuse a read whose history aggregation may have removed.
+    fn check_readable(&self, cont: ContId, epoch: Epoch) -> Result<(), VosError> {
+        let map = self.horizons.read().unwrap_or_else(|e| e.into_inner());
+        match map.get(&cont) {
+            Some(h) if !h.readable(epoch) => Err(VosError::Aggregated { cont, epoch, horizon: h.upto }),
+            _ => Ok(()),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -182,11 +226,18 @@ impl Vos {
         for p in &punches {
             ops.push(EngineOp::Put(Space::Punches, p.encode_key(), Vec::new()));
         }
+        {
+            let mut d = self.dirty();
+            for u in batch {
+                d.note_write(u.cont, u.epoch);
+            }
+        }
         self.writer.commit(ops, punches)
     }
 
     /// The newest single value of `akey` at or below `epoch`, with the epoch it was written at.
     pub fn fetch_single(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8], epoch: Epoch) -> Result<Option<(Epoch, Vec<u8>)>, VosError> {
+        self.check_readable(cont, epoch)?;
         let p = akey_prefix(cont, oid, dkey, akey);
         let hidden_upto = self.punches.covering(cont, oid, Some(dkey), Some(akey), epoch);
         let mut end = p.clone();
@@ -235,6 +286,7 @@ impl Vos {
     /// Read `[offset, offset + len)` of an array akey at `epoch`; holes read as zeros.
     pub fn fetch_extent(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<ExtentRead, VosError> {
         check_extent(offset, len)?;
+        self.check_readable(cont, epoch)?;
         if len > FETCH_BYTES_MAX {
             return Err(VosError::TooLarge { what: "fetch", got: len as usize, max: FETCH_BYTES_MAX as usize });
         }
@@ -265,6 +317,7 @@ impl Vos {
 
     /// The written ranges of an array akey at `epoch`, merged, in offset order.
     pub fn list_extents(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8], epoch: Epoch) -> Result<Vec<(u64, u64)>, VosError> {
+        self.check_readable(cont, epoch)?;
         let p = akey_prefix(cont, oid, dkey, akey);
         let hidden = self.punches.covering(cont, oid, Some(dkey), Some(akey), epoch);
         let rows = self.extent_rows(&p, 0, None, epoch, hidden)?;
@@ -323,6 +376,7 @@ impl Vos {
 
     /// Akeys of a dkey that have data visible at `epoch`, in byte order, after `cursor`.
     pub fn list_akeys(&self, cont: ContId, oid: Oid, dkey: &[u8], epoch: Epoch, cursor: Option<&[u8]>, limit: usize) -> Result<Page<Vec<u8>>, VosError> {
+        self.check_readable(cont, epoch)?;
         let prefix = dkey_prefix(cont, oid, dkey);
         let mut out = Vec::new();
         let mut at = cursor.map(|c| c.to_vec());
@@ -342,6 +396,7 @@ impl Vos {
 
     /// Dkeys of an object that have data visible at `epoch`, in byte order, after `cursor`.
     pub fn list_dkeys(&self, cont: ContId, oid: Oid, epoch: Epoch, cursor: Option<&[u8]>, limit: usize) -> Result<Page<Vec<u8>>, VosError> {
+        self.check_readable(cont, epoch)?;
         let prefix = object_prefix(cont, oid);
         let mut out = Vec::new();
         let mut at = cursor.map(|c| c.to_vec());
@@ -357,6 +412,7 @@ impl Vos {
 
     /// Objects of a container with data visible at `epoch`, in id order, after `cursor`.
     pub fn list_objects(&self, cont: ContId, epoch: Epoch, cursor: Option<Oid>, limit: usize) -> Result<Page<Oid>, VosError> {
+        self.check_readable(cont, epoch)?;
         let start = match cursor {
             Some(o) => prefix_successor(&object_prefix(cont, o)),
             None => cont.as_bytes().to_vec(),
@@ -402,90 +458,125 @@ impl Vos {
                 }
             }
         }
+        ops.push(EngineOp::Delete(Space::Meta, Horizon::key(cont)));
         self.writer.commit(ops, Vec::new())?;
         self.punches.remove_container(cont);
+        self.horizons.write().unwrap_or_else(|e| e.into_inner()).remove(&cont);
+        self.dirty().forget(cont);
         Ok(())
     }
 
     /// Drop versions at or below `upto` that no read at `upto` or at a retained snapshot epoch
     /// can see any more; punched data is reclaimed. Reads at `upto`, above it, and at every
-    /// retained epoch return exactly what they returned before.
+    /// retained epoch return exactly what they returned before; other reads below `upto` are
+    /// refused from then on.
     pub fn aggregate(&self, cont: ContId, upto: Epoch, retained: &[Epoch]) -> Result<AggregateStats, VosError> {
+        let mut stats = AggregateStats::default();
+        let mut from: Option<Vec<u8>> = None;
+        loop {
+            let step = self.aggregate_step(cont, upto, retained, from.as_deref(), AggregateLimits::UNLIMITED)?;
+            stats.add(&step.stats);
+            match step.next {
+                Some(n) => from = Some(n),
+                None => return Ok(stats),
+            }
+        }
+    }
+
+    /// Whether a background pass over `cont` at `upto` keeping `retained` has anything to do
+    /// (writes at or below `upto` since the last pass, or another snapshot list); if so the
+    /// caller must run the pass to its end (or call `aggregation_failed`).
+    pub fn aggregation_due(&self, cont: ContId, upto: Epoch, retained: &[Epoch]) -> bool {
+        self.dirty().take_due(cont, upto, retained)
+    }
+
+    /// A pass taken by `aggregation_due` did not finish: the container is due again.
+    pub fn aggregation_failed(&self, cont: ContId) {
+        self.dirty().note_all(cont);
+    }
+
+    /// One bounded piece of `aggregate`: whole akeys from record key `from` (the container's
+    /// start if `None`) until `limits` are crossed. The horizon moves (in memory, then durably
+    /// in the same batch as the deletions) before anything is deleted.
+    pub fn aggregate_step(&self, cont: ContId, upto: Epoch, retained: &[Epoch], from: Option<&[u8]>, limits: AggregateLimits) -> Result<AggregateStep, VosError> {
         let mut points: Vec<Epoch> = retained.iter().copied().filter(|e| *e <= upto).collect();
         points.push(upto);
         points.sort();
         points.dedup();
+        let horizon = {
+            let mut map = self.horizons.write().unwrap_or_else(|e| e.into_inner());
+            let h = map.entry(cont).or_default();
+            *h = h.advance(upto, retained);
+            h.clone()
+        };
         let mut stats = AggregateStats::default();
         let end = prefix_successor(cont.as_bytes());
-        let mut start = cont.as_bytes().to_vec();
-        loop {
+        let mut start = match from {
+            Some(f) if f.starts_with(cont.as_bytes()) => f.to_vec(),
+            _ => cont.as_bytes().to_vec(),
+        };
+        let mut ops = Vec::new();
+        let next = loop {
+            if stats.records_examined >= limits.records_max || stats.bytes_examined >= limits.bytes_max {
+                break Some(start);
+            }
             // One akey at a time: find the next akey prefix, then gather its rows.
-            let Some(first) = self.engine.scan(Space::Records, &start, Some(&end), false).next() else { break };
+            let Some(first) = self.engine.scan(Space::Records, &start, Some(&end), false).next() else { break None };
             let (k, _) = first?;
             let key = decode_record_key(&k).ok_or_else(|| corrupt(&k, "undecodable record key"))?;
             let p = akey_prefix(key.cont, key.oid, &key.dkey, &key.akey);
             let mut rows = Vec::new();
             for r in self.engine.scan(Space::Records, &p, Some(&prefix_successor(&p)), false) {
                 let (k, v) = r?;
-                rows.push(decode_row(k, &v)?);
+                let key = decode_record_key(&k).ok_or_else(|| corrupt(&k, "undecodable record key"))?;
+                let rec = record::decode(&v).map_err(|d| corrupt(&k, d))?;
+                stats.bytes_examined += v.len() as u64;
+                rows.push(RowMeta { key, len: rec.len, stored_bytes: rec.payload.len() as u64 });
             }
             stats.records_examined += rows.len() as u64;
-            let mut keep = vec![false; rows.len()];
-            for (i, r) in rows.iter().enumerate() {
-                if r.key.epoch > upto {
-                    keep[i] = true;
-                }
-            }
-            for &at in &points {
-                let hidden = self.punches.covering(key.cont, key.oid, Some(&key.dkey), Some(&key.akey), at);
-                let visible = |r: &Row| r.key.epoch <= at && !hidden.is_some_and(|h| r.key.epoch <= h);
-                // Single values: the newest visible row is what a read at `at` returns.
-                if let Some(i) = rows.iter().enumerate().filter(|(_, r)| r.key.offset.is_none() && visible(r)).max_by_key(|(_, r)| r.key.epoch).map(|(i, _)| i) {
-                    keep[i] = true;
-                }
-                // Extents: every row owning at least one byte at `at`.
-                let mut order: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].key.offset.is_some() && visible(&rows[i])).collect();
-                order.sort_by_key(|&i| rows[i].key.epoch);
-                let mut owners = OwnerMap::default();
-                for i in order {
-                    let s = rows[i].key.offset.unwrap_or(0);
-                    owners.paint(s, s + rows[i].len, i);
-                }
-                for (_, _, i) in owners.iter() {
-                    keep[i] = true;
-                }
-            }
-            // A punch row with nothing older kept beneath it hides nothing.
-            for i in 0..rows.len() {
-                if keep[i] && rows[i].kind == RecordKind::Punch && rows[i].key.epoch <= upto {
-                    let r = &rows[i];
-                    let shadows_something = rows.iter().enumerate().any(|(j, o)| {
-                        keep[j] && o.key.epoch < r.key.epoch && o.key.offset.is_some() == r.key.offset.is_some() && {
-                            match (o.key.offset, r.key.offset) {
-                                (Some(os), Some(rs)) => os < rs + r.len && rs < os + o.len,
-                                _ => true,
-                            }
-                        }
-                    });
-                    if !shadows_something {
-                        keep[i] = false;
-                    }
-                }
-            }
-            let mut ops = Vec::new();
+            let keep = Self::rows_to_keep(&rows, upto, &points, |at| self.punches.covering(key.cont, key.oid, Some(&key.dkey), Some(&key.akey), at));
             for (i, r) in rows.iter().enumerate() {
                 if !keep[i] {
                     stats.records_removed += 1;
-                    stats.bytes_reclaimed += r.payload.len() as u64;
+                    stats.bytes_reclaimed += r.stored_bytes;
                     ops.push(EngineOp::Delete(Space::Records, encode_record_key(&r.key)));
                 }
             }
-            if !ops.is_empty() {
-                self.writer.commit(ops, Vec::new())?;
-            }
             start = prefix_successor(&p);
+        };
+        if !ops.is_empty() {
+            ops.push(EngineOp::Put(Space::Meta, Horizon::key(cont), horizon.encode()));
+            self.writer.commit(ops, Vec::new())?;
         }
-        Ok(stats)
+        Ok(AggregateStep { stats, next })
+    }
+
+    /// Which rows of one akey a read at a kept point (`points`: `upto` and the retained epochs
+    /// below it) may return, plus every row above `upto`. An extent punch row that owns bytes at
+    /// a point is kept even with nothing older beneath it: an older row arriving later (a late
+    /// write, a rebuild import of a version this target missed) must stay hidden by it.
+    fn rows_to_keep(rows: &[RowMeta], upto: Epoch, points: &[Epoch], covering: impl Fn(Epoch) -> Option<Epoch>) -> Vec<bool> {
+        let mut keep: Vec<bool> = rows.iter().map(|r| r.key.epoch > upto).collect();
+        for &at in points {
+            let hidden = covering(at);
+            let visible = |r: &RowMeta| r.key.epoch <= at && hidden.is_none_or(|h| r.key.epoch > h);
+            // Single values: the newest visible row is what a read at `at` returns.
+            if let Some(i) = rows.iter().enumerate().filter(|(_, r)| r.key.offset.is_none() && visible(r)).max_by_key(|(_, r)| r.key.epoch).map(|(i, _)| i) {
+                keep[i] = true;
+            }
+            // Extents: every row owning at least one byte at `at`.
+            let mut order: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].key.offset.is_some() && visible(&rows[i])).collect();
+            order.sort_by_key(|&i| rows[i].key.epoch);
+            let mut owners = OwnerMap::default();
+            for i in order {
+                let s = rows[i].key.offset.unwrap_or(0);
+                owners.paint(s, s + rows[i].len, i);
+            }
+            for (_, _, i) in owners.iter() {
+                keep[i] = true;
+            }
+        }
+        keep
     }
 
     /// Every stored row of an object (all versions, punches included), for copying a shard
@@ -515,12 +606,14 @@ impl Vos {
                 let p = PunchEntry::decode_key(&r.key).ok_or_else(|| corrupt(&r.key, "undecodable punch key"))?;
                 ops.push(EngineOp::Put(Space::Objects, object_prefix(p.cont, p.oid), Vec::new()));
                 ops.push(EngineOp::Put(Space::Punches, r.key.clone(), Vec::new()));
+                self.dirty().note_write(p.cont, p.epoch);
                 punches.push(p);
             } else {
                 let k = decode_record_key(&r.key).ok_or_else(|| corrupt(&r.key, "undecodable record key"))?;
                 record::decode(&r.value).map_err(|d| corrupt(&r.key, d))?;
                 ops.push(EngineOp::Put(Space::Objects, object_prefix(k.cont, k.oid), Vec::new()));
                 ops.push(EngineOp::Put(Space::Records, r.key.clone(), r.value.clone()));
+                self.dirty().note_write(k.cont, k.epoch);
             }
         }
         self.writer.commit(ops, punches)
