@@ -99,6 +99,12 @@ enum BenchCommand {
 }
 
 fn main() {
+    // `strata pool query | head` ends quietly, like other Unix tools, instead of panicking on
+    // a closed stdout.
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -167,6 +167,19 @@ impl Vos {
 
     /// Apply a batch atomically; returns once it is on stable storage.
     pub fn update(&self, batch: &[Update]) -> Result<(), VosError> {
+        let (ops, punches) = self.encode_batch(batch)?;
+        self.writer.commit(ops, punches)
+    }
+
+    /// [`Vos::update`] for async callers: encoding (checksums, copies) runs on the caller's
+    /// task, and the task, not a thread, waits for the group commit.
+    pub async fn update_async(&self, batch: &[Update]) -> Result<(), VosError> {
+        let (ops, punches) = self.encode_batch(batch)?;
+        self.writer.commit_async(ops, punches).await
+    }
+
+    /// Check a batch against the limits and turn it into engine rows and punch entries.
+    fn encode_batch(&self, batch: &[Update]) -> Result<(Vec<EngineOp>, Vec<PunchEntry>), VosError> {
         if batch.len() > BATCH_UPDATES_MAX {
             return Err(VosError::BatchTooLarge { got: 0, ops: batch.len(), max_bytes: BATCH_BYTES_MAX, max_ops: BATCH_UPDATES_MAX });
         }
@@ -232,7 +245,7 @@ impl Vos {
                 d.note_write(u.cont, u.epoch);
             }
         }
-        self.writer.commit(ops, punches)
+        Ok((ops, punches))
     }
 
     /// The newest single value of `akey` at or below `epoch`, with the epoch it was written at.
