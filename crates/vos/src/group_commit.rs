@@ -5,6 +5,7 @@
 
 use crate::engine::{EngineOp, KvEngine};
 use crate::error::VosError;
+use crate::extent_file::{sync_touched, Touched};
 use crate::punch_index::{PunchEntry, PunchIndex};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use std::thread::JoinHandle;
 pub struct Job {
     pub ops: Vec<EngineOp>,
     pub punches: Vec<PunchEntry>,
+    /// Extent files this batch wrote into: synced before its index rows are applied.
+    pub touched: Vec<Touched>,
     pub bytes: usize,
     reply: mpsc::SyncSender<Result<(), String>>,
 }
@@ -35,14 +38,14 @@ impl GroupCommit {
     }
 
     /// Submit one atomic batch and wait until it is durable.
-    pub fn commit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>) -> Result<(), VosError> {
-        let bytes = ops.iter().map(EngineOp::bytes).sum();
+    pub fn commit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, touched: Vec<Touched>, extent_bytes: usize) -> Result<(), VosError> {
+        let bytes = ops.iter().map(EngineOp::bytes).sum::<usize>() + extent_bytes;
         let (reply, wait) = mpsc::sync_channel(1);
         let tx = self.tx.as_ref().ok_or_else(|| VosError::WriterStopped("store closed".into()))?;
         if self.thread.is_none() {
             return Err(VosError::WriterStopped("writer thread could not be started".into()));
         }
-        tx.send(Job { ops, punches, bytes, reply }).map_err(|_| VosError::WriterStopped("writer thread exited".into()))?;
+        tx.send(Job { ops, punches, touched, bytes, reply }).map_err(|_| VosError::WriterStopped("writer thread exited".into()))?;
         match wait.recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(msg)) => Err(VosError::Engine(msg)),
@@ -74,10 +77,13 @@ fn writer_loop(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, rx: mpsc::Re
             }
         }
         let mut ops = Vec::with_capacity(jobs.iter().map(|j| j.ops.len()).sum());
+        let mut touched = Vec::new();
         for j in &mut jobs {
             ops.append(&mut j.ops);
+            touched.append(&mut j.touched);
         }
-        let result = engine.apply(ops).and_then(|()| engine.sync());
+        // Extent bytes first: an index row must never be durable before the bytes it names.
+        let result = sync_touched(&touched).and_then(|()| engine.apply(ops)).and_then(|()| engine.sync());
         match result {
             Ok(()) => {
                 for j in &jobs {
