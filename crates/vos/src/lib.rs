@@ -104,7 +104,8 @@ pub struct Update {
 #[derive(Clone, Debug)]
 pub enum UpdateOp {
     Single { akey: Vec<u8>, value: Vec<u8> },
-    Extent { akey: Vec<u8>, offset: u64, data: Vec<u8> },
+    /// `Bytes`, so an RPC payload reaches the extent file without a copy.
+    Extent { akey: Vec<u8>, offset: u64, data: bytes::Bytes },
     PunchExtent { akey: Vec<u8>, offset: u64, len: u64 },
     PunchAkey { akey: Vec<u8> },
     PunchDkey,

@@ -72,7 +72,7 @@ fn crash_child_process() {
                 let epoch = base + i * THREADS + t;
                 let value = value_for(epoch);
                 let op = if is_extent(epoch) {
-                    UpdateOp::Extent { akey: b"arr".to_vec(), offset: 0, data: value }
+                    UpdateOp::Extent { akey: b"arr".to_vec(), offset: 0, data: value.into() }
                 } else {
                     UpdateOp::Single { akey: b"val".to_vec(), value }
                 };
