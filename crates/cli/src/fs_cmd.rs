@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use strata_fs::fuse_mount::{serve, MountOptions, StrataFs};
+use strata_fs::mount_session::MountSession;
 use strata_fs::volume::Volume;
 use strata_types::Epoch;
 
@@ -61,6 +62,20 @@ pub enum FsCommand {
         /// Log file of a background mount (default: /tmp/strata-fs-<mountpoint>.log).
         #[arg(long)]
         log: Option<PathBuf>,
+        /// Lifetime of the mount's session lease: after it dies, other mounts reclaim the
+        /// files it had unlinked while open this long after its last renewal.
+        #[arg(long, default_value_t = strata_fs::mount_session::SESSION_TTL_MS_DEFAULT, hide = true)]
+        session_ttl_ms: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Files unlinked while open (orphans) and whether the mount holding each is alive;
+    /// `--reclaim` deletes those of dead mounts (running mounts do this by themselves).
+    Orphans {
+        /// POOL/CONT
+        target: String,
+        #[arg(long)]
+        reclaim: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -175,15 +190,39 @@ fn fuse_ready() -> anyhow::Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn mount_foreground(target: &str, mp: &Path, opts: &[MountOpt], threads: usize, meta_cache_ms: u64, conn: &Conn) -> anyhow::Result<()> {
+fn mount_foreground(target: &str, mp: &Path, opts: &[MountOpt], threads: usize, meta_cache_ms: u64, session_ttl_ms: u64, conn: &Conn) -> anyhow::Result<()> {
     let (pool, cont) = pool_cont(target)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("strata-fs-io").enable_all().build()?;
-    let (vol, capacity) = rt.block_on(async {
+    let read_only = opts.iter().fold(false, |ro, o| match o {
+        MountOpt::ReadOnly => true,
+        MountOpt::ReadWrite => false,
+        _ => ro,
+    });
+    let (vol, capacity, session) = rt.block_on(async {
         let client = conn.client().await?;
         let vol = Volume::open(&client, &pool, &cont).await.map_err(|e| anyhow::anyhow!("volume {pool}/{cont}: {e}"))?;
         let cap = vol.cont.pool.info().map(|i| i.size_bytes).unwrap_or(1 << 40);
-        anyhow::Ok((vol, cap))
+        // A read-only mount unlinks nothing, so it needs no session; it reclaims nothing either.
+        let session = if read_only { None } else { Some(MountSession::start(&vol, session_ttl_ms).await.map_err(|e| anyhow::anyhow!("volume {pool}/{cont}: {e}"))?) };
+        anyhow::Ok((vol, cap, session))
     })?;
+    if let Some(s) = &session {
+        // Reclaim what dead mounts left behind: now, then once per session lifetime.
+        let (vol, own, period) = (vol.clone(), s.key.clone(), Duration::from_millis(session_ttl_ms.clamp(strata_fs::mount_session::SESSION_TTL_MS_MIN, 60_000)));
+        // A thread of its own: metadata transactions are not `Send` futures (see fuse_mount).
+        let h = rt.handle().clone();
+        let reaper = move || async move {
+            loop {
+                match strata_fs::mount_session::orphans(&vol, Some(&own), true).await {
+                    Ok(list) if list.iter().any(|o| o.reclaimed) => tracing::info!(reclaimed = list.iter().filter(|o| o.reclaimed).count(), "reclaimed orphans of dead mounts"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not reclaim the orphans of dead mounts"),
+                }
+                tokio::time::sleep(period).await;
+            }
+        };
+        std::thread::Builder::new().name("strata-fs-reaper".into()).spawn(move || h.block_on(reaper()))?;
+    }
     let mut mo = MountOptions { threads: threads.clamp(1, 64), meta_cache: Duration::from_millis(meta_cache_ms), fsname: format!("{FSNAME_PREFIX}{pool}/{cont}"), capacity_bytes: capacity, ..Default::default() };
     for o in opts {
         match o {
@@ -213,6 +252,9 @@ fn mount_foreground(target: &str, mp: &Path, opts: &[MountOpt], threads: usize, 
         let _ = std::io::stdout().flush();
     })
     .with_context(|| format!("serving the mount on {}", mp.display()))?;
+    if let Some(s) = session {
+        rt.block_on(s.end());
+    }
     Ok(())
 }
 
@@ -248,15 +290,15 @@ fn mount_background(args: &[String], mp: &Path, log: &Path) -> anyhow::Result<u3
 
 pub fn run(c: FsCommand) -> anyhow::Result<()> {
     match c {
-        FsCommand::Mount { target, mountpoint, foreground, options, threads, meta_cache_ms, log, conn } => {
+        FsCommand::Mount { target, mountpoint, foreground, options, threads, meta_cache_ms, log, session_ttl_ms, conn } => {
             fuse_ready()?;
             pool_cont(&target)?;
             let mp = check_mountpoint(&mountpoint)?;
             if foreground {
-                return mount_foreground(&target, &mp, &options, threads, meta_cache_ms, &conn);
+                return mount_foreground(&target, &mp, &options, threads, meta_cache_ms, session_ttl_ms, &conn);
             }
             let log = log.unwrap_or_else(|| PathBuf::from(format!("/tmp/strata-fs-{}.log", mp.display().to_string().replace('/', "_"))));
-            let mut args: Vec<String> = vec!["fs".into(), "mount".into(), target.clone(), mp.display().to_string(), "--threads".into(), threads.to_string(), "--meta-cache-ms".into(), meta_cache_ms.to_string()];
+            let mut args: Vec<String> = vec!["fs".into(), "mount".into(), target.clone(), mp.display().to_string(), "--threads".into(), threads.to_string(), "--meta-cache-ms".into(), meta_cache_ms.to_string(), "--session-ttl-ms".into(), session_ttl_ms.to_string()];
             let opt_text: Vec<String> = options
                 .iter()
                 .map(|o| match o {
@@ -300,6 +342,21 @@ pub fn run(c: FsCommand) -> anyhow::Result<()> {
             }
             emit(conn.json, &serde_json::json!({"unmounted": mp}), |_| println!("unmounted {}", mp.display()))
         }
+        FsCommand::Orphans { target, reclaim, conn } => block_on(async move {
+            let (pool, cont) = pool_cont(&target)?;
+            let client = conn.client().await?;
+            let vol = Volume::open(&client, &pool, &cont).await.map_err(|e| anyhow::anyhow!("volume {pool}/{cont}: {e}"))?;
+            let list = strata_fs::mount_session::orphans(&vol, None, reclaim).await.map_err(|e| anyhow::anyhow!("orphans of {pool}/{cont}: {e}"))?;
+            emit(conn.json, &list, |list| {
+                if list.is_empty() {
+                    println!("no orphans in {pool}/{cont}");
+                }
+                for o in list {
+                    let state = if o.reclaimed { "reclaimed" } else if o.alive { "held open by a live mount" } else { "mount is dead (reclaim with --reclaim)" };
+                    println!("inode {:>12}  {state}  session {}", o.ino, if o.session.is_empty() { "?" } else { &o.session });
+                }
+            })
+        }),
         FsCommand::Layout { path, format, cap_ttl_s, conn } => block_on(async move {
             let (pool, cont, rel) = locate(&path)?;
             let client = conn.client().await?;

@@ -91,6 +91,45 @@ pub struct TargetSel {
     conn: Conn,
 }
 
+/// `pool query`: the pool's map and rebuild state from the management service, plus what the
+/// background scrub of its ranks found since they started.
+#[derive(serde::Serialize)]
+struct PoolQuery {
+    #[serde(flatten)]
+    info: PoolInfo,
+    scrub: BackgroundScrub,
+}
+
+#[derive(serde::Serialize, Default)]
+struct BackgroundScrub {
+    /// Passes summed over the ranks that answered.
+    passes: u64,
+    ranks_answered: usize,
+    #[serde(flatten)]
+    counters: strata_rpc::engine_msg::ScrubCounters,
+}
+
+/// Sum of the background scrub counters of the pool's ranks (ranks that do not answer are
+/// left out and show in `ranks_answered`).
+async fn background_scrub(conn: &Conn, p: &PoolInfo) -> BackgroundScrub {
+    use strata_rpc::engine_msg::{EngineReq, EngineResp};
+    let mut out = BackgroundScrub::default();
+    let Ok(client) = conn.client().await else { return out };
+    let engines = strata_rpc::RpcPool::new(strata_rpc::ServiceKind::Engine, Some(client.cluster().to_owned()), Default::default());
+    for addr in p.rank_addrs.values() {
+        if let Ok((EngineResp::Stats(s), _)) = engines.call::<_, EngineResp>(addr, &EngineReq::Stats, bytes::Bytes::new(), std::time::Duration::from_secs(5)).await {
+            out.ranks_answered += 1;
+            out.passes += s.scrub_passes;
+            out.counters.records_checked += s.scrub.records_checked;
+            out.counters.bytes_checked += s.scrub.bytes_checked;
+            out.counters.corrupt += s.scrub.corrupt;
+            out.counters.repaired += s.scrub.repaired;
+            out.counters.lost += s.scrub.lost;
+        }
+    }
+    out
+}
+
 fn print_pool(p: &PoolInfo) {
     println!("pool {} ({})  size {}  map version {}", p.label, p.id, human_bytes(p.size_bytes), p.map.version);
     match &p.rebuild {
@@ -125,8 +164,13 @@ pub fn run(c: PoolCommand) -> anyhow::Result<()> {
                 });
             }
             PoolCommand::Query { pool, conn } => {
-                let r = conn.query(MgmtQuery::Pool { pool }).await?;
-                (conn, r)
+                let MgmtReply::Pool(info) = conn.query(MgmtQuery::Pool { pool }).await? else { anyhow::bail!("unexpected reply") };
+                let scrub = background_scrub(&conn, &info).await;
+                return emit(conn.json, &PoolQuery { info, scrub }, |q| {
+                    print_pool(&q.info);
+                    let s = &q.scrub;
+                    println!("background scrub: {} passes on {}/{} ranks; {} records checked, {} repaired, {} lost", s.passes, s.ranks_answered, q.info.rank_addrs.len(), s.counters.records_checked, s.counters.repaired, s.counters.lost);
+                });
             }
             PoolCommand::Destroy { pool, force, conn } => {
                 let r = conn.write(MgmtCmd::PoolDestroy { pool: pool.clone(), force }).await?;

@@ -20,7 +20,8 @@ use tokio::net::TcpListener;
 pub struct Args {
     /// TOML file with the same keys as the flags (dir, mgmt_addr, data_addr, access_points,
     /// fault_domain, labels, targets, cluster, heartbeat_timeout_ms, threads,
-    /// rebuild_mib_per_s, aggregate_interval_ms, aggregate_margin_ms, aggregate_mib_per_s);
+    /// rebuild_mib_per_s, aggregate_interval_ms, aggregate_margin_ms, aggregate_mib_per_s,
+    /// scrub_interval_ms, scrub_mib_per_s);
     /// flags win.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -69,6 +70,14 @@ pub struct Args {
     /// Most MiB per second aggregation reads to examine versions (0: no limit; default 64).
     #[arg(long)]
     pub aggregate_mib_per_s: Option<u64>,
+    /// Time between background scrub passes, which verify the checksum of every stored record
+    /// and repair bad ones from healthy shards (0: off; default 86400000, a day).
+    #[arg(long)]
+    pub scrub_interval_ms: Option<u64>,
+    /// Most MiB per second a background scrub pass reads, on average over each target (0: no
+    /// limit; default 32).
+    #[arg(long)]
+    pub scrub_mib_per_s: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -88,6 +97,8 @@ struct FileConfig {
     aggregate_interval_ms: Option<u64>,
     aggregate_margin_ms: Option<u64>,
     aggregate_mib_per_s: Option<u64>,
+    scrub_interval_ms: Option<u64>,
+    scrub_mib_per_s: Option<u64>,
 }
 
 /// What a rank remembers across restarts.
@@ -112,7 +123,12 @@ struct Resolved {
     threads: usize,
     rebuild_bytes_per_s: u64,
     aggregation: strata_engine::AggregationConfig,
+    scrub_interval: Duration,
+    scrub_bytes_per_s: u64,
 }
+
+/// A day: bit rot is slow, and a pass reads every stored byte.
+const SCRUB_INTERVAL_MS_DEFAULT: u64 = 86_400_000;
 
 fn resolve(a: Args) -> anyhow::Result<Resolved> {
     let file = match &a.config {
@@ -160,6 +176,8 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
                 ..d
             }
         },
+        scrub_interval: Duration::from_millis(a.scrub_interval_ms.or(file.scrub_interval_ms).unwrap_or(SCRUB_INTERVAL_MS_DEFAULT)),
+        scrub_bytes_per_s: a.scrub_mib_per_s.or(file.scrub_mib_per_s).unwrap_or(32) << 20,
     };
     strata_placement::FaultDomain::parse(&r.fault_domain).map_err(|e| anyhow::anyhow!("--fault-domain: {e}"))?;
     Ok(r)
@@ -278,7 +296,9 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     let rb = engine.clone();
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // A new pool map starts a pass at once: writes to the old places only until then
+            // are what rebalancing has to copy.
+            let _ = tokio::time::timeout(Duration::from_millis(500), rb.map_changed()).await;
             if let Err(e) = rb.rebuild_tick().await {
                 tracing::warn!(error = %e, "rebuild pass failed; retrying");
             }
@@ -293,6 +313,18 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
             loop {
                 tokio::time::sleep(interval).await;
                 ag.aggregate_tick().await;
+            }
+        });
+    }
+
+    // So does scrub, paced so it never takes the disk from foreground I/O.
+    if !r.scrub_interval.is_zero() {
+        let sc = engine.clone();
+        let (interval, bytes_per_s) = (r.scrub_interval, r.scrub_bytes_per_s);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                sc.scrub_tick(bytes_per_s).await;
             }
         });
     }

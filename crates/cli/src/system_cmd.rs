@@ -49,15 +49,7 @@ pub fn run(c: SystemCommand) -> anyhow::Result<()> {
                 })
             }
             SystemCommand::Stop { rank, conn } => {
-                let MgmtReply::System(s) = conn.query(MgmtQuery::System).await? else { anyhow::bail!("unexpected reply") };
-                let ranks: Vec<Rank> = s.ranks.iter().map(|r| r.rank).filter(|r| rank.is_none_or(|x| x == r.0)).collect();
-                anyhow::ensure!(!ranks.is_empty(), "no rank {} in the system", rank.unwrap_or(0));
-                // Access points last, so the management service can record the others.
-                let (aps, others): (Vec<Rank>, Vec<Rank>) = ranks.iter().partition(|r| s.ranks.iter().any(|i| i.rank == **r && i.access_point));
-                for r in others.iter().chain(aps.iter()) {
-                    conn.write(MgmtCmd::SetRankState { rank: *r, state: RankState::Stopped }).await?;
-                }
-                let list: Vec<u32> = ranks.iter().map(|r| r.0).collect();
+                let list = stop_ranks(&conn, rank).await?;
                 emit(conn.json, &serde_json::json!({"stopping": list}), |_| println!("stopping ranks {list:?}; they exit at their next heartbeat"))
             }
             SystemCommand::Exclude { rank, conn } => {
@@ -70,4 +62,18 @@ pub fn run(c: SystemCommand) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Record ranks (all, or `rank`) as stopped in the management service, access points last so
+/// that it can record the others. A stopped rank is not "silent past the heartbeat timeout":
+/// its targets stay in every pool map, and the same ranks starting again serve at once.
+pub async fn stop_ranks(conn: &Conn, rank: Option<u32>) -> anyhow::Result<Vec<u32>> {
+    let MgmtReply::System(s) = conn.query(MgmtQuery::System).await? else { anyhow::bail!("unexpected reply") };
+    let ranks: Vec<Rank> = s.ranks.iter().map(|r| r.rank).filter(|r| rank.is_none_or(|x| x == r.0)).collect();
+    anyhow::ensure!(!ranks.is_empty(), "no rank {} in the system", rank.unwrap_or(0));
+    let (aps, others): (Vec<Rank>, Vec<Rank>) = ranks.iter().partition(|r| s.ranks.iter().any(|i| i.rank == **r && i.access_point));
+    for r in others.iter().chain(aps.iter()) {
+        conn.write(MgmtCmd::SetRankState { rank: *r, state: RankState::Stopped }).await?;
+    }
+    Ok(ranks.iter().map(|r| r.0).collect())
 }

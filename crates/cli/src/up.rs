@@ -4,6 +4,8 @@
 //! cluster file and stays in the foreground until Ctrl-C. Run it again on the same directory
 //! and the same cluster comes back with its state.
 
+use crate::cluster_cmd::{block_on, Conn};
+use crate::system_cmd::stop_ranks;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -42,6 +44,12 @@ pub struct Args {
     /// Passed to every rank (`strata server --aggregate-margin-ms`).
     #[arg(long)]
     aggregate_margin_ms: Option<u64>,
+    /// Passed to every rank (`strata server --scrub-interval-ms`).
+    #[arg(long)]
+    scrub_interval_ms: Option<u64>,
+    /// Passed to every rank (`strata server --rebuild-mib-per-s`).
+    #[arg(long)]
+    rebuild_mib_per_s: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -135,6 +143,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if let Some(ms) = a.aggregate_interval_ms {
             cmd.args(["--aggregate-interval-ms", &ms.to_string()]);
         }
+        if let Some(m) = a.rebuild_mib_per_s {
+            cmd.args(["--rebuild-mib-per-s", &m.to_string()]);
+        }
+        if let Some(ms) = a.scrub_interval_ms {
+            cmd.args(["--scrub-interval-ms", &ms.to_string()]);
+        }
         if let Some(ms) = a.aggregate_margin_ms {
             cmd.args(["--aggregate-margin-ms", &ms.to_string()]);
         }
@@ -169,6 +183,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     println!("\nstopping {} ranks...", children.len());
+    // Tell the management service first: ranks that merely exit at different moments would
+    // look dead to it (a slow one past the heartbeat timeout), and their targets would then
+    // need `pool reintegrate` after the next `strata up`.
+    let conn = Conn { cluster: Some(dir.join("cluster.json")), json: false };
+    let told = block_on(async { tokio::time::timeout(Duration::from_secs(5), stop_ranks(&conn, None)).await.map_err(|_| anyhow::anyhow!("no answer within 5 s"))?.map(|_| ()) });
+    if let Err(e) = told {
+        eprintln!("could not record the stop in the management service ({e:#}); stopping the processes anyway");
+    }
     stop_all(&mut children);
     println!("stopped; `strata up --dir {}` brings the same cluster back", dir.display());
     Ok(())

@@ -182,9 +182,13 @@ fn commands_json_restart_and_bad_input() {
 
     // Ctrl-C, then `strata up` again on the same directory: the same state comes back.
     let pools = c.json(&["pool", "list"]);
+    let states = |q: &Value| q["map"]["targets"].as_array().unwrap().iter().map(|t| (t["id"].to_string(), t["state"].to_string())).collect::<Vec<_>>();
+    let before_restart = states(&c.json(&["pool", "query", "tank"]));
     c.interrupt();
     c.launch();
     assert_eq!(pool_identity(&c.json(&["pool", "list"])), pool_identity(&pools));
+    // An orderly stop is no failure: no target changed state (none needs reintegrating).
+    assert_eq!(states(&c.json(&["pool", "query", "tank"])), before_restart);
     assert_eq!(labels(&c.json(&["cont", "list", "tank"])).len(), 3);
 
     // `system stop` stops every rank cleanly and `strata up` exits by itself; up again restores.

@@ -260,7 +260,7 @@ fn fsynced_data_survives_a_killed_mount() {
     fs::create_dir_all(&a).unwrap();
     let log = fs::File::create(c.path().join("mount.log")).unwrap();
     let mut child = Command::new(common::BIN)
-        .args(["fs", "mount", "tank/vol", a.to_str().unwrap(), "--foreground"])
+        .args(["fs", "mount", "tank/vol", a.to_str().unwrap(), "--foreground", "--session-ttl-ms", "2000"])
         .env("STRATA_CLUSTER", c.cluster_file())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -272,6 +272,14 @@ fn fsynced_data_survives_a_killed_mount() {
     let mut f = fs::File::create(a.join("durable")).unwrap();
     f.write_all(&data).unwrap();
     f.sync_all().unwrap();
+    // A file unlinked while open: an orphan of this mount's session, which is alive.
+    let mut doomed = fs::File::create(a.join("doomed")).unwrap();
+    doomed.write_all(&data[..100_000]).unwrap();
+    doomed.sync_all().unwrap();
+    fs::remove_file(a.join("doomed")).unwrap();
+    let orphans = c.json(&["fs", "orphans", "tank/vol", "--reclaim"]);
+    assert_eq!(orphans.as_array().map(|a| a.len()), Some(1), "{orphans}");
+    assert_eq!((orphans[0]["alive"].as_bool(), orphans[0]["reclaimed"].as_bool()), (Some(true), Some(false)), "a live mount's orphan is kept: {orphans}");
     // Written but never flushed: may be lost, must not corrupt what was synced.
     f.write_all(b"unsynced tail").unwrap();
     unsafe {
@@ -279,12 +287,29 @@ fn fsynced_data_survives_a_killed_mount() {
     }
     let _ = child.wait();
     drop(f);
+    drop(doomed);
     let _ = Command::new("fusermount3").arg("-uz").arg(&a).status();
     poll("the dead mount to go", Duration::from_secs(10), || (!is_mounted(&a)).then_some(()));
-    mount(&c, "tank/vol", &a, &[]);
+    assert_eq!(c.json(&["fs", "orphans", "tank/vol"]).as_array().map(|a| a.len()), Some(1), "the dead mount left its orphan");
+    mount(&c, "tank/vol", &a, &["--session-ttl-ms", "2000"]);
     let got = fs::read(a.join("durable")).unwrap();
     assert!(got.len() >= data.len(), "fsync'd bytes are all there ({} < {})", got.len(), data.len());
     assert_eq!(&got[..data.len()], &data[..]);
+    // The new mount reclaims the dead one's orphan once its session has expired.
+    poll("the dead mount's orphan to be reclaimed", Duration::from_secs(30), || c.json(&["fs", "orphans", "tank/vol"]).as_array().is_some_and(|a| a.is_empty()).then_some(()));
+    // An orphan of this live mount survives a reclaim pass, then goes at its last close.
+    let mut kept = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(a.join("kept")).unwrap();
+    kept.write_all(b"still readable").unwrap();
+    kept.sync_all().unwrap();
+    fs::remove_file(a.join("kept")).unwrap();
+    let orphans = c.json(&["fs", "orphans", "tank/vol", "--reclaim"]);
+    assert_eq!(orphans[0]["alive"].as_bool(), Some(true), "{orphans}");
+    let mut text = String::new();
+    kept.seek(SeekFrom::Start(0)).unwrap();
+    kept.read_to_string(&mut text).unwrap();
+    assert_eq!(text, "still readable");
+    drop(kept);
+    poll("the last close to reclaim the orphan", Duration::from_secs(10), || c.json(&["fs", "orphans", "tank/vol"]).as_array().is_some_and(|a| a.is_empty()).then_some(()));
     umount(&c, &a);
 }
 
@@ -365,4 +390,28 @@ fn capabilities_grant_one_shard_and_nothing_else() {
     });
     assert_eq!(get(replica["read_cap"].as_str().unwrap(), mine[0]).stdout, b"Z", "the leader replicated the capability write");
     umount(&c, &a);
+}
+
+#[test]
+fn bench_fs_reports_ratios_against_bindfs() {
+    if !fuse_available() {
+        return;
+    }
+    // The baseline: scripts/test installs bindfs.
+    if Command::new("bindfs").arg("--version").output().is_err() {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "bench fs needs bindfs (apt-get install bindfs)");
+        eprintln!("skipping: no bindfs");
+        return;
+    }
+    let c = Cluster::start(&["--ranks", "3"]);
+    let v = c.json(&["bench", "fs", "--files", "300", "--size", "4M", "--random-secs", "1", "--runs", "1"]);
+    for job in ["create", "stat", "unlink", "seq-write-1m", "seq-read-1m", "rand-write-4k", "rand-read-4k"] {
+        let f = &v[job];
+        let (s, b, r) = (f["strata"].as_f64().unwrap_or(0.0), f["bindfs"].as_f64().unwrap_or(0.0), f["ratio"].as_f64().unwrap_or(-1.0));
+        assert!(s > 0.0 && b > 0.0, "{job}: both sides measured: {f}");
+        assert!((r - s / b).abs() < 1e-6 * r.max(1.0), "{job}: ratio is strata/bindfs: {f}");
+    }
+    assert_eq!(v["create"]["target"].as_f64(), Some(0.5));
+    assert_eq!(v["seq-read-1m"]["target"].as_f64(), Some(0.6));
+    assert!(v["seq-read-1m"]["met"].is_boolean());
 }

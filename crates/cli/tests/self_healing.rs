@@ -255,3 +255,244 @@ fn scrub_finds_and_repairs_a_corrupted_replica_and_ec_cell() {
         assert!(got == blob(2), "EC bytes differ after repair");
     });
 }
+
+/// Total bytes the pool's engines pushed to other places (rebuild, drain, rebalancing) or also
+/// wrote to the extended layout's places, by their own counters.
+async fn moved_bytes(pool: &strata_client::PoolHandle) -> u64 {
+    pool.refresh().await.unwrap();
+    let mut total = 0;
+    for r in pool.call_all_engines(&strata_rpc::engine_msg::EngineReq::Stats, Duration::from_secs(10)).await.unwrap() {
+        match r {
+            Ok((strata_rpc::engine_msg::EngineResp::Stats(s), _)) => total += s.moved_bytes + s.extension_write_bytes,
+            other => panic!("an engine did not report its counters: {other:?}"),
+        }
+    }
+    total
+}
+
+/// Bytes whose placement differs between two maps: for every value, the size times the number
+/// of targets of its group under `after` that were not in its group under `before`.
+fn ideal_moved(before: &strata_placement::PoolMap, after: &strata_placement::PoolMap, values: &[(strata_types::Oid, Vec<u8>, usize)]) -> u64 {
+    let (a, b) = (strata_placement::PlacementMap::new(before, false), strata_placement::PlacementMap::new(after, false));
+    let mut ideal = 0;
+    for (oid, dkey, len) in values {
+        let (la, lb) = (a.layout(*oid).unwrap(), b.layout(*oid).unwrap());
+        let ga: Vec<_> = la.group(la.group_for_dkey(dkey)).iter().map(|s| s.target).collect();
+        let new = lb.group(lb.group_for_dkey(dkey)).iter().filter(|s| !ga.contains(&s.target)).count();
+        ideal += (new * len) as u64;
+    }
+    ideal
+}
+
+fn ext_value(tag: &str, len: usize) -> Vec<u8> {
+    let mut x = tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_little() {
+    const EXT_CLASSES: [&str; 4] = ["RP_2G1", "RP_3G1", "RP_2GX", "S1"];
+    const OBJECTS: usize = 300;
+    const DKEYS: usize = 3;
+    const VALUE_BYTES: usize = 4096;
+    let c = Cluster::start(&["--ranks", "6", "--heartbeat-timeout-ms", "3000"]);
+    let ranks: Vec<u64> = (0..6).map(|i| c.rank_of_dir(i)).collect();
+    let first4 = ranks[..4].iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+    let last2 = ranks[4..].iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+    c.json(&["pool", "create", "ext", "--size", "2G", "--ranks", &first4]);
+    for (i, class) in EXT_CLASSES.iter().enumerate() {
+        c.json(&["cont", "create", "ext", &format!("c{i}"), "--oclass", class, "--rf", if *class == "S1" { "0" } else { "1" }]);
+    }
+    let rt = runtime();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    // (handle, dkey, akey, value) of every acknowledged write.
+    type Acked = Vec<(ObjHandle, Vec<u8>, Vec<u8>)>;
+    let (pool, objs, base): (Arc<strata_client::PoolHandle>, Vec<Vec<ObjHandle>>, Acked) = rt.block_on(async {
+        let client = Client::connect(&cf).await.unwrap();
+        let mut objs = Vec::new();
+        let mut base = Vec::new();
+        for (i, class) in EXT_CLASSES.iter().enumerate() {
+            let h = client.container("ext", &format!("c{i}")).await.unwrap();
+            let os = h.create_objects(class.parse().unwrap(), OBJECTS as u64).await.unwrap();
+            let mut tasks = Vec::new();
+            for (j, o) in os.iter().enumerate() {
+                for d in 0..DKEYS {
+                    let (o, dkey) = (o.clone(), format!("k{d}").into_bytes());
+                    let v = ext_value(&format!("{class}/{j}/{d}"), VALUE_BYTES);
+                    base.push((o.clone(), dkey.clone(), v.clone()));
+                    tasks.push(tokio::spawn(async move { o.put(&dkey, b"a", &v).await.unwrap() }));
+                }
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            objs.push(os);
+        }
+        (client.pool("ext").await.unwrap(), objs, base)
+    });
+    let map0 = pool.info().unwrap().map;
+    let moved0 = rt.block_on(moved_bytes(&pool));
+
+    // Writers keep going through the extension: new dkeys on existing objects.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Writes begun before the extension was asked for: their data had to move.
+    let extending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (objs, stop, written, extending) = (objs[w].clone(), stop.clone(), written.clone(), extending.clone());
+            rt.spawn(async move {
+                let mut acked: Acked = Vec::new();
+                let mut before: Acked = Vec::new();
+                let mut n = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let o = objs[(n * 7919) % objs.len()].clone();
+                    let dkey = format!("w{w}-{n}").into_bytes();
+                    let v = ext_value(&format!("w{w}/{n}"), VALUE_BYTES);
+                    let pre = !extending.load(std::sync::atomic::Ordering::SeqCst);
+                    if o.put(&dkey, b"a", &v).await.is_ok() {
+                        if pre {
+                            before.push((o.clone(), dkey.clone(), v.clone()));
+                        }
+                        acked.push((o, dkey, v));
+                        written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    n += 1;
+                }
+                (acked, before)
+            })
+        })
+        .collect();
+    // Let the writers run before the map changes under them.
+    poll("writers to start", Duration::from_secs(60), || (written.load(std::sync::atomic::Ordering::Relaxed) >= 50).then_some(()));
+    extending.store(true, std::sync::atomic::Ordering::SeqCst);
+    let p = c.json(&["pool", "extend", "ext", "--ranks", &last2]);
+    assert_eq!(p["map"]["targets"].as_array().unwrap().iter().filter(|t| t["state"] == "New").count(), 4);
+    poll("the extension to finish (NEW targets UP)", Duration::from_secs(300), || {
+        let q = c.json(&["pool", "query", "ext"]);
+        q["map"]["targets"].as_array().unwrap().iter().all(|t| t["state"] == "Up").then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut before) = (base.clone(), base.clone());
+    for w in writers {
+        let (a, b) = rt.block_on(w).unwrap();
+        acked.extend(a);
+        before.extend(b);
+    }
+    assert!(acked.len() > base.len(), "writes went on during the extension");
+    let moved1 = rt.block_on(moved_bytes(&pool));
+    let map1 = pool.info().unwrap().map;
+    let sizes = |v: &Acked| v.iter().map(|(o, d, x)| (o.oid, d.clone(), x.len())).collect::<Vec<_>>();
+    // Every shard whose place changed, those written while data moved included: the engines'
+    // count holds both what rebalancing copied and what updates also wrote to the new places.
+    let ideal_extend = ideal_moved(&map0, &map1, &sizes(&acked));
+
+    // Drain one of the original ranks.
+    c.json(&["pool", "drain", "ext", "--rank", &ranks[1].to_string()]);
+    poll("the drain to finish", Duration::from_secs(300), || {
+        let q = c.json(&["pool", "query", "ext"]);
+        let t = q["map"]["targets"].as_array().unwrap();
+        (t.iter().filter(|t| t["state"] == "DownOut").count() == 2 && t.iter().all(|t| t["state"] == "Up" || t["state"] == "DownOut")).then_some(())
+    });
+    let moved2 = rt.block_on(moved_bytes(&pool));
+    let map2 = pool.info().unwrap().map;
+    let ideal_drain = ideal_moved(&map1, &map2, &sizes(&acked));
+    let (moved, ideal) = (moved2 - moved0, ideal_extend + ideal_drain);
+    eprintln!("moved {moved} bytes (extension {}, drain {}); ideal {ideal} (extension {ideal_extend}, drain {ideal_drain}): {:.3}x; {} writes before the extension, {} during", moved1 - moved0, moved2 - moved1, moved as f64 / ideal as f64, before.len() - base.len(), acked.len() - before.len());
+    assert!(ideal > 0 && moved1 > moved0, "the extension moved data");
+    assert!(moved as f64 <= 1.3 * ideal as f64, "moved {moved} bytes, more than 1.3x the ideal {ideal}");
+
+    rt.block_on(async {
+        pool.refresh().await.unwrap();
+        let final_map = strata_placement::PlacementMap::new(&map2, false);
+        for (n, (o, dkey, v)) in acked.iter().enumerate() {
+            // Nothing lost: reads through the client.
+            let got = o.get(dkey, b"a").await.unwrap_or_else(|e| panic!("acknowledged write {n} ({}) unreadable: {e}", o.oid));
+            assert!(got.as_deref() == Some(&v[..]), "acknowledged write {n} ({}, dkey {}) reads back wrong", o.oid, String::from_utf8_lossy(dkey));
+            // Where placement says: every target of the final layout holds it itself.
+            let l = final_map.layout(o.oid).unwrap();
+            for s in l.group(l.group_for_dkey(dkey)) {
+                let (cont, oid, dkey) = (o.cont_id(), o.oid, dkey.clone());
+                let r = pool
+                    .call_engine(
+                        o.oid,
+                        |_, _| Some(s.target),
+                        |pool, map_version, t| strata_rpc::engine_msg::EngineReq::Fetch { pool, map_version, target: t.index, cont, oid, dkey, fetch: strata_rpc::engine_msg::FetchKind::Single { akey: b"a".to_vec() }, epoch: strata_types::Epoch::MAX },
+                        bytes::Bytes::new(),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("target {} of write {n} did not answer: {e}", s.target));
+                assert!(r.1 == v[..], "write {n} ({}) is not on target {}, where the final map places it", o.oid, s.target);
+            }
+        }
+    });
+}
+
+#[test]
+fn background_scrub_finds_and_repairs_corruption_without_being_asked() {
+    let c = Cluster::start(&["--ranks", "4", "--heartbeat-timeout-ms", "5000", "--scrub-interval-ms", "500"]);
+    c.json(&["cont", "create", "tank", "rp", "--oclass", "RP_2G1", "--rf", "1"]);
+    c.json(&["cont", "create", "tank", "ec", "--oclass", "EC_2P1G1", "--rf", "1"]);
+    let rt = runtime();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    let (rp, ec) = rt.block_on(async {
+        let client = Client::connect(&cf).await.unwrap();
+        let rp = client.container("tank", "rp").await.unwrap().create_object("RP_2G1".parse().unwrap()).await.unwrap();
+        let ec = client.container("tank", "ec").await.unwrap().create_object("EC_2P1G1".parse().unwrap()).await.unwrap();
+        rp.put(b"d", b"a", &ext_value("bg-rp", 48 << 10)).await.unwrap();
+        ec.write(b"d", b"x", 0, &ext_value("bg-ec", 48 << 10)).await.unwrap();
+        (rp, ec)
+    });
+    let scrub = |c: &Cluster| c.json(&["pool", "query", "tank"])["scrub"].clone();
+    // Two more passes on every rank: one of them started after the writes, and a pass flushes
+    // before it verifies, so the values are in files to damage.
+    let start = scrub(&c)["passes"].as_u64().unwrap();
+    poll("two background scrub passes on every rank", Duration::from_secs(60), || (scrub(&c)["passes"].as_u64()? >= start + 8).then_some(()));
+    let clean = scrub(&c);
+    assert_eq!(clean["corrupt"], 0, "a fresh pool scrubs clean: {clean}");
+    assert!(clean["records_checked"].as_u64().unwrap() >= 5, "{clean}");
+
+    let pool = rt.block_on(async { Arc::new(Client::connect(&cf).await.unwrap().pool("tank").await.unwrap()) });
+    let rank_dir_of = |t: strata_types::TargetId| -> usize { (0..4).find(|i| c.rank_of_dir(*i) == t.rank.0 as u64).expect("a rank dir for every rank") };
+    let victims = [(pool.layout(rp.oid).unwrap().shards()[1].target, ext_value("bg-rp", 48 << 10)), (pool.layout(ec.oid).unwrap().shards()[0].target, ext_value("bg-ec", 48 << 10))];
+    let mut children = Vec::new();
+    for (target, bytes) in &victims {
+        let i = rank_dir_of(*target);
+        c.kill9_rank_dir(i);
+        assert!(corrupt_on_disk(&c.path().join(format!("rank-{i}")), &bytes[20000..20064]) > 0, "the value is stored uncompressed on rank-{i}");
+        children.push(c.restart_rank_dir_with(i, 5000, &["--scrub-interval-ms", "500"]));
+        poll("the restarted rank to serve", Duration::from_secs(30), || {
+            let out = c.cmd(&["system", "query", "--json"]);
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            s["ranks"].as_array()?.iter().all(|r| r["state"] == "Joined").then_some(())
+        });
+    }
+    // Nobody calls `pool scrub`: the background passes find and repair both.
+    let found = poll("the background scrub to repair both damaged records", Duration::from_secs(120), || {
+        let s = scrub(&c);
+        (s["repaired"].as_u64()? >= 2 && s["ranks_answered"] == 4).then_some(s)
+    });
+    assert_eq!(found["corrupt"], 2, "{found}");
+    assert_eq!(found["lost"], 0, "{found}");
+    // Later passes find nothing more: the repair holds.
+    let passes = found["passes"].as_u64().unwrap();
+    let later = poll("two more passes on every rank", Duration::from_secs(60), || {
+        let s = scrub(&c);
+        (s["passes"].as_u64()? >= passes + 8).then_some(s)
+    });
+    assert_eq!(later["corrupt"], 2, "no new damage found after the repair: {later}");
+    rt.block_on(async {
+        assert_eq!(rp.get(b"d", b"a").await.unwrap(), Some(ext_value("bg-rp", 48 << 10)));
+        let (got, _) = ec.read(b"d", b"x", 0, 48 << 10, strata_types::Epoch::MAX).await.unwrap();
+        assert!(got == ext_value("bg-ec", 48 << 10), "EC bytes differ after repair");
+    });
+    drop(children);
+}

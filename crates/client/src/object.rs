@@ -208,6 +208,11 @@ impl ObjHandle {
         }
     }
 
+    /// The container this object lives in.
+    pub fn cont_id(&self) -> strata_types::ContId {
+        self.cont.info.id
+    }
+
     fn shards(view: &PoolView, oid: Oid, dkey: &[u8]) -> Result<Vec<TargetId>, RpcError> {
         let layout = view.placement.layout(oid).map_err(|e| RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::InvalidArgument, e.to_string())))?;
         Ok(layout.group(layout.group_for_dkey(dkey)).iter().map(|s| s.target).collect())

@@ -17,7 +17,7 @@
 //!   imports. VOS keeps every row a kept read point can return, including extent punch rows
 //!   that own bytes, so such a row changes those reads exactly as it would have without
 //!   aggregation (the VOS model test writes late on purpose).
-//! - Pools with data movement under way (targets `DOWN`, `UPIN`, `DRAIN`) are skipped: rebuild
+//! - Pools with data movement under way (targets `DOWN`, `UPIN`, `DRAIN`, `NEW`) are skipped: rebuild
 //!   has the disk, and EC rebuild decodes each stripe version from k shards, which it can only
 //!   do for versions no shard has aggregated away yet.
 //!
@@ -97,7 +97,7 @@ pub fn aggregation_upto(now: Epoch, margin: Duration) -> Epoch {
 /// Whether a pool's map has data movement under way (then it is not aggregated).
 pub fn movement_under_way(map: &PoolMap) -> bool {
     use strata_placement::TargetState as TS;
-    map.targets.iter().any(|t| matches!(t.state, TS::Down | TS::UpIn | TS::Drain))
+    map.targets.iter().any(|t| matches!(t.state, TS::Down | TS::UpIn | TS::Drain | TS::New))
 }
 
 /// The epochs a container's snapshots pin.
@@ -212,7 +212,7 @@ mod tests {
         let t = |rank: u32, state| PoolTarget { id: TargetId { rank: Rank(rank), index: 0 }, domain: FaultDomain::parse(&format!("/h{rank}")).unwrap(), labels: Default::default(), state, out_since: 0 };
         let mut map = PoolMap { format: 1, version: 1, targets: vec![t(0, TargetState::Up), t(1, TargetState::Up), t(2, TargetState::DownOut)] };
         assert!(!movement_under_way(&map), "settled failures do not block aggregation");
-        for s in [TargetState::Down, TargetState::UpIn, TargetState::Drain] {
+        for s in [TargetState::Down, TargetState::UpIn, TargetState::Drain, TargetState::New] {
             map.targets[1].state = s;
             assert!(movement_under_way(&map), "{s:?} means data is moving");
         }

@@ -59,14 +59,54 @@ struct PoolView {
     map_pool_id: PoolId,
     map: PoolMap,
     placement: Arc<PlacementMap>,
+    /// Placement once the map's `NEW` targets join (while the pool is being extended): writes
+    /// go to both places and rebalancing moves the rest.
+    extended: Option<Arc<PlacementMap>>,
     addrs: BTreeMap<Rank, String>,
 }
 
 /// Serializes read-modify-write of one EC stripe: (oid, dkey, akey, stripe).
 type StripeKey = (strata_types::Oid, Vec<u8>, Vec<u8>, u64);
 
+/// Updates in flight per (pool, map version they were admitted under).
+type Inflight = std::sync::Mutex<HashMap<(PoolId, u64), usize>>;
+
+/// Counts an admitted update until it has written everything (see `Engine::admit`).
+struct Admitted<'a> {
+    inflight: &'a Inflight,
+    done: &'a tokio::sync::Notify,
+    key: (PoolId, u64),
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+        drop(m);
+        self.done.notify_waiters();
+    }
+}
+
+/// Longest a data-movement pass waits for updates admitted under an older map to finish (they
+/// time out on their own after `FORWARD_TIMEOUT`).
+const OLDER_UPDATES_WAIT: Duration = Duration::from_secs(30);
+
 pub struct Engine {
     throttle: MoveThrottle,
+    inflight: Inflight,
+    inflight_done: tokio::sync::Notify,
+    /// Signalled when a newer pool map is installed (`map_changed`).
+    map_changed: tokio::sync::Notify,
+    moved_records: std::sync::atomic::AtomicU64,
+    moved_bytes: std::sync::atomic::AtomicU64,
+    extension_write_bytes: std::sync::atomic::AtomicU64,
+    /// Passes of the background scrub and their findings, for `EngineReq::Stats`.
+    scrubbed: std::sync::Mutex<(u64, ScrubCounters)>,
     /// Per pool, the map version this rank last finished rebuilding for.
     rebuilt: std::sync::Mutex<HashMap<PoolId, u64>>,
     stripe_locks: std::sync::Mutex<HashMap<StripeKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -104,7 +144,7 @@ impl Engine {
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
         let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default() })
+        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default() })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -117,7 +157,11 @@ impl Engine {
 
     pub fn stats(&self) -> EngineStats {
         let used_bytes = self.targets.iter().filter_map(|t| t.space().ok()).map(|s| s.used_bytes).sum();
-        EngineStats { targets: self.targets.len() as u16, used_bytes, aggregation: self.agg_counters.snapshot() }
+        let (scrub_passes, scrub) = self.scrubbed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let moved_records = self.moved_records.load(std::sync::atomic::Ordering::Relaxed);
+        let moved_bytes = self.moved_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let extension_write_bytes = self.extension_write_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        EngineStats { targets: self.targets.len() as u16, used_bytes, aggregation: self.agg_counters.snapshot(), moved_records, moved_bytes, extension_write_bytes, scrub_passes, scrub }
     }
 
     /// Free and total bytes of the file system holding the first target.
@@ -132,14 +176,26 @@ impl Engine {
             Err(strata_rpc::RpcError::Remote(e)) => return Err(e),
             Err(e) => return Err(rerr(ErrorCode::Unavailable, format!("cannot reach the management service: {e}"))),
         };
-        let view = Arc::new(PoolView { map_pool_id: info.id, placement: Arc::new(PlacementMap::new(&info.map, false)), map: info.map, addrs: info.rank_addrs });
+        let extended = info.map.targets.iter().any(|t| t.state == strata_placement::TargetState::New).then(|| Arc::new(PlacementMap::new(&info.map, true)));
+        let view = Arc::new(PoolView { map_pool_id: info.id, placement: Arc::new(PlacementMap::new(&info.map, false)), extended, map: info.map, addrs: info.rank_addrs });
         let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
         let keep = match pools.get(&pool) {
             Some(old) if old.map.version > view.map.version => old.clone(),
             _ => view,
         };
+        let newer = pools.get(&pool).is_none_or(|old| old.map.version < keep.map.version);
         pools.insert(pool, keep.clone());
+        drop(pools);
+        if newer {
+            self.map_changed.notify_one();
+        }
         Ok(keep)
+    }
+
+    /// Returns once a newer pool map has been installed since the last call (or at once if one
+    /// was): data movement starts without waiting for its next tick.
+    pub async fn map_changed(&self) {
+        self.map_changed.notified().await
     }
 
     /// Refresh pools whose version moved on (from the management heartbeat answer).
@@ -168,6 +224,52 @@ impl Engine {
             return Err(rerr(ErrorCode::Unavailable, format!("the management service has not yet shown this engine pool map version {version}")));
         }
         Ok(v)
+    }
+
+    /// `view`, for an update: counted as in flight under its map version until the guard drops,
+    /// so a data-movement pass can wait for every update admitted under an older map before it
+    /// reads what it moves (`wait_older_updates`); one admitted after sees the newer map.
+    async fn admit(&self, pool: PoolId, version: u64) -> Result<(Arc<PoolView>, Admitted<'_>), RemoteError> {
+        let view = self.view(pool, version).await?;
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()).entry((pool, version)).or_default() += 1;
+        let guard = Admitted { inflight: &self.inflight, done: &self.inflight_done, key: (pool, version) };
+        // A newer map installed between the check and the count: the pass may not have seen
+        // this update, so it must not run.
+        let now = self.pools.read().unwrap_or_else(|e| e.into_inner()).get(&pool).map(|v| v.map.version);
+        if now != Some(version) {
+            return Err(rerr(ErrorCode::StaleMap, format!("pool map version {version} is stale; current is {}", now.unwrap_or(0))));
+        }
+        Ok((view, guard))
+    }
+
+    /// Wait until no update admitted under a map older than `version` is still writing.
+    async fn wait_older_updates(&self, pool: PoolId, version: u64) -> Result<(), RemoteError> {
+        let deadline = tokio::time::Instant::now() + OLDER_UPDATES_WAIT;
+        loop {
+            let done = self.inflight_done.notified();
+            let busy = self.inflight.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|((p, v), n)| *p == pool && *v < version && *n > 0);
+            if !busy {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(rerr(ErrorCode::Unavailable, format!("updates admitted under maps older than version {version} are still writing")));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), done).await;
+        }
+    }
+
+    /// Where shard `t` of the group of `dkey` goes once the pool's `NEW` targets join, if that
+    /// is a target not in the group now: writes go there too while the pool is extended, so
+    /// rebalancing never chases them. (A target of the group that takes another shard index
+    /// is not written: for EC it still serves its current cells under the same record keys.)
+    fn extension_of(view: &PoolView, oid: strata_types::Oid, dkey: &[u8], t: TargetId) -> Option<TargetId> {
+        let ext = view.extended.as_ref()?;
+        let cur = view.placement.layout(oid).ok()?;
+        let group = cur.group(cur.group_for_dkey(dkey));
+        let i = group.iter().position(|s| s.target == t)?;
+        let new = ext.layout(oid).ok()?;
+        let to = new.group(new.group_for_dkey(dkey)).get(i)?.target;
+        (!group.iter().any(|s| s.target == to)).then_some(to)
     }
 
     fn target(&self, t: TargetId) -> Result<&Arc<Vos>, RemoteError> {
@@ -205,12 +307,12 @@ impl Engine {
     }
 
     async fn apply(&self, vos: Arc<Vos>, updates: Vec<Update>) -> Result<(), RemoteError> {
-        tokio::task::spawn_blocking(move || vos.update(&updates)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)
+        vos.update_async(&updates).await.map_err(vos_err)
     }
 
     #[allow(clippy::too_many_arguments)]
     async fn update(&self, pool: PoolId, version: u64, cont: strata_types::ContId, oid: strata_types::Oid, dkey: Vec<u8>, epoch: Option<Epoch>, ops: Vec<WireOp>, payload: Bytes) -> Result<EngineResp, RemoteError> {
-        let view = self.view(pool, version).await?;
+        let (view, _admitted) = self.admit(pool, version).await?;
         let layout = view.placement.layout(oid).map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
         let group = layout.group(layout.group_for_dkey(&dkey)).to_vec();
         if let Redundancy::Erasure { data, parity } = layout.class.redundancy() {
@@ -225,8 +327,8 @@ impl Engine {
         .map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
         let updates = Self::to_updates(cont, oid, &dkey, epoch, &ops, &payload)?;
         let mut work = Vec::new();
-        for shard in &group[1..] {
-            let t = shard.target;
+        let extension: Vec<TargetId> = group.iter().filter_map(|s| Self::extension_of(&view, oid, &dkey, s.target)).collect();
+        for t in group[1..].iter().map(|s| s.target).chain(extension.iter().copied()) {
             let (ops, payload, dkey) = (ops.clone(), payload.clone(), dkey.clone());
             let view = view.clone();
             work.push(async move {
@@ -240,19 +342,38 @@ impl Engine {
                 self.peers.call::<_, EngineResp>(addr, &req, payload, FORWARD_TIMEOUT).await.map(|_| ()).map_err(|e| rerr(ErrorCode::Unavailable, format!("replica {t} did not apply the update: {e}")))
             });
         }
+        let extra = extension.len() as u64 * payload.len() as u64;
         let (local, remote) = tokio::join!(self.apply(vos, updates), futures::future::join_all(work));
         local?;
         for r in remote {
             r?;
         }
+        self.extension_write_bytes.fetch_add(extra, std::sync::atomic::Ordering::Relaxed);
         Ok(EngineResp::Updated { epoch })
     }
 }
 
 impl Engine {
-    /// Apply `ops` on one target (local or remote) at `epoch`.
+    /// Apply `ops` on one shard's target (local or remote) at `epoch`, and on its place in
+    /// the extended layout while the pool is being extended.
     #[allow(clippy::too_many_arguments)]
     async fn send_to(&self, view: &PoolView, pool: PoolId, t: TargetId, cont: strata_types::ContId, oid: strata_types::Oid, dkey: &[u8], epoch: Epoch, ops: Vec<WireOp>, payload: Bytes) -> Result<(), RemoteError> {
+        match Self::extension_of(view, oid, dkey, t) {
+            None => self.send_one(view, pool, t, cont, oid, dkey, epoch, ops, payload).await,
+            Some(to) => {
+                let n = payload.len() as u64;
+                let (a, b) = tokio::join!(self.send_one(view, pool, t, cont, oid, dkey, epoch, ops.clone(), payload.clone()), self.send_one(view, pool, to, cont, oid, dkey, epoch, ops, payload));
+                if b.is_ok() {
+                    self.extension_write_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
+                a.and(b)
+            }
+        }
+    }
+
+    /// Apply `ops` on one target (local or remote) at `epoch`.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_one(&self, view: &PoolView, pool: PoolId, t: TargetId, cont: strata_types::ContId, oid: strata_types::Oid, dkey: &[u8], epoch: Epoch, ops: Vec<WireOp>, payload: Bytes) -> Result<(), RemoteError> {
         if t.rank == self.rank {
             let vos = self.target(t)?.clone();
             let u = Self::to_updates(cont, oid, dkey, epoch, &ops, &payload)?;
@@ -389,13 +510,16 @@ impl Engine {
         let mut pushed = 0;
         for view in pools {
             let version = view.map.version;
-            if !view.map.targets.iter().any(|t| matches!(t.state, strata_placement::TargetState::Down | strata_placement::TargetState::UpIn | strata_placement::TargetState::Drain)) {
+            let rebuilding = view.map.movement_pending();
+            if !rebuilding && view.extended.is_none() {
                 continue;
             }
             if self.rebuilt.lock().unwrap_or_else(|e| e.into_inner()).get(&view.map_pool_id) == Some(&version) {
                 continue;
             }
-            let (n, complete) = self.rebuild_pool(&view).await?;
+            self.wait_older_updates(view.map_pool_id, version).await?;
+            // Rebuild first: extension rebalances a pool whose data is where its map says.
+            let (n, complete) = if rebuilding { self.rebuild_pool(&view).await? } else { self.rebalance_pool(&view).await? };
             pushed += n;
             if complete {
                 match self.mgmt.write(strata_rpc::mgmt_msg::MgmtCmd::RebuildDone { pool: view.map_pool_id, version, rank: self.rank }).await {
@@ -501,6 +625,97 @@ impl Engine {
         Ok((pushed, true))
     }
 
+    /// Extension: move what this rank holds to where the map with its `NEW` targets joined
+    /// puts it. Runs only on a map with no other movement pending, so every place of the
+    /// current layout holds its data: the first readable replica of a group copies its records
+    /// to the group's new targets; each EC shard copies its own cells to its new place (cells of
+    /// different shards share record keys, so a target that would take another shard index of
+    /// the same group is a conflict, counted and logged, not written). Records newer than the
+    /// pass's start were written to both places already (`extension_of`) and are skipped.
+    async fn rebalance_pool(&self, view: &Arc<PoolView>) -> Result<(u64, bool), RemoteError> {
+        let Some(ext) = view.extended.clone() else { return Ok((0, true)) };
+        let pool = view.map_pool_id;
+        // Every update applied here so far is older (`wait_older_updates` ran and applying
+        // merges an update's epoch into this clock); later ones were written to both places.
+        let since = self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+        let (mut pushed, mut conflicts) = (0u64, 0u64);
+        for (i, vos) in self.targets.iter().enumerate() {
+            let me = TargetId { rank: self.rank, index: i as u16 };
+            if !view.map.target(me).is_some_and(|t| t.state.readable()) {
+                continue;
+            }
+            let v = vos.clone();
+            let conts = tokio::task::spawn_blocking(move || v.list_containers()).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+            for cont in conts {
+                let mut cursor = None;
+                loop {
+                    let v = vos.clone();
+                    let page = tokio::task::spawn_blocking(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                    for oid in &page.items {
+                        let (Ok(cur), Ok(new)) = (view.placement.layout(*oid), ext.layout(*oid)) else { continue };
+                        let same = |a: &[strata_placement::ShardLoc], b: &[strata_placement::ShardLoc]| a.iter().map(|s| s.target).eq(b.iter().map(|s| s.target));
+                        if cur.group_count() == new.group_count() && cur.groups().zip(new.groups()).all(|(a, b)| !a.iter().any(|s| s.target == me) || same(a, b)) {
+                            continue;
+                        }
+                        let (v, o) = (vos.clone(), *oid);
+                        let records = tokio::task::spawn_blocking(move || v.export_object(cont, o)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                        let ec = matches!(cur.class.redundancy(), Redundancy::Erasure { .. });
+                        let readable = |t: TargetId| view.map.target(t).is_some_and(|x| x.state.readable());
+                        let mut out: BTreeMap<TargetId, Vec<ImportRecord>> = BTreeMap::new();
+                        for r in records {
+                            if r.record_key().is_some_and(|k| k.epoch > since) {
+                                continue;
+                            }
+                            let dests: Vec<TargetId> = match r.dkey() {
+                                // Object punches live on every shard: every new place needs one.
+                                None => new.shards().iter().map(|s| s.target).filter(|t| !cur.shards().iter().any(|c| c.target == *t)).collect(),
+                                Some(d) => {
+                                    let cg = cur.group(cur.group_for_dkey(&d));
+                                    let ng = new.group(new.group_for_dkey(&d));
+                                    let Some(idx) = cg.iter().position(|s| s.target == me) else { continue };
+                                    if ec {
+                                        let to = ng[idx].target;
+                                        if to == me {
+                                            continue;
+                                        }
+                                        if cg.iter().any(|s| s.target == to) {
+                                            conflicts += 1;
+                                            continue;
+                                        }
+                                        vec![to]
+                                    } else {
+                                        if cg.iter().find(|s| readable(s.target)).map(|s| s.target) != Some(me) {
+                                            continue;
+                                        }
+                                        ng.iter().map(|s| s.target).filter(|t| !cg.iter().any(|c| c.target == *t)).collect()
+                                    }
+                                }
+                            };
+                            for t in dests {
+                                out.entry(t).or_default().push(ImportRecord { punch: r.punch, key: r.key.clone(), value: r.value.clone() });
+                            }
+                        }
+                        for (t, records) in out {
+                            for batch in batches(&records) {
+                                pushed += batch.len() as u64;
+                                self.import_to(view, pool, t, batch).await?;
+                            }
+                        }
+                    }
+                    match page.next {
+                        Some(n) => cursor = Some(n),
+                        None => break,
+                    }
+                }
+            }
+        }
+        if conflicts > 0 {
+            tracing::error!(%pool, records = conflicts, "extension would give a target another EC shard of a group it already serves; those cells were not moved (extend refuses pools with EC containers for this reason)");
+        }
+        tracing::info!(%pool, records = pushed, "extension rebalancing done on this rank");
+        Ok((pushed, true))
+    }
+
     /// EC cells are decoded, not copied: gather the group's records from every readable shard
     /// and compute each destination shard's records from them.
     #[allow(clippy::too_many_arguments)]
@@ -549,7 +764,15 @@ impl Engine {
     }
 
     async fn import_to(&self, view: &PoolView, pool: PoolId, t: TargetId, records: &[ImportRecord]) -> Result<(), RemoteError> {
-        self.throttle.take(records.iter().map(|r| (r.key.len() + r.value.len()) as u64).sum()).await;
+        let bytes: u64 = records.iter().map(|r| (r.key.len() + r.value.len()) as u64).sum();
+        self.throttle.take(bytes).await;
+        self.import_raw(view, pool, t, records).await?;
+        self.moved_records.fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.moved_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn import_raw(&self, view: &PoolView, pool: PoolId, t: TargetId, records: &[ImportRecord]) -> Result<(), RemoteError> {
         if t.rank == self.rank {
             let vos = self.target(t)?.clone();
             let raw: Vec<strata_vos::RawRecord> = records.iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key.clone(), value: r.value.clone() }).collect();
@@ -563,8 +786,40 @@ impl Engine {
 }
 
 impl Engine {
+    /// One background scrub pass over every pool this rank serves that has no data movement
+    /// under way (a spare being filled is not yet a repair source), reading at most
+    /// `bytes_per_s` on average over each target (0: no limit); adds to the counters
+    /// `EngineReq::Stats` reports.
+    pub async fn scrub_tick(&self, bytes_per_s: u64) {
+        let pools: Vec<Arc<PoolView>> = self.pools.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut total = ScrubCounters::default();
+        for view in pools.iter().filter(|v| !v.map.movement_pending() && v.extended.is_none()) {
+            match self.scrub_paced(view.map_pool_id, view.map.version, bytes_per_s).await {
+                Ok(c) => {
+                    total.records_checked += c.records_checked;
+                    total.bytes_checked += c.bytes_checked;
+                    total.corrupt += c.corrupt;
+                    total.repaired += c.repaired;
+                    total.lost += c.lost;
+                }
+                Err(e) => tracing::warn!(pool = %view.map_pool_id, error = %e, "background scrub pass failed; the next one retries"),
+            }
+        }
+        let mut s = self.scrubbed.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 += 1;
+        s.1.records_checked += total.records_checked;
+        s.1.bytes_checked += total.bytes_checked;
+        s.1.corrupt += total.corrupt;
+        s.1.repaired += total.repaired;
+        s.1.lost += total.lost;
+    }
+
     /// Scrub this rank's targets for one pool (see `EngineReq::Scrub`).
     pub async fn scrub(&self, pool: PoolId, version: u64) -> Result<ScrubCounters, RemoteError> {
+        self.scrub_paced(pool, version, 0).await
+    }
+
+    async fn scrub_paced(&self, pool: PoolId, version: u64, bytes_per_s: u64) -> Result<ScrubCounters, RemoteError> {
         let view = self.view(pool, version).await?;
         let mut c = ScrubCounters::default();
         for (i, vos) in self.targets.iter().enumerate() {
@@ -573,8 +828,13 @@ impl Engine {
                 continue;
             }
             let v = vos.clone();
+            let started = tokio::time::Instant::now();
             // Check what is on disk, not what sits in memory.
             let report = tokio::task::spawn_blocking(move || v.flush().and_then(|()| v.verify_all())).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+            if bytes_per_s > 0 {
+                // One target is verified in one go: pace by resting after it.
+                tokio::time::sleep_until(started + Duration::from_secs_f64(report.bytes_checked as f64 / bytes_per_s as f64)).await;
+            }
             c.records_checked += report.records_checked;
             c.bytes_checked += report.bytes_checked;
             c.corrupt += (report.corrupt.len() + report.engine_errors.len()) as u64;
@@ -691,7 +951,7 @@ impl Handler for Engine {
         match req {
             EngineReq::Update { pool, map_version, cont, oid, dkey, epoch, ops } => Ok((self.update(pool, map_version, cont, oid, dkey, epoch, ops, payload).await?, Bytes::new())),
             EngineReq::Replicate { pool, map_version, target, cont, oid, dkey, epoch, ops } => {
-                self.view(pool, map_version).await?;
+                let _admitted = self.admit(pool, map_version).await?;
                 self.hlc.update(epoch).map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
                 let u = Self::to_updates(cont, oid, &dkey, epoch, &ops, &payload)?;

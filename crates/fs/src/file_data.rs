@@ -140,7 +140,7 @@ impl<D: DataStore> FileData<D> {
             return Ok(());
         }
         let first_whole = new_size.div_ceil(self.chunk_bytes);
-        if new_size % self.chunk_bytes != 0 {
+        if !new_size.is_multiple_of(self.chunk_bytes) {
             let c = new_size / self.chunk_bytes;
             let o = new_size % self.chunk_bytes;
             self.store.punch_range(oid, c, o, self.chunk_bytes - o).await?;

@@ -121,13 +121,16 @@ struct DirHandle {
     entries: Vec<(Vec<u8>, u64, Kind)>,
 }
 
+/// (parent ino, name) of a cached lookup.
+type NameKey = (u64, Vec<u8>);
+
 pub struct StrataFs<S: MetaStore, D: DataStore> {
     rt: tokio::runtime::Handle,
     ns: Arc<Namespace<S>>,
     data: FileData<D>,
     opts: MountOptions,
     attrs: Mutex<HashMap<u64, (Inode, Instant)>>,
-    names: Mutex<HashMap<(u64, Vec<u8>), (u64, Instant)>>,
+    names: Mutex<HashMap<NameKey, (u64, Instant)>>,
     open: Mutex<HashMap<u64, OpenFile>>,
     handles: Mutex<HashMap<u64, u64>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,

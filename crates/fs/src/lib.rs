@@ -8,7 +8,8 @@
 //! chunked by dkey ([`file_data`]); the object class comes from the file, its directory, or
 //! the container default. The FUSE mount ([`fuse_mount`]) adds a metadata cache with
 //! close-to-open consistency and write-back buffering ([`write_back`]) flushed on fsync and
-//! close.
+//! close. A mount holds a session lease ([`mount_session`]) so that another mount can
+//! reclaim what it left behind (files unlinked while open) if it dies.
 //!
 //! Limits: names 255 bytes, symlink targets 4096 bytes, files 16 TiB
 //! ([`namespace::FILE_BYTES_MAX`]), xattrs 64 KiB per value and 256 KiB per inode.
@@ -21,6 +22,7 @@ pub mod ino_alloc;
 pub mod kv_meta;
 pub mod meta_schema;
 pub mod meta_store;
+pub mod mount_session;
 pub mod namespace;
 pub mod read_cache;
 pub mod volume;

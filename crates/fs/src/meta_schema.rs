@@ -4,7 +4,8 @@
 //! one directory's entries live in one shard and inodes spread by number):
 //! - `D` + parent ino (8 bytes BE) + name → [`DentryRecord`]: a directory is one prefix scan.
 //! - `I` + ino (8 bytes BE) → [`InodeRecord`].
-//! - `O` + ino (8 bytes BE) → empty: an orphan (unlinked while open) to reclaim later.
+//! - `O` + ino (8 bytes BE) → [`OrphanRecord`]: an orphan (unlinked while open) to reclaim
+//!   at its last close, or by any mount once the session that held it open has expired.
 //! - `S` + 8 zero bytes → [`SuperRecord`]: format version, chunk size, root inode.
 //!
 //! Every value carries a format version from v1 (an enum tag), so records can evolve.
@@ -177,6 +178,18 @@ pub enum SuperRecord {
     V1(Superblock),
 }
 
+/// An inode unlinked while a mount had it open: the mount's session (a lease key in the
+/// management service; empty if unknown) says whether that mount is still alive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orphan {
+    pub session: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrphanRecord {
+    V1(Orphan),
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("corrupt {what} record: {reason}")]
 pub struct DecodeError {
@@ -217,6 +230,21 @@ pub fn decode_super(b: &[u8]) -> Result<Superblock, DecodeError> {
     }
 }
 
+pub fn encode_orphan(o: &Orphan) -> Vec<u8> {
+    postcard::to_allocvec(&OrphanRecord::V1(o.clone())).expect("orphan records always serialize")
+}
+
+pub fn decode_orphan(b: &[u8]) -> Result<Orphan, DecodeError> {
+    // Empty: written before orphans named their session.
+    if b.is_empty() {
+        return Ok(Orphan { session: String::new() });
+    }
+    match postcard::from_bytes(b) {
+        Ok(OrphanRecord::V1(o)) => Ok(o),
+        Err(e) => Err(DecodeError { what: "orphan", reason: e.to_string() }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,5 +261,8 @@ mod tests {
         assert!(decode_inode(b"\xff\xff").is_err());
         let d = Dentry { ino: 5, kind: Kind::Dir };
         assert_eq!(decode_dentry(&encode_dentry(d)).unwrap(), d);
+        let o = Orphan { session: "fs-mount/x/1".into() };
+        assert_eq!(decode_orphan(&encode_orphan(&o)).unwrap(), o);
+        assert_eq!(decode_orphan(b"").unwrap().session, "");
     }
 }

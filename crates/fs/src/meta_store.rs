@@ -51,10 +51,13 @@ pub trait MetaStore: Send + Sync + 'static {
     fn scan_prefix_at(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize, epoch: Epoch) -> impl Future<Output = Result<Vec<KeyValue>, MetaError>> + Send;
 }
 
+/// (epoch, value; `None`: deleted) of one key.
+type Version = (u64, Option<Vec<u8>>);
+
 /// Every version of every key, and the epoch counter.
 #[derive(Default)]
 struct MemState {
-    versions: BTreeMap<Vec<u8>, Vec<(u64, Option<Vec<u8>>)>>,
+    versions: BTreeMap<Vec<u8>, Vec<Version>>,
     epoch: u64,
 }
 

@@ -90,6 +90,8 @@ pub struct Namespace<S: MetaStore> {
     pub chunk_bytes: u64,
     pub default_oclass: String,
     ids: InoAlloc,
+    /// This mount's session (lease key), recorded in the orphans it makes.
+    session: std::sync::OnceLock<String>,
 }
 
 impl<S: MetaStore> Namespace<S> {
@@ -99,7 +101,7 @@ impl<S: MetaStore> Namespace<S> {
         for _ in 0..TXN_ATTEMPTS_MAX {
             if let Some(b) = store.get_at(&super_key(), Epoch::MAX).await? {
                 let sb = decode_super(&b)?;
-                return Ok(Namespace { store, root: sb.root, chunk_bytes: sb.chunk_bytes, default_oclass, ids });
+                return Ok(Namespace { store, root: sb.root, chunk_bytes: sb.chunk_bytes, default_oclass, ids, session: std::sync::OnceLock::new() });
             }
             let root = ids.next().await?;
             let now = now_ns();
@@ -137,6 +139,15 @@ impl<S: MetaStore> Namespace<S> {
             tokio::time::sleep(Duration::from_micros(base_us + rand::random_range(0..base_us))).await;
         }
         Err(FsError::Contended(what, TXN_ATTEMPTS_MAX))
+    }
+
+    /// Name the mount session that files unlinked while open here belong to (once).
+    pub fn set_session(&self, key: String) {
+        let _ = self.session.set(key);
+    }
+
+    fn orphan_record(&self) -> Vec<u8> {
+        encode_orphan(&Orphan { session: self.session.get().cloned().unwrap_or_default() })
     }
 
     pub async fn inode(&self, ino: u64) -> Result<Inode, FsError> {
@@ -209,7 +220,7 @@ impl<S: MetaStore> Namespace<S> {
                 return Err(FsError::NotDir);
             }
             let next = self.lookup_at(cur.ino, &c, epoch).await?;
-            if next.kind == Kind::Symlink && !pending.is_empty() || next.kind == Kind::Symlink && pending.is_empty() {
+            if next.kind == Kind::Symlink {
                 follows += 1;
                 if follows > SYMLINK_FOLLOW_MAX {
                     return Err(FsError::Loop);
@@ -256,7 +267,7 @@ impl<S: MetaStore> Namespace<S> {
     }
 
     /// Drop one link of `i` (already loaded); delete it when none remain unless it is open.
-    async fn tx_drop_link(tx: &mut S::Txn, mut i: Inode, now: i64, is_open: &impl Fn(u64) -> bool, rel: &mut Released) -> Result<(), FsError> {
+    async fn tx_drop_link(tx: &mut S::Txn, mut i: Inode, now: i64, is_open: &impl Fn(u64) -> bool, orphan: &[u8], rel: &mut Released) -> Result<(), FsError> {
         i.nlink = i.nlink.saturating_sub(if i.kind == Kind::Dir { i.nlink } else { 1 });
         i.ctime_ns = now;
         rel.touched.push(i.ino);
@@ -264,7 +275,7 @@ impl<S: MetaStore> Namespace<S> {
             return Self::tx_put(tx, &i).await;
         }
         if i.kind != Kind::Dir && is_open(i.ino) {
-            tx.put(&orphan_key(i.ino), b"").await?;
+            tx.put(&orphan_key(i.ino), orphan).await?;
             rel.orphaned.push(i.ino);
             return Self::tx_put(tx, &i).await;
         }
@@ -321,6 +332,7 @@ impl<S: MetaStore> Namespace<S> {
         if name.len() > NAME_BYTES_MAX {
             return Err(FsError::NameTooLong);
         }
+        let orphan = self.orphan_record();
         self.txn("unlink", async |tx| {
             let mut p = Self::tx_dir(tx, parent).await?;
             let d = Self::tx_dentry(tx, parent, name).await?.ok_or(FsError::NotFound)?;
@@ -331,7 +343,7 @@ impl<S: MetaStore> Namespace<S> {
             tx.delete(&dentry_key(parent, name)).await?;
             let now = now_ns();
             let mut rel = Released::default();
-            Self::tx_drop_link(tx, i, now, &is_open, &mut rel).await?;
+            Self::tx_drop_link(tx, i, now, &is_open, &orphan, &mut rel).await?;
             p.mtime_ns = now;
             p.ctime_ns = now;
             Self::tx_put(tx, &p).await?;
@@ -395,6 +407,7 @@ impl<S: MetaStore> Namespace<S> {
             return Err(FsError::Invalid("RENAME_NOREPLACE and RENAME_EXCHANGE exclude each other".into()));
         }
         let root = self.root;
+        let orphan = self.orphan_record();
         self.txn("rename", async |tx| {
             let mut rel = Released::default();
             let mut sp = Self::tx_dir(tx, parent).await?;
@@ -454,7 +467,7 @@ impl<S: MetaStore> Namespace<S> {
                         }
                         (false, false) => {}
                     }
-                    Self::tx_drop_link(tx, victim, now, &is_open, &mut rel).await?;
+                    Self::tx_drop_link(tx, victim, now, &is_open, &orphan, &mut rel).await?;
                 }
                 tx.delete(&dentry_key(parent, name)).await?;
                 tx.put(&dentry_key(new_parent, new_name), &encode_dentry(src)).await?;
@@ -591,10 +604,15 @@ impl<S: MetaStore> Namespace<S> {
         .await
     }
 
-    /// Orphans left by a mount that died with unlinked files open.
-    pub async fn orphans(&self, limit: usize) -> Result<Vec<u64>, FsError> {
+    /// Up to `limit` orphans (unlinked while open) with the session that holds each open.
+    pub async fn orphans(&self, limit: usize) -> Result<Vec<(u64, Orphan)>, FsError> {
         let kvs = self.store.scan_prefix_at(ORPHAN_PREFIX, None, limit, Epoch::MAX).await?;
-        Ok(kvs.iter().filter_map(|(k, _)| k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)).collect())
+        let mut out = Vec::with_capacity(kvs.len());
+        for (k, v) in kvs {
+            let Some(ino) = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else { continue };
+            out.push((ino, decode_orphan(&v)?));
+        }
+        Ok(out)
     }
 
     pub async fn set_xattr(&self, ino: u64, name: &[u8], value: &[u8], create: bool, replace: bool) -> Result<(), FsError> {
@@ -731,7 +749,7 @@ mod tests {
             let rel = ns.unlink(ns.root, b"a", |i| i == a.ino).await.unwrap();
             assert_eq!(rel.orphaned, vec![a.ino]);
             assert_eq!(ns.inode(a.ino).await.unwrap().nlink, 0);
-            assert_eq!(ns.orphans(10).await.unwrap(), vec![a.ino]);
+            assert_eq!(ns.orphans(10).await.unwrap().iter().map(|o| o.0).collect::<Vec<_>>(), vec![a.ino]);
             assert!(ns.reclaim_orphan(a.ino).await.unwrap().is_some());
             assert!(ns.orphans(10).await.unwrap().is_empty());
         });

@@ -40,6 +40,7 @@ impl IdSource for MgmtIds {
     }
 }
 
+#[derive(Clone)]
 pub struct Volume {
     pub cont: ContHandle,
     pub ns: Arc<Namespace<KvMeta>>,

@@ -81,7 +81,7 @@ impl MgmtState {
 
     pub fn pool_info(&self, p: &PoolRecord) -> PoolInfo {
         let rank_addrs = p.map.ranks().into_iter().filter_map(|r| self.ranks.get(&r).map(|i| (r, i.data_addr.clone()))).collect();
-        let pending = p.map.targets.iter().any(|t| matches!(t.state, TargetState::Down | TargetState::UpIn | TargetState::Drain));
+        let pending = p.map.targets.iter().any(|t| matches!(t.state, TargetState::Down | TargetState::UpIn | TargetState::Drain | TargetState::New));
         let rebuild = pending.then(|| {
             let live = self.rebuild_ranks(p);
             let done = if p.rebuilt_version == p.map.version { live.iter().filter(|r| p.rebuilt_by.contains(r)).count() } else { 0 };
@@ -150,7 +150,12 @@ impl MgmtState {
                 r.state = *state;
                 if matches!(state, RankState::Dead | RankState::Excluded) {
                     for p in self.pools.values_mut() {
-                        p.map.set_rank_state(*rank, TargetState::Down);
+                        // NEW targets hold nothing the pool needs yet, and marking them DOWN
+                        // would put them in the layout as failed homes: they stay NEW, and the
+                        // extension waits for the rank to come back.
+                        if p.map.targets.iter().any(|t| t.id.rank == *rank && t.state != TargetState::New) {
+                            p.map.set_rank_state(*rank, TargetState::Down);
+                        }
                     }
                 }
                 Ok(MgmtReply::Done)
@@ -236,6 +241,13 @@ impl MgmtState {
             }
             MgmtCmd::PoolExtend { pool, ranks } => {
                 let id = self.pool_id(pool)?;
+                // EC cells of one stripe carry the same record key on every shard, so a target
+                // that extension gives another shard index of a group it already serves would
+                // need its new cells staged apart from the ones it still serves: not built.
+                let ec: Vec<&str> = self.conts.values().filter(|c| c.pool == id && c.oclass.starts_with("EC_")).map(|c| c.label.as_str()).collect();
+                if !ec.is_empty() {
+                    return Err(err(ErrorCode::InvalidArgument, format!("pool '{pool}' has erasure-coded container(s) {}; extension rebalances replicated and striped objects only: create a new pool on the new ranks for EC data", ec.join(", "))));
+                }
                 let mut add = Vec::new();
                 for r in ranks {
                     let info = self.ranks.get(r).ok_or_else(|| err(ErrorCode::NotFound, format!("no rank {r}")))?;
@@ -323,6 +335,10 @@ impl MgmtState {
                 p.rebuilt_by.insert(*rank);
                 if live.iter().all(|r| p.rebuilt_by.contains(r)) {
                     // Rebuilt: DOWN targets are out for good; resynced UPIN targets serve again.
+                    // Extension comes after: engines rebalance onto NEW targets only once no
+                    // other movement is pending, so NEW targets join only on a report for a map
+                    // without any.
+                    let rebuilding = p.map.movement_pending();
                     let moves: Vec<(TargetId, TargetState)> = p
                         .map
                         .targets
@@ -330,6 +346,7 @@ impl MgmtState {
                         .filter_map(|t| match t.state {
                             TargetState::Down | TargetState::Drain => Some((t.id, TargetState::DownOut)),
                             TargetState::UpIn => Some((t.id, TargetState::Up)),
+                            TargetState::New if !rebuilding => Some((t.id, TargetState::Up)),
                             _ => None,
                         })
                         .collect();

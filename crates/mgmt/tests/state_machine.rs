@@ -77,3 +77,36 @@ fn capacity_is_counted_once_per_host_and_refused_when_short() {
     s.apply(&MgmtCmd::PoolCreate { id: PoolId::new_random(), label: "ssd".into(), size_bytes: 1 << 30, ranks: None, select: Some("media=ssd".into()) }).unwrap();
     assert_eq!(s.pool_by_name("ssd").unwrap().map.targets.len(), 2);
 }
+
+#[test]
+fn new_targets_join_after_rebuild_and_rebalancing_and_ec_pools_are_not_extended() {
+    use strata_placement::TargetState as TS;
+    let mut s = MgmtState::default();
+    for i in 0..4 {
+        s.apply(&join(i, 10 << 30)).unwrap();
+    }
+    let pool = PoolId(uuid::Uuid::from_u128(1));
+    s.apply(&MgmtCmd::PoolCreate { id: pool, label: "p".into(), size_bytes: 1 << 30, ranks: Some(vec![Rank(0), Rank(1), Rank(2)]), select: None }).unwrap();
+    s.apply(&MgmtCmd::PoolExtend { pool: "p".into(), ranks: vec![Rank(3)] }).unwrap();
+    // A rank failing while the extension runs: its rebuild comes first.
+    s.apply(&MgmtCmd::SetRankState { rank: Rank(1), state: RankState::Dead }).unwrap();
+    let states = |s: &MgmtState, r: u32| s.pool_by_name("p").unwrap().map.targets.iter().filter(|t| t.id.rank == Rank(r)).map(|t| t.state).collect::<Vec<_>>();
+    let done = |s: &mut MgmtState| {
+        let v = s.pool_by_name("p").unwrap().map.version;
+        for r in [0, 2] {
+            s.apply(&MgmtCmd::RebuildDone { pool, version: v, rank: Rank(r) }).unwrap();
+        }
+    };
+    done(&mut s);
+    assert_eq!(states(&s, 1), vec![TS::DownOut; 2]);
+    assert_eq!(states(&s, 3), vec![TS::New; 2], "NEW targets wait until their data has moved");
+    assert!(s.pool_info(s.pool_by_name("p").unwrap()).rebuild.is_some(), "the extension shows as data movement");
+    done(&mut s);
+    assert_eq!(states(&s, 3), vec![TS::Up; 2]);
+    assert!(s.pool_info(s.pool_by_name("p").unwrap()).rebuild.is_none());
+
+    s.apply(&MgmtCmd::ContCreate { id: ContId(uuid::Uuid::from_u128(9)), pool: "p".into(), label: "ec".into(), ctype: ContType::Plain, oclass: "EC_2P1G1".into(), rf: 1, props: BTreeMap::new() }).unwrap();
+    s.apply(&join(4, 10 << 30)).unwrap();
+    let e = s.apply(&MgmtCmd::PoolExtend { pool: "p".into(), ranks: vec![Rank(4)] }).unwrap_err();
+    assert!(e.to_string().contains("erasure-coded container(s) ec"), "{e}");
+}

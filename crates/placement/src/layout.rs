@@ -44,6 +44,10 @@ pub struct PlacementMap {
     chains: Vec<Vec<u32>>,
     /// Healthy targets (in layout), for spares.
     healthy: Vec<u32>,
+    /// Targets taking part in this placement (all but excluded `NEW` ones), in map order: the
+    /// range spare candidates are drawn from, so adding `NEW` targets moves no spare until
+    /// they join.
+    members: Vec<u32>,
     usable: usize,
 }
 
@@ -102,11 +106,15 @@ impl PlacementMap {
         let mut chains: Vec<Vec<u32>> = vec![Vec::new(); map.targets.len()];
         let mut targets = Vec::with_capacity(map.targets.len());
         let mut healthy = Vec::new();
+        let mut members = Vec::new();
         for (ti, t) in map.targets.iter().enumerate() {
-            targets.push((t.id, t.state, t.out_since));
-            if t.state == TargetState::New && !include_new {
+            // The map after extension: NEW targets hold their places as if UP.
+            let state = if t.state == TargetState::New && include_new { TargetState::Up } else { t.state };
+            targets.push((t.id, state, t.out_since));
+            if state == TargetState::New {
                 continue;
             }
+            members.push(ti as u32);
             // Pad short domain paths so every leaf sits at the same depth.
             let mut path: Vec<String> = t.domain.0.clone();
             while path.len() + 2 < depth {
@@ -134,12 +142,12 @@ impl PlacementMap {
             }
             nodes[parent as usize].target = ti as u32;
             chains[ti] = chain;
-            if t.state.in_layout() {
+            if state.in_layout() {
                 healthy.push(ti as u32);
             }
         }
         let usable = levels.last().map_or(0, |l| l.len());
-        PlacementMap { version: map.version, targets, nodes, levels, chains, healthy, usable }
+        PlacementMap { version: map.version, targets, nodes, levels, chains, healthy, members, usable }
     }
 
     pub fn version(&self) -> u64 {
@@ -211,8 +219,8 @@ impl PlacementMap {
             order.sort_by_key(|&i| (self.targets[homes[i] as usize].2, i));
             for i in order {
                 let idx = gstart + i;
-                // Against the homes (not earlier spares), so one shard's spare does not depend
-                // on another shard's failure; `cur` only rules out reusing a spare twice.
+                // `cur` holds the homes and the spares of shards that left earlier: a newer
+                // failure never changes this shard's spare.
                 let spare = self.spare(oh, g, i, spread, &homes, &cur)?;
                 cur[i] = spare;
                 shards[idx].target = self.targets[spare as usize].0;
@@ -235,36 +243,39 @@ impl PlacementMap {
         }
     }
 
-    /// A healthy target not already in the group, preferring one whose spread-level domain the
-    /// group does not use.
+    /// A healthy target not already in the group, preferring the spread-level domain that
+    /// holds the fewest of the group's other shards where they sit now (`assigned`: homes
+    /// still in place and the spares of shards that left earlier). With as many domains as
+    /// shards every domain holds one, so this is what stops a third failure from taking three
+    /// shards of an EC_4P2 group: two spares never share a domain while another has room.
     fn spare(&self, oh: u64, g: usize, i: usize, spread: usize, group: &[u32], assigned: &[u32]) -> Result<u32, PlacementError> {
         if self.healthy.is_empty() {
             return Err(PlacementError::NoSpare { oid: format!("{oh:x}"), group: g, shard: i });
         }
         let taken = group;
-        let domains: Vec<u32> = group
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .filter_map(|(_, &t)| self.chains[t as usize].get(spread).copied())
-            .collect();
-        let mut fallback = None;
-        // Candidates come from a sequence over *all* targets that depends only on the shard, so
-        // the spare changes only if the spare itself fails: other failures leave it in place
-        // (and with it the data rebuild put there).
+        let others: Vec<u32> = assigned.iter().enumerate().filter(|(j, _)| *j != i).filter_map(|(_, &t)| self.chains[t as usize].get(spread).copied()).collect();
+        let load = |d: u32| others.iter().filter(|x| **x == d).count();
+        let mut best: Option<(usize, u32)> = None;
+        // Candidates come from a sequence over the placement's targets that depends only on
+        // the shard, and `assigned` holds only shards that left the layout before this one
+        // (spares are assigned in `out_since` order), so the spare changes only if the spare
+        // itself fails or an older shard comes back: newer failures leave it in place (and
+        // with it the data rebuild put there).
         for attempt in 0..ATTEMPTS_MAX {
-            let cand = jump(shard_key(oh, g as u32, i as u32, attempt, SPARE_SALT), self.targets.len() as u32);
-            let usable = self.targets[cand as usize].1.in_layout() && !self.chains[cand as usize].is_empty();
+            let cand = self.members[jump(shard_key(oh, g as u32, i as u32, attempt, SPARE_SALT), self.members.len() as u32) as usize];
+            let usable = self.targets[cand as usize].1.in_layout();
             if !usable || taken.contains(&cand) || assigned.contains(&cand) {
                 continue;
             }
-            let dom = self.chains[cand as usize].get(spread).copied();
-            if dom.is_some_and(|d| !domains.contains(&d)) {
+            let l = self.chains[cand as usize].get(spread).copied().map_or(usize::MAX, load);
+            if l == 0 {
                 return Ok(cand);
             }
-            fallback.get_or_insert(cand);
+            if best.is_none_or(|(b, _)| l < b) {
+                best = Some((l, cand));
+            }
         }
-        fallback
+        best.map(|(_, c)| c)
             .or_else(|| self.healthy.iter().copied().find(|c| !taken.contains(c) && !assigned.contains(c)))
             .ok_or(PlacementError::NoSpare { oid: format!("{oh:x}"), group: g, shard: i })
     }

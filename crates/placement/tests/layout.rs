@@ -199,3 +199,53 @@ fn no_spare_moves_when_rebuild_finishes() {
         }
     }
 }
+
+#[test]
+fn after_two_failures_no_host_holds_three_shards_of_an_ec_4p2_group() {
+    // As many hosts as shards: every host holds one home, so the spares must spread over the
+    // survivors, or a third failure could take three shards (one more than the parity).
+    // Three targets per host: room on a host for a home and two spares.
+    let base = PoolMap::uniform(6, 3, 6);
+    for (first, second) in [(0u32, 1u32), (2, 5), (4, 3)] {
+        let mut pm = base.clone();
+        for (r, s) in [(first, TargetState::Down), (first, TargetState::DownOut), (second, TargetState::Down), (second, TargetState::DownOut)] {
+            for t in 0..3 {
+                pm.set_state(TargetId::new(r, t), s).unwrap();
+            }
+        }
+        let map = PlacementMap::new(&pm, false);
+        for seq in 0..3000 {
+            let l = map.layout(oid("EC_4P2G1", seq)).unwrap();
+            let mut per_rank: BTreeMap<u32, usize> = BTreeMap::new();
+            for s in l.shards() {
+                *per_rank.entry(s.target.rank.0).or_default() += 1;
+            }
+            assert!(per_rank.values().all(|n| *n <= 2), "seq {seq}: a host holds three shards after ranks {first} and {second} failed: {per_rank:?}");
+        }
+    }
+}
+
+#[test]
+fn adding_new_targets_changes_no_layout_until_they_join() {
+    // Clients keep using the map without NEW targets while data moves, so adding them must not
+    // move any home or spare (a spare filled by an earlier rebuild included).
+    let mut pm = PoolMap::uniform(4, 2, 4);
+    for s in [TargetState::Down, TargetState::DownOut] {
+        pm.set_state(TargetId::new(2, 1), s).unwrap();
+    }
+    let before = PlacementMap::new(&pm, false);
+    pm.add_targets(PoolMap::uniform(6, 2, 6).targets[8..].to_vec()).unwrap();
+    let during = PlacementMap::new(&pm, false);
+    let after = PlacementMap::new(&pm, true);
+    let mut moved = 0;
+    for class in ["RP_2G1", "RP_3G1", "EC_2P1G1", "RP_2GX"] {
+        for seq in 0..2000 {
+            let o = oid(class, seq);
+            assert_eq!(before.layout(o).unwrap().shards(), during.layout(o).unwrap().shards(), "{class} seq {seq}");
+            let a = after.layout(o).unwrap();
+            assert!(a.shards().iter().all(|s| s.target != TargetId::new(2, 1)), "the extended map still uses the excluded target");
+            moved += diff_layouts(&during, &after, o).unwrap().len();
+        }
+    }
+    assert!(moved > 0, "the new targets get shards once they join");
+}

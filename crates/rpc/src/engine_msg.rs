@@ -69,7 +69,8 @@ pub enum EngineReq {
     CapFetch { token: String, dkey: Vec<u8>, fetch: FetchKind, epoch: Epoch },
     /// Write with only a capability (`write_cap`), honoured by the group leader it names.
     CapUpdate { token: String, dkey: Vec<u8>, ops: Vec<WireOp> },
-    /// This rank's counters (background aggregation, space used by its targets).
+    /// This rank's counters (background aggregation, space used by its targets, data moved,
+    /// background scrub).
     Stats,
 }
 
@@ -95,6 +96,21 @@ pub struct EngineStats {
     /// Bytes the storage engine of every target holds on disk.
     pub used_bytes: u64,
     pub aggregation: AggregationStats,
+    /// Records and bytes (keys and stored values) this rank pushed to other places: rebuild,
+    /// resync, drain and extension rebalancing.
+    #[serde(default)]
+    pub moved_records: u64,
+    #[serde(default)]
+    pub moved_bytes: u64,
+    /// Payload bytes of updates this rank also wrote to their places in the extended layout
+    /// while the pool was being extended (the movement rebalancing did not have to do).
+    #[serde(default)]
+    pub extension_write_bytes: u64,
+    /// Completed passes of the periodic background scrub, and what they found.
+    #[serde(default)]
+    pub scrub_passes: u64,
+    #[serde(default)]
+    pub scrub: ScrubCounters,
 }
 
 /// Background aggregation of one rank: versions no reader can need, merged away.

@@ -17,7 +17,9 @@ pub struct Job {
     /// Extent files this batch wrote into: synced before its index rows are applied.
     pub touched: Vec<Touched>,
     pub bytes: usize,
-    reply: mpsc::SyncSender<Result<(), String>>,
+    // A oneshot both kinds of caller can wait on: threads block on it, async tasks await it
+    // (so an async engine spends no blocking-pool thread, and no thread switch, per update).
+    reply: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 pub struct GroupCommit {
@@ -39,14 +41,31 @@ impl GroupCommit {
 
     /// Submit one atomic batch and wait until it is durable.
     pub fn commit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, touched: Vec<Touched>, extent_bytes: usize) -> Result<(), VosError> {
+        let wait = self.submit(ops, punches, touched, extent_bytes)?;
+        Self::outcome(wait.blocking_recv())
+    }
+
+    /// [`GroupCommit::commit`] for async callers: the task waits, no thread does. Submission
+    /// blocks the calling thread only while the writer's queue is full (backpressure; the
+    /// writer drains it without help from the caller's runtime).
+    pub async fn commit_async(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, touched: Vec<Touched>, extent_bytes: usize) -> Result<(), VosError> {
+        let wait = self.submit(ops, punches, touched, extent_bytes)?;
+        Self::outcome(wait.await)
+    }
+
+    fn submit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, touched: Vec<Touched>, extent_bytes: usize) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, VosError> {
         let bytes = ops.iter().map(EngineOp::bytes).sum::<usize>() + extent_bytes;
-        let (reply, wait) = mpsc::sync_channel(1);
+        let (reply, wait) = tokio::sync::oneshot::channel();
         let tx = self.tx.as_ref().ok_or_else(|| VosError::WriterStopped("store closed".into()))?;
         if self.thread.is_none() {
             return Err(VosError::WriterStopped("writer thread could not be started".into()));
         }
         tx.send(Job { ops, punches, touched, bytes, reply }).map_err(|_| VosError::WriterStopped("writer thread exited".into()))?;
-        match wait.recv() {
+        Ok(wait)
+    }
+
+    fn outcome(r: Result<Result<(), String>, tokio::sync::oneshot::error::RecvError>) -> Result<(), VosError> {
+        match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(msg)) => Err(VosError::Engine(msg)),
             Err(_) => Err(VosError::WriterStopped("writer thread exited before acknowledging".into())),

@@ -41,6 +41,14 @@ struct RowMeta {
     extent: Option<ExtentRef>,
 }
 
+/// A batch turned into engine rows, punch entries and the extent files it wrote into.
+struct Encoded {
+    ops: Vec<EngineOp>,
+    punches: Vec<PunchEntry>,
+    touched: Vec<crate::extent_file::Touched>,
+    extent_bytes: usize,
+}
+
 struct Row {
     key: RecordKey,
     kind: RecordKind,
@@ -196,6 +204,23 @@ impl Vos {
 
     /// Apply a batch atomically; returns once it is on stable storage.
     pub fn update(&self, batch: &[Update]) -> Result<(), VosError> {
+        let e = self.encode_batch(batch)?;
+        self.writer.commit(e.ops, e.punches, e.touched, e.extent_bytes)
+    }
+
+    /// [`Vos::update`] for async callers: encoding (checksums, copies) runs on the caller's
+    /// task, and the task, not a thread, waits for the group commit.
+    pub async fn update_async(&self, batch: &[Update]) -> Result<(), VosError> {
+        // Large extents are written to extent files while encoding: blocking I/O, kept off the
+        // runtime's worker threads where the runtime allows it.
+        let big = batch.iter().any(|u| matches!(&u.op, UpdateOp::Extent { data, .. } if data.len() >= EXTENT_FILE_MIN_BYTES));
+        let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let e = if big && multi { tokio::task::block_in_place(|| self.encode_batch(batch))? } else { self.encode_batch(batch)? };
+        self.writer.commit_async(e.ops, e.punches, e.touched, e.extent_bytes).await
+    }
+
+    /// Check a batch against the limits and turn it into engine rows and punch entries.
+    fn encode_batch(&self, batch: &[Update]) -> Result<Encoded, VosError> {
         if batch.len() > BATCH_UPDATES_MAX {
             return Err(VosError::BatchTooLarge { got: 0, ops: batch.len(), max_bytes: BATCH_BYTES_MAX, max_ops: BATCH_UPDATES_MAX });
         }
@@ -279,7 +304,7 @@ impl Vos {
                 d.note_write(u.cont, u.epoch);
             }
         }
-        self.writer.commit(ops, punches, touched, extent_bytes)
+        Ok(Encoded { ops, punches, touched, extent_bytes })
     }
 
     /// The newest single value of `akey` at or below `epoch`, with the epoch it was written at.

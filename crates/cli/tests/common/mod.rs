@@ -98,6 +98,11 @@ impl Cluster {
 
     /// Start the server of directory `rank-{i}` again by hand, as `strata up` started it.
     pub fn restart_rank_dir(&self, i: usize, heartbeat_ms: u64) -> Child {
+        self.restart_rank_dir_with(i, heartbeat_ms, &[])
+    }
+
+    /// `restart_rank_dir` with more `strata server` flags.
+    pub fn restart_rank_dir_with(&self, i: usize, heartbeat_ms: u64, extra: &[&str]) -> Child {
         let st: Value = serde_json::from_slice(&std::fs::read(self.path().join("up.json")).unwrap()).unwrap();
         let ranks = st["ranks"].as_array().unwrap();
         let aps: Vec<String> = ranks[..st["access_points"].as_u64().unwrap() as usize].iter().map(|r| r["mgmt"].as_str().unwrap().to_owned()).collect();
@@ -108,6 +113,7 @@ impl Cluster {
             .args(["--data-addr", r["data"].as_str().unwrap(), "--access-points", &aps.join(",")])
             .args(["--cluster", st["cluster"].as_str().unwrap(), "--fault-domain", &format!("/node-{i}"), "--targets", &st["targets"].to_string()])
             .args(["--heartbeat-timeout-ms", &heartbeat_ms.to_string()])
+            .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         if i < aps.len() {
