@@ -159,7 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Box::new(move || {
                     drive(1, secs, |_, i| {
                         let e = epoch.fetch_add(1, Ordering::Relaxed);
-                        let u = Update { cont, oid: Oid::from_u128(3), dkey: (i % 256).to_be_bytes().to_vec(), epoch: Epoch(e), op: UpdateOp::Extent { akey: b"a".to_vec(), offset: 0, data: value1m.clone() } };
+                        let u = Update { cont, oid: Oid::from_u128(3), dkey: (i % 256).to_be_bytes().to_vec(), epoch: Epoch(e), op: UpdateOp::Extent { akey: b"a".to_vec(), offset: 0, data: value1m.clone().into() } };
                         Ok(vos.update(&[u])?)
                     })
                 })

@@ -7,6 +7,7 @@ mod bench_fs;
 mod bench_block;
 mod bench_kv;
 mod bench_obj;
+mod bench_rebuild;
 mod block_cmd;
 mod bench_vos;
 mod cluster_cmd;
@@ -96,6 +97,8 @@ enum BenchCommand {
     Block(bench_block::Args),
     /// KV puts/gets/transactions at 16 and 64 clients vs etcd (started here) and plain objects.
     Kv(bench_kv::Args),
+    /// Rebuild after excluding a rank (on a cluster it starts): MiB/s vs fio, foreground writes during vs before.
+    Rebuild(bench_rebuild::Args),
 }
 
 fn main() {
@@ -122,6 +125,7 @@ fn main() {
         Command::Bench(BenchCommand::Fs(a)) => bench_fs::run(a),
         Command::Fs(c) => fs_cmd::run(c),
         Command::Bench(BenchCommand::Kv(a)) => bench_kv::run(a),
+        Command::Bench(BenchCommand::Rebuild(a)) => bench_rebuild::run(a),
         Command::Block(c) => block_cmd::run(c),
         Command::Bench(BenchCommand::Block(a)) => bench_block::run(a),
     };

@@ -47,6 +47,9 @@ pub struct Args {
     /// Passed to every rank (`strata server --scrub-interval-ms`).
     #[arg(long)]
     scrub_interval_ms: Option<u64>,
+    /// Passed to every rank (`strata server --rebuild-mib-per-s`).
+    #[arg(long)]
+    rebuild_mib_per_s: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -139,6 +142,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         if let Some(ms) = a.aggregate_interval_ms {
             cmd.args(["--aggregate-interval-ms", &ms.to_string()]);
+        }
+        if let Some(m) = a.rebuild_mib_per_s {
+            cmd.args(["--rebuild-mib-per-s", &m.to_string()]);
         }
         if let Some(ms) = a.scrub_interval_ms {
             cmd.args(["--scrub-interval-ms", &ms.to_string()]);

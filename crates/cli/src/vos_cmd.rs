@@ -56,8 +56,8 @@ fn demo(dir: Option<PathBuf>) -> anyhow::Result<()> {
     println!("fetch   epoch  25: {}", show(get(Epoch(25))?));
     println!("fetch   epoch   5: {}   (before the first version)\n", show(get(Epoch(5))?));
 
-    vos.update(&[Update { cont, oid, dkey: b"log".to_vec(), epoch: Epoch(30), op: UpdateOp::Extent { akey: b"bytes".to_vec(), offset: 0, data: b"hello, world".to_vec() } }])?;
-    vos.update(&[Update { cont, oid, dkey: b"log".to_vec(), epoch: Epoch(40), op: UpdateOp::Extent { akey: b"bytes".to_vec(), offset: 7, data: b"strata".to_vec() } }])?;
+    vos.update(&[Update { cont, oid, dkey: b"log".to_vec(), epoch: Epoch(30), op: UpdateOp::Extent { akey: b"bytes".to_vec(), offset: 0, data: b"hello, world".to_vec().into() } }])?;
+    vos.update(&[Update { cont, oid, dkey: b"log".to_vec(), epoch: Epoch(40), op: UpdateOp::Extent { akey: b"bytes".to_vec(), offset: 7, data: b"strata".to_vec().into() } }])?;
     let r = vos.fetch_extent(cont, oid, b"log", b"bytes", 0, 16, Epoch(35))?;
     println!("array   epoch  35: {:?}", String::from_utf8_lossy(&r.data).trim_end_matches('\0'));
     let r = vos.fetch_extent(cont, oid, b"log", b"bytes", 0, 16, Epoch::MAX)?;

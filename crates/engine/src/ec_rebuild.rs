@@ -96,7 +96,7 @@ mod tests {
             let parity = st.encode(&cells).unwrap();
             let all: Vec<Vec<u8>> = cells.iter().map(|c| c.to_vec()).chain(parity).collect();
             for (i, cell) in all.into_iter().enumerate() {
-                vos[i].update(&[Update { cont, oid, dkey: b"d".to_vec(), epoch: Epoch(epoch), op: UpdateOp::Extent { akey: b"a".to_vec(), offset: 0, data: cell } }]).unwrap();
+                vos[i].update(&[Update { cont, oid, dkey: b"d".to_vec(), epoch: Epoch(epoch), op: UpdateOp::Extent { akey: b"a".to_vec(), offset: 0, data: cell.into() } }]).unwrap();
                 if holds_singles(st.k, i) {
                     vos[i].update(&[Update { cont, oid, dkey: b"d".to_vec(), epoch: Epoch(epoch), op: UpdateOp::Single { akey: b"s".to_vec(), value: vec![fill; 10] } }]).unwrap();
                 }

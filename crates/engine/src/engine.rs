@@ -284,10 +284,14 @@ impl Engine {
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             let n = op.payload_len();
-            let data = payload.get(at..at + n).ok_or_else(|| rerr(ErrorCode::InvalidArgument, "payload shorter than the ops declare"))?.to_vec();
+            if at + n > payload.len() {
+                return Err(rerr(ErrorCode::InvalidArgument, "payload shorter than the ops declare"));
+            }
+            // A slice of the frame's payload: extent bytes are not copied on their way to VOS.
+            let data = payload.slice(at..at + n);
             at += n;
             let op = match op.clone() {
-                WireOp::Single { akey, .. } => UpdateOp::Single { akey, value: data },
+                WireOp::Single { akey, .. } => UpdateOp::Single { akey, value: data.to_vec() },
                 WireOp::Extent { akey, offset, .. } => UpdateOp::Extent { akey, offset, data },
                 WireOp::PunchExtent { akey, offset, len } => UpdateOp::PunchExtent { akey, offset, len },
                 WireOp::PunchAkey { akey } => UpdateOp::PunchAkey { akey },

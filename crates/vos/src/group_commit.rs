@@ -5,6 +5,7 @@
 
 use crate::engine::{EngineOp, KvEngine};
 use crate::error::VosError;
+use crate::extent_file::{sync_touched, Touched};
 use crate::punch_index::{PunchEntry, PunchIndex};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use std::thread::JoinHandle;
 pub struct Job {
     pub ops: Vec<EngineOp>,
     pub punches: Vec<PunchEntry>,
+    /// Extent files this batch wrote into: synced before its index rows are applied.
+    pub touched: Vec<Touched>,
     pub bytes: usize,
     // A oneshot both kinds of caller can wait on: threads block on it, async tasks await it
     // (so an async engine spends no blocking-pool thread, and no thread switch, per update).
@@ -37,27 +40,27 @@ impl GroupCommit {
     }
 
     /// Submit one atomic batch and wait until it is durable.
-    pub fn commit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>) -> Result<(), VosError> {
-        let wait = self.submit(ops, punches)?;
+    pub fn commit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, touched: Vec<Touched>, extent_bytes: usize) -> Result<(), VosError> {
+        let wait = self.submit(ops, punches, touched, extent_bytes)?;
         Self::outcome(wait.blocking_recv())
     }
 
     /// [`GroupCommit::commit`] for async callers: the task waits, no thread does. Submission
     /// blocks the calling thread only while the writer's queue is full (backpressure; the
     /// writer drains it without help from the caller's runtime).
-    pub async fn commit_async(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>) -> Result<(), VosError> {
-        let wait = self.submit(ops, punches)?;
+    pub async fn commit_async(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, touched: Vec<Touched>, extent_bytes: usize) -> Result<(), VosError> {
+        let wait = self.submit(ops, punches, touched, extent_bytes)?;
         Self::outcome(wait.await)
     }
 
-    fn submit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, VosError> {
-        let bytes = ops.iter().map(EngineOp::bytes).sum();
+    fn submit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, touched: Vec<Touched>, extent_bytes: usize) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, VosError> {
+        let bytes = ops.iter().map(EngineOp::bytes).sum::<usize>() + extent_bytes;
         let (reply, wait) = tokio::sync::oneshot::channel();
         let tx = self.tx.as_ref().ok_or_else(|| VosError::WriterStopped("store closed".into()))?;
         if self.thread.is_none() {
             return Err(VosError::WriterStopped("writer thread could not be started".into()));
         }
-        tx.send(Job { ops, punches, bytes, reply }).map_err(|_| VosError::WriterStopped("writer thread exited".into()))?;
+        tx.send(Job { ops, punches, touched, bytes, reply }).map_err(|_| VosError::WriterStopped("writer thread exited".into()))?;
         Ok(wait)
     }
 
@@ -93,10 +96,13 @@ fn writer_loop(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, rx: mpsc::Re
             }
         }
         let mut ops = Vec::with_capacity(jobs.iter().map(|j| j.ops.len()).sum());
+        let mut touched = Vec::new();
         for j in &mut jobs {
             ops.append(&mut j.ops);
+            touched.append(&mut j.touched);
         }
-        let result = engine.apply(ops).and_then(|()| engine.sync());
+        // Extent bytes first: an index row must never be durable before the bytes it names.
+        let result = sync_touched(&touched).and_then(|()| engine.apply(ops)).and_then(|()| engine.sync());
         match result {
             Ok(()) => {
                 for j in &jobs {

@@ -9,7 +9,8 @@
 //!
 //! Storage: rows in an ordered key-value engine behind the [`KvEngine`] trait (fjall by default,
 //! values over 1 KiB separated into blob files so large extents are not rewritten by
-//! compaction). Row keys are order-preserving (`key_codec`): `cont | oid | dkey | akey | kind |
+//! compaction). Extents of 64 KiB or more are written once to append-only extent files with only
+//! a reference in the index (`extent_file.rs`). Row keys are order-preserving (`key_codec`): `cont | oid | dkey | akey | kind |
 //! [offset] | !epoch`, so the newest version at or below `E` is one seek, and akeys enumerate in
 //! byte order (the KV layer's range scans rely on it).
 //!
@@ -41,6 +42,7 @@
 
 mod engine;
 mod error;
+mod extent_file;
 mod aggregation_horizon;
 mod group_commit;
 mod interval_paint;
@@ -56,8 +58,9 @@ pub use aggregation_horizon::Horizon;
 pub use store::Vos;
 pub use strata_types::{ContId, Epoch, Oid};
 
-/// Store format written in the target's marker file.
-pub const FORMAT_VERSION: u32 = 1;
+/// Store format written in the target's marker file. 2: large extents in extent files
+/// (`extent_file.rs`); a version-1 store is upgraded on open (it only lacks them).
+pub const FORMAT_VERSION: u32 = 2;
 pub const KEY_BYTES_MAX: usize = 4096;
 pub const VALUE_BYTES_MAX: usize = 4 << 20;
 pub const EXTENT_BYTES_MAX: u64 = 4 << 20;
@@ -101,7 +104,8 @@ pub struct Update {
 #[derive(Clone, Debug)]
 pub enum UpdateOp {
     Single { akey: Vec<u8>, value: Vec<u8> },
-    Extent { akey: Vec<u8>, offset: u64, data: Vec<u8> },
+    /// `Bytes`, so an RPC payload reaches the extent file without a copy.
+    Extent { akey: Vec<u8>, offset: u64, data: bytes::Bytes },
     PunchExtent { akey: Vec<u8>, offset: u64, len: u64 },
     PunchAkey { akey: Vec<u8> },
     PunchDkey,

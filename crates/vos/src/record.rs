@@ -1,5 +1,8 @@
 //! The stored form of one version: `fmt(1) | kind(1) | len(8, LE) | crc32c(4, LE) | payload`.
 //!
+//! Kinds: 0 a value (payload inline), 1 an extent punch, 2 a value in an extent file (payload:
+//! the 16-byte reference, `extent_file.rs`).
+//!
 //! The crc covers the first ten header bytes and the payload, so a flipped bit anywhere in a
 //! record (including its kind or length) is detected on read. `len` is the payload length for
 //! values and the punched length for extent punches (whose payload is empty).
@@ -11,10 +14,13 @@ pub const HEADER_BYTES: usize = 14;
 pub enum RecordKind {
     Value = 0,
     Punch = 1,
+    /// A value whose bytes live in an extent file; the payload is the reference
+    /// (`extent_file::ExtentRef`), the length the value's.
+    ValueRef = 2,
 }
 
 pub fn encode(kind: RecordKind, len: u64, payload: &[u8]) -> Vec<u8> {
-    debug_assert!(kind == RecordKind::Punch || len == payload.len() as u64);
+    debug_assert!(kind != RecordKind::Value || len == payload.len() as u64);
     let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
     out.push(RECORD_FORMAT_V1);
     out.push(kind as u8);
@@ -74,9 +80,10 @@ pub fn decode(bytes: &[u8]) -> Result<Record<'_>, RecordDefect> {
     let kind = match bytes[1] {
         0 => RecordKind::Value,
         1 => RecordKind::Punch,
+        2 => RecordKind::ValueRef,
         k => return Err(RecordDefect::UnknownKind(k)),
     };
-    if kind == RecordKind::Value && len != payload.len() as u64 {
+    if (kind == RecordKind::Value && len != payload.len() as u64) || (kind == RecordKind::ValueRef && payload.len() != crate::extent_file::REF_BYTES) {
         return Err(RecordDefect::LengthMismatch);
     }
     Ok(Record { kind, len, payload })

@@ -3,6 +3,7 @@
 use crate::aggregation_horizon::{DirtyBook, Horizon};
 use crate::engine::{EngineOp, FjallEngine, FjallTuning, KvEngine, Space};
 use crate::error::VosError;
+use crate::extent_file::{ExtentFiles, ExtentRef, EXTENT_FILE_MIN_BYTES};
 use crate::group_commit::GroupCommit;
 use crate::interval_paint::OwnerMap;
 use crate::key_codec::{
@@ -28,6 +29,7 @@ pub struct Vos {
     /// Per container: the aggregation horizon (`aggregation_horizon.rs`), mirrored in `Meta`.
     horizons: RwLock<HashMap<ContId, Horizon>>,
     dirty: Mutex<DirtyBook>,
+    extents: ExtentFiles,
 }
 
 /// What aggregation needs of a row: no payload, so an akey with many large versions costs
@@ -36,6 +38,15 @@ struct RowMeta {
     key: RecordKey,
     len: u64,
     stored_bytes: u64,
+    extent: Option<ExtentRef>,
+}
+
+/// A batch turned into engine rows, punch entries and the extent files it wrote into.
+struct Encoded {
+    ops: Vec<EngineOp>,
+    punches: Vec<PunchEntry>,
+    touched: Vec<crate::extent_file::Touched>,
+    extent_bytes: usize,
 }
 
 struct Row {
@@ -61,10 +72,8 @@ fn corrupt(key: &[u8], defect: impl std::fmt::Display) -> VosError {
     VosError::Corrupt { location, defect: defect.to_string() }
 }
 
-fn decode_row(k: Vec<u8>, v: &[u8]) -> Result<Row, VosError> {
-    let key = decode_record_key(&k).ok_or_else(|| corrupt(&k, "undecodable record key"))?;
-    let r = record::decode(v).map_err(|d| corrupt(&k, d))?;
-    Ok(Row { key, kind: r.kind, len: r.len, payload: r.payload.to_vec() })
+fn extent_ref(k: &[u8], payload: &[u8]) -> Result<ExtentRef, VosError> {
+    ExtentRef::decode(payload).ok_or_else(|| corrupt(k, "bad extent reference"))
 }
 
 fn check_key(what: &'static str, k: &[u8]) -> Result<(), VosError> {
@@ -92,6 +101,12 @@ impl Vos {
         std::fs::create_dir_all(dir).map_err(io)?;
         let marker = dir.join(MARKER_FILE);
         match std::fs::read_to_string(&marker) {
+            Ok(text) if text.trim() == "1" => {
+                // Version 1 lacks only extent files; mark it so older builds refuse it from now.
+                let tmp = dir.join(format!("{MARKER_FILE}.tmp"));
+                std::fs::write(&tmp, FORMAT_VERSION.to_string()).and_then(|()| std::fs::rename(&tmp, &marker)).map_err(|source| VosError::Io { path: marker.clone(), source })?;
+                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            }
             Ok(text) => {
                 if text.trim() != FORMAT_VERSION.to_string() {
                     return Err(VosError::FormatVersion { path: dir.to_owned(), found: text.trim().to_owned(), supported: FORMAT_VERSION });
@@ -134,13 +149,35 @@ impl Vos {
             let cont = Horizon::cont_of_key(&k).ok_or_else(bad)?;
             horizons.insert(cont, Horizon::decode(&v).ok_or_else(bad)?);
         }
+        let extents = ExtentFiles::open(dir)?;
         let writer = GroupCommit::start(engine.clone(), punches.clone(), cfg.queue_depth, cfg.group_bytes_max);
-        let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()) };
+        let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()), extents };
         // What happened before the restart is unknown: every container is due once.
         for cont in vos.list_containers()? {
             vos.dirty().note_all(cont);
         }
         Ok(vos)
+    }
+
+    fn decode_row(&self, k: Vec<u8>, v: &[u8]) -> Result<Row, VosError> {
+        let key = decode_record_key(&k).ok_or_else(|| corrupt(&k, "undecodable record key"))?;
+        let r = record::decode(v).map_err(|d| corrupt(&k, d))?;
+        if r.kind == RecordKind::ValueRef {
+            let payload = self.extents.read(&extent_ref(&k, r.payload)?, r.len).map_err(|e| corrupt(&k, e))?;
+            return Ok(Row { key, kind: RecordKind::Value, len: r.len, payload });
+        }
+        Ok(Row { key, kind: r.kind, len: r.len, payload: r.payload.to_vec() })
+    }
+
+    /// A stored record as another target can use it: an extent-file reference becomes the
+    /// inline value it names (verified).
+    fn materialize(&self, k: &[u8], v: Vec<u8>) -> Result<Vec<u8>, VosError> {
+        let r = record::decode(&v).map_err(|d| corrupt(k, d))?;
+        if r.kind != RecordKind::ValueRef {
+            return Ok(v);
+        }
+        let payload = self.extents.read(&extent_ref(k, r.payload)?, r.len).map_err(|e| corrupt(k, e))?;
+        Ok(record::encode(RecordKind::Value, payload.len() as u64, &payload))
     }
 
     fn dirty(&self) -> std::sync::MutexGuard<'_, DirtyBook> {
@@ -167,25 +204,39 @@ impl Vos {
 
     /// Apply a batch atomically; returns once it is on stable storage.
     pub fn update(&self, batch: &[Update]) -> Result<(), VosError> {
-        let (ops, punches) = self.encode_batch(batch)?;
-        self.writer.commit(ops, punches)
+        let e = self.encode_batch(batch)?;
+        self.writer.commit(e.ops, e.punches, e.touched, e.extent_bytes)
     }
 
     /// [`Vos::update`] for async callers: encoding (checksums, copies) runs on the caller's
     /// task, and the task, not a thread, waits for the group commit.
     pub async fn update_async(&self, batch: &[Update]) -> Result<(), VosError> {
-        let (ops, punches) = self.encode_batch(batch)?;
-        self.writer.commit_async(ops, punches).await
+        // Large extents are written to extent files while encoding: blocking I/O, kept off the
+        // runtime's worker threads where the runtime allows it.
+        let big = batch.iter().any(|u| matches!(&u.op, UpdateOp::Extent { data, .. } if data.len() >= EXTENT_FILE_MIN_BYTES));
+        let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let e = if big && multi { tokio::task::block_in_place(|| self.encode_batch(batch))? } else { self.encode_batch(batch)? };
+        self.writer.commit_async(e.ops, e.punches, e.touched, e.extent_bytes).await
     }
 
     /// Check a batch against the limits and turn it into engine rows and punch entries.
-    fn encode_batch(&self, batch: &[Update]) -> Result<(Vec<EngineOp>, Vec<PunchEntry>), VosError> {
+    fn encode_batch(&self, batch: &[Update]) -> Result<Encoded, VosError> {
         if batch.len() > BATCH_UPDATES_MAX {
             return Err(VosError::BatchTooLarge { got: 0, ops: batch.len(), max_bytes: BATCH_BYTES_MAX, max_ops: BATCH_UPDATES_MAX });
         }
         let mut ops = Vec::with_capacity(batch.len() * 2);
         let mut punches = Vec::new();
+        let mut touched = Vec::new();
         let mut bytes = 0usize;
+        let mut extent_bytes = 0usize;
+        let total: usize = batch.iter().map(|u| match &u.op {
+            UpdateOp::Single { value, .. } => value.len(),
+            UpdateOp::Extent { data, .. } => data.len(),
+            _ => 0,
+        }).sum();
+        if total > BATCH_BYTES_MAX {
+            return Err(VosError::BatchTooLarge { got: total, ops: batch.len(), max_bytes: BATCH_BYTES_MAX, max_ops: BATCH_UPDATES_MAX });
+        }
         for u in batch {
             check_key("dkey", &u.dkey)?;
             let obj_key = object_prefix(u.cont, u.oid);
@@ -209,7 +260,15 @@ impl Vos {
                     }
                     check_extent(*offset, data.len() as u64)?;
                     bytes += data.len();
-                    ops.push(EngineOp::Put(Space::Records, extent_key(&p(akey), *offset, u.epoch), record::encode(RecordKind::Value, data.len() as u64, data)));
+                    let value = if data.len() >= EXTENT_FILE_MIN_BYTES {
+                        let (r, t) = self.extents.append(data)?;
+                        touched.push(t);
+                        extent_bytes += data.len();
+                        record::encode(RecordKind::ValueRef, data.len() as u64, &r.encode())
+                    } else {
+                        record::encode(RecordKind::Value, data.len() as u64, data)
+                    };
+                    ops.push(EngineOp::Put(Space::Records, extent_key(&p(akey), *offset, u.epoch), value));
                 }
                 UpdateOp::PunchExtent { akey, offset, len } => {
                     check_key("akey", akey)?;
@@ -245,7 +304,7 @@ impl Vos {
                 d.note_write(u.cont, u.epoch);
             }
         }
-        Ok((ops, punches))
+        Ok(Encoded { ops, punches, touched, extent_bytes })
     }
 
     /// The newest single value of `akey` at or below `epoch`, with the epoch it was written at.
@@ -259,7 +318,7 @@ impl Vos {
             return Ok(None);
         };
         let (k, v) = row?;
-        let row = decode_row(k, &v)?;
+        let row = self.decode_row(k, &v)?;
         if hidden_upto.is_some_and(|h| row.key.epoch <= h) || row.kind == RecordKind::Punch {
             return Ok(None);
         }
@@ -285,7 +344,7 @@ impl Vos {
             if key.epoch > epoch || hidden_upto.is_some_and(|h| key.epoch <= h) {
                 continue;
             }
-            let row = decode_row(k, &v)?;
+            let row = self.decode_row(k, &v)?;
             let start = row.key.offset.unwrap_or(0);
             if start + row.len <= offset {
                 continue;
@@ -462,17 +521,27 @@ impl Vos {
     pub fn destroy_container(&self, cont: ContId) -> Result<(), VosError> {
         let end = prefix_successor(cont.as_bytes());
         let mut ops = Vec::new();
+        let mut dead: Vec<(ExtentRef, u64)> = Vec::new();
         for space in [Space::Records, Space::Punches, Space::Objects] {
             for r in self.engine.scan(space, cont.as_bytes(), Some(&end), false) {
-                let (k, _) = r?;
+                let (k, v) = r?;
+                if space == Space::Records {
+                    if let Ok(rec) = record::decode(&v) {
+                        if rec.kind == RecordKind::ValueRef {
+                            dead.extend(ExtentRef::decode(rec.payload).map(|x| (x, rec.len)));
+                        }
+                    }
+                }
                 ops.push(EngineOp::Delete(space, k));
                 if ops.len() >= 10_000 {
-                    self.writer.commit(std::mem::take(&mut ops), Vec::new())?;
+                    self.writer.commit(std::mem::take(&mut ops), Vec::new(), Vec::new(), 0)?;
+                    self.free_extents(&mut dead);
                 }
             }
         }
         ops.push(EngineOp::Delete(Space::Meta, Horizon::key(cont)));
-        self.writer.commit(ops, Vec::new())?;
+        self.writer.commit(ops, Vec::new(), Vec::new(), 0)?;
+        self.free_extents(&mut dead);
         self.punches.remove_container(cont);
         self.horizons.write().unwrap_or_else(|e| e.into_inner()).remove(&cont);
         self.dirty().forget(cont);
@@ -529,6 +598,7 @@ impl Vos {
             _ => cont.as_bytes().to_vec(),
         };
         let mut ops = Vec::new();
+        let mut dead: Vec<(ExtentRef, u64)> = Vec::new();
         let next = loop {
             if stats.records_examined >= limits.records_max || stats.bytes_examined >= limits.bytes_max {
                 break Some(start);
@@ -544,7 +614,9 @@ impl Vos {
                 let key = decode_record_key(&k).ok_or_else(|| corrupt(&k, "undecodable record key"))?;
                 let rec = record::decode(&v).map_err(|d| corrupt(&k, d))?;
                 stats.bytes_examined += v.len() as u64;
-                rows.push(RowMeta { key, len: rec.len, stored_bytes: rec.payload.len() as u64 });
+                let extent = if rec.kind == RecordKind::ValueRef { Some(extent_ref(&k, rec.payload)?) } else { None };
+                let stored_bytes = if extent.is_some() { rec.len } else { rec.payload.len() as u64 };
+                rows.push(RowMeta { key, len: rec.len, stored_bytes, extent });
             }
             stats.records_examined += rows.len() as u64;
             let keep = Self::rows_to_keep(&rows, upto, &points, |at| self.punches.covering(key.cont, key.oid, Some(&key.dkey), Some(&key.akey), at));
@@ -553,15 +625,24 @@ impl Vos {
                     stats.records_removed += 1;
                     stats.bytes_reclaimed += r.stored_bytes;
                     ops.push(EngineOp::Delete(Space::Records, encode_record_key(&r.key)));
+                    dead.extend(r.extent.map(|x| (x, r.len)));
                 }
             }
             start = prefix_successor(&p);
         };
         if !ops.is_empty() {
             ops.push(EngineOp::Put(Space::Meta, Horizon::key(cont), horizon.encode()));
-            self.writer.commit(ops, Vec::new())?;
+            self.writer.commit(ops, Vec::new(), Vec::new(), 0)?;
+            self.free_extents(&mut dead);
         }
         Ok(AggregateStep { stats, next })
+    }
+
+    /// Free the blocks of extents whose index rows were durably deleted.
+    fn free_extents(&self, dead: &mut Vec<(ExtentRef, u64)>) {
+        for (r, len) in dead.drain(..) {
+            self.extents.punch(&r, len);
+        }
     }
 
     /// Which rows of one akey a read at a kept point (`points`: `upto` and the retained epochs
@@ -601,9 +682,7 @@ impl Vos {
         for space in [Space::Records, Space::Punches] {
             for r in self.engine.scan(space, &p, Some(&end), false) {
                 let (key, value) = r?;
-                if space == Space::Records {
-                    record::decode(&value).map_err(|d| corrupt(&key, d))?;
-                }
+                let value = if space == Space::Records { self.materialize(&key, value)? } else { value };
                 out.push(RawRecord { punch: space == Space::Punches, key, value });
             }
         }
@@ -629,7 +708,7 @@ impl Vos {
                 self.dirty().note_write(k.cont, k.epoch);
             }
         }
-        self.writer.commit(ops, punches)
+        self.writer.commit(ops, punches, Vec::new(), 0)
     }
 
     /// One stored row by its raw key, checksum-verified (scrub repairs from a replica's copy).
@@ -637,7 +716,7 @@ impl Vos {
         match self.engine.get(Space::Records, key)? {
             None => Ok(None),
             Some(value) => {
-                record::decode(&value).map_err(|d| corrupt(key, d))?;
+                let value = self.materialize(key, value)?;
                 Ok(Some(RawRecord { punch: false, key: key.to_vec(), value }))
             }
         }
@@ -659,10 +738,14 @@ impl Vos {
             };
             report.records_checked += 1;
             let defect = match self.engine.get(Space::Records, &k) {
-                Ok(Some(v)) => {
-                    report.bytes_checked += v.len() as u64;
-                    record::decode(&v).err().map(|d| d.to_string())
-                }
+                Ok(Some(v)) => match self.materialize(&k, v) {
+                    Ok(v) => {
+                        report.bytes_checked += v.len() as u64;
+                        None
+                    }
+                    Err(VosError::Corrupt { defect, .. }) => Some(defect),
+                    Err(e) => return Err(e),
+                },
                 // Deleted since the key was listed (aggregation): nothing to check.
                 Ok(None) => None,
                 Err(VosError::Corrupt { defect, .. }) => Some(defect),
@@ -684,7 +767,7 @@ impl Vos {
     /// Space used by this target and free on its file system.
     pub fn space(&self) -> Result<SpaceInfo, VosError> {
         let (total, free) = fs_space(&self.path).map_err(|source| VosError::Io { path: self.path.clone(), source })?;
-        Ok(SpaceInfo { used_bytes: self.engine.disk_bytes(), fs_total_bytes: total, fs_free_bytes: free })
+        Ok(SpaceInfo { used_bytes: self.engine.disk_bytes() + self.extents.disk_bytes(), fs_total_bytes: total, fs_free_bytes: free })
     }
 }
 

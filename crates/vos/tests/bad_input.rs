@@ -19,10 +19,10 @@ fn oversized_and_empty_inputs_are_refused_and_nothing_is_lost() {
         (upd(c, b"", UpdateOp::PunchDkey), "dkey must not be empty"),
         (upd(c, b"d", UpdateOp::Single { akey: vec![1; KEY_BYTES_MAX + 1], value: vec![] }), "akey is"),
         (upd(c, b"d", UpdateOp::Single { akey: b"a".to_vec(), value: vec![0; VALUE_BYTES_MAX + 1] }), "single value is"),
-        (upd(c, b"d", UpdateOp::Extent { akey: b"x".to_vec(), offset: 0, data: vec![0; EXTENT_BYTES_MAX as usize + 1] }), "extent is"),
-        (upd(c, b"d", UpdateOp::Extent { akey: b"x".to_vec(), offset: ARRAY_BYTES_MAX, data: vec![1] }), "past the array limit"),
-        (upd(c, b"d", UpdateOp::Extent { akey: b"x".to_vec(), offset: u64::MAX, data: vec![1] }), "past the array limit"),
-        (upd(c, b"d", UpdateOp::Extent { akey: b"x".to_vec(), offset: 0, data: vec![] }), "extent data must not be empty"),
+        (upd(c, b"d", UpdateOp::Extent { akey: b"x".to_vec(), offset: 0, data: vec![0; EXTENT_BYTES_MAX as usize + 1].into() }), "extent is"),
+        (upd(c, b"d", UpdateOp::Extent { akey: b"x".to_vec(), offset: ARRAY_BYTES_MAX, data: vec![1].into() }), "past the array limit"),
+        (upd(c, b"d", UpdateOp::Extent { akey: b"x".to_vec(), offset: u64::MAX, data: vec![1].into() }), "past the array limit"),
+        (upd(c, b"d", UpdateOp::Extent { akey: b"x".to_vec(), offset: 0, data: vec![].into() }), "extent data must not be empty"),
         (upd(c, b"d", UpdateOp::PunchExtent { akey: b"x".to_vec(), offset: 0, len: u64::MAX / 2 }), "past the array limit"),
     ];
     for (u, needle) in cases {

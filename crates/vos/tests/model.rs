@@ -133,7 +133,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Extent { o, d, a, off, len, fill, e } => {
                 let e = fresh(e, &aggregations);
                 let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i)).collect();
-                vos.update(&[upd(o, d, e, UpdateOp::Extent { akey: name(b'x', a), offset: off as u64, data: data.clone() })]).unwrap();
+                vos.update(&[upd(o, d, e, UpdateOp::Extent { akey: name(b'x', a), offset: off as u64, data: data.clone().into() })]).unwrap();
                 m.extents.push(((o, d, a), e, off as u64, len as u64, Some(data)));
             }
             Op::PunchExtent { o, d, a, off, len, e } => {
@@ -234,7 +234,7 @@ fn horizon_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let cont = ContId::new_random();
     let o = Oid::from_u128(0x300);
-    let put = |vos: &Vos, e: u64, fill: u8| vos.update(&[Update { cont, oid: o, dkey: b"d".to_vec(), epoch: Epoch(e), op: UpdateOp::Extent { akey: b"x".to_vec(), offset: 0, data: vec![fill; 100] } }]).unwrap();
+    let put = |vos: &Vos, e: u64, fill: u8| vos.update(&[Update { cont, oid: o, dkey: b"d".to_vec(), epoch: Epoch(e), op: UpdateOp::Extent { akey: b"x".to_vec(), offset: 0, data: vec![fill; 100].into() } }]).unwrap();
     {
         let vos = Vos::open(dir.path(), &VosConfig::default()).unwrap();
         for e in 1..=20 {

@@ -1,0 +1,288 @@
+//! `strata bench rebuild`: on a cluster it starts itself (`strata up` in a directory of its
+//! own), write data, exclude one rank and measure the rebuild that follows:
+//! - rebuild rate: bytes the engines pushed (their `moved_bytes` counters) per second, from the
+//!   exclusion until the management service reports the rebuild done, against fio's
+//!   sequential write bandwidth in the same directory, in the same invocation (target >= 50%);
+//! - foreground writes during the rebuild against the same writers just before (target >= 50%).
+
+use crate::fio::{self, FioResult};
+use crate::output::{emit, human_bytes, parse_size};
+use anyhow::{bail, Context};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use strata_client::{Client, ClusterFile, ObjHandle, PoolHandle};
+use strata_rpc::engine_msg::{EngineReq, EngineResp};
+use strata_rpc::mgmt_msg::{ContType, MgmtCmd, TargetAction};
+use strata_types::{ContId, ObjectClass, Rank};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Ranks of the cluster the bench starts (one is excluded).
+    #[arg(long, default_value_t = 4)]
+    ranks: u32,
+    /// Object class of the data.
+    #[arg(long, default_value = "RP_2G1")]
+    oclass: String,
+    /// Data written before the exclusion.
+    #[arg(long, default_value = "512M")]
+    size: String,
+    /// Bytes per object (one array value each).
+    #[arg(long, default_value = "1M")]
+    object_size: String,
+    /// Foreground writers (64 KiB writes, one in flight each) measured before and during rebuild.
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+    /// Seconds of foreground writes measured before the exclusion.
+    #[arg(long, default_value_t = 5)]
+    before_secs: u64,
+    /// Directory for the cluster and fio's file (default: a new one under the system temp
+    /// directory, removed afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Rebuild rate limit of every rank (`strata server --rebuild-mib-per-s`; default: the
+    /// server's).
+    #[arg(long)]
+    rebuild_mib_per_s: Option<u64>,
+    /// Skip fio (no baseline ratio for the rebuild rate).
+    #[arg(long)]
+    no_baseline: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Foreground write size: small enough to be latency-bound, like most client traffic.
+const FOREGROUND_BYTES: usize = 64 << 10;
+/// Longest the bench waits for the cluster to start and for the rebuild to finish.
+const CLUSTER_START_MAX: Duration = Duration::from_secs(120);
+const REBUILD_MAX: Duration = Duration::from_secs(1800);
+
+#[derive(Serialize)]
+struct Report {
+    class: String,
+    ranks: u32,
+    data_bytes: u64,
+    /// Bytes the engines pushed for the rebuild.
+    rebuild_bytes: u64,
+    rebuild_secs: f64,
+    /// The ranks' rebuild rate limit, if the bench set one.
+    rebuild_mib_per_s_limit: Option<u64>,
+    rebuild_mib_per_s: f64,
+    fio_write_mib_per_s: Option<f64>,
+    /// Rebuild rate / fio bandwidth (target >= 0.5).
+    rebuild_vs_fio: Option<f64>,
+    foreground_before_mib_per_s: f64,
+    foreground_during_mib_per_s: f64,
+    /// Foreground rate during rebuild / before (target >= 0.5).
+    foreground_during_vs_before: f64,
+}
+
+struct Cluster {
+    child: Child,
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SIGINT: `strata up` stops its ranks and exits.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+fn start_cluster(a: &Args) -> anyhow::Result<Cluster> {
+    let (dir, temp) = match &a.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            (d.clone(), None)
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("strata-bench-rebuild-").tempdir()?;
+            (t.path().to_owned(), Some(t))
+        }
+    };
+    let log = std::fs::File::create(dir.join("up.log"))?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    if let Some(m) = a.rebuild_mib_per_s {
+        cmd.args(["up", "--rebuild-mib-per-s", &m.to_string()]);
+    } else {
+        cmd.arg("up");
+    }
+    let child = cmd
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--ranks", &a.ranks.to_string(), "--heartbeat-timeout-ms", "3000"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting strata up")?;
+    Ok(Cluster { child, dir, _temp: temp })
+}
+
+async fn connect(dir: &Path) -> anyhow::Result<(Client, Arc<PoolHandle>)> {
+    let deadline = Instant::now() + CLUSTER_START_MAX;
+    loop {
+        let attempt = async {
+            let cf = ClusterFile::load(&dir.join("cluster.json"))?;
+            let client = Client::connect(&cf).await?;
+            let pool = client.pool("tank").await?;
+            anyhow::ensure!(pool.info()?.rank_addrs.len() > 1, "ranks still joining");
+            Ok::<_, anyhow::Error>((client, pool))
+        };
+        match attempt.await {
+            Ok(r) => return Ok(r),
+            Err(e) if Instant::now() > deadline => bail!("the cluster in {} did not come up in {CLUSTER_START_MAX:?}: {e:#} (see up.log there)", dir.display()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+async fn moved_bytes(pool: &PoolHandle) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for r in pool.call_all_engines(&EngineReq::Stats, Duration::from_secs(10)).await? {
+        if let Ok((EngineResp::Stats(s), _)) = r {
+            total += s.moved_bytes;
+        }
+    }
+    Ok(total)
+}
+
+/// Foreground writers: 64 KiB writes to fresh dkeys, one in flight per writer, adding the
+/// bytes of each acknowledged write to `bytes`.
+fn spawn_writers(objs: Vec<ObjHandle>, bytes: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    objs.into_iter()
+        .enumerate()
+        .map(|(w, o)| {
+            let (bytes, stop) = (bytes.clone(), stop.clone());
+            tokio::spawn(async move {
+                let data = vec![w as u8 ^ 0x3c; FOREGROUND_BYTES];
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    o.write(&n.to_be_bytes(), b"f", 0, &data).await?;
+                    bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    n += 1;
+                }
+                Ok(())
+            })
+        })
+        .collect()
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let class: ObjectClass = a.oclass.parse()?;
+    let size = parse_size(&a.size)?;
+    let object_size = parse_size(&a.object_size)?;
+    anyhow::ensure!((4096..=4 << 20).contains(&object_size), "--object-size must be 4 KiB ..= 4 MiB");
+    anyhow::ensure!(size >= object_size, "--size must hold at least one object");
+    anyhow::ensure!(a.ranks >= class.group_size() as u32 + 1, "{class} needs {} ranks plus one to exclude; pass --ranks {}", class.group_size(), class.group_size() + 1);
+    anyhow::ensure!((1..=256).contains(&a.writers), "--writers must be 1..=256");
+    if !a.no_baseline {
+        fio::require()?;
+    }
+    let cluster = start_cluster(&a)?;
+    // fio first, on the disk the ranks will use, before they load it.
+    let fio_result: Option<FioResult> = if a.no_baseline {
+        None
+    } else {
+        let d = cluster.dir.join("fio");
+        std::fs::create_dir_all(&d)?;
+        let r = fio::run(&d, "seqwrite", &["rw=write".into(), "bs=1m".into(), "size=512m".into(), "ioengine=psync".into(), "end_fsync=1".into()])?;
+        let _ = std::fs::remove_dir_all(&d);
+        Some(r)
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let report = rt.block_on(async {
+        let (client, pool) = connect(&cluster.dir).await?;
+        client.mgmt.write(MgmtCmd::ContCreate { id: ContId::new_random(), pool: "tank".into(), label: "bench".into(), ctype: ContType::Plain, oclass: class.to_string(), rf: 0, props: Default::default() }).await?;
+        let cont = client.container("tank", "bench").await?;
+        let count = size / object_size;
+        let objs = cont.create_objects(class, count).await?;
+        let data = Arc::new(vec![0xa5u8; object_size as usize]);
+        if !a.json {
+            eprintln!("writing {} in {count} objects of {class}", human_bytes(count * object_size));
+        }
+        for chunk in objs.chunks(8) {
+            let tasks: Vec<_> = chunk.iter().cloned().map(|o| {
+                let data = data.clone();
+                tokio::spawn(async move { o.write(b"0", b"a", 0, &data).await })
+            }).collect();
+            for t in tasks {
+                t.await??;
+            }
+        }
+        let fg_objs = cont.create_objects(class, a.writers as u64).await?;
+        let (bytes, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let writers = spawn_writers(fg_objs, bytes.clone(), stop.clone());
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_secs(a.before_secs)).await;
+        let before = bytes.swap(0, Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64();
+
+        let moved0 = moved_bytes(&pool).await?;
+        let victim = *pool.info()?.rank_addrs.keys().next_back().context("no ranks")?;
+        if !a.json {
+            eprintln!("excluding rank {victim}; rebuilding");
+        }
+        let t0 = Instant::now();
+        bytes.store(0, Ordering::Relaxed);
+        client.mgmt.write(MgmtCmd::PoolTargets { pool: "tank".into(), rank: Rank(victim.0), index: None, action: TargetAction::Exclude }).await?;
+        loop {
+            pool.refresh().await?;
+            let info = pool.info()?;
+            let out = info.map.targets.iter().filter(|t| t.id.rank == victim).all(|t| t.state == strata_placement::TargetState::DownOut);
+            if out && info.rebuild.is_none() {
+                break;
+            }
+            anyhow::ensure!(t0.elapsed() < REBUILD_MAX, "rebuild did not finish in {REBUILD_MAX:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let during = bytes.load(Ordering::Relaxed) as f64 / secs;
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.await??;
+        }
+        let rebuild_bytes = moved_bytes(&pool).await? - moved0;
+        let mib = |b: f64| b / (1 << 20) as f64;
+        let rebuild = mib(rebuild_bytes as f64 / secs);
+        let fio_mib = fio_result.as_ref().map(|f| mib(f.bytes_per_sec));
+        Ok::<_, anyhow::Error>(Report {
+            class: class.to_string(),
+            ranks: a.ranks,
+            data_bytes: count * object_size,
+            rebuild_bytes,
+            rebuild_secs: secs,
+            rebuild_mib_per_s_limit: a.rebuild_mib_per_s,
+            rebuild_mib_per_s: rebuild,
+            fio_write_mib_per_s: fio_mib,
+            rebuild_vs_fio: fio_mib.map(|f| rebuild / f),
+            foreground_before_mib_per_s: mib(before),
+            foreground_during_mib_per_s: mib(during),
+            foreground_during_vs_before: during / before.max(1.0),
+        })
+    })?;
+    drop(cluster);
+    emit(a.json, &report, |r| {
+        println!("rebuild of {} ({} of data) after excluding one of {} ranks", r.class, human_bytes(r.data_bytes), r.ranks);
+        println!("{:<34} {:>10} {:>10} {:>8} {:>8}", "measure", "Strata", "baseline", "ratio", "target");
+        match (r.fio_write_mib_per_s, r.rebuild_vs_fio) {
+            (Some(f), Some(x)) => println!("{:<34} {:>10.1} {:>10.1} {:>7.2}x {:>8}", "rebuild MiB/s vs fio seq write", r.rebuild_mib_per_s, f, x, ">= 0.50"),
+            _ => println!("{:<34} {:>10.1} {:>10} {:>8} {:>8}", "rebuild MiB/s (no fio baseline)", r.rebuild_mib_per_s, "-", "-", ">= 0.50"),
+        }
+        println!("{:<34} {:>10.1} {:>10.1} {:>7.2}x {:>8}", "foreground MiB/s during vs before", r.foreground_during_mib_per_s, r.foreground_before_mib_per_s, r.foreground_during_vs_before, ">= 0.50");
+        println!("rebuild moved {} in {:.1} s", human_bytes(r.rebuild_bytes), r.rebuild_secs);
+    })
+}

@@ -1,0 +1,331 @@
+//! Append-only extent files: array extents of at least `EXTENT_FILE_MIN_BYTES` are written once,
+//! into the target's current extent file, and only a reference (file, offset, crc32c of the
+//! bytes) goes into the record index. Inline in the LSM they would be written twice (journal,
+//! then blob file) and copied more.
+//!
+//! Layout: `DIR/extents/NNNNNNNN.ext`, raw bytes, each extent at a 4 KiB-aligned offset (so a
+//! dead extent's blocks can be freed with a hole punch). A file grows to `EXTENT_FILE_BYTES_MAX`,
+//! then the next id starts. The reference, in a record of kind `ValueRef`:
+//! `file(4, LE) | offset(8, LE) | crc32c of the bytes(4, LE)` (its length is the record's `len`).
+//!
+//! Durability: callers write the bytes (`append`, in parallel, each at its own reserved offset),
+//! and the group-commit writer `fdatasync`s every extent file a group touched before the index
+//! rows of that group are applied and synced. So an index row never outlives its bytes; a crash
+//! between the two syncs leaves unreferenced bytes (space only, never data).
+//!
+//! Reclaim: when aggregation, or a container's destruction, has durably deleted an index row,
+//! the extent's blocks are freed with `fallocate(PUNCH_HOLE)`. Not reclaimed: bytes orphaned by
+//! a crash between the extent sync and the index sync, or by a batch refused after its extents
+//! were written (there is no scan for unreferenced ranges yet).
+
+use crate::error::VosError;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Extents at least this long go to extent files; smaller ones stay inline in the index.
+pub const EXTENT_FILE_MIN_BYTES: usize = 64 << 10;
+/// One extent file grows to at most this many bytes before the next one starts.
+pub const EXTENT_FILE_BYTES_MAX: u64 = 1 << 30;
+/// Extents start at multiples of this, so freeing one frees whole file-system blocks.
+pub const EXTENT_ALIGN_BYTES: u64 = 4096;
+pub const REF_BYTES: usize = 16;
+/// Files appended to at once: concurrent writers to one file serialize on its inode lock.
+pub const EXTENT_LANES: usize = 4;
+/// A lane's file is preallocated this far ahead of its appends, so that direct writes overwrite
+/// allocated blocks instead of extending the file (which the file system serializes).
+pub const EXTENT_PREALLOC_BYTES: u64 = 16 << 20;
+const DIR: &str = "extents";
+
+const _: () = assert!(EXTENT_FILE_BYTES_MAX >= crate::EXTENT_BYTES_MAX + EXTENT_ALIGN_BYTES);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtentRef {
+    pub file: u32,
+    pub offset: u64,
+    pub crc: u32,
+}
+
+impl ExtentRef {
+    pub fn encode(&self) -> [u8; REF_BYTES] {
+        let mut b = [0u8; REF_BYTES];
+        b[..4].copy_from_slice(&self.file.to_le_bytes());
+        b[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        b[12..].copy_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<ExtentRef> {
+        if b.len() != REF_BYTES {
+            return None;
+        }
+        Some(ExtentRef {
+            file: u32::from_le_bytes(b[..4].try_into().ok()?),
+            offset: u64::from_le_bytes(b[4..12].try_into().ok()?),
+            crc: u32::from_le_bytes(b[12..].try_into().ok()?),
+        })
+    }
+}
+
+/// A file an append wrote into; the group commit syncs each one once.
+#[derive(Clone)]
+pub struct Touched {
+    pub id: u32,
+    pub file: Arc<File>,
+}
+
+struct Tail {
+    id: u32,
+    file: Arc<File>,
+    /// The same file opened with `O_DIRECT` (None where the file system refuses it).
+    direct: Option<Arc<File>>,
+    next: u64,
+    /// End of the preallocated range.
+    allocated: u64,
+}
+
+fn open_direct(path: &Path) -> Option<Arc<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok().map(Arc::new)
+}
+
+/// A 4 KiB-aligned copy of `data`, zero-padded to whole 4 KiB blocks, as `O_DIRECT` needs.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn copy_of(data: &[u8]) -> Option<AlignedBuf> {
+        let len = (data.len() as u64).div_ceil(EXTENT_ALIGN_BYTES) * EXTENT_ALIGN_BYTES;
+        let layout = std::alloc::Layout::from_size_align(len as usize, EXTENT_ALIGN_BYTES as usize).ok()?;
+        // SAFETY: the layout has a non-zero size (callers never pass empty data).
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        // SAFETY: `ptr` is valid for `layout.size() >= data.len()` bytes and does not overlap `data`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len()) };
+        Some(AlignedBuf { ptr, layout })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` owns `layout.size()` initialised bytes until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `copy_of` with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+pub struct ExtentFiles {
+    dir: PathBuf,
+    files: RwLock<HashMap<u32, Arc<File>>>,
+    lanes: Vec<Mutex<Tail>>,
+    next_id: std::sync::atomic::AtomicU32,
+    next_lane: std::sync::atomic::AtomicUsize,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VosError + '_ {
+    move |source| VosError::Io { path: path.to_owned(), source }
+}
+
+fn file_name(id: u32) -> String {
+    format!("{id:08}.ext")
+}
+
+fn open_rw(path: &Path, create: bool) -> Result<File, VosError> {
+    std::fs::OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path).map_err(io_err(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), VosError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+impl ExtentFiles {
+    pub fn open(target_dir: &Path) -> Result<ExtentFiles, VosError> {
+        let dir = target_dir.join(DIR);
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            sync_dir(target_dir)?;
+        }
+        let mut files = HashMap::new();
+        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let entry = entry.map_err(io_err(&dir))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".ext")).and_then(|n| n.parse::<u32>().ok()) else { continue };
+            files.insert(id, Arc::new(open_rw(&entry.path(), false)?));
+        }
+        // Each lane continues one of the newest files, after whatever the last run left there
+        // (a torn tail included: it is never referenced); missing lanes start new files.
+        let mut ids: Vec<u32> = files.keys().copied().collect();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        let mut next_id = ids.first().map_or(1, |m| m + 1);
+        let mut lanes = Vec::with_capacity(EXTENT_LANES);
+        let mut created = false;
+        for lane in 0..EXTENT_LANES {
+            let (id, file) = match ids.get(lane) {
+                Some(id) => (*id, files[id].clone()),
+                None => {
+                    let id = next_id;
+                    next_id += 1;
+                    let f = Arc::new(open_rw(&dir.join(file_name(id)), true)?);
+                    files.insert(id, f.clone());
+                    created = true;
+                    (id, f)
+                }
+            };
+            let len = file.metadata().map_err(io_err(&dir))?.len();
+            let next = len.div_ceil(EXTENT_ALIGN_BYTES) * EXTENT_ALIGN_BYTES;
+            let direct = open_direct(&dir.join(file_name(id)));
+            lanes.push(Mutex::new(Tail { id, file, direct, next, allocated: next }));
+        }
+        if created {
+            sync_dir(&dir)?;
+        }
+        Ok(ExtentFiles { dir, files: RwLock::new(files), lanes, next_id: next_id.into(), next_lane: 0.into() })
+    }
+
+    /// Write `data` at a fresh offset (not yet durable: the group commit syncs the file).
+    pub fn append(&self, data: &[u8]) -> Result<(ExtentRef, Touched), VosError> {
+        let len = data.len() as u64;
+        assert!(len > 0 && len <= crate::EXTENT_BYTES_MAX, "extent of {len} bytes");
+        let lane = self.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.lanes.len();
+        let (id, file, offset, direct) = {
+            let mut t = self.lanes[lane].lock().unwrap_or_else(|e| e.into_inner());
+            if t.next + len > EXTENT_FILE_BYTES_MAX {
+                let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let path = self.dir.join(file_name(id));
+                let f = Arc::new(open_rw(&path, true)?);
+                // The new file must survive a crash before anything it holds is referenced.
+                sync_dir(&self.dir)?;
+                self.files.write().unwrap_or_else(|e| e.into_inner()).insert(id, f.clone());
+                *t = Tail { id, file: f, direct: open_direct(&path), next: 0, allocated: 0 };
+            }
+            let offset = t.next;
+            t.next = (offset + len).div_ceil(EXTENT_ALIGN_BYTES) * EXTENT_ALIGN_BYTES;
+            if t.direct.is_some() && t.next > t.allocated {
+                let to = (t.next + EXTENT_PREALLOC_BYTES).min(EXTENT_FILE_BYTES_MAX).max(t.next);
+                use std::os::fd::AsRawFd;
+                // SAFETY: fallocate on a descriptor we own. Failure only costs speed.
+                if unsafe { libc::fallocate(t.file.as_raw_fd(), 0, t.allocated as libc::off_t, (to - t.allocated) as libc::off_t) } == 0 {
+                    t.allocated = to;
+                }
+            }
+            (t.id, t.file.clone(), offset, t.direct.clone())
+        };
+        let crc = crc32c::crc32c(data);
+        let path = || self.dir.join(file_name(id));
+        // Direct I/O: no copy into the page cache (on this path the kernel's copy into new page
+        // cache folios was most of an engine's CPU); the group commit's fdatasync still makes
+        // the blocks (and the device cache) durable.
+        let direct_done = match (&direct, AlignedBuf::copy_of(data)) {
+            (Some(d), Some(buf)) => d.write_all_at(buf.as_slice(), offset).is_ok(),
+            _ => false,
+        };
+        if !direct_done {
+            file.write_all_at(data, offset).map_err(|source| VosError::Io { path: path(), source })?;
+            // Start writing these bytes back now, in parallel with other writers, so the
+            // group commit's fdatasync finds little left to write.
+            use std::os::fd::AsRawFd;
+            // SAFETY: sync_file_range on a descriptor we own; it touches no memory of ours.
+            unsafe {
+                libc::sync_file_range(file.as_raw_fd(), offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        }
+        Ok((ExtentRef { file: id, offset, crc }, Touched { id, file }))
+    }
+
+    fn file(&self, id: u32) -> Result<Arc<File>, VosError> {
+        self.files.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned().ok_or_else(|| VosError::Corrupt { location: format!("extent file {}", file_name(id)), defect: "referenced extent file is missing".into() })
+    }
+
+    /// The checksum-verified bytes of one extent.
+    pub fn read(&self, r: &ExtentRef, len: u64) -> Result<Vec<u8>, VosError> {
+        if len > crate::EXTENT_BYTES_MAX {
+            return Err(VosError::Corrupt { location: format!("extent file {}", file_name(r.file)), defect: format!("reference of {len} bytes") });
+        }
+        let f = self.file(r.file)?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, r.offset).map_err(|e| VosError::Corrupt { location: format!("extent file {} at {}", file_name(r.file), r.offset), defect: format!("cannot read {len} bytes: {e}") })?;
+        let crc = crc32c::crc32c(&buf);
+        if crc != r.crc {
+            return Err(VosError::Corrupt { location: format!("extent file {} at {}", file_name(r.file), r.offset), defect: format!("crc32c mismatch (stored {:#010x}, computed {crc:#010x})", r.crc) });
+        }
+        Ok(buf)
+    }
+
+    /// Free the blocks of an extent whose index row is durably gone.
+    pub fn punch(&self, r: &ExtentRef, len: u64) {
+        let Ok(f) = self.file(r.file) else { return };
+        use std::os::fd::AsRawFd;
+        let span = len.div_ceil(EXTENT_ALIGN_BYTES) * EXTENT_ALIGN_BYTES;
+        // SAFETY: fallocate on a file descriptor we own; punching a hole changes no other memory.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, r.offset as libc::off_t, span as libc::off_t) };
+        if rc != 0 {
+            tracing::debug!(file = r.file, offset = r.offset, error = %std::io::Error::last_os_error(), "could not free a dead extent's blocks");
+        }
+    }
+
+    /// Bytes the extent files occupy on disk (holes excluded).
+    pub fn disk_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.files.read().unwrap_or_else(|e| e.into_inner()).values().filter_map(|f| f.metadata().ok()).map(|m| m.blocks() * 512).sum()
+    }
+}
+
+/// Make every touched file durable, each once.
+pub fn sync_touched(touched: &[Touched]) -> Result<(), VosError> {
+    let mut done: Vec<u32> = Vec::new();
+    for t in touched {
+        if !done.contains(&t.id) {
+            t.file.sync_data().map_err(|source| VosError::Io { path: PathBuf::from(file_name(t.id)), source })?;
+            done.push(t.id);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_read_back_aligned_and_a_flipped_byte_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = ExtentFiles::open(dir.path()).unwrap();
+        let a = vec![7u8; 70_000];
+        let b = vec![9u8; 5000];
+        let (ra, ta) = x.append(&a).unwrap();
+        let (rb, _) = x.append(&b).unwrap();
+        sync_touched(&[ta]).unwrap();
+        assert_eq!(ra.offset % EXTENT_ALIGN_BYTES, 0);
+        assert_eq!(rb.offset % EXTENT_ALIGN_BYTES, 0);
+        assert!(rb.file != ra.file || rb.offset >= ra.offset + a.len() as u64, "extents overlap");
+        assert_eq!(x.read(&ra, a.len() as u64).unwrap(), a);
+        assert_eq!(ExtentRef::decode(&rb.encode()), Some(rb));
+        drop(x);
+        // Reopened: appends continue after the old tail, old extents still read.
+        let x = ExtentFiles::open(dir.path()).unwrap();
+        let mut later = Vec::new();
+        for _ in 0..EXTENT_LANES {
+            later.push(x.append(&a).unwrap().0);
+        }
+        for r in &later {
+            assert!((r.file != rb.file || r.offset >= rb.offset + b.len() as u64) && (r.file != ra.file || r.offset >= ra.offset + a.len() as u64), "a reopened store overwrote an extent");
+        }
+        let rc = later[0];
+        assert_eq!(x.read(&rb, b.len() as u64).unwrap(), b);
+        let path = dir.path().join(DIR).join(file_name(rb.file));
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[1], rb.offset + 10).unwrap();
+        assert!(matches!(x.read(&rb, b.len() as u64), Err(VosError::Corrupt { .. })));
+        // A punched extent's blocks are freed.
+        let before = x.disk_bytes();
+        x.punch(&rc, a.len() as u64);
+        assert!(x.disk_bytes() < before, "punching freed nothing ({before} bytes before)");
+    }
+}
