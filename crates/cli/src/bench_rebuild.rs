@@ -188,7 +188,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let object_size = parse_size(&a.object_size)?;
     anyhow::ensure!((4096..=4 << 20).contains(&object_size), "--object-size must be 4 KiB ..= 4 MiB");
     anyhow::ensure!(size >= object_size, "--size must hold at least one object");
-    anyhow::ensure!(a.ranks >= class.group_size() as u32 + 1, "{class} needs {} ranks plus one to exclude; pass --ranks {}", class.group_size(), class.group_size() + 1);
+    anyhow::ensure!(a.ranks > class.group_size() as u32, "{class} needs {} ranks plus one to exclude; pass --ranks {}", class.group_size(), class.group_size() + 1);
     anyhow::ensure!((1..=256).contains(&a.writers), "--writers must be 1..=256");
     if !a.no_baseline {
         fio::require()?;
