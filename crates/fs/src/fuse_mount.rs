@@ -39,6 +39,10 @@ use strata_types::Epoch;
 /// Entries of one directory listing held for an open directory handle.
 pub const DIR_LIST_ENTRIES_MAX: usize = 1 << 20;
 const DIR_PAGE_ENTRIES: usize = 1024;
+/// Read-ahead window of a sequential reader (a multiple of the cache block; well under the
+/// cache so a window is not evicted before it is read).
+pub const READ_AHEAD_BYTES: u64 = 4 << 20;
+const _: () = assert!(READ_AHEAD_BYTES.is_multiple_of(CACHE_BLOCK_BYTES));
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 
@@ -91,6 +95,8 @@ struct OpenState {
     /// End of the furthest byte written and latest change time since the last commit.
     dirty_end: u64,
     dirty_mtime_ns: i64,
+    /// Where the last read ended: a read starting there is sequential and reads ahead.
+    read_end: u64,
 }
 
 impl OpenState {
@@ -561,7 +567,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         }
         let state = {
             let mut open = lock(&self.open);
-            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new(), meta_dirty: false, truncated: false, dirty_end: 0, dirty_mtime_ns: 0 })) });
+            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new(), meta_dirty: false, truncated: false, dirty_end: 0, dirty_mtime_ns: 0, read_end: 0 })) });
             e.opens += 1;
             e.state.clone()
         };
@@ -606,18 +612,24 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             let i = self.ns.inode(ino).await?;
             return self.read_at(&i, i.size, offset, size, Epoch::MAX).await;
         };
-        let st = state.lock().await;
+        let mut st = state.lock().await;
         if !self.cache.enabled() {
             let mut out = self.read_at(&st.inode, st.size, offset, size, Epoch::MAX).await?;
             st.overlay(offset, &mut out);
             return Ok(out);
         }
-        self.read_cached(&st, offset, size).await
+        let sequential = offset == st.read_end;
+        let out = self.read_cached(&st, offset, size, sequential).await?;
+        st.read_end = offset + out.len() as u64;
+        Ok(out)
     }
 
     /// Read through the block cache: cached blocks are copied, each run of missing blocks is
     /// one store read, completed with this mount's dirty bytes before it is cached.
-    async fn read_cached(&self, st: &OpenState, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    /// `sequential`: the read starts where the previous one ended; a miss then also fetches
+    /// the next [`READ_AHEAD_BYTES`] into the cache, so a sequential reader pays one store
+    /// round trip per window instead of one per kernel request (128 KiB or less).
+    async fn read_cached(&self, st: &OpenState, offset: u64, size: u32, sequential: bool) -> Result<Vec<u8>, FsError> {
         if offset >= st.size || size == 0 {
             return Ok(Vec::new());
         }
@@ -629,6 +641,8 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         let first = offset / b;
         let last = (offset + len - 1) / b;
         let mut blocks: Vec<Option<Arc<Vec<u8>>>> = (first..=last).map(|k| self.cache.get(ino, k)).collect();
+        // Blocks past the request fetched with its last miss (read-ahead), up to the file's end.
+        let ahead_max = if sequential && blocks.last().is_some_and(|b| b.is_none()) { (READ_AHEAD_BYTES / b).min((st.size - 1) / b - last) } else { 0 };
         let mut k = 0;
         while k < blocks.len() {
             if blocks[k].is_some() {
@@ -640,12 +654,20 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
                 k += 1;
             }
             let run_off = (first + start as u64) * b;
-            let mut data = self.data.read(oid, run_off, (k - start) as u64 * b, Epoch::MAX).await?;
+            let mut ahead = 0;
+            if k == blocks.len() {
+                while ahead < ahead_max && self.cache.get(ino, last + 1 + ahead).is_none() {
+                    ahead += 1;
+                }
+            }
+            let mut data = self.data.read(oid, run_off, ((k - start) as u64 + ahead) * b, Epoch::MAX).await?;
             st.overlay(run_off, &mut data);
             for (j, part) in data.chunks(b as usize).enumerate() {
                 let v = part.to_vec();
                 self.cache.put(ino, first + (start + j) as u64, v.clone());
-                blocks[start + j] = Some(Arc::new(v));
+                if start + j < blocks.len() {
+                    blocks[start + j] = Some(Arc::new(v));
+                }
             }
         }
         let mut out = vec![0u8; len as usize];
