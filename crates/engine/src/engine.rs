@@ -500,6 +500,11 @@ const EXPORT_BYTES_MAX: usize = strata_rpc::frame::PAYLOAD_BYTES_MAX as usize;
 /// Most bytes of records one rebuild import message carries.
 const IMPORT_BYTES_MAX: usize = 16 << 20;
 
+/// Bytes of one object shard that data movement holds at a time (per source shard): objects of
+/// any size move page by page (plus at most one record, itself at most 4 MiB).
+const EXPORT_PAGE_BYTES: usize = 16 << 20;
+const _: () = assert!(EXPORT_PAGE_BYTES + (8 << 20) < EXPORT_BYTES_MAX, "a page and its last record fit one answer");
+
 impl Engine {
     /// One pass of rebuild (replicated objects): for every pool whose map has `DOWN` targets and
     /// that this rank has not finished for the current version, push every object shard that
@@ -599,20 +604,27 @@ impl Engine {
                                 pushed += self.rebuild_ec_group(view, cont, *oid, &layout, g, group, &spares, k as usize, p as usize).await?;
                                 continue;
                             }
-                            let (v, o) = (vos.clone(), *oid);
-                            let records = tokio::task::spawn_blocking(move || v.export_object(cont, o)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
-                            let mine: Vec<ImportRecord> = records
-                                .into_iter()
-                                .filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g))
-                                .map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value })
-                                .collect();
-                            tracing::info!(oid = %oid, group = g, to = ?spares, records = mine.len(), "replicas pushed");
-                            for spare in spares {
-                                for batch in batches(&mine) {
-                                    pushed += batch.len() as u64;
-                                    self.import_to(view, pool, spare, batch).await?;
+                            let (mut n, mut after) = (0u64, None);
+                            loop {
+                                let (records, next) = Self::local_page(vos, cont, *oid, after).await?;
+                                let mine: Vec<ImportRecord> = records
+                                    .into_iter()
+                                    .filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g))
+                                    .map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value })
+                                    .collect();
+                                for spare in &spares {
+                                    for batch in batches(&mine) {
+                                        n += batch.len() as u64;
+                                        self.import_to(view, pool, *spare, batch).await?;
+                                    }
+                                }
+                                after = next;
+                                if after.is_none() {
+                                    break;
                                 }
                             }
+                            pushed += n;
+                            tracing::info!(oid = %oid, group = g, to = ?spares, records = n, "replicas pushed");
                         }
                     }
                     match page.next {
@@ -657,48 +669,54 @@ impl Engine {
                         if cur.group_count() == new.group_count() && cur.groups().zip(new.groups()).all(|(a, b)| !a.iter().any(|s| s.target == me) || same(a, b)) {
                             continue;
                         }
-                        let (v, o) = (vos.clone(), *oid);
-                        let records = tokio::task::spawn_blocking(move || v.export_object(cont, o)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
                         let ec = matches!(cur.class.redundancy(), Redundancy::Erasure { .. });
                         let readable = |t: TargetId| view.map.target(t).is_some_and(|x| x.state.readable());
-                        let mut out: BTreeMap<TargetId, Vec<ImportRecord>> = BTreeMap::new();
-                        for r in records {
-                            if r.record_key().is_some_and(|k| k.epoch > since) {
-                                continue;
-                            }
-                            let dests: Vec<TargetId> = match r.dkey() {
-                                // Object punches live on every shard: every new place needs one.
-                                None => new.shards().iter().map(|s| s.target).filter(|t| !cur.shards().iter().any(|c| c.target == *t)).collect(),
-                                Some(d) => {
-                                    let cg = cur.group(cur.group_for_dkey(&d));
-                                    let ng = new.group(new.group_for_dkey(&d));
-                                    let Some(idx) = cg.iter().position(|s| s.target == me) else { continue };
-                                    if ec {
-                                        let to = ng[idx].target;
-                                        if to == me {
-                                            continue;
-                                        }
-                                        if cg.iter().any(|s| s.target == to) {
-                                            conflicts += 1;
-                                            continue;
-                                        }
-                                        vec![to]
-                                    } else {
-                                        if cg.iter().find(|s| readable(s.target)).map(|s| s.target) != Some(me) {
-                                            continue;
-                                        }
-                                        ng.iter().map(|s| s.target).filter(|t| !cg.iter().any(|c| c.target == *t)).collect()
-                                    }
+                        let mut after = None;
+                        loop {
+                            let (records, next) = Self::local_page(vos, cont, *oid, after).await?;
+                            let mut out: BTreeMap<TargetId, Vec<ImportRecord>> = BTreeMap::new();
+                            for r in records {
+                                if r.record_key().is_some_and(|k| k.epoch > since) {
+                                    continue;
                                 }
-                            };
-                            for t in dests {
-                                out.entry(t).or_default().push(ImportRecord { punch: r.punch, key: r.key.clone(), value: r.value.clone() });
+                                let dests: Vec<TargetId> = match r.dkey() {
+                                    // Object punches live on every shard: every new place needs one.
+                                    None => new.shards().iter().map(|s| s.target).filter(|t| !cur.shards().iter().any(|c| c.target == *t)).collect(),
+                                    Some(d) => {
+                                        let cg = cur.group(cur.group_for_dkey(&d));
+                                        let ng = new.group(new.group_for_dkey(&d));
+                                        let Some(idx) = cg.iter().position(|s| s.target == me) else { continue };
+                                        if ec {
+                                            let to = ng[idx].target;
+                                            if to == me {
+                                                continue;
+                                            }
+                                            if cg.iter().any(|s| s.target == to) {
+                                                conflicts += 1;
+                                                continue;
+                                            }
+                                            vec![to]
+                                        } else {
+                                            if cg.iter().find(|s| readable(s.target)).map(|s| s.target) != Some(me) {
+                                                continue;
+                                            }
+                                            ng.iter().map(|s| s.target).filter(|t| !cg.iter().any(|c| c.target == *t)).collect()
+                                        }
+                                    }
+                                };
+                                for t in dests {
+                                    out.entry(t).or_default().push(ImportRecord { punch: r.punch, key: r.key.clone(), value: r.value.clone() });
+                                }
                             }
-                        }
-                        for (t, records) in out {
-                            for batch in batches(&records) {
-                                pushed += batch.len() as u64;
-                                self.import_to(view, pool, t, batch).await?;
+                            for (t, records) in out {
+                                for batch in batches(&records) {
+                                    pushed += batch.len() as u64;
+                                    self.import_to(view, pool, t, batch).await?;
+                                }
+                            }
+                            after = next;
+                            if after.is_none() {
+                                break;
                             }
                         }
                     }
@@ -723,19 +741,41 @@ impl Engine {
         let pool = view.map_pool_id;
         let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
         let readable = |t: TargetId| view.map.target(t).is_some_and(|x| x.state.readable());
-        let mut sources = Vec::new();
-        for (i, s) in group.iter().enumerate() {
-            if !readable(s.target) {
-                continue;
+        let mut pushed = 0;
+        // Page by record key: the cells of one stripe version carry the same key on every
+        // shard, so one key range holds whole stripe versions from each source.
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let mut pages = Vec::new();
+            for (i, s) in group.iter().enumerate() {
+                if !readable(s.target) {
+                    continue;
+                }
+                match self.export_page(view, s.target, cont, oid, after.clone(), None).await {
+                    Ok((records, truncated)) => pages.push((i, records, truncated)),
+                    Err(e) => tracing::warn!(shard = %s.target, error = %e, "EC rebuild source unavailable; decoding from the others"),
+                }
             }
-            match self.export_from(view, s.target, cont, oid).await {
-                Ok(records) => sources.push((i, records.into_iter().filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g)).collect::<Vec<_>>())),
-                Err(e) => tracing::warn!(shard = %s.target, error = %e, "EC rebuild source unavailable; decoding from the others"),
+            // The page ends where the shortest truncated answer ended; later rows come again.
+            let end: Option<Vec<u8>> = pages.iter().filter(|(_, _, t)| *t).filter_map(|(_, r, _)| r.iter().rev().find(|x| !x.punch).map(|x| x.key.clone())).min();
+            let sources: Vec<(usize, Vec<strata_vos::RawRecord>)> = pages
+                .into_iter()
+                .map(|(i, records, _)| (i, records.into_iter().filter(|r| r.punch || end.as_ref().is_none_or(|e| r.key <= *e)).filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g)).collect()))
+                .collect();
+            pushed += self.push_ec_page(view, pool, &st, oid, g, group, dests, &sources).await?;
+            match end {
+                Some(e) => after = Some(e),
+                None => return Ok(pushed),
             }
         }
+    }
+
+    /// The records `dests` need from one page of EC sources, decoded and pushed.
+    #[allow(clippy::too_many_arguments)]
+    async fn push_ec_page(&self, view: &PoolView, pool: PoolId, st: &strata_ec::EcStripe, oid: strata_types::Oid, g: usize, group: &[strata_placement::ShardLoc], dests: &[TargetId], sources: &[(usize, Vec<strata_vos::RawRecord>)]) -> Result<u64, RemoteError> {
         let mut pushed = 0;
         for (j, s) in group.iter().enumerate().filter(|(_, s)| dests.contains(&s.target)) {
-            let rebuilt = ec_rebuild::rebuild_ec_shard(&st, &sources, j);
+            let rebuilt = ec_rebuild::rebuild_ec_shard(st, sources, j);
             if rebuilt.undecodable > 0 {
                 // Also seen when a spare rebuilt in an earlier round is offered again and its
                 // own cells were needed for the decode: then it already holds them.
@@ -751,16 +791,29 @@ impl Engine {
         Ok(pushed)
     }
 
-    async fn export_from(&self, view: &PoolView, t: TargetId, cont: strata_types::ContId, oid: strata_types::Oid) -> Result<Vec<strata_vos::RawRecord>, RemoteError> {
+    /// One page of an object shard's records on target `t`, local or remote (see
+    /// `Vos::export_object_page`); returns the rows and whether more follow.
+    #[allow(clippy::too_many_arguments)]
+    async fn export_page(&self, view: &PoolView, t: TargetId, cont: strata_types::ContId, oid: strata_types::Oid, after: Option<Vec<u8>>, upto: Option<Vec<u8>>) -> Result<(Vec<strata_vos::RawRecord>, bool), RemoteError> {
         if t.rank == self.rank {
             let vos = self.target(t)?.clone();
-            return tokio::task::spawn_blocking(move || vos.export_object(cont, oid)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err);
+            return tokio::task::spawn_blocking(move || vos.export_object_page(cont, oid, after.as_deref(), upto.as_deref(), EXPORT_PAGE_BYTES)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err);
         }
         let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
-        let req = EngineReq::Export { pool: view.map_pool_id, map_version: view.map.version, target: t.index, cont, oid };
-        let (_, payload) = self.peers.call::<_, EngineResp>(addr, &req, Bytes::new(), FORWARD_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("export from {t}: {e}")))?;
+        let req = EngineReq::Export { pool: view.map_pool_id, map_version: view.map.version, target: t.index, cont, oid, after, upto, bytes_max: EXPORT_PAGE_BYTES as u64 };
+        let (resp, payload) = self.peers.call::<_, EngineResp>(addr, &req, Bytes::new(), FORWARD_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("export from {t}: {e}")))?;
+        let EngineResp::Exported { truncated } = resp else { return Err(rerr(ErrorCode::Internal, format!("export from {t}: unexpected answer"))) };
         let records: Vec<ImportRecord> = postcard::from_bytes(&payload).map_err(|e| rerr(ErrorCode::Internal, format!("export from {t}: {e}")))?;
-        Ok(records.into_iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key, value: r.value }).collect())
+        Ok((records.into_iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key, value: r.value }).collect(), truncated))
+    }
+
+    /// One page of an object shard on this rank's target `vos` (see `export_page`), and the
+    /// key the next page starts after, if any.
+    async fn local_page(vos: &Arc<Vos>, cont: strata_types::ContId, oid: strata_types::Oid, after: Option<Vec<u8>>) -> Result<(Vec<strata_vos::RawRecord>, Option<Vec<u8>>), RemoteError> {
+        let v = vos.clone();
+        let (records, truncated) = tokio::task::spawn_blocking(move || v.export_object_page(cont, oid, after.as_deref(), None, EXPORT_PAGE_BYTES)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+        let next = if truncated { records.iter().rev().find(|r| !r.punch).map(|r| r.key.clone()) } else { None };
+        Ok((records, next))
     }
 
     async fn import_to(&self, view: &PoolView, pool: PoolId, t: TargetId, records: &[ImportRecord]) -> Result<(), RemoteError> {
@@ -1003,16 +1056,17 @@ impl Handler for Engine {
                 tokio::task::spawn_blocking(move || vos.import(&raw)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
                 Ok((EngineResp::Updated { epoch: Epoch::ZERO }, Bytes::new()))
             }
-            EngineReq::Export { pool, map_version, target, cont, oid } => {
+            EngineReq::Export { pool, map_version, target, cont, oid, after, upto, bytes_max } => {
                 self.view(pool, map_version).await?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
-                let records = tokio::task::spawn_blocking(move || vos.export_object(cont, oid)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                let bytes_max = (bytes_max as usize).min(EXPORT_PAGE_BYTES);
+                let (records, truncated) = tokio::task::spawn_blocking(move || vos.export_object_page(cont, oid, after.as_deref(), upto.as_deref(), bytes_max)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
                 let records: Vec<ImportRecord> = records.into_iter().map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value }).collect();
                 let payload = postcard::to_allocvec(&records).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
                 if payload.len() > EXPORT_BYTES_MAX {
-                    return Err(rerr(ErrorCode::InvalidArgument, format!("object {oid} holds {} bytes on this shard, more than one export answer carries ({EXPORT_BYTES_MAX})", payload.len())));
+                    return Err(rerr(ErrorCode::Internal, format!("an export page of object {oid} came to {} bytes, more than one answer carries ({EXPORT_BYTES_MAX})", payload.len())));
                 }
-                Ok((EngineResp::Updated { epoch: Epoch::ZERO }, Bytes::from(payload)))
+                Ok((EngineResp::Exported { truncated }, Bytes::from(payload)))
             }
             EngineReq::Scrub { pool, map_version } => Ok((EngineResp::Scrubbed(self.scrub(pool, map_version).await?), Bytes::new())),
             EngineReq::RawGet { pool, map_version, target, key } => {

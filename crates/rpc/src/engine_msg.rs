@@ -56,9 +56,10 @@ pub enum EngineReq {
     Scrub { pool: PoolId, map_version: u64 },
     /// One stored record by raw key, verified (scrub's repair source).
     RawGet { pool: PoolId, map_version: u64, target: u16, key: Vec<u8> },
-    /// Every stored record of one object on `target` (postcard `Vec<ImportRecord>` in the
-    /// answer's payload): the sources of an EC shard rebuild.
-    Export { pool: PoolId, map_version: u64, target: u16, cont: ContId, oid: Oid },
+    /// One page of the stored records of one object on `target` (postcard `Vec<ImportRecord>`
+    /// in the answer's payload, answer `Exported`): keys after `after`, at most `upto`, about
+    /// `bytes_max` bytes (see `Vos::export_object_page`); the sources of an EC shard rebuild.
+    Export { pool: PoolId, map_version: u64, target: u16, cont: ContId, oid: Oid, after: Option<Vec<u8>>, upto: Option<Vec<u8>>, bytes_max: u64 },
     /// Rebuild: store these records (postcard `Vec<ImportRecord>` in the payload) on `target`,
     /// keeping their epochs.
     Import { pool: PoolId, map_version: u64, target: u16 },
@@ -87,6 +88,8 @@ pub enum EngineResp {
     Raw { found: bool },
     Kv(crate::kv_msg::KvResp),
     Stats(EngineStats),
+    /// A page of `Export`; `truncated`: more records follow its last key.
+    Exported { truncated: bool },
 }
 
 /// Counters of one rank since it started.

@@ -689,6 +689,44 @@ impl Vos {
         Ok(out)
     }
 
+    /// One page of `export_object`, so an object of any size moves in bounded memory: stored
+    /// records with raw keys after `after` and at most `upto`, in key order, stopping once
+    /// `bytes_max` bytes are taken (at least one record). The object's punches come with the
+    /// page that reaches the end (`upto` `None`, not truncated). Returns the rows and whether
+    /// the page stopped early (the next one starts after its last row's key). Shards of one
+    /// object share record keys, so a page range means the same versions on each.
+    pub fn export_object_page(&self, cont: ContId, oid: Oid, after: Option<&[u8]>, upto: Option<&[u8]>, bytes_max: usize) -> Result<(Vec<RawRecord>, bool), VosError> {
+        let p = object_prefix(cont, oid);
+        let start = match after {
+            Some(a) => [a, &[0u8][..]].concat(),
+            None => p.clone(),
+        };
+        let end = match upto {
+            Some(u) => [u, &[0u8][..]].concat(),
+            None => prefix_successor(&p),
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for r in self.engine.scan(Space::Records, &start, Some(&end), false) {
+            if bytes >= bytes_max && !out.is_empty() {
+                return Ok((out, true));
+            }
+            let (key, value) = r?;
+            // Extents kept in extent files travel as their bytes, like inline ones.
+            let value = self.materialize(&key, value)?;
+            bytes += key.len() + value.len();
+            out.push(RawRecord { punch: false, key, value });
+        }
+        if upto.is_none() {
+            let end = prefix_successor(&p);
+            for r in self.engine.scan(Space::Punches, &p, Some(&end), false) {
+                let (key, value) = r?;
+                out.push(RawRecord { punch: true, key, value });
+            }
+        }
+        Ok((out, false))
+    }
+
     /// Store rows exported by `export_object` on another target (verified first), durably.
     pub fn import(&self, records: &[RawRecord]) -> Result<(), VosError> {
         let mut ops = Vec::with_capacity(records.len() + 1);
