@@ -37,11 +37,14 @@ pub struct AggregationConfig {
     pub bytes_per_s: u64,
     /// Most records one step examines before it yields.
     pub step_records_max: u64,
+    /// Most records per second a pass examines (0: no limit): index rows of extent-file
+    /// extents are tiny, so a byte rate alone would let a pass run flat out.
+    pub records_per_s: u64,
 }
 
 impl Default for AggregationConfig {
     fn default() -> Self {
-        AggregationConfig { interval: Duration::from_secs(10), margin: Duration::from_secs(30), bytes_per_s: 64 << 20, step_records_max: 2048 }
+        AggregationConfig { interval: Duration::from_secs(10), margin: Duration::from_secs(30), bytes_per_s: 64 << 20, step_records_max: 2048, records_per_s: 20_000 }
     }
 }
 
@@ -176,9 +179,9 @@ impl Engine {
             };
             self.agg_counters.add(&step.stats);
             stats.add(&step.stats);
-            if cfg.bytes_per_s > 0 {
-                tokio::time::sleep(Duration::from_secs_f64(step.stats.bytes_examined as f64 / cfg.bytes_per_s as f64)).await;
-            }
+            let by_bytes = if cfg.bytes_per_s > 0 { step.stats.bytes_examined as f64 / cfg.bytes_per_s as f64 } else { 0.0 };
+            let by_records = if cfg.records_per_s > 0 { step.stats.records_examined as f64 / cfg.records_per_s as f64 } else { 0.0 };
+            tokio::time::sleep(Duration::from_secs_f64(by_bytes.max(by_records))).await;
             match step.next {
                 Some(n) => from = Some(n),
                 None => break,
