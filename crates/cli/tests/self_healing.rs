@@ -142,9 +142,9 @@ fn rebuild_decodes_ec_cells_so_failures_within_the_redundancy_lose_nothing() {
     // EC_4P2 should too: after two failures its six shards sit on the four surviving hosts, and
     // spares go to the host holding the fewest of the group's shards, so none holds three
     // (crates/placement/tests/layout.rs) and the third failure takes at most two shards. But
-    // checked here (while the third rebuild runs) some EC_4P2GX arrays read back as zeros: a
-    // shard that readers trust returns nothing instead of an error that would make the read
-    // decode. Not found yet; so EC_4P2 is not checked after the third failure.
+    // checked here (while the third rebuild runs) a few EC_4P2GX arrays read back wrong (zeros,
+    // or garbage as from a decode mixing cells) with at most two shards of a group per host.
+    // Not found yet; so EC_4P2 is not checked after the third failure.
     rt.block_on(check_all(&objs[1], 1, "three failures"));
 }
 
