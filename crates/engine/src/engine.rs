@@ -753,7 +753,12 @@ impl Engine {
                 }
                 match self.export_page(view, s.target, cont, oid, after.clone(), None).await {
                     Ok((records, truncated)) => pages.push((i, records, truncated)),
-                    Err(e) => tracing::warn!(shard = %s.target, error = %e, "EC rebuild source unavailable; decoding from the others"),
+                    // Damaged records: the others may still decode every stripe.
+                    Err(e) if e.code == ErrorCode::Corrupt => tracing::warn!(shard = %s.target, error = %e, "EC rebuild source damaged; decoding from the others"),
+                    // A shard the map calls readable did not answer: decoding without it could
+                    // leave stripes out while the pass reports success, so the pass fails and
+                    // runs again (on a newer map if the shard is gone).
+                    Err(e) => return Err(e),
                 }
             }
             // The page ends where the shortest truncated answer ended; later rows come again.
