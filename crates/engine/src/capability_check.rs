@@ -6,7 +6,7 @@
 //! cell the target holds, in shard-local offsets). A write capability writes through the
 //! group's leader (so replicas stay identical); it is honoured only when it names the leader.
 
-use super::{rerr, vos_err, Engine, PoolView};
+use super::{fetch_local, on_blocking_pool, rerr, Engine, PoolView};
 use bytes::Bytes;
 use std::sync::Arc;
 use strata_rpc::capability::{self, CapClaims, CapRights, CAP_KEY_PROP};
@@ -14,7 +14,6 @@ use strata_rpc::engine_msg::{EngineResp, FetchKind, WireOp};
 use strata_rpc::mgmt_msg::{MgmtQuery, MgmtReply};
 use strata_rpc::{ErrorCode, RemoteError};
 use strata_types::{Epoch, PoolId, Redundancy};
-use strata_vos::VosError;
 
 fn denied(msg: impl Into<String>) -> RemoteError {
     rerr(ErrorCode::PermissionDenied, msg)
@@ -59,21 +58,7 @@ impl Engine {
         let (claims, _) = self.check_cap(token, CapRights::Read, &dkey).await?;
         let vos = self.target(claims.target)?.clone();
         let (cont, oid) = (claims.cont, claims.oid);
-        let r = tokio::task::spawn_blocking(move || -> Result<(EngineResp, Bytes), VosError> {
-            Ok(match fetch {
-                FetchKind::Single { akey } => match vos.fetch_single(cont, oid, &dkey, &akey, epoch)? {
-                    Some((e, v)) => (EngineResp::Fetched { found: Some(e), written: vec![(0, v.len() as u64)] }, Bytes::from(v)),
-                    None => (EngineResp::Fetched { found: None, written: vec![] }, Bytes::new()),
-                },
-                FetchKind::Extent { akey, offset, len } => {
-                    let r = vos.fetch_extent(cont, oid, &dkey, &akey, offset, len, epoch)?;
-                    (EngineResp::Fetched { found: None, written: r.written }, Bytes::from(r.data))
-                }
-            })
-        })
-        .await
-        .map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
-        r.map_err(vos_err)
+        on_blocking_pool(move || fetch_local(&vos, cont, oid, &dkey, fetch, epoch)).await
     }
 
     pub(super) async fn cap_update(&self, token: &str, dkey: Vec<u8>, ops: Vec<WireOp>, payload: Bytes) -> Result<EngineResp, RemoteError> {

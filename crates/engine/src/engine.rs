@@ -126,6 +126,25 @@ fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
     RemoteError::new(code, msg)
 }
 
+/// Run VOS work on the blocking pool (it may wait for the disk); its error as a remote one.
+async fn on_blocking_pool<T: Send + 'static>(f: impl FnOnce() -> Result<T, VosError> + Send + 'static) -> Result<T, RemoteError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)
+}
+
+/// One fetch from a target of this engine, as `EngineReq::Fetch` answers it.
+fn fetch_local(vos: &Vos, cont: strata_types::ContId, oid: strata_types::Oid, dkey: &[u8], fetch: FetchKind, epoch: Epoch) -> Result<(EngineResp, Bytes), VosError> {
+    Ok(match fetch {
+        FetchKind::Single { akey } => match vos.fetch_single(cont, oid, dkey, &akey, epoch)? {
+            Some((e, v)) => (EngineResp::Fetched { found: Some(e), written: vec![(0, v.len() as u64)] }, Bytes::from(v)),
+            None => (EngineResp::Fetched { found: None, written: vec![] }, Bytes::new()),
+        },
+        FetchKind::Extent { akey, offset, len } => {
+            let r = vos.fetch_extent(cont, oid, dkey, &akey, offset, len, epoch)?;
+            (EngineResp::Fetched { found: None, written: r.written }, Bytes::from(r.data))
+        }
+    })
+}
+
 fn vos_err(e: VosError) -> RemoteError {
     let code = match &e {
         VosError::Corrupt { .. } => ErrorCode::Corrupt,
@@ -390,11 +409,7 @@ impl Engine {
         if t.rank == self.rank {
             let vos = self.target(t)?.clone();
             let (dkey, akey) = (dkey.to_vec(), akey.to_vec());
-            return tokio::task::spawn_blocking(move || vos.fetch_extent(cont, oid, &dkey, &akey, offset, len, Epoch::MAX))
-                .await
-                .map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?
-                .map(|r| r.data)
-                .map_err(vos_err);
+            return on_blocking_pool(move || vos.fetch_extent(cont, oid, &dkey, &akey, offset, len, Epoch::MAX)).await.map(|r| r.data);
         }
         let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
         let req = EngineReq::Fetch { pool, map_version: view.map.version, target: t.index, cont, oid, dkey: dkey.to_vec(), fetch: FetchKind::Extent { akey: akey.to_vec(), offset, len }, epoch: Epoch::MAX };
@@ -549,12 +564,12 @@ impl Engine {
                 continue;
             }
             let v = vos.clone();
-            let conts = tokio::task::spawn_blocking(move || v.list_containers()).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+            let conts = on_blocking_pool(move || v.list_containers()).await?;
             for cont in conts {
                 let mut cursor = None;
                 loop {
                     let v = vos.clone();
-                    let page = tokio::task::spawn_blocking(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                    let page = on_blocking_pool(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await?;
                     for oid in &page.items {
                         let Ok(layout) = view.placement.layout(*oid) else { continue };
                         for (g, group) in layout.groups().enumerate() {
@@ -657,12 +672,12 @@ impl Engine {
                 continue;
             }
             let v = vos.clone();
-            let conts = tokio::task::spawn_blocking(move || v.list_containers()).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+            let conts = on_blocking_pool(move || v.list_containers()).await?;
             for cont in conts {
                 let mut cursor = None;
                 loop {
                     let v = vos.clone();
-                    let page = tokio::task::spawn_blocking(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                    let page = on_blocking_pool(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await?;
                     for oid in &page.items {
                         let (Ok(cur), Ok(new)) = (view.placement.layout(*oid), ext.layout(*oid)) else { continue };
                         let same = |a: &[strata_placement::ShardLoc], b: &[strata_placement::ShardLoc]| a.iter().map(|s| s.target).eq(b.iter().map(|s| s.target));
@@ -802,7 +817,7 @@ impl Engine {
     async fn export_page(&self, view: &PoolView, t: TargetId, cont: strata_types::ContId, oid: strata_types::Oid, after: Option<Vec<u8>>, upto: Option<Vec<u8>>) -> Result<(Vec<strata_vos::RawRecord>, bool), RemoteError> {
         if t.rank == self.rank {
             let vos = self.target(t)?.clone();
-            return tokio::task::spawn_blocking(move || vos.export_object_page(cont, oid, after.as_deref(), upto.as_deref(), EXPORT_PAGE_BYTES)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err);
+            return on_blocking_pool(move || vos.export_object_page(cont, oid, after.as_deref(), upto.as_deref(), EXPORT_PAGE_BYTES)).await;
         }
         let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
         let req = EngineReq::Export { pool: view.map_pool_id, map_version: view.map.version, target: t.index, cont, oid, after, upto, bytes_max: EXPORT_PAGE_BYTES as u64 };
@@ -816,7 +831,7 @@ impl Engine {
     /// key the next page starts after, if any.
     async fn local_page(vos: &Arc<Vos>, cont: strata_types::ContId, oid: strata_types::Oid, after: Option<Vec<u8>>) -> Result<(Vec<strata_vos::RawRecord>, Option<Vec<u8>>), RemoteError> {
         let v = vos.clone();
-        let (records, truncated) = tokio::task::spawn_blocking(move || v.export_object_page(cont, oid, after.as_deref(), None, EXPORT_PAGE_BYTES)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+        let (records, truncated) = on_blocking_pool(move || v.export_object_page(cont, oid, after.as_deref(), None, EXPORT_PAGE_BYTES)).await?;
         let next = if truncated { records.iter().rev().find(|r| !r.punch).map(|r| r.key.clone()) } else { None };
         Ok((records, next))
     }
@@ -834,7 +849,7 @@ impl Engine {
         if t.rank == self.rank {
             let vos = self.target(t)?.clone();
             let raw: Vec<strata_vos::RawRecord> = records.iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key.clone(), value: r.value.clone() }).collect();
-            return tokio::task::spawn_blocking(move || vos.import(&raw)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err);
+            return on_blocking_pool(move || vos.import(&raw)).await;
         }
         let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
         let payload = postcard::to_allocvec(records).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
@@ -888,7 +903,7 @@ impl Engine {
             let v = vos.clone();
             let started = tokio::time::Instant::now();
             // Check what is on disk, not what sits in memory.
-            let report = tokio::task::spawn_blocking(move || v.flush().and_then(|()| v.verify_all())).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+            let report = on_blocking_pool(move || v.flush().and_then(|()| v.verify_all())).await?;
             if bytes_per_s > 0 {
                 // One target is verified in one go: pace by resting after it.
                 tokio::time::sleep_until(started + Duration::from_secs_f64(report.bytes_checked as f64 / bytes_per_s as f64)).await;
@@ -1019,38 +1034,24 @@ impl Handler for Engine {
             EngineReq::Fetch { pool, map_version, target, cont, oid, dkey, fetch, epoch } => {
                 self.view(pool, map_version).await?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
-                let r = tokio::task::spawn_blocking(move || -> Result<(EngineResp, Bytes), VosError> {
-                    Ok(match fetch {
-                        FetchKind::Single { akey } => match vos.fetch_single(cont, oid, &dkey, &akey, epoch)? {
-                            Some((e, v)) => (EngineResp::Fetched { found: Some(e), written: vec![(0, v.len() as u64)] }, Bytes::from(v)),
-                            None => (EngineResp::Fetched { found: None, written: vec![] }, Bytes::new()),
-                        },
-                        FetchKind::Extent { akey, offset, len } => {
-                            let r = vos.fetch_extent(cont, oid, &dkey, &akey, offset, len, epoch)?;
-                            (EngineResp::Fetched { found: None, written: r.written }, Bytes::from(r.data))
-                        }
-                    })
-                })
-                .await
-                .map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
-                r.map_err(vos_err)
+                on_blocking_pool(move || fetch_local(&vos, cont, oid, &dkey, fetch, epoch)).await
             }
             EngineReq::ListDkeys { pool, map_version, target, cont, oid, epoch, cursor, limit } => {
                 self.view(pool, map_version).await?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
-                let p = tokio::task::spawn_blocking(move || vos.list_dkeys(cont, oid, epoch, cursor.as_deref(), limit as usize)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                let p = on_blocking_pool(move || vos.list_dkeys(cont, oid, epoch, cursor.as_deref(), limit as usize)).await?;
                 Ok((EngineResp::Keys { keys: p.items, next: p.next }, Bytes::new()))
             }
             EngineReq::ListAkeys { pool, map_version, target, cont, oid, dkey, epoch, cursor, limit } => {
                 self.view(pool, map_version).await?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
-                let p = tokio::task::spawn_blocking(move || vos.list_akeys(cont, oid, &dkey, epoch, cursor.as_deref(), limit as usize)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                let p = on_blocking_pool(move || vos.list_akeys(cont, oid, &dkey, epoch, cursor.as_deref(), limit as usize)).await?;
                 Ok((EngineResp::Keys { keys: p.items, next: p.next }, Bytes::new()))
             }
             EngineReq::ListObjects { pool, map_version, target, cont, epoch, cursor, limit } => {
                 self.view(pool, map_version).await?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
-                let p = tokio::task::spawn_blocking(move || vos.list_objects(cont, epoch, cursor, limit as usize)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                let p = on_blocking_pool(move || vos.list_objects(cont, epoch, cursor, limit as usize)).await?;
                 Ok((EngineResp::Objects { oids: p.items, next: p.next }, Bytes::new()))
             }
             EngineReq::Import { pool, map_version, target } => {
@@ -1058,14 +1059,14 @@ impl Handler for Engine {
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
                 let records: Vec<ImportRecord> = postcard::from_bytes(&payload).map_err(|e| rerr(ErrorCode::InvalidArgument, format!("import records: {e}")))?;
                 let raw: Vec<strata_vos::RawRecord> = records.into_iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key, value: r.value }).collect();
-                tokio::task::spawn_blocking(move || vos.import(&raw)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                on_blocking_pool(move || vos.import(&raw)).await?;
                 Ok((EngineResp::Updated { epoch: Epoch::ZERO }, Bytes::new()))
             }
             EngineReq::Export { pool, map_version, target, cont, oid, after, upto, bytes_max } => {
                 self.view(pool, map_version).await?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
                 let bytes_max = (bytes_max as usize).min(EXPORT_PAGE_BYTES);
-                let (records, truncated) = tokio::task::spawn_blocking(move || vos.export_object_page(cont, oid, after.as_deref(), upto.as_deref(), bytes_max)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                let (records, truncated) = on_blocking_pool(move || vos.export_object_page(cont, oid, after.as_deref(), upto.as_deref(), bytes_max)).await?;
                 let records: Vec<ImportRecord> = records.into_iter().map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value }).collect();
                 let payload = postcard::to_allocvec(&records).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
                 if payload.len() > EXPORT_BYTES_MAX {
@@ -1077,7 +1078,7 @@ impl Handler for Engine {
             EngineReq::RawGet { pool, map_version, target, key } => {
                 self.view(pool, map_version).await?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
-                let r = tokio::task::spawn_blocking(move || vos.get_raw(&key)).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)?;
+                let r = on_blocking_pool(move || vos.get_raw(&key)).await?;
                 Ok(match r {
                     Some(rec) => (EngineResp::Raw { found: true }, Bytes::from(rec.value)),
                     None => (EngineResp::Raw { found: false }, Bytes::new()),

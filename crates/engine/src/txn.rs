@@ -405,10 +405,6 @@ impl Engine {
         }
     }
 
-    async fn kv_blocking<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T, VosError> + Send + 'static) -> Result<T, RemoteError> {
-        tokio::task::spawn_blocking(f).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)
-    }
-
     async fn kv_get(&self, ctx: &Ctx, key: Vec<u8>, at: Option<Epoch>) -> Result<(EngineResp, Bytes), RemoteError> {
         let deadline = Instant::now() + READ_WAIT_MAX;
         loop {
@@ -424,7 +420,7 @@ impl Engine {
                 continue;
             }
             let (v, cont, oid, dkey, a) = (ctx.vos.clone(), ctx.cont, ctx.oid, ctx.dkey.clone(), akey(KIND_DATA, &key));
-            let found = self.kv_blocking(move || v.fetch_single(cont, oid, &dkey, &a, r)).await?;
+            let found = on_blocking_pool(move || v.fetch_single(cont, oid, &dkey, &a, r)).await?;
             return Ok(match found {
                 Some((e, b)) => match decode_version(&b)? {
                     Some(v) => (EngineResp::Kv(KvResp::Value { found: Some(e), read_at: r }), Bytes::from(v)),
@@ -455,7 +451,7 @@ impl Engine {
                 continue;
             }
             let (v, cont, oid, dkey, rg) = (ctx.vos.clone(), ctx.cont, ctx.oid, ctx.dkey.clone(), range.clone());
-            let (rows, more) = self.kv_blocking(move || scan_vos(&v, cont, oid, &dkey, &rg, limit, r)).await?;
+            let (rows, more) = on_blocking_pool(move || scan_vos(&v, cont, oid, &dkey, &rg, limit, r)).await?;
             let mut payload = Vec::with_capacity(rows.iter().map(|(_, v)| v.len()).sum());
             let keys = rows
                 .into_iter()
@@ -553,7 +549,7 @@ impl Engine {
         }
         let result = async {
             let (v, cont, oid, dkey, a) = (ctx.vos.clone(), ctx.cont, ctx.oid, ctx.dkey.clone(), akey(KIND_RECORD, &txn));
-            if let Some((_, b)) = self.kv_blocking(move || v.fetch_single(cont, oid, &dkey, &a, Epoch::MAX)).await? {
+            if let Some((_, b)) = on_blocking_pool(move || v.fetch_single(cont, oid, &dkey, &a, Epoch::MAX)).await? {
                 let rec: TxnRecord = postcard::from_bytes(&b).map_err(|e| rerr(ErrorCode::Corrupt, format!("transaction record: {e}")))?;
                 return Ok(Some(rec.decision));
             }
@@ -586,7 +582,7 @@ impl Engine {
             None => {
                 // Not in memory: written after this state loaded, or already resolved.
                 let (v, cont, oid, dkey, a) = (ctx.vos.clone(), ctx.cont, ctx.oid, ctx.dkey.clone(), akey(KIND_INTENT, &txn));
-                match self.kv_blocking(move || v.fetch_single(cont, oid, &dkey, &a, Epoch::MAX)).await? {
+                match on_blocking_pool(move || v.fetch_single(cont, oid, &dkey, &a, Epoch::MAX)).await? {
                     Some((_, b)) => postcard::from_bytes::<IntentRecord>(&b).map_err(|e| rerr(ErrorCode::Corrupt, format!("intent record: {e}")))?.writes,
                     None => {
                         self.kv.remember(txn, d);
@@ -715,7 +711,7 @@ impl Engine {
             Ok(None)
         } else {
             let (v, cont, oid, dkey, reads, checks) = (ctx.vos.clone(), ctx.cont, ctx.oid, ctx.dkey.clone(), reads.clone(), checks.clone());
-            self.kv_blocking(move || validate(&v, cont, oid, &dkey, rts, &reads, &checks)).await
+            on_blocking_pool(move || validate(&v, cont, oid, &dkey, rts, &reads, &checks)).await
         };
         let refusal = match verdict {
             Ok(r) => r,
