@@ -4,8 +4,11 @@
 //! snapshot, and bad input. Needs /dev/fuse and fusermount3: fails under CI=true without them.
 
 mod common;
+#[path = "posix/mount.rs"]
+mod mount;
 
 use common::{poll, Cluster};
+use mount::{errno_of, fuse_available, is_mounted, mount, MountGuard};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -13,52 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn fuse_available() -> bool {
-    let ok = Path::new("/dev/fuse").exists() && Command::new("fusermount3").arg("-V").output().is_ok_and(|o| o.status.success());
-    if !ok && std::env::var("CI").as_deref() == Ok("true") {
-        panic!("file system tests need /dev/fuse and fusermount3 (apt-get install fuse3)");
-    }
-    if !ok {
-        eprintln!("skipping: no /dev/fuse or fusermount3 (set CI=true to make this a failure)");
-    }
-    ok
-}
-
-fn is_mounted(mp: &Path) -> bool {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let needle = format!(" {} ", mp.display());
-    text.lines().any(|l| l.contains(&needle))
-}
-
-/// Unmounts (lazily, forcibly) whatever is still mounted when a test ends or panics.
-struct MountGuard(Vec<PathBuf>);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        for mp in &self.0 {
-            if is_mounted(mp) {
-                let _ = Command::new("fusermount3").arg("-uz").arg(mp).status();
-            }
-        }
-    }
-}
-
-fn mount(c: &Cluster, vol: &str, mp: &Path, extra: &[&str]) {
-    fs::create_dir_all(mp).unwrap();
-    let mut args = vec!["fs", "mount", vol, mp.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let v = c.json(&args);
-    assert!(v["pid"].as_u64().is_some(), "mount reports its pid: {v}");
-    assert!(is_mounted(mp));
-}
-
 fn umount(c: &Cluster, mp: &Path) {
     c.json(&["fs", "umount", mp.to_str().unwrap()]);
     assert!(!is_mounted(mp));
-}
-
-fn errno_of<T>(r: std::io::Result<T>) -> i32 {
-    r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)
 }
 
 fn xattr_set(p: &Path, name: &str, value: &[u8]) -> i32 {

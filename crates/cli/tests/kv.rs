@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{poll, Cluster};
+use common::{poll, Cluster, Rng};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
@@ -279,16 +279,6 @@ fn log(out: &mut std::fs::File, v: Value) {
     line.push('\n');
     // One write per line: a SIGKILL leaves whole lines and at most one partial last line.
     out.write_all(line.as_bytes()).unwrap();
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// What a client does after a conflict: wait a little, more after each failure, jittered so

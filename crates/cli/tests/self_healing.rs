@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{poll, Cluster};
+use common::{poll, Cluster, Rng};
 use std::sync::Arc;
 use std::time::Duration;
 use strata_client::{Client, ClusterFile, ObjHandle};
@@ -202,17 +202,7 @@ fn scrub_finds_and_repairs_a_corrupted_replica_and_ec_cell() {
     let rt = runtime();
     let cf = ClusterFile::load(&c.cluster_file()).unwrap();
     // Distinctive, incompressible contents so the bytes can be found in the rank's files.
-    let blob = |seed: u64| -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..48 << 10)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
+    let blob = |seed: u64| Rng(seed | 1).bytes(48 << 10);
     let (rp, ec) = rt.block_on(async {
         let client = Client::connect(&cf).await.unwrap();
         let rp = client.container("tank", "rp").await.unwrap().create_object("RP_2G1".parse().unwrap()).await.unwrap();
@@ -288,15 +278,7 @@ fn ideal_moved(before: &strata_placement::PoolMap, after: &strata_placement::Poo
 }
 
 fn ext_value(tag: &str, len: usize) -> Vec<u8> {
-    let mut x = tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    Rng(tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) | 1).bytes(len)
 }
 
 #[test]

@@ -2,23 +2,10 @@
 //! compared with an in-memory model after every read; over two mounts, each reopen switches
 //! mount (close-to-open consistency).
 
+use crate::common::Rng;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-
-/// A small deterministic generator (xorshift), so a failure names a reproducible seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// fsx: random operations on one file (through `paths`, one per mount, switching mount with
 /// a close and an open), compared with an in-memory model after every read.

@@ -1,5 +1,7 @@
 //! Mounting for the suite: FUSE availability (a failure under CI=true), mounts that are
-//! unmounted when a test ends or panics, and errno helpers.
+//! unmounted when a test ends or panics, and errno helpers. `tests/fs.rs` uses it too.
+
+#![allow(dead_code)]
 
 use crate::common::Cluster;
 use std::ffi::CString;
@@ -14,7 +16,7 @@ pub const OTHER_UID: u32 = 4242;
 pub fn fuse_available() -> bool {
     let ok = Path::new("/dev/fuse").exists() && Command::new("fusermount3").arg("-V").output().is_ok_and(|o| o.status.success());
     if !ok && std::env::var("CI").as_deref() == Ok("true") {
-        panic!("POSIX tests need /dev/fuse and fusermount3 (apt-get install fuse3)");
+        panic!("FUSE tests need /dev/fuse and fusermount3 (apt-get install fuse3)");
     }
     if !ok {
         eprintln!("skipping: no /dev/fuse or fusermount3 (set CI=true to make this a failure)");
@@ -45,7 +47,8 @@ pub fn mount(c: &Cluster, vol: &str, mp: &Path, extra: &[&str]) {
     fs::create_dir_all(mp).unwrap();
     let mut args = vec!["fs", "mount", vol, mp.to_str().unwrap()];
     args.extend_from_slice(extra);
-    c.json(&args);
+    let v = c.json(&args);
+    assert!(v["pid"].as_u64().is_some(), "mount reports its pid: {v}");
     assert!(is_mounted(mp), "{} is mounted", mp.display());
 }
 
