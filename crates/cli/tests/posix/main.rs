@@ -22,9 +22,9 @@ use mount::{fuse_available, mount, MountGuard};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-/// Random operations on one file before the next: engines do not aggregate old versions in
-/// the background yet, so one file's extent history (and its read cost) would grow without
-/// bound over the whole run.
+/// Random operations on one file before the next: background aggregation keeps every version
+/// newer than its margin (30 s by default), so within a run one file's extent history (and its
+/// read cost) would grow with every operation.
 const FSX_OPS_PER_FILE: usize = 10_000;
 
 #[test]
