@@ -227,6 +227,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let cont = client.container(&a.pool, &label).await.context("opening the bench store")?;
         let kv = KvStore::open(&cont).await?;
         let map = kv.shard_map().clone();
+        // Engines on this machine (a `strata up` cluster) have their CPU counted like etcd's.
+        let info = client.pool(&a.pool).await?.info()?;
+        let engine_pids = crate::proc_stats::local_listener_pids(info.rank_addrs.values().map(String::as_str));
+        let engines_cpu = || engine_pids.iter().map(|&p| crate::proc_stats::proc_cpu_secs(p)).sum::<f64>();
+        let engines_cpu: Option<&dyn Fn() -> f64> = (!engine_pids.is_empty()).then_some(&engines_cpu);
         // The same keys as plain object updates: one object of the same class, dkey = the
         // key's shard, akey = the key (what the KV layer stores, minus transactions).
         let obj: ObjHandle = cont.object(Oid::new(ObjectType::Plain, class, 1 << 94));
@@ -270,7 +275,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     let seed = |i: usize| 0x9e37_79b9_7f4a_7c15u64 ^ ((i as u64 + 1) << 20) ^ rep as u64;
                     // Strata KV.
                     let (kv2, v2) = (kv.clone(), value.clone());
-                    let s = drive(clients, dur, None, |i| { let kv = kv2.clone(); let v = v2.clone(); async move { Ok((kv, v, seed(i))) } }, move |(kv, v, mut r)| async move {
+                    let s = drive(clients, dur, engines_cpu, |i| { let kv = kv2.clone(); let v = v2.clone(); async move { Ok((kv, v, seed(i))) } }, move |(kv, v, mut r)| async move {
                         let k = key(next(&mut r) % keys);
                         match op {
                             "put" => drop(kv.put(&k, &v).await?),
@@ -289,7 +294,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     // Plain objects (no transactions to compare with).
                     if op != "txn" {
                         let (o2, v2, m2) = (obj.clone(), value.clone(), map.clone());
-                        let s = drive(clients, dur, None, |i| { let (o, v, m) = (o2.clone(), v2.clone(), m2.clone()); async move { Ok((o, v, m, seed(i))) } }, move |(o, v, m, mut r)| async move {
+                        let s = drive(clients, dur, engines_cpu, |i| { let (o, v, m) = (o2.clone(), v2.clone(), m2.clone()); async move { Ok((o, v, m, seed(i))) } }, move |(o, v, m, mut r)| async move {
                             let k = key(next(&mut r) % keys);
                             let d = ShardMap::shard_dkey(m.shard_of(&k));
                             if op == "put" {
@@ -384,7 +389,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 opt(p.object_ratio, 2),
             );
         }
-        println!("cpu/op: ms of CPU per operation, the client's (this process) plus, for etcd, its server processes; Strata's engines run in other processes and are not counted");
+        println!("cpu/op: ms of CPU per operation, the client's (this process) plus the servers' (etcd's members; Strata's engines when they run on this machine)");
         for p in &r.points {
             for t in &p.targets {
                 println!("target ({} clients): {t}", p.clients);

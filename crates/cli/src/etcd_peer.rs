@@ -81,7 +81,7 @@ impl Etcd {
 
     /// CPU seconds the etcd processes used so far.
     pub fn cpu_secs(&self) -> f64 {
-        self.children.iter().map(|c| proc_cpu_secs(c.id())).sum()
+        self.children.iter().map(|c| crate::proc_stats::proc_cpu_secs(c.id())).sum()
     }
 }
 
@@ -93,18 +93,6 @@ impl Drop for Etcd {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// utime + stime of a process, from /proc (0 when unreadable).
-pub fn proc_cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) / hz
 }
 
 fn b64(data: &[u8]) -> String {

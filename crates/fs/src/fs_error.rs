@@ -58,7 +58,7 @@ impl FsError {
             FsError::NoSpace(_) => libc::ENOSPC,
             FsError::Loop => libc::ELOOP,
             FsError::Contended(..) => libc::EAGAIN,
-            FsError::Meta(MetaError::Conflict) => libc::EAGAIN,
+            FsError::Meta(MetaError::Conflict | MetaError::Stale) => libc::EAGAIN,
             FsError::Meta(MetaError::Invalid(_)) => libc::EINVAL,
             FsError::Meta(MetaError::Unavailable(_)) | FsError::Corrupt(_) | FsError::Data(_) => libc::EIO,
         }

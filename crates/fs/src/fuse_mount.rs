@@ -40,8 +40,9 @@ use strata_types::Epoch;
 pub const DIR_LIST_ENTRIES_MAX: usize = 1 << 20;
 const DIR_PAGE_ENTRIES: usize = 1024;
 /// Read-ahead window of a sequential reader (a multiple of the cache block; well under the
-/// cache so a window is not evicted before it is read).
-pub const READ_AHEAD_BYTES: u64 = 4 << 20;
+/// cache so a window is not evicted before it is read). The next window is fetched in the
+/// background while the reader consumes this one.
+pub const READ_AHEAD_BYTES: u64 = 8 << 20;
 const _: () = assert!(READ_AHEAD_BYTES.is_multiple_of(CACHE_BLOCK_BYTES));
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
@@ -97,6 +98,24 @@ struct OpenState {
     dirty_mtime_ns: i64,
     /// Where the last read ended: a read starting there is sequential and reads ahead.
     read_end: u64,
+    /// The next read-ahead window, being fetched in the background.
+    ahead: Option<ReadAhead>,
+}
+
+/// Blocks `[first, first + blocks)` of a file on their way from the store. Started only while
+/// the file has no dirty bytes here and dropped by every change this mount makes to the file
+/// (write, truncate, punch) and by an `open` that finds another mount's data, so what it
+/// brings back is the file's current content when it is put in the cache.
+struct ReadAhead {
+    first: u64,
+    blocks: u64,
+    task: tokio::task::JoinHandle<Result<Vec<u8>, FsError>>,
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl OpenState {
@@ -485,6 +504,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             let class = cur.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
             let oid = data_oid(ino, &class)?;
             if let Some(g) = guard.as_mut() {
+                g.ahead = None;
                 // A background write must not land after the punch below.
                 self.drain_pending(g).await?;
             }
@@ -567,7 +587,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         }
         let state = {
             let mut open = lock(&self.open);
-            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new(), meta_dirty: false, truncated: false, dirty_end: 0, dirty_mtime_ns: 0, read_end: 0 })) });
+            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new(), meta_dirty: false, truncated: false, dirty_end: 0, dirty_mtime_ns: 0, read_end: 0, ahead: None })) });
             e.opens += 1;
             e.state.clone()
         };
@@ -577,6 +597,9 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
                 st.size = fresh.size;
             }
             st.inode = fresh.clone();
+            if !keep {
+                st.ahead = None;
+            }
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, ino);
@@ -619,17 +642,18 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             return Ok(out);
         }
         let sequential = offset == st.read_end;
-        let out = self.read_cached(&st, offset, size, sequential).await?;
+        let out = self.read_cached(&mut st, offset, size, sequential).await?;
         st.read_end = offset + out.len() as u64;
         Ok(out)
     }
 
     /// Read through the block cache: cached blocks are copied, each run of missing blocks is
     /// one store read, completed with this mount's dirty bytes before it is cached.
-    /// `sequential`: the read starts where the previous one ended; a miss then also fetches
-    /// the next [`READ_AHEAD_BYTES`] into the cache, so a sequential reader pays one store
-    /// round trip per window instead of one per kernel request (128 KiB or less).
-    async fn read_cached(&self, st: &OpenState, offset: u64, size: u32, sequential: bool) -> Result<Vec<u8>, FsError> {
+    /// `sequential`: the read starts where the previous one ended; then the next
+    /// [`READ_AHEAD_BYTES`] after the request are fetched in the background ([`ReadAhead`]),
+    /// so a sequential reader finds its next blocks cached (or on their way) instead of paying
+    /// a store round trip per kernel request (128 KiB or less).
+    async fn read_cached(&self, st: &mut OpenState, offset: u64, size: u32, sequential: bool) -> Result<Vec<u8>, FsError> {
         if offset >= st.size || size == 0 {
             return Ok(Vec::new());
         }
@@ -641,8 +665,24 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         let first = offset / b;
         let last = (offset + len - 1) / b;
         let mut blocks: Vec<Option<Arc<Vec<u8>>>> = (first..=last).map(|k| self.cache.get(ino, k)).collect();
-        // Blocks past the request fetched with its last miss (read-ahead), up to the file's end.
-        let ahead_max = if sequential && blocks.last().is_some_and(|b| b.is_none()) { (READ_AHEAD_BYTES / b).min((st.size - 1) / b - last) } else { 0 };
+        if blocks.iter().any(Option::is_none) {
+            if let Some(a) = st.ahead.take_if(|a| a.first <= last && first < a.first + a.blocks) {
+                // The window this read needs is on its way: wait for it rather than read twice.
+                let (a_first, a_blocks) = (a.first, a.blocks);
+                let mut task = a;
+                let data = (&mut task.task).await.map_err(|e| FsError::Data(format!("read-ahead task: {e}")))?;
+                if let Ok(mut data) = data {
+                    st.overlay(a_first * b, &mut data);
+                    for (j, part) in data.chunks(b as usize).enumerate().take(a_blocks as usize) {
+                        let k = a_first + j as u64;
+                        self.cache.put(ino, k, part.to_vec());
+                        if (first..=last).contains(&k) {
+                            blocks[(k - first) as usize] = Some(Arc::new(part.to_vec()));
+                        }
+                    }
+                }
+            }
+        }
         let mut k = 0;
         while k < blocks.len() {
             if blocks[k].is_some() {
@@ -654,20 +694,12 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
                 k += 1;
             }
             let run_off = (first + start as u64) * b;
-            let mut ahead = 0;
-            if k == blocks.len() {
-                while ahead < ahead_max && self.cache.get(ino, last + 1 + ahead).is_none() {
-                    ahead += 1;
-                }
-            }
-            let mut data = self.data.read(oid, run_off, ((k - start) as u64 + ahead) * b, Epoch::MAX).await?;
+            let mut data = self.data.read(oid, run_off, (k - start) as u64 * b, Epoch::MAX).await?;
             st.overlay(run_off, &mut data);
             for (j, part) in data.chunks(b as usize).enumerate() {
                 let v = part.to_vec();
                 self.cache.put(ino, first + (start + j) as u64, v.clone());
-                if start + j < blocks.len() {
-                    blocks[start + j] = Some(Arc::new(v));
-                }
+                blocks[start + j] = Some(Arc::new(v));
             }
         }
         let mut out = vec![0u8; len as usize];
@@ -678,7 +710,28 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             out[(lo - offset) as usize..(hi - offset) as usize].copy_from_slice(&blk[(lo - bs) as usize..(hi - bs) as usize]);
         }
         // No overlay needed for hits: writes patch cached blocks under the same state lock.
+        if sequential && st.ahead.is_none() && st.wb.is_empty() && st.pending.is_empty() {
+            self.start_read_ahead(st, oid, last + 1);
+        }
         Ok(out)
+    }
+
+    /// Fetch the window after block `next` (skipping what is cached) in the background.
+    fn start_read_ahead(&self, st: &mut OpenState, oid: strata_types::Oid, mut next: u64) {
+        let b = CACHE_BLOCK_BYTES;
+        let ino = st.inode.ino;
+        let end_block = st.size.div_ceil(b);
+        let horizon = (next + READ_AHEAD_BYTES / b).min(end_block);
+        while next < horizon && self.cache.get(ino, next).is_some() {
+            next += 1;
+        }
+        if next >= horizon {
+            return;
+        }
+        let blocks = (READ_AHEAD_BYTES / b).min(end_block - next);
+        let data = self.data.clone();
+        let task = self.rt.spawn(async move { data.read(oid, next * b, blocks * b, Epoch::MAX).await });
+        st.ahead = Some(ReadAhead { first: next, blocks, task });
     }
 
     async fn read_at(&self, i: &Inode, file_size: u64, offset: u64, size: u32, epoch: Epoch) -> Result<Vec<u8>, FsError> {
@@ -700,6 +753,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             None => return Err(FsError::Invalid("write to a file that is not open".into())),
         };
         let mut st = state.lock().await;
+        st.ahead = None;
         st.wb.write(offset, data, now_ns());
         self.cache.patch(ino, offset, data);
         st.size = st.size.max(offset + data.len() as u64);
@@ -1157,6 +1211,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
             if let Some(st) = self.open_state(ino) {
                 // An open file: punch now, commit size and data version at its next flush.
                 let mut st = st.lock().await;
+                st.ahead = None;
                 self.flush_data(&mut st).await?;
                 if punch {
                     let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());

@@ -1,14 +1,16 @@
 //! The metadata store over `strata-kv`: a volume's dentry and inode tables are one KV table of
-//! its `posix` container, sharded by the first [`SHARD_PREFIX_BYTES`] bytes of the key
-//! (`prefix:9`), so one directory's entries are one shard and one scan.
+//! its `posix` container, sharded by the first [`HOME_BYTES`] bytes of the key (the home,
+//! `prefix:8`), so one directory's entries and inode are one shard, and one scan.
 
-use crate::meta_schema::SHARD_PREFIX_BYTES;
+use crate::meta_schema::{inode_key, HOME_BYTES};
 use crate::meta_store::{KeyValue, MetaError, MetaStore, MetaTxn};
 use strata_kv::{KvError, KvOptions, KvStore, Txn};
 use strata_types::Epoch;
 
 /// The KV table of a volume's metadata (table 0 is the container's general KV store).
-pub const FS_META_TABLE: u32 = 1;
+/// Metadata format 2; format 1 lived in table 1 (`meta_schema::super_key_format1`).
+pub const FS_META_TABLE: u32 = 2;
+pub const FS_META_TABLE_FORMAT1: u32 = 1;
 /// Shards of the metadata table: directories and inodes spread over this many dkeys.
 pub const FS_META_SHARDS: u32 = 64;
 /// Concurrent reads when warming the shards up at open.
@@ -18,6 +20,7 @@ fn meta_err(e: KvError) -> MetaError {
     tracing::debug!(error = %e, "metadata store");
     match e {
         KvError::Conflict { .. } => MetaError::Conflict,
+        KvError::CasFailed { .. } => MetaError::Stale,
         KvError::TooLarge { .. } | KvError::InvalidKey(_) => MetaError::Invalid(e.to_string()),
         e => MetaError::Unavailable(e.to_string()),
     }
@@ -53,9 +56,18 @@ pub struct KvMeta {
 
 impl KvMeta {
     pub async fn open(cont: &strata_client::ContHandle) -> Result<KvMeta, MetaError> {
-        let shard = format!("prefix:{SHARD_PREFIX_BYTES}:{FS_META_SHARDS}").parse().map_err(|e| MetaError::Invalid(format!("{e}")))?;
+        let shard = format!("prefix:{HOME_BYTES}:{FS_META_SHARDS}").parse().map_err(|e| MetaError::Invalid(format!("{e}")))?;
         let opts = KvOptions { table: FS_META_TABLE, shard: Some(shard), oclass: None };
         Ok(KvMeta { kv: KvStore::open_with(cont, &opts).await.map_err(meta_err)? })
+    }
+
+    /// Whether the container holds a volume of metadata format 1 (refused: its keys mean
+    /// something else).
+    pub async fn holds_format1(cont: &strata_client::ContHandle) -> Result<bool, MetaError> {
+        let shard = "prefix:9:64".parse().map_err(|e| MetaError::Invalid(format!("{e}")))?;
+        let opts = KvOptions { table: FS_META_TABLE_FORMAT1, shard: Some(shard), oclass: None };
+        let old = KvStore::open_with(cont, &opts).await.map_err(meta_err)?;
+        Ok(old.get(&crate::meta_schema::super_key_format1()).await.map_err(meta_err)?.is_some())
     }
 
     /// Touch every shard once, concurrently. A shard's first use on its leader waits out a
@@ -66,7 +78,7 @@ impl KvMeta {
         let map = self.kv.shard_map();
         let mut keys: std::collections::BTreeMap<u32, Vec<u8>> = Default::default();
         for n in 0..u64::from(FS_META_SHARDS) * 64 {
-            let k = crate::meta_schema::inode_key(u64::MAX - n);
+            let k = inode_key(u64::MAX - n);
             keys.entry(map.shard_of(&k)).or_insert(k);
             if keys.len() == FS_META_SHARDS as usize {
                 break;
@@ -106,6 +118,12 @@ impl MetaStore for KvMeta {
             self.kv.scan_at(&start, end.as_deref(), limit, epoch).await.map_err(meta_err)
         }
     }
+    fn homes(&self) -> u32 {
+        self.kv.shard_map().shard_count()
+    }
+    fn home_of(&self, ino: u64) -> u32 {
+        self.kv.shard_map().shard_of(&inode_key(ino))
+    }
 }
 
 impl MetaTxn for KvMetaTxn {
@@ -117,6 +135,9 @@ impl MetaTxn for KvMetaTxn {
     }
     async fn delete(&mut self, key: &[u8]) -> Result<(), MetaError> {
         self.0.delete(key).map_err(meta_err)
+    }
+    fn expect(&mut self, key: &[u8], expected: Option<&[u8]>) -> Result<(), MetaError> {
+        self.0.expect(key, expected).map_err(meta_err)
     }
     async fn scan_prefix(&mut self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>, MetaError> {
         let start = scan_start(prefix, after);

@@ -2,9 +2,11 @@
 //!
 //! A volume is a container of type `posix`. Its metadata lives in KV tables
 //! ([`meta_schema`]): dentries `(parent ino, name) -> (ino, kind)` and inodes
-//! `ino -> attributes`, sharded by the first 9 key bytes so a directory is one shard and one
-//! prefix scan. Every multi-key change is one serializable transaction ([`namespace`]),
-//! retried on conflict a bounded number of times. File data is one array object per file,
+//! `ino -> attributes`, sharded by the key's 8-byte home so a directory (its entries, its inode
+//! and the inodes of the files created in it) is one shard and one prefix scan. Every
+//! multi-key change is one serializable transaction ([`namespace`]), retried on conflict a
+//! bounded number of times; what it would read it takes, when it can, from the values this
+//! client last saw as expectations checked at the commit ([`expect_cache`]). File data is one array object per file,
 //! chunked by dkey ([`file_data`]); the object class comes from the file, its directory, or
 //! the container default. The FUSE mount ([`fuse_mount`]) adds a metadata cache with
 //! close-to-open consistency and write-back buffering ([`write_back`]) flushed on fsync and
@@ -15,6 +17,7 @@
 //! ([`namespace::FILE_BYTES_MAX`]), xattrs 64 KiB per value and 256 KiB per inode.
 
 pub mod exnode;
+pub mod expect_cache;
 pub mod file_data;
 pub mod fs_error;
 pub mod fuse_mount;

@@ -1,19 +1,31 @@
-//! How the file system's metadata is laid out in the KV store.
+//! How the file system's metadata is laid out in the KV store (format 2).
 //!
-//! Keys (the first 9 bytes are the shard prefix; the volume's KV store shards by them, so
-//! one directory's entries live in one shard and inodes spread by number):
-//! - `D` + parent ino (8 bytes BE) + name → [`DentryRecord`]: a directory is one prefix scan.
-//! - `I` + ino (8 bytes BE) → [`InodeRecord`].
-//! - `O` + ino (8 bytes BE) → [`OrphanRecord`]: an orphan (unlinked while open) to reclaim
-//!   at its last close, or by any mount once the session that held it open has expired.
-//! - `S` + 8 zero bytes → [`SuperRecord`]: format version, chunk size, root inode.
+//! Every key starts with a **home**: 8 bytes (a big-endian inode number) that alone decide the
+//! key's KV shard (`prefix:8`), then a tag byte:
+//! - home = parent ino, `D` + name → [`DentryRecord`]: a directory is one shard and one scan;
+//! - home = ino, `I` → [`InodeRecord`]: a directory's inode lives with its own entries;
+//! - home 0, `O` + ino (8 bytes BE) → [`OrphanRecord`]: an orphan (unlinked while open) to
+//!   reclaim at its last close, or by any mount once the session that held it open expired;
+//! - home 0, `S` → [`SuperRecord`]: format version, chunk size, root inode.
 //!
-//! Every value carries a format version from v1 (an enum tag), so records can evolve.
+//! A file, symlink or special file gets an inode number whose home hashes to the same shard
+//! as its directory's (`InoAlloc::next_in`), so its inode record, its dentry and its
+//! directory's inode share a shard: create, unlink and rename within a directory are
+//! one-shard transactions, committed in one round. Directories take numbers spread over the
+//! shards (a directory's entries are its own shard), hard links and moves to another
+//! directory leave the inode where it was born (those operations are then two-shard
+//! transactions; nothing depends on where an inode lives, only speed).
+//!
+//! Format 1 (tag first, `prefix:9`, KV table 1) is not read: such a volume is refused with a
+//! message (no deployed volumes existed). Every value carries a format version (an enum tag).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-pub const SHARD_PREFIX_BYTES: usize = 9;
+/// Key bytes that choose the shard (the home).
+pub const HOME_BYTES: usize = 8;
+/// Home and tag: a dentry's name starts after them.
+pub const KEY_HEADER_BYTES: usize = HOME_BYTES + 1;
 /// Longest file name (POSIX NAME_MAX).
 pub const NAME_BYTES_MAX: usize = 255;
 /// Longest symbolic link target (PATH_MAX).
@@ -24,35 +36,53 @@ pub const XATTR_VALUE_BYTES_MAX: usize = 64 * 1024;
 /// All extended attributes of one inode: they live inside the inode record, which must stay
 /// well under the KV value limit (1 MiB).
 pub const XATTRS_BYTES_MAX: usize = 256 * 1024;
+/// The home of the volume-wide records (superblock, orphans); 0 is never an inode.
+const VOLUME_HOME: u64 = 0;
+
+fn header(home: u64, tag: u8, extra: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(KEY_HEADER_BYTES + extra);
+    k.extend_from_slice(&home.to_be_bytes());
+    k.push(tag);
+    k
+}
 
 pub fn dentry_key(parent: u64, name: &[u8]) -> Vec<u8> {
-    let mut k = dentry_prefix(parent);
+    let mut k = header(parent, b'D', name.len());
     k.extend_from_slice(name);
     k
 }
 
 pub fn dentry_prefix(parent: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(SHARD_PREFIX_BYTES + NAME_BYTES_MAX);
-    k.push(b'D');
-    k.extend_from_slice(&parent.to_be_bytes());
-    k
+    header(parent, b'D', NAME_BYTES_MAX)
 }
 
 pub fn inode_key(ino: u64) -> Vec<u8> {
-    let mut k = vec![b'I'];
-    k.extend_from_slice(&ino.to_be_bytes());
-    k
+    header(ino, b'I', 0)
 }
 
 pub fn orphan_key(ino: u64) -> Vec<u8> {
-    let mut k = vec![b'O'];
+    let mut k = header(VOLUME_HOME, b'O', 8);
     k.extend_from_slice(&ino.to_be_bytes());
     k
 }
 
-pub const ORPHAN_PREFIX: &[u8] = b"O";
+/// Every orphan key starts with this.
+pub fn orphan_prefix() -> Vec<u8> {
+    header(VOLUME_HOME, b'O', 0)
+}
+
+/// The inode number of an orphan key.
+pub fn orphan_ino(key: &[u8]) -> Option<u64> {
+    key.get(KEY_HEADER_BYTES..KEY_HEADER_BYTES + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
+}
 
 pub fn super_key() -> Vec<u8> {
+    header(VOLUME_HOME, b'S', 0)
+}
+
+/// Where format 1 kept its superblock (`S` + 8 zero bytes, in KV table 1): found there, the
+/// volume is of the old format.
+pub fn super_key_format1() -> Vec<u8> {
     let mut k = vec![b'S'];
     k.extend_from_slice(&[0u8; 8]);
     k
@@ -60,7 +90,7 @@ pub fn super_key() -> Vec<u8> {
 
 /// The name part of a dentry key.
 pub fn dentry_name(key: &[u8]) -> &[u8] {
-    &key[SHARD_PREFIX_BYTES.min(key.len())..]
+    &key[KEY_HEADER_BYTES.min(key.len())..]
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,7 +285,11 @@ mod tests {
         assert!(k.starts_with(&dentry_prefix(7)));
         assert!(!k.starts_with(&dentry_prefix(8)));
         assert_eq!(dentry_name(&k), b"name");
-        assert_eq!(inode_key(7).len(), SHARD_PREFIX_BYTES);
+        // A directory's inode and entries share the home that picks the shard.
+        assert_eq!(inode_key(7)[..HOME_BYTES], dentry_key(7, b"x")[..HOME_BYTES]);
+        assert!(!dentry_key(7, b"x").starts_with(&inode_key(7)) && !inode_key(7).starts_with(&dentry_prefix(7)));
+        assert_eq!(orphan_ino(&orphan_key(42)), Some(42));
+        assert!(orphan_key(42).starts_with(&orphan_prefix()));
         let i = Inode { ino: 5, kind: Kind::File, perm: 0o644, uid: 1, gid: 2, size: 3, nlink: 1, atime_ns: 1, mtime_ns: 2, ctime_ns: 3, crtime_ns: 4, rdev: 0, parent: 1, oclass: Some("RP_2G1".into()), symlink: None, xattrs: [(b"user.a".to_vec(), b"v".to_vec())].into(), data_version: 9 };
         assert_eq!(decode_inode(&encode_inode(&i)).unwrap(), i);
         assert!(decode_inode(b"\xff\xff").is_err());

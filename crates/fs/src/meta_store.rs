@@ -24,6 +24,10 @@ pub enum MetaError {
     /// The store could not be reached or answered with an error.
     #[error("metadata store unavailable: {0}")]
     Unavailable(String),
+    /// A key did not hold the value [`MetaTxn::expect`] said; nothing was applied. The caller
+    /// retries reading the real value.
+    #[error("metadata changed since it was cached")]
+    Stale,
     /// A key or value the store refuses (too large, malformed).
     #[error("metadata store refused the request: {0}")]
     Invalid(String),
@@ -36,6 +40,10 @@ pub trait MetaTxn: Send {
     fn get(&mut self, key: &[u8]) -> impl Future<Output = Result<Option<Vec<u8>>, MetaError>> + Send;
     fn put(&mut self, key: &[u8], value: &[u8]) -> impl Future<Output = Result<(), MetaError>> + Send;
     fn delete(&mut self, key: &[u8]) -> impl Future<Output = Result<(), MetaError>> + Send;
+    /// Commit only if `key` holds `expected` (`None`: absent) at the commit; a later `get` of
+    /// `key` answers `expected` without a round trip. A mismatch fails `commit` with
+    /// [`MetaError::Stale`].
+    fn expect(&mut self, key: &[u8], expected: Option<&[u8]>) -> Result<(), MetaError>;
     /// Up to `limit` pairs whose key starts with `prefix` and sorts after `after` (if given).
     fn scan_prefix(&mut self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> impl Future<Output = Result<Vec<KeyValue>, MetaError>> + Send;
     /// Apply every write atomically; returns the commit epoch.
@@ -49,7 +57,15 @@ pub trait MetaStore: Send + Sync + 'static {
     fn get_at(&self, key: &[u8], epoch: Epoch) -> impl Future<Output = Result<Option<Vec<u8>>, MetaError>> + Send;
     /// Prefix scan at `epoch`, outside any transaction.
     fn scan_prefix_at(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize, epoch: Epoch) -> impl Future<Output = Result<Vec<KeyValue>, MetaError>> + Send;
+    /// How many shards the store has; keys of inode `ino`'s home (`meta_schema`) live in
+    /// shard `home_of(ino) < homes()`. A transaction whose keys share one shard commits in one
+    /// round; otherwise the answers only affect speed.
+    fn homes(&self) -> u32;
+    fn home_of(&self, ino: u64) -> u32;
 }
+
+/// Shards the in-memory store pretends to have (so tests exercise the home-aware allocator).
+pub const MEM_HOMES: u32 = 8;
 
 /// (epoch, value; `None`: deleted) of one key.
 type Version = (u64, Option<Vec<u8>>);
@@ -59,6 +75,20 @@ type Version = (u64, Option<Vec<u8>>);
 struct MemState {
     versions: BTreeMap<Vec<u8>, Vec<Version>>,
     epoch: u64,
+    /// Commits with writes whose keys (read or written) spanned more than one shard.
+    multi_shard_commits: u64,
+}
+
+fn mem_home_of(ino: u64) -> u32 {
+    (ino.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as u32
+}
+
+/// The pretend shard of a key: its home's (the first 8 bytes, as the KV store shards them).
+fn mem_shard_of_key(key: &[u8]) -> u32 {
+    let mut home = [0u8; 8];
+    let n = key.len().min(8);
+    home[..n].copy_from_slice(&key[..n]);
+    mem_home_of(u64::from_be_bytes(home))
 }
 
 impl MemState {
@@ -99,6 +129,7 @@ pub struct MemTxn {
     reads: BTreeSet<Vec<u8>>,
     scans: Vec<Vec<u8>>,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    checks: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl MemMetaStore {
@@ -108,6 +139,11 @@ impl MemMetaStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Commits so far that a sharded store would have run as two-phase commits.
+    pub fn multi_shard_commits(&self) -> u64 {
+        self.lock().multi_shard_commits
     }
 }
 
@@ -121,7 +157,7 @@ impl MetaStore for MemMetaStore {
     type Txn = MemTxn;
     async fn begin(&self) -> Result<MemTxn, MetaError> {
         let start = self.lock().epoch;
-        Ok(MemTxn { state: self.state.clone(), start, reads: BTreeSet::new(), scans: Vec::new(), writes: BTreeMap::new() })
+        Ok(MemTxn { state: self.state.clone(), start, reads: BTreeSet::new(), scans: Vec::new(), writes: BTreeMap::new(), checks: BTreeMap::new() })
     }
     async fn get_at(&self, key: &[u8], epoch: Epoch) -> Result<Option<Vec<u8>>, MetaError> {
         Ok(self.lock().read(key, epoch.0))
@@ -129,12 +165,21 @@ impl MetaStore for MemMetaStore {
     async fn scan_prefix_at(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize, epoch: Epoch) -> Result<Vec<KeyValue>, MetaError> {
         Ok(self.lock().scan(prefix, after, limit, epoch.0))
     }
+    fn homes(&self) -> u32 {
+        MEM_HOMES
+    }
+    fn home_of(&self, ino: u64) -> u32 {
+        mem_home_of(ino)
+    }
 }
 
 impl MetaTxn for MemTxn {
     async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
         if let Some(w) = self.writes.get(key) {
             return Ok(w.clone());
+        }
+        if let Some(c) = self.checks.get(key) {
+            return Ok(c.clone());
         }
         self.reads.insert(key.to_vec());
         Ok(self.lock().read(key, self.start))
@@ -145,6 +190,10 @@ impl MetaTxn for MemTxn {
     }
     async fn delete(&mut self, key: &[u8]) -> Result<(), MetaError> {
         self.writes.insert(key.to_vec(), None);
+        Ok(())
+    }
+    fn expect(&mut self, key: &[u8], expected: Option<&[u8]>) -> Result<(), MetaError> {
+        self.checks.insert(key.to_vec(), expected.map(<[u8]>::to_vec));
         Ok(())
     }
     async fn scan_prefix(&mut self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>, MetaError> {
@@ -164,6 +213,9 @@ impl MetaTxn for MemTxn {
     }
     async fn commit(self) -> Result<Epoch, MetaError> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.checks.iter().any(|(k, want)| st.read(k, u64::MAX) != *want) {
+            return Err(MetaError::Stale);
+        }
         if self.reads.iter().any(|k| st.changed_after(k, self.start)) {
             return Err(MetaError::Conflict);
         }
@@ -175,6 +227,10 @@ impl MetaTxn for MemTxn {
         }
         if self.writes.is_empty() {
             return Ok(Epoch(self.start));
+        }
+        let shards: BTreeSet<u32> = self.writes.keys().chain(self.reads.iter()).chain(self.checks.keys()).chain(self.scans.iter()).map(|k| mem_shard_of_key(k)).collect();
+        if shards.len() > 1 {
+            st.multi_shard_commits += 1;
         }
         st.epoch += 1;
         let e = st.epoch;
@@ -218,6 +274,17 @@ mod tests {
             t4.put(b"d1", b"1").await.unwrap();
             t4.commit().await.unwrap();
             assert_eq!(t3.commit().await, Err(MetaError::Conflict));
+            // Expectations: met, the commit applies; missed, nothing does.
+            let mut t5 = s.begin().await.unwrap();
+            t5.expect(b"a", Some(b"2")).unwrap();
+            assert_eq!(t5.get(b"a").await.unwrap().as_deref(), Some(&b"2"[..]));
+            t5.put(b"b", b"1").await.unwrap();
+            t5.commit().await.unwrap();
+            let mut t6 = s.begin().await.unwrap();
+            t6.expect(b"a", Some(b"1")).unwrap();
+            t6.put(b"b", b"2").await.unwrap();
+            assert_eq!(t6.commit().await, Err(MetaError::Stale));
+            assert_eq!(s.get_at(b"b", Epoch::MAX).await.unwrap().as_deref(), Some(&b"1"[..]));
         });
     }
 }

@@ -11,6 +11,7 @@
 //!   ancestor (rename refuses to move one into its subtree).
 //! - An inode with `nlink == 0` exists only while open somewhere, and then has an orphan key.
 
+use crate::expect_cache::{ExpectCache, Tx};
 use crate::fs_error::FsError;
 use crate::ino_alloc::InoAlloc;
 use crate::meta_schema::*;
@@ -92,6 +93,8 @@ pub struct Namespace<S: MetaStore> {
     ids: InoAlloc,
     /// This mount's session (lease key), recorded in the orphans it makes.
     session: std::sync::OnceLock<String>,
+    /// Last seen committed values, sent as expectations instead of read first.
+    known: ExpectCache,
 }
 
 impl<S: MetaStore> Namespace<S> {
@@ -101,9 +104,9 @@ impl<S: MetaStore> Namespace<S> {
         for _ in 0..TXN_ATTEMPTS_MAX {
             if let Some(b) = store.get_at(&super_key(), Epoch::MAX).await? {
                 let sb = decode_super(&b)?;
-                return Ok(Namespace { store, root: sb.root, chunk_bytes: sb.chunk_bytes, default_oclass, ids, session: std::sync::OnceLock::new() });
+                return Ok(Namespace { store, root: sb.root, chunk_bytes: sb.chunk_bytes, default_oclass, ids, session: std::sync::OnceLock::new(), known: ExpectCache::default() });
             }
-            let root = ids.next().await?;
+            let root = ids.next(store.homes(), &|n| store.home_of(n)).await?;
             let now = now_ns();
             let inode = Inode { ino: root, kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, size: 0, nlink: 2, atime_ns: now, mtime_ns: now, ctime_ns: now, crtime_ns: now, rdev: 0, parent: root, oclass: None, symlink: None, xattrs: Default::default(), data_version: 0 };
             let sb = Superblock { root, chunk_bytes, created_ns: now };
@@ -121,18 +124,36 @@ impl<S: MetaStore> Namespace<S> {
         Err(FsError::Contended("format", TXN_ATTEMPTS_MAX))
     }
 
-    /// Run `f` in a transaction, retrying on conflict with a growing, jittered pause.
-    pub async fn txn<T>(&self, what: &'static str, mut f: impl AsyncFnMut(&mut S::Txn) -> Result<T, FsError>) -> Result<T, FsError> {
+    /// Run `f` in a transaction, retrying on conflict with a growing, jittered pause. The
+    /// first attempt takes what it reads from the expectation cache (`expect_cache.rs`); if an
+    /// expectation was wrong, or `f` gave an answer other than success from such values, it
+    /// runs again with real reads.
+    pub async fn txn<T>(&self, what: &'static str, mut f: impl AsyncFnMut(&mut Tx<'_, S::Txn>) -> Result<T, FsError>) -> Result<T, FsError> {
+        let mut use_cache = true;
         for attempt in 0..TXN_ATTEMPTS_MAX {
-            let mut tx = self.store.begin().await?;
-            match f(&mut tx).await {
+            let mut tx = Tx::new(self.store.begin().await?, &self.known, use_cache);
+            let r = f(&mut tx).await;
+            let used_cache = tx.used_cache;
+            let failed = match r {
                 Ok(v) => match tx.commit().await {
                     Ok(_) => return Ok(v),
-                    Err(MetaError::Conflict) => {}
-                    Err(e) => return Err(e.into()),
+                    Err(e) => e,
                 },
-                Err(FsError::Meta(MetaError::Conflict)) => {}
+                Err(FsError::Meta(e)) => e,
+                Err(e) if used_cache => {
+                    tracing::debug!(what, error = %e, "answer from cached metadata; checking it with real reads");
+                    use_cache = false;
+                    continue;
+                }
                 Err(e) => return Err(e),
+            };
+            match failed {
+                MetaError::Stale => {
+                    use_cache = false;
+                    continue;
+                }
+                MetaError::Conflict => {}
+                e => return Err(e.into()),
             }
             tracing::debug!(what, attempt, "metadata transaction conflicted; retrying");
             let base_us = 50u64 << attempt.min(8);
@@ -155,7 +176,12 @@ impl<S: MetaStore> Namespace<S> {
     }
 
     pub async fn inode_at(&self, ino: u64, epoch: Epoch) -> Result<Inode, FsError> {
-        match self.store.get_at(&inode_key(ino), epoch).await? {
+        let key = inode_key(ino);
+        let b = self.store.get_at(&key, epoch).await?;
+        if epoch == Epoch::MAX {
+            self.known.put(&key, b.as_deref());
+        }
+        match b {
             Some(b) => Ok(decode_inode(&b)?),
             None => Err(FsError::NotFound),
         }
@@ -180,14 +206,34 @@ impl<S: MetaStore> Namespace<S> {
         self.inode_at(d.ino, epoch).await
     }
 
-    /// [`Self::lookup`] in a directory known to exist: one read less for a missing name.
+    /// [`Self::lookup`] in a directory known to exist: one read less for a missing name. When
+    /// this mount saw the name before, its dentry and the inode it named are read at once (one
+    /// round trip instead of two when the name still names that inode).
     pub async fn lookup_known_dir(&self, parent: u64, name: &[u8]) -> Result<Inode, FsError> {
         if name.len() > NAME_BYTES_MAX {
             return Err(FsError::NameTooLong);
         }
-        match self.store.get_at(&dentry_key(parent, name), Epoch::MAX).await? {
-            Some(b) => self.inode(decode_dentry(&b)?.ino).await,
-            None => Err(FsError::NotFound),
+        let dkey = dentry_key(parent, name);
+        let guess = self.known.get(&dkey).flatten().and_then(|b| decode_dentry(&b).ok());
+        let (d, guessed) = match guess {
+            Some(g) => {
+                let ikey = inode_key(g.ino);
+                let (d, i) = futures::join!(self.store.get_at(&dkey, Epoch::MAX), self.store.get_at(&ikey, Epoch::MAX));
+                (d?, Some((g.ino, ikey, i?)))
+            }
+            None => (self.store.get_at(&dkey, Epoch::MAX).await?, None),
+        };
+        self.known.put(&dkey, d.as_deref());
+        let d = match d {
+            Some(b) => decode_dentry(&b)?,
+            None => return Err(FsError::NotFound),
+        };
+        match guessed {
+            Some((ino, ikey, Some(b))) if ino == d.ino => {
+                self.known.put(&ikey, Some(&b));
+                Ok(decode_inode(&b)?)
+            }
+            _ => self.inode(d.ino).await,
         }
     }
 
@@ -237,14 +283,14 @@ impl<S: MetaStore> Namespace<S> {
         Ok(cur)
     }
 
-    async fn tx_inode(tx: &mut S::Txn, ino: u64) -> Result<Inode, FsError> {
+    async fn tx_inode(tx: &mut Tx<'_, S::Txn>, ino: u64) -> Result<Inode, FsError> {
         match tx.get(&inode_key(ino)).await? {
             Some(b) => Ok(decode_inode(&b)?),
             None => Err(FsError::NotFound),
         }
     }
 
-    async fn tx_dir(tx: &mut S::Txn, ino: u64) -> Result<Inode, FsError> {
+    async fn tx_dir(tx: &mut Tx<'_, S::Txn>, ino: u64) -> Result<Inode, FsError> {
         let d = Self::tx_inode(tx, ino).await?;
         if d.kind != Kind::Dir {
             return Err(FsError::NotDir);
@@ -255,19 +301,19 @@ impl<S: MetaStore> Namespace<S> {
         Ok(d)
     }
 
-    async fn tx_dentry(tx: &mut S::Txn, parent: u64, name: &[u8]) -> Result<Option<Dentry>, FsError> {
+    async fn tx_dentry(tx: &mut Tx<'_, S::Txn>, parent: u64, name: &[u8]) -> Result<Option<Dentry>, FsError> {
         match tx.get(&dentry_key(parent, name)).await? {
             Some(b) => Ok(Some(decode_dentry(&b)?)),
             None => Ok(None),
         }
     }
 
-    async fn tx_put(tx: &mut S::Txn, i: &Inode) -> Result<(), FsError> {
+    async fn tx_put(tx: &mut Tx<'_, S::Txn>, i: &Inode) -> Result<(), FsError> {
         Ok(tx.put(&inode_key(i.ino), &encode_inode(i)).await?)
     }
 
     /// Drop one link of `i` (already loaded); delete it when none remain unless it is open.
-    async fn tx_drop_link(tx: &mut S::Txn, mut i: Inode, now: i64, is_open: &impl Fn(u64) -> bool, orphan: &[u8], rel: &mut Released) -> Result<(), FsError> {
+    async fn tx_drop_link(tx: &mut Tx<'_, S::Txn>, mut i: Inode, now: i64, is_open: &impl Fn(u64) -> bool, orphan: &[u8], rel: &mut Released) -> Result<(), FsError> {
         i.nlink = i.nlink.saturating_sub(if i.kind == Kind::Dir { i.nlink } else { 1 });
         i.ctime_ns = now;
         rel.touched.push(i.ino);
@@ -284,6 +330,17 @@ impl<S: MetaStore> Namespace<S> {
         Ok(())
     }
 
+    /// A number for a new inode in `parent`: a file's lives in its directory's shard (its
+    /// create and unlink are one-shard transactions); a directory's is spread over the shards.
+    async fn new_ino(&self, parent: u64, kind: Kind) -> Result<u64, FsError> {
+        let home_of = |n| self.store.home_of(n);
+        if kind == Kind::Dir {
+            self.ids.next(self.store.homes(), &home_of).await
+        } else {
+            self.ids.next_in(self.store.home_of(parent), &home_of).await
+        }
+    }
+
     pub async fn create(&self, parent: u64, name: &[u8], node: NewNode) -> Result<Inode, FsError> {
         check_name(name)?;
         if let Some(t) = &node.symlink {
@@ -291,7 +348,7 @@ impl<S: MetaStore> Namespace<S> {
                 return Err(FsError::Invalid("symbolic link target must be 1..=4096 bytes without NUL".into()));
             }
         }
-        let ino = self.ids.next().await?;
+        let ino = self.new_ino(parent, node.kind).await?;
         self.txn("create", async |tx| {
             let mut p = Self::tx_dir(tx, parent).await?;
             if Self::tx_dentry(tx, parent, name).await?.is_some() {
@@ -384,7 +441,7 @@ impl<S: MetaStore> Namespace<S> {
     }
 
     /// Is `dir` equal to `ancestor` or below it?
-    async fn tx_is_within(tx: &mut S::Txn, root: u64, mut dir: u64, ancestor: u64) -> Result<bool, FsError> {
+    async fn tx_is_within(tx: &mut Tx<'_, S::Txn>, root: u64, mut dir: u64, ancestor: u64) -> Result<bool, FsError> {
         for _ in 0..TREE_DEPTH_MAX {
             if dir == ancestor {
                 return Ok(true);
@@ -606,10 +663,10 @@ impl<S: MetaStore> Namespace<S> {
 
     /// Up to `limit` orphans (unlinked while open) with the session that holds each open.
     pub async fn orphans(&self, limit: usize) -> Result<Vec<(u64, Orphan)>, FsError> {
-        let kvs = self.store.scan_prefix_at(ORPHAN_PREFIX, None, limit, Epoch::MAX).await?;
+        let kvs = self.store.scan_prefix_at(&orphan_prefix(), None, limit, Epoch::MAX).await?;
         let mut out = Vec::with_capacity(kvs.len());
         for (k, v) in kvs {
-            let Some(ino) = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else { continue };
+            let Some(ino) = orphan_ino(&k) else { continue };
             out.push((ino, decode_orphan(&v)?));
         }
         Ok(out)
@@ -715,6 +772,70 @@ mod tests {
             assert!(matches!(ns.lookup(a.ino, b"x").await, Err(FsError::NotFound)));
             assert!(matches!(ns.create(r, &[b'x'; 256], file()).await, Err(FsError::NameTooLong)));
             assert_eq!(ns.readdir(r, None, 10).await.unwrap().len(), 0);
+        });
+    }
+
+    #[test]
+    fn file_operations_within_a_directory_are_one_shard_transactions() {
+        block(async {
+            let ns = ns().await;
+            let d = ns.create(ns.root, b"d", dir()).await.unwrap();
+            let e = ns.create(ns.root, b"e", dir()).await.unwrap();
+            // Directories spread over the shards.
+            let mut homes = std::collections::BTreeSet::new();
+            for n in 0..32 {
+                homes.insert(ns.store.home_of(ns.create(d.ino, format!("sub{n}").as_bytes(), dir()).await.unwrap().ino));
+            }
+            assert!(homes.len() > 1, "directories all landed in one shard");
+            let before = ns.store.multi_shard_commits();
+            for n in 0..50 {
+                let name = format!("f{n}");
+                let f = ns.create(e.ino, name.as_bytes(), file()).await.unwrap();
+                assert_eq!(ns.store.home_of(f.ino), ns.store.home_of(e.ino));
+                ns.setattr(f.ino, &SetAttr { perm: Some(0o600), ..Default::default() }).await.unwrap();
+                ns.rename(e.ino, name.as_bytes(), e.ino, format!("g{n}").as_bytes(), RenameMode::default(), |_| false).await.unwrap();
+            }
+            ns.create(e.ino, b"l", NewNode { kind: Kind::Symlink, symlink: Some(b"g1".to_vec()), ..file() }).await.unwrap();
+            for n in 0..50 {
+                assert_eq!(ns.unlink(e.ino, format!("g{n}").as_bytes(), |_| false).await.unwrap().freed.len(), 1);
+            }
+            assert_eq!(ns.store.multi_shard_commits(), before, "a file operation within one directory needed two-phase commit");
+            // A hard link into another directory and a move there still work (two shards).
+            let f = ns.create(e.ino, b"h", file()).await.unwrap();
+            ns.link(f.ino, d.ino, b"h2").await.unwrap();
+            ns.rename(e.ino, b"h", d.ino, b"h3", RenameMode::default(), |_| false).await.unwrap();
+            assert_eq!(ns.inode(f.ino).await.unwrap().nlink, 2);
+            ns.unlink(d.ino, b"h2", |_| false).await.unwrap();
+            assert_eq!(ns.unlink(d.ino, b"h3", |_| false).await.unwrap().freed.len(), 1);
+            assert!(ns.store.multi_shard_commits() > before);
+        });
+    }
+
+    #[test]
+    fn a_second_client_changing_what_the_first_cached_is_seen_by_its_transactions() {
+        block(async {
+            let store = MemMetaStore::new();
+            let ids = InoAlloc::counter(16);
+            let a = Namespace::open(store.clone(), ids.clone(), "RP_2G1".into(), 1 << 20).await.unwrap();
+            let b = Namespace::open(store.clone(), ids, "RP_2G1".into(), 1 << 20).await.unwrap();
+            let d = a.create(a.root, b"d", dir()).await.unwrap();
+            a.create(d.ino, b"f", file()).await.unwrap();
+            assert!(matches!(a.lookup_known_dir(d.ino, b"g").await, Err(FsError::NotFound)));
+            // b changes the directory a has cached (its inode, "f", "g").
+            b.create(d.ino, b"g", file()).await.unwrap();
+            b.unlink(d.ino, b"f", |_| false).await.unwrap();
+            b.create(d.ino, b"sub", dir()).await.unwrap();
+            // a's cached beliefs ("f" exists, "g" does not) must not decide its answers.
+            a.create(d.ino, b"f", file()).await.unwrap();
+            assert!(matches!(a.create(d.ino, b"g", file()).await, Err(FsError::Exists)));
+            assert_eq!(a.lookup_known_dir(d.ino, b"g").await.unwrap().nlink, 1);
+            a.unlink(d.ino, b"g", |_| false).await.unwrap();
+            assert!(matches!(a.unlink(d.ino, b"g", |_| false).await, Err(FsError::NotFound)));
+            // b's subdirectory counted once in the link count, whatever a had cached.
+            a.create(d.ino, b"sub2", dir()).await.unwrap();
+            assert_eq!(b.inode(d.ino).await.unwrap().nlink, 4);
+            let names: Vec<Vec<u8>> = b.readdir(d.ino, None, 10).await.unwrap().into_iter().map(|(n, _)| n).collect();
+            assert_eq!(names, vec![b"f".to_vec(), b"sub".to_vec(), b"sub2".to_vec()]);
         });
     }
 

@@ -69,6 +69,13 @@ impl Volume {
         cont.info.oclass.parse::<ObjectClass>().map_err(|e| FsError::Invalid(format!("container class '{}': {e}", cont.info.oclass)))?;
         let meta = KvMeta::open(&cont).await?;
         meta.warm_up().await;
+        use crate::meta_store::MetaStore;
+        if meta.get_at(&crate::meta_schema::super_key(), Epoch::MAX).await?.is_none() && KvMeta::holds_format1(&cont).await? {
+            return Err(FsError::Invalid(format!(
+                "volume '{}' has metadata format 1, which this version no longer reads; copy its files out with an older strata, then recreate it",
+                cont.info.label
+            )));
+        }
         let ids = InoAlloc::new(Arc::new(MgmtIds { cont: cont.clone() }), INO_BATCH);
         let ns = Namespace::open(meta, ids, cont.info.oclass.clone(), chunk).await?;
         Ok(Volume { data: Arc::new(ObjData { cont: cont.clone() }), cont, ns: Arc::new(ns) })

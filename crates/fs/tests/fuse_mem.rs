@@ -144,3 +144,36 @@ fn posix_file_operations_through_the_kernel() {
     use std::os::unix::fs::FileTypeExt;
     assert!(fs::symlink_metadata(p.join("fifo")).unwrap().file_type().is_fifo());
 }
+
+#[test]
+fn a_sequential_reader_sees_writes_made_while_it_reads_ahead() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let m = mount(1 << 20);
+    let p = m.path().join("seq");
+    let mut model: Vec<u8> = (0..24u32 << 20).map(|i| (i / 4096) as u8 ^ (i as u8)).collect();
+    fs::write(&p, &model).unwrap();
+    let f = fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    // The kernel's copies from writing the file dropped: every read below reaches the mount.
+    assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+    let mut buf = vec![0u8; 1 << 20];
+    for round in 0..24u64 {
+        let off = round << 20;
+        if round == 3 {
+            // Inside the window being read ahead, then past it; the kernel's copies dropped so
+            // the reads below come from the mount.
+            for (at, byte) in [(5u64 << 20, 0xAAu8), (9 << 20, 0xBB), ((14 << 20) + 100, 0xCC)] {
+                let w = vec![byte; 70_000];
+                f.write_all_at(&w, at).unwrap();
+                model[at as usize..at as usize + w.len()].copy_from_slice(&w);
+            }
+            f.sync_all().unwrap();
+            assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+        }
+        f.read_exact_at(&mut buf, off).unwrap();
+        assert!(buf == model[off as usize..(off as usize + buf.len())], "MiB {round} differs from what was written");
+    }
+}

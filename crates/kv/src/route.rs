@@ -129,6 +129,7 @@ async fn call(cont: &ContHandle, oid: Oid, dkey: &[u8], make: impl Fn(KvShard) -
 
 struct Participant {
     reads: ReadSet,
+    checks: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
@@ -302,7 +303,7 @@ impl Route {
     /// is off). On failure every participant is told to drop its intents.
     pub(crate) async fn prepare(&self, map: &ShardMap, txn: &Txn, force_2pc: bool) -> Result<Prepared, KvError> {
         let mut parts: BTreeMap<u32, Participant> = BTreeMap::new();
-        let new = || Participant { reads: ReadSet::default(), writes: Vec::new() };
+        let new = || Participant { reads: ReadSet::default(), checks: Vec::new(), writes: Vec::new() };
         for (k, v) in &txn.writes {
             parts.entry(map.shard_of(k)).or_insert_with(new).writes.push((k.clone(), v.clone()));
         }
@@ -314,11 +315,14 @@ impl Route {
                 parts.entry(s).or_insert_with(new).reads.ranges.push(r.clone());
             }
         }
+        for (k, v) in &txn.checks {
+            parts.entry(map.shard_of(k)).or_insert_with(new).checks.push((k.clone(), v.clone()));
+        }
         let (id, rts) = (txn.id, txn.rts);
         if parts.len() == 1 && !force_2pc {
             let (shard, p) = parts.into_iter().next().expect("one participant");
             let (writes, payload) = wire_writes(&p.writes);
-            let req = |s| KvReq::Commit1 { shard: s, txn: id, rts, reads: p.reads.clone(), checks: Vec::new(), writes: writes.clone() };
+            let req = |s| KvReq::Commit1 { shard: s, txn: id, rts, reads: p.reads.clone(), checks: p.checks.clone(), writes: writes.clone() };
             return match self.call(&ShardMap::shard_dkey(shard), req, payload).await? {
                 (KvResp::Committed { epoch }, _) => {
                     self.observe(epoch);
@@ -328,6 +332,8 @@ impl Route {
                 (other, _) => Err(KvError::Remote(format!("unexpected answer to a commit: {other:?}"))),
             };
         }
+        // `Txn::commit` turned the checks of a multi-shard transaction into reads.
+        assert!(txn.checks.is_empty(), "compare-and-set checks reached a two-phase commit");
         // Two-phase commit; the record lives on the shard of the first written key.
         let first = txn.writes.keys().next().ok_or_else(|| KvError::Remote("two-phase commit without writes".into()))?;
         let coord = ShardMap::shard_dkey(map.shard_of(first)).to_vec();

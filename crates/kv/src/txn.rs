@@ -36,6 +36,8 @@ pub struct Txn {
     /// Keys read from the store (not from the buffer).
     pub(crate) reads: BTreeSet<Vec<u8>>,
     pub(crate) ranges: Vec<KeyRange>,
+    /// Values keys must have at the commit ([`Txn::expect`]); `None`: absent.
+    pub(crate) checks: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 fn new_id() -> TxnId {
@@ -45,7 +47,7 @@ fn new_id() -> TxnId {
 impl Txn {
     pub(crate) fn new(store: KvStore) -> Txn {
         let rts = store.inner.route.now().unwrap_or(Epoch::ZERO);
-        Txn { store, id: new_id(), rts, started: Instant::now(), deadline: TXN_DEADLINE_DEFAULT, writes: BTreeMap::new(), write_bytes: 0, reads: BTreeSet::new(), ranges: Vec::new() }
+        Txn { store, id: new_id(), rts, started: Instant::now(), deadline: TXN_DEADLINE_DEFAULT, writes: BTreeMap::new(), write_bytes: 0, reads: BTreeSet::new(), ranges: Vec::new(), checks: BTreeMap::new() }
     }
 
     /// The epoch every read of this transaction sees.
@@ -69,6 +71,9 @@ impl Txn {
         check_key(key)?;
         if let Some(w) = self.writes.get(key) {
             return Ok(w.clone());
+        }
+        if let Some(c) = self.checks.get(key) {
+            return Ok(c.clone());
         }
         self.check_reads()?;
         let (v, _) = self.store.inner.route.get(&self.store.inner.map, key, Some(self.rts)).await?;
@@ -114,6 +119,48 @@ impl Txn {
         self.buffer(key, new)
     }
 
+    /// Commit only if `key` holds `expected` (`None`: absent) at the commit, without reading it
+    /// now: a caller that believes it knows the value (a cache) saves the read's round trip.
+    /// A mismatch fails the commit with [`KvError::CasFailed`] carrying the current value;
+    /// later `get`s of `key` in this transaction answer `expected`. When the transaction
+    /// spans one shard the check travels with its one-round commit; otherwise `commit` reads
+    /// the expected keys first (at the read epoch, validated like any read).
+    pub fn expect(&mut self, key: &[u8], expected: Option<&[u8]>) -> Result<(), KvError> {
+        check_key(key)?;
+        if self.checks.len() >= TXN_READS_MAX {
+            return Err(KvError::TooLarge { what: "transaction expectations (keys)", got: self.checks.len() + 1, max: TXN_READS_MAX });
+        }
+        self.checks.insert(key.to_vec(), expected.map(<[u8]>::to_vec));
+        Ok(())
+    }
+
+    /// Turn expectations into reads (for a commit over several shards, whose prepare carries
+    /// no compare-and-set checks).
+    async fn checks_to_reads(&mut self) -> Result<(), KvError> {
+        for (k, want) in std::mem::take(&mut self.checks) {
+            self.check_reads()?;
+            let (cur, _) = self.store.inner.route.get(&self.store.inner.map, &k, Some(self.rts)).await?;
+            if cur != want {
+                return Err(KvError::CasFailed { key: k, current: cur });
+            }
+            self.reads.insert(k);
+        }
+        Ok(())
+    }
+
+    /// Whether every key this transaction touched lives in one shard.
+    fn one_shard(&self) -> bool {
+        let map = &self.store.inner.map;
+        let mut shards = BTreeSet::new();
+        for k in self.writes.keys().chain(self.reads.iter()).chain(self.checks.keys()) {
+            shards.insert(map.shard_of(k));
+        }
+        for r in &self.ranges {
+            shards.extend(map.shards_for_range(&r.start, r.end.as_deref()));
+        }
+        shards.len() <= 1
+    }
+
     /// Keys in `[start, end)` at the read epoch, merged with this transaction's own writes,
     /// in key order, at most `limit`. The scanned range joins the read set: a key inserted
     /// into it by another transaction before this one commits makes the commit conflict.
@@ -147,9 +194,12 @@ impl Txn {
     /// Commit: nothing before this is visible to others. Returns the commit epoch (for a
     /// read-only transaction, its read epoch). A [`KvError::Conflict`] means nothing was
     /// written; run the transaction again.
-    pub async fn commit(self) -> Result<Epoch, KvError> {
+    pub async fn commit(mut self) -> Result<Epoch, KvError> {
         if self.started.elapsed() > self.deadline {
             return Err(KvError::Deadline { deadline_ms: self.deadline.as_millis() as u64 });
+        }
+        if !self.checks.is_empty() && (self.writes.is_empty() || !self.one_shard()) {
+            self.checks_to_reads().await?;
         }
         if self.writes.is_empty() {
             // Every read was at one epoch on the shard leaders, which never let a commit land
@@ -166,7 +216,8 @@ impl Txn {
     /// Tests: run phase one of two-phase commit (even on one shard) and stop there, so a test
     /// can act as a client that dies after prepare or right after the commit point.
     #[doc(hidden)]
-    pub async fn prepare_two_phase(self) -> Result<PreparedTxn, KvError> {
+    pub async fn prepare_two_phase(mut self) -> Result<PreparedTxn, KvError> {
+        self.checks_to_reads().await?;
         match self.store.inner.route.prepare(&self.store.inner.map, &self, true).await? {
             Prepared::TwoPhase(p) => Ok(PreparedTxn { store: self.store.clone(), p }),
             Prepared::Committed(_) => Err(KvError::Remote("one-round commit where two phases were asked".into())),

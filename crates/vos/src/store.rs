@@ -19,6 +19,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use strata_types::{ContId, Epoch, Oid};
 
 const MARKER_FILE: &str = "STRATA_TARGET";
+/// Objects remembered as having their index row; beyond it the set starts over (a forgotten
+/// object only costs one more row write).
+const INDEXED_OBJECTS_MAX: usize = 100_000;
 const DB_DIR: &str = "db";
 
 pub struct Vos {
@@ -30,6 +33,11 @@ pub struct Vos {
     horizons: RwLock<HashMap<ContId, Horizon>>,
     dirty: Mutex<DirtyBook>,
     extents: ExtentFiles,
+    /// Objects whose `Objects` index row is durable. Rows are only removed with their
+    /// container, so an update to a known object skips rewriting its row: every rewrite is
+    /// one more version of the same key in the memtable, which made each insert there compare
+    /// long equal keys (a KV store's shards are all one object).
+    indexed: Mutex<std::collections::HashSet<(ContId, Oid)>>,
 }
 
 /// What aggregation needs of a row: no payload, so an akey with many large versions costs
@@ -47,6 +55,8 @@ struct Encoded {
     punches: Vec<PunchEntry>,
     touched: Vec<crate::extent_file::Touched>,
     extent_bytes: usize,
+    /// Objects whose index row this batch writes (to remember once it is durable).
+    indexing: Vec<(ContId, Oid)>,
 }
 
 struct Row {
@@ -151,7 +161,7 @@ impl Vos {
         }
         let extents = ExtentFiles::open(dir)?;
         let writer = GroupCommit::start(engine.clone(), punches.clone(), cfg.queue_depth, cfg.group_bytes_max);
-        let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()), extents };
+        let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()), extents, indexed: Mutex::default() };
         // What happened before the restart is unknown: every container is due once.
         for cont in vos.list_containers()? {
             vos.dirty().note_all(cont);
@@ -205,7 +215,38 @@ impl Vos {
     /// Apply a batch atomically; returns once it is on stable storage.
     pub fn update(&self, batch: &[Update]) -> Result<(), VosError> {
         let e = self.encode_batch(batch)?;
-        self.writer.commit(e.ops, e.punches, e.touched, e.extent_bytes)
+        self.writer.commit(e.ops, e.punches, e.touched, e.extent_bytes)?;
+        self.note_indexed(e.indexing);
+        Ok(())
+    }
+
+    fn indexed(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<(ContId, Oid)>> {
+        self.indexed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Index rows to write for the objects of a batch: one per object not known to have one.
+    /// Only rows made durable are remembered (`note_indexed`), so a failed commit cannot leave
+    /// an object whose records nothing lists.
+    fn index_rows(&self, objects: impl Iterator<Item = (ContId, Oid)>, ops: &mut Vec<EngineOp>) -> Vec<(ContId, Oid)> {
+        let known = self.indexed();
+        let mut new = std::collections::HashSet::new();
+        for o in objects {
+            if !known.contains(&o) && new.insert(o) {
+                ops.push(EngineOp::Put(Space::Objects, object_prefix(o.0, o.1), Vec::new()));
+            }
+        }
+        new.into_iter().collect()
+    }
+
+    fn note_indexed(&self, objects: Vec<(ContId, Oid)>) {
+        if objects.is_empty() {
+            return;
+        }
+        let mut known = self.indexed();
+        if known.len() + objects.len() > INDEXED_OBJECTS_MAX {
+            known.clear();
+        }
+        known.extend(objects);
     }
 
     /// [`Vos::update`] for async callers: encoding (checksums, copies) runs on the caller's
@@ -216,7 +257,9 @@ impl Vos {
         let big = batch.iter().any(|u| matches!(&u.op, UpdateOp::Extent { data, .. } if data.len() >= EXTENT_FILE_MIN_BYTES));
         let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let e = if big && multi { tokio::task::block_in_place(|| self.encode_batch(batch))? } else { self.encode_batch(batch)? };
-        self.writer.commit_async(e.ops, e.punches, e.touched, e.extent_bytes).await
+        self.writer.commit_async(e.ops, e.punches, e.touched, e.extent_bytes).await?;
+        self.note_indexed(e.indexing);
+        Ok(())
     }
 
     /// Check a batch against the limits and turn it into engine rows and punch entries.
@@ -239,7 +282,6 @@ impl Vos {
         }
         for u in batch {
             check_key("dkey", &u.dkey)?;
-            let obj_key = object_prefix(u.cont, u.oid);
             let p = |akey: &[u8]| akey_prefix(u.cont, u.oid, &u.dkey, akey);
             match &u.op {
                 UpdateOp::Single { akey, value } => {
@@ -290,8 +332,8 @@ impl Vos {
                 UpdateOp::PunchDkey => punches.push(PunchEntry { cont: u.cont, oid: u.oid, scope: PunchScope::Dkey(u.dkey.clone()), epoch: u.epoch }),
                 UpdateOp::PunchObject => punches.push(PunchEntry { cont: u.cont, oid: u.oid, scope: PunchScope::Object, epoch: u.epoch }),
             }
-            ops.push(EngineOp::Put(Space::Objects, obj_key, Vec::new()));
         }
+        let indexing = self.index_rows(batch.iter().map(|u| (u.cont, u.oid)), &mut ops);
         if bytes > BATCH_BYTES_MAX {
             return Err(VosError::BatchTooLarge { got: bytes, ops: batch.len(), max_bytes: BATCH_BYTES_MAX, max_ops: BATCH_UPDATES_MAX });
         }
@@ -304,7 +346,7 @@ impl Vos {
                 d.note_write(u.cont, u.epoch);
             }
         }
-        Ok(Encoded { ops, punches, touched, extent_bytes })
+        Ok(Encoded { ops, punches, touched, extent_bytes, indexing })
     }
 
     /// The newest single value of `akey` at or below `epoch`, with the epoch it was written at.
@@ -519,6 +561,7 @@ impl Vos {
 
     /// Remove everything a container holds on this target.
     pub fn destroy_container(&self, cont: ContId) -> Result<(), VosError> {
+        self.indexed().retain(|(c, _)| *c != cont);
         let end = prefix_successor(cont.as_bytes());
         let mut ops = Vec::new();
         let mut dead: Vec<(ExtentRef, u64)> = Vec::new();
@@ -731,22 +774,26 @@ impl Vos {
     pub fn import(&self, records: &[RawRecord]) -> Result<(), VosError> {
         let mut ops = Vec::with_capacity(records.len() + 1);
         let mut punches = Vec::new();
+        let mut objects = Vec::new();
         for r in records {
             if r.punch {
                 let p = PunchEntry::decode_key(&r.key).ok_or_else(|| corrupt(&r.key, "undecodable punch key"))?;
-                ops.push(EngineOp::Put(Space::Objects, object_prefix(p.cont, p.oid), Vec::new()));
+                objects.push((p.cont, p.oid));
                 ops.push(EngineOp::Put(Space::Punches, r.key.clone(), Vec::new()));
                 self.dirty().note_write(p.cont, p.epoch);
                 punches.push(p);
             } else {
                 let k = decode_record_key(&r.key).ok_or_else(|| corrupt(&r.key, "undecodable record key"))?;
                 record::decode(&r.value).map_err(|d| corrupt(&r.key, d))?;
-                ops.push(EngineOp::Put(Space::Objects, object_prefix(k.cont, k.oid), Vec::new()));
+                objects.push((k.cont, k.oid));
                 ops.push(EngineOp::Put(Space::Records, r.key.clone(), r.value.clone()));
                 self.dirty().note_write(k.cont, k.epoch);
             }
         }
-        self.writer.commit(ops, punches, Vec::new(), 0)
+        let indexing = self.index_rows(objects.into_iter(), &mut ops);
+        self.writer.commit(ops, punches, Vec::new(), 0)?;
+        self.note_indexed(indexing);
+        Ok(())
     }
 
     /// One stored row by its raw key, checksum-verified (scrub repairs from a replica's copy).

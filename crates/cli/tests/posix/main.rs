@@ -22,17 +22,17 @@ use mount::{fuse_available, mount, MountGuard};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-/// Random operations on one file before the next: background aggregation keeps every version
-/// newer than its margin (30 s by default), so within a run one file's extent history (and its
-/// read cost) would grow with every operation.
-const FSX_OPS_PER_FILE: usize = 10_000;
+/// Aggregation of the suite's cluster: every second, versions older than two seconds. fsx
+/// rewrites one file 100,000 times; with the default 30 s margin its extent history (and the
+/// cost of every read) would grow for the whole run.
+const AGGREGATION: [&str; 4] = ["--aggregate-interval-ms", "1000", "--aggregate-margin-ms", "2000"];
 
 #[test]
 fn posix_conformance_and_random_operations() {
     if !fuse_available() {
         return;
     }
-    let c = Cluster::start(&["--ranks", "3"]);
+    let c = Cluster::start(&[&["--ranks", "3"][..], &AGGREGATION[..]].concat());
     c.json(&["cont", "create", "tank", "vol", "--type", "posix"]);
     let (a, b) = (c.path().join("a"), c.path().join("b"));
     let _guard = MountGuard(vec![a.clone(), b.clone()]);
@@ -47,14 +47,8 @@ fn posix_conformance_and_random_operations() {
     assert!(checks.failed.is_empty(), "{} of {} POSIX checks failed:\n{}", checks.failed.len(), checks.failed.len() + checks.passed, checks.failed.join("\n"));
 
     let ops: usize = std::env::var("STRATA_FSX_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
-    let per_file = ops.min(FSX_OPS_PER_FILE);
-    for n in 0..ops.div_ceil(per_file) {
-        fsx::fsx(&[a.join(format!("fsx-one-{n}"))], per_file, 1 + n as u64);
-    }
-    let two = (ops / 5).max(1);
-    for n in 0..two.div_ceil(per_file) {
-        fsx::fsx(&[a.join(format!("fsx-two-{n}")), b.join(format!("fsx-two-{n}"))], per_file.min(two), 1000 + n as u64);
-    }
+    fsx::fsx(&[a.join("fsx-one")], ops, 1);
+    fsx::fsx(&[a.join("fsx-two"), b.join("fsx-two")], (ops / 5).max(1), 1000);
     for mp in [&a, &b] {
         c.json(&["fs", "umount", mp.to_str().unwrap()]);
     }
