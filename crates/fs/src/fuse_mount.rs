@@ -716,9 +716,10 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
                     st.overlay(a_first * b, &mut data);
                     for (j, part) in data.chunks(b as usize).enumerate().take(a_blocks as usize) {
                         let k = a_first + j as u64;
-                        self.cache.put(ino, k, part.to_vec());
+                        let v = Arc::new(part.to_vec());
+                        self.cache.put(ino, k, v.clone());
                         if (first..=last).contains(&k) {
-                            blocks[(k - first) as usize] = Some(Arc::new(part.to_vec()));
+                            blocks[(k - first) as usize] = Some(v);
                         }
                     }
                 }
@@ -738,9 +739,9 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             let mut data = self.data.read(oid, run_off, (k - start) as u64 * b, Epoch::MAX).await?;
             st.overlay(run_off, &mut data);
             for (j, part) in data.chunks(b as usize).enumerate() {
-                let v = part.to_vec();
+                let v = Arc::new(part.to_vec());
                 self.cache.put(ino, first + (start + j) as u64, v.clone());
-                blocks[start + j] = Some(Arc::new(v));
+                blocks[start + j] = Some(v);
             }
         }
         let mut out = vec![0u8; len as usize];
