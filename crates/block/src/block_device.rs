@@ -35,19 +35,20 @@ impl DevError {
 
 /// A fixed-size byte-addressed device. Callers have checked ranges against `size_bytes()`.
 ///
-/// Contract: `write`, `trim` and `write_zeroes` return only once the change is durable (so
-/// `flush` has nothing left to do for acknowledged writes and FUA is always honoured); reads
-/// of never-written or trimmed ranges return zeros (in a clone: the parent's bytes until the
-/// clone writes or trims them).
+/// Contract (NBD's): a change is durable once it returned with `fua` set, or once a `flush`
+/// that started after it returned has returned; reads see every change that returned (and
+/// reads of never-written or trimmed ranges return zeros; in a clone, the parent's bytes until
+/// the clone writes or trims them).
 pub trait BlockDevice: Send + Sync + 'static {
     fn size_bytes(&self) -> u64;
     fn read_only(&self) -> bool;
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, DevError>>;
-    fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'_, Result<(), DevError>>;
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), DevError>>;
     /// Discard a range: it reads back as zeros.
-    fn trim(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), DevError>>;
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<(), DevError>>;
     /// Zero a range; `allocate` (NBD's NO_HOLE) asks for zeros to be written, not a hole.
-    fn write_zeroes(&self, offset: u64, len: u64, allocate: bool) -> BoxFuture<'_, Result<(), DevError>>;
+    fn write_zeroes(&self, offset: u64, len: u64, allocate: bool, fua: bool) -> BoxFuture<'_, Result<(), DevError>>;
+    /// Make every change that returned before this call durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), DevError>>;
 }
 
@@ -107,16 +108,16 @@ pub mod mem {
             let r = d[offset as usize..offset as usize + len as usize].to_vec();
             async move { Ok(r) }.boxed()
         }
-        fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'_, Result<(), DevError>> {
+        fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BoxFuture<'_, Result<(), DevError>> {
             self.data.lock().unwrap()[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
             async { Ok(()) }.boxed()
         }
-        fn trim(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), DevError>> {
+        fn trim(&self, offset: u64, len: u64, _fua: bool) -> BoxFuture<'_, Result<(), DevError>> {
             self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
             async { Ok(()) }.boxed()
         }
-        fn write_zeroes(&self, offset: u64, len: u64, _allocate: bool) -> BoxFuture<'_, Result<(), DevError>> {
-            self.trim(offset, len)
+        fn write_zeroes(&self, offset: u64, len: u64, _allocate: bool, fua: bool) -> BoxFuture<'_, Result<(), DevError>> {
+            self.trim(offset, len, fua)
         }
         fn flush(&self) -> BoxFuture<'_, Result<(), DevError>> {
             async { Ok(()) }.boxed()

@@ -13,11 +13,16 @@
 //! The **NBD server** is written here from the protocol document: fixed newstyle negotiation
 //! ([`nbd_handshake`]), transmission with many requests in flight and one reply writer
 //! ([`nbd_transmission`]). One server at a time may export a volume for writing (a writer lease
-//! in the management service, [`writer_lease`]).
+//! in the management service, [`writer_lease`]). Writes go through a bounded write-back cache
+//! per export ([`write_cache`]), as NBD allows: durable once FLUSHed or sent with FUA.
 //!
 //! Invariants:
-//! - A write, trim or write-zeroes is acknowledged only when durable on every replica, so FLUSH
-//!   and FUA need no extra work.
+//! - A write is acknowledged once in the export's cache; a FLUSH is answered once every write
+//!   acknowledged before it is durable on every replica, a FUA write once it is. TRIM and
+//!   WRITE_ZEROES are durable before their reply.
+//! - A snapshot taken while a server holds dirty data first asks that server to hold new
+//!   writes and write everything back ([`snapshot_control`]), so it is one instant of the
+//!   volume as its clients saw it.
 //! - All blocks of one NBD request carry one epoch, taken from the writer's HLC; a snapshot
 //!   epoch is chosen above every acknowledged write and the wall clock is let pass it.
 //! - Limits: requests carry at most [`NbdLimits::payload_bytes_max`]; in-flight bytes per
@@ -25,6 +30,7 @@
 //!   server are bounded.
 
 pub mod block_device;
+pub mod extent_map;
 pub mod nbd_handshake;
 pub mod nbd_server;
 pub mod nbd_transmission;
@@ -32,7 +38,9 @@ pub mod nbd_wire;
 pub mod volume_admin;
 pub mod volume_exports;
 pub mod volume_io;
+pub mod snapshot_control;
 pub mod volume_meta;
+pub mod write_cache;
 pub mod writer_lease;
 
 #[cfg(test)]
@@ -43,6 +51,7 @@ pub use volume_admin::BlockContainer;
 pub use volume_exports::VolumeExports;
 pub use volume_io::VolumeIo;
 pub use volume_meta::{VolumeMeta, BLOCK_BYTES_DEFAULT};
+pub use write_cache::{CacheConfig, WriteBackCache};
 
 use std::time::Duration;
 

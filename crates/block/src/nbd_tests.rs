@@ -273,3 +273,12 @@ async fn without_block_size_negotiation_any_alignment_is_served() {
     c.request(CMD_READ, 0, 2, 0, 9, b"").await;
     assert_eq!(c.simple(9).await.2, b"\0\0\0hello\0");
 }
+
+/// Poll `f` until it holds (20 s at most).
+pub(crate) async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}

@@ -144,13 +144,14 @@ where
         let cost = 1 + if matches!(req.kind, CMD_READ | CMD_WRITE) { len / INFLIGHT_UNIT_BYTES } else { 0 };
         let Ok(permit) = budget.clone().acquire_many_owned(cost as u32).await else { break TransmissionEnd::Closed };
         let (dev, tx) = (dev.clone(), tx.clone());
+        let fua = req.flags & CMD_FLAG_FUA != 0;
         tokio::spawn(async move {
             let r: Result<Option<Vec<u8>>, DevError> = match req.kind {
                 CMD_READ => dev.read(req.offset, req.len).await.map(Some),
-                CMD_WRITE => dev.write(req.offset, payload.unwrap_or_default()).await.map(|()| None),
+                CMD_WRITE => dev.write(req.offset, payload.unwrap_or_default(), fua).await.map(|()| None),
                 CMD_FLUSH => dev.flush().await.map(|()| None),
-                CMD_TRIM => dev.trim(req.offset, len).await.map(|()| None),
-                CMD_WRITE_ZEROES => dev.write_zeroes(req.offset, len, req.flags & CMD_FLAG_NO_HOLE != 0).await.map(|()| None),
+                CMD_TRIM => dev.trim(req.offset, len, fua).await.map(|()| None),
+                CMD_WRITE_ZEROES => dev.write_zeroes(req.offset, len, req.flags & CMD_FLAG_NO_HOLE != 0, fua).await.map(|()| None),
                 _ => unreachable!("only checked commands are started"),
             };
             let reply = match r {
@@ -167,6 +168,13 @@ where
     // Every started request finishes (and is answered if the client still listens) before the
     // connection closes: the whole budget is free only when no request holds a part of it.
     let _ = budget.acquire_many(units_total).await;
+    // Write back what this connection's writes left in a cache, whether the client said
+    // goodbye or vanished: nothing it was told is written should wait on another client.
+    if !ro {
+        if let Err(e) = dev.flush().await {
+            tracing::warn!(error = %e, "writing back cached writes at disconnect failed");
+        }
+    }
     drop(tx);
     let _ = writer.await;
     (end, stats)

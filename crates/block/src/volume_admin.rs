@@ -8,6 +8,7 @@
 //! Snapshots and clones share unchanged data, but a clone is provisioned in full because it can
 //! be rewritten in full.
 
+use crate::snapshot_control;
 use crate::volume_meta::*;
 use crate::writer_lease::{holder_name, now_ms, Lease, WRITER_LEASE_TTL_MS_DEFAULT};
 use crate::BlockError;
@@ -22,6 +23,8 @@ const META_LEASE_TTL_MS: u64 = 30_000;
 const META_LEASE_WAIT: Duration = Duration::from_secs(20);
 /// Longest wait for the wall clock to pass a snapshot epoch (bounded by the HLC's max drift).
 const SNAPSHOT_CLOCK_WAIT: Duration = Duration::from_secs(2);
+/// Tries when the volume's writer changes while a snapshot is taken.
+const SNAPSHOT_ATTEMPTS: u32 = 3;
 
 /// One block container: its volumes' records and data objects.
 #[derive(Clone)]
@@ -88,6 +91,14 @@ impl BlockContainer {
         let r = f.await;
         lease.release().await;
         r
+    }
+
+    /// The live holder of lease `key`, if any.
+    pub async fn lease_holder(&self, key: &str) -> Result<Option<String>, BlockError> {
+        match self.client.mgmt.query(MgmtQuery::Lease { key: key.to_owned() }).await.map_err(strata_client::ClientError::from)? {
+            MgmtReply::LeaseHolder(l) => Ok(l.filter(|(_, exp)| *exp > now_ms()).map(|(h, _)| h)),
+            other => Err(BlockError::Invalid(format!("unexpected reply to a lease query: {other:?}"))),
+        }
     }
 
     pub async fn get(&self, name: &str) -> Result<VolumeMeta, BlockError> {
@@ -232,7 +243,8 @@ impl BlockContainer {
     }
 
     /// Pin the volume's current content: every write acknowledged before this call is in the
-    /// snapshot, none issued after it returns is.
+    /// snapshot, none issued after it returns is, and it is the volume at one instant (a
+    /// writing server's cache is written back first, see `snapshot_control`).
     pub async fn snapshot(&self, name: &str, snap: &str) -> Result<SnapshotMeta, BlockError> {
         check_name("snapshot", snap).map_err(BlockError::Invalid)?;
         self.locked(async {
@@ -240,18 +252,41 @@ impl BlockContainer {
             if m.snapshots.contains_key(snap) {
                 return Err(BlockError::Exists(format!("volume '{name}' already has a snapshot '{snap}'")));
             }
-            // Engines have seen (and merged into their clocks) the epoch of every acknowledged
-            // write, so the max over them covers those writes.
-            let epoch = self.cont.pool.max_epoch().await?;
-            // The writer takes epochs from an HLC that is never behind the wall clock: once the
-            // wall clock passes the snapshot epoch, every later write lands after it.
-            let deadline = tokio::time::Instant::now() + SNAPSHOT_CLOCK_WAIT;
-            while now_ms() <= epoch.physical_ms() {
-                if tokio::time::Instant::now() > deadline {
-                    return Err(BlockError::Invalid(format!("the engines' clocks are more than {SNAPSHOT_CLOCK_WAIT:?} ahead of this machine's; check NTP")));
+            let key = self.writer_lease_key(name);
+            let mut attempt = 0;
+            let epoch = loop {
+                attempt += 1;
+                // A writing NBD server may hold acknowledged writes in its cache: it holds new
+                // writes and writes everything back until the epoch is settled.
+                let holder = self.lease_holder(&key).await?;
+                let held = match &holder {
+                    Some(h) => snapshot_control::quiesce(h).await?,
+                    None => None,
+                };
+                // Engines have seen (and merged into their clocks) the epoch of every durable
+                // write, so the max over them covers every acknowledged one now.
+                let epoch = self.cont.pool.max_epoch().await?;
+                // The writer takes epochs from an HLC that is never behind the wall clock: once
+                // the wall clock passes the snapshot epoch, every later write lands after it.
+                let deadline = tokio::time::Instant::now() + SNAPSHOT_CLOCK_WAIT;
+                while now_ms() <= epoch.physical_ms() {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(BlockError::Invalid(format!("the engines' clocks are more than {SNAPSHOT_CLOCK_WAIT:?} ahead of this machine's; check NTP")));
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+                if let Some(q) = held {
+                    q.resume().await?;
+                }
+                // A writer that took the lease after it was looked up was not held: its cache
+                // may have written back part of what it acknowledged below the epoch.
+                if self.lease_holder(&key).await? == holder {
+                    break epoch;
+                }
+                if attempt >= SNAPSHOT_ATTEMPTS {
+                    return Err(BlockError::Invalid(format!("volume '{name}' changed writers while the snapshot was taken, {attempt} times; retry")));
+                }
+            };
             let pin = VolumeMeta::pin_label(name, snap);
             self.client
                 .mgmt

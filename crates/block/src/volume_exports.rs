@@ -1,12 +1,16 @@
 //! The NBD exports of one `strata block nbd` server: named volumes (writable unless the server
 //! is read-only) and `VOLUME@SNAPSHOT` (always read-only). All connections to one writable
-//! volume share one device and one writer lease; the lease is taken when the first of them
-//! opens and released when the last closes.
+//! volume share one device (a write-back cache over the volume) and one writer lease; the
+//! lease is taken when the first of them opens and released when the last closes, after the
+//! cache was written back. A writing server also runs a snapshot control port
+//! ([`crate::snapshot_control`]) named in its lease.
 
 use crate::block_device::{BlockDevice, ExportDesc, Exports, OpenError};
 use crate::volume_admin::BlockContainer;
 use crate::volume_io::{ReleaseTracker, VolumeIo};
+use crate::snapshot_control::{local_ip_towards, ControlServer};
 use crate::volume_meta::split_snap;
+use crate::write_cache::{CacheConfig, WriteBackCache};
 use crate::writer_lease::{holder_name, Lease};
 use crate::BlockError;
 use futures::future::BoxFuture;
@@ -19,8 +23,11 @@ pub struct VolumeExports {
     names: Vec<String>,
     read_only: bool,
     lease_ttl_ms: u64,
-    writers: tokio::sync::Mutex<HashMap<String, Weak<VolumeIo>>>,
+    cache: CacheConfig,
+    writers: tokio::sync::Mutex<HashMap<String, Weak<WriteBackCache<VolumeIo>>>>,
     releases: Arc<ReleaseTracker>,
+    /// Started with the first writable open.
+    control: tokio::sync::OnceCell<Arc<ControlServer>>,
 }
 
 fn open_err(e: BlockError) -> OpenError {
@@ -33,7 +40,7 @@ fn open_err(e: BlockError) -> OpenError {
 
 impl VolumeExports {
     /// Check that every export exists now (a typo fails at start, not at first connect).
-    pub async fn new(bc: BlockContainer, names: Vec<String>, read_only: bool, lease_ttl_ms: u64) -> Result<VolumeExports, BlockError> {
+    pub async fn new(bc: BlockContainer, names: Vec<String>, read_only: bool, lease_ttl_ms: u64, cache: CacheConfig) -> Result<VolumeExports, BlockError> {
         for n in &names {
             let (vol, snap) = split_snap(n).map(|(v, s)| (v, Some(s))).unwrap_or((n.as_str(), None));
             let m = bc.get(vol).await?;
@@ -43,15 +50,30 @@ impl VolumeExports {
                 }
             }
         }
-        Ok(VolumeExports { bc, names, read_only, lease_ttl_ms, writers: Default::default(), releases: Default::default() })
+        Ok(VolumeExports { bc, names, read_only, lease_ttl_ms, cache, writers: Default::default(), releases: Default::default(), control: Default::default() })
     }
 
-    /// Release the writer leases of every open volume (the server is stopping).
+    /// Write back every open volume's cache and release its writer lease (the server is
+    /// stopping).
     pub async fn release_all(&self) {
-        let devs: Vec<Arc<VolumeIo>> = self.writers.lock().await.values().filter_map(Weak::upgrade).collect();
+        let devs: Vec<Arc<WriteBackCache<VolumeIo>>> = self.writers.lock().await.values().filter_map(Weak::upgrade).collect();
         for d in devs {
-            d.release_lease().await;
+            if let Err(e) = d.flush().await {
+                tracing::error!(volume = %d.backend().name, error = %e, "writing back the cache at shutdown failed; writes not flushed by the client are lost");
+            }
+            d.backend().release_lease().await;
         }
+    }
+
+    async fn control(&self) -> Result<&Arc<ControlServer>, BlockError> {
+        self.control
+            .get_or_try_init(|| async {
+                // Listen where the cluster reaches this host from.
+                let peer = self.bc.cont.pool.info()?.rank_addrs.values().next().cloned().unwrap_or_default();
+                let ip = local_ip_towards(&peer).await;
+                ControlServer::start(ip).await.map_err(|e| BlockError::Invalid(format!("starting the snapshot control port on {ip}: {e}")))
+            })
+            .await
     }
 
     /// Configured names, and `VOLUME@SNAPSHOT` of any configured volume (snapshots taken
@@ -74,13 +96,15 @@ impl VolumeExports {
         let mut writers = self.writers.lock().await;
         // Connections share the device while its lease holds; one that lost its lease (renewal
         // failed past expiry) is left to its connections and a new lease is sought.
-        if let Some(d) = writers.get(vol).and_then(Weak::upgrade).filter(|d| d.writable_now()) {
+        if let Some(d) = writers.get(vol).and_then(Weak::upgrade).filter(|d| d.backend().writable_now()) {
             return Ok(d);
         }
         let key = self.bc.writer_lease_key(vol);
         self.releases.wait(&key).await;
+        let control = self.control().await?;
         // A holder name per open: a stale device's late release can never drop a newer lease.
-        let lease = Lease::acquire(&self.bc.client, &key, &holder_name("nbd"), self.lease_ttl_ms).await.map_err(|e| match e {
+        let holder = control.holder(&holder_name("nbd"));
+        let lease = Lease::acquire(&self.bc.client, &key, &holder, self.lease_ttl_ms).await.map_err(|e| match e {
             BlockError::Held(m) => BlockError::Held(format!("volume '{vol}' already has a writer ({m}); export it --read-only here, or retry once the other server's clients disconnect")),
             e => e,
         })?;
@@ -95,7 +119,8 @@ impl VolumeExports {
         };
         lease.keep_renewed();
         dev.track_releases(self.releases.clone());
-        let dev = Arc::new(dev);
+        let dev = Arc::new(WriteBackCache::new(Arc::new(dev), self.cache.clone()));
+        control.register(&holder, &dev);
         writers.insert(vol.to_owned(), Arc::downgrade(&dev));
         Ok(dev)
     }

@@ -14,6 +14,7 @@
 //! stripe to arrive in epoch order.
 
 use crate::block_device::{BlockDevice, DevError};
+use crate::write_cache::CacheBackend;
 use crate::volume_meta::{chunk_akey, VolumeMeta};
 use strata_rpc::engine_msg::WireOp;
 use crate::writer_lease::Lease;
@@ -284,6 +285,40 @@ impl VolumeIo {
         r
     }
 
+    /// Write disjoint extents of one block (offsets within it, ascending) as one update at one
+    /// epoch: the write-back cache's unit of work.
+    pub async fn write_block_extents(&self, block: u64, extents: Vec<(u64, Bytes)>) -> Result<(), DevError> {
+        let w = self.writer()?;
+        let mut ops = Vec::new();
+        for (off, d) in &extents {
+            if off + d.len() as u64 > self.block_bytes {
+                return Err(DevError::OutOfRange);
+            }
+            // Offsets of the write_ops are within the block; chunk numbers come from them.
+            ops.extend(write_ops(*off, d.len() as u64, self.chunk_bytes));
+        }
+        self.check(block * self.block_bytes, extents.last().map(|(o, d)| o + d.len() as u64).unwrap_or(0))?;
+        let payload = match extents.as_slice() {
+            [(_, d)] => d.clone(),
+            _ => {
+                let mut b = bytes::BytesMut::with_capacity(extents.iter().map(|(_, d)| d.len()).sum());
+                for (_, d) in &extents {
+                    b.extend_from_slice(d);
+                }
+                b.freeze()
+            }
+        };
+        let guards = self.lock_blocks(w, std::iter::once(block)).await;
+        let r = async {
+            let _slot = self.slots.acquire().await.map_err(|_| DevError::Io("volume closed".into()))?;
+            let epoch = self.epoch(w)?;
+            self.layers[0].obj.update_ops_at(&block.to_be_bytes(), ops, payload, Some(epoch)).await.map_err(io_err)
+        }
+        .await;
+        self.unlock_blocks(w, guards, std::iter::once(block));
+        r.map(|_| ())
+    }
+
     /// Zero or discard a range. Where a lower layer shows through, zeros must be written (a
     /// hole would read the parent's bytes); elsewhere whole blocks are punched and partial ones
     /// get an extent punch, unless `allocate` asks for written zeros.
@@ -364,18 +399,31 @@ impl BlockDevice for VolumeIo {
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, DevError>> {
         self.read_at(offset, len as u64).boxed()
     }
-    fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'_, Result<(), DevError>> {
+    // Every change is durable on every replica before it returns, so FUA and FLUSH are free
+    // here; the NBD server puts a `WriteBackCache` in front to acknowledge writes sooner.
+    fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BoxFuture<'_, Result<(), DevError>> {
         self.write_at(offset, data).boxed()
     }
-    fn trim(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), DevError>> {
+    fn trim(&self, offset: u64, len: u64, _fua: bool) -> BoxFuture<'_, Result<(), DevError>> {
         self.zero_at(offset, len, false).boxed()
     }
-    fn write_zeroes(&self, offset: u64, len: u64, allocate: bool) -> BoxFuture<'_, Result<(), DevError>> {
+    fn write_zeroes(&self, offset: u64, len: u64, allocate: bool, _fua: bool) -> BoxFuture<'_, Result<(), DevError>> {
         self.zero_at(offset, len, allocate).boxed()
     }
     fn flush(&self) -> BoxFuture<'_, Result<(), DevError>> {
-        // Every write was durable on every replica before it was acknowledged.
         async { Ok(()) }.boxed()
+    }
+}
+
+impl CacheBackend for VolumeIo {
+    fn block_bytes(&self) -> u64 {
+        self.block_bytes
+    }
+    fn write_extents(&self, block: u64, extents: Vec<(u64, Bytes)>) -> BoxFuture<'_, Result<(), DevError>> {
+        self.write_block_extents(block, extents).boxed()
+    }
+    fn check_writable(&self) -> Result<(), DevError> {
+        self.writer().map(|_| ())
     }
 }
 

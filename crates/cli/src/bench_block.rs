@@ -178,7 +178,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        let exports = Arc::new(VolumeExports::new(bc, names.clone(), false, strata_block::writer_lease::WRITER_LEASE_TTL_MS_DEFAULT).await?);
+        let exports = Arc::new(VolumeExports::new(bc, names.clone(), false, strata_block::writer_lease::WRITER_LEASE_TTL_MS_DEFAULT, Default::default()).await?);
         let _ = std::fs::remove_file(&socket);
         let l = tokio::net::UnixListener::bind(&socket)?;
         tokio::spawn(strata_block::nbd_server::serve_unix(l, exports.clone(), NbdLimits::default()));

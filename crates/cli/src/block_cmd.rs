@@ -110,6 +110,11 @@ pub struct NbdArgs {
     /// Writer lease time-to-live: how long a crashed server keeps others from writing.
     #[arg(long, default_value_t = WRITER_LEASE_TTL_MS_DEFAULT)]
     lease_ttl_ms: u64,
+    /// Write-back cache per writable export: most dirty bytes held before writes wait. Writes
+    /// are acknowledged from it and durable after FLUSH or with FUA, as NBD allows; 0 makes
+    /// every write durable before its reply.
+    #[arg(long, default_value = "64M")]
+    cache_dirty_max: String,
     #[command(flatten)]
     conn: Conn,
 }
@@ -206,7 +211,8 @@ fn run_nbd(a: NbdArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let bc = open(&a.conn, &a.cont).await?;
-        let exports = Arc::new(VolumeExports::new(bc, a.names.clone(), a.read_only, a.lease_ttl_ms).await?);
+        let cache = strata_block::CacheConfig { dirty_bytes_max: parse_size(&a.cache_dirty_max)?, ..Default::default() };
+        let exports = Arc::new(VolumeExports::new(bc, a.names.clone(), a.read_only, a.lease_ttl_ms, cache).await?);
         let (serve, uris): (futures_like::Serve, Vec<String>) = if let Some(path) = &a.socket {
             let _ = std::fs::remove_file(path);
             let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;

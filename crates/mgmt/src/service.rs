@@ -118,6 +118,7 @@ impl MgmtNode {
                 MgmtReply::Conts(s.conts.values().filter(|c| c.pool == pid).cloned().collect())
             }
             MgmtQuery::Cont { pool, cont } => MgmtReply::Cont(s.cont_by_name(&pool, &cont)?.clone()),
+            MgmtQuery::Lease { key } => MgmtReply::LeaseHolder(s.leases.get(&key).cloned()),
         })
     }
 

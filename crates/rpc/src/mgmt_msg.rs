@@ -106,6 +106,8 @@ pub enum MgmtQuery {
     Pool { pool: String },
     Conts { pool: String },
     Cont { pool: String, cont: String },
+    /// Who holds a lease (`MgmtReply::LeaseHolder`), e.g. to find a volume's writer.
+    Lease { key: String },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -176,4 +178,7 @@ pub enum MgmtReply {
     Cont(ContInfo),
     OidRange { first: u64, count: u64 },
     Lease { holder: String, expires_ms: u64 },
+    /// Holder and expiry (ms since the Unix epoch) of a lease, if one was taken and not
+    /// released (it may have expired: compare with the clock).
+    LeaseHolder(Option<(String, u64)>),
 }
