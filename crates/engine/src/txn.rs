@@ -50,6 +50,11 @@ const ABANDON_MS: u64 = 4_000;
 const DECIDED_MAX: usize = 100_000;
 /// Transactions one shard may hold prepared at once; beyond it new ones are refused (Busy).
 const PREPARED_MAX: usize = 10_000;
+/// Values larger than this are not kept in a shard's value cache.
+const CACHED_VALUE_BYTES_MAX: usize = 4096;
+/// Bytes of cached values over all shards of an engine; a shard that would pass it empties
+/// its own cache instead of growing.
+const CACHED_BYTES_MAX: usize = 32 << 20;
 /// Keys one scan answer carries at most.
 const SCAN_PAGE_MAX: usize = 1_000;
 /// Pages of the object store one range check may walk.
@@ -130,6 +135,72 @@ struct ShardSt {
     ranged: HashSet<TxnId>,
     /// Transaction records being read or written (one at a time per transaction).
     records_busy: HashSet<TxnId>,
+    values: ValueCache,
+}
+
+/// The newest committed version of recently used keys, so a read that meets no lock is
+/// answered from memory (the participants' cache of seed 002, for values). Only valid because
+/// the leader orders every write of its shard: an entry is set while the writer still holds
+/// the key's write lock, to the version it made durable, and a read fills it only when no
+/// write could have happened since it read the store (`gen` unchanged, no lock, no entry).
+#[derive(Default)]
+struct ValueCache {
+    /// Key → (epoch of its newest version or 0 if none, value or `None` if deleted/absent).
+    map: HashMap<Vec<u8>, (Epoch, Option<Vec<u8>>)>,
+    bytes: usize,
+    /// Bumped whenever entries are dropped (a fill that started earlier must not land).
+    gen: u64,
+}
+
+impl ValueCache {
+    fn cost(k: &[u8], v: &Option<Vec<u8>>) -> usize {
+        k.len() + v.as_ref().map_or(0, Vec::len) + 48
+    }
+
+    /// Set `k`'s newest version (not cached when too large or over the engine's budget; a
+    /// fill that started earlier can then not land either).
+    fn set(&mut self, total: &std::sync::atomic::AtomicUsize, k: &[u8], e: Epoch, v: Option<Vec<u8>>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some((_, old)) = self.map.remove(k) {
+            let c = Self::cost(k, &old);
+            self.bytes -= c;
+            total.fetch_sub(c, Relaxed);
+        }
+        let c = Self::cost(k, &v);
+        if v.as_ref().is_some_and(|v| v.len() > CACHED_VALUE_BYTES_MAX) {
+            self.gen += 1;
+        } else if total.load(Relaxed) + c > CACHED_BYTES_MAX {
+            self.clear(total);
+        } else {
+            total.fetch_add(c, Relaxed);
+            self.bytes += c;
+            self.map.insert(k.to_vec(), (e, v));
+        }
+    }
+
+    /// Drop `k` (its newest version is not known any more).
+    fn forget(&mut self, total: &std::sync::atomic::AtomicUsize, k: &[u8]) {
+        if let Some((_, old)) = self.map.remove(k) {
+            let c = Self::cost(k, &old);
+            self.bytes -= c;
+            total.fetch_sub(c, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.gen += 1;
+    }
+
+    fn clear(&mut self, total: &std::sync::atomic::AtomicUsize) {
+        total.fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+        self.map.clear();
+        self.bytes = 0;
+        self.gen += 1;
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        let st = self.st.get_mut().unwrap_or_else(|e| e.into_inner());
+        self.cached_total.fetch_sub(st.values.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl ShardSt {
@@ -212,6 +283,8 @@ struct Shard {
     st: std::sync::Mutex<ShardSt>,
     /// Bumped on every release; waiters subscribe before checking, so no wake-up is lost.
     changed: watch::Sender<u64>,
+    /// The engine's count of cached value bytes (`KvState::cached_bytes`).
+    cached_total: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shard {
@@ -234,6 +307,7 @@ struct Decided {
 pub(super) struct KvState {
     shards: std::sync::Mutex<HashMap<ShardKey, Arc<Shard>>>,
     decided: std::sync::Mutex<Decided>,
+    cached_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl KvState {
@@ -315,6 +389,7 @@ impl Engine {
                             prev: std::sync::Mutex::new(prev),
                             st: std::sync::Mutex::new(ShardSt::default()),
                             changed: watch::channel(0).0,
+                            cached_total: self.kv.cached_bytes.clone(),
                         });
                         shards.insert(key, s.clone());
                         s
@@ -407,13 +482,22 @@ impl Engine {
 
     async fn kv_get(&self, ctx: &Ctx, key: Vec<u8>, at: Option<Epoch>) -> Result<(EngineResp, Bytes), RemoteError> {
         let deadline = Instant::now() + READ_WAIT_MAX;
+        let answer = |r: Epoch, newest: Option<(Epoch, Option<Vec<u8>>)>| match newest {
+            Some((e, Some(v))) if e > Epoch::ZERO => (EngineResp::Kv(KvResp::Value { found: Some(e), read_at: r }), Bytes::from(v)),
+            _ => (EngineResp::Kv(KvResp::Value { found: None, read_at: r }), Bytes::new()),
+        };
         loop {
             let mut rx = ctx.shard.changed.subscribe();
-            let (r, blocker) = {
+            let (r, blocker, gen) = {
                 let st = ctx.shard.st();
                 let r = self.kv_read_epoch(at)?;
                 let b = st.write_locks.get(&key).and_then(|t| st.held.get(t).filter(|h| h.proposal <= r).map(|h| (*t, h.clone())));
-                (r, b)
+                if b.is_none() {
+                    if let Some((e, v)) = st.values.map.get(&key).filter(|(e, _)| *e <= r) {
+                        return Ok(answer(r, Some((*e, v.clone()))));
+                    }
+                }
+                (r, b, st.values.gen)
             };
             if let Some((t, h)) = blocker {
                 self.kv_settle(ctx, t, &h, deadline, &mut rx).await?;
@@ -421,13 +505,19 @@ impl Engine {
             }
             let (v, cont, oid, dkey, a) = (ctx.vos.clone(), ctx.cont, ctx.oid, ctx.dkey.clone(), akey(KIND_DATA, &key));
             let found = on_blocking_pool(move || v.fetch_single(cont, oid, &dkey, &a, r)).await?;
-            return Ok(match found {
-                Some((e, b)) => match decode_version(&b)? {
-                    Some(v) => (EngineResp::Kv(KvResp::Value { found: Some(e), read_at: r }), Bytes::from(v)),
-                    None => (EngineResp::Kv(KvResp::Value { found: None, read_at: r }), Bytes::new()),
-                },
-                None => (EngineResp::Kv(KvResp::Value { found: None, read_at: r }), Bytes::new()),
-            });
+            let newest = match found {
+                Some((e, b)) => Some((e, decode_version(&b)?)),
+                None => None,
+            };
+            if at.is_none() {
+                // Read at the leader's clock: nothing newer existed unless a write came since.
+                let mut st = ctx.shard.st();
+                if st.values.gen == gen && !st.values.map.contains_key(&key) && !st.write_locks.contains_key(&key) {
+                    let (e, v) = newest.clone().unwrap_or((Epoch::ZERO, None));
+                    st.values.set(&ctx.shard.cached_total, &key, e, v);
+                }
+            }
+            return Ok(answer(r, newest));
         }
     }
 
@@ -577,6 +667,7 @@ impl Engine {
     async fn kv_resolve(&self, ctx: &Ctx, txn: TxnId, d: Decision) -> Result<(), RemoteError> {
         tracing::debug!(txn = ?txn[..4], ?d, "KV resolve");
         let held = ctx.shard.st().held.get(&txn).cloned();
+        let locked = held.is_some();
         let writes = match held {
             Some(h) => h.writes,
             None => {
@@ -612,7 +703,21 @@ impl Engine {
                 self.kv_write(ctx, e, vec![punch], Bytes::new()).await?;
             }
         }
-        ctx.shard.st().release(&txn);
+        {
+            let mut st = ctx.shard.st();
+            if let Decision::Committed(c) = d {
+                for (k, v) in &writes {
+                    // Under the write lock the commit is the key's newest version; without it
+                    // (resolved from the intent record) the entry may be stale: drop it.
+                    if locked {
+                        st.values.set(&ctx.shard.cached_total, k, c, v.clone());
+                    } else {
+                        st.values.forget(&ctx.shard.cached_total, k);
+                    }
+                }
+            }
+            st.release(&txn);
+        }
         self.kv.remember(txn, d);
         ctx.shard.bump();
         Ok(())
@@ -769,6 +874,9 @@ impl Engine {
         };
         match written {
             Ok(()) if fast => {
+                for (k, v) in &h.writes {
+                    st.values.set(&ctx.shard.cached_total, k, h.proposal, v.clone());
+                }
                 st.release(&txn);
                 drop(st);
                 self.kv.remember(txn, Decision::Committed(h.proposal));
