@@ -174,6 +174,30 @@ fn posix_volume_on_a_cluster() {
     assert_eq!(fs::read(b.join("shared")).unwrap(), b"A wrote this, longer");
     fs::create_dir(b.join("from-b")).unwrap();
     assert!(fs::metadata(a.join("from-b")).unwrap().is_dir());
+    // A file deleted by b while a has it open: a's reads return its bytes until a notices
+    // (its metadata cache time), then fail with ESTALE as on NFS; never punched zeros.
+    let doomed: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    fs::write(b.join("doomed"), &doomed).unwrap();
+    let f = fs::File::open(a.join("doomed")).unwrap();
+    fs::remove_file(b.join("doomed")).unwrap();
+    poll("a read of the deleted file to fail with ESTALE", Duration::from_secs(20), || {
+        use std::os::unix::fs::FileExt;
+        use std::os::unix::io::AsRawFd;
+        // Past the kernel's page cache, to the mount.
+        assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+        let mut buf = vec![0u8; 1 << 20];
+        match f.read_exact_at(&mut buf, 1 << 20) {
+            Ok(()) => {
+                assert!(buf == doomed[1 << 20..2 << 20], "a deleted file read back other bytes than it held");
+                None
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}");
+                Some(())
+            }
+        }
+    });
+    drop(f);
 
     // Remount: everything is still there.
     umount(&c, &a);

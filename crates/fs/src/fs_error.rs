@@ -31,6 +31,8 @@ pub enum FsError {
     NoSpace(usize),
     #[error("too many levels of symbolic links")]
     Loop,
+    #[error("the file was deleted by another mount while open here")]
+    Stale,
     #[error("gave up on {0} after {1} conflicting attempts")]
     Contended(&'static str, u32),
     #[error(transparent)]
@@ -57,6 +59,7 @@ impl FsError {
             FsError::TooBig(_) => libc::EFBIG,
             FsError::NoSpace(_) => libc::ENOSPC,
             FsError::Loop => libc::ELOOP,
+            FsError::Stale => libc::ESTALE,
             FsError::Contended(..) => libc::EAGAIN,
             FsError::Meta(MetaError::Conflict | MetaError::Stale) => libc::EAGAIN,
             FsError::Meta(MetaError::Invalid(_)) => libc::EINVAL,

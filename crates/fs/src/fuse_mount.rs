@@ -15,7 +15,10 @@
 //! - Permission checks are the kernel's (`default_permissions`).
 //!
 //! Unlinking a file open in this mount keeps its inode as an orphan until the last close.
-//! Another mount holding it open loses it at unlink (reads fail with `ENOENT`).
+//! Another mount holding it open loses it at unlink: its reads and flushes fail with `ESTALE`
+//! (as on NFS) once it notices, within its `meta_cache` time; the unlinking mount punches the
+//! data only [`PUNCH_GRACE`] later, so until then such reads still return the file's bytes,
+//! never the zeros of a punched object.
 
 use crate::file_data::{data_oid, DataStore, FileData};
 use crate::fs_error::FsError;
@@ -44,6 +47,10 @@ const DIR_PAGE_ENTRIES: usize = 1024;
 /// background while the reader consumes this one.
 pub const READ_AHEAD_BYTES: u64 = 8 << 20;
 const _: () = assert!(READ_AHEAD_BYTES.is_multiple_of(CACHE_BLOCK_BYTES));
+/// How long a mount waits before punching the data of a file it deleted: longer than any
+/// other mount's `meta_cache` (clamped to half of it), so a mount that still has the file open
+/// notices the deletion (`ESTALE`) before its reads could return punched zeros.
+pub const PUNCH_GRACE: Duration = Duration::from_secs(5);
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 
@@ -64,11 +71,13 @@ pub struct MountOptions {
     pub capacity_bytes: u64,
     /// Clean file data cached in the mount (0: none).
     pub read_cache_bytes: u64,
+    /// The kernel's read-ahead window for the mount, KiB (0: the kernel's default, 128).
+    pub read_ahead_kb: u32,
 }
 
 impl Default for MountOptions {
     fn default() -> MountOptions {
-        MountOptions { read_only: false, allow_other: false, meta_cache: Duration::from_secs(1), kernel_ttl: Duration::ZERO, threads: 4, write_back_bytes_max: 8 << 20, fsname: "strata".into(), capacity_bytes: 1 << 40, read_cache_bytes: 64 << 20 }
+        MountOptions { read_only: false, allow_other: false, meta_cache: Duration::from_secs(1), kernel_ttl: Duration::ZERO, threads: 4, write_back_bytes_max: 8 << 20, fsname: "strata".into(), capacity_bytes: 1 << 40, read_cache_bytes: 64 << 20, read_ahead_kb: 4096 }
     }
 }
 
@@ -163,6 +172,8 @@ pub struct StrataFs<S: MetaStore, D: DataStore> {
     cache: ReadCache,
     /// Data version of each file when this mount last synchronised its page cache with it.
     seen_version: Mutex<HashMap<u64, u64>>,
+    /// Data objects of deleted files waiting out [`PUNCH_GRACE`]; punched at once on unmount.
+    punches: Arc<Mutex<Vec<strata_types::Oid>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -211,8 +222,9 @@ fn file_type(k: Kind) -> FileType {
 }
 
 impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
-    pub fn new(rt: tokio::runtime::Handle, ns: Arc<Namespace<S>>, data: Arc<D>, opts: MountOptions) -> StrataFs<S, D> {
+    pub fn new(rt: tokio::runtime::Handle, ns: Arc<Namespace<S>>, data: Arc<D>, mut opts: MountOptions) -> StrataFs<S, D> {
         let chunk = ns.chunk_bytes;
+        opts.meta_cache = opts.meta_cache.min(PUNCH_GRACE / 2);
         let cache = ReadCache::new(opts.read_cache_bytes);
         StrataFs {
             rt,
@@ -227,6 +239,23 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             next_fh: AtomicU64::new(1),
             cache,
             seen_version: Mutex::default(),
+            punches: Arc::default(),
+        }
+    }
+
+    /// Whether an open file still exists (`ESTALE` once another mount deleted it), asking the
+    /// store at most once per `meta_cache`.
+    async fn still_exists(&self, ino: u64) -> Result<(), FsError> {
+        if lock(&self.attrs).get(&ino).is_some_and(|(_, t)| t.elapsed() < self.opts.meta_cache) {
+            return Ok(());
+        }
+        match self.ns.inode(ino).await {
+            Ok(i) => {
+                self.remember(&i);
+                Ok(())
+            }
+            Err(FsError::NotFound) => Err(FsError::Stale),
+            Err(e) => Err(e),
         }
     }
 
@@ -407,6 +436,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         if st.wb.is_empty() && st.pending.is_empty() {
             return Ok(());
         }
+        self.still_exists(st.inode.ino).await?;
         let (pending_end, pending_mtime) = self.drain_pending(st).await?;
         let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
         let oid = data_oid(st.inode.ino, &class)?;
@@ -453,8 +483,10 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         Ok(())
     }
 
-    /// Punch the data of deleted files, in the background: the inode is already gone, so
-    /// nobody can reach the object; a failure leaves unreachable garbage (logged).
+    /// Punch the data of deleted files in the background, after [`PUNCH_GRACE`]: the inode is
+    /// already gone, so nobody can reach the object except a mount that had it open (which
+    /// notices within its `meta_cache`); a failure, or a mount killed meanwhile, leaves
+    /// unreachable garbage (logged).
     async fn punch_freed(&self, freed: &[Inode]) {
         for i in freed {
             self.forget_ino(i.ino);
@@ -468,10 +500,18 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             match data_oid(i.ino, &class) {
                 Ok(oid) => {
                     let store = self.data.store.clone();
-                    let ino = i.ino;
+                    let punches = self.punches.clone();
+                    lock(&punches).push(oid);
                     self.rt.spawn(async move {
-                        if let Err(e) = store.punch_object(oid).await {
-                            tracing::warn!(ino, error = %e, "could not punch a deleted file's data");
+                        tokio::time::sleep(PUNCH_GRACE).await;
+                        let due = {
+                            let mut p = lock(&punches);
+                            p.iter().position(|o| *o == oid).map(|at| p.swap_remove(at)).is_some()
+                        };
+                        if due {
+                            if let Err(e) = store.punch_object(oid).await {
+                                tracing::warn!(?oid, error = %e, "could not punch a deleted file's data");
+                            }
                         }
                     });
                 }
@@ -636,6 +676,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             return self.read_at(&i, i.size, offset, size, Epoch::MAX).await;
         };
         let mut st = state.lock().await;
+        self.still_exists(ino).await?;
         if !self.cache.enabled() {
             let mut out = self.read_at(&st.inode, st.size, offset, size, Epoch::MAX).await?;
             st.overlay(offset, &mut out);
@@ -675,9 +716,10 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
                     st.overlay(a_first * b, &mut data);
                     for (j, part) in data.chunks(b as usize).enumerate().take(a_blocks as usize) {
                         let k = a_first + j as u64;
-                        self.cache.put(ino, k, part.to_vec());
+                        let v = Arc::new(part.to_vec());
+                        self.cache.put(ino, k, v.clone());
                         if (first..=last).contains(&k) {
-                            blocks[(k - first) as usize] = Some(Arc::new(part.to_vec()));
+                            blocks[(k - first) as usize] = Some(v);
                         }
                     }
                 }
@@ -697,9 +739,9 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             let mut data = self.data.read(oid, run_off, (k - start) as u64 * b, Epoch::MAX).await?;
             st.overlay(run_off, &mut data);
             for (j, part) in data.chunks(b as usize).enumerate() {
-                let v = part.to_vec();
+                let v = Arc::new(part.to_vec());
                 self.cache.put(ino, first + (start + j) as u64, v.clone());
-                blocks[start + j] = Some(Arc::new(v));
+                blocks[start + j] = Some(v);
             }
         }
         let mut out = vec![0u8; len as usize];
@@ -811,6 +853,19 @@ fn xattr_reply(reply: ReplyXattr, data: &[u8], size: u32) {
 }
 
 impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
+    fn destroy(&mut self) {
+        // Deleted files' data still waiting out the grace: nobody will read it any more.
+        let oids = std::mem::take(&mut *lock(&self.punches));
+        let store = self.data.store.clone();
+        self.rt.block_on(async {
+            for oid in oids {
+                if let Err(e) = store.punch_object(oid).await {
+                    tracing::warn!(?oid, error = %e, "could not punch a deleted file's data at unmount");
+                }
+            }
+        });
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE_BYTES);
         let _ = config.set_max_readahead(MAX_WRITE_BYTES);
@@ -1276,7 +1331,31 @@ pub fn serve<S: MetaStore, D: DataStore>(fs: StrataFs<S, D>, mountpoint: &Path, 
     }
     config.n_threads = Some(fs.opts.threads.max(1));
     config.clone_fd = fs.opts.threads > 1;
+    let read_ahead_kb = fs.opts.read_ahead_kb;
     let mut session = fuser::Session::new(fs, mountpoint, &config)?;
+    if read_ahead_kb > 0 {
+        if let Err(e) = set_read_ahead(mountpoint, read_ahead_kb) {
+            tracing::info!(error = %e, "kernel read-ahead of the mount left at its default");
+        }
+    }
     on_mounted(session.unmount_callable());
     session.run()
+}
+
+/// Raise the kernel's read-ahead for the mount (its backing device info). FUSE's INIT reply
+/// cannot raise it above the kernel's default (128 KiB), which caps sequential reads at one
+/// 128 KiB request per round trip to the mount; with a larger window the kernel sends 1 MiB
+/// requests (`MAX_WRITE_BYTES` sizes the request pages). Needs root; the device is found in
+/// mountinfo (not by `stat`, which would ask this not yet serving mount).
+fn set_read_ahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
+    let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let mp = mp.to_string_lossy().replace(' ', "\\040");
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // The newest mount on that path is listed last.
+    let dev = info.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&mp.as_str())).then(|| f.get(2).map(|d| d.to_string())).flatten()
+    }).last();
+    let dev = dev.ok_or_else(|| std::io::Error::other(format!("{mp} not in /proc/self/mountinfo")))?;
+    std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), kb.to_string())
 }

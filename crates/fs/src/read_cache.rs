@@ -50,7 +50,8 @@ impl ReadCache {
         })
     }
 
-    pub fn put(&self, ino: u64, block: u64, data: Vec<u8>) {
+    /// Cache a whole block (shared with the caller: no copy).
+    pub fn put(&self, ino: u64, block: u64, data: Arc<Vec<u8>>) {
         assert_eq!(data.len() as u64, CACHE_BLOCK_BYTES, "cache blocks are whole");
         if !self.enabled() {
             return;
@@ -58,7 +59,7 @@ impl ReadCache {
         let mut g = self.lock();
         g.tick += 1;
         let used = g.tick;
-        g.blocks.insert((ino, block), Entry { data: Arc::new(data), used });
+        g.blocks.insert((ino, block), Entry { data, used });
         while g.blocks.len() > self.capacity_blocks {
             let Some(oldest) = g.blocks.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| *k) else { break };
             g.blocks.remove(&oldest);
@@ -108,13 +109,13 @@ mod tests {
     fn patches_drops_and_evicts_least_recently_used() {
         let c = ReadCache::new(2 * CACHE_BLOCK_BYTES);
         let b = CACHE_BLOCK_BYTES as usize;
-        c.put(1, 0, vec![0; b]);
-        c.put(1, 1, vec![0; b]);
+        c.put(1, 0, Arc::new(vec![0; b]));
+        c.put(1, 1, Arc::new(vec![0; b]));
         c.patch(1, CACHE_BLOCK_BYTES - 2, b"abcd");
         assert_eq!(&c.get(1, 0).unwrap()[b - 2..], b"ab");
         assert_eq!(&c.get(1, 1).unwrap()[..2], b"cd");
         c.get(1, 0);
-        c.put(2, 0, vec![7; b]);
+        c.put(2, 0, Arc::new(vec![7; b]));
         assert!(c.get(1, 1).is_none(), "the least recently used block went");
         assert!(c.get(1, 0).is_some());
         c.drop_range(1, 10, 1);
