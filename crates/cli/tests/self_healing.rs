@@ -509,7 +509,13 @@ fn big_array_rebuilds(class: &str) {
     let per_rank = target_states(&c).len() / 4;
     let first = pool.layout(o.oid).unwrap().shards()[0].target.rank.0;
     c.json(&["pool", "exclude", "tank", "--rank", &first.to_string()]);
-    poll("rebuild of the 200 MiB shard", Duration::from_secs(600), || settled(&c, per_rank));
+    // Progress is checked on every sample (see `watch_progress`) and ends with all bytes done.
+    let (end, midway) = common::watch_progress(&c, "tank", "rebuild of the 200 MiB shard", Duration::from_secs(600), |_| settled(&c, per_rank).is_some());
+    eprintln!("{class}: {midway} progress samples part way; at the end {end}");
+    assert_eq!(end["state"], "done", "{end}");
+    // EC_2P1: a shard holds half the array.
+    assert!(end["bytes_total"].as_u64().unwrap() >= (BYTES / 2) as u64, "the shard is counted: {end}");
+    assert_eq!((&end["objects_done"], &end["bytes_done"]), (&end["objects_total"], &end["bytes_total"]), "{end}");
     rt.block_on(pool.refresh()).unwrap();
     let l = pool.layout(o.oid).unwrap();
     assert!(l.shards()[0].is_spare, "shard 0 lives on a spare now");

@@ -18,6 +18,8 @@ mod txn;
 mod capability_check;
 #[path = "aggregation.rs"]
 pub(crate) mod aggregation;
+#[path = "movement_progress.rs"]
+mod movement_progress;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -134,6 +136,8 @@ pub struct Engine {
     kv: txn::KvState,
     aggregation: aggregation::AggregationConfig,
     agg_counters: aggregation::AggregationCounters,
+    /// Progress of this rank's rebuild passes, per pool.
+    movement: movement_progress::MovementTracker,
 }
 
 fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
@@ -177,7 +181,7 @@ impl Engine {
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
         let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default() })
+        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default() })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -194,7 +198,7 @@ impl Engine {
         let moved_records = self.moved_records.load(std::sync::atomic::Ordering::Relaxed);
         let moved_bytes = self.moved_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let extension_write_bytes = self.extension_write_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        EngineStats { targets: self.targets.len() as u16, used_bytes, aggregation: self.agg_counters.snapshot(), moved_records, moved_bytes, extension_write_bytes, scrub_passes, scrub }
+        EngineStats { targets: self.targets.len() as u16, used_bytes, aggregation: self.agg_counters.snapshot(), moved_records, moved_bytes, extension_write_bytes, scrub_passes, scrub, movement: self.movement.report() }
     }
 
     /// Free and total bytes of the file system holding the first target.
@@ -572,103 +576,150 @@ impl Engine {
         Ok(pushed)
     }
 
+    /// Rebuild, resync and drain of every object shard this rank is a source of: a first walk
+    /// sizes the work (for progress reports), a second moves it.
     async fn rebuild_pool(&self, view: &Arc<PoolView>) -> Result<(u64, bool), RemoteError> {
         let pool = view.map_pool_id;
         let mut pushed = 0u64;
-        for (i, vos) in self.targets.iter().enumerate() {
-            let me = TargetId { rank: self.rank, index: i as u16 };
-            let Some(mine) = view.map.target(me) else { continue };
-            if !mine.state.readable() && mine.state != strata_placement::TargetState::UpIn {
-                continue;
+        let (mut objects_total, mut bytes_total) = (0u64, 0u64);
+        for sizing in [true, false] {
+            if !sizing {
+                self.movement.begin(pool, view.map.version, objects_total, bytes_total);
             }
-            let v = vos.clone();
-            let conts = on_blocking_pool(move || v.list_containers()).await?;
-            for cont in conts {
-                let mut cursor = None;
-                loop {
-                    let v = vos.clone();
-                    let page = on_blocking_pool(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await?;
-                    for oid in &page.items {
-                        let Ok(layout) = view.placement.layout(*oid) else { continue };
-                        for (g, group) in layout.groups().enumerate() {
-                            // The pusher holds the full data: a replica in its home place, else a
-                            // spare rebuilt in an earlier round (its home is DOWNOUT).
-                            use strata_placement::TargetState as TS;
-                            let state = |t: TargetId| view.map.target(t).map(|x| x.state);
-                            // A reintegrating (UPIN) replica may have missed writes: not a source.
-                            // A draining home still has everything: it is the source of its spare.
-                            let drained = group.iter().find(|s| s.is_spare && state(s.home) == Some(TS::Drain)).map(|s| strata_placement::ShardLoc { target: s.home, home: s.home, is_spare: false });
-                            let readable = |s: &&strata_placement::ShardLoc| state(s.target).is_some_and(|x| x.readable());
-                            let pushers: Vec<TargetId> = match layout.class.redundancy() {
-                                // EC decodes from every readable shard, so a pusher only has to
-                                // list the object. Single values live only on shard 0 and the
-                                // parity shards, so only those are sure to, and a spare may be
-                                // new and empty: every readable holder pushes what it lists
-                                // (imports are idempotent).
-                                Redundancy::Erasure { data: k, .. } => {
-                                    let k = k as usize;
-                                    let holders: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| ec_rebuild::holds_singles(k, *i) && readable(s)).map(|(_, s)| s.target).collect();
-                                    if holders.is_empty() {
-                                        group.iter().find(|s| readable(s)).map(|s| s.target).into_iter().collect()
-                                    } else {
-                                        holders
-                                    }
-                                }
-                                _ => match group.iter().find(|s| !s.is_spare && readable(s)).or(drained.as_ref()) {
-                                    Some(s) => vec![s.target],
-                                    // No home replica left: every spare pushes what it lists. One
-                                    // may be new and empty, or hold only writes since it became a
-                                    // spare; imports only add versions, so a partial push is
-                                    // harmless and the filled one completes the others.
-                                    None => group.iter().filter(|s| s.is_spare && readable(s)).map(|s| s.target).collect(),
-                                },
-                            };
-                            if !pushers.contains(&me) {
+            for (i, vos) in self.targets.iter().enumerate() {
+                let me = TargetId { rank: self.rank, index: i as u16 };
+                let Some(mine) = view.map.target(me) else { continue };
+                if !mine.state.readable() && mine.state != strata_placement::TargetState::UpIn {
+                    continue;
+                }
+                let v = vos.clone();
+                let conts = on_blocking_pool(move || v.list_containers()).await?;
+                for cont in conts {
+                    let mut cursor = None;
+                    loop {
+                        let v = vos.clone();
+                        let page = on_blocking_pool(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await?;
+                        for oid in &page.items {
+                            let Ok(layout) = view.placement.layout(*oid) else { continue };
+                            let plan = Self::rebuild_plan(view, me, *oid, &layout);
+                            if plan.is_empty() {
                                 continue;
                             }
-                            // Spares that rebuild has not filled yet (a filled one, per the
-                            // settled layout, needs nothing) and UPIN replicas, which resync:
-                            // push to all of them (imports are idempotent: same keys, same epochs).
-                            let filled = view.read_sources(*oid, &layout, g);
-                            let spares: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| s.target != me && filled[*i] != Some(s.target) && (s.is_spare || state(s.target) == Some(TS::UpIn))).map(|(_, s)| s.target).collect();
-                            if spares.is_empty() {
+                            let estimate = Self::plan_bytes(vos, cont, *oid, &layout, &plan).await?;
+                            if sizing {
+                                objects_total += 1;
+                                bytes_total += estimate;
                                 continue;
                             }
-                            if let Redundancy::Erasure { data: k, parity: p } = layout.class.redundancy() {
-                                pushed += self.rebuild_ec_group(view, cont, *oid, &layout, g, group, &spares, k as usize, p as usize).await?;
-                                continue;
-                            }
-                            let (mut n, mut after) = (0u64, None);
-                            loop {
-                                let (records, next) = Self::local_page(vos, cont, *oid, after).await?;
-                                let mine: Vec<ImportRecord> = records
-                                    .into_iter()
-                                    .filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g))
-                                    .map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value })
-                                    .collect();
-                                for spare in &spares {
-                                    for batch in batches(&mine) {
-                                        n += batch.len() as u64;
-                                        self.import_to(view, pool, *spare, batch).await?;
-                                    }
-                                }
-                                after = next;
-                                if after.is_none() {
-                                    break;
-                                }
-                            }
-                            pushed += n;
-                            tracing::info!(oid = %oid, group = g, to = ?spares, records = n, "replicas pushed");
+                            self.movement.begin_object(pool, estimate);
+                            pushed += self.push_object(view, vos, cont, *oid, &layout, plan).await?;
+                            self.movement.end_object(pool);
                         }
-                    }
-                    match page.next {
-                        Some(n) => cursor = Some(n),
-                        None => break,
+                        match page.next {
+                            Some(n) => cursor = Some(n),
+                            None => break,
+                        }
                     }
                 }
             }
         }
+        self.movement.finish(pool, view.map.version);
         Ok((pushed, true))
+    }
+
+    /// Bytes the groups of `plan` carry to their destinations (see `MovementProgress`).
+    async fn plan_bytes(vos: &Arc<Vos>, cont: strata_types::ContId, oid: strata_types::Oid, layout: &strata_placement::Layout, plan: &[(usize, Vec<TargetId>)]) -> Result<u64, RemoteError> {
+        let (v, l) = (vos.clone(), layout.clone());
+        let per_group = on_blocking_pool(move || v.object_stored_bytes(cont, oid, l.group_count(), |d| l.group_for_dkey(d))).await?;
+        Ok(plan.iter().map(|(g, dests)| per_group[*g] * dests.len() as u64).sum())
+    }
+
+    /// Push one object's planned groups: EC groups decoded, replicated ones copied page by page.
+    async fn push_object(&self, view: &Arc<PoolView>, vos: &Arc<Vos>, cont: strata_types::ContId, oid: strata_types::Oid, layout: &strata_placement::Layout, plan: Vec<(usize, Vec<TargetId>)>) -> Result<u64, RemoteError> {
+        let pool = view.map_pool_id;
+        let mut pushed = 0;
+        for (g, spares) in plan {
+            let group = layout.group(g);
+            if let Redundancy::Erasure { data: k, parity: p } = layout.class.redundancy() {
+                pushed += self.rebuild_ec_group(view, cont, oid, layout, g, group, &spares, k as usize, p as usize).await?;
+                continue;
+            }
+            let (mut n, mut after) = (0u64, None);
+            loop {
+                let (records, next) = Self::local_page(vos, cont, oid, after).await?;
+                let mine: Vec<ImportRecord> = records
+                    .into_iter()
+                    .filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g))
+                    .map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value })
+                    .collect();
+                for spare in &spares {
+                    for batch in batches(&mine) {
+                        n += batch.len() as u64;
+                        self.import_to(view, pool, *spare, batch).await?;
+                    }
+                }
+                after = next;
+                if after.is_none() {
+                    break;
+                }
+            }
+            pushed += n;
+            tracing::info!(%oid, group = g, to = ?spares, records = n, "replicas pushed");
+        }
+        Ok(pushed)
+    }
+
+    /// The groups of `oid` that target `me` must push in this rebuild pass, each with its
+    /// destinations.
+    fn rebuild_plan(view: &PoolView, me: TargetId, oid: strata_types::Oid, layout: &strata_placement::Layout) -> Vec<(usize, Vec<TargetId>)> {
+        let mut plan = Vec::new();
+        for (g, group) in layout.groups().enumerate() {
+            // The pusher holds the full data: a replica in its home place, else a
+            // spare rebuilt in an earlier round (its home is DOWNOUT).
+            use strata_placement::TargetState as TS;
+            let state = |t: TargetId| view.map.target(t).map(|x| x.state);
+            // A reintegrating (UPIN) replica may have missed writes: not a source.
+            // A draining home still has everything: it is the source of its spare.
+            let drained = group.iter().find(|s| s.is_spare && state(s.home) == Some(TS::Drain)).map(|s| strata_placement::ShardLoc { target: s.home, home: s.home, is_spare: false });
+            let readable = |s: &&strata_placement::ShardLoc| state(s.target).is_some_and(|x| x.readable());
+            let pushers: Vec<TargetId> = match layout.class.redundancy() {
+                // EC decodes from every readable shard, so a pusher only has to
+                // list the object. Single values live only on shard 0 and the
+                // parity shards, so only those are sure to, and a spare may be
+                // new and empty: every readable holder pushes what it lists
+                // (imports are idempotent).
+                Redundancy::Erasure { data: k, .. } => {
+                    let k = k as usize;
+                    let holders: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| ec_rebuild::holds_singles(k, *i) && readable(s)).map(|(_, s)| s.target).collect();
+                    if holders.is_empty() {
+                        group.iter().find(|s| readable(s)).map(|s| s.target).into_iter().collect()
+                    } else {
+                        holders
+                    }
+                }
+                _ => match group.iter().find(|s| !s.is_spare && readable(s)).or(drained.as_ref()) {
+                    Some(s) => vec![s.target],
+                    // No home replica left: every spare pushes what it lists. One
+                    // may be new and empty, or hold only writes since it became a
+                    // spare; imports only add versions, so a partial push is
+                    // harmless and the filled one completes the others.
+                    None => group.iter().filter(|s| s.is_spare && readable(s)).map(|s| s.target).collect(),
+                },
+            };
+            if !pushers.contains(&me) {
+                continue;
+            }
+            // Spares that rebuild has not filled yet (a filled one, per the
+            // settled layout, needs nothing) and UPIN replicas, which resync:
+            // push to all of them (imports are idempotent: same keys, same epochs).
+            let filled = view.read_sources(oid, layout, g);
+            let spares: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| s.target != me && filled[*i] != Some(s.target) && (s.is_spare || state(s.target) == Some(TS::UpIn))).map(|(_, s)| s.target).collect();
+            if spares.is_empty() {
+                continue;
+            }
+            plan.push((g, spares));
+        }
+        plan
     }
 
     /// Extension: move what this rank holds to where the map with its `NEW` targets joined
@@ -861,6 +912,7 @@ impl Engine {
         self.import_raw(view, pool, t, records).await?;
         self.moved_records.fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.moved_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.movement.pushed(pool, bytes);
         Ok(())
     }
 
