@@ -7,9 +7,10 @@
 //! layer stack for bytes the upper layers never wrote.
 //!
 //! Epochs: the writer stamps every update with an epoch from its own hybrid logical clock, one
-//! epoch per NBD request. Requests issued one after another therefore carry increasing epochs
-//! on whichever engines their blocks live, which is what makes a snapshot (a pinned epoch) a
-//! single instant of the volume. Erasure-coded blocks are also locked per block around the
+//! epoch per request (`write_at`, `zero_at`) or per block write-back of the NBD server's cache
+//! (`write_block_extents`). Updates issued one after another therefore carry increasing epochs
+//! on whichever engines their blocks live; with the cache written back and writes held while a
+//! snapshot's epoch is settled, a snapshot (a pinned epoch) is a single instant of the volume. Erasure-coded blocks are also locked per block around the
 //! epoch choice, because the engine's partial-stripe read-modify-write needs updates of a
 //! stripe to arrive in epoch order.
 

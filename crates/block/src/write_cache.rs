@@ -219,8 +219,10 @@ impl<B: CacheBackend> Inner<B> {
         if let Err(e) = r {
             tracing::warn!(block = b, error = %e, "write-back failed; keeping the data dirty and retrying");
             st.errors += 1;
+            // A lost lease does not come back: retry rarely, for FLUSH to keep failing.
+            let pause = if matches!(e, DevError::LeaseLost(_)) { RETRY_AFTER * 25 } else { RETRY_AFTER };
+            st.pause_until = Some(Instant::now() + pause);
             st.last_error = Some(e);
-            st.pause_until = Some(Instant::now() + RETRY_AFTER);
             // Back under whatever was written since: newer bytes win.
             let bs = st.block_mut(b);
             let had = !bs.dirty.is_empty();
@@ -282,6 +284,7 @@ impl<B: CacheBackend> Inner<B> {
         }
         let len = data.len() as u64;
         let mut waiting = false;
+        let errors_before = self.lock().errors;
         let seq = loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -290,8 +293,12 @@ impl<B: CacheBackend> Inner<B> {
                 let mut st = self.lock();
                 if waiting {
                     st.space_waiters -= 1;
-                    // Write-backs fail for good once the lease is lost: stop waiting for space.
+                    // Write-backs that fail (lease lost, volume full, ranks gone) may never make
+                    // room: refuse the write instead of holding the client forever.
                     self.backend.check_writable()?;
+                    if st.errors > errors_before && st.bytes + len > self.cfg.dirty_bytes_max {
+                        return Err(st.last_error.clone().unwrap_or_else(|| DevError::Io("write-back failed".into())));
+                    }
                 }
                 // An empty cache takes any request (one may exceed the bound on its own).
                 if st.bytes + len <= self.cfg.dirty_bytes_max || st.bytes == 0 {
@@ -750,6 +757,18 @@ mod tests {
         vol.fail.store(false, Ordering::SeqCst);
         c.flush().await.unwrap();
         assert_eq!(vol.durable()[..8192], model[..]);
+    }
+
+    #[tokio::test]
+    async fn a_writer_waiting_for_room_gets_the_error_when_write_backs_fail() {
+        let vol = MemVolume::new(1 << 20, 64 << 10);
+        let c = WriteBackCache::new(vol.clone(), cfg(64 << 10, HOUR));
+        vol.fail.store(true, Ordering::SeqCst);
+        for i in 0..16u64 {
+            c.write(i * (64 << 10), bytes(i, 4096), false).await.unwrap();
+        }
+        assert!(c.write(0, bytes(9, 8192), false).await.is_err(), "no room will come: the write fails instead of waiting forever");
+        assert_eq!(c.read(0, 4096).await.unwrap(), bytes(0, 4096)[..], "the refused write changed nothing");
     }
 
     #[tokio::test]

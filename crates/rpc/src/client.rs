@@ -55,7 +55,8 @@ impl RpcClient {
             .map_err(|_| cerr(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))?
             .map_err(cerr)?;
         let _ = stream.set_nodelay(true);
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        let mut rd = tokio::io::BufReader::with_capacity(crate::server::READ_BUFFER_BYTES, rd);
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
         let hello = encode(&Hello { protocol: PROTOCOL_VERSION, service, cluster: cluster.map(str::to_owned) })?;
         wr.write_all(&frame::encode_head(FrameKind::Hello, 0, 0, &hello, 0)).await.map_err(cerr)?;

@@ -70,6 +70,9 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, cfg: Serv
     }
 }
 
+/// Read buffer of a connection (either side).
+pub(crate) const READ_BUFFER_BYTES: usize = 64 << 10;
+
 pub(crate) async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Option<Frame>, String> {
     let mut fixed = [0u8; FIXED_BYTES];
     match r.read_exact(&mut fixed).await {
@@ -90,7 +93,10 @@ pub(crate) async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Opt
 
 async fn connection<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Arc<H>, cfg: Arc<ServerConfig>, mut shutdown: watch::Receiver<bool>) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    // Buffered: a small frame's three parts (fixed head, header, payload) and any frames
+    // behind it come in one read instead of three; large payloads bypass the buffer.
+    let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let mut wr = BufWriter::with_capacity(256 << 10, wr);
     // Handshake.
     let hello = tokio::time::timeout(cfg.handshake_timeout, read_frame(&mut rd)).await.map_err(|_| "no handshake in time".to_string())??;
