@@ -92,18 +92,6 @@ fn value(p: &Pattern, r: &FioResult) -> f64 {
     }
 }
 
-/// CPU seconds (user + system) a process has used, from /proc.
-fn proc_cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) / hz
-}
-
 struct Nbdkit {
     child: Child,
     socket: PathBuf,
@@ -216,17 +204,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let mut args = base(p.rw, p.bs, &kit_uri);
             args.extend(["time_based".to_string(), format!("runtime={}", a.duration)]);
             tick(format!("{} nbdkit", p.name));
-            let c0 = proc_cpu_secs(kit.child.id());
+            let c0 = crate::proc_stats::proc_cpu_secs(kit.child.id());
             let r = fio::run(&dir, &format!("{}-nbdkit", p.name), &args)?;
-            samples[pi][0].push(Figure { value: value(p, &r), unit: if p.iops { "IOPS" } else { "MB/s" }, server_cpu_secs: proc_cpu_secs(kit.child.id()) - c0 });
+            samples[pi][0].push(Figure { value: value(p, &r), unit: if p.iops { "IOPS" } else { "MB/s" }, server_cpu_secs: crate::proc_stats::proc_cpu_secs(kit.child.id()) - c0 });
             for (ci, n) in names.iter().enumerate() {
                 let mut args = base(p.rw, p.bs, &our_uri(n));
                 args.extend(["time_based".to_string(), format!("runtime={}", a.duration)]);
                 tick(format!("{} {n}", p.name));
-                let c0 = proc_cpu_secs(our_pid);
+                let c0 = crate::proc_stats::proc_cpu_secs(our_pid);
                 let r = fio::run(&dir, &format!("{}-{n}", p.name), &args)?;
                 // Our server runs in this process (the engines are separate processes).
-                samples[pi][ci + 1].push(Figure { value: value(p, &r), unit: if p.iops { "IOPS" } else { "MB/s" }, server_cpu_secs: proc_cpu_secs(our_pid) - c0 });
+                samples[pi][ci + 1].push(Figure { value: value(p, &r), unit: if p.iops { "IOPS" } else { "MB/s" }, server_cpu_secs: crate::proc_stats::proc_cpu_secs(our_pid) - c0 });
             }
         }
     }

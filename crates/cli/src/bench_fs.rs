@@ -78,15 +78,6 @@ fn target_of(job: &str) -> Option<f64> {
     }
 }
 
-fn proc_cpu_secs(pid: u32) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 fn is_mounted(mp: &Path) -> bool {
     let needle = format!(" {} ", mp.display());
     std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.contains(&needle))
@@ -263,9 +254,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     s[i].push(rs[i]);
                 }
                 if let Some(bf) = &bind {
-                    let c0 = proc_cpu_secs(bf.pid);
+                    let c0 = crate::proc_stats::proc_cpu_secs(bf.pid);
                     let rb = meta_run(&bf.mp.join(format!("md-{r}")), a.files, a.meta_threads)?;
-                    b_cpu += proc_cpu_secs(bf.pid) - c0;
+                    b_cpu += crate::proc_stats::proc_cpu_secs(bf.pid) - c0;
                     for i in 0..3 {
                         b[i].push(rb[i]);
                     }
@@ -289,9 +280,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     s[i].push(rs[i]);
                 }
                 if let Some(bf) = &bind {
-                    let c0 = proc_cpu_secs(bf.pid);
+                    let c0 = crate::proc_stats::proc_cpu_secs(bf.pid);
                     let rb = data_run(&bf.mp.join(format!("data-{r}")), size, a.random_secs)?;
-                    b_cpu += proc_cpu_secs(bf.pid) - c0;
+                    b_cpu += crate::proc_stats::proc_cpu_secs(bf.pid) - c0;
                     for i in 0..4 {
                         b[i].push(rb[i]);
                     }
