@@ -638,14 +638,14 @@ fn cached_writes_are_read_at_once_and_written_back_on_flush_and_shutdown() {
     flush(&mut w2);
     let mut r = RawNbd::connect(&ro.addr, "vol").unwrap();
     assert_eq!(r.read(0, 64 << 10).unwrap().unwrap(), a, "after a FLUSH on any connection another server reads the write");
-    // Unaligned writes over a trim, no FLUSH, then the server is stopped (SIGTERM): it writes
-    // its cache back before it lets go of the volume.
-    let b = pattern(2, 10_000);
+    // A write and a trim over part of it, no FLUSH, then the server is stopped (SIGTERM): it
+    // writes its cache back before it lets go of the volume.
+    let b = pattern(2, 10_240);
     assert_eq!(w.write(4096 + 512, &b, 0).unwrap(), 0);
     w2.send(4, 0, 78, 8192, 4096, &[]).unwrap();
     assert_eq!(w2.reply(0).unwrap().0, 0, "TRIM");
     let mut want = a.clone();
-    want[4608..4608 + 10_000].copy_from_slice(&b);
+    want[4608..4608 + 10_240].copy_from_slice(&b);
     want[8192..12_288].fill(0);
     assert_eq!(w.read(0, 64 << 10).unwrap().unwrap(), want);
     drop(srv);
