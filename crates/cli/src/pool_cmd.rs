@@ -92,11 +92,12 @@ pub struct TargetSel {
 }
 
 /// `pool query`: the pool's map and rebuild state from the management service, plus what the
-/// background scrub of its ranks found since they started.
+/// ranks report: data-movement progress and what the background scrub found since they started.
 #[derive(serde::Serialize)]
 struct PoolQuery {
     #[serde(flatten)]
     info: PoolInfo,
+    progress: Progress,
     scrub: BackgroundScrub,
 }
 
@@ -109,25 +110,83 @@ struct BackgroundScrub {
     counters: strata_rpc::engine_msg::ScrubCounters,
 }
 
-/// Sum of the background scrub counters of the pool's ranks (ranks that do not answer are
-/// left out and show in `ranks_answered`).
-async fn background_scrub(conn: &Conn, p: &PoolInfo) -> BackgroundScrub {
+/// Data movement (rebuild, resync, drain) summed over the ranks' passes for one map version:
+/// the one being rebuilt, else the latest any rank reports.
+#[derive(serde::Serialize, Default, Clone)]
+struct Progress {
+    /// `rebuilding`, `done` (the latest movement finished) or `idle` (none since the ranks started).
+    state: &'static str,
+    version: u64,
+    /// Ranks that finished their part (management service), of those that must.
+    ranks_done: u32,
+    ranks_total: u32,
+    /// Ranks whose pass for `version` reported.
+    ranks_reporting: usize,
+    objects_done: u64,
+    objects_total: u64,
+    bytes_done: u64,
+    bytes_total: u64,
+    /// Bytes done per second since the earliest pass started.
+    rate_bytes_per_s: u64,
+    /// Seconds left at that rate (absent when nothing is known yet).
+    eta_s: Option<u64>,
+}
+
+/// Every rank's engine counters (ranks that do not answer are left out).
+async fn rank_stats(conn: &Conn, p: &PoolInfo) -> Vec<strata_rpc::engine_msg::EngineStats> {
     use strata_rpc::engine_msg::{EngineReq, EngineResp};
-    let mut out = BackgroundScrub::default();
-    let Ok(client) = conn.client().await else { return out };
+    let Ok(client) = conn.client().await else { return Vec::new() };
     let engines = strata_rpc::RpcPool::new(strata_rpc::ServiceKind::Engine, Some(client.cluster().to_owned()), Default::default());
+    let mut out = Vec::new();
     for addr in p.rank_addrs.values() {
         if let Ok((EngineResp::Stats(s), _)) = engines.call::<_, EngineResp>(addr, &EngineReq::Stats, bytes::Bytes::new(), std::time::Duration::from_secs(5)).await {
-            out.ranks_answered += 1;
-            out.passes += s.scrub_passes;
-            out.counters.records_checked += s.scrub.records_checked;
-            out.counters.bytes_checked += s.scrub.bytes_checked;
-            out.counters.corrupt += s.scrub.corrupt;
-            out.counters.repaired += s.scrub.repaired;
-            out.counters.lost += s.scrub.lost;
+            out.push(s);
         }
     }
     out
+}
+
+fn background_scrub(stats: &[strata_rpc::engine_msg::EngineStats]) -> BackgroundScrub {
+    let mut out = BackgroundScrub { ranks_answered: stats.len(), ..Default::default() };
+    for s in stats {
+        out.passes += s.scrub_passes;
+        out.counters.records_checked += s.scrub.records_checked;
+        out.counters.bytes_checked += s.scrub.bytes_checked;
+        out.counters.corrupt += s.scrub.corrupt;
+        out.counters.repaired += s.scrub.repaired;
+        out.counters.lost += s.scrub.lost;
+    }
+    out
+}
+
+fn progress(p: &PoolInfo, stats: &[strata_rpc::engine_msg::EngineStats]) -> Progress {
+    let passes: Vec<&strata_rpc::engine_msg::MovementProgress> = stats.iter().flat_map(|s| s.movement.iter()).filter(|m| m.pool == p.id).collect();
+    let version = match &p.rebuild {
+        Some(r) => r.version,
+        None => passes.iter().map(|m| m.version).max().unwrap_or(0),
+    };
+    let mut out = Progress { state: if p.rebuild.is_some() { "rebuilding" } else if passes.is_empty() { "idle" } else { "done" }, version, ..Default::default() };
+    if let Some(r) = &p.rebuild {
+        (out.ranks_done, out.ranks_total) = (r.ranks_done, r.ranks_total);
+    }
+    let mut elapsed_ms = 0u64;
+    for m in passes.iter().filter(|m| m.version == version) {
+        out.ranks_reporting += 1;
+        out.objects_done += m.objects_done;
+        out.objects_total += m.objects_total;
+        out.bytes_done += m.bytes_done;
+        out.bytes_total += m.bytes_total;
+        elapsed_ms = elapsed_ms.max(m.elapsed_ms);
+    }
+    out.rate_bytes_per_s = out.bytes_done.saturating_mul(1000).checked_div(elapsed_ms).unwrap_or(0);
+    let left = out.bytes_total.saturating_sub(out.bytes_done);
+    out.eta_s = if left == 0 && out.ranks_reporting > 0 { Some(0) } else if out.rate_bytes_per_s > 0 { Some(left.div_ceil(out.rate_bytes_per_s)) } else { None };
+    out
+}
+
+fn print_progress(g: &Progress) {
+    let eta = g.eta_s.map_or("?".to_owned(), |s| format!("{s} s"));
+    println!("data movement: {} (map version {}); objects {}/{}; {}/{} at {}/s, ETA {eta}; ranks done {}/{}", g.state, g.version, g.objects_done, g.objects_total, human_bytes(g.bytes_done), human_bytes(g.bytes_total), human_bytes(g.rate_bytes_per_s), g.ranks_done, g.ranks_total);
 }
 
 fn print_pool(p: &PoolInfo) {
@@ -165,9 +224,11 @@ pub fn run(c: PoolCommand) -> anyhow::Result<()> {
             }
             PoolCommand::Query { pool, conn } => {
                 let MgmtReply::Pool(info) = conn.query(MgmtQuery::Pool { pool }).await? else { anyhow::bail!("unexpected reply") };
-                let scrub = background_scrub(&conn, &info).await;
-                return emit(conn.json, &PoolQuery { info, scrub }, |q| {
+                let stats = rank_stats(&conn, &info).await;
+                let (progress, scrub) = (progress(&info, &stats), background_scrub(&stats));
+                return emit(conn.json, &PoolQuery { info, progress, scrub }, |q| {
                     print_pool(&q.info);
+                    print_progress(&q.progress);
                     let s = &q.scrub;
                     println!("background scrub: {} passes on {}/{} ranks; {} records checked, {} repaired, {} lost", s.passes, s.ranks_answered, q.info.rank_addrs.len(), s.counters.records_checked, s.counters.repaired, s.counters.lost);
                 });
@@ -223,29 +284,30 @@ pub fn run(c: PoolCommand) -> anyhow::Result<()> {
                 });
             }
             PoolCommand::Rebuild { pool, watch, conn } => {
-                let fetch = || async { match conn.query(MgmtQuery::Pool { pool: pool.clone() }).await? { MgmtReply::Pool(p) => Ok(p), other => anyhow::bail!("unexpected reply {other:?}") } };
-                let mut p = fetch().await?;
+                let fetch = || async {
+                    let p = match conn.query(MgmtQuery::Pool { pool: pool.clone() }).await? {
+                        MgmtReply::Pool(p) => p,
+                        other => anyhow::bail!("unexpected reply {other:?}"),
+                    };
+                    let stats = rank_stats(&conn, &p).await;
+                    Ok(progress(&p, &stats))
+                };
+                let mut g = fetch().await?;
                 if watch && !conn.json {
-                    let bar = indicatif::ProgressBar::new(1);
-                    bar.set_style(indicatif::ProgressStyle::with_template("rebuild {msg} [{bar:30}] {pos}/{len} ranks {elapsed}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+                    let bar = indicatif::ProgressBar::new(g.bytes_total.max(1));
+                    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
                     // Bounded: a rebuild that takes longer than an hour is left to `pool query`.
                     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
-                    while let Some(r) = &p.rebuild {
-                        bar.set_length(r.ranks_total as u64);
-                        bar.set_position(r.ranks_done as u64);
-                        bar.set_message(format!("map v{}", r.version));
-                        if std::time::Instant::now() > deadline {
-                            break;
-                        }
+                    while g.state == "rebuilding" && std::time::Instant::now() < deadline {
+                        bar.set_length(g.bytes_total.max(1));
+                        bar.set_position(g.bytes_done);
+                        bar.set_message(format!("rebuild v{}: {}/{} objects, {}/{} ranks", g.version, g.objects_done, g.objects_total, g.ranks_done, g.ranks_total));
                         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                        p = fetch().await?;
+                        g = fetch().await?;
                     }
                     bar.finish_and_clear();
                 }
-                return emit(conn.json, &p.rebuild, |r| match r {
-                    Some(r) => println!("rebuild in progress for map version {}: {}/{} ranks done", r.version, r.ranks_done, r.ranks_total),
-                    None => println!("no rebuild in progress; pool map version {}", p.map.version),
-                });
+                return emit(conn.json, &g, print_progress);
             }
             PoolCommand::Exclude(t) => targets(t, TargetAction::Exclude).await?,
             PoolCommand::Reintegrate(t) => targets(t, TargetAction::Reintegrate).await?,

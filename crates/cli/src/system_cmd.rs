@@ -44,7 +44,7 @@ pub fn run(c: SystemCommand) -> anyhow::Result<()> {
                     println!("cluster {}  management leader {}", s.cluster_id, s.leader.clone().unwrap_or("-".into()));
                     println!("{:<5} {:<9} {:<22} {:<12} {:>7} {:>10}  AP", "rank", "state", "data address", "domain", "targets", "capacity");
                     for r in &s.ranks {
-                        println!("{:<5} {:<9} {:<22} {:<12} {:>7} {:>10}  {}", r.rank, format!("{:?}", r.state).to_lowercase(), r.data_addr, r.fault_domain, r.targets, human_bytes(r.capacity_bytes), if r.access_point { "yes" } else { "" });
+                        println!("{:<5} {:<9} {:<22} {:<12} {:>7} {:>10}  {}", r.rank.to_string(), format!("{:?}", r.state).to_lowercase(), r.data_addr, r.fault_domain, r.targets, human_bytes(r.capacity_bytes), if r.access_point { "yes" } else { "" });
                     }
                 })
             }

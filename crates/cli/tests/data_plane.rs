@@ -312,15 +312,22 @@ fn a_drained_rank_can_be_removed_without_losing_even_unreplicated_objects() {
     rt.block_on(in_batches(&objs[..100], |i, o| async move {
         assert_eq!(o.get(b"d", b"a").await.unwrap().as_deref(), Some(&value(7, i)[..]));
     }));
-    poll("the drain to finish (targets DOWNOUT)", Duration::from_secs(90), || {
-        let p = c.json(&["pool", "query", "tank"]);
-        let t = p["map"]["targets"].as_array().unwrap().clone();
-        (p["rebuild"].is_null() && t.iter().filter(|t| t["id"]["rank"] == rank).all(|t| t["state"] == "DownOut")).then_some(())
+    // Progress as `pool query` shows it, checked on every sample until the drain is over.
+    let (end, midway) = common::watch_progress(&c, "tank", "the drain to finish (targets DOWNOUT)", Duration::from_secs(90), |p| {
+        let t = p["map"]["targets"].as_array().unwrap();
+        p["rebuild"].is_null() && t.iter().filter(|t| t["id"]["rank"] == rank).all(|t| t["state"] == "DownOut")
     });
+    eprintln!("{midway} samples part way; at the end {end}");
+    assert_eq!(end["state"], "done", "{end}");
+    assert!(end["objects_total"].as_u64().unwrap() >= 100, "the drained rank's objects are counted: {end}");
+    assert_eq!(end["objects_done"], end["objects_total"], "{end}");
+    assert!(end["bytes_total"].as_u64().unwrap() > 0, "{end}");
+    assert_eq!(end["bytes_done"], end["bytes_total"], "{end}");
+    assert_eq!(end["eta_s"], 0, "{end}");
     // `pool rebuild --watch` returns once nothing moves any more.
     let out = c.cmd(&["pool", "rebuild", "tank", "--watch"]);
-    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("no rebuild in progress"), "{}", String::from_utf8_lossy(&out.stdout));
-    assert!(c.json(&["pool", "rebuild", "tank"]).is_null());
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("data movement: done"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(c.json(&["pool", "rebuild", "tank"])["state"], "done");
     // The drained rank can go away for good: every object, even the unreplicated ones, moved.
     c.kill9_rank_dir(2);
     rt.block_on(in_batches(&objs, |i, o| async move {

@@ -138,14 +138,19 @@ fn rebuild_decodes_ec_cells_so_failures_within_the_redundancy_lose_nothing() {
     poll("rebuild of the second failure", Duration::from_secs(180), || settled(&c, 2 * per_rank));
     c.kill9_rank_dir(3);
     poll("the third failure to be noticed", Duration::from_secs(10), || noticed(&c));
-    // RP_3 tolerates two lost replicas; after two rebuilds a third failure is one of them.
-    // EC_4P2 should too: after two failures its six shards sit on the four surviving hosts, and
-    // spares go to the host holding the fewest of the group's shards, so none holds three
-    // (crates/placement/tests/layout.rs) and the third failure takes at most two shards. But
-    // checked here (while the third rebuild runs) a few EC_4P2GX arrays read back wrong (zeros,
-    // or garbage as from a decode mixing cells) with at most two shards of a group per host.
-    // Not found yet; so EC_4P2 is not checked after the third failure.
-    rt.block_on(check_all(&objs[1], 1, "three failures"));
+    // RP_3 and EC_4P2 tolerate two lost shards per group; after two rebuilds a third failure
+    // takes at most two: spares go to the host holding the fewest of the group's shards, so
+    // none holds three (crates/placement/tests/layout.rs). Reads made while the third rebuild
+    // runs, or waiting for it, need the first two rebuilds' spares to stay where they were
+    // filled when the third failure takes an older shard's spare (it once moved them, and
+    // EC_4P2GX arrays read back zeros or garbage).
+    for class in [1, 3] {
+        rt.block_on(check_all(&objs[class], class, "three failures"));
+    }
+    poll("rebuild of the third failure", Duration::from_secs(180), || settled(&c, 3 * per_rank));
+    for class in [1, 3] {
+        rt.block_on(check_all(&objs[class], class, "three failures, rebuilt"));
+    }
 }
 
 #[test]
@@ -504,7 +509,13 @@ fn big_array_rebuilds(class: &str) {
     let per_rank = target_states(&c).len() / 4;
     let first = pool.layout(o.oid).unwrap().shards()[0].target.rank.0;
     c.json(&["pool", "exclude", "tank", "--rank", &first.to_string()]);
-    poll("rebuild of the 200 MiB shard", Duration::from_secs(600), || settled(&c, per_rank));
+    // Progress is checked on every sample (see `watch_progress`) and ends with all bytes done.
+    let (end, midway) = common::watch_progress(&c, "tank", "rebuild of the 200 MiB shard", Duration::from_secs(600), |_| settled(&c, per_rank).is_some());
+    eprintln!("{class}: {midway} progress samples part way; at the end {end}");
+    assert_eq!(end["state"], "done", "{end}");
+    // EC_2P1: a shard holds half the array.
+    assert!(end["bytes_total"].as_u64().unwrap() >= (BYTES / 2) as u64, "the shard is counted: {end}");
+    assert_eq!((&end["objects_done"], &end["bytes_done"]), (&end["objects_total"], &end["bytes_total"]), "{end}");
     rt.block_on(pool.refresh()).unwrap();
     let l = pool.layout(o.oid).unwrap();
     assert!(l.shards()[0].is_spare, "shard 0 lives on a spare now");

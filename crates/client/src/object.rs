@@ -218,30 +218,6 @@ impl ObjHandle {
         Ok(layout.group(layout.group_for_dkey(dkey)).iter().map(|s| s.target).collect())
     }
 
-    /// Where to read shard `idx` of a group from, if anywhere. A replica in its home place
-    /// always holds the group's data (unless reintegrating: UPIN may have missed writes). A
-    /// draining home still does while its spare is being filled. A spare does once rebuild for
-    /// its home finished (home `DOWNOUT`) and it is the spare that rebuild filled: while newer
-    /// movement is pending, a spare of the settled layout (`settled_group`).
-    fn read_target(map: &strata_placement::PoolMap, settled_group: Option<&[strata_placement::ShardLoc]>, idx: usize, s: &strata_placement::ShardLoc, replicated: bool) -> Option<TargetId> {
-        use strata_placement::TargetState;
-        let state = |t: TargetId| map.target(t).map(|x| x.state);
-        if !s.is_spare {
-            return state(s.target).is_some_and(|x| x.readable()).then_some(s.target);
-        }
-        if state(s.home) == Some(TargetState::Drain) {
-            return Some(s.home);
-        }
-        let filled = match settled_group {
-            None => state(s.home) == Some(TargetState::DownOut),
-            // Replicas are alike: a target that was any shard's filled spare holds the data,
-            // even if a newer failure has made it another shard's spare since.
-            Some(g) if replicated => g.iter().any(|x| x.is_spare && x.target == s.target),
-            Some(g) => g.get(idx).is_some_and(|x| x.is_spare && x.target == s.target),
-        };
-        filled.then_some(s.target)
-    }
-
     /// The settled layout's shards of the group holding `dkey` (see `PoolView::settled`).
     fn settled_group(view: &PoolView, oid: Oid, dkey: &[u8]) -> Option<Vec<strata_placement::ShardLoc>> {
         let l = view.settled.as_ref()?.layout(oid).ok()?;
@@ -255,7 +231,7 @@ impl ObjHandle {
         let group = layout.group(layout.group_for_dkey(dkey));
         let settled = Self::settled_group(view, oid, dkey);
         let replicated = matches!(oid.class().map(|c| c.redundancy()), Ok(strata_types::Redundancy::Replicas(_)));
-        Ok(group.iter().enumerate().filter_map(|(i, s)| Self::read_target(&view.info.map, settled.as_deref(), i, s, replicated)).collect())
+        Ok(group.iter().enumerate().filter_map(|(i, s)| strata_placement::read_source(&view.info.map, settled.as_deref(), i, s, replicated)).collect())
     }
 
     async fn update(&self, dkey: &[u8], ops: Vec<WireOp>, payload: Bytes) -> Result<Epoch, ClientError> {
@@ -383,7 +359,7 @@ impl ObjHandle {
         let layout = view.placement.layout(self.oid).map_err(|e| RpcError::Protocol(e.to_string()))?;
         let group = layout.group(layout.group_for_dkey(dkey)).to_vec();
         let settled = Self::settled_group(view, self.oid, dkey);
-        let sources: Vec<Option<TargetId>> = group.iter().enumerate().map(|(i, s)| Self::read_target(&view.info.map, settled.as_deref(), i, s, false)).collect();
+        let sources: Vec<Option<TargetId>> = group.iter().enumerate().map(|(i, s)| strata_placement::read_source(&view.info.map, settled.as_deref(), i, s, false)).collect();
         let mut out = vec![0u8; len as usize];
         let mut written: Vec<(u64, u64)> = Vec::new();
         let spans = st.spans(offset, len);
@@ -493,7 +469,7 @@ impl ObjHandle {
                     let mut last = None;
                     let sg = settled.as_ref().map(|l| l.group(g));
                     let replicated = matches!(oid.class().map(|c| c.redundancy()), Ok(strata_types::Redundancy::Replicas(_)));
-                    for t in group.iter().enumerate().filter_map(|(i, s)| Self::read_target(&view.info.map, sg, i, s, replicated)) {
+                    for t in group.iter().enumerate().filter_map(|(i, s)| strata_placement::read_source(&view.info.map, sg, i, s, replicated)) {
                         let Some(addr) = view.info.rank_addrs.get(&t.rank) else { continue };
                         let mut cursor = None;
                         let r: Result<(), RpcError> = async {

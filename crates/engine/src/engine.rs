@@ -18,6 +18,8 @@ mod txn;
 mod capability_check;
 #[path = "aggregation.rs"]
 pub(crate) mod aggregation;
+#[path = "movement_progress.rs"]
+mod movement_progress;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -62,7 +64,21 @@ struct PoolView {
     /// Placement once the map's `NEW` targets join (while the pool is being extended): writes
     /// go to both places and rebalancing moves the rest.
     extended: Option<Arc<PlacementMap>>,
+    /// Placement of the map as it stood when data movement last finished (`PoolMap::settled`),
+    /// while movement is pending: which spares rebuild has filled.
+    settled: Option<Arc<PlacementMap>>,
     addrs: BTreeMap<Rank, String>,
+}
+
+impl PoolView {
+    /// Per shard of group `g` of `layout`, the target holding its full data, if any (see
+    /// `strata_placement::read_source`).
+    fn read_sources(&self, oid: strata_types::Oid, layout: &strata_placement::Layout, g: usize) -> Vec<Option<TargetId>> {
+        let settled = self.settled.as_ref().and_then(|p| p.layout(oid).ok());
+        let sg = settled.as_ref().filter(|l| l.group_count() == layout.group_count()).map(|l| l.group(g));
+        let replicated = matches!(layout.class.redundancy(), Redundancy::Replicas(_));
+        layout.group(g).iter().enumerate().map(|(i, s)| strata_placement::read_source(&self.map, sg, i, s, replicated)).collect()
+    }
 }
 
 /// Serializes read-modify-write of one EC stripe: (oid, dkey, akey, stripe).
@@ -120,6 +136,8 @@ pub struct Engine {
     kv: txn::KvState,
     aggregation: aggregation::AggregationConfig,
     agg_counters: aggregation::AggregationCounters,
+    /// Progress of this rank's rebuild passes, per pool.
+    movement: movement_progress::MovementTracker,
 }
 
 fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
@@ -163,7 +181,7 @@ impl Engine {
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
         let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default() })
+        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default() })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -180,7 +198,7 @@ impl Engine {
         let moved_records = self.moved_records.load(std::sync::atomic::Ordering::Relaxed);
         let moved_bytes = self.moved_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let extension_write_bytes = self.extension_write_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        EngineStats { targets: self.targets.len() as u16, used_bytes, aggregation: self.agg_counters.snapshot(), moved_records, moved_bytes, extension_write_bytes, scrub_passes, scrub }
+        EngineStats { targets: self.targets.len() as u16, used_bytes, aggregation: self.agg_counters.snapshot(), moved_records, moved_bytes, extension_write_bytes, scrub_passes, scrub, movement: self.movement.report() }
     }
 
     /// Free and total bytes of the file system holding the first target.
@@ -196,7 +214,8 @@ impl Engine {
             Err(e) => return Err(rerr(ErrorCode::Unavailable, format!("cannot reach the management service: {e}"))),
         };
         let extended = info.map.targets.iter().any(|t| t.state == strata_placement::TargetState::New).then(|| Arc::new(PlacementMap::new(&info.map, true)));
-        let view = Arc::new(PoolView { map_pool_id: info.id, placement: Arc::new(PlacementMap::new(&info.map, false)), extended, map: info.map, addrs: info.rank_addrs });
+        let settled = info.map.settled().map(|m| Arc::new(PlacementMap::new(&m, false)));
+        let view = Arc::new(PoolView { map_pool_id: info.id, placement: Arc::new(PlacementMap::new(&info.map, false)), extended, settled, map: info.map, addrs: info.rank_addrs });
         let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
         let keep = match pools.get(&pool) {
             Some(old) if old.map.version > view.map.version => old.clone(),
@@ -333,9 +352,11 @@ impl Engine {
     async fn update(&self, pool: PoolId, version: u64, cont: strata_types::ContId, oid: strata_types::Oid, dkey: Vec<u8>, epoch: Option<Epoch>, ops: Vec<WireOp>, payload: Bytes) -> Result<EngineResp, RemoteError> {
         let (view, _admitted) = self.admit(pool, version).await?;
         let layout = view.placement.layout(oid).map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
-        let group = layout.group(layout.group_for_dkey(&dkey)).to_vec();
+        let g = layout.group_for_dkey(&dkey);
+        let group = layout.group(g).to_vec();
         if let Redundancy::Erasure { data, parity } = layout.class.redundancy() {
-            return self.ec_update(&view, cont, oid, dkey, epoch, ops, payload, &group, data as usize, parity as usize).await;
+            let sources = view.read_sources(oid, &layout, g);
+            return self.ec_update(&view, cont, oid, dkey, epoch, ops, payload, &group, &sources, data as usize, parity as usize).await;
         }
         let leader = group[0].target;
         let vos = self.target(leader)?.clone();
@@ -417,12 +438,13 @@ impl Engine {
         Ok(data.to_vec())
     }
 
-    /// The current cells of stripe `s`, decoding from parity when data shards are missing.
+    /// The current cells of stripe `s`, decoding from parity when data shards are missing;
+    /// `sources` says where each shard's full data is (`PoolView::read_sources`): a spare not
+    /// yet rebuilt would answer zeros for cells it never got.
     #[allow(clippy::too_many_arguments)]
-    async fn read_stripe(&self, view: &PoolView, pool: PoolId, group: &[strata_placement::ShardLoc], st: &strata_ec::EcStripe, cont: strata_types::ContId, oid: strata_types::Oid, dkey: &[u8], akey: &[u8], s: u64) -> Result<Vec<Vec<u8>>, RemoteError> {
-        let readable = |i: usize| !group[i].is_spare || view.map.target(group[i].home).is_some_and(|t| t.state == strata_placement::TargetState::DownOut);
+    async fn read_stripe(&self, view: &PoolView, pool: PoolId, sources: &[Option<TargetId>], st: &strata_ec::EcStripe, cont: strata_types::ContId, oid: strata_types::Oid, dkey: &[u8], akey: &[u8], s: u64) -> Result<Vec<Vec<u8>>, RemoteError> {
         let mut cells: Vec<Option<Vec<u8>>> = vec![None; st.k + st.p];
-        let reads = (0..st.k + st.p).filter(|&i| readable(i)).map(|i| async move { (i, self.read_cell(view, pool, group[i].target, cont, oid, dkey, akey, s * st.cell_bytes, st.cell_bytes).await) });
+        let reads = sources.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t))).map(|(i, t)| async move { (i, self.read_cell(view, pool, t, cont, oid, dkey, akey, s * st.cell_bytes, st.cell_bytes).await) });
         for (i, r) in futures::future::join_all(reads).await {
             if let Ok(c) = r {
                 cells[i] = Some(c);
@@ -436,7 +458,7 @@ impl Engine {
     /// whole; a partial stripe is read, merged and re-encoded under the stripe's lock, so
     /// concurrent writes to different bytes of one stripe never lose each other.
     #[allow(clippy::too_many_arguments)]
-    async fn ec_update(&self, view: &Arc<PoolView>, cont: strata_types::ContId, oid: strata_types::Oid, dkey: Vec<u8>, epoch: Option<Epoch>, ops: Vec<WireOp>, payload: Bytes, group: &[strata_placement::ShardLoc], k: usize, p: usize) -> Result<EngineResp, RemoteError> {
+    async fn ec_update(&self, view: &Arc<PoolView>, cont: strata_types::ContId, oid: strata_types::Oid, dkey: Vec<u8>, epoch: Option<Epoch>, ops: Vec<WireOp>, payload: Bytes, group: &[strata_placement::ShardLoc], sources: &[Option<TargetId>], k: usize, p: usize) -> Result<EngineResp, RemoteError> {
         let pool = view.map_pool_id;
         let leader = group[k].target;
         self.target(leader)?;
@@ -481,7 +503,7 @@ impl Engine {
                 let guard = lock.lock().await;
                 epoch = next_epoch()?;
                 let sb = st.stripe_bytes();
-                let mut stripe = if st.covers_stripe(offset, bytes.len() as u64, s) { vec![0u8; sb as usize] } else { self.read_stripe(view, pool, group, &st, cont, oid, &dkey, &akey, s).await?.concat() };
+                let mut stripe = if st.covers_stripe(offset, bytes.len() as u64, s) { vec![0u8; sb as usize] } else { self.read_stripe(view, pool, sources, &st, cont, oid, &dkey, &akey, s).await?.concat() };
                 let lo = offset.max(s * sb);
                 let hi = (offset + bytes.len() as u64).min((s + 1) * sb);
                 stripe[(lo - s * sb) as usize..(hi - s * sb) as usize].copy_from_slice(&bytes[(lo - offset) as usize..(hi - offset) as usize]);
@@ -554,102 +576,150 @@ impl Engine {
         Ok(pushed)
     }
 
+    /// Rebuild, resync and drain of every object shard this rank is a source of: a first walk
+    /// sizes the work (for progress reports), a second moves it.
     async fn rebuild_pool(&self, view: &Arc<PoolView>) -> Result<(u64, bool), RemoteError> {
         let pool = view.map_pool_id;
         let mut pushed = 0u64;
-        for (i, vos) in self.targets.iter().enumerate() {
-            let me = TargetId { rank: self.rank, index: i as u16 };
-            let Some(mine) = view.map.target(me) else { continue };
-            if !mine.state.readable() && mine.state != strata_placement::TargetState::UpIn {
-                continue;
+        let (mut objects_total, mut bytes_total) = (0u64, 0u64);
+        for sizing in [true, false] {
+            if !sizing {
+                self.movement.begin(pool, view.map.version, objects_total, bytes_total);
             }
-            let v = vos.clone();
-            let conts = on_blocking_pool(move || v.list_containers()).await?;
-            for cont in conts {
-                let mut cursor = None;
-                loop {
-                    let v = vos.clone();
-                    let page = on_blocking_pool(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await?;
-                    for oid in &page.items {
-                        let Ok(layout) = view.placement.layout(*oid) else { continue };
-                        for (g, group) in layout.groups().enumerate() {
-                            // The pusher holds the full data: a replica in its home place, else a
-                            // spare rebuilt in an earlier round (its home is DOWNOUT).
-                            use strata_placement::TargetState as TS;
-                            let state = |t: TargetId| view.map.target(t).map(|x| x.state);
-                            // A reintegrating (UPIN) replica may have missed writes: not a source.
-                            // A draining home still has everything: it is the source of its spare.
-                            let drained = group.iter().find(|s| s.is_spare && state(s.home) == Some(TS::Drain)).map(|s| strata_placement::ShardLoc { target: s.home, home: s.home, is_spare: false });
-                            let readable = |s: &&strata_placement::ShardLoc| state(s.target).is_some_and(|x| x.readable());
-                            let pushers: Vec<TargetId> = match layout.class.redundancy() {
-                                // EC decodes from every readable shard, so a pusher only has to
-                                // list the object. Single values live only on shard 0 and the
-                                // parity shards, so only those are sure to, and a spare may be
-                                // new and empty: every readable holder pushes what it lists
-                                // (imports are idempotent).
-                                Redundancy::Erasure { data: k, .. } => {
-                                    let k = k as usize;
-                                    let holders: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| ec_rebuild::holds_singles(k, *i) && readable(s)).map(|(_, s)| s.target).collect();
-                                    if holders.is_empty() {
-                                        group.iter().find(|s| readable(s)).map(|s| s.target).into_iter().collect()
-                                    } else {
-                                        holders
-                                    }
-                                }
-                                _ => match group.iter().find(|s| !s.is_spare && readable(s)).or(drained.as_ref()) {
-                                    Some(s) => vec![s.target],
-                                    // No home replica left: every spare pushes what it lists. One
-                                    // may be new and empty, or hold only writes since it became a
-                                    // spare; imports only add versions, so a partial push is
-                                    // harmless and the filled one completes the others.
-                                    None => group.iter().filter(|s| s.is_spare && readable(s)).map(|s| s.target).collect(),
-                                },
-                            };
-                            if !pushers.contains(&me) {
+            for (i, vos) in self.targets.iter().enumerate() {
+                let me = TargetId { rank: self.rank, index: i as u16 };
+                let Some(mine) = view.map.target(me) else { continue };
+                if !mine.state.readable() && mine.state != strata_placement::TargetState::UpIn {
+                    continue;
+                }
+                let v = vos.clone();
+                let conts = on_blocking_pool(move || v.list_containers()).await?;
+                for cont in conts {
+                    let mut cursor = None;
+                    loop {
+                        let v = vos.clone();
+                        let page = on_blocking_pool(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await?;
+                        for oid in &page.items {
+                            let Ok(layout) = view.placement.layout(*oid) else { continue };
+                            let plan = Self::rebuild_plan(view, me, *oid, &layout);
+                            if plan.is_empty() {
                                 continue;
                             }
-                            // Every other spare may be new since the last round, and UPIN
-                            // replicas resync: push to all of them (imports are idempotent:
-                            // same keys, same epochs).
-                            let spares: Vec<TargetId> = group.iter().filter(|s| s.target != me && (s.is_spare || state(s.target) == Some(TS::UpIn))).map(|s| s.target).collect();
-                            if spares.is_empty() {
+                            let estimate = Self::plan_bytes(vos, cont, *oid, &layout, &plan).await?;
+                            if sizing {
+                                objects_total += 1;
+                                bytes_total += estimate;
                                 continue;
                             }
-                            if let Redundancy::Erasure { data: k, parity: p } = layout.class.redundancy() {
-                                pushed += self.rebuild_ec_group(view, cont, *oid, &layout, g, group, &spares, k as usize, p as usize).await?;
-                                continue;
-                            }
-                            let (mut n, mut after) = (0u64, None);
-                            loop {
-                                let (records, next) = Self::local_page(vos, cont, *oid, after).await?;
-                                let mine: Vec<ImportRecord> = records
-                                    .into_iter()
-                                    .filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g))
-                                    .map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value })
-                                    .collect();
-                                for spare in &spares {
-                                    for batch in batches(&mine) {
-                                        n += batch.len() as u64;
-                                        self.import_to(view, pool, *spare, batch).await?;
-                                    }
-                                }
-                                after = next;
-                                if after.is_none() {
-                                    break;
-                                }
-                            }
-                            pushed += n;
-                            tracing::info!(oid = %oid, group = g, to = ?spares, records = n, "replicas pushed");
+                            self.movement.begin_object(pool, estimate);
+                            pushed += self.push_object(view, vos, cont, *oid, &layout, plan).await?;
+                            self.movement.end_object(pool);
                         }
-                    }
-                    match page.next {
-                        Some(n) => cursor = Some(n),
-                        None => break,
+                        match page.next {
+                            Some(n) => cursor = Some(n),
+                            None => break,
+                        }
                     }
                 }
             }
         }
+        self.movement.finish(pool, view.map.version);
         Ok((pushed, true))
+    }
+
+    /// Bytes the groups of `plan` carry to their destinations (see `MovementProgress`).
+    async fn plan_bytes(vos: &Arc<Vos>, cont: strata_types::ContId, oid: strata_types::Oid, layout: &strata_placement::Layout, plan: &[(usize, Vec<TargetId>)]) -> Result<u64, RemoteError> {
+        let (v, l) = (vos.clone(), layout.clone());
+        let per_group = on_blocking_pool(move || v.object_stored_bytes(cont, oid, l.group_count(), |d| l.group_for_dkey(d))).await?;
+        Ok(plan.iter().map(|(g, dests)| per_group[*g] * dests.len() as u64).sum())
+    }
+
+    /// Push one object's planned groups: EC groups decoded, replicated ones copied page by page.
+    async fn push_object(&self, view: &Arc<PoolView>, vos: &Arc<Vos>, cont: strata_types::ContId, oid: strata_types::Oid, layout: &strata_placement::Layout, plan: Vec<(usize, Vec<TargetId>)>) -> Result<u64, RemoteError> {
+        let pool = view.map_pool_id;
+        let mut pushed = 0;
+        for (g, spares) in plan {
+            let group = layout.group(g);
+            if let Redundancy::Erasure { data: k, parity: p } = layout.class.redundancy() {
+                pushed += self.rebuild_ec_group(view, cont, oid, layout, g, group, &spares, k as usize, p as usize).await?;
+                continue;
+            }
+            let (mut n, mut after) = (0u64, None);
+            loop {
+                let (records, next) = Self::local_page(vos, cont, oid, after).await?;
+                let mine: Vec<ImportRecord> = records
+                    .into_iter()
+                    .filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g))
+                    .map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value })
+                    .collect();
+                for spare in &spares {
+                    for batch in batches(&mine) {
+                        n += batch.len() as u64;
+                        self.import_to(view, pool, *spare, batch).await?;
+                    }
+                }
+                after = next;
+                if after.is_none() {
+                    break;
+                }
+            }
+            pushed += n;
+            tracing::info!(%oid, group = g, to = ?spares, records = n, "replicas pushed");
+        }
+        Ok(pushed)
+    }
+
+    /// The groups of `oid` that target `me` must push in this rebuild pass, each with its
+    /// destinations.
+    fn rebuild_plan(view: &PoolView, me: TargetId, oid: strata_types::Oid, layout: &strata_placement::Layout) -> Vec<(usize, Vec<TargetId>)> {
+        let mut plan = Vec::new();
+        for (g, group) in layout.groups().enumerate() {
+            // The pusher holds the full data: a replica in its home place, else a
+            // spare rebuilt in an earlier round (its home is DOWNOUT).
+            use strata_placement::TargetState as TS;
+            let state = |t: TargetId| view.map.target(t).map(|x| x.state);
+            // A reintegrating (UPIN) replica may have missed writes: not a source.
+            // A draining home still has everything: it is the source of its spare.
+            let drained = group.iter().find(|s| s.is_spare && state(s.home) == Some(TS::Drain)).map(|s| strata_placement::ShardLoc { target: s.home, home: s.home, is_spare: false });
+            let readable = |s: &&strata_placement::ShardLoc| state(s.target).is_some_and(|x| x.readable());
+            let pushers: Vec<TargetId> = match layout.class.redundancy() {
+                // EC decodes from every readable shard, so a pusher only has to
+                // list the object. Single values live only on shard 0 and the
+                // parity shards, so only those are sure to, and a spare may be
+                // new and empty: every readable holder pushes what it lists
+                // (imports are idempotent).
+                Redundancy::Erasure { data: k, .. } => {
+                    let k = k as usize;
+                    let holders: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| ec_rebuild::holds_singles(k, *i) && readable(s)).map(|(_, s)| s.target).collect();
+                    if holders.is_empty() {
+                        group.iter().find(|s| readable(s)).map(|s| s.target).into_iter().collect()
+                    } else {
+                        holders
+                    }
+                }
+                _ => match group.iter().find(|s| !s.is_spare && readable(s)).or(drained.as_ref()) {
+                    Some(s) => vec![s.target],
+                    // No home replica left: every spare pushes what it lists. One
+                    // may be new and empty, or hold only writes since it became a
+                    // spare; imports only add versions, so a partial push is
+                    // harmless and the filled one completes the others.
+                    None => group.iter().filter(|s| s.is_spare && readable(s)).map(|s| s.target).collect(),
+                },
+            };
+            if !pushers.contains(&me) {
+                continue;
+            }
+            // Spares that rebuild has not filled yet (a filled one, per the
+            // settled layout, needs nothing) and UPIN replicas, which resync:
+            // push to all of them (imports are idempotent: same keys, same epochs).
+            let filled = view.read_sources(oid, layout, g);
+            let spares: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| s.target != me && filled[*i] != Some(s.target) && (s.is_spare || state(s.target) == Some(TS::UpIn))).map(|(_, s)| s.target).collect();
+            if spares.is_empty() {
+                continue;
+            }
+            plan.push((g, spares));
+        }
+        plan
     }
 
     /// Extension: move what this rank holds to where the map with its `NEW` targets joined
@@ -755,21 +825,22 @@ impl Engine {
     async fn rebuild_ec_group(&self, view: &PoolView, cont: strata_types::ContId, oid: strata_types::Oid, layout: &strata_placement::Layout, g: usize, group: &[strata_placement::ShardLoc], dests: &[TargetId], k: usize, p: usize) -> Result<u64, RemoteError> {
         let pool = view.map_pool_id;
         let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
-        let readable = |t: TargetId| view.map.target(t).is_some_and(|x| x.state.readable());
+        // Only shards holding their full data are decoded from: a spare not yet filled (or
+        // one a newer failure just put in place) lacks older stripe versions, and reading it
+        // as its index could mix in whatever else it holds.
+        let sources = view.read_sources(oid, layout, g);
         let mut pushed = 0;
         // Page by record key: the cells of one stripe version carry the same key on every
         // shard, so one key range holds whole stripe versions from each source.
         let mut after: Option<Vec<u8>> = None;
         loop {
             let mut pages = Vec::new();
-            for (i, s) in group.iter().enumerate() {
-                if !readable(s.target) {
-                    continue;
-                }
-                match self.export_page(view, s.target, cont, oid, after.clone(), None).await {
+            for (i, t) in sources.iter().enumerate() {
+                let Some(t) = *t else { continue };
+                match self.export_page(view, t, cont, oid, after.clone(), None).await {
                     Ok((records, truncated)) => pages.push((i, records, truncated)),
                     // Damaged records: the others may still decode every stripe.
-                    Err(e) if e.code == ErrorCode::Corrupt => tracing::warn!(shard = %s.target, error = %e, "EC rebuild source damaged; decoding from the others"),
+                    Err(e) if e.code == ErrorCode::Corrupt => tracing::warn!(shard = %t, error = %e, "EC rebuild source damaged; decoding from the others"),
                     // A shard the map calls readable did not answer: decoding without it could
                     // leave stripes out while the pass reports success, so the pass fails and
                     // runs again (on a newer map if the shard is gone).
@@ -797,9 +868,8 @@ impl Engine {
         for (j, s) in group.iter().enumerate().filter(|(_, s)| dests.contains(&s.target)) {
             let rebuilt = ec_rebuild::rebuild_ec_shard(st, sources, j);
             if rebuilt.undecodable > 0 {
-                // Also seen when a spare rebuilt in an earlier round is offered again and its
-                // own cells were needed for the decode: then it already holds them.
-                tracing::warn!(%oid, shard = j, stripes = rebuilt.undecodable, "stripe versions with fewer than k readable cells besides this shard were not rebuilt");
+                // Beyond the redundancy (or a bug): readers will find these versions missing.
+                tracing::error!(%oid, shard = j, stripes = rebuilt.undecodable, "stripe versions with fewer than k readable cells besides this shard were not rebuilt");
             }
             tracing::info!(%oid, group = g, shard = j, to = %s.target, records = rebuilt.records.len(), sources = ?sources.iter().map(|(i, r)| (*i, r.len())).collect::<Vec<_>>(), "EC shard rebuilt");
             let records: Vec<ImportRecord> = rebuilt.records.into_iter().map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value }).collect();
@@ -842,6 +912,7 @@ impl Engine {
         self.import_raw(view, pool, t, records).await?;
         self.moved_records.fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.moved_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.movement.pushed(pool, bytes);
         Ok(())
     }
 

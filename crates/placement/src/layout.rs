@@ -42,8 +42,6 @@ pub struct PlacementMap {
     levels: Vec<Vec<u32>>,
     /// For each target index: its node at every depth (for domain distinctness of spares).
     chains: Vec<Vec<u32>>,
-    /// Healthy targets (in layout), for spares.
-    healthy: Vec<u32>,
     /// Targets taking part in this placement (all but excluded `NEW` ones), in map order: the
     /// range spare candidates are drawn from, so adding `NEW` targets moves no spare until
     /// they join.
@@ -105,7 +103,6 @@ impl PlacementMap {
         let mut levels: Vec<Vec<u32>> = vec![Vec::new(); depth];
         let mut chains: Vec<Vec<u32>> = vec![Vec::new(); map.targets.len()];
         let mut targets = Vec::with_capacity(map.targets.len());
-        let mut healthy = Vec::new();
         let mut members = Vec::new();
         for (ti, t) in map.targets.iter().enumerate() {
             // The map after extension: NEW targets hold their places as if UP.
@@ -142,12 +139,9 @@ impl PlacementMap {
             }
             nodes[parent as usize].target = ti as u32;
             chains[ti] = chain;
-            if state.in_layout() {
-                healthy.push(ti as u32);
-            }
         }
         let usable = levels.last().map_or(0, |l| l.len());
-        PlacementMap { version: map.version, targets, nodes, levels, chains, healthy, members, usable }
+        PlacementMap { version: map.version, targets, nodes, levels, chains, members, usable }
     }
 
     pub fn version(&self) -> u64 {
@@ -209,22 +203,31 @@ impl PlacementMap {
                 let home = self.targets[ti].0;
                 shards.push(ShardLoc { target: home, home, is_spare: false });
             }
-            // Replace shards on unhealthy targets by spares, leaving the others in place.
+            // Replace shards on unhealthy targets by spares, replaying the departures in the
+            // order they happened (`out_since`): at each one, only the shards whose current
+            // place left then take a new spare, seeing where every other shard sits at that
+            // point. So a spare moves only if the spare itself leaves: neither finishing a
+            // rebuild (DOWN -> DOWNOUT keeps `out_since`) nor a newer failure, including one
+            // that takes an older shard's spare, moves or takes a filled spare. For EC that
+            // would be corruption: the cells of different shards share record keys.
             let mut cur: Vec<u32> = homes.clone();
-            // In the order the homes left the layout: an older spare (filled by an earlier
-            // rebuild) is never taken by a newer failure, which matters most for EC, whose
-            // cells of different shards share record keys. The order survives DOWN -> DOWNOUT,
-            // so finishing a rebuild moves no spare (nothing would refill it).
-            let mut order: Vec<usize> = (0..size).filter(|&i| !self.targets[homes[i] as usize].1.in_layout()).collect();
-            order.sort_by_key(|&i| (self.targets[homes[i] as usize].2, i));
-            for i in order {
-                let idx = gstart + i;
-                // `cur` holds the homes and the spares of shards that left earlier: a newer
-                // failure never changes this shard's spare.
-                let spare = self.spare(oh, g, i, spread, &homes, &cur)?;
-                cur[i] = spare;
-                shards[idx].target = self.targets[spare as usize].0;
-                shards[idx].is_spare = true;
+            let out_at = |t: u32| {
+                let (_, state, since) = self.targets[t as usize];
+                (!state.in_layout()).then_some(since)
+            };
+            while let Some(at) = cur.iter().filter_map(|&t| out_at(t)).min() {
+                for i in 0..size {
+                    if out_at(cur[i]) != Some(at) {
+                        continue;
+                    }
+                    let spare = self.spare(oh, g, i, spread, &homes, &cur, at)?;
+                    // Termination: the spare is healthy or left after `at`.
+                    debug_assert!(out_at(spare).is_none_or(|s| s > at));
+                    cur[i] = spare;
+                    let idx = gstart + i;
+                    shards[idx].target = self.targets[spare as usize].0;
+                    shards[idx].is_spare = true;
+                }
             }
         }
         debug_assert_eq!(shards.len(), groups * size);
@@ -243,28 +246,28 @@ impl PlacementMap {
         }
     }
 
-    /// A healthy target not already in the group, preferring the spread-level domain that
-    /// holds the fewest of the group's other shards where they sit now (`assigned`: homes
-    /// still in place and the spares of shards that left earlier). With as many domains as
-    /// shards every domain holds one, so this is what stops a third failure from taking three
-    /// shards of an EC_4P2 group: two spares never share a domain while another has room.
-    fn spare(&self, oh: u64, g: usize, i: usize, spread: usize, group: &[u32], assigned: &[u32]) -> Result<u32, PlacementError> {
-        if self.healthy.is_empty() {
-            return Err(PlacementError::NoSpare { oid: format!("{oh:x}"), group: g, shard: i });
-        }
+    /// A spare for shard `i` chosen when its place left the layout at map version `at`: a
+    /// target that was healthy then (in the layout now, or left after `at`), not already in
+    /// the group, preferring the spread-level domain that holds the fewest of the group's other
+    /// shards where they sat then (`assigned`). With as many domains as shards every domain
+    /// holds one, so this is what stops a third failure from taking three shards of an EC_4P2
+    /// group: two spares never share a domain while another has room.
+    #[allow(clippy::too_many_arguments)]
+    fn spare(&self, oh: u64, g: usize, i: usize, spread: usize, group: &[u32], assigned: &[u32], at: u64) -> Result<u32, PlacementError> {
+        let healthy_then = |t: u32| {
+            let (_, state, since) = self.targets[t as usize];
+            state.in_layout() || since > at
+        };
         let taken = group;
         let others: Vec<u32> = assigned.iter().enumerate().filter(|(j, _)| *j != i).filter_map(|(_, &t)| self.chains[t as usize].get(spread).copied()).collect();
         let load = |d: u32| others.iter().filter(|x| **x == d).count();
         let mut best: Option<(usize, u32)> = None;
         // Candidates come from a sequence over the placement's targets that depends only on
-        // the shard, and `assigned` holds only shards that left the layout before this one
-        // (spares are assigned in `out_since` order), so the spare changes only if the spare
-        // itself fails or an older shard comes back: newer failures leave it in place (and
-        // with it the data rebuild put there).
+        // the shard, and what the choice sees is fixed once the departure at `at` is replayed,
+        // so later departures do not change it.
         for attempt in 0..ATTEMPTS_MAX {
             let cand = self.members[jump(shard_key(oh, g as u32, i as u32, attempt, SPARE_SALT), self.members.len() as u32) as usize];
-            let usable = self.targets[cand as usize].1.in_layout();
-            if !usable || taken.contains(&cand) || assigned.contains(&cand) {
+            if !healthy_then(cand) || taken.contains(&cand) || assigned.contains(&cand) {
                 continue;
             }
             let l = self.chains[cand as usize].get(spread).copied().map_or(usize::MAX, load);
@@ -276,9 +279,33 @@ impl PlacementMap {
             }
         }
         best.map(|(_, c)| c)
-            .or_else(|| self.healthy.iter().copied().find(|c| !taken.contains(c) && !assigned.contains(c)))
+            .or_else(|| self.members.iter().copied().find(|&c| healthy_then(c) && !taken.contains(&c) && !assigned.contains(&c)))
             .ok_or(PlacementError::NoSpare { oid: format!("{oh:x}"), group: g, shard: i })
     }
+}
+
+/// Where shard `idx` of a group (`s`, from the current layout) can be read from, if anywhere:
+/// a target that holds the group's full data for it. A replica in its home place does (unless
+/// reintegrating: `UPIN` may have missed writes); a draining home does while its spare is
+/// filled; a spare does once rebuild for its home finished and it is the spare rebuild
+/// filled: while newer movement is pending, the same shard's spare in the settled layout
+/// (`settled_group`, from `PoolMap::settled`; for replicas any filled spare will do, since
+/// replicas are alike). Readers, EC read-modify-write and EC rebuild decode only from these: a
+/// new spare holds only what was written since it became one.
+pub fn read_source(map: &PoolMap, settled_group: Option<&[ShardLoc]>, idx: usize, s: &ShardLoc, replicated: bool) -> Option<TargetId> {
+    let state = |t: TargetId| map.target(t).map(|x| x.state);
+    if !s.is_spare {
+        return state(s.target).is_some_and(|x| x.readable()).then_some(s.target);
+    }
+    if state(s.home) == Some(TargetState::Drain) {
+        return Some(s.home);
+    }
+    let filled = match settled_group {
+        None => state(s.home) == Some(TargetState::DownOut),
+        Some(g) if replicated => g.iter().any(|x| x.is_spare && x.target == s.target),
+        Some(g) => g.get(idx).is_some_and(|x| x.is_spare && x.target == s.target),
+    };
+    (filled && state(s.target).is_some_and(|x| x.readable())).then_some(s.target)
 }
 
 /// One shard that lives on a different target under `new` than under `old`.

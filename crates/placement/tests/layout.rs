@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use strata_placement::*;
-use strata_types::{ObjectClass, ObjectType, Oid, TargetId};
+use strata_types::{ObjectClass, ObjectType, Oid, Rank, TargetId};
 
 fn oid(class: &str, seq: u128) -> Oid {
     Oid::new(ObjectType::Array, class.parse::<ObjectClass>().unwrap(), seq)
@@ -248,4 +248,40 @@ fn adding_new_targets_changes_no_layout_until_they_join() {
         }
     }
     assert!(moved > 0, "the new targets get shards once they join");
+}
+
+#[test]
+fn a_third_failure_moves_only_the_spares_it_took() {
+    // When a third failure takes an older shard's spare, that shard's new spare must neither
+    // take nor move the filled spare of a shard that left later: readers would trust the one
+    // and rebuild would decode another shard's cells (same record keys) as its own.
+    let base = PoolMap::uniform(6, 2, 6);
+    for (first, second, third) in [(1u32, 2u32, 3u32), (0, 1, 2), (5, 3, 1), (2, 4, 0)] {
+        let mut pm = base.clone();
+        for (r, s) in [(first, TargetState::Down), (first, TargetState::DownOut), (second, TargetState::Down), (second, TargetState::DownOut)] {
+            assert_eq!(pm.set_rank_state(Rank(r), s), 2);
+        }
+        let settled = PlacementMap::new(&pm, false);
+        pm.set_rank_state(Rank(third), TargetState::Down);
+        let rebuilding = PlacementMap::new(&pm, false);
+        let mut took = 0;
+        for class in ["EC_4P2GX", "EC_4P2G1", "RP_3G1"] {
+            for seq in 0..3000 {
+                let o = oid(class, seq);
+                let (a, b) = (settled.layout(o).unwrap(), rebuilding.layout(o).unwrap());
+                for (x, y) in a.shards().iter().zip(b.shards()) {
+                    if x.target.rank.0 != third {
+                        assert_eq!(x.target, y.target, "{class} seq {seq}: failures {first},{second},{third}: a shard that did not fail moved");
+                    } else if x.is_spare {
+                        took += 1;
+                    }
+                }
+                for g in b.groups() {
+                    let t: HashSet<TargetId> = g.iter().map(|s| s.target).collect();
+                    assert_eq!(t.len(), g.len(), "{class} seq {seq}: a target holds two shards of a group");
+                }
+            }
+        }
+        assert!(took > 0, "failures {first},{second},{third}: the third failure took some older spares");
+    }
 }

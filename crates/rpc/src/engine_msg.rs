@@ -114,6 +114,28 @@ pub struct EngineStats {
     pub scrub_passes: u64,
     #[serde(default)]
     pub scrub: ScrubCounters,
+    /// Per pool, this rank's latest data-movement pass (rebuild, resync, drain).
+    #[serde(default)]
+    pub movement: Vec<MovementProgress>,
+}
+
+/// One rank's data-movement pass for one pool: work sized before it starts, then done so far.
+/// Within a map version no value goes down; `done` passes end with done == total.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MovementProgress {
+    pub pool: PoolId,
+    /// The map version the pass moves data for.
+    pub version: u64,
+    /// Objects this rank pushes (as the source of at least one group), and those pushed.
+    pub objects_total: u64,
+    pub objects_done: u64,
+    /// Bytes those objects carry to their destinations (stored bytes of each pushed group
+    /// times its destinations; for EC an estimate: decoded cells), and those moved.
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    /// Since the pass for this version started; frozen once done.
+    pub elapsed_ms: u64,
+    pub done: bool,
 }
 
 /// Background aggregation of one rank: versions no reader can need, merged away.

@@ -732,6 +732,25 @@ impl Vos {
         Ok(out)
     }
 
+    /// Bytes `export_object` would carry for an object (keys and values as exported, extents
+    /// in extent files counted by their length, not read), per dkey group: `group_of(dkey)`
+    /// must be below `groups`. Data movement sizes its work with it before it starts.
+    pub fn object_stored_bytes(&self, cont: ContId, oid: Oid, groups: usize, group_of: impl Fn(&[u8]) -> usize) -> Result<Vec<u64>, VosError> {
+        let p = object_prefix(cont, oid);
+        let end = prefix_successor(&p);
+        let mut out = vec![0u64; groups];
+        for r in self.engine.scan(Space::Records, &p, Some(&end), false) {
+            let (key, value) = r?;
+            let k = decode_record_key(&key).ok_or_else(|| corrupt(&key, "undecodable record key"))?;
+            let r = record::decode(&value).map_err(|d| corrupt(&key, d))?;
+            let value_bytes = if r.kind == RecordKind::ValueRef { record::HEADER_BYTES as u64 + r.len } else { value.len() as u64 };
+            let g = group_of(&k.dkey);
+            assert!(g < groups, "group {g} of {groups}");
+            out[g] += key.len() as u64 + value_bytes;
+        }
+        Ok(out)
+    }
+
     /// One page of `export_object`, so an object of any size moves in bounded memory: stored
     /// records with raw keys after `after` and at most `upto`, in key order, stopping once
     /// `bytes_max` bytes are taken (at least one record). The object's punches come with the

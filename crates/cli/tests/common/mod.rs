@@ -171,6 +171,31 @@ impl Drop for Cluster {
     }
 }
 
+/// Poll `pool query <pool>` until `finished(query)`, checking data-movement progress on every
+/// sample: done never passes total and, within one map version, nothing goes down. Returns the
+/// last `progress` and how many samples showed movement part way (0 < bytes done < total).
+pub fn watch_progress(c: &Cluster, pool: &str, what: &str, timeout: Duration, finished: impl Fn(&Value) -> bool) -> (Value, usize) {
+    let mut last: Option<Value> = None;
+    let mut midway = 0;
+    let end = poll(what, timeout, || {
+        let q = c.json(&["pool", "query", pool]);
+        let g = q["progress"].clone();
+        let n = |v: &Value, f: &str| v[f].as_u64().unwrap_or_else(|| panic!("progress.{f} missing: {v}"));
+        assert!(n(&g, "objects_done") <= n(&g, "objects_total") && n(&g, "bytes_done") <= n(&g, "bytes_total"), "done beyond total: {g}");
+        if let Some(l) = last.as_ref().filter(|l| l["version"] == g["version"]) {
+            for f in ["objects_done", "objects_total", "bytes_done", "bytes_total"] {
+                assert!(n(&g, f) >= n(l, f), "progress.{f} went down: {l} then {g}");
+            }
+        }
+        if n(&g, "bytes_done") > 0 && n(&g, "bytes_done") < n(&g, "bytes_total") {
+            midway += 1;
+        }
+        last = Some(g.clone());
+        finished(&q).then_some(g)
+    });
+    (end, midway)
+}
+
 /// A small deterministic generator (xorshift64), so a failure names a reproducible seed. The
 /// seed must not be zero.
 pub struct Rng(pub u64);

@@ -1,0 +1,144 @@
+//! Progress of this rank's data-movement pass (rebuild, resync, drain) per pool, for
+//! `EngineReq::Stats` and so `strata pool query` / `pool rebuild --watch`.
+//!
+//! A pass first sizes its work (objects this rank pushes, and the bytes they carry: stored
+//! bytes of each pushed group times its destinations), then moves it one object at a time.
+//! Reported values never go down within a map version, even when a failed pass runs again:
+//! totals keep their maximum, done counts the most any attempt reached. Bytes done count what
+//! was pushed, capped per object at its estimate and topped up to it when the object is done,
+//! so done == total exactly when the pass ends.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+use strata_rpc::engine_msg::MovementProgress;
+use strata_types::PoolId;
+
+struct Pass {
+    version: u64,
+    started: Instant,
+    finished: Option<Instant>,
+    objects_total: u64,
+    bytes_total: u64,
+    /// This attempt's counts.
+    objects_done: u64,
+    bytes_done: u64,
+    /// The object being moved: its estimate and what was pushed for it so far (capped).
+    current: Option<(u64, u64)>,
+    /// The most an earlier attempt at this version reported.
+    floor: (u64, u64),
+}
+
+impl Pass {
+    fn report(&self, pool: PoolId) -> MovementProgress {
+        let cur = self.current.map_or(0, |(_, n)| n);
+        let objects_done = self.objects_done.max(self.floor.0).min(self.objects_total);
+        let bytes_done = (self.bytes_done + cur).max(self.floor.1).min(self.bytes_total);
+        let end = self.finished.unwrap_or_else(Instant::now);
+        MovementProgress { pool, version: self.version, objects_total: self.objects_total, objects_done, bytes_total: self.bytes_total, bytes_done, elapsed_ms: end.duration_since(self.started).as_millis() as u64, done: self.finished.is_some() }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct MovementTracker {
+    passes: Mutex<HashMap<PoolId, Pass>>,
+}
+
+impl MovementTracker {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<PoolId, Pass>) -> T) -> T {
+        f(&mut self.passes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A pass for `version` starts, with its sized work.
+    pub(crate) fn begin(&self, pool: PoolId, version: u64, objects_total: u64, bytes_total: u64) {
+        self.with(|m| match m.get_mut(&pool) {
+            Some(p) if p.version == version => {
+                let r = p.report(pool);
+                p.floor = (r.objects_done, r.bytes_done);
+                p.objects_total = p.objects_total.max(objects_total);
+                p.bytes_total = p.bytes_total.max(bytes_total);
+                (p.objects_done, p.bytes_done, p.current, p.finished) = (0, 0, None, None);
+            }
+            _ => {
+                m.insert(pool, Pass { version, started: Instant::now(), finished: None, objects_total, bytes_total, objects_done: 0, bytes_done: 0, current: None, floor: (0, 0) });
+            }
+        })
+    }
+
+    pub(crate) fn begin_object(&self, pool: PoolId, estimate_bytes: u64) {
+        self.with(|m| {
+            if let Some(p) = m.get_mut(&pool) {
+                p.current = Some((estimate_bytes, 0));
+            }
+        })
+    }
+
+    /// Bytes pushed for the current object (no-op outside a sized pass: extension).
+    pub(crate) fn pushed(&self, pool: PoolId, bytes: u64) {
+        self.with(|m| {
+            if let Some(Pass { current: Some((est, n)), .. }) = m.get_mut(&pool) {
+                *n = (*n + bytes).min(*est);
+            }
+        })
+    }
+
+    pub(crate) fn end_object(&self, pool: PoolId) {
+        self.with(|m| {
+            if let Some(p) = m.get_mut(&pool) {
+                if let Some((est, _)) = p.current.take() {
+                    p.objects_done += 1;
+                    p.bytes_done += est;
+                }
+            }
+        })
+    }
+
+    pub(crate) fn finish(&self, pool: PoolId, version: u64) {
+        self.with(|m| {
+            if let Some(p) = m.get_mut(&pool).filter(|p| p.version == version) {
+                debug_assert!(p.current.is_none(), "an object still moving when the pass ends");
+                p.finished = Some(Instant::now());
+                // Work sized at the start and all done: the pass moved what it had to.
+                p.objects_done = p.objects_total;
+                p.bytes_done = p.bytes_total;
+            }
+        })
+    }
+
+    pub(crate) fn report(&self) -> Vec<MovementProgress> {
+        self.with(|m| m.iter().map(|(pool, p)| p.report(*pool)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_never_goes_down_and_ends_equal_to_total() {
+        let t = MovementTracker::default();
+        let pool = PoolId::new_random();
+        t.begin(pool, 7, 2, 100);
+        t.begin_object(pool, 60);
+        t.pushed(pool, 80);
+        assert_eq!(t.report()[0].bytes_done, 60, "capped at the object's estimate");
+        t.end_object(pool);
+        t.begin_object(pool, 40);
+        t.pushed(pool, 10);
+        let before = t.report()[0].clone();
+        assert_eq!((before.objects_done, before.bytes_done), (1, 70));
+        // The pass fails and runs again: nothing reported goes down.
+        t.begin(pool, 7, 2, 90);
+        let again = t.report()[0].clone();
+        assert_eq!((again.objects_total, again.bytes_total), (2, 100));
+        assert_eq!((again.objects_done, again.bytes_done), (1, 70));
+        t.begin_object(pool, 60);
+        t.end_object(pool);
+        t.begin_object(pool, 40);
+        t.end_object(pool);
+        t.finish(pool, 7);
+        let end = t.report()[0].clone();
+        assert!(end.done);
+        assert_eq!((end.objects_done, end.bytes_done), (end.objects_total, end.bytes_total));
+    }
+}
