@@ -102,9 +102,10 @@ struct State {
     errors: u64,
     last_error: Option<DevError>,
     pause_until: Option<Instant>,
-    /// Block ranges `[first, end)` of TRIM / WRITE_ZEROES under way: no write-back of those
-    /// blocks starts meanwhile.
-    zeroing: Vec<(u64, u64)>,
+    /// TRIM / WRITE_ZEROES under way, as block ranges `[first, end)` (no write-back of those
+    /// blocks starts meanwhile) and byte ranges (reads show zeros there over older bytes, so a
+    /// read racing the trim sees the writes before it or the trim, never something older).
+    zeroing: Vec<((u64, u64), (u64, u64))>,
 }
 
 impl State {
@@ -119,7 +120,7 @@ impl State {
     }
 
     fn zeroing(&self, b: u64) -> bool {
-        self.zeroing.iter().any(|(f, e)| (*f..*e).contains(&b))
+        self.zeroing.iter().any(|((f, e), _)| (*f..*e).contains(&b))
     }
 
     fn block_mut(&mut self, b: u64) -> &mut BlockState {
@@ -348,7 +349,7 @@ impl<B: CacheBackend> Inner<B> {
         let range = (offset / self.block_bytes, end.div_ceil(self.block_bytes));
         {
             let mut st = self.lock();
-            st.zeroing.push(range);
+            st.zeroing.push((range, (offset, end)));
             // Only blocks the cache holds: a trim of a whole large volume costs nothing here.
             let held: Vec<u64> = st.blocks.range(range.0..range.1).map(|(b, _)| *b).collect();
             for b in held {
@@ -379,7 +380,7 @@ impl<B: CacheBackend> Inner<B> {
         let r = if trim { self.backend.trim(offset, len, true).await } else { self.backend.write_zeroes(offset, len, allocate, true).await };
         {
             let mut st = self.lock();
-            if let Some(i) = st.zeroing.iter().position(|z| *z == range) {
+            if let Some(i) = st.zeroing.iter().position(|z| *z == (range, (offset, end))) {
                 st.zeroing.swap_remove(i);
             }
         }
@@ -396,6 +397,7 @@ impl<B: CacheBackend> Inner<B> {
         // Taken before reading the volume: a write-back finishing meanwhile is then in the
         // volume's answer, in this overlay, or both; never in neither.
         let mut overlay: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut dirty: Vec<(u64, Vec<u8>)> = Vec::new();
         {
             let st = self.lock();
             if !st.blocks.is_empty() {
@@ -412,13 +414,20 @@ impl<B: CacheBackend> Inner<B> {
                         }
                     }
                     for (o, d) in bs.dirty.overlapping(a, b) {
-                        overlay.push((base + o, d.to_vec()));
+                        dirty.push((base + o, d.to_vec()));
                     }
                 }
             }
+            for (_, (zs, ze)) in &st.zeroing {
+                let (x, y) = ((*zs).max(offset), (*ze).min(end));
+                if x < y {
+                    overlay.push((x, vec![0; (y - x) as usize]));
+                }
+            }
+            overlay.append(&mut dirty);
         }
         let mut out = if covers(&overlay, offset, end) { vec![0u8; len as usize] } else { self.backend.read(offset, len).await? };
-        // In-flight parts first, then the newer dirty ones over them.
+        // In-flight parts first, then trims under way, then the newer dirty bytes over them.
         for (o, d) in &overlay {
             let at = (o - offset) as usize;
             out[at..at + d.len()].copy_from_slice(d);
@@ -725,8 +734,11 @@ mod tests {
         crate::nbd_tests::wait_for("write-backs to start", || vol.inflight.load(Ordering::SeqCst) == 2).await;
         let c3 = c.clone();
         let trim = tokio::spawn(async move { c3.trim(4096, 100_000, false).await });
-        // A write after the trim was sent, to a trimmed part of block 1.
-        tokio::task::yield_now().await;
+        crate::nbd_tests::wait_for("the trim to start", || !c.inner.lock().zeroing.is_empty()).await;
+        // A read racing the trim sees the trim, not the bytes from before the cached write.
+        let mut racing = bytes(1, 128 << 10).to_vec();
+        racing[4096..104_096].fill(0);
+        assert_eq!(c.read(0, 128 << 10).await.unwrap(), racing);
         drop(held);
         trim.await.unwrap().unwrap();
         flush.await.unwrap().unwrap();

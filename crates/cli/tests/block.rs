@@ -618,3 +618,37 @@ fn acknowledged_writes_survive_a_killed_server_and_rank() {
     }
     r.disconnect();
 }
+
+#[test]
+fn cached_writes_are_read_at_once_and_written_back_on_flush_and_shutdown() {
+    let c = block_cluster(&[]);
+    c.json(&["block", "create", "tank/blk", "vol", "16M"]);
+    let srv = NbdServer::start(&c, &["tank/blk", "vol"]);
+    let ro = NbdServer::start(&c, &["tank/blk", "vol", "--read-only"]);
+    let flush = |w: &mut RawNbd| {
+        w.send(NBD_FLUSH, 0, 77, 0, 0, &[]).unwrap();
+        assert_eq!(w.reply(0).unwrap().0, 0, "FLUSH");
+    };
+    let mut w = RawNbd::connect(&srv.addr, "vol").unwrap();
+    let a = pattern(1, 64 << 10);
+    assert_eq!(w.write(0, &a, 0).unwrap(), 0);
+    // Another connection to the same server shares its cache (multi-conn).
+    let mut w2 = RawNbd::connect(&srv.addr, "vol").unwrap();
+    assert_eq!(w2.read(0, 64 << 10).unwrap().unwrap(), a, "an acknowledged write is read at once");
+    flush(&mut w2);
+    let mut r = RawNbd::connect(&ro.addr, "vol").unwrap();
+    assert_eq!(r.read(0, 64 << 10).unwrap().unwrap(), a, "after a FLUSH on any connection another server reads the write");
+    // A write and a trim over part of it, no FLUSH, then the server is stopped (SIGTERM): it
+    // writes its cache back before it lets go of the volume.
+    let b = pattern(2, 10_240);
+    assert_eq!(w.write(4096 + 512, &b, 0).unwrap(), 0);
+    w2.send(4, 0, 78, 8192, 4096, &[]).unwrap();
+    assert_eq!(w2.reply(0).unwrap().0, 0, "TRIM");
+    let mut want = a.clone();
+    want[4608..4608 + 10_240].copy_from_slice(&b);
+    want[8192..12_288].fill(0);
+    assert_eq!(w.read(0, 64 << 10).unwrap().unwrap(), want);
+    drop(srv);
+    assert_eq!(r.read(0, 64 << 10).unwrap().unwrap(), want, "a stopped server wrote back what it acknowledged");
+    r.disconnect();
+}
