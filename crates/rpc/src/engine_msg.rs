@@ -28,7 +28,9 @@ impl WireOp {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ImportRecord {
     pub punch: bool,
+    #[serde(with = "crate::byte_vec")]
     pub key: Vec<u8>,
+    #[serde(with = "crate::byte_vec")]
     pub value: Vec<u8>,
 }
 
