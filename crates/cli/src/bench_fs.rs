@@ -43,6 +43,9 @@ pub struct Args {
     /// Skip bindfs.
     #[arg(long)]
     no_baseline: bool,
+    /// Mount without directory leases (every metadata change committed before it returns).
+    #[arg(long)]
+    no_leases: bool,
     /// Only metadata, or only data.
     #[arg(long, value_parser = ["all", "meta", "data"], default_value = "all")]
     only: String,
@@ -225,7 +228,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })?;
     let mp = std::env::temp_dir().join(format!("strata-bench-fs-{}", std::process::id()));
     std::fs::create_dir_all(&mp)?;
-    let opts = MountOptions { kernel_ttl: Duration::ZERO, fsname: format!("strata:{}", a.volume), ..Default::default() };
+    let opts = MountOptions { kernel_ttl: Duration::ZERO, fsname: format!("strata:{}", a.volume), dir_leases: !a.no_leases, ..Default::default() };
     let fs = StrataFs::new(rt.handle().clone(), vol.ns.clone(), vol.data.clone(), opts);
     let (tx, rx) = std::sync::mpsc::channel();
     let mp2 = mp.clone();

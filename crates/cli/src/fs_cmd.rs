@@ -29,6 +29,8 @@ pub enum MountOpt {
     AllowOther,
     /// Seconds the kernel caches entries and attributes.
     KernelTtl(f64),
+    /// Take no directory leases: every metadata change is committed before it returns.
+    NoLeases,
 }
 
 fn parse_mount_opt(s: &str) -> Result<MountOpt, String> {
@@ -36,8 +38,9 @@ fn parse_mount_opt(s: &str) -> Result<MountOpt, String> {
         None if s == "ro" => Ok(MountOpt::ReadOnly),
         None if s == "rw" => Ok(MountOpt::ReadWrite),
         None if s == "allow_other" => Ok(MountOpt::AllowOther),
+        None if s == "noleases" => Ok(MountOpt::NoLeases),
         Some(("attr_timeout" | "entry_timeout", v)) => v.parse::<f64>().ok().filter(|v| *v >= 0.0 && *v <= 3600.0).map(MountOpt::KernelTtl).ok_or_else(|| format!("'{s}': timeout must be 0..=3600 seconds")),
-        _ => Err(format!("unknown mount option '{s}' (ro, rw, allow_other, attr_timeout=SECONDS)")),
+        _ => Err(format!("unknown mount option '{s}' (ro, rw, allow_other, noleases, attr_timeout=SECONDS)")),
     }
 }
 
@@ -50,7 +53,7 @@ pub enum FsCommand {
         /// Serve in this process until unmounted (default: in the background).
         #[arg(long)]
         foreground: bool,
-        /// Mount options, comma separated: ro, rw, allow_other, attr_timeout=SECONDS.
+        /// Mount options, comma separated: ro, rw, allow_other, noleases, attr_timeout=SECONDS.
         #[arg(short = 'o', value_delimiter = ',', value_parser = parse_mount_opt)]
         options: Vec<MountOpt>,
         /// Requests served at once.
@@ -230,6 +233,7 @@ fn mount_foreground(target: &str, mp: &Path, opts: &[MountOpt], threads: usize, 
             MountOpt::ReadWrite => mo.read_only = false,
             MountOpt::AllowOther => mo.allow_other = true,
             MountOpt::KernelTtl(s) => mo.kernel_ttl = Duration::from_secs_f64(*s),
+            MountOpt::NoLeases => mo.dir_leases = false,
         }
     }
     let fs = StrataFs::new(rt.handle().clone(), vol.ns.clone(), vol.data.clone(), mo);
