@@ -43,6 +43,10 @@ pub struct Args {
     /// Skip bindfs.
     #[arg(long)]
     no_baseline: bool,
+    /// FUSE threads of the strata mount (as `strata fs mount --threads`; bindfs runs libfuse's
+    /// multi-threaded loop).
+    #[arg(long, default_value_t = 4)]
+    mount_threads: usize,
     /// Mount without directory leases (every metadata change committed before it returns).
     #[arg(long)]
     no_leases: bool,
@@ -228,7 +232,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })?;
     let mp = std::env::temp_dir().join(format!("strata-bench-fs-{}", std::process::id()));
     std::fs::create_dir_all(&mp)?;
-    let opts = MountOptions { kernel_ttl: Duration::ZERO, fsname: format!("strata:{}", a.volume), dir_leases: !a.no_leases, ..Default::default() };
+    let opts = MountOptions { kernel_ttl: Duration::ZERO, fsname: format!("strata:{}", a.volume), dir_leases: !a.no_leases, threads: a.mount_threads.clamp(1, 64), ..Default::default() };
     let fs = StrataFs::new(rt.handle().clone(), vol.ns.clone(), vol.data.clone(), opts);
     let (tx, rx) = std::sync::mpsc::channel();
     let mp2 = mp.clone();

@@ -310,6 +310,7 @@ pub fn run(c: FsCommand) -> anyhow::Result<()> {
                     MountOpt::ReadWrite => "rw".to_string(),
                     MountOpt::AllowOther => "allow_other".to_string(),
                     MountOpt::KernelTtl(s) => format!("attr_timeout={s}"),
+                    MountOpt::NoLeases => "noleases".to_string(),
                 })
                 .collect();
             if !opt_text.is_empty() {

@@ -79,9 +79,64 @@ pub(crate) struct Held {
     freed: Vec<Inode>,
     expires_ns: i64,
     last_used: Instant,
+    /// A part of the log being committed by the tick without the slot lock.
+    in_flight: Option<InFlight>,
+}
+
+/// Log entries taken out of a [`Held`] for one commit.
+#[derive(Default)]
+struct Batch {
+    dirty_d: BTreeMap<Vec<u8>, Option<Dentry>>,
+    dirty_i: BTreeMap<u64, Option<Inode>>,
+    dir: Option<Inode>,
+    unsent: HashSet<u64>,
+    freed: Vec<Inode>,
+}
+
+/// How a commit of a batch ended.
+#[derive(Clone, Debug)]
+enum Outcome {
+    /// Committed; `wanted`: another mount asked for the lease back.
+    Done { released: bool, wanted: bool, expires_ns: i64 },
+    Lost,
+    Failed(String),
+}
+
+/// A background commit: its batch (put back into the log if it fails) and its outcome.
+struct InFlight {
+    batch: Arc<Batch>,
+    done: tokio::sync::watch::Receiver<Option<Outcome>>,
 }
 
 impl Held {
+    fn take_batch(&mut self) -> Batch {
+        Batch {
+            dirty_d: std::mem::take(&mut self.dirty_d),
+            dirty_i: std::mem::take(&mut self.dirty_i),
+            dir: std::mem::take(&mut self.dir_dirty).then(|| self.dir.clone()),
+            unsent: std::mem::take(&mut self.unsent),
+            freed: std::mem::take(&mut self.freed),
+        }
+    }
+
+    /// Put a batch that failed to commit back under the newer log.
+    fn restore(&mut self, b: &Batch) {
+        for (k, v) in &b.dirty_d {
+            self.dirty_d.entry(k.clone()).or_insert_with(|| *v);
+        }
+        for (k, v) in &b.dirty_i {
+            self.dirty_i.entry(*k).or_insert_with(|| v.clone());
+        }
+        for ino in &b.unsent {
+            if matches!(self.dirty_i.get(ino), Some(Some(_))) {
+                self.unsent.insert(*ino);
+            }
+        }
+        self.dir_dirty |= b.dir.is_some();
+        let newer = std::mem::replace(&mut self.freed, b.freed.clone());
+        self.freed.extend(newer);
+    }
+
     fn dirty(&self) -> bool {
         self.dir_dirty || !self.dirty_d.is_empty() || !self.dirty_i.is_empty()
     }
@@ -291,7 +346,7 @@ impl<S: MetaStore> Namespace<S> {
             match tx.commit().await {
                 Ok(_) => {
                     tracing::debug!(dir, entries = entries.len(), "took a directory lease");
-                    return Ok(Some(Held { dir: d, entries, trusted: HashMap::new(), dirty_d: BTreeMap::new(), dirty_i: BTreeMap::new(), dir_dirty: false, unsent: HashSet::new(), freed: Vec::new(), expires_ns, last_used: Instant::now() }));
+                    return Ok(Some(Held { dir: d, entries, trusted: HashMap::new(), dirty_d: BTreeMap::new(), dirty_i: BTreeMap::new(), dir_dirty: false, unsent: HashSet::new(), freed: Vec::new(), expires_ns, last_used: Instant::now(), in_flight: None }));
                 }
                 Err(MetaError::Conflict) => pause(attempt).await,
                 Err(e) => return Err(e.into()),
@@ -301,23 +356,99 @@ impl<S: MetaStore> Namespace<S> {
     }
 
     /// Commit the log of the held directory in `g` (renewing the lease), and give the lease
-    /// back when `release` or when another mount asked for it.
+    /// back when `release` or when another mount asked for it. Waits for a background commit
+    /// in flight first (commits of one directory are never reordered).
     pub(crate) async fn flush_slot(&self, dir: u64, g: &mut SlotGuard, release: bool) -> Result<(), FsError> {
+        self.finish_in_flight(dir, g).await?;
         let Some(h) = g.as_mut() else { return Ok(()) };
-        match self.commit_log(dir, h, release).await {
-            Ok(released) => {
+        let batch = h.take_batch();
+        let r = self.commit_batch(dir, &batch, true, release).await;
+        self.settle_outcome(dir, g, &batch, Self::outcome(r))
+    }
+
+    fn outcome(r: Result<(bool, bool, i64), FsError>) -> Outcome {
+        match r {
+            Ok((released, wanted, expires_ns)) => Outcome::Done { released, wanted, expires_ns },
+            Err(FsError::LeaseLost(_)) => Outcome::Lost,
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+
+    /// Apply how a commit of `batch` ended to the held state in `g`.
+    fn settle_outcome(&self, dir: u64, g: &mut SlotGuard, batch: &Batch, o: Outcome) -> Result<(), FsError> {
+        match o {
+            Outcome::Done { released, wanted, expires_ns } => {
+                lock(&self.leases.freed).extend(batch.freed.iter().cloned());
+                if wanted {
+                    tracing::debug!(dir, "another mount recalled a directory lease");
+                    self.leases.back_off(dir, LEASE_BACKOFF);
+                }
                 if released {
                     self.drop_held(dir, g);
+                } else if let Some(h) = g.as_mut() {
+                    h.expires_ns = expires_ns;
                 }
                 Ok(())
             }
-            Err(FsError::LeaseLost(d)) => {
+            Outcome::Lost => {
                 tracing::error!(dir, "lost a directory lease; dropping its uncommitted changes");
                 self.drop_held(dir, g);
-                Err(FsError::LeaseLost(d))
+                Err(FsError::LeaseLost(dir))
             }
-            // The log stays; the next tick or operation tries again.
-            Err(e) => Err(e),
+            Outcome::Failed(e) => {
+                // The log stays; the next tick or operation tries again.
+                if let Some(h) = g.as_mut() {
+                    h.restore(batch);
+                }
+                Err(FsError::Meta(MetaError::Unavailable(e)))
+            }
+        }
+    }
+
+    /// Wait for the background commit in flight in `g`, if any, and apply its outcome; a
+    /// recall it found is answered now (the log committed and the lease given back).
+    async fn finish_in_flight(&self, dir: u64, g: &mut SlotGuard) -> Result<(), FsError> {
+        let Some(f) = g.as_mut().and_then(|h| h.in_flight.take()) else { return Ok(()) };
+        let mut rx = f.done.clone();
+        let o = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or(Outcome::Failed("background commit vanished".into())),
+            Err(_) => Outcome::Failed("background commit vanished".into()),
+        };
+        let wanted = matches!(o, Outcome::Done { wanted: true, .. });
+        let r = self.settle_outcome(dir, g, &f.batch, o);
+        if r.is_ok() && wanted {
+            return Box::pin(self.flush_slot(dir, g, true)).await;
+        }
+        r
+    }
+
+    /// The tick's commit of `dir`'s log: the batch is taken under the slot lock, committed
+    /// without it (operations on the directory go on meanwhile), and its outcome applied by
+    /// whoever next holds the lock after it ended.
+    async fn commit_in_background(&self, dir: u64) {
+        let slot = self.leases.slot(dir);
+        let (batch, tx) = {
+            let mut g = slot.clone().lock_owned().await;
+            let done = g.as_ref().and_then(|h| h.in_flight.as_ref()).is_some_and(|f| f.done.borrow().is_some());
+            if done {
+                if let Err(e) = self.finish_in_flight(dir, &mut g).await {
+                    tracing::warn!(dir, error = %e, "directory lease commit failed; retrying at the next tick");
+                }
+            }
+            let Some(h) = g.as_mut() else { return };
+            if h.in_flight.is_some() || !h.dirty() {
+                return;
+            }
+            let batch = Arc::new(h.take_batch());
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            h.in_flight = Some(InFlight { batch: batch.clone(), done: rx });
+            (batch, tx)
+        };
+        let r = self.commit_batch(dir, &batch, false, false).await;
+        let _ = tx.send(Some(Self::outcome(r)));
+        let mut g = slot.lock_owned().await;
+        if let Err(e) = self.finish_in_flight(dir, &mut g).await {
+            tracing::warn!(dir, error = %e, "directory lease commit failed; retrying at the next tick");
         }
     }
 
@@ -332,9 +463,11 @@ impl<S: MetaStore> Namespace<S> {
         lock(&self.leases.held_parent).remove(&dir);
     }
 
-    /// One transaction: the log's keys, and the lease renewed or deleted. Returns whether the
-    /// lease was given back.
-    async fn commit_log(&self, dir: u64, h: &mut Held, release: bool) -> Result<bool, FsError> {
+    /// One transaction: the batch's keys, and the lease renewed or deleted. `may_release`:
+    /// nothing newer than the batch is logged (the slot lock is held), so a recall can be
+    /// answered by deleting the lease in the same commit. Returns (released, recalled,
+    /// new expiry).
+    async fn commit_batch(&self, dir: u64, b: &Batch, may_release: bool, release: bool) -> Result<(bool, bool, i64), FsError> {
         let me = self.leases.me;
         for attempt in 0..TXN_ATTEMPTS_MAX {
             let mut tx = Tx::new(self.store.begin().await?, &self.known, false);
@@ -345,42 +478,30 @@ impl<S: MetaStore> Namespace<S> {
             if rec.holder != me {
                 return Err(FsError::LeaseLost(dir));
             }
-            let release = release || rec.wanted;
-            for (name, d) in &h.dirty_d {
+            let release = may_release && (release || rec.wanted);
+            for (name, d) in &b.dirty_d {
                 match d {
                     Some(d) => tx.put(&dentry_key(dir, name), &encode_dentry(*d)).await?,
                     None => tx.delete(&dentry_key(dir, name)).await?,
                 }
             }
-            for (ino, i) in &h.dirty_i {
+            for (ino, i) in &b.dirty_i {
                 match i {
                     Some(i) => tx.put(&inode_key(*ino), &encode_inode(i)).await?,
                     None => tx.delete(&inode_key(*ino)).await?,
                 }
             }
-            if h.dir_dirty {
-                tx.put(&inode_key(dir), &encode_inode(&h.dir)).await?;
+            if let Some(d) = &b.dir {
+                tx.put(&inode_key(dir), &encode_inode(d)).await?;
             }
             let expires_ns = now_ns() + self.lease_ttl_ns();
             if release {
                 tx.delete(&lease_key(dir)).await?;
             } else {
-                tx.put(&lease_key(dir), &encode_lease(&DirLease { holder: me, expires_ns, wanted: false })).await?;
+                tx.put(&lease_key(dir), &encode_lease(&DirLease { holder: me, expires_ns, wanted: rec.wanted && !may_release })).await?;
             }
             match tx.commit().await {
-                Ok(_) => {
-                    h.dirty_d.clear();
-                    h.dirty_i.clear();
-                    h.dir_dirty = false;
-                    h.unsent.clear();
-                    lock(&self.leases.freed).append(&mut h.freed);
-                    h.expires_ns = expires_ns;
-                    if rec.wanted {
-                        tracing::debug!(dir, "another mount recalled a directory lease");
-                        self.leases.back_off(dir, LEASE_BACKOFF);
-                    }
-                    return Ok(release);
-                }
+                Ok(_) => return Ok((release, rec.wanted, expires_ns)),
                 Err(MetaError::Conflict) => pause(attempt).await,
                 Err(e) => return Err(e.into()),
             }
@@ -631,8 +752,12 @@ impl<S: MetaStore> Namespace<S> {
             let Some(h) = g.as_ref() else { continue };
             let idle = h.last_used.elapsed() >= LEASE_IDLE;
             let renew = h.expires_ns - now_ns() < self.lease_ttl_ns() / 2;
-            let r = if h.dirty() || idle || renew {
+            let r = if idle || renew {
                 self.flush_slot(dir, &mut g, idle).await
+            } else if h.dirty() || h.in_flight.is_some() {
+                drop(g);
+                self.commit_in_background(dir).await;
+                Ok(())
             } else {
                 match self.store.get_at(&lease_key(dir), Epoch::MAX).await {
                     Ok(Some(b)) if decode_lease(&b).is_ok_and(|l| l.holder == self.leases.me && !l.wanted) => Ok(()),
@@ -917,6 +1042,34 @@ mod tests {
             assert_eq!(b.lookup_known_dir(d.ino, b"h").await.unwrap().nlink, 2);
             assert!(matches!(b.inode(sub.ino).await, Err(FsError::NotFound)));
             assert!(b.orphans(10).await.unwrap().is_empty());
+        });
+    }
+
+    #[test]
+    fn operations_go_on_while_the_tick_commits() {
+        block(async {
+            let (a, b) = two().await;
+            let d = a.create(a.root, b"d", dir()).await.unwrap();
+            for n in 0..10 {
+                a.create(d.ino, format!("f{n:02}").as_bytes(), file()).await.unwrap();
+            }
+            let work = async {
+                for n in 10..60 {
+                    a.create(d.ino, format!("f{n:02}").as_bytes(), file()).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+                for n in 0..20 {
+                    a.unlink(d.ino, format!("f{n:02}").as_bytes(), |_| false).await.unwrap();
+                }
+            };
+            futures::join!(a.lease_tick(), a.lease_tick(), work);
+            a.lease_tick().await;
+            a.lease_tick().await;
+            let want: Vec<Vec<u8>> = (20..60).map(|n| format!("f{n:02}").into_bytes()).collect();
+            assert_eq!(committed(&a, d.ino).await, want);
+            a.release_leases().await;
+            assert_eq!(b.readdir(d.ino, None, 100).await.unwrap().len(), 40);
+            assert_eq!(b.inode(d.ino).await.unwrap(), a.inode(d.ino).await.unwrap());
         });
     }
 

@@ -692,7 +692,12 @@ impl<S: MetaStore> Namespace<S> {
     /// Record flushed data: the size grows to at least `end` (or becomes `exact` after a
     /// truncate) and the data version moves.
     pub async fn commit_write(&self, ino: u64, end: u64, mtime_ns: i64, exact: Option<u64>) -> Result<Inode, FsError> {
-        if let Some(i) = self.change_trusted(ino, true, |i| Ok(apply_write(i, end, mtime_ns, exact))).await? {
+        if let Some(i) = self.change_trusted(ino, true, |i| {
+            apply_write(i, end, mtime_ns, exact);
+            Ok(())
+        })
+        .await?
+        {
             return Ok(i);
         }
         let r = self
