@@ -112,13 +112,21 @@ impl Bindfs {
         std::fs::create_dir_all(&src).with_context(|| format!("{}", src.display()))?;
         std::fs::create_dir_all(&mp)?;
         // Foreground so we own the process and can read its CPU time.
-        let child = Command::new("bindfs").args(["-f", "-o", "big_writes,entry_timeout=0,attr_timeout=0,negative_timeout=0"]).arg(&src).arg(&mp).spawn().context("starting bindfs (apt-get install -y bindfs, or pass --no-baseline)")?;
+        // The same FUSE settings as the strata mount: timeouts 0, 1 MiB requests, and below
+        // the same kernel read-ahead window; both serve requests on several threads.
+        let max = strata_fs::fuse_mount::MAX_WRITE_BYTES;
+        let o = format!("big_writes,entry_timeout=0,attr_timeout=0,negative_timeout=0,max_write={max},max_readahead={max}");
+        let child = Command::new("bindfs").args(["-f", "-o", &o]).arg(&src).arg(&mp).spawn().context("starting bindfs (apt-get install -y bindfs, or pass --no-baseline)")?;
         let start = Instant::now();
         while !is_mounted(&mp) {
             if start.elapsed() > Duration::from_secs(10) {
                 bail!("bindfs did not mount {} within 10 s", mp.display());
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        let ra = MountOptions::default().read_ahead_kb;
+        if let Err(e) = strata_fs::fuse_mount::set_read_ahead(&mp, ra) {
+            eprintln!("bindfs mount keeps the kernel's default read-ahead ({e}); the strata mount asks for {ra} KiB");
         }
         Ok(Bindfs { mp, src, pid: child.id() })
     }

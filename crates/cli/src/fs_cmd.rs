@@ -292,6 +292,22 @@ fn mount_background(args: &[String], mp: &Path, log: &Path) -> anyhow::Result<u3
     }
 }
 
+/// Processes serving `strata fs mount ... MP` (found by their command line).
+fn mount_processes(mp: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            let is_mount = args.windows(2).any(|w| w[0] == b"fs" && w[1] == b"mount");
+            // No file-system access here: another argument may name a hung mount.
+            is_mount && args.iter().any(|a| std::str::from_utf8(a).ok().and_then(|a| std::path::absolute(a).ok()).is_some_and(|p| p == mp))
+        })
+        .collect()
+}
+
 pub fn run(c: FsCommand) -> anyhow::Result<()> {
     match c {
         FsCommand::Mount { target, mountpoint, foreground, options, threads, meta_cache_ms, log, session_ttl_ms, conn } => {
@@ -340,10 +356,17 @@ pub fn run(c: FsCommand) -> anyhow::Result<()> {
                     bail!("cannot unmount {}: {e} ({why}); close the files open on it and retry", mp.display());
                 }
             }
+            let servers = mount_processes(&mp);
             let start = Instant::now();
             while is_mounted(&mp) {
                 anyhow::ensure!(start.elapsed() < MOUNT_WAIT, "{} still mounted after {MOUNT_WAIT:?}", mp.display());
                 std::thread::sleep(Duration::from_millis(50));
+            }
+            // The mount process commits what its directory leases hold after the kernel let
+            // go of the mount point: return once it is done (and so never races a remount).
+            while servers.iter().any(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+                anyhow::ensure!(start.elapsed() < MOUNT_WAIT, "the mount process of {} still running after {MOUNT_WAIT:?}", mp.display());
+                std::thread::sleep(Duration::from_millis(20));
             }
             emit(conn.json, &serde_json::json!({"unmounted": mp}), |_| println!("unmounted {}", mp.display()))
         }

@@ -1411,7 +1411,7 @@ pub fn serve<S: MetaStore, D: DataStore>(fs: StrataFs<S, D>, mountpoint: &Path, 
 /// 128 KiB request per round trip to the mount; with a larger window the kernel sends 1 MiB
 /// requests (`MAX_WRITE_BYTES` sizes the request pages). Needs root; the device is found in
 /// mountinfo (not by `stat`, which would ask this not yet serving mount).
-fn set_read_ahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
+pub fn set_read_ahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
     let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let mp = mp.to_string_lossy().replace(' ', "\\040");
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
