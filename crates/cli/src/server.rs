@@ -83,7 +83,7 @@ pub struct Args {
     #[arg(long)]
     pub sync_lanes: Option<usize>,
     /// Refuse new data (clients see "no space") while the file system under --dir has fewer
-    /// MiB free than this, so the storage engine never runs out mid-write (default 1024; 0:
+    /// MiB free than this, so the storage engine never runs out mid-write (default 256; 0:
     /// no reserve). Reads and deletes still work; writes resume once space is freed.
     #[arg(long)]
     pub reserve_mib: Option<u64>,
@@ -199,7 +199,7 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
             }
             strata_vos::VosConfig { sync_lanes: lanes, ..d }
         },
-        space_reserve_bytes: a.reserve_mib.or(file.reserve_mib).unwrap_or(1024).saturating_mul(1 << 20),
+        space_reserve_bytes: a.reserve_mib.or(file.reserve_mib).unwrap_or(256).saturating_mul(1 << 20),
     };
     strata_placement::FaultDomain::parse(&r.fault_domain).map_err(|e| anyhow::anyhow!("--fault-domain: {e}"))?;
     Ok(r)
