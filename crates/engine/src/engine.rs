@@ -361,6 +361,13 @@ impl Engine {
     }
 
     async fn apply(&self, vos: Arc<Vos>, updates: Vec<Update>) -> Result<(), RemoteError> {
+        // A large extent is written to its extent file synchronously inside the first poll
+        // (`update_async`). Callers join the local apply with the sends to other replicas in
+        // one task, so yield once first: the sends go out, then the local write runs while the
+        // replicas receive (it used to delay every replica's start by the local disk write).
+        if updates.iter().any(|u| matches!(&u.op, UpdateOp::Extent { data, .. } if data.len() >= LOCAL_WRITE_YIELD_BYTES)) {
+            tokio::task::yield_now().await;
+        }
         vos.update_async(&updates).await.map_err(vos_err)
     }
 
@@ -552,6 +559,10 @@ const EXPORT_BYTES_MAX: usize = strata_rpc::frame::PAYLOAD_BYTES_MAX as usize;
 
 /// Most bytes of records one rebuild import message carries.
 const IMPORT_BYTES_MAX: usize = 16 << 20;
+
+/// Extents from this size on are written to disk inside `Vos::update_async`'s first poll (the
+/// store's extent-file threshold): `Engine::apply` lets sibling sends go first.
+const LOCAL_WRITE_YIELD_BYTES: usize = 64 << 10;
 
 /// Bytes of one object shard that data movement holds at a time (per source shard): objects of
 /// any size move page by page (plus at most one record, itself at most 4 MiB).
