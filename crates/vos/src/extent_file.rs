@@ -258,6 +258,46 @@ impl ExtentFiles {
         Ok(buf)
     }
 
+    /// Append the checksum-verified bytes of one extent to `out` (no zeroing, no second copy:
+    /// data movement builds the record around them); returns their crc32c.
+    pub fn read_append(&self, r: &ExtentRef, len: u64, out: &mut Vec<u8>) -> Result<u32, VosError> {
+        let at = || format!("extent file {} at {}", file_name(r.file), r.offset);
+        if len > crate::EXTENT_BYTES_MAX {
+            return Err(VosError::Corrupt { location: at(), defect: format!("reference of {len} bytes") });
+        }
+        let f = self.file(r.file)?;
+        let len = len as usize;
+        out.reserve(len);
+        let start = out.len();
+        let mut done = 0usize;
+        use std::os::fd::AsRawFd;
+        while done < len {
+            // SAFETY: the kernel writes at most `len - done` bytes into the reserved, unused
+            // capacity behind `start + done`; nothing reads those bytes until `set_len` below
+            // covers exactly what was written.
+            let n = unsafe { libc::pread(f.as_raw_fd(), out.as_mut_ptr().add(start + done).cast(), len - done, (r.offset + done as u64) as libc::off_t) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(VosError::Corrupt { location: at(), defect: format!("cannot read {len} bytes: {e}") });
+            }
+            if n == 0 {
+                return Err(VosError::Corrupt { location: at(), defect: format!("file ends {} bytes into a {len}-byte extent", done) });
+            }
+            done += n as usize;
+        }
+        // SAFETY: the loop above initialised `start..start + len`.
+        unsafe { out.set_len(start + len) };
+        let crc = crc32c::crc32c(&out[start..]);
+        if crc != r.crc {
+            out.truncate(start);
+            return Err(VosError::Corrupt { location: at(), defect: format!("crc32c mismatch (stored {:#010x}, computed {crc:#010x})", r.crc) });
+        }
+        Ok(crc)
+    }
+
     /// Free the blocks of an extent whose index row is durably gone.
     pub fn punch(&self, r: &ExtentRef, len: u64) {
         let Ok(f) = self.file(r.file) else { return };
@@ -306,6 +346,9 @@ mod tests {
         assert_eq!(rb.offset % EXTENT_ALIGN_BYTES, 0);
         assert!(rb.file != ra.file || rb.offset >= ra.offset + a.len() as u64, "extents overlap");
         assert_eq!(x.read(&ra, a.len() as u64).unwrap(), a);
+        let mut out = b"head".to_vec();
+        assert_eq!(x.read_append(&ra, a.len() as u64, &mut out).unwrap(), crc32c::crc32c(&a));
+        assert_eq!(out, [&b"head"[..], &a].concat());
         assert_eq!(ExtentRef::decode(&rb.encode()), Some(rb));
         drop(x);
         // Reopened: appends continue after the old tail, old extents still read.
@@ -323,6 +366,9 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[1], rb.offset + 10).unwrap();
         assert!(matches!(x.read(&rb, b.len() as u64), Err(VosError::Corrupt { .. })));
+        let mut out = Vec::new();
+        assert!(matches!(x.read_append(&rb, b.len() as u64, &mut out), Err(VosError::Corrupt { .. })));
+        assert!(out.is_empty(), "a damaged extent's bytes were kept");
         // A punched extent's blocks are freed.
         let before = x.disk_bytes();
         x.punch(&rc, a.len() as u64);

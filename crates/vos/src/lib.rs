@@ -172,7 +172,19 @@ pub struct RawRecord {
     pub value: Vec<u8>,
 }
 
+/// A stored row borrowed from wherever it arrived (an RPC payload), for [`Vos::import_refs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub punch: bool,
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+}
+
 impl RawRecord {
+    pub fn as_ref(&self) -> RecordRef<'_> {
+        RecordRef { punch: self.punch, key: &self.key, value: &self.value }
+    }
+
     /// The dkey this row belongs to; `None` for an object-level punch (it covers every dkey).
     pub fn dkey(&self) -> Option<Vec<u8>> {
         if self.punch {
