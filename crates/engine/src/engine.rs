@@ -121,8 +121,10 @@ pub struct Engine {
     moved_records: std::sync::atomic::AtomicU64,
     moved_bytes: std::sync::atomic::AtomicU64,
     extension_write_bytes: std::sync::atomic::AtomicU64,
-    /// The current extension pass's start: records newer than it were written to both places.
-    extension_since: std::sync::Mutex<Epoch>,
+    /// The current data-movement pass's start (this rank's clock once every update admitted
+    /// under an older map was applied): records newer than it were written under the pass's
+    /// map, so to its destinations already, and are not pushed again.
+    pass_since: std::sync::Mutex<Epoch>,
     /// EC cells the current extension pass could not move (see `rebalance_pool`).
     extension_conflicts: std::sync::atomic::AtomicU64,
     /// Passes of the background scrub and their findings, for `EngineReq::Stats`.
@@ -185,7 +187,7 @@ impl Engine {
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
         let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), extension_since: std::sync::Mutex::new(Epoch::ZERO), extension_conflicts: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default() })
+        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), extension_conflicts: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default() })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -546,6 +548,11 @@ const IMPORT_BYTES_MAX: usize = 16 << 20;
 const EXPORT_PAGE_BYTES: usize = 16 << 20;
 const _: () = assert!(EXPORT_PAGE_BYTES + (8 << 20) < EXPORT_BYTES_MAX, "a page and its last record fit one answer");
 
+/// Room reserved in a page's buffer beyond `EXPORT_PAGE_BYTES` (the page stops after the
+/// record that crosses it: one extent of at most 4 MiB, its key and framing), so that it is
+/// written without a reallocation. Capacity never written is never touched.
+const PAGE_SLACK_BYTES: usize = strata_vos::EXTENT_BYTES_MAX as usize + (64 << 10);
+
 /// Objects one data-movement pass moves at once: while one waits for its destination's durable
 /// import, others read their pages and cross the network, so the source's disk, the network
 /// and the destination's disk work at the same time. Each holds at most a page (and, for EC, a
@@ -685,6 +692,10 @@ impl Engine {
             PassKind::Rebuild => s.readable() || s == strata_placement::TargetState::UpIn,
             PassKind::Extend => s.readable(),
         };
+        // Every update applied here so far is older (`wait_older_updates` ran, and applying
+        // merges an update's epoch into this clock); later ones went to the new places too.
+        let since = self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+        *self.pass_since.lock().unwrap_or_else(|e| e.into_inner()) = since;
         let (mut objects, mut bytes) = (0u64, 0u64);
         let mut walk = ObjectWalk::new(self, view, source);
         while let Some(o) = walk.next().await? {
@@ -694,6 +705,7 @@ impl Engine {
             }
         }
         self.movement.begin(pool, view.map.version, objects, bytes);
+        tracing::info!(%pool, version = view.map.version, objects, bytes, "data movement pass sized; moving");
         let mut walk = ObjectWalk::new(self, view, source);
         let mut inflight = futures::stream::FuturesUnordered::new();
         let (mut walked, mut pushed) = (false, 0u64);
@@ -779,16 +791,31 @@ impl Engine {
                 pushed += self.rebuild_ec_group(view, o.cont, o.oid, layout, g, group, &spares, k as usize, p as usize, id).await?;
                 continue;
             }
-            let (mut n, mut after) = (0u64, None);
+            // The group's rows, read into an import message as they are exported; one message
+            // goes to every destination.
+            let groups = layout.group_count();
+            let since = *self.pass_since.lock().unwrap_or_else(|e| e.into_inner());
+            let keep = Arc::new(move |r: strata_vos::RecordRef<'_>| r.record_key().is_none_or(|k| k.epoch <= since) && r.dkey().is_none_or(|d| strata_placement::group_for_dkey(&d, groups) == g));
+            let mut n = 0u64;
+            let mut page = Self::encoded_page(&o.vos, o.cont, o.oid, None, keep.clone()).await?;
             loop {
-                let (records, next) = Self::local_page(&o.vos, o.cont, o.oid, after).await?;
-                let mine: Vec<&strata_vos::RawRecord> = records.iter().filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g)).collect();
-                for r in futures::future::join_all(spares.iter().map(|t| self.import_all(view, *t, &mine, id))).await {
-                    n += r?;
+                let (payload, info) = page;
+                let pushes = futures::future::join_all(spares.iter().map(|t| self.import_encoded(view, *t, payload.clone(), &info, id)));
+                // The next page is read while this one is pushed: a large object streams.
+                let (results, following) = match info.next.clone() {
+                    Some(after) => {
+                        let (r, f) = tokio::join!(pushes, Self::encoded_page(&o.vos, o.cont, o.oid, Some(after), keep.clone()));
+                        (r, Some(f))
+                    }
+                    None => (pushes.await, None),
+                };
+                for r in results {
+                    r?;
+                    n += info.records;
                 }
-                after = next;
-                if after.is_none() {
-                    break;
+                match following {
+                    Some(f) => page = f?,
+                    None => break,
                 }
             }
             pushed += n;
@@ -863,10 +890,6 @@ impl Engine {
             return Ok((0, true));
         }
         let pool = view.map_pool_id;
-        // Every update applied here so far is older (`wait_older_updates` ran and applying
-        // merges an update's epoch into this clock); later ones were written to both places.
-        let since = self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
-        *self.extension_since.lock().unwrap_or_else(|e| e.into_inner()) = since;
         self.extension_conflicts.store(0, std::sync::atomic::Ordering::Relaxed);
         let pushed = self.movement_pass(view, PassKind::Extend).await?;
         let conflicts = self.extension_conflicts.load(std::sync::atomic::Ordering::Relaxed);
@@ -902,10 +925,11 @@ impl Engine {
     /// Extension of one object: its records older than the pass's start, page by page, each to
     /// its places in the extended layout.
     async fn extend_object(&self, view: &PoolView, o: &StoredObject, cur: &strata_placement::Layout, new: &strata_placement::Layout, id: u64) -> Result<u64, RemoteError> {
-        let since = *self.extension_since.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut pushed, mut after) = (0u64, None);
+        let since = *self.pass_since.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pushed = 0u64;
+        let mut page = Self::local_page(&o.vos, o.cont, o.oid, None).await?;
         loop {
-            let (records, next) = Self::local_page(&o.vos, o.cont, o.oid, after).await?;
+            let (records, next) = page;
             let mut out: BTreeMap<TargetId, Vec<&strata_vos::RawRecord>> = BTreeMap::new();
             for r in &records {
                 if r.record_key().is_some_and(|k| k.epoch > since) {
@@ -926,12 +950,21 @@ impl Engine {
                     out.entry(t).or_default().push(r);
                 }
             }
-            for r in futures::future::join_all(out.iter().map(|(t, recs)| self.import_all(view, *t, recs, id))).await {
+            let pushes = futures::future::join_all(out.iter().map(|(t, recs)| self.import_all(view, *t, recs, id)));
+            // The next page is read while this one is pushed.
+            let (results, following) = match next {
+                Some(after) => {
+                    let (r, f) = tokio::join!(pushes, Self::local_page(&o.vos, o.cont, o.oid, Some(after)));
+                    (r, Some(f))
+                }
+                None => (pushes.await, None),
+            };
+            for r in results {
                 pushed += r?;
             }
-            after = next;
-            if after.is_none() {
-                return Ok(pushed);
+            match following {
+                Some(f) => page = f?,
+                None => return Ok(pushed),
             }
         }
     }
@@ -1021,6 +1054,44 @@ impl Engine {
         let (records, truncated) = on_blocking_pool(move || v.export_object_page(cont, oid, after.as_deref(), None, EXPORT_PAGE_BYTES)).await?;
         let next = if truncated { records.iter().rev().find(|r| !r.punch).map(|r| r.key.clone()) } else { None };
         Ok((records, next))
+    }
+
+    /// One page of an object shard on this rank's target `vos`, the rows `keep` accepts written
+    /// straight into an import message (`strata_rpc::records`), and what it holds.
+    async fn encoded_page(vos: &Arc<Vos>, cont: strata_types::ContId, oid: strata_types::Oid, after: Option<Vec<u8>>, keep: Arc<dyn Fn(strata_vos::RecordRef<'_>) -> bool + Send + Sync>) -> Result<(Bytes, strata_vos::ExportedPage), RemoteError> {
+        let v = vos.clone();
+        on_blocking_pool(move || {
+            let mut sink = RecordsSink(strata_rpc::records::Writer::with_capacity(EXPORT_PAGE_BYTES + PAGE_SLACK_BYTES));
+            let page = v.export_object_page_to(cont, oid, after.as_deref(), EXPORT_PAGE_BYTES, &*keep, &mut sink)?;
+            Ok((Bytes::from(sink.0.finish()), page))
+        })
+        .await
+    }
+
+    /// Push one import message (`encoded_page`) to target `t`.
+    async fn import_encoded(&self, view: &PoolView, t: TargetId, payload: Bytes, page: &strata_vos::ExportedPage, id: u64) -> Result<(), RemoteError> {
+        if page.records == 0 {
+            return Ok(());
+        }
+        let pool = view.map_pool_id;
+        self.throttle.take(page.bytes).await;
+        if t.rank == self.rank {
+            let vos = self.target(t)?.clone();
+            let records = strata_rpc::records::decode(&payload).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+            on_blocking_pool(move || {
+                let refs: Vec<strata_vos::RecordRef<'_>> = records.iter().map(|r| strata_vos::RecordRef { punch: r.punch, key: &r.key, value: &r.value }).collect();
+                vos.import_refs(&refs)
+            })
+            .await?;
+        } else {
+            let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
+            let req = EngineReq::Import { pool, map_version: view.map.version, target: t.index };
+            self.peers.call::<_, EngineResp>(addr, &req, payload, FORWARD_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))?;
+        }
+        self.moved_records.fetch_add(page.records, std::sync::atomic::Ordering::Relaxed);
+        self.moved_bytes.fetch_add(page.bytes, std::sync::atomic::Ordering::Relaxed);
+        self.movement.pushed(pool, id, page.bytes);
+        Ok(())
     }
 
     /// Push `records` to target `t` in messages of at most `IMPORT_BYTES_MAX`; returns how many.
@@ -1203,6 +1274,15 @@ impl Engine {
     }
 }
 
+/// An import message as the object store's export writes it.
+struct RecordsSink(strata_rpc::records::Writer);
+
+impl strata_vos::RecordSink for RecordsSink {
+    fn record(&mut self, punch: bool, key: &[u8], value_len: usize) -> &mut Vec<u8> {
+        self.0.record(punch, key, value_len)
+    }
+}
+
 /// Split records into messages of at most `IMPORT_BYTES_MAX`.
 fn batches<'a, 'r>(records: &'a [&'r strata_vos::RawRecord]) -> Vec<&'a [&'r strata_vos::RawRecord]> {
     let mut out = Vec::new();
@@ -1276,8 +1356,17 @@ impl Handler for Engine {
                 self.view(pool, map_version).await?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
                 let bytes_max = (bytes_max as usize).min(EXPORT_PAGE_BYTES);
-                let (records, truncated) = on_blocking_pool(move || vos.export_object_page(cont, oid, after.as_deref(), upto.as_deref(), bytes_max)).await?;
-                let payload = strata_rpc::records::encode(records.iter().map(|r| (r.punch, &r.key[..], &r.value[..])));
+                let (payload, truncated) = on_blocking_pool(move || {
+                    if upto.is_some() {
+                        let (records, truncated) = vos.export_object_page(cont, oid, after.as_deref(), upto.as_deref(), bytes_max)?;
+                        return Ok((strata_rpc::records::encode(records.iter().map(|r| (r.punch, &r.key[..], &r.value[..]))), truncated));
+                    }
+                    // Written in place: no buffer per record.
+                    let mut sink = RecordsSink(strata_rpc::records::Writer::with_capacity(bytes_max + PAGE_SLACK_BYTES));
+                    let page = vos.export_object_page_to(cont, oid, after.as_deref(), bytes_max, &|_| true, &mut sink)?;
+                    Ok((sink.0.finish(), page.next.is_some()))
+                })
+                .await?;
                 if payload.len() > EXPORT_BYTES_MAX {
                     return Err(rerr(ErrorCode::Internal, format!("an export page of object {oid} came to {} bytes, more than one answer carries ({EXPORT_BYTES_MAX})", payload.len())));
                 }

@@ -74,6 +74,50 @@ where
     out
 }
 
+/// Bytes `Writer` keeps for the record count: a varint padded to its longest form, so the count
+/// can be filled in once the records are written (decoders of varints, postcard's included,
+/// read the padded form as the same number).
+const COUNT_SLOT: usize = 10;
+
+/// Writes a record list in place, a record at a time, its values appended by the caller
+/// straight into the buffer (the object store reads extents into it): no per-record buffer.
+pub struct Writer {
+    buf: Vec<u8>,
+    count: u64,
+}
+
+impl Writer {
+    pub fn with_capacity(bytes: usize) -> Writer {
+        let mut buf = Vec::with_capacity(COUNT_SLOT + bytes);
+        buf.extend_from_slice(&[0u8; COUNT_SLOT]);
+        Writer { buf, count: 0 }
+    }
+
+    /// Frame one record and return the buffer its `value_len` value bytes must be appended to.
+    pub fn record(&mut self, punch: bool, key: &[u8], value_len: usize) -> &mut Vec<u8> {
+        self.count += 1;
+        self.buf.push(punch as u8);
+        put_varint(&mut self.buf, key.len() as u64);
+        self.buf.extend_from_slice(key);
+        put_varint(&mut self.buf, value_len as u64);
+        &mut self.buf
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The list: the count filled in.
+    pub fn finish(mut self) -> Vec<u8> {
+        let v = self.count;
+        for (i, b) in self.buf[..COUNT_SLOT].iter_mut().enumerate() {
+            let bits = ((v >> (7 * i)) & 0x7f) as u8;
+            *b = if i + 1 < COUNT_SLOT { bits | 0x80 } else { bits };
+        }
+        self.buf
+    }
+}
+
 struct Reader<'a> {
     buf: &'a Bytes,
     at: usize,
@@ -156,6 +200,27 @@ mod tests {
         let base = payload.as_ptr() as usize;
         assert!((back[2].value.as_ptr() as usize) >= base && (back[2].value.as_ptr() as usize) < base + payload.len());
         assert_eq!(decode(&Bytes::from(encode(std::iter::empty()))).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_list_written_in_place_decodes_here_and_in_postcard() {
+        let recs = vec![
+            ImportRecord { punch: false, key: b"k1".to_vec(), value: vec![7u8; 300] },
+            ImportRecord { punch: true, key: vec![1u8; 200], value: vec![] },
+        ];
+        let mut w = Writer::with_capacity(1000);
+        for r in &recs {
+            let len = r.value.len();
+            let buf = w.record(r.punch, &r.key, len);
+            buf.extend_from_slice(&r.value);
+        }
+        assert_eq!(w.count(), 2);
+        let bytes = w.finish();
+        let back = decode(&Bytes::from(bytes.clone())).unwrap();
+        assert_eq!(back.iter().map(|r| (r.punch, r.key.to_vec(), r.value.to_vec())).collect::<Vec<_>>(), recs.iter().map(|r| (r.punch, r.key.clone(), r.value.clone())).collect::<Vec<_>>());
+        let pc: Vec<ImportRecord> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(pc.len(), 2);
+        assert_eq!(decode(&Bytes::from(Writer::with_capacity(0).finish())).unwrap(), vec![]);
     }
 
     #[test]

@@ -829,6 +829,59 @@ impl Vos {
         Ok((out, false))
     }
 
+    /// [`Vos::export_object_page`] written into `sink` (no buffer per record: an extent is
+    /// read from its extent file straight into the sink's buffer), keeping only the rows
+    /// `keep` accepts (`keep` sees no values: they are not read for rows it refuses). The
+    /// page stops once `bytes_max` bytes were written (at least one row); its `next` is the
+    /// last row looked at, kept or not. Punches come with the page that reaches the end.
+    pub fn export_object_page_to(&self, cont: ContId, oid: Oid, after: Option<&[u8]>, bytes_max: usize, keep: &dyn Fn(RecordRef<'_>) -> bool, sink: &mut dyn RecordSink) -> Result<ExportedPage, VosError> {
+        let p = object_prefix(cont, oid);
+        let start = match after {
+            Some(a) => [a, &[0u8][..]].concat(),
+            None => p.clone(),
+        };
+        let end = prefix_successor(&p);
+        let mut page = ExportedPage::default();
+        let mut last: Option<Vec<u8>> = None;
+        for r in self.engine.scan(Space::Records, &start, Some(&end), false) {
+            if page.bytes >= bytes_max as u64 && page.records > 0 {
+                page.next = last;
+                return Ok(page);
+            }
+            let (key, value) = r?;
+            if keep(RecordRef { punch: false, key: &key, value: &[] }) {
+                let rec = record::decode(&value).map_err(|d| corrupt(&key, d))?;
+                if rec.kind == RecordKind::ValueRef {
+                    // Extents kept in extent files travel as their bytes, like inline ones.
+                    let x = extent_ref(&key, rec.payload)?;
+                    if rec.len > EXTENT_BYTES_MAX {
+                        return Err(corrupt(&key, format!("extent reference of {} bytes", rec.len)));
+                    }
+                    let buf = sink.record(false, &key, record::HEADER_BYTES + rec.len as usize);
+                    let at = buf.len();
+                    buf.extend_from_slice(&[0u8; record::HEADER_BYTES]);
+                    let crc = self.extents.read_append(&x, rec.len, buf).map_err(|e| corrupt(&key, e))?;
+                    buf[at..at + record::HEADER_BYTES].copy_from_slice(&record::value_header(rec.len, crc));
+                    page.bytes += (key.len() + record::HEADER_BYTES) as u64 + rec.len;
+                } else {
+                    sink.record(false, &key, value.len()).extend_from_slice(&value);
+                    page.bytes += (key.len() + value.len()) as u64;
+                }
+                page.records += 1;
+            }
+            last = Some(key);
+        }
+        for r in self.engine.scan(Space::Punches, &p, Some(&end), false) {
+            let (key, value) = r?;
+            if keep(RecordRef { punch: true, key: &key, value: &value }) {
+                sink.record(true, &key, value.len()).extend_from_slice(&value);
+                page.records += 1;
+                page.bytes += (key.len() + value.len()) as u64;
+            }
+        }
+        Ok(page)
+    }
+
     /// Store rows exported by `export_object` on another target (verified first), durably.
     pub fn import(&self, records: &[RawRecord]) -> Result<(), VosError> {
         let refs: Vec<RecordRef<'_>> = records.iter().map(RawRecord::as_ref).collect();
