@@ -25,6 +25,10 @@ pub struct VolumeExports {
     lease_ttl_ms: u64,
     cache: CacheConfig,
     writers: tokio::sync::Mutex<HashMap<String, Weak<WriteBackCache<VolumeIo>>>>,
+    /// Snapshot exports, shared by their connections (and so is their clean-chunk cache).
+    /// Keyed by export name, with the snapshot's record: a snapshot deleted and taken again
+    /// under the same name is another device.
+    snapshots: tokio::sync::Mutex<HashMap<String, (crate::volume_meta::SnapshotMeta, Weak<VolumeIo>)>>,
     releases: Arc<ReleaseTracker>,
     /// Started with the first writable open.
     control: tokio::sync::OnceCell<Arc<ControlServer>>,
@@ -50,7 +54,7 @@ impl VolumeExports {
                 }
             }
         }
-        Ok(VolumeExports { bc, names, read_only, lease_ttl_ms, cache, writers: Default::default(), releases: Default::default(), control: Default::default() })
+        Ok(VolumeExports { bc, names, read_only, lease_ttl_ms, cache, writers: Default::default(), snapshots: Default::default(), releases: Default::default(), control: Default::default() })
     }
 
     /// Write back every open volume's cache and release its writer lease (the server is
@@ -90,8 +94,22 @@ impl VolumeExports {
     async fn open_volume(&self, name: &str) -> Result<Arc<dyn BlockDevice>, BlockError> {
         let (vol, snap) = split_snap(name).map(|(v, s)| (v, Some(s))).unwrap_or((name, None));
         let meta = self.bc.get(vol).await?;
-        if self.read_only || snap.is_some() {
-            return Ok(Arc::new(VolumeIo::open(&self.bc.cont, &meta, snap, None).await?));
+        if snap.is_some() {
+            let mut snapshots = self.snapshots.lock().await;
+            let now = snap.and_then(|s| meta.snapshots.get(s));
+            if let Some(d) = snapshots.get(name).filter(|(m, _)| Some(m) == now).and_then(|(_, d)| d.upgrade()) {
+                return Ok(d);
+            }
+            snapshots.retain(|_, (_, d)| d.strong_count() > 0);
+            let dev = Arc::new(VolumeIo::open(&self.bc.cont, &meta, snap, None).await?.with_read_cache(self.cache.clean_bytes_max));
+            if let Some(m) = now {
+                snapshots.insert(name.to_owned(), (m.clone(), Arc::downgrade(&dev)));
+            }
+            return Ok(dev);
+        }
+        if self.read_only {
+            // Another server may write this volume: no clean cache (`with_read_cache` keeps none).
+            return Ok(Arc::new(VolumeIo::open(&self.bc.cont, &meta, None, None).await?));
         }
         let mut writers = self.writers.lock().await;
         // Connections share the device while its lease holds; one that lost its lease (renewal
@@ -119,6 +137,7 @@ impl VolumeExports {
         };
         lease.keep_renewed();
         dev.track_releases(self.releases.clone());
+        let dev = dev.with_read_cache(self.cache.clean_bytes_max);
         let dev = Arc::new(WriteBackCache::new(Arc::new(dev), self.cache.clone()));
         control.register(&holder, &dev);
         writers.insert(vol.to_owned(), Arc::downgrade(&dev));

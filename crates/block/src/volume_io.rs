@@ -15,6 +15,7 @@
 //! stripe to arrive in epoch order.
 
 use crate::block_device::{BlockDevice, DevError};
+use crate::read_cache::CleanCache;
 use crate::write_cache::CacheBackend;
 use crate::volume_meta::{chunk_akey, VolumeMeta};
 use strata_rpc::engine_msg::WireOp;
@@ -56,6 +57,8 @@ pub struct VolumeIo {
     releases: Option<Arc<ReleaseTracker>>,
     slots: Semaphore,
     zeros: Bytes,
+    /// Clean chunks (`read_cache`); only when nothing but this device changes what it reads.
+    clean: Option<CleanCache>,
 }
 
 /// One block's part of a request: block number, offset in the block, length, offset in the
@@ -170,7 +173,45 @@ impl VolumeIo {
             releases: None,
             slots: Semaphore::new(BLOCK_OPS_INFLIGHT_MAX),
             zeros: Bytes::from(vec![0u8; meta.block_bytes as usize]),
+            clean: None,
         })
+    }
+
+    /// Keep up to `bytes_max` of clean chunks in memory. Only for a device that is the sole
+    /// writer of what it reads: a writable open (the lease keeps other writers out) or a
+    /// snapshot (every layer pinned); a read-only open of a volume's head gets none, because
+    /// another server writes it.
+    pub fn with_read_cache(mut self, bytes_max: u64) -> VolumeIo {
+        let pinned = self.layers.iter().all(|l| l.epoch != Epoch::MAX);
+        if bytes_max > 0 && (self.writer.is_some() || pinned) {
+            self.clean = Some(CleanCache::new(bytes_max));
+        }
+        self
+    }
+
+    /// The clean-chunk cache if it may be used now: a writer that lost its lease may have a
+    /// successor writing the volume, so its cache is dropped and no longer used.
+    fn clean(&self) -> Option<&CleanCache> {
+        let c = self.clean.as_ref()?;
+        if self.writer.is_some() && self.writer().is_err() {
+            c.clear();
+            return None;
+        }
+        Some(c)
+    }
+
+    /// Statistics of the clean-chunk cache: (hits, misses, bytes held), in chunks and bytes.
+    pub fn read_cache_stats(&self) -> Option<(u64, u64, u64)> {
+        self.clean.as_ref().map(|c| {
+            let (h, m) = c.hits_misses();
+            (h, m, c.bytes())
+        })
+    }
+
+    /// Announce a change of the volume's bytes `[offset, offset + len)` to the clean cache.
+    fn changing(&self, offset: u64, len: u64) -> Option<crate::read_cache::Change<'_>> {
+        let c = self.clean.as_ref()?;
+        Some(c.begin_change(offset / self.chunk_bytes, (offset + len).div_ceil(self.chunk_bytes)))
     }
 
     fn writer(&self) -> Result<&WriteSide, DevError> {
@@ -228,9 +269,34 @@ impl VolumeIo {
     pub async fn read_at(&self, offset: u64, len: u64) -> Result<Vec<u8>, DevError> {
         self.check(offset, len)?;
         let mut out = vec![0u8; len as usize];
-        let mut parts = futures::stream::iter(segments(offset, len, self.chunk_bytes).map(|s| async move { self.read_segment(s).await.map(|d| (s, d)) })).buffer_unordered(BLOCKS_PER_REQUEST_PARALLEL);
+        let Some(cache) = self.clean() else {
+            let mut parts = futures::stream::iter(segments(offset, len, self.chunk_bytes).map(|s| async move { self.read_segment(s).await.map(|d| (s, d)) })).buffer_unordered(BLOCKS_PER_REQUEST_PARALLEL);
+            while let Some((s, d)) = parts.try_next().await? {
+                out[s.buf_off as usize..(s.buf_off + s.len) as usize].copy_from_slice(&d);
+            }
+            return Ok(out);
+        };
+        let mut misses = Vec::new();
+        for s in segments(offset, len, self.chunk_bytes) {
+            match cache.get(s.block) {
+                Some(d) => out[s.buf_off as usize..(s.buf_off + s.len) as usize].copy_from_slice(&d[s.off as usize..(s.off + s.len) as usize]),
+                None => misses.push(s),
+            }
+        }
+        // A miss reads its whole chunk (the engine reads and checksums the whole record anyway).
+        let mut parts = futures::stream::iter(misses.into_iter().map(|s| async move {
+            let start = s.block * self.chunk_bytes;
+            let whole = Segment { block: s.block, off: 0, len: self.chunk_bytes.min(self.size_bytes - start), buf_off: 0 };
+            let fill = cache.begin_fill(s.block);
+            let d = Bytes::from(self.read_segment(whole).await?);
+            if let Some(f) = fill {
+                f.finish(d.clone());
+            }
+            Ok::<_, DevError>((s, d))
+        }))
+        .buffer_unordered(BLOCKS_PER_REQUEST_PARALLEL);
         while let Some((s, d)) = parts.try_next().await? {
-            out[s.buf_off as usize..(s.buf_off + s.len) as usize].copy_from_slice(&d);
+            out[s.buf_off as usize..(s.buf_off + s.len) as usize].copy_from_slice(&d[s.off as usize..(s.off + s.len) as usize]);
         }
         Ok(out)
     }
@@ -267,6 +333,7 @@ impl VolumeIo {
         let w = self.writer()?;
         let segs: Vec<Segment> = segments(offset, data.len() as u64, self.block_bytes).collect();
         let guards = self.lock_blocks(w, segs.iter().map(|s| s.block)).await;
+        let _change = self.changing(offset, data.len() as u64);
         let r = async {
             let epoch = self.epoch(w)?;
             let head = &self.layers[0].obj;
@@ -312,6 +379,8 @@ impl VolumeIo {
         let guards = self.lock_blocks(w, std::iter::once(block)).await;
         let r = async {
             let _slot = self.slots.acquire().await.map_err(|_| DevError::Io("volume closed".into()))?;
+            let base = block * self.block_bytes;
+            let _changes: Vec<_> = extents.iter().filter_map(|(o, d)| self.changing(base + o, d.len() as u64)).collect();
             let epoch = self.epoch(w)?;
             self.layers[0].obj.update_ops_at(&block.to_be_bytes(), ops, payload, Some(epoch)).await.map_err(io_err)
         }
@@ -327,6 +396,7 @@ impl VolumeIo {
         self.check(offset, len)?;
         let w = self.writer()?;
         let head = &self.layers[0].obj;
+        let _change = self.changing(offset, len);
         futures::stream::iter(segments(offset, len, self.block_bytes).map(|s| async move {
             // Lock before taking a slot, as writes do: a slot is never held while waiting.
             let guards = self.lock_blocks(w, std::iter::once(s.block)).await;

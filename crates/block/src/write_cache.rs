@@ -49,11 +49,13 @@ pub struct CacheConfig {
     pub dirty_bytes_max: u64,
     pub writeback_parallel: usize,
     pub max_age: Duration,
+    /// Clean chunks kept per export for reads (`read_cache`); 0 keeps none.
+    pub clean_bytes_max: u64,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { dirty_bytes_max: CACHE_DIRTY_BYTES_MAX_DEFAULT, writeback_parallel: WRITEBACK_PARALLEL_DEFAULT, max_age: CACHE_MAX_AGE_DEFAULT }
+        CacheConfig { dirty_bytes_max: CACHE_DIRTY_BYTES_MAX_DEFAULT, writeback_parallel: WRITEBACK_PARALLEL_DEFAULT, max_age: CACHE_MAX_AGE_DEFAULT, clean_bytes_max: crate::read_cache::CACHE_CLEAN_BYTES_MAX_DEFAULT }
     }
 }
 
@@ -655,7 +657,7 @@ mod tests {
     }
 
     fn cfg(max: u64, age: Duration) -> CacheConfig {
-        CacheConfig { dirty_bytes_max: max, writeback_parallel: 4, max_age: age }
+        CacheConfig { dirty_bytes_max: max, writeback_parallel: 4, max_age: age, clean_bytes_max: 0 }
     }
 
     fn bytes(seed: u64, len: usize) -> Bytes {

@@ -31,6 +31,10 @@ pub struct Args {
     /// Rounds; figures and ratios are medians over them.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Read cache of our server per volume (`strata block nbd --cache-clean-max`). `nbdkit
+    /// file` reads through the kernel's page cache, which holds all of its file here.
+    #[arg(long, default_value = "256M")]
+    cache_clean_max: String,
     #[arg(long, default_value = "tank")]
     pool: String,
     #[command(flatten)]
@@ -79,6 +83,7 @@ struct Row {
 #[derive(Serialize)]
 struct Report {
     size_bytes: u64,
+    cache_clean_bytes_max: u64,
     duration_secs: u64,
     rounds: usize,
     rows: Vec<Row>,
@@ -141,6 +146,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(Command::new("fio").arg("--enghelp").output().map(|o| String::from_utf8_lossy(&o.stdout).contains("nbd")).unwrap_or(false), "this fio has no nbd engine; install Debian's fio (apt-get install -y fio)");
     anyhow::ensure!((1..=20).contains(&a.rounds) && (1..=600).contains(&a.duration), "--rounds 1..=20, --duration 1..=600");
     let size = parse_size(&a.size)?;
+    let clean_max = parse_size(&a.cache_clean_max)?;
     anyhow::ensure!(size >= 64 << 20 && size % (1 << 20) == 0, "--size must be a whole number of MiB, at least 64M");
     let classes: Vec<ObjectClass> = a.oclass.split(',').map(|c| c.trim().parse()).collect::<Result<_, _>>()?;
     let cluster_path = a.conn.cluster.clone().or_else(|| std::env::var_os("STRATA_CLUSTER").map(Into::into)).unwrap_or_else(ClusterFile::default_path);
@@ -166,7 +172,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        let exports = Arc::new(VolumeExports::new(bc, names.clone(), false, strata_block::writer_lease::WRITER_LEASE_TTL_MS_DEFAULT, Default::default()).await?);
+        let exports = Arc::new(VolumeExports::new(bc, names.clone(), false, strata_block::writer_lease::WRITER_LEASE_TTL_MS_DEFAULT, strata_block::CacheConfig { clean_bytes_max: clean_max, ..Default::default() }).await?);
         let _ = std::fs::remove_file(&socket);
         let l = tokio::net::UnixListener::bind(&socket)?;
         tokio::spawn(strata_block::nbd_server::serve_unix(l, exports.clone(), NbdLimits::default()));
@@ -248,9 +254,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let report = Report { size_bytes: size, duration_secs: a.duration, rounds: a.rounds, rows };
+    let report = Report { size_bytes: size, cache_clean_bytes_max: clean_max, duration_secs: a.duration, rounds: a.rounds, rows };
     emit(a.conn.json, &report, |r| {
         println!("strata bench block: fio nbd engine, iodepth 16, {} volumes, {} s x {} rounds (medians; ratio = median of per-round ratios)", strata_types::human_bytes(r.size_bytes), r.duration_secs, r.rounds);
+        println!("read caches: nbdkit file = the kernel page cache (all of its file); strata = {} of clean chunks per volume", strata_types::human_bytes(r.cache_clean_bytes_max));
         for row in &r.rows {
             println!("{:<18} nbdkit file {:>9.0} {:<4} (server cpu {:.1} s)", row.pattern, row.nbdkit.value, row.nbdkit.unit, row.nbdkit.server_cpu_secs);
             for s in &row.strata {

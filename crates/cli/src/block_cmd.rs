@@ -115,6 +115,11 @@ pub struct NbdArgs {
     /// every write durable before its reply.
     #[arg(long, default_value = "64M")]
     cache_dirty_max: String,
+    /// Read cache per export: clean 64 KiB chunks kept in memory (a miss reads its whole
+    /// chunk). Kept for writable exports (the writer lease keeps other writers out) and
+    /// snapshots, not for --read-only exports of a volume another server writes; 0 keeps none.
+    #[arg(long, default_value = "256M")]
+    cache_clean_max: String,
     #[command(flatten)]
     conn: Conn,
 }
@@ -211,7 +216,7 @@ fn run_nbd(a: NbdArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let bc = open(&a.conn, &a.cont).await?;
-        let cache = strata_block::CacheConfig { dirty_bytes_max: parse_size(&a.cache_dirty_max)?, ..Default::default() };
+        let cache = strata_block::CacheConfig { dirty_bytes_max: parse_size(&a.cache_dirty_max)?, clean_bytes_max: parse_size(&a.cache_clean_max)?, ..Default::default() };
         let exports = Arc::new(VolumeExports::new(bc, a.names.clone(), a.read_only, a.lease_ttl_ms, cache).await?);
         let (serve, uris): (futures_like::Serve, Vec<String>) = if let Some(path) = &a.socket {
             let _ = std::fs::remove_file(path);

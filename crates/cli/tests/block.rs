@@ -652,3 +652,60 @@ fn cached_writes_are_read_at_once_and_written_back_on_flush_and_shutdown() {
     assert_eq!(r.read(0, 64 << 10).unwrap().unwrap(), want, "a stopped server wrote back what it acknowledged");
     r.disconnect();
 }
+
+#[test]
+fn reads_from_the_clean_cache_follow_writes_trims_and_snapshots() {
+    const TRIM: u16 = 4;
+    const WRITE_ZEROES: u16 = 6;
+    let c = block_cluster(&[]);
+    c.json(&["block", "create", "tank/blk", "wb", "16M"]);
+    c.json(&["block", "create", "tank/blk", "wt", "16M"]);
+    // Both caches in front of the volume, and the clean cache alone (writes go through).
+    let cached = NbdServer::start(&c, &["tank/blk", "wb"]);
+    let through = NbdServer::start(&c, &["tank/blk", "wt", "--cache-dirty-max", "0"]);
+    for (srv, vol) in [(&cached, "wb"), (&through, "wt")] {
+        let mut w = RawNbd::connect(&srv.addr, vol).unwrap();
+        let cmd = |w: &mut RawNbd, kind: u16, offset: u64, len: u32, what: &str| {
+            w.send(kind, 0, 9, offset, len, &[]).unwrap();
+            assert_eq!(w.reply(0).unwrap().0, 0, "{what} on {vol}");
+        };
+        let len = 256 << 10;
+        let mut want = pattern(10, len);
+        assert_eq!(w.write(0, &want, 0).unwrap(), 0);
+        cmd(&mut w, NBD_FLUSH, 0, 0, "FLUSH");
+        // Small reads load whole chunks into the cache; every later read must see each change.
+        for off in [0u64, 4096, 70_000 & !511, 200 << 10] {
+            assert_eq!(w.read(off, 4096).unwrap().unwrap(), want[off as usize..off as usize + 4096], "{vol} at {off}");
+        }
+        let b = pattern(11, 10_240);
+        assert_eq!(w.write(4096 + 512, &b, 0).unwrap(), 0);
+        want[4608..4608 + 10_240].copy_from_slice(&b);
+        assert_eq!(w.read(0, len as u32).unwrap().unwrap(), want, "{vol}: a write over cached chunks");
+        cmd(&mut w, NBD_FLUSH, 0, 0, "FLUSH");
+        assert_eq!(w.read(0, len as u32).unwrap().unwrap(), want, "{vol}: the same once written back");
+        cmd(&mut w, TRIM, 8192, 4096, "TRIM");
+        want[8192..12_288].fill(0);
+        cmd(&mut w, WRITE_ZEROES, 65_536, 4096, "WRITE_ZEROES");
+        want[65_536..69_632].fill(0);
+        assert_eq!(w.read(0, len as u32).unwrap().unwrap(), want, "{vol}: trims and zeroes over cached chunks");
+        // A snapshot export keeps reading its instant while the head changes under it.
+        c.json(&["block", "snapshot", "tank/blk", &format!("{vol}@s")]);
+        let mut s = RawNbd::connect(&srv.addr, &format!("{vol}@s")).unwrap();
+        assert_eq!(s.read(0, len as u32).unwrap().unwrap(), want, "{vol}@s");
+        let at_snapshot = want.clone();
+        let d = pattern(12, 4096);
+        assert_eq!(w.write(0, &d, NBD_FUA).unwrap(), 0);
+        want[..4096].copy_from_slice(&d);
+        assert_eq!(w.read(0, len as u32).unwrap().unwrap(), want, "{vol}: the head after the snapshot");
+        assert_eq!(s.read(0, len as u32).unwrap().unwrap(), at_snapshot, "{vol}@s again (from its cache)");
+        // Taken again under the same name while a connection still holds the old one: a new
+        // connection reads the new snapshot, not the old one's cached chunks.
+        c.json(&["block", "snapshot", "tank/blk", &format!("{vol}@s"), "--delete"]);
+        c.json(&["block", "snapshot", "tank/blk", &format!("{vol}@s")]);
+        let mut s2 = RawNbd::connect(&srv.addr, &format!("{vol}@s")).unwrap();
+        assert_eq!(s2.read(0, len as u32).unwrap().unwrap(), want, "{vol}@s taken again");
+        s2.disconnect();
+        s.disconnect();
+        w.disconnect();
+    }
+}

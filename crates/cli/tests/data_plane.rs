@@ -142,6 +142,13 @@ fn a_client_with_an_old_map_is_fenced_and_retries() {
         let out = c.cmd(&["pool", "exclude", "tank", "--rank", "2"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(cont.pool.info().unwrap().map.version, old_version, "the client still holds the old map");
+        // Engines learn a new map at their next heartbeat; until then they too hold the old one
+        // and rightly accept the old client's writes. Wait until every live engine runs its data
+        // movement pass for the new version: then each has installed the new map.
+        poll("every live engine to install the new map", Duration::from_secs(30), || {
+            let g = c.json(&["pool", "query", "tank"])["progress"].clone();
+            (g["version"].as_u64()? > old_version && g["ranks_reporting"].as_u64()? >= 3).then_some(())
+        });
         for (i, o) in objs.iter().enumerate() {
             o.put(b"k", b"v", format!("fenced-{i}").as_bytes()).await.unwrap();
         }

@@ -86,13 +86,21 @@ async fn check_all(objs: &[ObjHandle], class: usize, after: &'static str) {
 }
 
 fn target_states(c: &Cluster) -> Vec<String> {
-    c.json(&["pool", "query", "tank"])["map"]["targets"].as_array().unwrap().iter().map(|t| t["state"].as_str().unwrap().to_owned()).collect()
+    states_in(&c.json(&["pool", "query", "tank"]))
+}
+
+/// The target states of one `pool query` answer.
+fn states_in(query: &serde_json::Value) -> Vec<String> {
+    query["map"]["targets"].as_array().unwrap().iter().map(|t| t["state"].as_str().unwrap().to_owned()).collect()
 }
 
 /// Rebuild has finished for `out` lost targets: they are all DOWNOUT and none is still DOWN.
 fn settled(c: &Cluster, out: usize) -> Option<()> {
-    let s = target_states(c);
-    (s.iter().filter(|x| *x == "DownOut").count() == out && !s.iter().any(|x| x == "Down")).then_some(())
+    settled_in(&target_states(c), out).then_some(())
+}
+
+fn settled_in(s: &[String], out: usize) -> bool {
+    s.iter().filter(|x| *x == "DownOut").count() == out && !s.iter().any(|x| x == "Down")
 }
 
 fn noticed(c: &Cluster) -> Option<()> {
@@ -513,7 +521,11 @@ fn big_array_rebuilds(class: &str) {
     let first = pool.layout(o.oid).unwrap().shards()[0].target.rank.0;
     c.json(&["pool", "exclude", "tank", "--rank", &first.to_string()]);
     // Progress is checked on every sample (see `watch_progress`) and ends with all bytes done.
-    let (end, midway) = common::watch_progress(&c, "tank", "rebuild of the 200 MiB shard", Duration::from_secs(600), |_| settled(&c, per_rank).is_some());
+    let (end, midway) = common::watch_progress(&c, "tank", "rebuild of the 200 MiB shard", Duration::from_secs(600), |q| {
+        // Judged on the same answer the progress came from: a second query could see the
+        // targets settle after this sample was taken and end the watch on a stale sample.
+        settled_in(&states_in(q), per_rank)
+    });
     eprintln!("{class}: {midway} progress samples part way; at the end {end}");
     assert_eq!(end["state"], "done", "{end}");
     // EC_2P1: a shard holds half the array.
