@@ -33,7 +33,7 @@ pub struct Args {
     rounds: usize,
     /// Read cache of our server per volume (`strata block nbd --cache-clean-max`). `nbdkit
     /// file` reads through the kernel's page cache, which holds all of its file here.
-    #[arg(long, default_value = "256M")]
+    #[arg(long, default_value = "1G")]
     cache_clean_max: String,
     #[arg(long, default_value = "tank")]
     pool: String,
