@@ -43,6 +43,13 @@ pub struct Args {
     /// Skip bindfs.
     #[arg(long)]
     no_baseline: bool,
+    /// FUSE threads of the strata mount (as `strata fs mount --threads`; bindfs runs libfuse's
+    /// multi-threaded loop).
+    #[arg(long, default_value_t = 4)]
+    mount_threads: usize,
+    /// Mount without directory leases (every metadata change committed before it returns).
+    #[arg(long)]
+    no_leases: bool,
     /// Only metadata, or only data.
     #[arg(long, value_parser = ["all", "meta", "data"], default_value = "all")]
     only: String,
@@ -105,13 +112,21 @@ impl Bindfs {
         std::fs::create_dir_all(&src).with_context(|| format!("{}", src.display()))?;
         std::fs::create_dir_all(&mp)?;
         // Foreground so we own the process and can read its CPU time.
-        let child = Command::new("bindfs").args(["-f", "-o", "big_writes,entry_timeout=0,attr_timeout=0,negative_timeout=0"]).arg(&src).arg(&mp).spawn().context("starting bindfs (apt-get install -y bindfs, or pass --no-baseline)")?;
+        // The same FUSE settings as the strata mount: timeouts 0, 1 MiB requests, and below
+        // the same kernel read-ahead window; both serve requests on several threads.
+        let max = strata_fs::fuse_mount::MAX_WRITE_BYTES;
+        let o = format!("big_writes,entry_timeout=0,attr_timeout=0,negative_timeout=0,max_write={max},max_readahead={max}");
+        let child = Command::new("bindfs").args(["-f", "-o", &o]).arg(&src).arg(&mp).spawn().context("starting bindfs (apt-get install -y bindfs, or pass --no-baseline)")?;
         let start = Instant::now();
         while !is_mounted(&mp) {
             if start.elapsed() > Duration::from_secs(10) {
                 bail!("bindfs did not mount {} within 10 s", mp.display());
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        let ra = MountOptions::default().read_ahead_kb;
+        if let Err(e) = strata_fs::fuse_mount::set_read_ahead(&mp, ra) {
+            eprintln!("bindfs mount keeps the kernel's default read-ahead ({e}); the strata mount asks for {ra} KiB");
         }
         Ok(Bindfs { mp, src, pid: child.id() })
     }
@@ -225,7 +240,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })?;
     let mp = std::env::temp_dir().join(format!("strata-bench-fs-{}", std::process::id()));
     std::fs::create_dir_all(&mp)?;
-    let opts = MountOptions { kernel_ttl: Duration::ZERO, fsname: format!("strata:{}", a.volume), ..Default::default() };
+    let opts = MountOptions { kernel_ttl: Duration::ZERO, fsname: format!("strata:{}", a.volume), dir_leases: !a.no_leases, threads: a.mount_threads.clamp(1, 64), ..Default::default() };
     let fs = StrataFs::new(rt.handle().clone(), vol.ns.clone(), vol.data.clone(), opts);
     let (tx, rx) = std::sync::mpsc::channel();
     let mp2 = mp.clone();

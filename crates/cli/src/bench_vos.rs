@@ -32,6 +32,9 @@ pub struct Args {
     /// Skip the fio baseline (figures only, no ratios).
     #[arg(long)]
     no_baseline: bool,
+    /// Commit groups that may wait for the disk at once (as `strata server --sync-lanes`).
+    #[arg(long, default_value_t = VosConfig::default().sync_lanes)]
+    sync_lanes: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -106,7 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fio::require()?;
     }
     let root = tempfile::Builder::new().prefix("strata-bench-vos-").tempdir_in(&args.dir).with_context(|| format!("creating a directory under {}", args.dir.display()))?;
-    let vos = Arc::new(Vos::open(&root.path().join("target"), &VosConfig::default())?);
+    let vos = Arc::new(Vos::open(&root.path().join("target"), &VosConfig { sync_lanes: args.sync_lanes, ..VosConfig::default() })?);
     let fio_dir = root.path().join("fio");
     std::fs::create_dir_all(&fio_dir)?;
     let cont = ContId::new_random();

@@ -29,6 +29,8 @@ pub enum MountOpt {
     AllowOther,
     /// Seconds the kernel caches entries and attributes.
     KernelTtl(f64),
+    /// Take no directory leases: every metadata change is committed before it returns.
+    NoLeases,
 }
 
 fn parse_mount_opt(s: &str) -> Result<MountOpt, String> {
@@ -36,8 +38,9 @@ fn parse_mount_opt(s: &str) -> Result<MountOpt, String> {
         None if s == "ro" => Ok(MountOpt::ReadOnly),
         None if s == "rw" => Ok(MountOpt::ReadWrite),
         None if s == "allow_other" => Ok(MountOpt::AllowOther),
+        None if s == "noleases" => Ok(MountOpt::NoLeases),
         Some(("attr_timeout" | "entry_timeout", v)) => v.parse::<f64>().ok().filter(|v| *v >= 0.0 && *v <= 3600.0).map(MountOpt::KernelTtl).ok_or_else(|| format!("'{s}': timeout must be 0..=3600 seconds")),
-        _ => Err(format!("unknown mount option '{s}' (ro, rw, allow_other, attr_timeout=SECONDS)")),
+        _ => Err(format!("unknown mount option '{s}' (ro, rw, allow_other, noleases, attr_timeout=SECONDS)")),
     }
 }
 
@@ -50,7 +53,7 @@ pub enum FsCommand {
         /// Serve in this process until unmounted (default: in the background).
         #[arg(long)]
         foreground: bool,
-        /// Mount options, comma separated: ro, rw, allow_other, attr_timeout=SECONDS.
+        /// Mount options, comma separated: ro, rw, allow_other, noleases, attr_timeout=SECONDS.
         #[arg(short = 'o', value_delimiter = ',', value_parser = parse_mount_opt)]
         options: Vec<MountOpt>,
         /// Requests served at once.
@@ -230,6 +233,7 @@ fn mount_foreground(target: &str, mp: &Path, opts: &[MountOpt], threads: usize, 
             MountOpt::ReadWrite => mo.read_only = false,
             MountOpt::AllowOther => mo.allow_other = true,
             MountOpt::KernelTtl(s) => mo.kernel_ttl = Duration::from_secs_f64(*s),
+            MountOpt::NoLeases => mo.dir_leases = false,
         }
     }
     let fs = StrataFs::new(rt.handle().clone(), vol.ns.clone(), vol.data.clone(), mo);
@@ -288,6 +292,22 @@ fn mount_background(args: &[String], mp: &Path, log: &Path) -> anyhow::Result<u3
     }
 }
 
+/// Processes serving `strata fs mount ... MP` (found by their command line).
+fn mount_processes(mp: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            let is_mount = args.windows(2).any(|w| w[0] == b"fs" && w[1] == b"mount");
+            // No file-system access here: another argument may name a hung mount.
+            is_mount && args.iter().any(|a| std::str::from_utf8(a).ok().and_then(|a| std::path::absolute(a).ok()).is_some_and(|p| p == mp))
+        })
+        .collect()
+}
+
 pub fn run(c: FsCommand) -> anyhow::Result<()> {
     match c {
         FsCommand::Mount { target, mountpoint, foreground, options, threads, meta_cache_ms, log, session_ttl_ms, conn } => {
@@ -306,6 +326,7 @@ pub fn run(c: FsCommand) -> anyhow::Result<()> {
                     MountOpt::ReadWrite => "rw".to_string(),
                     MountOpt::AllowOther => "allow_other".to_string(),
                     MountOpt::KernelTtl(s) => format!("attr_timeout={s}"),
+                    MountOpt::NoLeases => "noleases".to_string(),
                 })
                 .collect();
             if !opt_text.is_empty() {
@@ -335,10 +356,17 @@ pub fn run(c: FsCommand) -> anyhow::Result<()> {
                     bail!("cannot unmount {}: {e} ({why}); close the files open on it and retry", mp.display());
                 }
             }
+            let servers = mount_processes(&mp);
             let start = Instant::now();
             while is_mounted(&mp) {
                 anyhow::ensure!(start.elapsed() < MOUNT_WAIT, "{} still mounted after {MOUNT_WAIT:?}", mp.display());
                 std::thread::sleep(Duration::from_millis(50));
+            }
+            // The mount process commits what its directory leases hold after the kernel let
+            // go of the mount point: return once it is done (and so never races a remount).
+            while servers.iter().any(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+                anyhow::ensure!(start.elapsed() < MOUNT_WAIT, "the mount process of {} still running after {MOUNT_WAIT:?}", mp.display());
+                std::thread::sleep(Duration::from_millis(20));
             }
             emit(conn.json, &serde_json::json!({"unmounted": mp}), |_| println!("unmounted {}", mp.display()))
         }

@@ -21,7 +21,7 @@ pub struct Args {
     /// TOML file with the same keys as the flags (dir, mgmt_addr, data_addr, access_points,
     /// fault_domain, labels, targets, cluster, heartbeat_timeout_ms, threads,
     /// rebuild_mib_per_s, aggregate_interval_ms, aggregate_margin_ms, aggregate_mib_per_s,
-    /// scrub_interval_ms, scrub_mib_per_s);
+    /// scrub_interval_ms, scrub_mib_per_s, sync_lanes, reserve_mib);
     /// flags win.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -78,6 +78,15 @@ pub struct Args {
     /// limit; default 32).
     #[arg(long)]
     pub scrub_mib_per_s: Option<u64>,
+    /// Commit groups per target that may wait for the disk at once (1-16; default 3): with
+    /// one, a target's next group waits for the previous fsync to finish.
+    #[arg(long)]
+    pub sync_lanes: Option<usize>,
+    /// Refuse new data (clients see "no space") while the file system under --dir has fewer
+    /// MiB free than this, so the storage engine never runs out mid-write (default 256; 0:
+    /// no reserve). Reads and deletes still work; writes resume once space is freed.
+    #[arg(long)]
+    pub reserve_mib: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -99,6 +108,8 @@ struct FileConfig {
     aggregate_mib_per_s: Option<u64>,
     scrub_interval_ms: Option<u64>,
     scrub_mib_per_s: Option<u64>,
+    sync_lanes: Option<usize>,
+    reserve_mib: Option<u64>,
 }
 
 /// What a rank remembers across restarts.
@@ -125,6 +136,8 @@ struct Resolved {
     aggregation: strata_engine::AggregationConfig,
     scrub_interval: Duration,
     scrub_bytes_per_s: u64,
+    vos: strata_vos::VosConfig,
+    space_reserve_bytes: u64,
 }
 
 /// A day: bit rot is slow, and a pass reads every stored byte.
@@ -178,6 +191,15 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
         },
         scrub_interval: Duration::from_millis(a.scrub_interval_ms.or(file.scrub_interval_ms).unwrap_or(SCRUB_INTERVAL_MS_DEFAULT)),
         scrub_bytes_per_s: a.scrub_mib_per_s.or(file.scrub_mib_per_s).unwrap_or(32) << 20,
+        vos: {
+            let d = strata_vos::VosConfig::default();
+            let lanes = a.sync_lanes.or(file.sync_lanes).unwrap_or(d.sync_lanes);
+            if !(1..=strata_vos::SYNC_LANES_MAX).contains(&lanes) {
+                bail!("--sync-lanes {lanes}: use 1 to {}", strata_vos::SYNC_LANES_MAX);
+            }
+            strata_vos::VosConfig { sync_lanes: lanes, ..d }
+        },
+        space_reserve_bytes: a.reserve_mib.or(file.reserve_mib).unwrap_or(256).saturating_mul(1 << 20),
     };
     strata_placement::FaultDomain::parse(&r.fault_domain).map_err(|e| anyhow::anyhow!("--fault-domain: {e}"))?;
     Ok(r)
@@ -258,7 +280,7 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     ident.rank = Some(rank);
     save_identity(&r.dir, &ident)?;
 
-    let engine = Arc::new(Engine::open(&EngineConfig { dir: r.dir.clone(), rank, targets: r.targets, cluster: r.cluster.clone(), vos: strata_vos::VosConfig::default(), rebuild_bytes_per_s: r.rebuild_bytes_per_s, aggregation: r.aggregation.clone() }, mgmt.clone()).map_err(|e| anyhow::anyhow!(e))?);
+    let engine = Arc::new(Engine::open(&EngineConfig { dir: r.dir.clone(), rank, targets: r.targets, cluster: r.cluster.clone(), vos: r.vos.clone(), rebuild_bytes_per_s: r.rebuild_bytes_per_s, aggregation: r.aggregation.clone(), space_reserve_bytes: r.space_reserve_bytes }, mgmt.clone()).map_err(|e| anyhow::anyhow!(e))?);
     tokio::spawn(strata_rpc::serve(data_listener, engine.clone(), ServerConfig::new(ServiceKind::Engine, r.cluster.clone()), stop_rx.clone()));
     println!("rank {rank} serving {} targets on {} (cluster {})", r.targets, r.data_addr, r.cluster);
 

@@ -50,6 +50,12 @@ pub struct Args {
     /// Passed to every rank (`strata server --rebuild-mib-per-s`).
     #[arg(long)]
     rebuild_mib_per_s: Option<u64>,
+    /// Passed to every rank (`strata server --sync-lanes`).
+    #[arg(long)]
+    sync_lanes: Option<usize>,
+    /// Passed to every rank (`strata server --reserve-mib`).
+    #[arg(long)]
+    reserve_mib: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -151,6 +157,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         if let Some(ms) = a.aggregate_margin_ms {
             cmd.args(["--aggregate-margin-ms", &ms.to_string()]);
+        }
+        if let Some(n) = a.sync_lanes {
+            cmd.args(["--sync-lanes", &n.to_string()]);
+        }
+        if let Some(m) = a.reserve_mib {
+            cmd.args(["--reserve-mib", &m.to_string()]);
         }
         children.push(cmd.spawn().with_context(|| format!("starting rank {i}"))?);
     }

@@ -82,6 +82,11 @@ impl<'a, T: MetaTxn> Tx<'a, T> {
     pub fn new(inner: T, cache: &'a ExpectCache, use_cache: bool) -> Tx<'a, T> {
         Tx { inner, cache, use_cache, used_cache: false, seen: Vec::new() }
     }
+
+    /// The value this transaction last read or wrote at `key`, if it did.
+    pub fn seen(&self, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        self.seen.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    }
 }
 
 impl<T: MetaTxn> MetaTxn for Tx<'_, T> {

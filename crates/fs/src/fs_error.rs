@@ -35,6 +35,14 @@ pub enum FsError {
     Stale,
     #[error("gave up on {0} after {1} conflicting attempts")]
     Contended(&'static str, u32),
+    /// Another mount holds this directory's lease (`dir_lease.rs`); the caller recalls it and
+    /// retries. Never reaches a user except after the recall timed out.
+    #[error("directory {0} is leased by another mount that did not give it back")]
+    Leased(u64),
+    /// This mount lost a directory lease (expired while it could not renew): the changes it
+    /// had not committed there are gone, as after a crash.
+    #[error("lost the lease of directory {0}; its uncommitted changes were dropped")]
+    LeaseLost(u64),
     #[error(transparent)]
     Meta(#[from] MetaError),
     #[error(transparent)]
@@ -60,7 +68,8 @@ impl FsError {
             FsError::NoSpace(_) => libc::ENOSPC,
             FsError::Loop => libc::ELOOP,
             FsError::Stale => libc::ESTALE,
-            FsError::Contended(..) => libc::EAGAIN,
+            FsError::Contended(..) | FsError::Leased(_) => libc::EAGAIN,
+            FsError::LeaseLost(_) => libc::EIO,
             FsError::Meta(MetaError::Conflict | MetaError::Stale) => libc::EAGAIN,
             FsError::Meta(MetaError::Invalid(_)) => libc::EINVAL,
             FsError::Meta(MetaError::Unavailable(_)) | FsError::Corrupt(_) | FsError::Data(_) => libc::EIO,

@@ -73,11 +73,14 @@ pub struct MountOptions {
     pub read_cache_bytes: u64,
     /// The kernel's read-ahead window for the mount, KiB (0: the kernel's default, 128).
     pub read_ahead_kb: u32,
+    /// Take directory leases (`dir_lease.rs`): creates, unlinks and attribute changes in a
+    /// directory this mount alone uses are committed in batches off the syscall path.
+    pub dir_leases: bool,
 }
 
 impl Default for MountOptions {
     fn default() -> MountOptions {
-        MountOptions { read_only: false, allow_other: false, meta_cache: Duration::from_secs(1), kernel_ttl: Duration::ZERO, threads: 4, write_back_bytes_max: 8 << 20, fsname: "strata".into(), capacity_bytes: 1 << 40, read_cache_bytes: 64 << 20, read_ahead_kb: 4096 }
+        MountOptions { read_only: false, allow_other: false, meta_cache: Duration::from_secs(1), kernel_ttl: Duration::ZERO, threads: 4, write_back_bytes_max: 8 << 20, fsname: "strata".into(), capacity_bytes: 1 << 40, read_cache_bytes: 64 << 20, read_ahead_kb: 4096, dir_leases: true }
     }
 }
 
@@ -174,6 +177,41 @@ pub struct StrataFs<S: MetaStore, D: DataStore> {
     seen_version: Mutex<HashMap<u64, u64>>,
     /// Data objects of deleted files waiting out [`PUNCH_GRACE`]; punched at once on unmount.
     punches: Arc<Mutex<Vec<strata_types::Oid>>>,
+    /// Stops the directory-lease tick thread (unmount).
+    lease_stop: Arc<std::sync::atomic::AtomicBool>,
+    lease_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Punch `oid` (a deleted file's data) after [`PUNCH_GRACE`], unless unmount does it first.
+fn punch_later<D: DataStore>(rt: &tokio::runtime::Handle, store: Arc<D>, punches: Arc<Mutex<Vec<strata_types::Oid>>>, oid: strata_types::Oid) {
+    lock(&punches).push(oid);
+    rt.spawn(async move {
+        tokio::time::sleep(PUNCH_GRACE).await;
+        let due = {
+            let mut p = lock(&punches);
+            p.iter().position(|o| *o == oid).map(|at| p.swap_remove(at)).is_some()
+        };
+        if due {
+            if let Err(e) = store.punch_object(oid).await {
+                tracing::warn!(?oid, error = %e, "could not punch a deleted file's data");
+            }
+        }
+    });
+}
+
+/// The data object of a deleted inode, if it may have one.
+fn freed_oid(i: &Inode, default_oclass: &str) -> Option<strata_types::Oid> {
+    if i.kind != Kind::File || (i.data_version == 0 && i.size == 0) {
+        return None;
+    }
+    let class = i.oclass.clone().unwrap_or_else(|| default_oclass.to_owned());
+    match data_oid(i.ino, &class) {
+        Ok(oid) => Some(oid),
+        Err(e) => {
+            tracing::warn!(ino = i.ino, error = %e, "deleted file has an unusable object class");
+            None
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -226,6 +264,34 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         let chunk = ns.chunk_bytes;
         opts.meta_cache = opts.meta_cache.min(PUNCH_GRACE / 2);
         let cache = ReadCache::new(opts.read_cache_bytes);
+        let punches: Arc<Mutex<Vec<strata_types::Oid>>> = Arc::default();
+        let lease_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lease_thread = (opts.dir_leases && !opts.read_only)
+            .then(|| {
+                ns.enable_leases();
+                let (ns, store, punches, stop, h) = (ns.clone(), data.clone(), punches.clone(), lease_stop.clone(), rt.clone());
+                // A thread of its own: metadata transactions are not `Send` futures.
+                std::thread::Builder::new()
+                    .name("strata-fs-leases".into())
+                    .spawn(move || {
+                        h.block_on(async {
+                            while !stop.load(Ordering::Relaxed) {
+                                tokio::time::sleep(crate::dir_lease::LEASE_TICK).await;
+                                for i in ns.lease_tick().await {
+                                    if let Some(oid) = freed_oid(&i, &ns.default_oclass) {
+                                        punch_later(&h, store.clone(), punches.clone(), oid);
+                                    }
+                                }
+                            }
+                        })
+                    })
+                    .map_err(|e| tracing::error!(error = %e, "could not start the directory lease thread; leases off"))
+                    .ok()
+            })
+            .flatten();
+        if lease_thread.is_none() {
+            ns.disable_leases();
+        }
         StrataFs {
             rt,
             ns,
@@ -239,7 +305,9 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             next_fh: AtomicU64::new(1),
             cache,
             seen_version: Mutex::default(),
-            punches: Arc::default(),
+            punches,
+            lease_stop,
+            lease_thread,
         }
     }
 
@@ -492,30 +560,8 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             self.forget_ino(i.ino);
             self.cache.drop_file(i.ino);
             lock(&self.seen_version).remove(&i.ino);
-            // A file never written has no object to punch.
-            if i.kind != Kind::File || (i.data_version == 0 && i.size == 0) {
-                continue;
-            }
-            let class = i.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
-            match data_oid(i.ino, &class) {
-                Ok(oid) => {
-                    let store = self.data.store.clone();
-                    let punches = self.punches.clone();
-                    lock(&punches).push(oid);
-                    self.rt.spawn(async move {
-                        tokio::time::sleep(PUNCH_GRACE).await;
-                        let due = {
-                            let mut p = lock(&punches);
-                            p.iter().position(|o| *o == oid).map(|at| p.swap_remove(at)).is_some()
-                        };
-                        if due {
-                            if let Err(e) = store.punch_object(oid).await {
-                                tracing::warn!(?oid, error = %e, "could not punch a deleted file's data");
-                            }
-                        }
-                    });
-                }
-                Err(e) => tracing::warn!(ino = i.ino, error = %e, "deleted file has an unusable object class"),
+            if let Some(oid) = freed_oid(i, &self.ns.default_oclass) {
+                punch_later(&self.rt, self.data.store.clone(), self.punches.clone(), oid);
             }
         }
     }
@@ -854,6 +900,16 @@ fn xattr_reply(reply: ReplyXattr, data: &[u8], size: u32) {
 
 impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
     fn destroy(&mut self) {
+        // Commit what the directory leases hold, and give them back.
+        self.lease_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.lease_thread.take() {
+            let _ = t.join();
+        }
+        for i in self.rt.block_on(self.ns.release_leases()) {
+            if let Some(oid) = freed_oid(&i, &self.ns.default_oclass) {
+                lock(&self.punches).push(oid);
+            }
+        }
         // Deleted files' data still waiting out the grace: nobody will read it any more.
         let oids = std::mem::take(&mut *lock(&self.punches));
         let store = self.data.store.clone();
@@ -1078,7 +1134,11 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let ino = self.ino_in(ino);
-        match self.block(self.flush_ino(ino)) {
+        // The data, its size, and the file's name if its directory's lease still holds it.
+        match self.block(async {
+            self.flush_ino(ino).await?;
+            self.ns.sync_leased(ino).await
+        }) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1135,9 +1195,13 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Every metadata change is committed (durably) before its request returns.
-        reply.ok();
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Changes under the directory's lease are committed now; all others already were.
+        let ino = self.ino_in(ino);
+        match self.block(self.ns.sync_leased(ino)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -1347,7 +1411,7 @@ pub fn serve<S: MetaStore, D: DataStore>(fs: StrataFs<S, D>, mountpoint: &Path, 
 /// 128 KiB request per round trip to the mount; with a larger window the kernel sends 1 MiB
 /// requests (`MAX_WRITE_BYTES` sizes the request pages). Needs root; the device is found in
 /// mountinfo (not by `stat`, which would ask this not yet serving mount).
-fn set_read_ahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
+pub fn set_read_ahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
     let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let mp = mp.to_string_lossy().replace(' ', "\\040");
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;

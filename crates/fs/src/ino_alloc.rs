@@ -23,6 +23,9 @@ pub const INO_BATCH: u64 = 16 * 1024;
 /// Numbers of one home kept for later (a batch brings `INO_BATCH / homes`); the rest of a
 /// batch is skipped. Bounds the allocator's memory to `homes * PER_HOME_KEPT_MAX` numbers.
 pub const PER_HOME_KEPT_MAX: usize = 1024;
+/// Below this many numbers left in a home, the next batch is reserved in the background, so a
+/// create-heavy directory does not wait for the management service every ~256 creates.
+pub const PREFETCH_BELOW: usize = 96;
 /// Reservations one allocation may make before giving up (a home no number of a batch maps
 /// to would otherwise loop forever; with an even hash the first batch always has some).
 const RESERVE_ATTEMPTS_MAX: u32 = 16;
@@ -48,6 +51,9 @@ struct Pool {
     /// Home the next home-less allocation (a directory) comes from: rotates, so directories
     /// spread over the shards.
     next_home: u32,
+    /// First numbers of batches reserved in the background, not yet sorted into homes.
+    prefetched: Vec<u64>,
+    prefetching: bool,
 }
 
 #[derive(Clone)]
@@ -71,6 +77,11 @@ impl InoAlloc {
     /// Reserve one more batch and sort it into homes.
     async fn refill(&self, pool: &mut Pool, home_of: &(dyn Fn(u64) -> u32 + Sync)) -> Result<(), FsError> {
         let first = self.source.reserve(self.batch).await?;
+        self.sort_in(pool, first, home_of);
+        Ok(())
+    }
+
+    fn sort_in(&self, pool: &mut Pool, first: u64, home_of: &(dyn Fn(u64) -> u32 + Sync)) {
         // FUSE reserves 0, and 1 names the root there: neither is ever a (non-root) inode.
         for n in first.max(2)..first.saturating_add(self.batch) {
             let list = pool.by_home.entry(home_of(n)).or_default();
@@ -78,15 +89,39 @@ impl InoAlloc {
                 list.push(n);
             }
         }
-        Ok(())
+    }
+
+    /// Reserve the next batch in the background (one at a time), when a runtime is there.
+    fn prefetch(&self, pool: &mut Pool) {
+        if pool.prefetching {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        pool.prefetching = true;
+        let (source, batch, shared) = (self.source.clone(), self.batch, self.pool.clone());
+        rt.spawn(async move {
+            let r = source.reserve(batch).await;
+            let mut p = shared.lock().await;
+            p.prefetching = false;
+            match r {
+                Ok(first) => p.prefetched.push(first),
+                Err(e) => tracing::debug!(error = %e, "background inode number reservation failed; the next create reserves"),
+            }
+        });
     }
 
     /// A number whose home is `home` (a file created in a directory of that home).
     pub async fn next_in(&self, home: u32, home_of: &(dyn Fn(u64) -> u32 + Sync)) -> Result<u64, FsError> {
         let mut pool = self.pool.lock().await;
+        for first in std::mem::take(&mut pool.prefetched) {
+            self.sort_in(&mut pool, first, home_of);
+        }
         for _ in 0..RESERVE_ATTEMPTS_MAX {
             if let Some(n) = pool.by_home.get_mut(&home).and_then(Vec::pop) {
                 debug_assert_eq!(home_of(n), home);
+                if pool.by_home.get(&home).is_some_and(|l| l.len() < PREFETCH_BELOW) {
+                    self.prefetch(&mut pool);
+                }
                 return Ok(n);
             }
             self.refill(&mut pool, home_of).await?;

@@ -4,6 +4,8 @@
 //! key's KV shard (`prefix:8`), then a tag byte:
 //! - home = parent ino, `D` + name → [`DentryRecord`]: a directory is one shard and one scan;
 //! - home = ino, `I` → [`InodeRecord`]: a directory's inode lives with its own entries;
+//! - home = directory ino, `L` → [`DirLeaseRecord`]: the mount that holds the directory's
+//!   lease (`dir_lease.rs`), next to the entries it covers;
 //! - home 0, `O` + ino (8 bytes BE) → [`OrphanRecord`]: an orphan (unlinked while open) to
 //!   reclaim at its last close, or by any mount once the session that held it open expired;
 //! - home 0, `S` → [`SuperRecord`]: format version, chunk size, root inode.
@@ -58,6 +60,10 @@ pub fn dentry_prefix(parent: u64) -> Vec<u8> {
 
 pub fn inode_key(ino: u64) -> Vec<u8> {
     header(ino, b'I', 0)
+}
+
+pub fn lease_key(dir: u64) -> Vec<u8> {
+    header(dir, b'L', 0)
 }
 
 pub fn orphan_key(ino: u64) -> Vec<u8> {
@@ -220,6 +226,21 @@ pub enum OrphanRecord {
     V1(Orphan),
 }
 
+/// A directory lease: `holder` (a namespace instance, i.e. one mount) may change the
+/// directory's entries and its files' inodes in its own memory and commit them later, until
+/// `expires_ns` (wall clock) unless renewed. `wanted`: another mount asked for it back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirLease {
+    pub holder: u64,
+    pub expires_ns: i64,
+    pub wanted: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirLeaseRecord {
+    V1(DirLease),
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("corrupt {what} record: {reason}")]
 pub struct DecodeError {
@@ -275,6 +296,17 @@ pub fn decode_orphan(b: &[u8]) -> Result<Orphan, DecodeError> {
     }
 }
 
+pub fn encode_lease(l: &DirLease) -> Vec<u8> {
+    postcard::to_allocvec(&DirLeaseRecord::V1(l.clone())).expect("lease records always serialize")
+}
+
+pub fn decode_lease(b: &[u8]) -> Result<DirLease, DecodeError> {
+    match postcard::from_bytes(b) {
+        Ok(DirLeaseRecord::V1(l)) => Ok(l),
+        Err(e) => Err(DecodeError { what: "directory lease", reason: e.to_string() }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,5 +330,9 @@ mod tests {
         let o = Orphan { session: "fs-mount/x/1".into() };
         assert_eq!(decode_orphan(&encode_orphan(&o)).unwrap(), o);
         assert_eq!(decode_orphan(b"").unwrap().session, "");
+        let l = DirLease { holder: 3, expires_ns: 4, wanted: true };
+        assert_eq!(decode_lease(&encode_lease(&l)).unwrap(), l);
+        assert_eq!(lease_key(7)[..HOME_BYTES], dentry_key(7, b"x")[..HOME_BYTES]);
+        assert!(!lease_key(7).starts_with(&dentry_prefix(7)));
     }
 }

@@ -11,12 +11,13 @@
 //!   ancestor (rename refuses to move one into its subtree).
 //! - An inode with `nlink == 0` exists only while open somewhere, and then has an orphan key.
 
+use crate::dir_lease::{apply_setattr, apply_write, new_inode, pause, DirLeases};
 use crate::expect_cache::{ExpectCache, Tx};
 use crate::fs_error::FsError;
 use crate::ino_alloc::InoAlloc;
 use crate::meta_schema::*;
 use crate::meta_store::{MetaError, MetaStore, MetaTxn};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use strata_types::Epoch;
 
 /// Attempts of one metadata transaction before giving up with `EAGAIN`.
@@ -94,7 +95,9 @@ pub struct Namespace<S: MetaStore> {
     /// This mount's session (lease key), recorded in the orphans it makes.
     session: std::sync::OnceLock<String>,
     /// Last seen committed values, sent as expectations instead of read first.
-    known: ExpectCache,
+    pub(crate) known: ExpectCache,
+    /// Directory leases held here (`dir_lease.rs`).
+    pub(crate) leases: DirLeases,
 }
 
 impl<S: MetaStore> Namespace<S> {
@@ -104,7 +107,7 @@ impl<S: MetaStore> Namespace<S> {
         for _ in 0..TXN_ATTEMPTS_MAX {
             if let Some(b) = store.get_at(&super_key(), Epoch::MAX).await? {
                 let sb = decode_super(&b)?;
-                return Ok(Namespace { store, root: sb.root, chunk_bytes: sb.chunk_bytes, default_oclass, ids, session: std::sync::OnceLock::new(), known: ExpectCache::default() });
+                return Ok(Namespace { store, root: sb.root, chunk_bytes: sb.chunk_bytes, default_oclass, ids, session: std::sync::OnceLock::new(), known: ExpectCache::default(), leases: DirLeases::new() });
             }
             let root = ids.next(store.homes(), &|n| store.home_of(n)).await?;
             let now = now_ns();
@@ -140,6 +143,14 @@ impl<S: MetaStore> Namespace<S> {
                     Err(e) => e,
                 },
                 Err(FsError::Meta(e)) => e,
+                Err(FsError::Leased(dir)) => {
+                    // A lease seen in cached values may be gone: look first, then recall.
+                    if !used_cache {
+                        self.recall(dir).await?;
+                    }
+                    use_cache = false;
+                    continue;
+                }
                 Err(e) if used_cache => {
                     tracing::debug!(what, error = %e, "answer from cached metadata; checking it with real reads");
                     use_cache = false;
@@ -156,8 +167,7 @@ impl<S: MetaStore> Namespace<S> {
                 e => return Err(e.into()),
             }
             tracing::debug!(what, attempt, "metadata transaction conflicted; retrying");
-            let base_us = 50u64 << attempt.min(8);
-            tokio::time::sleep(Duration::from_micros(base_us + rand::random_range(0..base_us))).await;
+            pause(attempt).await;
         }
         Err(FsError::Contended(what, TXN_ATTEMPTS_MAX))
     }
@@ -171,7 +181,11 @@ impl<S: MetaStore> Namespace<S> {
         encode_orphan(&Orphan { session: self.session.get().cloned().unwrap_or_default() })
     }
 
+    /// The inode as of now: from a held lease's memory when one covers it.
     pub async fn inode(&self, ino: u64) -> Result<Inode, FsError> {
+        if let Some(i) = self.held_lookup_ino(ino).await {
+            return Ok(i);
+        }
         self.inode_at(ino, Epoch::MAX).await
     }
 
@@ -195,7 +209,18 @@ impl<S: MetaStore> Namespace<S> {
         if name.len() > NAME_BYTES_MAX {
             return Err(FsError::NameTooLong);
         }
-        let d = match self.store.get_at(&dentry_key(parent, name), epoch).await? {
+        if epoch == Epoch::MAX {
+            if let Some(r) = self.held_lookup(parent, name).await {
+                return r;
+            }
+        }
+        let dkey = dentry_key(parent, name);
+        let d = if epoch == Epoch::MAX {
+            self.read_unleased(parent, || self.store.get_at(&dkey, epoch)).await?
+        } else {
+            self.store.get_at(&dkey, epoch).await?
+        };
+        let d = match d {
             Some(b) => decode_dentry(&b)?,
             None => {
                 // Tell "no such entry" from "parent is not a directory".
@@ -206,22 +231,57 @@ impl<S: MetaStore> Namespace<S> {
         self.inode_at(d.ino, epoch).await
     }
 
+    /// A read of directory `dir`'s current state, with its lease read alongside: if another
+    /// mount holds the lease, recall it and read again (its uncommitted changes land first).
+    async fn read_unleased<T, F: std::future::Future<Output = Result<T, MetaError>>>(&self, dir: u64, read: impl Fn() -> F) -> Result<T, FsError> {
+        let lkey = lease_key(dir);
+        for _ in 0..TXN_ATTEMPTS_MAX {
+            let (v, l) = futures::join!(read(), self.store.get_at(&lkey, Epoch::MAX));
+            if self.foreign_lease(l?.as_deref())? {
+                self.recall(dir).await?;
+                continue;
+            }
+            return Ok(v?);
+        }
+        Err(FsError::Leased(dir))
+    }
+
     /// [`Self::lookup`] in a directory known to exist: one read less for a missing name. When
     /// this mount saw the name before, its dentry and the inode it named are read at once (one
-    /// round trip instead of two when the name still names that inode).
+    /// round trip instead of two when the name still names that inode). The directory's lease
+    /// is read alongside too; a held one answers from memory.
     pub async fn lookup_known_dir(&self, parent: u64, name: &[u8]) -> Result<Inode, FsError> {
         if name.len() > NAME_BYTES_MAX {
             return Err(FsError::NameTooLong);
         }
+        if let Some(r) = self.held_lookup(parent, name).await {
+            return r;
+        }
         let dkey = dentry_key(parent, name);
+        let lkey = lease_key(parent);
         let guess = self.known.get(&dkey).flatten().and_then(|b| decode_dentry(&b).ok());
-        let (d, guessed) = match guess {
-            Some(g) => {
-                let ikey = inode_key(g.ino);
-                let (d, i) = futures::join!(self.store.get_at(&dkey, Epoch::MAX), self.store.get_at(&ikey, Epoch::MAX));
-                (d?, Some((g.ino, ikey, i?)))
+        let mut attempts = 0;
+        let (d, guessed) = loop {
+            attempts += 1;
+            let (d, l, guessed) = match &guess {
+                Some(g) => {
+                    let ikey = inode_key(g.ino);
+                    let (d, l, i) = futures::join!(self.store.get_at(&dkey, Epoch::MAX), self.store.get_at(&lkey, Epoch::MAX), self.store.get_at(&ikey, Epoch::MAX));
+                    (d?, l?, Some((g.ino, ikey, i?)))
+                }
+                None => {
+                    let (d, l) = futures::join!(self.store.get_at(&dkey, Epoch::MAX), self.store.get_at(&lkey, Epoch::MAX));
+                    (d?, l?, None)
+                }
+            };
+            if self.foreign_lease(l.as_deref())? {
+                if attempts >= TXN_ATTEMPTS_MAX {
+                    return Err(FsError::Leased(parent));
+                }
+                self.recall(parent).await?;
+                continue;
             }
-            None => (self.store.get_at(&dkey, Epoch::MAX).await?, None),
+            break (d, guessed);
         };
         self.known.put(&dkey, d.as_deref());
         let d = match d {
@@ -239,9 +299,12 @@ impl<S: MetaStore> Namespace<S> {
 
     /// Up to `limit` entries of a directory after `after` (a name), in name order.
     pub async fn readdir(&self, dir: u64, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Dentry)>, FsError> {
+        if let Some(page) = self.held_readdir(dir, after, limit).await {
+            return Ok(page);
+        }
         let prefix = dentry_prefix(dir);
         let after_key = after.map(|a| dentry_key(dir, a));
-        let kvs = self.store.scan_prefix_at(&prefix, after_key.as_deref(), limit, Epoch::MAX).await?;
+        let kvs = self.read_unleased(dir, || self.store.scan_prefix_at(&prefix, after_key.as_deref(), limit, Epoch::MAX)).await?;
         kvs.into_iter().map(|(k, v)| Ok((dentry_name(&k).to_vec(), decode_dentry(&v)?))).collect()
     }
 
@@ -283,47 +346,52 @@ impl<S: MetaStore> Namespace<S> {
         Ok(cur)
     }
 
-    async fn tx_inode(tx: &mut Tx<'_, S::Txn>, ino: u64) -> Result<Inode, FsError> {
+    async fn tx_inode(&self, tx: &mut Tx<'_, S::Txn>, ino: u64) -> Result<Inode, FsError> {
         match tx.get(&inode_key(ino)).await? {
             Some(b) => Ok(decode_inode(&b)?),
             None => Err(FsError::NotFound),
         }
     }
 
-    async fn tx_dir(tx: &mut Tx<'_, S::Txn>, ino: u64) -> Result<Inode, FsError> {
-        let d = Self::tx_inode(tx, ino).await?;
+    /// A directory an operation changes (or answers about): fenced by its lease.
+    async fn tx_dir(&self, tx: &mut Tx<'_, S::Txn>, ino: u64) -> Result<Inode, FsError> {
+        let d = self.tx_inode(tx, ino).await?;
         if d.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
         if d.nlink == 0 {
             return Err(FsError::NotFound);
         }
+        self.tx_fence(tx, ino).await?;
         Ok(d)
     }
 
-    async fn tx_dentry(tx: &mut Tx<'_, S::Txn>, parent: u64, name: &[u8]) -> Result<Option<Dentry>, FsError> {
+    async fn tx_dentry(&self, tx: &mut Tx<'_, S::Txn>, parent: u64, name: &[u8]) -> Result<Option<Dentry>, FsError> {
         match tx.get(&dentry_key(parent, name)).await? {
             Some(b) => Ok(Some(decode_dentry(&b)?)),
             None => Ok(None),
         }
     }
 
-    async fn tx_put(tx: &mut Tx<'_, S::Txn>, i: &Inode) -> Result<(), FsError> {
+    /// Write an existing inode: fenced by the lease that may cover it (a directory's own, a
+    /// file's directory's).
+    async fn tx_put(&self, tx: &mut Tx<'_, S::Txn>, i: &Inode) -> Result<(), FsError> {
+        self.tx_fence(tx, if i.kind == Kind::Dir { i.ino } else { i.parent }).await?;
         Ok(tx.put(&inode_key(i.ino), &encode_inode(i)).await?)
     }
 
     /// Drop one link of `i` (already loaded); delete it when none remain unless it is open.
-    async fn tx_drop_link(tx: &mut Tx<'_, S::Txn>, mut i: Inode, now: i64, is_open: &impl Fn(u64) -> bool, orphan: &[u8], rel: &mut Released) -> Result<(), FsError> {
+    async fn tx_drop_link(&self, tx: &mut Tx<'_, S::Txn>, mut i: Inode, now: i64, is_open: &impl Fn(u64) -> bool, orphan: &[u8], rel: &mut Released) -> Result<(), FsError> {
         i.nlink = i.nlink.saturating_sub(if i.kind == Kind::Dir { i.nlink } else { 1 });
         i.ctime_ns = now;
         rel.touched.push(i.ino);
         if i.nlink > 0 {
-            return Self::tx_put(tx, &i).await;
+            return self.tx_put(tx, &i).await;
         }
         if i.kind != Kind::Dir && is_open(i.ino) {
             tx.put(&orphan_key(i.ino), orphan).await?;
             rel.orphaned.push(i.ino);
-            return Self::tx_put(tx, &i).await;
+            return self.tx_put(tx, &i).await;
         }
         tx.delete(&inode_key(i.ino)).await?;
         rel.freed.push(i);
@@ -349,37 +417,33 @@ impl<S: MetaStore> Namespace<S> {
             }
         }
         let ino = self.new_ino(parent, node.kind).await?;
+        // Files, links and special files are made under the directory's lease when this mount
+        // holds or can take it; a directory (a new shard, the parent's link count) is a
+        // transaction, after the parent's lease was given back.
+        let mut g = self.dir_slot(parent, node.kind != Kind::Dir).await?;
+        if g.is_some() {
+            if node.kind != Kind::Dir {
+                let h = g.as_mut().expect("checked");
+                return self.create_held(parent, h, name, &node, ino);
+            }
+            self.flush_slot(parent, &mut g, true).await?;
+        }
         self.txn("create", async |tx| {
-            let mut p = Self::tx_dir(tx, parent).await?;
-            if Self::tx_dentry(tx, parent, name).await?.is_some() {
+            let mut p = self.tx_dir(tx, parent).await?;
+            if self.tx_dentry(tx, parent, name).await?.is_some() {
                 return Err(FsError::Exists);
             }
             let now = now_ns();
-            let mut perm = node.perm & 0o7777;
-            let mut gid = node.gid;
-            // BSD group semantics on set-group-id directories (as Linux does).
-            if p.perm & (libc::S_ISGID as u16) != 0 {
-                gid = p.gid;
-                if node.kind == Kind::Dir {
-                    perm |= libc::S_ISGID as u16;
-                }
-            }
-            let oclass = match node.kind {
-                Kind::File => Some(p.oclass.clone().unwrap_or_else(|| self.default_oclass.clone())),
-                Kind::Dir => p.oclass.clone(),
-                _ => None,
-            };
-            let size = node.symlink.as_ref().map_or(0, |t| t.len() as u64);
-            let nlink = if node.kind == Kind::Dir { 2 } else { 1 };
-            let i = Inode { ino, kind: node.kind, perm, uid: node.uid, gid, size, nlink, atime_ns: now, mtime_ns: now, ctime_ns: now, crtime_ns: now, rdev: node.rdev, parent, oclass, symlink: node.symlink.clone(), xattrs: Default::default(), data_version: 0 };
-            Self::tx_put(tx, &i).await?;
+            let i = new_inode(&p, &node, ino, now, &self.default_oclass);
+            // A new inode: nothing to fence.
+            tx.put(&inode_key(i.ino), &encode_inode(&i)).await?;
             tx.put(&dentry_key(parent, name), &encode_dentry(Dentry { ino, kind: node.kind })).await?;
             p.mtime_ns = now;
             p.ctime_ns = now;
             if node.kind == Kind::Dir {
                 p.nlink += 1;
             }
-            Self::tx_put(tx, &p).await?;
+            self.tx_put(tx, &p).await?;
             Ok(i)
         })
         .await
@@ -390,20 +454,27 @@ impl<S: MetaStore> Namespace<S> {
             return Err(FsError::NameTooLong);
         }
         let orphan = self.orphan_record();
+        let mut g = self.dir_slot(parent, true).await?;
+        if let Some(h) = g.as_mut() {
+            if let Some(rel) = self.unlink_held(parent, h, name, &is_open).await? {
+                return Ok(rel);
+            }
+            self.flush_slot(parent, &mut g, true).await?;
+        }
         self.txn("unlink", async |tx| {
-            let mut p = Self::tx_dir(tx, parent).await?;
-            let d = Self::tx_dentry(tx, parent, name).await?.ok_or(FsError::NotFound)?;
+            let mut p = self.tx_dir(tx, parent).await?;
+            let d = self.tx_dentry(tx, parent, name).await?.ok_or(FsError::NotFound)?;
             if d.kind == Kind::Dir {
                 return Err(FsError::IsDir);
             }
-            let i = Self::tx_inode(tx, d.ino).await?;
+            let i = self.tx_inode(tx, d.ino).await?;
             tx.delete(&dentry_key(parent, name)).await?;
             let now = now_ns();
             let mut rel = Released::default();
-            Self::tx_drop_link(tx, i, now, &is_open, &orphan, &mut rel).await?;
+            self.tx_drop_link(tx, i, now, &is_open, &orphan, &mut rel).await?;
             p.mtime_ns = now;
             p.ctime_ns = now;
-            Self::tx_put(tx, &p).await?;
+            self.tx_put(tx, &p).await?;
             Ok(rel)
         })
         .await
@@ -419,12 +490,15 @@ impl<S: MetaStore> Namespace<S> {
         if name == b".." {
             return Err(FsError::NotEmpty);
         }
+        let _g = self.settle(&[parent], true).await?;
         self.txn("rmdir", async |tx| {
-            let mut p = Self::tx_dir(tx, parent).await?;
-            let d = Self::tx_dentry(tx, parent, name).await?.ok_or(FsError::NotFound)?;
+            let mut p = self.tx_dir(tx, parent).await?;
+            let d = self.tx_dentry(tx, parent, name).await?.ok_or(FsError::NotFound)?;
             if d.kind != Kind::Dir {
                 return Err(FsError::NotDir);
             }
+            // Another mount may hold the child's lease with entries not yet committed.
+            self.tx_fence(tx, d.ino).await?;
             if !tx.scan_prefix(&dentry_prefix(d.ino), None, 1).await?.is_empty() {
                 return Err(FsError::NotEmpty);
             }
@@ -434,14 +508,14 @@ impl<S: MetaStore> Namespace<S> {
             p.nlink = p.nlink.saturating_sub(1).max(2);
             p.mtime_ns = now;
             p.ctime_ns = now;
-            Self::tx_put(tx, &p).await?;
+            self.tx_put(tx, &p).await?;
             Ok(())
         })
         .await
     }
 
     /// Is `dir` equal to `ancestor` or below it?
-    async fn tx_is_within(tx: &mut Tx<'_, S::Txn>, root: u64, mut dir: u64, ancestor: u64) -> Result<bool, FsError> {
+    async fn tx_is_within(&self, tx: &mut Tx<'_, S::Txn>, root: u64, mut dir: u64, ancestor: u64) -> Result<bool, FsError> {
         for _ in 0..TREE_DEPTH_MAX {
             if dir == ancestor {
                 return Ok(true);
@@ -449,7 +523,7 @@ impl<S: MetaStore> Namespace<S> {
             if dir == root {
                 return Ok(false);
             }
-            dir = Self::tx_inode(tx, dir).await?.parent;
+            dir = self.tx_inode(tx, dir).await?.parent;
         }
         Err(FsError::Invalid(format!("directory tree deeper than {TREE_DEPTH_MAX} levels")))
     }
@@ -465,26 +539,27 @@ impl<S: MetaStore> Namespace<S> {
         }
         let root = self.root;
         let orphan = self.orphan_record();
+        let _g = self.settle(&[parent, new_parent], true).await?;
         self.txn("rename", async |tx| {
             let mut rel = Released::default();
-            let mut sp = Self::tx_dir(tx, parent).await?;
-            let src = Self::tx_dentry(tx, parent, name).await?.ok_or(FsError::NotFound)?;
+            let mut sp = self.tx_dir(tx, parent).await?;
+            let src = self.tx_dentry(tx, parent, name).await?.ok_or(FsError::NotFound)?;
             if parent == new_parent && name == new_name {
                 return Ok(rel);
             }
-            let mut dp = if new_parent == parent { None } else { Some(Self::tx_dir(tx, new_parent).await?) };
-            let dst = Self::tx_dentry(tx, new_parent, new_name).await?;
-            if src.kind == Kind::Dir && new_parent != parent && Self::tx_is_within(tx, root, new_parent, src.ino).await? {
+            let mut dp = if new_parent == parent { None } else { Some(self.tx_dir(tx, new_parent).await?) };
+            let dst = self.tx_dentry(tx, new_parent, new_name).await?;
+            if src.kind == Kind::Dir && new_parent != parent && self.tx_is_within(tx, root, new_parent, src.ino).await? {
                 return Err(FsError::Invalid("cannot move a directory into itself".into()));
             }
             let now = now_ns();
-            let mut moved = Self::tx_inode(tx, src.ino).await?;
+            let mut moved = self.tx_inode(tx, src.ino).await?;
             if mode.exchange {
                 let dst = dst.ok_or(FsError::NotFound)?;
-                if dst.kind == Kind::Dir && new_parent != parent && Self::tx_is_within(tx, root, parent, dst.ino).await? {
+                if dst.kind == Kind::Dir && new_parent != parent && self.tx_is_within(tx, root, parent, dst.ino).await? {
                     return Err(FsError::Invalid("cannot move a directory into itself".into()));
                 }
-                let mut other = Self::tx_inode(tx, dst.ino).await?;
+                let mut other = self.tx_inode(tx, dst.ino).await?;
                 tx.put(&dentry_key(parent, name), &encode_dentry(dst)).await?;
                 tx.put(&dentry_key(new_parent, new_name), &encode_dentry(src)).await?;
                 if let Some(dp) = dp.as_mut() {
@@ -501,7 +576,7 @@ impl<S: MetaStore> Namespace<S> {
                     }
                 }
                 other.ctime_ns = now;
-                Self::tx_put(tx, &other).await?;
+                self.tx_put(tx, &other).await?;
             } else {
                 if let Some(dst) = dst {
                     if mode.noreplace {
@@ -511,7 +586,7 @@ impl<S: MetaStore> Namespace<S> {
                         // Both names link the same inode: POSIX says do nothing.
                         return Ok(rel);
                     }
-                    let victim = Self::tx_inode(tx, dst.ino).await?;
+                    let victim = self.tx_inode(tx, dst.ino).await?;
                     match (src.kind == Kind::Dir, victim.kind == Kind::Dir) {
                         (true, false) => return Err(FsError::NotDir),
                         (false, true) => return Err(FsError::IsDir),
@@ -524,10 +599,14 @@ impl<S: MetaStore> Namespace<S> {
                         }
                         (false, false) => {}
                     }
-                    Self::tx_drop_link(tx, victim, now, &is_open, &orphan, &mut rel).await?;
+                    self.tx_drop_link(tx, victim, now, &is_open, &orphan, &mut rel).await?;
                 }
                 tx.delete(&dentry_key(parent, name)).await?;
                 tx.put(&dentry_key(new_parent, new_name), &encode_dentry(src)).await?;
+                if moved.kind != Kind::Dir && moved.nlink == 1 {
+                    // A file's only directory (whose lease covers its inode).
+                    moved.parent = new_parent;
+                }
                 if let Some(dp) = dp.as_mut() {
                     if moved.kind == Kind::Dir {
                         moved.parent = new_parent;
@@ -537,14 +616,14 @@ impl<S: MetaStore> Namespace<S> {
                 }
             }
             moved.ctime_ns = now;
-            Self::tx_put(tx, &moved).await?;
+            self.tx_put(tx, &moved).await?;
             sp.mtime_ns = now;
             sp.ctime_ns = now;
-            Self::tx_put(tx, &sp).await?;
+            self.tx_put(tx, &sp).await?;
             if let Some(mut dp) = dp {
                 dp.mtime_ns = now;
                 dp.ctime_ns = now;
-                Self::tx_put(tx, &dp).await?;
+                self.tx_put(tx, &dp).await?;
             }
             Ok(rel)
         })
@@ -553,29 +632,34 @@ impl<S: MetaStore> Namespace<S> {
 
     pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<Inode, FsError> {
         check_name(new_name)?;
-        self.txn("link", async |tx| {
-            let mut i = Self::tx_inode(tx, ino).await?;
+        let mut dirs = vec![new_parent];
+        dirs.extend(self.lease_dir_of(ino));
+        let g = self.settle(&dirs, false).await?;
+        let r = self.txn("link", async |tx| {
+            let mut i = self.tx_inode(tx, ino).await?;
             if i.kind == Kind::Dir {
                 return Err(FsError::Perm("hard links to directories are not allowed"));
             }
             if i.nlink == 0 {
                 return Err(FsError::NotFound);
             }
-            let mut dp = Self::tx_dir(tx, new_parent).await?;
-            if Self::tx_dentry(tx, new_parent, new_name).await?.is_some() {
+            let mut dp = self.tx_dir(tx, new_parent).await?;
+            if self.tx_dentry(tx, new_parent, new_name).await?.is_some() {
                 return Err(FsError::Exists);
             }
             let now = now_ns();
             i.nlink += 1;
             i.ctime_ns = now;
-            Self::tx_put(tx, &i).await?;
+            self.tx_put(tx, &i).await?;
             tx.put(&dentry_key(new_parent, new_name), &encode_dentry(Dentry { ino, kind: i.kind })).await?;
             dp.mtime_ns = now;
             dp.ctime_ns = now;
-            Self::tx_put(tx, &dp).await?;
+            self.tx_put(tx, &dp).await?;
             Ok(i)
         })
-        .await
+        .await;
+        drop(g);
+        r
     }
 
     /// Change attributes. A size change here is metadata only: the caller punches data beyond
@@ -584,65 +668,50 @@ impl<S: MetaStore> Namespace<S> {
         if a.size.is_some_and(|s| s > FILE_BYTES_MAX) {
             return Err(FsError::TooBig(FILE_BYTES_MAX));
         }
-        self.txn("setattr", async |tx| {
-            let mut i = Self::tx_inode(tx, ino).await?;
-            let now = now_ns();
-            if let Some(p) = a.perm {
-                i.perm = p & 0o7777;
-            }
-            if a.uid.is_some() || a.gid.is_some() {
-                // chown clears set-user/group-id on non-directories (as Linux does).
-                if i.kind != Kind::Dir {
-                    i.perm &= !(libc::S_ISUID as u16);
-                    if i.perm & (libc::S_IXGRP as u16) != 0 {
-                        i.perm &= !(libc::S_ISGID as u16);
-                    }
-                }
-                i.uid = a.uid.unwrap_or(i.uid);
-                i.gid = a.gid.unwrap_or(i.gid);
-            }
-            if let Some(s) = a.size {
-                if i.kind == Kind::Dir {
-                    return Err(FsError::IsDir);
-                }
-                if i.kind != Kind::File {
-                    return Err(FsError::Invalid("only regular files have a size to set".into()));
-                }
-                if s != i.size {
-                    i.data_version += 1;
-                }
-                i.size = s;
-                i.mtime_ns = now;
-            }
-            if let Some(t) = a.atime_ns {
-                i.atime_ns = t;
-            }
-            if let Some(t) = a.mtime_ns {
-                i.mtime_ns = t;
-            }
-            i.ctime_ns = a.ctime_ns.unwrap_or(now);
-            Self::tx_put(tx, &i).await?;
-            Ok(i)
-        })
-        .await
+        let now = now_ns();
+        // A size change commits at once (data changed: another mount's next open must see it).
+        if let Some(i) = self.change_trusted(ino, a.size.is_some(), |i| apply_setattr(i, a, now)).await? {
+            return Ok(i);
+        }
+        let g = self.settle(&self.lease_dir_of(ino).into_iter().collect::<Vec<_>>(), false).await?;
+        let r = self
+            .txn("setattr", async |tx| {
+                let mut i = self.tx_inode(tx, ino).await?;
+                apply_setattr(&mut i, a, now_ns())?;
+                self.tx_put(tx, &i).await?;
+                Ok(i)
+            })
+            .await;
+        drop(g);
+        if let Ok(i) = &r {
+            self.untrust(i).await;
+        }
+        r
     }
 
     /// Record flushed data: the size grows to at least `end` (or becomes `exact` after a
     /// truncate) and the data version moves.
     pub async fn commit_write(&self, ino: u64, end: u64, mtime_ns: i64, exact: Option<u64>) -> Result<Inode, FsError> {
-        self.txn("write", async |tx| {
-            let mut i = Self::tx_inode(tx, ino).await?;
-            i.size = match exact {
-                Some(s) => s.max(end),
-                None => i.size.max(end),
-            };
-            i.mtime_ns = i.mtime_ns.max(mtime_ns);
-            i.ctime_ns = i.ctime_ns.max(mtime_ns);
-            i.data_version += 1;
-            Self::tx_put(tx, &i).await?;
-            Ok(i)
+        if let Some(i) = self.change_trusted(ino, true, |i| {
+            apply_write(i, end, mtime_ns, exact);
+            Ok(())
         })
-        .await
+        .await?
+        {
+            return Ok(i);
+        }
+        let r = self
+            .txn("write", async |tx| {
+                let mut i = self.tx_inode(tx, ino).await?;
+                apply_write(&mut i, end, mtime_ns, exact);
+                self.tx_put(tx, &i).await?;
+                Ok(i)
+            })
+            .await;
+        if let Ok(i) = &r {
+            self.untrust(i).await;
+        }
+        r
     }
 
     /// Delete an orphan (unlinked while open) at its last close; returns it for data punching.
@@ -679,11 +748,12 @@ impl<S: MetaStore> Namespace<S> {
         if value.len() > XATTR_VALUE_BYTES_MAX {
             return Err(FsError::TooBig(XATTR_VALUE_BYTES_MAX as u64));
         }
+        let _g = self.settle(&self.lease_dir_of(ino).into_iter().collect::<Vec<_>>(), false).await?;
         if name == OCLASS_XATTR {
             let class = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<strata_types::ObjectClass>().ok()).ok_or_else(|| FsError::Invalid(format!("'{}' is not an object class (e.g. RP_2G1, EC_2P1G1, S1)", String::from_utf8_lossy(value))))?;
             return self
                 .txn("setclass", async |tx| {
-                    let mut i = Self::tx_inode(tx, ino).await?;
+                    let mut i = self.tx_inode(tx, ino).await?;
                     match i.kind {
                         Kind::Dir => {}
                         Kind::File if i.size == 0 && i.data_version == 0 => {}
@@ -692,12 +762,12 @@ impl<S: MetaStore> Namespace<S> {
                     }
                     i.oclass = Some(class.to_string());
                     i.ctime_ns = now_ns();
-                    Self::tx_put(tx, &i).await
+                    self.tx_put(tx, &i).await
                 })
                 .await;
         }
         self.txn("setxattr", async |tx| {
-            let mut i = Self::tx_inode(tx, ino).await?;
+            let mut i = self.tx_inode(tx, ino).await?;
             let exists = i.xattrs.contains_key(name);
             if create && exists {
                 return Err(FsError::Exists);
@@ -711,19 +781,20 @@ impl<S: MetaStore> Namespace<S> {
             }
             i.xattrs.insert(name.to_vec(), value.to_vec());
             i.ctime_ns = now_ns();
-            Self::tx_put(tx, &i).await
+            self.tx_put(tx, &i).await
         })
         .await
     }
 
     pub async fn remove_xattr(&self, ino: u64, name: &[u8]) -> Result<(), FsError> {
+        let _g = self.settle(&self.lease_dir_of(ino).into_iter().collect::<Vec<_>>(), false).await?;
         self.txn("removexattr", async |tx| {
-            let mut i = Self::tx_inode(tx, ino).await?;
+            let mut i = self.tx_inode(tx, ino).await?;
             if i.xattrs.remove(name).is_none() {
                 return Err(FsError::NoXattr);
             }
             i.ctime_ns = now_ns();
-            Self::tx_put(tx, &i).await
+            self.tx_put(tx, &i).await
         })
         .await
     }

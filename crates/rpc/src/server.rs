@@ -1,6 +1,6 @@
 use crate::frame::{self, Frame, FrameKind, FIXED_BYTES};
 use crate::{decode, encode, ErrorCode, Hello, HelloAck, RemoteError, ServiceKind, PROTOCOL_VERSION};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -84,9 +84,35 @@ pub(crate) async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Opt
     let mut header = BytesMut::zeroed(f.header_len);
     r.read_exact(&mut header).await.map_err(|e| format!("truncated frame header: {e}"))?;
     frame::verify(&f, &header).map_err(|e| e.to_string())?;
-    let mut payload = BytesMut::zeroed(f.payload_len);
-    r.read_exact(&mut payload).await.map_err(|e| format!("truncated frame payload: {e}"))?;
-    Ok(Some(Frame { kind: f.kind, request_id: f.request_id, timeout_ms: f.timeout_ms, header: header.freeze(), payload: payload.freeze() }))
+    let payload = read_payload(r, f.payload_len).await.map_err(|e| format!("truncated frame payload: {e}"))?;
+    Ok(Some(Frame { kind: f.kind, request_id: f.request_id, timeout_ms: f.timeout_ms, header: header.freeze(), payload }))
+}
+
+/// Payloads from this size on start on a `PAYLOAD_ALIGN` boundary in memory, so that the
+/// engine hands extent bytes to `O_DIRECT` writes without an aligning copy.
+const PAYLOAD_ALIGN_FROM_BYTES: usize = 64 << 10;
+const PAYLOAD_ALIGN: usize = 4096;
+
+/// `len` bytes, read into memory that is not zeroed first (zeroing a fresh megabyte per write
+/// was 4% of an engine's CPU).
+async fn read_payload<R: AsyncReadExt + Unpin>(r: &mut R, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = if len >= PAYLOAD_ALIGN_FROM_BYTES {
+        let mut b = BytesMut::with_capacity(len + PAYLOAD_ALIGN);
+        let pad = b.as_ptr().align_offset(PAYLOAD_ALIGN);
+        b.put_bytes(0, pad);
+        b.advance(pad);
+        debug_assert!(b.as_ptr().align_offset(PAYLOAD_ALIGN) == 0 && b.capacity() >= len);
+        b
+    } else {
+        BytesMut::with_capacity(len)
+    };
+    while buf.len() < len {
+        let want = (len - buf.len()) as u64;
+        if (&mut *r).take(want).read_buf(&mut buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
 }
 
 

@@ -91,7 +91,8 @@ fn open_direct(path: &Path) -> Option<Arc<File>> {
     std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok().map(Arc::new)
 }
 
-/// A 4 KiB-aligned copy of `data`, zero-padded to whole 4 KiB blocks, as `O_DIRECT` needs.
+/// A 4 KiB-aligned copy of `data`, zero-padded to whole 4 KiB blocks, as `O_DIRECT` needs
+/// (only for data that is not aligned already: see `append`).
 struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     layout: std::alloc::Layout,
@@ -101,10 +102,16 @@ impl AlignedBuf {
     fn copy_of(data: &[u8]) -> Option<AlignedBuf> {
         let len = (data.len() as u64).div_ceil(EXTENT_ALIGN_BYTES) * EXTENT_ALIGN_BYTES;
         let layout = std::alloc::Layout::from_size_align(len as usize, EXTENT_ALIGN_BYTES as usize).ok()?;
+        // Not zeroed: all but the padding is overwritten at once (zeroing a fresh megabyte was
+        // 5% of an engine's CPU under 1 MiB writes).
         // SAFETY: the layout has a non-zero size (callers never pass empty data).
-        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
-        // SAFETY: `ptr` is valid for `layout.size() >= data.len()` bytes and does not overlap `data`.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len()) };
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) })?;
+        // SAFETY: `ptr` is valid for `layout.size() >= data.len()` bytes and does not overlap
+        // `data`; the copy and the fill together initialise all `layout.size()` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len());
+            std::ptr::write_bytes(ptr.as_ptr().add(data.len()), 0, layout.size() - data.len());
+        }
         Some(AlignedBuf { ptr, layout })
     }
 
@@ -222,9 +229,13 @@ impl ExtentFiles {
         // Direct I/O: no copy into the page cache (on this path the kernel's copy into new page
         // cache folios was most of an engine's CPU); the group commit's fdatasync still makes
         // the blocks (and the device cache) durable.
-        let direct_done = match (&direct, AlignedBuf::copy_of(data)) {
-            (Some(d), Some(buf)) => d.write_all_at(buf.as_slice(), offset).is_ok(),
-            _ => false,
+        // Bytes that already start on a block boundary and fill whole blocks (the RPC layer
+        // receives large payloads that way) go to the disk from where they are.
+        let aligned = (data.as_ptr() as usize).is_multiple_of(EXTENT_ALIGN_BYTES as usize) && (data.len() as u64).is_multiple_of(EXTENT_ALIGN_BYTES);
+        let direct_done = match &direct {
+            Some(d) if aligned => d.write_all_at(data, offset).is_ok(),
+            Some(d) => AlignedBuf::copy_of(data).is_some_and(|buf| d.write_all_at(buf.as_slice(), offset).is_ok()),
+            None => false,
         };
         if !direct_done {
             file.write_all_at(data, offset).map_err(|source| VosError::Io { path: path(), source })?;
@@ -292,6 +303,28 @@ pub fn sync_touched(touched: &[Touched]) -> Result<(), VosError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Block-aligned bytes are written from where they lie, others through an aligned copy:
+    /// both read back exactly, and neighbours are untouched.
+    #[test]
+    fn aligned_and_unaligned_sources_read_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = ExtentFiles::open(dir.path()).unwrap();
+        let mut backing = vec![0u8; (64 << 10) + 8192];
+        let at = backing.as_ptr().align_offset(4096);
+        for (i, b) in backing.iter_mut().enumerate() {
+            *b = (i as u32).wrapping_mul(2654435761).to_be_bytes()[0];
+        }
+        let aligned = &backing[at..at + (64 << 10)];
+        let unaligned = &backing[at + 1..at + 1 + 70_001];
+        let (ra, ta) = x.append(aligned).unwrap();
+        let (ru, tu) = x.append(unaligned).unwrap();
+        let (rb, tb) = x.append(aligned).unwrap();
+        sync_touched(&[ta, tu, tb]).unwrap();
+        assert_eq!(x.read(&ra, aligned.len() as u64).unwrap(), aligned);
+        assert_eq!(x.read(&ru, unaligned.len() as u64).unwrap(), unaligned);
+        assert_eq!(x.read(&rb, aligned.len() as u64).unwrap(), aligned);
+    }
 
     #[test]
     fn appends_read_back_aligned_and_a_flipped_byte_is_caught() {

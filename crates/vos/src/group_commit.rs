@@ -1,14 +1,20 @@
 //! Group commit: one writer thread takes every update batch waiting in its queue, applies them
-//! as one engine batch, makes it durable with one `sync`, and only then acknowledges each
-//! caller. Concurrent writers therefore share fsyncs instead of serializing on them (the storage
-//! engine's own persist calls serialize).
+//! as one engine batch and starts its sync; sync lanes wait for the disk and acknowledge each
+//! caller. Concurrent writers therefore share fsyncs instead of serializing on them, and while
+//! one group's fsync is in flight the next group is already applied and its own fsync started
+//! (a journal with one sync at a time caps a target at one group per disk flush).
+//!
+//! Acknowledgements leave in group order, and the first failed sync fails every later group
+//! too (the store then refuses writes until reopened): a later group's successful fsync does
+//! not prove that an earlier group's bytes reached the disk.
 
-use crate::engine::{EngineOp, KvEngine};
+use crate::engine::{EngineOp, KvEngine, PendingSync};
 use crate::error::VosError;
 use crate::extent_file::{sync_touched, Touched};
 use crate::punch_index::{PunchEntry, PunchIndex};
+use std::collections::BTreeMap;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub struct Job {
@@ -27,14 +33,19 @@ pub struct GroupCommit {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Upper bound on sync lanes: more syncs in flight per journal than this gain nothing.
+pub const SYNC_LANES_MAX: usize = 16;
+
 impl GroupCommit {
     /// `queue_depth` bounds the batches waiting for the writer; `group_bytes_max` bounds one
-    /// group so that a flood of large writes cannot delay the first one's ack without limit.
-    pub fn start(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, queue_depth: usize, group_bytes_max: usize) -> GroupCommit {
+    /// group so that a flood of large writes cannot delay the first one's ack without limit;
+    /// `sync_lanes` is how many groups may wait for the disk at once.
+    pub fn start(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, queue_depth: usize, group_bytes_max: usize, sync_lanes: usize) -> GroupCommit {
         let (tx, rx) = mpsc::sync_channel::<Job>(queue_depth.max(1));
+        let lanes = sync_lanes.clamp(1, SYNC_LANES_MAX);
         let thread = std::thread::Builder::new()
             .name("vos-group-commit".into())
-            .spawn(move || writer_loop(engine, punches, rx, group_bytes_max))
+            .spawn(move || writer_loop(engine, punches, rx, group_bytes_max, lanes))
             .ok();
         GroupCommit { tx: Some(tx), thread }
     }
@@ -82,7 +93,72 @@ impl Drop for GroupCommit {
     }
 }
 
-fn writer_loop(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, rx: mpsc::Receiver<Job>, group_bytes_max: usize) {
+/// One applied group on its way to the disk.
+struct Group {
+    seq: u64,
+    jobs: Vec<Job>,
+    sync: Result<PendingSync, String>,
+}
+
+/// Finished groups waiting for every earlier one, so that acknowledgements leave in order.
+struct AckOrder {
+    next: u64,
+    finished: BTreeMap<u64, (Vec<Job>, Result<(), String>)>,
+    /// The first failure; every later group fails with it.
+    failed: Option<String>,
+}
+
+impl AckOrder {
+    fn finish(&mut self, punches: &PunchIndex, seq: u64, jobs: Vec<Job>, result: Result<(), String>) {
+        self.finished.insert(seq, (jobs, result));
+        while let Some((jobs, result)) = self.finished.remove(&self.next) {
+            self.next += 1;
+            if let (Err(e), None) = (&result, &self.failed) {
+                tracing::error!(error = %e, "group commit failed; this store refuses writes until it is reopened");
+                self.failed = Some(e.clone());
+            }
+            match &self.failed {
+                Some(e) => {
+                    for j in jobs {
+                        let _ = j.reply.send(Err(e.clone()));
+                    }
+                }
+                None => {
+                    for j in &jobs {
+                        for p in &j.punches {
+                            punches.insert(p);
+                        }
+                    }
+                    for j in jobs {
+                        let _ = j.reply.send(Ok(()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn writer_loop(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, rx: mpsc::Receiver<Job>, group_bytes_max: usize, lanes: usize) {
+    let order = Arc::new(Mutex::new(AckOrder { next: 0, finished: BTreeMap::new(), failed: None }));
+    // A rendezvous channel: the writer hands a group over only when a lane is free, so at most
+    // `lanes` syncs are in flight and a slow disk pushes back on the writer, then on callers.
+    let (lane_tx, lane_rx) = mpsc::sync_channel::<Group>(0);
+    let lane_rx = Arc::new(Mutex::new(lane_rx));
+    let mut lane_threads = Vec::with_capacity(lanes);
+    for i in 0..lanes {
+        let (rx, order, punches) = (lane_rx.clone(), order.clone(), punches.clone());
+        let spawned = std::thread::Builder::new().name(format!("vos-sync-{i}")).spawn(move || loop {
+            let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+            let Ok(g) = next else { return };
+            let result = g.sync.and_then(|p| p.wait().map_err(|e| e.to_string()));
+            order.lock().unwrap_or_else(|e| e.into_inner()).finish(&punches, g.seq, g.jobs, result);
+        });
+        match spawned {
+            Ok(t) => lane_threads.push(t),
+            Err(e) => tracing::warn!(error = %e, lane = i, "could not start a sync lane; running with fewer"),
+        }
+    }
+    let mut seq = 0u64;
     while let Ok(first) = rx.recv() {
         let mut bytes = first.bytes;
         let mut jobs = vec![first];
@@ -95,32 +171,123 @@ fn writer_loop(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, rx: mpsc::Re
                 Err(_) => break,
             }
         }
-        let mut ops = Vec::with_capacity(jobs.iter().map(|j| j.ops.len()).sum());
-        let mut touched = Vec::new();
-        for j in &mut jobs {
-            ops.append(&mut j.ops);
-            touched.append(&mut j.touched);
+        let failed = order.lock().unwrap_or_else(|e| e.into_inner()).failed.clone();
+        let sync = match failed {
+            // Nothing more is applied after a failed sync: its bytes may be missing from the
+            // journal, and later bytes must not become durable without them.
+            Some(e) => Err(e),
+            None => {
+                let mut ops = Vec::with_capacity(jobs.iter().map(|j| j.ops.len()).sum());
+                let mut touched = Vec::new();
+                for j in &mut jobs {
+                    ops.append(&mut j.ops);
+                    touched.append(&mut j.touched);
+                }
+                // Extent bytes first: an index row must never be durable before the bytes it names.
+                sync_touched(&touched).and_then(|()| engine.apply(ops)).and_then(|()| engine.begin_sync()).map_err(|e| e.to_string())
+            }
+        };
+        let g = Group { seq, jobs, sync };
+        seq += 1;
+        if lane_threads.is_empty() {
+            let result = g.sync.and_then(|p| p.wait().map_err(|e| e.to_string()));
+            order.lock().unwrap_or_else(|e| e.into_inner()).finish(&punches, g.seq, g.jobs, result);
+        } else if let Err(mpsc::SendError(g)) = lane_tx.send(g) {
+            order.lock().unwrap_or_else(|e| e.into_inner()).finish(&punches, g.seq, g.jobs, Err("sync lanes exited".into()));
         }
-        // Extent bytes first: an index row must never be durable before the bytes it names.
-        let result = sync_touched(&touched).and_then(|()| engine.apply(ops)).and_then(|()| engine.sync());
-        match result {
-            Ok(()) => {
-                for j in &jobs {
-                    for p in &j.punches {
-                        punches.insert(p);
-                    }
-                }
-                for j in jobs {
-                    let _ = j.reply.send(Ok(()));
-                }
+    }
+    drop(lane_tx);
+    for t in lane_threads {
+        let _ = t.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{FjallEngine, FjallTuning, RowIter, Space};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Fjall, except that the `fail_at`-th `begin_sync` fails (as a full disk would).
+    struct FailingSync {
+        inner: FjallEngine,
+        calls: AtomicUsize,
+        fail_at: usize,
+    }
+
+    impl KvEngine for FailingSync {
+        fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, VosError> {
+            self.inner.get(space, key)
+        }
+        fn scan<'a>(&'a self, space: Space, start: &[u8], end: Option<&[u8]>, reverse: bool) -> RowIter<'a> {
+            self.inner.scan(space, start, end, reverse)
+        }
+        fn scan_keys<'a>(&'a self, space: Space) -> Box<dyn Iterator<Item = Result<Vec<u8>, VosError>> + 'a> {
+            self.inner.scan_keys(space)
+        }
+        fn apply(&self, ops: Vec<EngineOp>) -> Result<(), VosError> {
+            self.inner.apply(ops)
+        }
+        fn sync(&self) -> Result<(), VosError> {
+            self.inner.sync()
+        }
+        fn begin_sync(&self) -> Result<PendingSync, VosError> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == self.fail_at {
+                return Err(VosError::Engine("injected: no space left on device".into()));
             }
-            Err(e) => {
-                tracing::error!(error = %e, "group commit failed; every batch in the group is refused");
-                let msg = e.to_string();
-                for j in jobs {
-                    let _ = j.reply.send(Err(msg.clone()));
+            self.inner.begin_sync()
+        }
+        fn disk_bytes(&self) -> u64 {
+            self.inner.disk_bytes()
+        }
+        fn flush(&self) -> Result<(), VosError> {
+            self.inner.flush()
+        }
+    }
+
+    fn put(k: u32) -> Vec<EngineOp> {
+        vec![EngineOp::Put(Space::Meta, k.to_be_bytes().to_vec(), vec![k as u8; 100])]
+    }
+
+    fn tuning() -> FjallTuning {
+        FjallTuning { cache_bytes: 1 << 20, worker_threads: 1 }
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_later_commit_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(FailingSync { inner: FjallEngine::open(dir.path(), &tuning()).unwrap(), calls: AtomicUsize::new(0), fail_at: 2 });
+        let gc = GroupCommit::start(engine, Arc::new(PunchIndex::default()), 16, 1 << 20, 3);
+        let outcomes: Vec<bool> = (0..6).map(|k| gc.commit(put(k), Vec::new(), Vec::new(), 0).is_ok()).collect();
+        // The engine would sync the later groups fine; they fail because an earlier one did.
+        assert_eq!(outcomes, [true, true, false, false, false, false]);
+    }
+
+    #[test]
+    fn concurrent_commits_through_several_lanes_are_all_acknowledged_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (threads, per_thread) = (8u32, 150u32);
+        {
+            let engine = Arc::new(FjallEngine::open(dir.path(), &tuning()).unwrap());
+            let gc = Arc::new(GroupCommit::start(engine.clone(), Arc::new(PunchIndex::default()), 16, 1 << 20, 3));
+            std::thread::scope(|s| {
+                for t in 0..threads {
+                    let gc = gc.clone();
+                    s.spawn(move || {
+                        for i in 0..per_thread {
+                            gc.commit(put(t * per_thread + i), Vec::new(), Vec::new(), 0).unwrap();
+                        }
+                    });
                 }
+            });
+            // Acknowledged means visible too.
+            for k in 0..threads * per_thread {
+                assert_eq!(engine.get(Space::Meta, &k.to_be_bytes()).unwrap(), Some(vec![k as u8; 100]), "key {k}");
             }
+        }
+        let engine = FjallEngine::open(dir.path(), &tuning()).unwrap();
+        for k in 0..threads * per_thread {
+            assert_eq!(engine.get(Space::Meta, &k.to_be_bytes()).unwrap(), Some(vec![k as u8; 100]), "key {k} after reopen");
         }
     }
 }

@@ -51,7 +51,8 @@ mod punch_index;
 mod record;
 mod store;
 
-pub use engine::{EngineOp, FjallEngine, FjallTuning, KvEngine, RowIter, Space};
+pub use engine::{EngineOp, FjallEngine, FjallTuning, KvEngine, PendingSync, RowIter, Space};
+pub use group_commit::SYNC_LANES_MAX;
 pub use error::VosError;
 pub use key_codec::RecordKey;
 pub use aggregation_horizon::Horizon;
@@ -83,11 +84,13 @@ pub struct VosConfig {
     pub queue_depth: usize,
     /// Bytes one commit group may gather before it is written.
     pub group_bytes_max: usize,
+    /// Commit groups that may wait for the disk at once (see `group_commit`).
+    pub sync_lanes: usize,
 }
 
 impl Default for VosConfig {
     fn default() -> Self {
-        VosConfig { cache_bytes: 16 << 20, engine_threads: 1, queue_depth: 1024, group_bytes_max: 64 << 20 }
+        VosConfig { cache_bytes: 16 << 20, engine_threads: 1, queue_depth: 1024, group_bytes_max: 64 << 20, sync_lanes: 3 }
     }
 }
 

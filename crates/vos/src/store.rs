@@ -178,7 +178,7 @@ impl Vos {
             horizons.insert(cont, Horizon::decode(&v).ok_or_else(bad)?);
         }
         let extents = ExtentFiles::open(dir)?;
-        let writer = GroupCommit::start(engine.clone(), punches.clone(), cfg.queue_depth, cfg.group_bytes_max);
+        let writer = GroupCommit::start(engine.clone(), punches.clone(), cfg.queue_depth, cfg.group_bytes_max, cfg.sync_lanes);
         let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()), extents, indexed: Mutex::default() };
         // What happened before the restart is unknown: every container is due once.
         for cont in vos.list_containers()? {
