@@ -21,7 +21,7 @@ pub struct Args {
     /// TOML file with the same keys as the flags (dir, mgmt_addr, data_addr, access_points,
     /// fault_domain, labels, targets, cluster, heartbeat_timeout_ms, threads,
     /// rebuild_mib_per_s, aggregate_interval_ms, aggregate_margin_ms, aggregate_mib_per_s,
-    /// scrub_interval_ms, scrub_mib_per_s, sync_lanes);
+    /// scrub_interval_ms, scrub_mib_per_s, sync_lanes, reserve_mib);
     /// flags win.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -82,6 +82,11 @@ pub struct Args {
     /// one, a target's next group waits for the previous fsync to finish.
     #[arg(long)]
     pub sync_lanes: Option<usize>,
+    /// Refuse new data (clients see "no space") while the file system under --dir has fewer
+    /// MiB free than this, so the storage engine never runs out mid-write (default 256; 0:
+    /// no reserve). Reads and deletes still work; writes resume once space is freed.
+    #[arg(long)]
+    pub reserve_mib: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -104,6 +109,7 @@ struct FileConfig {
     scrub_interval_ms: Option<u64>,
     scrub_mib_per_s: Option<u64>,
     sync_lanes: Option<usize>,
+    reserve_mib: Option<u64>,
 }
 
 /// What a rank remembers across restarts.
@@ -131,6 +137,7 @@ struct Resolved {
     scrub_interval: Duration,
     scrub_bytes_per_s: u64,
     vos: strata_vos::VosConfig,
+    space_reserve_bytes: u64,
 }
 
 /// A day: bit rot is slow, and a pass reads every stored byte.
@@ -192,6 +199,7 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
             }
             strata_vos::VosConfig { sync_lanes: lanes, ..d }
         },
+        space_reserve_bytes: a.reserve_mib.or(file.reserve_mib).unwrap_or(256).saturating_mul(1 << 20),
     };
     strata_placement::FaultDomain::parse(&r.fault_domain).map_err(|e| anyhow::anyhow!("--fault-domain: {e}"))?;
     Ok(r)
@@ -272,7 +280,7 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     ident.rank = Some(rank);
     save_identity(&r.dir, &ident)?;
 
-    let engine = Arc::new(Engine::open(&EngineConfig { dir: r.dir.clone(), rank, targets: r.targets, cluster: r.cluster.clone(), vos: r.vos.clone(), rebuild_bytes_per_s: r.rebuild_bytes_per_s, aggregation: r.aggregation.clone() }, mgmt.clone()).map_err(|e| anyhow::anyhow!(e))?);
+    let engine = Arc::new(Engine::open(&EngineConfig { dir: r.dir.clone(), rank, targets: r.targets, cluster: r.cluster.clone(), vos: r.vos.clone(), rebuild_bytes_per_s: r.rebuild_bytes_per_s, aggregation: r.aggregation.clone(), space_reserve_bytes: r.space_reserve_bytes }, mgmt.clone()).map_err(|e| anyhow::anyhow!(e))?);
     tokio::spawn(strata_rpc::serve(data_listener, engine.clone(), ServerConfig::new(ServiceKind::Engine, r.cluster.clone()), stop_rx.clone()));
     println!("rank {rank} serving {} targets on {} (cluster {})", r.targets, r.data_addr, r.cluster);
 

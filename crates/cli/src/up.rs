@@ -53,6 +53,9 @@ pub struct Args {
     /// Passed to every rank (`strata server --sync-lanes`).
     #[arg(long)]
     sync_lanes: Option<usize>,
+    /// Passed to every rank (`strata server --reserve-mib`).
+    #[arg(long)]
+    reserve_mib: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -157,6 +160,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         if let Some(n) = a.sync_lanes {
             cmd.args(["--sync-lanes", &n.to_string()]);
+        }
+        if let Some(m) = a.reserve_mib {
+            cmd.args(["--reserve-mib", &m.to_string()]);
         }
         children.push(cmd.spawn().with_context(|| format!("starting rank {i}"))?);
     }

@@ -20,6 +20,8 @@ mod capability_check;
 pub(crate) mod aggregation;
 #[path = "movement_progress.rs"]
 mod movement_progress;
+#[path = "space_guard.rs"]
+mod space_guard;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -34,6 +36,9 @@ pub struct EngineConfig {
     /// foreground I/O stays responsive while redundancy comes back.
     pub rebuild_bytes_per_s: u64,
     pub aggregation: aggregation::AggregationConfig,
+    /// New data is refused (`NoSpace`) while the file system under `dir` has less free (0: no
+    /// reserve); see `space_guard`.
+    pub space_reserve_bytes: u64,
 }
 
 /// Paces data movement: each push reserves its share of the rate and waits for its turn.
@@ -138,6 +143,7 @@ pub struct Engine {
     agg_counters: aggregation::AggregationCounters,
     /// Progress of this rank's rebuild passes, per pool.
     movement: movement_progress::MovementTracker,
+    space: space_guard::SpaceGuard,
 }
 
 fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
@@ -167,6 +173,7 @@ fn vos_err(e: VosError) -> RemoteError {
     let code = match &e {
         VosError::Corrupt { .. } => ErrorCode::Corrupt,
         VosError::TooLarge { .. } | VosError::Empty { .. } | VosError::ExtentOutOfRange { .. } | VosError::BatchTooLarge { .. } | VosError::Aggregated { .. } => ErrorCode::InvalidArgument,
+        VosError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => ErrorCode::NoSpace,
         _ => ErrorCode::Internal,
     };
     rerr(code, e.to_string())
@@ -181,7 +188,7 @@ impl Engine {
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
         let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default() })
+        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes) })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -262,6 +269,15 @@ impl Engine {
             return Err(rerr(ErrorCode::Unavailable, format!("the management service has not yet shown this engine pool map version {version}")));
         }
         Ok(v)
+    }
+
+    /// New bytes that a request would store, checked against the disk-space reserve. Requests
+    /// without payload (punches) always pass: they are how space is freed.
+    fn admit_bytes(&self, payload: &Bytes) -> Result<(), RemoteError> {
+        if payload.is_empty() {
+            return Ok(());
+        }
+        self.space.admit(payload.len() as u64)
     }
 
     /// `view`, for an update: counted as in flight under its map version until the guard drops,
@@ -1093,8 +1109,12 @@ impl Handler for Engine {
 
     async fn handle(&self, req: EngineReq, payload: Bytes, _ctx: RequestCtx) -> Result<(EngineResp, Bytes), RemoteError> {
         match req {
-            EngineReq::Update { pool, map_version, cont, oid, dkey, epoch, ops } => Ok((self.update(pool, map_version, cont, oid, dkey, epoch, ops, payload).await?, Bytes::new())),
+            EngineReq::Update { pool, map_version, cont, oid, dkey, epoch, ops } => {
+                self.admit_bytes(&payload)?;
+                Ok((self.update(pool, map_version, cont, oid, dkey, epoch, ops, payload).await?, Bytes::new()))
+            }
             EngineReq::Replicate { pool, map_version, target, cont, oid, dkey, epoch, ops } => {
+                self.admit_bytes(&payload)?;
                 let _admitted = self.admit(pool, map_version).await?;
                 self.hlc.update(epoch).map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
@@ -1126,6 +1146,7 @@ impl Handler for Engine {
                 Ok((EngineResp::Objects { oids: p.items, next: p.next }, Bytes::new()))
             }
             EngineReq::Import { pool, map_version, target } => {
+                self.admit_bytes(&payload)?;
                 self.view(pool, map_version).await?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
                 let records: Vec<ImportRecord> = postcard::from_bytes(&payload).map_err(|e| rerr(ErrorCode::InvalidArgument, format!("import records: {e}")))?;
@@ -1156,9 +1177,17 @@ impl Handler for Engine {
                 })
             }
             EngineReq::Clock => Ok((EngineResp::Clock { epoch: self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))? }, Bytes::new())),
-            EngineReq::Kv(r) => self.kv(r, payload).await,
+            EngineReq::Kv(r) => {
+                if matches!(r, strata_rpc::kv_msg::KvReq::Commit1 { .. } | strata_rpc::kv_msg::KvReq::Prepare { .. }) {
+                    self.admit_bytes(&payload)?;
+                }
+                self.kv(r, payload).await
+            }
             EngineReq::CapFetch { token, dkey, fetch, epoch } => self.cap_fetch(&token, dkey, fetch, epoch).await,
-            EngineReq::CapUpdate { token, dkey, ops } => Ok((self.cap_update(&token, dkey, ops, payload).await?, Bytes::new())),
+            EngineReq::CapUpdate { token, dkey, ops } => {
+                self.admit_bytes(&payload)?;
+                Ok((self.cap_update(&token, dkey, ops, payload).await?, Bytes::new()))
+            }
             EngineReq::Stats => Ok((EngineResp::Stats(self.stats()), Bytes::new())),
         }
     }

@@ -62,8 +62,26 @@ struct Encoded {
 struct Row {
     key: RecordKey,
     kind: RecordKind,
-    len: u64,
     payload: Vec<u8>,
+}
+
+/// An array extent's row as a read first sees it: header and inline bytes verified, bytes in an
+/// extent file not yet read. A read loads them only if the row still shows in the range it
+/// reads: newer versions not yet aggregated (overwrites within the margin, snapshots) would
+/// otherwise each cost a read and checksum of their whole extent.
+struct ExtentRow {
+    raw_key: Vec<u8>,
+    key: RecordKey,
+    /// `Value` (inline or in an extent file) or `Punch`.
+    kind: RecordKind,
+    len: u64,
+    body: ExtentBody,
+}
+
+enum ExtentBody {
+    Inline(Vec<u8>),
+    File(ExtentRef),
+    None,
 }
 
 fn corrupt(key: &[u8], defect: impl std::fmt::Display) -> VosError {
@@ -174,9 +192,9 @@ impl Vos {
         let r = record::decode(v).map_err(|d| corrupt(&k, d))?;
         if r.kind == RecordKind::ValueRef {
             let payload = self.extents.read(&extent_ref(&k, r.payload)?, r.len).map_err(|e| corrupt(&k, e))?;
-            return Ok(Row { key, kind: RecordKind::Value, len: r.len, payload });
+            return Ok(Row { key, kind: RecordKind::Value, payload });
         }
-        Ok(Row { key, kind: r.kind, len: r.len, payload: r.payload.to_vec() })
+        Ok(Row { key, kind: r.kind, payload: r.payload.to_vec() })
     }
 
     /// A stored record as another target can use it: an extent-file reference becomes the
@@ -367,8 +385,9 @@ impl Vos {
         Ok(Some((row.key.epoch, row.payload)))
     }
 
-    /// Rows of one akey's extents that may overlap `[offset, end)`, visible at `epoch`.
-    fn extent_rows(&self, p: &[u8], offset: u64, end: Option<u64>, epoch: Epoch, hidden_upto: Option<Epoch>) -> Result<Vec<Row>, VosError> {
+    /// Rows of one akey's extents that may overlap `[offset, end)`, visible at `epoch`, oldest
+    /// first; bytes in extent files are left unread (`load_extent`).
+    fn extent_rows(&self, p: &[u8], offset: u64, end: Option<u64>, epoch: Epoch, hidden_upto: Option<Epoch>) -> Result<Vec<ExtentRow>, VosError> {
         // An extent starting more than EXTENT_BYTES_MAX before `offset` cannot reach it.
         let from = extent_key(p, offset.saturating_sub(EXTENT_BYTES_MAX - 1), Epoch::MAX);
         let to = match end {
@@ -386,15 +405,31 @@ impl Vos {
             if key.epoch > epoch || hidden_upto.is_some_and(|h| key.epoch <= h) {
                 continue;
             }
-            let row = self.decode_row(k, &v)?;
-            let start = row.key.offset.unwrap_or(0);
-            if start + row.len <= offset {
+            // Every row's header is verified (a flipped length would change which rows show).
+            let rec = record::decode(&v).map_err(|d| corrupt(&k, d))?;
+            let start = key.offset.unwrap_or(0);
+            if start + rec.len <= offset {
                 continue;
             }
-            rows.push(row);
+            let (kind, body) = match rec.kind {
+                RecordKind::Value => (RecordKind::Value, ExtentBody::Inline(rec.payload.to_vec())),
+                RecordKind::ValueRef => (RecordKind::Value, ExtentBody::File(extent_ref(&k, rec.payload)?)),
+                RecordKind::Punch => (RecordKind::Punch, ExtentBody::None),
+            };
+            let len = rec.len;
+            rows.push(ExtentRow { raw_key: k, key, kind, len, body });
         }
         rows.sort_by_key(|r| r.key.epoch);
         Ok(rows)
+    }
+
+    /// The bytes of a value row, read from its extent file (and verified) if they live there.
+    fn load_extent(&self, row: &mut ExtentRow) -> Result<(), VosError> {
+        if let ExtentBody::File(r) = &row.body {
+            let bytes = self.extents.read(r, row.len).map_err(|e| corrupt(&row.raw_key, e))?;
+            row.body = ExtentBody::Inline(bytes);
+        }
+        Ok(())
     }
 
     /// Read `[offset, offset + len)` of an array akey at `epoch`; holes read as zeros.
@@ -406,7 +441,7 @@ impl Vos {
         }
         let p = akey_prefix(cont, oid, dkey, akey);
         let hidden = self.punches.covering(cont, oid, Some(dkey), Some(akey), epoch);
-        let rows = self.extent_rows(&p, offset, Some(offset + len), epoch, hidden)?;
+        let mut rows = self.extent_rows(&p, offset, Some(offset + len), epoch, hidden)?;
         let mut owners = OwnerMap::default();
         for (i, r) in rows.iter().enumerate() {
             let s = r.key.offset.unwrap_or(0);
@@ -415,12 +450,14 @@ impl Vos {
         let mut data = vec![0u8; len as usize];
         let mut written = Vec::new();
         for (s, e, i) in owners.iter() {
-            let r = &rows[i];
+            let r = &mut rows[i];
             if r.kind == RecordKind::Punch {
                 continue;
             }
+            self.load_extent(r)?;
+            let ExtentBody::Inline(payload) = &r.body else { unreachable!("a value row's bytes were just loaded") };
             let rs = r.key.offset.unwrap_or(0);
-            data[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&r.payload[(s - rs) as usize..(e - rs) as usize]);
+            data[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&payload[(s - rs) as usize..(e - rs) as usize]);
             match written.last_mut() {
                 Some((ws, wl)) if *ws + *wl == s => *wl += e - s,
                 _ => written.push((s, e - s)),

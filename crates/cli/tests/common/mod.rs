@@ -29,10 +29,16 @@ pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 
 impl Cluster {
     pub fn start(args: &[&str]) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("strata-test-").tempdir().unwrap();
-        let mut c = Cluster { dir, up: None, args: args.iter().map(|s| s.to_string()).collect() };
+        let mut c = Cluster::unstarted(args);
         c.launch();
         c
+    }
+
+    /// A cluster whose directory exists but which is not running yet (`launch` starts it), so
+    /// a test can prepare the directory first (e.g. mount a small file system on it).
+    pub fn unstarted(args: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("strata-test-").tempdir().unwrap();
+        Cluster { dir, up: None, args: args.iter().map(|s| s.to_string()).collect() }
     }
 
     pub fn launch(&mut self) {
