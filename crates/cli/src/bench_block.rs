@@ -86,9 +86,19 @@ struct Row {
 }
 
 #[derive(Serialize)]
+struct CacheUse {
+    volume: String,
+    /// Chunks answered from the read cache and chunks read from the volume, over the run.
+    hits: u64,
+    misses: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
 struct Report {
     size_bytes: u64,
     cache_clean_bytes_max: u64,
+    read_cache: Vec<CacheUse>,
     duration_secs: u64,
     rounds: usize,
     rows: Vec<Row>,
@@ -241,6 +251,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     drop(kit);
     let _ = std::fs::remove_file(&file);
+    // Taken while the volumes are still open (their caches go with them).
+    let read_cache: Vec<CacheUse> = rt.block_on(exports.read_cache_stats()).into_iter().map(|(volume, hits, misses, bytes)| CacheUse { volume, hits, misses, bytes }).collect();
     rt.block_on(exports.release_all());
     let med = |v: &[Figure]| -> Figure {
         let m = fio::median(v.iter().map(|f| f.value).collect());
@@ -266,7 +278,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let report = Report { size_bytes: size, cache_clean_bytes_max: clean_max, duration_secs: a.duration, rounds: a.rounds, rows };
+    let report = Report { size_bytes: size, cache_clean_bytes_max: clean_max, read_cache, duration_secs: a.duration, rounds: a.rounds, rows };
     emit(a.conn.json, &report, |r| {
         println!("strata bench block: fio nbd engine, iodepth 16, {} volumes, {} s x {} rounds (medians; ratio = median of per-round ratios)", strata_types::human_bytes(r.size_bytes), r.duration_secs, r.rounds);
         println!("read caches: nbdkit file = the kernel page cache (all of its file); strata = {} of clean chunks per volume", strata_types::human_bytes(r.cache_clean_bytes_max));
@@ -275,6 +287,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             for s in &row.strata {
                 println!("{:<18} {:<11} {:>9.0} {:<4} (server cpu {:.1} s)  ratio {:.2}x  {}", "", s.oclass, s.figure.value, s.figure.unit, s.figure.server_cpu_secs, s.ratio_median, s.target.as_deref().unwrap_or(""));
             }
+        }
+        for c in &r.read_cache {
+            let total = (c.hits + c.misses).max(1);
+            println!("read cache of {}: {} chunk hits, {} misses ({:.0}% hits over the whole run, fills included), {} held", c.volume, c.hits, c.misses, 100.0 * c.hits as f64 / total as f64, strata_types::human_bytes(c.bytes));
         }
     })
 }
