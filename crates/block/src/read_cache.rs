@@ -16,6 +16,9 @@
 //!   change of its chunk that starts meanwhile poisons it, and a chunk under change is not
 //!   filled at all. So a fill can only insert bytes read while no change of its chunk was
 //!   under way, i.e. the chunk's current content.
+//! - A change that wrote whole chunks may keep them ([`Change::keep`]) when it ends, unless
+//!   another change of them overlapped it in time (then which landed last is unknown here): a
+//!   volume written sequentially is read back from memory.
 //!
 //! Limits: `bytes_max` of chunk data (a chunk larger than it is never cached); the CLOCK queue
 //! is compacted when stale entries (dropped chunks) outnumber live ones.
@@ -25,9 +28,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-/// Clean chunks per exported volume, by default: a working set of 256 MiB is answered from
-/// memory (like the page cache that serves `nbdkit file`), bounded so that many exports fit.
-pub const CACHE_CLEAN_BYTES_MAX_DEFAULT: u64 = 256 << 20;
+/// Clean chunks per exported volume, by default: a working set of up to 1 GiB is answered
+/// from memory (as the page cache answers for `nbdkit file` or `qemu-nbd`); memory is only
+/// taken as chunks are read or written whole.
+pub const CACHE_CLEAN_BYTES_MAX_DEFAULT: u64 = 1 << 30;
 
 struct Entry {
     data: Bytes,
@@ -42,15 +46,16 @@ struct State {
     clock: VecDeque<(u64, u64)>,
     next_qid: u64,
     bytes: u64,
-    /// Chunk ranges `[first, end)` of volume changes under way (one item per change).
-    changing: Vec<(u64, u64)>,
+    /// Chunk ranges `[first, end)` of volume changes under way (one item per change), and
+    /// whether another change overlapped it (then its bytes may not be the volume's).
+    changing: Vec<((u64, u64), bool)>,
     /// Fills under way per chunk: how many, and whether a change started since the first.
     fills: HashMap<u64, (u32, bool)>,
 }
 
 impl State {
     fn changing(&self, chunk: u64) -> bool {
-        self.changing.iter().any(|&(a, b)| (a..b).contains(&chunk))
+        self.changing.iter().any(|&((a, b), _)| (a..b).contains(&chunk))
     }
 
     fn drop_range(&mut self, first: u64, end: u64) {
@@ -119,6 +124,8 @@ pub struct CleanCache {
 pub struct Change<'a> {
     cache: &'a CleanCache,
     range: (u64, u64),
+    /// Whole chunks' new content, kept when the change ends (`Change::keep`).
+    keep: Vec<(u64, Bytes)>,
 }
 
 /// A fill of one chunk under way; [`Fill::finish`] inserts what was read unless a change of
@@ -186,9 +193,16 @@ impl CleanCache {
     pub fn begin_change(&self, first: u64, end: u64) -> Change<'_> {
         assert!(first <= end);
         let mut st = self.lock();
-        st.changing.push((first, end));
+        let mut overlapped = false;
+        for ((a, b), o) in st.changing.iter_mut() {
+            if *a < end && first < *b {
+                *o = true;
+                overlapped = true;
+            }
+        }
+        st.changing.push(((first, end), overlapped));
         st.drop_range(first, end);
-        Change { cache: self, range: (first, end) }
+        Change { cache: self, range: (first, end), keep: Vec::new() }
     }
 
     /// Forget everything (the writer lease was lost: someone else may write the volume).
@@ -235,14 +249,32 @@ impl Drop for Fill<'_> {
     }
 }
 
+impl Change<'_> {
+    /// The change succeeded and wrote `data` as the whole of `chunk` (within its range): keep it
+    /// as the chunk's content, unless another change of these chunks overlapped this one (which
+    /// of them the volume shows last is then not known here).
+    pub fn keep(&mut self, chunk: u64, data: Bytes) {
+        assert!((self.range.0..self.range.1).contains(&chunk));
+        self.keep.push((chunk, data));
+    }
+}
+
 impl Drop for Change<'_> {
     fn drop(&mut self) {
         let mut st = self.cache.lock();
-        let i = st.changing.iter().position(|r| *r == self.range).expect("a change under way is registered");
-        st.changing.swap_remove(i);
+        let i = st.changing.iter().position(|(r, _)| *r == self.range).expect("a change under way is registered");
+        let (_, overlapped) = st.changing.swap_remove(i);
         // Nothing could be filled meanwhile; dropping again also covers a change that failed
         // half-way (its chunks hold an unknown mix now, read afresh from the volume).
         st.drop_range(self.range.0, self.range.1);
+        if !overlapped {
+            // (A change that started after this one and is still under way marked it.)
+            for (c, d) in std::mem::take(&mut self.keep) {
+                if d.len() as u64 <= self.cache.bytes_max {
+                    st.insert(c, d, self.cache.bytes_max);
+                }
+            }
+        }
     }
 }
 
@@ -349,6 +381,37 @@ mod tests {
         assert_eq!(c.bytes(), 0);
     }
 
+    #[test]
+    fn a_change_keeps_what_it_wrote_unless_another_overlapped_it() {
+        let c = CleanCache::new(10_000);
+        let mut ch = c.begin_change(0, 2);
+        ch.keep(0, chunk(1));
+        assert!(c.get(0).is_none(), "not before the change returned");
+        drop(ch);
+        assert_eq!(c.get(0).unwrap(), chunk(1));
+        // Two changes of chunk 3 under way at once: neither knows which landed last.
+        let mut a = c.begin_change(3, 4);
+        let mut b = c.begin_change(2, 5);
+        a.keep(3, chunk(2));
+        b.keep(3, chunk(3));
+        drop(b);
+        assert!(c.get(3).is_none());
+        drop(a);
+        assert!(c.get(3).is_none());
+        // A change that started after this one ended is no conflict.
+        let mut a = c.begin_change(3, 4);
+        a.keep(3, chunk(4));
+        drop(a);
+        assert_eq!(c.get(3).unwrap(), chunk(4));
+        // A fill under way across a kept change is poisoned (it may have read the old bytes).
+        let f = c.begin_fill(6).unwrap();
+        let mut a = c.begin_change(6, 7);
+        a.keep(6, chunk(5));
+        drop(a);
+        f.finish(chunk(0));
+        assert_eq!(c.get(6).unwrap(), chunk(5));
+    }
+
     /// Writers and readers race over a small volume in memory, the way `VolumeIo` brackets
     /// them; afterwards every cached chunk equals the volume.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -366,10 +429,22 @@ mod tests {
                     x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     let c = (x >> 33) % CHUNKS;
                     if t % 2 == 0 {
-                        let _ch = cache.begin_change(c, c + 1);
+                        // Changes of one or two chunks, some keeping what they wrote.
+                        let end = (c + 1 + (x >> 40) % 2).min(CHUNKS);
+                        let mut ch = cache.begin_change(c, end);
                         tokio::task::yield_now().await;
-                        vol.lock().unwrap()[c as usize] = (t * 100 + i % 100) as u8;
+                        let v = (t * 100 + i % 100) as u8;
+                        {
+                            let mut vol = vol.lock().unwrap();
+                            for k in c..end {
+                                vol[k as usize] = v;
+                            }
+                        }
+                        if (x >> 50) % 2 == 0 {
+                            ch.keep(c, Bytes::from(vec![v; 100]));
+                        }
                         tokio::task::yield_now().await;
+                        drop(ch);
                     } else {
                         // Invariant: a cached chunk equals the volume at every instant.
                         let hit = {

@@ -69,6 +69,12 @@ impl VolumeExports {
         }
     }
 
+    /// Read-cache statistics of the writable volumes open now: (volume, hits, misses, bytes).
+    pub async fn read_cache_stats(&self) -> Vec<(String, u64, u64, u64)> {
+        let devs: Vec<(String, Arc<WriteBackCache<VolumeIo>>)> = self.writers.lock().await.iter().filter_map(|(n, d)| d.upgrade().map(|d| (n.clone(), d))).collect();
+        devs.into_iter().filter_map(|(n, d)| d.backend().read_cache_stats().map(|(h, m, b)| (n, h, m, b))).collect()
+    }
+
     async fn control(&self) -> Result<&Arc<ControlServer>, BlockError> {
         self.control
             .get_or_try_init(|| async {

@@ -380,9 +380,24 @@ impl VolumeIo {
         let r = async {
             let _slot = self.slots.acquire().await.map_err(|_| DevError::Io("volume closed".into()))?;
             let base = block * self.block_bytes;
-            let _changes: Vec<_> = extents.iter().filter_map(|(o, d)| self.changing(base + o, d.len() as u64)).collect();
+            let mut changes: Vec<_> = extents.iter().filter_map(|(o, d)| self.changing(base + o, d.len() as u64).map(|c| (base + o, d, c))).collect();
             let epoch = self.epoch(w)?;
-            self.layers[0].obj.update_ops_at(&block.to_be_bytes(), ops, payload, Some(epoch)).await.map_err(io_err)
+            self.layers[0].obj.update_ops_at(&block.to_be_bytes(), ops, payload, Some(epoch)).await.map_err(io_err)?;
+            // Whole chunks written are the chunks' content now: read back from memory.
+            let alone = extents.len() == 1;
+            for (start, d, change) in changes.iter_mut() {
+                let end = *start + d.len() as u64;
+                for k in start.div_ceil(self.chunk_bytes)..end.div_ceil(self.chunk_bytes) {
+                    let (cs, ce) = (k * self.chunk_bytes, ((k + 1) * self.chunk_bytes).min(self.size_bytes));
+                    if ce > end {
+                        break;
+                    }
+                    let part = d.slice((cs - *start) as usize..(ce - *start) as usize);
+                    // A slice of a merged payload would hold all of it: copy that instead.
+                    change.keep(k, if alone { part } else { Bytes::copy_from_slice(&part) });
+                }
+            }
+            Ok(())
         }
         .await;
         self.unlock_blocks(w, guards, std::iter::once(block));

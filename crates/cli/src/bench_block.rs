@@ -33,8 +33,13 @@ pub struct Args {
     rounds: usize,
     /// Read cache of our server per volume (`strata block nbd --cache-clean-max`). `nbdkit
     /// file` reads through the kernel's page cache, which holds all of its file here.
-    #[arg(long, default_value = "256M")]
+    #[arg(long, default_value = "1G")]
     cache_clean_max: String,
+    /// Patterns to run, comma-separated (default all): 4k-randread-qd16, 4k-randwrite-qd16,
+    /// 1m-seqread-qd16, 1m-seqwrite-qd16. Sequential writes need the most free disk: every
+    /// version stays until aggregation passes it.
+    #[arg(long)]
+    patterns: Option<String>,
     #[arg(long, default_value = "tank")]
     pool: String,
     #[command(flatten)]
@@ -81,9 +86,19 @@ struct Row {
 }
 
 #[derive(Serialize)]
+struct CacheUse {
+    volume: String,
+    /// Chunks answered from the read cache and chunks read from the volume, over the run.
+    hits: u64,
+    misses: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
 struct Report {
     size_bytes: u64,
     cache_clean_bytes_max: u64,
+    read_cache: Vec<CacheUse>,
     duration_secs: u64,
     rounds: usize,
     rows: Vec<Row>,
@@ -146,6 +161,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(Command::new("fio").arg("--enghelp").output().map(|o| String::from_utf8_lossy(&o.stdout).contains("nbd")).unwrap_or(false), "this fio has no nbd engine; install Debian's fio (apt-get install -y fio)");
     anyhow::ensure!((1..=20).contains(&a.rounds) && (1..=600).contains(&a.duration), "--rounds 1..=20, --duration 1..=600");
     let size = parse_size(&a.size)?;
+    let patterns: Vec<&Pattern> = match &a.patterns {
+        None => PATTERNS.iter().collect(),
+        Some(list) => list
+            .split(',')
+            .map(|n| PATTERNS.iter().find(|p| p.name == n.trim()).ok_or_else(|| anyhow::anyhow!("unknown pattern '{n}'; known: {}", PATTERNS.iter().map(|p| p.name).collect::<Vec<_>>().join(", "))))
+            .collect::<Result<_, _>>()?,
+    };
     let clean_max = parse_size(&a.cache_clean_max)?;
     anyhow::ensure!(size >= 64 << 20 && size % (1 << 20) == 0, "--size must be a whole number of MiB, at least 64M");
     let classes: Vec<ObjectClass> = a.oclass.split(',').map(|c| c.trim().parse()).collect::<Result<_, _>>()?;
@@ -185,7 +207,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let our_uri = |n: &str| format!("nbd+unix:///{n}?socket={}", socket.display());
     let base = |rw: &str, bs: &str, uri: &str| vec![format!("rw={rw}"), format!("bs={bs}"), "ioengine=nbd".to_string(), format!("uri={uri}"), format!("size={size}"), "iodepth=16".to_string()];
     let bar = (!a.conn.json).then(|| {
-        let b = indicatif::ProgressBar::new((1 + classes.len() as u64) * (1 + (a.rounds * PATTERNS.len()) as u64));
+        let b = indicatif::ProgressBar::new((1 + classes.len() as u64) * (1 + (a.rounds * patterns.len()) as u64));
         b.set_style(indicatif::ProgressStyle::with_template("bench block [{bar:30}] {pos}/{len} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
         b
     });
@@ -203,10 +225,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         fio::run(&dir, &format!("fill-{n}"), &base("write", "1m", &our_uri(n)))?;
     }
     // samples[pattern][0 = nbdkit, 1.. = classes][round]
-    let mut samples: Vec<Vec<Vec<Figure>>> = vec![vec![Vec::new(); 1 + classes.len()]; PATTERNS.len()];
+    let mut samples: Vec<Vec<Vec<Figure>>> = vec![vec![Vec::new(); 1 + classes.len()]; patterns.len()];
     let our_pid = std::process::id();
     for _round in 0..a.rounds {
-        for (pi, p) in PATTERNS.iter().enumerate() {
+        for (pi, p) in patterns.iter().enumerate() {
             let mut args = base(p.rw, p.bs, &kit_uri);
             args.extend(["time_based".to_string(), format!("runtime={}", a.duration)]);
             tick(format!("{} nbdkit", p.name));
@@ -229,12 +251,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     drop(kit);
     let _ = std::fs::remove_file(&file);
+    // Taken while the volumes are still open (their caches go with them).
+    let read_cache: Vec<CacheUse> = rt.block_on(exports.read_cache_stats()).into_iter().map(|(volume, hits, misses, bytes)| CacheUse { volume, hits, misses, bytes }).collect();
     rt.block_on(exports.release_all());
     let med = |v: &[Figure]| -> Figure {
         let m = fio::median(v.iter().map(|f| f.value).collect());
         Figure { value: m, unit: v[0].unit, server_cpu_secs: fio::median(v.iter().map(|f| f.server_cpu_secs).collect()) }
     };
-    let rows: Vec<Row> = PATTERNS
+    let rows: Vec<Row> = patterns
         .iter()
         .enumerate()
         .map(|(pi, p)| {
@@ -254,7 +278,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let report = Report { size_bytes: size, cache_clean_bytes_max: clean_max, duration_secs: a.duration, rounds: a.rounds, rows };
+    let report = Report { size_bytes: size, cache_clean_bytes_max: clean_max, read_cache, duration_secs: a.duration, rounds: a.rounds, rows };
     emit(a.conn.json, &report, |r| {
         println!("strata bench block: fio nbd engine, iodepth 16, {} volumes, {} s x {} rounds (medians; ratio = median of per-round ratios)", strata_types::human_bytes(r.size_bytes), r.duration_secs, r.rounds);
         println!("read caches: nbdkit file = the kernel page cache (all of its file); strata = {} of clean chunks per volume", strata_types::human_bytes(r.cache_clean_bytes_max));
@@ -263,6 +287,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             for s in &row.strata {
                 println!("{:<18} {:<11} {:>9.0} {:<4} (server cpu {:.1} s)  ratio {:.2}x  {}", "", s.oclass, s.figure.value, s.figure.unit, s.figure.server_cpu_secs, s.ratio_median, s.target.as_deref().unwrap_or(""));
             }
+        }
+        for c in &r.read_cache {
+            let total = (c.hits + c.misses).max(1);
+            println!("read cache of {}: {} chunk hits, {} misses ({:.0}% hits over the whole run, fills included), {} held", c.volume, c.hits, c.misses, 100.0 * c.hits as f64 / total as f64, strata_types::human_bytes(c.bytes));
         }
     })
 }

@@ -47,6 +47,12 @@ pub struct Args {
     /// multi-threaded loop).
     #[arg(long, default_value_t = 4)]
     mount_threads: usize,
+    /// Kernel read-ahead of the strata mount, KiB (0: the kernel's default).
+    #[arg(long, default_value_t = MountOptions::default().read_ahead_kb)]
+    read_ahead_kb: u32,
+    /// The strata mount's own read-ahead window per sequential reader, MiB.
+    #[arg(long, default_value_t = MountOptions::default().read_ahead_window >> 20)]
+    read_ahead_window_mib: u64,
     /// Mount without directory leases (every metadata change committed before it returns).
     #[arg(long)]
     no_leases: bool,
@@ -112,8 +118,9 @@ impl Bindfs {
         std::fs::create_dir_all(&src).with_context(|| format!("{}", src.display()))?;
         std::fs::create_dir_all(&mp)?;
         // Foreground so we own the process and can read its CPU time.
-        // The same FUSE settings as the strata mount: timeouts 0, 1 MiB requests, and below
-        // the same kernel read-ahead window; both serve requests on several threads.
+        // The FUSE settings of the strata mount: timeouts 0, 1 MiB requests; both serve
+        // requests on several threads. The kernel read-ahead stays at its default (128 KiB)
+        // for bindfs: the strata mount's 4 MiB window halves bindfs's sequential reads here.
         let max = strata_fs::fuse_mount::MAX_WRITE_BYTES;
         let o = format!("big_writes,entry_timeout=0,attr_timeout=0,negative_timeout=0,max_write={max},max_readahead={max}");
         let child = Command::new("bindfs").args(["-f", "-o", &o]).arg(&src).arg(&mp).spawn().context("starting bindfs (apt-get install -y bindfs, or pass --no-baseline)")?;
@@ -123,10 +130,6 @@ impl Bindfs {
                 bail!("bindfs did not mount {} within 10 s", mp.display());
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
-        let ra = MountOptions::default().read_ahead_kb;
-        if let Err(e) = strata_fs::fuse_mount::set_read_ahead(&mp, ra) {
-            eprintln!("bindfs mount keeps the kernel's default read-ahead ({e}); the strata mount asks for {ra} KiB");
         }
         Ok(Bindfs { mp, src, pid: child.id() })
     }
@@ -240,7 +243,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })?;
     let mp = std::env::temp_dir().join(format!("strata-bench-fs-{}", std::process::id()));
     std::fs::create_dir_all(&mp)?;
-    let opts = MountOptions { kernel_ttl: Duration::ZERO, fsname: format!("strata:{}", a.volume), dir_leases: !a.no_leases, threads: a.mount_threads.clamp(1, 64), ..Default::default() };
+    let opts = MountOptions { kernel_ttl: Duration::ZERO, fsname: format!("strata:{}", a.volume), dir_leases: !a.no_leases, threads: a.mount_threads.clamp(1, 64), read_ahead_kb: a.read_ahead_kb, read_ahead_window: a.read_ahead_window_mib.clamp(1, 64) << 20, ..Default::default() };
     let fs = StrataFs::new(rt.handle().clone(), vol.ns.clone(), vol.data.clone(), opts);
     let (tx, rx) = std::sync::mpsc::channel();
     let mp2 = mp.clone();

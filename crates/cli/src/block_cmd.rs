@@ -116,9 +116,10 @@ pub struct NbdArgs {
     #[arg(long, default_value = "64M")]
     cache_dirty_max: String,
     /// Read cache per export: clean 64 KiB chunks kept in memory (a miss reads its whole
-    /// chunk). Kept for writable exports (the writer lease keeps other writers out) and
-    /// snapshots, not for --read-only exports of a volume another server writes; 0 keeps none.
-    #[arg(long, default_value = "256M")]
+    /// chunk; chunks written whole are kept). Kept for writable exports (the writer lease keeps
+    /// other writers out) and snapshots, not for --read-only exports of a volume another
+    /// server writes; 0 keeps none.
+    #[arg(long, default_value = "1G")]
     cache_clean_max: String,
     #[command(flatten)]
     conn: Conn,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{poll, Cluster, Rng};
+use common::{poll, watch_progress, Cluster, Rng};
 use std::sync::Arc;
 use std::time::Duration;
 use strata_client::{Client, ClusterFile, ObjHandle};
@@ -373,10 +373,13 @@ fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_littl
     extending.store(true, std::sync::atomic::Ordering::SeqCst);
     let p = c.json(&["pool", "extend", "ext", "--ranks", &last2]);
     assert_eq!(p["map"]["targets"].as_array().unwrap().iter().filter(|t| t["state"] == "New").count(), 4);
-    poll("the extension to finish (NEW targets UP)", Duration::from_secs(300), || {
-        let q = c.json(&["pool", "query", "ext"]);
-        q["map"]["targets"].as_array().unwrap().iter().all(|t| t["state"] == "Up").then_some(())
-    });
+    let ext_version = p["map"]["version"].as_u64().unwrap();
+    // Extension is data movement like rebuild: `pool query` reports its progress, never going
+    // down, and all of it done once the new targets are in.
+    let (g, _) = watch_progress(&c, "ext", "the extension to finish (NEW targets UP)", Duration::from_secs(300), |q| q["map"]["targets"].as_array().unwrap().iter().all(|t| t["state"] == "Up"));
+    assert!(g["version"].as_u64().unwrap() >= ext_version, "progress of an older pass reported: {g}");
+    assert!(g["objects_total"].as_u64().unwrap() > 0 && g["bytes_total"].as_u64().unwrap() > 0, "extension moved data but reported no work: {g}");
+    assert_eq!((g["objects_done"].clone(), g["bytes_done"].clone()), (g["objects_total"].clone(), g["bytes_total"].clone()), "extension finished with work left: {g}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut acked, mut before) = (base.clone(), base.clone());
     for w in writers {

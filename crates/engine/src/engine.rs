@@ -126,6 +126,12 @@ pub struct Engine {
     moved_records: std::sync::atomic::AtomicU64,
     moved_bytes: std::sync::atomic::AtomicU64,
     extension_write_bytes: std::sync::atomic::AtomicU64,
+    /// The current data-movement pass's start (this rank's clock once every update admitted
+    /// under an older map was applied): records newer than it were written under the pass's
+    /// map, so to its destinations already, and are not pushed again.
+    pass_since: std::sync::Mutex<Epoch>,
+    /// EC cells the current extension pass could not move (see `rebalance_pool`).
+    extension_conflicts: std::sync::atomic::AtomicU64,
     /// Passes of the background scrub and their findings, for `EngineReq::Stats`.
     scrubbed: std::sync::Mutex<(u64, ScrubCounters)>,
     /// Per pool, the map version this rank last finished rebuilding for.
@@ -188,7 +194,7 @@ impl Engine {
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
         let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes) })
+        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), extension_conflicts: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes) })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -555,7 +561,7 @@ impl Engine {
 }
 
 /// Most bytes one object-shard export answer carries (the RPC frame limit bounds it too).
-const EXPORT_BYTES_MAX: usize = strata_rpc::frame::PAYLOAD_BYTES_MAX as usize;
+const EXPORT_BYTES_MAX: usize = strata_rpc::frame::PAYLOAD_BYTES_MAX;
 
 /// Most bytes of records one rebuild import message carries.
 const IMPORT_BYTES_MAX: usize = 16 << 20;
@@ -568,6 +574,104 @@ const LOCAL_WRITE_YIELD_BYTES: usize = 64 << 10;
 /// any size move page by page (plus at most one record, itself at most 4 MiB).
 const EXPORT_PAGE_BYTES: usize = 16 << 20;
 const _: () = assert!(EXPORT_PAGE_BYTES + (8 << 20) < EXPORT_BYTES_MAX, "a page and its last record fit one answer");
+
+/// Room reserved in a page's buffer beyond `EXPORT_PAGE_BYTES` (the page stops after the
+/// record that crosses it: one extent of at most 4 MiB, its key and framing), so that it is
+/// written without a reallocation. Capacity never written is never touched.
+const PAGE_SLACK_BYTES: usize = strata_vos::EXTENT_BYTES_MAX as usize + (64 << 10);
+
+/// Objects one data-movement pass moves at once: while one waits for its destination's durable
+/// import, others read their pages and cross the network, so the source's disk, the network
+/// and the destination's disk work at the same time. Each holds at most a page (and, for EC, a
+/// page per source shard) in memory.
+const MOVE_OBJECTS_IN_FLIGHT: usize = 4;
+
+/// Object ids listed per page while walking a target.
+const WALK_PAGE_OBJECTS: usize = 1000;
+
+/// One object a target of this rank stores: the unit data movement plans and moves.
+struct StoredObject {
+    me: TargetId,
+    vos: Arc<Vos>,
+    cont: strata_types::ContId,
+    oid: strata_types::Oid,
+}
+
+/// The walk every data-movement pass (rebuild, resync, drain, extension) makes over what this
+/// rank stores: its targets whose state lets them be sources, their containers, and every
+/// object with a stored row (visible or not: the history of a punched object is still read at
+/// older epochs), a page of ids at a time.
+struct ObjectWalk {
+    targets: std::collections::VecDeque<(TargetId, Arc<Vos>)>,
+    /// Containers of the front target not yet walked (`None`: not listed yet).
+    conts: Option<std::collections::VecDeque<strata_types::ContId>>,
+    cont: Option<strata_types::ContId>,
+    page: std::collections::VecDeque<strata_types::Oid>,
+    /// Where the container's next page starts, if it has more.
+    cursor: Option<strata_types::Oid>,
+}
+
+impl ObjectWalk {
+    fn new(engine: &Engine, view: &PoolView, source: impl Fn(strata_placement::TargetState) -> bool) -> ObjectWalk {
+        let targets = engine.targets.iter().enumerate().map(|(i, v)| (TargetId { rank: engine.rank, index: i as u16 }, v.clone())).filter(|(t, _)| view.map.target(*t).is_some_and(|x| source(x.state))).collect();
+        ObjectWalk { targets, conts: None, cont: None, page: Default::default(), cursor: None }
+    }
+
+    async fn next(&mut self) -> Result<Option<StoredObject>, RemoteError> {
+        loop {
+            let Some((me, vos)) = self.targets.front().cloned() else { return Ok(None) };
+            if let Some(cont) = self.cont {
+                if let Some(oid) = self.page.pop_front() {
+                    return Ok(Some(StoredObject { me, vos, cont, oid }));
+                }
+                if let Some(c) = self.cursor.take() {
+                    self.fill(&vos, cont, Some(c)).await?;
+                    continue;
+                }
+                self.cont = None;
+            }
+            if self.conts.is_none() {
+                let v = vos.clone();
+                self.conts = Some(on_blocking_pool(move || v.list_containers()).await?.into());
+            }
+            match self.conts.as_mut().and_then(|c| c.pop_front()) {
+                Some(cont) => {
+                    self.cont = Some(cont);
+                    self.fill(&vos, cont, None).await?;
+                }
+                None => {
+                    self.targets.pop_front();
+                    self.conts = None;
+                }
+            }
+        }
+    }
+
+    async fn fill(&mut self, vos: &Arc<Vos>, cont: strata_types::ContId, cursor: Option<strata_types::Oid>) -> Result<(), RemoteError> {
+        let v = vos.clone();
+        let page = on_blocking_pool(move || v.list_stored_objects(cont, cursor, WALK_PAGE_OBJECTS)).await?;
+        self.page = page.items.into();
+        self.cursor = page.next;
+        Ok(())
+    }
+}
+
+/// Which data-movement pass runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PassKind {
+    /// Rebuild, resync and drain (`rebuild_plan`).
+    Rebuild,
+    /// Extension onto `NEW` targets (`rebalance_pool`).
+    Extend,
+}
+
+/// What a pass does with one object.
+enum ObjectPlan {
+    /// Groups to push, each with its destinations.
+    Rebuild(strata_placement::Layout, Vec<(usize, Vec<TargetId>)>),
+    /// Current and extended layouts.
+    Extend(strata_placement::Layout, strata_placement::Layout),
+}
 
 impl Engine {
     /// One pass of rebuild (replicated objects): for every pool whose map has `DOWN` targets and
@@ -603,55 +707,98 @@ impl Engine {
         Ok(pushed)
     }
 
-    /// Rebuild, resync and drain of every object shard this rank is a source of: a first walk
-    /// sizes the work (for progress reports), a second moves it.
-    async fn rebuild_pool(&self, view: &Arc<PoolView>) -> Result<(u64, bool), RemoteError> {
+    /// The shape of every data-movement pass: walk what this rank stores (`ObjectWalk`), plan
+    /// each object (`plan_object`: nothing to push, or what to do and the bytes it carries),
+    /// size the whole pass first for progress reports, then move the planned objects
+    /// `MOVE_OBJECTS_IN_FLIGHT` at a time. Returns the records pushed.
+    async fn movement_pass(&self, view: &PoolView, kind: PassKind) -> Result<u64, RemoteError> {
+        use futures::StreamExt;
         let pool = view.map_pool_id;
-        let mut pushed = 0u64;
-        let (mut objects_total, mut bytes_total) = (0u64, 0u64);
-        for sizing in [true, false] {
-            if !sizing {
-                self.movement.begin(pool, view.map.version, objects_total, bytes_total);
+        let source = |s: strata_placement::TargetState| match kind {
+            // A resyncing (UPIN) target lists what it has; `rebuild_plan` decides.
+            PassKind::Rebuild => s.readable() || s == strata_placement::TargetState::UpIn,
+            PassKind::Extend => s.readable(),
+        };
+        // Every update applied here so far is older (`wait_older_updates` ran, and applying
+        // merges an update's epoch into this clock); later ones went to the new places too.
+        let since = self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+        *self.pass_since.lock().unwrap_or_else(|e| e.into_inner()) = since;
+        let (mut objects, mut bytes) = (0u64, 0u64);
+        let mut walk = ObjectWalk::new(self, view, source);
+        while let Some(o) = walk.next().await? {
+            if let Some((_, estimate)) = self.plan_object(view, kind, &o).await? {
+                objects += 1;
+                bytes += estimate;
             }
-            for (i, vos) in self.targets.iter().enumerate() {
-                let me = TargetId { rank: self.rank, index: i as u16 };
-                let Some(mine) = view.map.target(me) else { continue };
-                if !mine.state.readable() && mine.state != strata_placement::TargetState::UpIn {
-                    continue;
+        }
+        self.movement.begin(pool, view.map.version, objects, bytes);
+        tracing::info!(%pool, version = view.map.version, objects, bytes, "data movement pass sized; moving");
+        let mut walk = ObjectWalk::new(self, view, source);
+        let mut inflight = futures::stream::FuturesUnordered::new();
+        let (mut walked, mut pushed) = (false, 0u64);
+        loop {
+            while !walked && inflight.len() < MOVE_OBJECTS_IN_FLIGHT {
+                match walk.next().await? {
+                    Some(o) => inflight.push(self.move_object(view, kind, o)),
+                    None => walked = true,
                 }
-                let v = vos.clone();
-                let conts = on_blocking_pool(move || v.list_containers()).await?;
-                for cont in conts {
-                    let mut cursor = None;
-                    loop {
-                        let v = vos.clone();
-                        let page = on_blocking_pool(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await?;
-                        for oid in &page.items {
-                            let Ok(layout) = view.placement.layout(*oid) else { continue };
-                            let plan = Self::rebuild_plan(view, me, *oid, &layout);
-                            if plan.is_empty() {
-                                continue;
-                            }
-                            let estimate = Self::plan_bytes(vos, cont, *oid, &layout, &plan).await?;
-                            if sizing {
-                                objects_total += 1;
-                                bytes_total += estimate;
-                                continue;
-                            }
-                            self.movement.begin_object(pool, estimate);
-                            pushed += self.push_object(view, vos, cont, *oid, &layout, plan).await?;
-                            self.movement.end_object(pool);
-                        }
-                        match page.next {
-                            Some(n) => cursor = Some(n),
-                            None => break,
-                        }
-                    }
-                }
+            }
+            match inflight.next().await {
+                Some(r) => pushed += r?,
+                None => break,
             }
         }
         self.movement.finish(pool, view.map.version);
-        Ok((pushed, true))
+        Ok(pushed)
+    }
+
+    /// What `kind` of pass does with object `o`, and the bytes it will push for it.
+    async fn plan_object(&self, view: &PoolView, kind: PassKind, o: &StoredObject) -> Result<Option<(ObjectPlan, u64)>, RemoteError> {
+        let Ok(cur) = view.placement.layout(o.oid) else { return Ok(None) };
+        if kind == PassKind::Rebuild {
+            let plan = Self::rebuild_plan(view, o.me, o.oid, &cur);
+            if plan.is_empty() {
+                return Ok(None);
+            }
+            let estimate = Self::plan_bytes(&o.vos, o.cont, o.oid, &cur, &plan).await?;
+            return Ok(Some((ObjectPlan::Rebuild(cur, plan), estimate)));
+        }
+        let Some(Ok(new)) = view.extended.as_ref().map(|e| e.layout(o.oid)) else { return Ok(None) };
+        let same = |a: &[strata_placement::ShardLoc], b: &[strata_placement::ShardLoc]| a.iter().map(|s| s.target).eq(b.iter().map(|s| s.target));
+        if cur.group_count() == new.group_count() && cur.groups().zip(new.groups()).all(|(a, b)| !a.iter().any(|s| s.target == o.me) || same(a, b)) {
+            return Ok(None);
+        }
+        // Stored bytes per (current group, new group) pair, times the destinations the pass
+        // gives that pair's records.
+        let (v, c, n, cont, oid) = (o.vos.clone(), cur.clone(), new.clone(), o.cont, o.oid);
+        let ng = n.group_count();
+        let per_pair = on_blocking_pool(move || v.object_stored_bytes(cont, oid, c.group_count() * ng, |d| c.group_for_dkey(d) * ng + n.group_for_dkey(d))).await?;
+        let mut estimate = 0;
+        for (i, b) in per_pair.iter().enumerate().filter(|(_, b)| **b > 0) {
+            estimate += b * Self::extension_dests(view, &cur, &new, o.me, i / ng, i % ng).0.len() as u64;
+        }
+        if estimate == 0 {
+            return Ok(None);
+        }
+        Ok(Some((ObjectPlan::Extend(cur, new), estimate)))
+    }
+
+    /// Plan and move one object, counting its progress.
+    async fn move_object(&self, view: &PoolView, kind: PassKind, o: StoredObject) -> Result<u64, RemoteError> {
+        let pool = view.map_pool_id;
+        let Some((plan, estimate)) = self.plan_object(view, kind, &o).await? else { return Ok(0) };
+        let id = self.movement.begin_object(pool, estimate);
+        let n = match plan {
+            ObjectPlan::Rebuild(layout, groups) => self.push_object(view, &o, &layout, groups, id).await?,
+            ObjectPlan::Extend(cur, new) => self.extend_object(view, &o, &cur, &new, id).await?,
+        };
+        self.movement.end_object(pool, id);
+        Ok(n)
+    }
+
+    /// Rebuild, resync and drain of every object shard this rank is a source of.
+    async fn rebuild_pool(&self, view: &Arc<PoolView>) -> Result<(u64, bool), RemoteError> {
+        Ok((self.movement_pass(view, PassKind::Rebuild).await?, true))
     }
 
     /// Bytes the groups of `plan` carry to their destinations (see `MovementProgress`).
@@ -661,37 +808,45 @@ impl Engine {
         Ok(plan.iter().map(|(g, dests)| per_group[*g] * dests.len() as u64).sum())
     }
 
-    /// Push one object's planned groups: EC groups decoded, replicated ones copied page by page.
-    async fn push_object(&self, view: &Arc<PoolView>, vos: &Arc<Vos>, cont: strata_types::ContId, oid: strata_types::Oid, layout: &strata_placement::Layout, plan: Vec<(usize, Vec<TargetId>)>) -> Result<u64, RemoteError> {
-        let pool = view.map_pool_id;
+    /// Push one object's planned groups: EC groups decoded, replicated ones copied page by page
+    /// to all their destinations at once.
+    async fn push_object(&self, view: &PoolView, o: &StoredObject, layout: &strata_placement::Layout, plan: Vec<(usize, Vec<TargetId>)>, id: u64) -> Result<u64, RemoteError> {
         let mut pushed = 0;
         for (g, spares) in plan {
             let group = layout.group(g);
             if let Redundancy::Erasure { data: k, parity: p } = layout.class.redundancy() {
-                pushed += self.rebuild_ec_group(view, cont, oid, layout, g, group, &spares, k as usize, p as usize).await?;
+                pushed += self.rebuild_ec_group(view, o.cont, o.oid, layout, g, group, &spares, k as usize, p as usize, id).await?;
                 continue;
             }
-            let (mut n, mut after) = (0u64, None);
+            // The group's rows, read into an import message as they are exported; one message
+            // goes to every destination.
+            let groups = layout.group_count();
+            let since = *self.pass_since.lock().unwrap_or_else(|e| e.into_inner());
+            let keep = Arc::new(move |r: strata_vos::RecordRef<'_>| r.record_key().is_none_or(|k| k.epoch <= since) && r.dkey().is_none_or(|d| strata_placement::group_for_dkey(&d, groups) == g));
+            let mut n = 0u64;
+            let mut page = Self::encoded_page(&o.vos, o.cont, o.oid, None, keep.clone()).await?;
             loop {
-                let (records, next) = Self::local_page(vos, cont, oid, after).await?;
-                let mine: Vec<ImportRecord> = records
-                    .into_iter()
-                    .filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g))
-                    .map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value })
-                    .collect();
-                for spare in &spares {
-                    for batch in batches(&mine) {
-                        n += batch.len() as u64;
-                        self.import_to(view, pool, *spare, batch).await?;
+                let (payload, info) = page;
+                let pushes = futures::future::join_all(spares.iter().map(|t| self.import_encoded(view, *t, payload.clone(), &info, id)));
+                // The next page is read while this one is pushed: a large object streams.
+                let (results, following) = match info.next.clone() {
+                    Some(after) => {
+                        let (r, f) = tokio::join!(pushes, Self::encoded_page(&o.vos, o.cont, o.oid, Some(after), keep.clone()));
+                        (r, Some(f))
                     }
+                    None => (pushes.await, None),
+                };
+                for r in results {
+                    r?;
+                    n += info.records;
                 }
-                after = next;
-                if after.is_none() {
-                    break;
+                match following {
+                    Some(f) => page = f?,
+                    None => break,
                 }
             }
             pushed += n;
-            tracing::info!(%oid, group = g, to = ?spares, records = n, "replicas pushed");
+            tracing::debug!(oid = %o.oid, group = g, to = ?spares, records = n, "replicas pushed");
         }
         Ok(pushed)
     }
@@ -756,89 +911,15 @@ impl Engine {
     /// different shards share record keys, so a target that would take another shard index of
     /// the same group is a conflict, counted and logged, not written). Records newer than the
     /// pass's start were written to both places already (`extension_of`) and are skipped.
+    /// Sized first like the other passes, so `pool query` shows its progress.
     async fn rebalance_pool(&self, view: &Arc<PoolView>) -> Result<(u64, bool), RemoteError> {
-        let Some(ext) = view.extended.clone() else { return Ok((0, true)) };
-        let pool = view.map_pool_id;
-        // Every update applied here so far is older (`wait_older_updates` ran and applying
-        // merges an update's epoch into this clock); later ones were written to both places.
-        let since = self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
-        let (mut pushed, mut conflicts) = (0u64, 0u64);
-        for (i, vos) in self.targets.iter().enumerate() {
-            let me = TargetId { rank: self.rank, index: i as u16 };
-            if !view.map.target(me).is_some_and(|t| t.state.readable()) {
-                continue;
-            }
-            let v = vos.clone();
-            let conts = on_blocking_pool(move || v.list_containers()).await?;
-            for cont in conts {
-                let mut cursor = None;
-                loop {
-                    let v = vos.clone();
-                    let page = on_blocking_pool(move || v.list_objects(cont, Epoch::MAX, cursor, 1000)).await?;
-                    for oid in &page.items {
-                        let (Ok(cur), Ok(new)) = (view.placement.layout(*oid), ext.layout(*oid)) else { continue };
-                        let same = |a: &[strata_placement::ShardLoc], b: &[strata_placement::ShardLoc]| a.iter().map(|s| s.target).eq(b.iter().map(|s| s.target));
-                        if cur.group_count() == new.group_count() && cur.groups().zip(new.groups()).all(|(a, b)| !a.iter().any(|s| s.target == me) || same(a, b)) {
-                            continue;
-                        }
-                        let ec = matches!(cur.class.redundancy(), Redundancy::Erasure { .. });
-                        let readable = |t: TargetId| view.map.target(t).is_some_and(|x| x.state.readable());
-                        let mut after = None;
-                        loop {
-                            let (records, next) = Self::local_page(vos, cont, *oid, after).await?;
-                            let mut out: BTreeMap<TargetId, Vec<ImportRecord>> = BTreeMap::new();
-                            for r in records {
-                                if r.record_key().is_some_and(|k| k.epoch > since) {
-                                    continue;
-                                }
-                                let dests: Vec<TargetId> = match r.dkey() {
-                                    // Object punches live on every shard: every new place needs one.
-                                    None => new.shards().iter().map(|s| s.target).filter(|t| !cur.shards().iter().any(|c| c.target == *t)).collect(),
-                                    Some(d) => {
-                                        let cg = cur.group(cur.group_for_dkey(&d));
-                                        let ng = new.group(new.group_for_dkey(&d));
-                                        let Some(idx) = cg.iter().position(|s| s.target == me) else { continue };
-                                        if ec {
-                                            let to = ng[idx].target;
-                                            if to == me {
-                                                continue;
-                                            }
-                                            if cg.iter().any(|s| s.target == to) {
-                                                conflicts += 1;
-                                                continue;
-                                            }
-                                            vec![to]
-                                        } else {
-                                            if cg.iter().find(|s| readable(s.target)).map(|s| s.target) != Some(me) {
-                                                continue;
-                                            }
-                                            ng.iter().map(|s| s.target).filter(|t| !cg.iter().any(|c| c.target == *t)).collect()
-                                        }
-                                    }
-                                };
-                                for t in dests {
-                                    out.entry(t).or_default().push(ImportRecord { punch: r.punch, key: r.key.clone(), value: r.value.clone() });
-                                }
-                            }
-                            for (t, records) in out {
-                                for batch in batches(&records) {
-                                    pushed += batch.len() as u64;
-                                    self.import_to(view, pool, t, batch).await?;
-                                }
-                            }
-                            after = next;
-                            if after.is_none() {
-                                break;
-                            }
-                        }
-                    }
-                    match page.next {
-                        Some(n) => cursor = Some(n),
-                        None => break,
-                    }
-                }
-            }
+        if view.extended.is_none() {
+            return Ok((0, true));
         }
+        let pool = view.map_pool_id;
+        self.extension_conflicts.store(0, std::sync::atomic::Ordering::Relaxed);
+        let pushed = self.movement_pass(view, PassKind::Extend).await?;
+        let conflicts = self.extension_conflicts.load(std::sync::atomic::Ordering::Relaxed);
         if conflicts > 0 {
             tracing::error!(%pool, records = conflicts, "extension would give a target another EC shard of a group it already serves; those cells were not moved (extend refuses pools with EC containers for this reason)");
         }
@@ -846,11 +927,79 @@ impl Engine {
         Ok((pushed, true))
     }
 
+    /// Where extension sends this rank's records of current group `cg` that fall in group `ng`
+    /// of the extended layout, and whether that is an EC conflict (see `rebalance_pool`).
+    fn extension_dests(view: &PoolView, cur: &strata_placement::Layout, new: &strata_placement::Layout, me: TargetId, cg: usize, ng: usize) -> (Vec<TargetId>, bool) {
+        let (cg, ng) = (cur.group(cg), new.group(ng));
+        let Some(idx) = cg.iter().position(|s| s.target == me) else { return (Vec::new(), false) };
+        if matches!(cur.class.redundancy(), Redundancy::Erasure { .. }) {
+            let to = ng[idx].target;
+            if to == me {
+                return (Vec::new(), false);
+            }
+            if cg.iter().any(|s| s.target == to) {
+                return (Vec::new(), true);
+            }
+            return (vec![to], false);
+        }
+        let readable = |t: TargetId| view.map.target(t).is_some_and(|x| x.state.readable());
+        if cg.iter().find(|s| readable(s.target)).map(|s| s.target) != Some(me) {
+            return (Vec::new(), false);
+        }
+        (ng.iter().map(|s| s.target).filter(|t| !cg.iter().any(|c| c.target == *t)).collect(), false)
+    }
+
+    /// Extension of one object: its records older than the pass's start, page by page, each to
+    /// its places in the extended layout.
+    async fn extend_object(&self, view: &PoolView, o: &StoredObject, cur: &strata_placement::Layout, new: &strata_placement::Layout, id: u64) -> Result<u64, RemoteError> {
+        let since = *self.pass_since.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pushed = 0u64;
+        let mut page = Self::local_page(&o.vos, o.cont, o.oid, None).await?;
+        loop {
+            let (records, next) = page;
+            let mut out: BTreeMap<TargetId, Vec<&strata_vos::RawRecord>> = BTreeMap::new();
+            for r in &records {
+                if r.record_key().is_some_and(|k| k.epoch > since) {
+                    continue;
+                }
+                let dests: Vec<TargetId> = match r.dkey() {
+                    // Object punches live on every shard: every new place needs one.
+                    None => new.shards().iter().map(|s| s.target).filter(|t| !cur.shards().iter().any(|c| c.target == *t)).collect(),
+                    Some(d) => {
+                        let (dests, conflict) = Self::extension_dests(view, cur, new, o.me, cur.group_for_dkey(&d), new.group_for_dkey(&d));
+                        if conflict {
+                            self.extension_conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        dests
+                    }
+                };
+                for t in dests {
+                    out.entry(t).or_default().push(r);
+                }
+            }
+            let pushes = futures::future::join_all(out.iter().map(|(t, recs)| self.import_all(view, *t, recs, id)));
+            // The next page is read while this one is pushed.
+            let (results, following) = match next {
+                Some(after) => {
+                    let (r, f) = tokio::join!(pushes, Self::local_page(&o.vos, o.cont, o.oid, Some(after)));
+                    (r, Some(f))
+                }
+                None => (pushes.await, None),
+            };
+            for r in results {
+                pushed += r?;
+            }
+            match following {
+                Some(f) => page = f?,
+                None => return Ok(pushed),
+            }
+        }
+    }
+
     /// EC cells are decoded, not copied: gather the group's records from every readable shard
     /// and compute each destination shard's records from them.
     #[allow(clippy::too_many_arguments)]
-    async fn rebuild_ec_group(&self, view: &PoolView, cont: strata_types::ContId, oid: strata_types::Oid, layout: &strata_placement::Layout, g: usize, group: &[strata_placement::ShardLoc], dests: &[TargetId], k: usize, p: usize) -> Result<u64, RemoteError> {
-        let pool = view.map_pool_id;
+    async fn rebuild_ec_group(&self, view: &PoolView, cont: strata_types::ContId, oid: strata_types::Oid, layout: &strata_placement::Layout, g: usize, group: &[strata_placement::ShardLoc], dests: &[TargetId], k: usize, p: usize, id: u64) -> Result<u64, RemoteError> {
         let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
         // Only shards holding their full data are decoded from: a spare not yet filled (or
         // one a newer failure just put in place) lacks older stripe versions, and reading it
@@ -861,10 +1010,14 @@ impl Engine {
         // shard, so one key range holds whole stripe versions from each source.
         let mut after: Option<Vec<u8>> = None;
         loop {
+            // Every source's page at once.
+            let reads = sources.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t))).map(|(i, t)| {
+                let after = after.clone();
+                async move { (i, t, self.export_page(view, t, cont, oid, after, None).await) }
+            });
             let mut pages = Vec::new();
-            for (i, t) in sources.iter().enumerate() {
-                let Some(t) = *t else { continue };
-                match self.export_page(view, t, cont, oid, after.clone(), None).await {
+            for (i, t, r) in futures::future::join_all(reads).await {
+                match r {
                     Ok((records, truncated)) => pages.push((i, records, truncated)),
                     // Damaged records: the others may still decode every stripe.
                     Err(e) if e.code == ErrorCode::Corrupt => tracing::warn!(shard = %t, error = %e, "EC rebuild source damaged; decoding from the others"),
@@ -880,7 +1033,7 @@ impl Engine {
                 .into_iter()
                 .map(|(i, records, _)| (i, records.into_iter().filter(|r| r.punch || end.as_ref().is_none_or(|e| r.key <= *e)).filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g)).collect()))
                 .collect();
-            pushed += self.push_ec_page(view, pool, &st, oid, g, group, dests, &sources).await?;
+            pushed += self.push_ec_page(view, &st, oid, g, group, dests, &sources, id).await?;
             match end {
                 Some(e) => after = Some(e),
                 None => return Ok(pushed),
@@ -890,7 +1043,7 @@ impl Engine {
 
     /// The records `dests` need from one page of EC sources, decoded and pushed.
     #[allow(clippy::too_many_arguments)]
-    async fn push_ec_page(&self, view: &PoolView, pool: PoolId, st: &strata_ec::EcStripe, oid: strata_types::Oid, g: usize, group: &[strata_placement::ShardLoc], dests: &[TargetId], sources: &[(usize, Vec<strata_vos::RawRecord>)]) -> Result<u64, RemoteError> {
+    async fn push_ec_page(&self, view: &PoolView, st: &strata_ec::EcStripe, oid: strata_types::Oid, g: usize, group: &[strata_placement::ShardLoc], dests: &[TargetId], sources: &[(usize, Vec<strata_vos::RawRecord>)], id: u64) -> Result<u64, RemoteError> {
         let mut pushed = 0;
         for (j, s) in group.iter().enumerate().filter(|(_, s)| dests.contains(&s.target)) {
             let rebuilt = ec_rebuild::rebuild_ec_shard(st, sources, j);
@@ -898,12 +1051,9 @@ impl Engine {
                 // Beyond the redundancy (or a bug): readers will find these versions missing.
                 tracing::error!(%oid, shard = j, stripes = rebuilt.undecodable, "stripe versions with fewer than k readable cells besides this shard were not rebuilt");
             }
-            tracing::info!(%oid, group = g, shard = j, to = %s.target, records = rebuilt.records.len(), sources = ?sources.iter().map(|(i, r)| (*i, r.len())).collect::<Vec<_>>(), "EC shard rebuilt");
-            let records: Vec<ImportRecord> = rebuilt.records.into_iter().map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value }).collect();
-            for batch in batches(&records) {
-                pushed += batch.len() as u64;
-                self.import_to(view, pool, s.target, batch).await?;
-            }
+            tracing::debug!(%oid, group = g, shard = j, to = %s.target, records = rebuilt.records.len(), sources = ?sources.iter().map(|(i, r)| (*i, r.len())).collect::<Vec<_>>(), "EC shard rebuilt");
+            let records: Vec<&strata_vos::RawRecord> = rebuilt.records.iter().collect();
+            pushed += self.import_all(view, s.target, &records, id).await?;
         }
         Ok(pushed)
     }
@@ -920,8 +1070,8 @@ impl Engine {
         let req = EngineReq::Export { pool: view.map_pool_id, map_version: view.map.version, target: t.index, cont, oid, after, upto, bytes_max: EXPORT_PAGE_BYTES as u64 };
         let (resp, payload) = self.peers.call::<_, EngineResp>(addr, &req, Bytes::new(), FORWARD_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("export from {t}: {e}")))?;
         let EngineResp::Exported { truncated } = resp else { return Err(rerr(ErrorCode::Internal, format!("export from {t}: unexpected answer"))) };
-        let records: Vec<ImportRecord> = postcard::from_bytes(&payload).map_err(|e| rerr(ErrorCode::Internal, format!("export from {t}: {e}")))?;
-        Ok((records.into_iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key, value: r.value }).collect(), truncated))
+        let records = strata_rpc::records::decode(&payload).map_err(|e| rerr(ErrorCode::Internal, format!("export from {t}: {e}")))?;
+        Ok((records.into_iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key.to_vec(), value: r.value.to_vec() }).collect(), truncated))
     }
 
     /// One page of an object shard on this rank's target `vos` (see `export_page`), and the
@@ -933,25 +1083,81 @@ impl Engine {
         Ok((records, next))
     }
 
-    async fn import_to(&self, view: &PoolView, pool: PoolId, t: TargetId, records: &[ImportRecord]) -> Result<(), RemoteError> {
-        let bytes: u64 = records.iter().map(|r| (r.key.len() + r.value.len()) as u64).sum();
-        self.throttle.take(bytes).await;
-        self.import_raw(view, pool, t, records).await?;
-        self.moved_records.fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        self.moved_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-        self.movement.pushed(pool, bytes);
+    /// One page of an object shard on this rank's target `vos`, the rows `keep` accepts written
+    /// straight into an import message (`strata_rpc::records`), and what it holds.
+    async fn encoded_page(vos: &Arc<Vos>, cont: strata_types::ContId, oid: strata_types::Oid, after: Option<Vec<u8>>, keep: Arc<dyn Fn(strata_vos::RecordRef<'_>) -> bool + Send + Sync>) -> Result<(Bytes, strata_vos::ExportedPage), RemoteError> {
+        let v = vos.clone();
+        on_blocking_pool(move || {
+            let mut sink = RecordsSink(strata_rpc::records::Writer::with_capacity(EXPORT_PAGE_BYTES + PAGE_SLACK_BYTES));
+            let page = v.export_object_page_to(cont, oid, after.as_deref(), EXPORT_PAGE_BYTES, &*keep, &mut sink)?;
+            Ok((Bytes::from(sink.0.finish()), page))
+        })
+        .await
+    }
+
+    /// Push one import message (`encoded_page`) to target `t`.
+    async fn import_encoded(&self, view: &PoolView, t: TargetId, payload: Bytes, page: &strata_vos::ExportedPage, id: u64) -> Result<(), RemoteError> {
+        if page.records == 0 {
+            return Ok(());
+        }
+        let pool = view.map_pool_id;
+        self.throttle.take(page.bytes).await;
+        if t.rank == self.rank {
+            let vos = self.target(t)?.clone();
+            let records = strata_rpc::records::decode(&payload).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+            on_blocking_pool(move || {
+                let refs: Vec<strata_vos::RecordRef<'_>> = records.iter().map(|r| strata_vos::RecordRef { punch: r.punch, key: &r.key, value: &r.value }).collect();
+                vos.import_refs(&refs)
+            })
+            .await?;
+        } else {
+            let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
+            let req = EngineReq::Import { pool, map_version: view.map.version, target: t.index };
+            self.peers.call::<_, EngineResp>(addr, &req, payload, FORWARD_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))?;
+        }
+        self.moved_records.fetch_add(page.records, std::sync::atomic::Ordering::Relaxed);
+        self.moved_bytes.fetch_add(page.bytes, std::sync::atomic::Ordering::Relaxed);
+        self.movement.pushed(pool, id, page.bytes);
         Ok(())
     }
 
-    async fn import_raw(&self, view: &PoolView, pool: PoolId, t: TargetId, records: &[ImportRecord]) -> Result<(), RemoteError> {
+    /// Push `records` to target `t` in messages of at most `IMPORT_BYTES_MAX`; returns how many.
+    async fn import_all(&self, view: &PoolView, t: TargetId, records: &[&strata_vos::RawRecord], id: u64) -> Result<u64, RemoteError> {
+        let mut n = 0;
+        for batch in batches(records) {
+            self.import_to(view, t, batch, id).await?;
+            n += batch.len() as u64;
+        }
+        Ok(n)
+    }
+
+    async fn import_to(&self, view: &PoolView, t: TargetId, records: &[&strata_vos::RawRecord], id: u64) -> Result<(), RemoteError> {
+        let pool = view.map_pool_id;
+        let bytes: u64 = records.iter().map(|r| (r.key.len() + r.value.len()) as u64).sum();
+        self.throttle.take(bytes).await;
+        self.import_raw(view, t, records).await?;
+        self.moved_records.fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.moved_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.movement.pushed(pool, id, bytes);
+        Ok(())
+    }
+
+    async fn import_raw(&self, view: &PoolView, t: TargetId, records: &[&strata_vos::RawRecord]) -> Result<(), RemoteError> {
         if t.rank == self.rank {
             let vos = self.target(t)?.clone();
-            let raw: Vec<strata_vos::RawRecord> = records.iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key.clone(), value: r.value.clone() }).collect();
-            return on_blocking_pool(move || vos.import(&raw)).await;
+            let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if !multi {
+                let owned: Vec<strata_vos::RawRecord> = records.iter().map(|r| (*r).clone()).collect();
+                return on_blocking_pool(move || vos.import(&owned)).await;
+            }
+            let refs: Vec<strata_vos::RecordRef<'_>> = records.iter().map(|r| r.as_ref()).collect();
+            // The records are borrowed: import on this worker thread, telling the runtime to
+            // move its other tasks elsewhere meanwhile (no copy of up to 16 MiB to hand over).
+            return tokio::task::block_in_place(|| vos.import_refs(&refs)).map_err(vos_err);
         }
         let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
-        let payload = postcard::to_allocvec(records).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
-        let req = EngineReq::Import { pool, map_version: view.map.version, target: t.index };
+        let payload = strata_rpc::records::encode(records.iter().map(|r| (r.punch, &r.key[..], &r.value[..])));
+        let req = EngineReq::Import { pool: view.map_pool_id, map_version: view.map.version, target: t.index };
         self.peers.call::<_, EngineResp>(addr, &req, Bytes::from(payload), FORWARD_TIMEOUT).await.map(|_| ()).map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))
     }
 }
@@ -1095,8 +1301,17 @@ impl Engine {
     }
 }
 
+/// An import message as the object store's export writes it.
+struct RecordsSink(strata_rpc::records::Writer);
+
+impl strata_vos::RecordSink for RecordsSink {
+    fn record(&mut self, punch: bool, key: &[u8], value_len: usize) -> &mut Vec<u8> {
+        self.0.record(punch, key, value_len)
+    }
+}
+
 /// Split records into messages of at most `IMPORT_BYTES_MAX`.
-fn batches(records: &[ImportRecord]) -> Vec<&[ImportRecord]> {
+fn batches<'a, 'r>(records: &'a [&'r strata_vos::RawRecord]) -> Vec<&'a [&'r strata_vos::RawRecord]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, r) in records.iter().enumerate() {
@@ -1160,18 +1375,30 @@ impl Handler for Engine {
                 self.admit_bytes(&payload)?;
                 self.view(pool, map_version).await?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
-                let records: Vec<ImportRecord> = postcard::from_bytes(&payload).map_err(|e| rerr(ErrorCode::InvalidArgument, format!("import records: {e}")))?;
-                let raw: Vec<strata_vos::RawRecord> = records.into_iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key, value: r.value }).collect();
-                on_blocking_pool(move || vos.import(&raw)).await?;
+                // Keys and values stay slices of the request's payload until VOS writes them.
+                let records = strata_rpc::records::decode(&payload).map_err(|e| rerr(ErrorCode::InvalidArgument, format!("import records: {e}")))?;
+                on_blocking_pool(move || {
+                    let refs: Vec<strata_vos::RecordRef<'_>> = records.iter().map(|r| strata_vos::RecordRef { punch: r.punch, key: &r.key, value: &r.value }).collect();
+                    vos.import_refs(&refs)
+                })
+                .await?;
                 Ok((EngineResp::Updated { epoch: Epoch::ZERO }, Bytes::new()))
             }
             EngineReq::Export { pool, map_version, target, cont, oid, after, upto, bytes_max } => {
                 self.view(pool, map_version).await?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
                 let bytes_max = (bytes_max as usize).min(EXPORT_PAGE_BYTES);
-                let (records, truncated) = on_blocking_pool(move || vos.export_object_page(cont, oid, after.as_deref(), upto.as_deref(), bytes_max)).await?;
-                let records: Vec<ImportRecord> = records.into_iter().map(|r| ImportRecord { punch: r.punch, key: r.key, value: r.value }).collect();
-                let payload = postcard::to_allocvec(&records).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
+                let (payload, truncated) = on_blocking_pool(move || {
+                    if upto.is_some() {
+                        let (records, truncated) = vos.export_object_page(cont, oid, after.as_deref(), upto.as_deref(), bytes_max)?;
+                        return Ok((strata_rpc::records::encode(records.iter().map(|r| (r.punch, &r.key[..], &r.value[..]))), truncated));
+                    }
+                    // Written in place: no buffer per record.
+                    let mut sink = RecordsSink(strata_rpc::records::Writer::with_capacity(bytes_max + PAGE_SLACK_BYTES));
+                    let page = vos.export_object_page_to(cont, oid, after.as_deref(), bytes_max, &|_| true, &mut sink)?;
+                    Ok((sink.0.finish(), page.next.is_some()))
+                })
+                .await?;
                 if payload.len() > EXPORT_BYTES_MAX {
                     return Err(rerr(ErrorCode::Internal, format!("an export page of object {oid} came to {} bytes, more than one answer carries ({EXPORT_BYTES_MAX})", payload.len())));
                 }

@@ -1,12 +1,13 @@
-//! Progress of this rank's data-movement pass (rebuild, resync, drain) per pool, for
+//! Progress of this rank's data-movement pass (rebuild, resync, drain, extension) per pool, for
 //! `EngineReq::Stats` and so `strata pool query` / `pool rebuild --watch`.
 //!
 //! A pass first sizes its work (objects this rank pushes, and the bytes they carry: stored
-//! bytes of each pushed group times its destinations), then moves it one object at a time.
+//! bytes of each pushed group times its destinations), then moves it, a few objects at a time.
 //! Reported values never go down within a map version, even when a failed pass runs again:
 //! totals keep their maximum, done counts the most any attempt reached. Bytes done count what
 //! was pushed, capped per object at its estimate and topped up to it when the object is done,
 //! so done == total exactly when the pass ends.
+//! Objects in flight are told apart by the id `begin_object` hands out.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,15 +24,16 @@ struct Pass {
     /// This attempt's counts.
     objects_done: u64,
     bytes_done: u64,
-    /// The object being moved: its estimate and what was pushed for it so far (capped).
-    current: Option<(u64, u64)>,
+    /// Objects being moved, by id: estimate and what was pushed for each so far (capped).
+    current: HashMap<u64, (u64, u64)>,
+    next_id: u64,
     /// The most an earlier attempt at this version reported.
     floor: (u64, u64),
 }
 
 impl Pass {
     fn report(&self, pool: PoolId) -> MovementProgress {
-        let cur = self.current.map_or(0, |(_, n)| n);
+        let cur: u64 = self.current.values().map(|(_, n)| n).sum();
         let objects_done = self.objects_done.max(self.floor.0).min(self.objects_total);
         let bytes_done = (self.bytes_done + cur).max(self.floor.1).min(self.bytes_total);
         let end = self.finished.unwrap_or_else(Instant::now);
@@ -57,35 +59,40 @@ impl MovementTracker {
                 p.floor = (r.objects_done, r.bytes_done);
                 p.objects_total = p.objects_total.max(objects_total);
                 p.bytes_total = p.bytes_total.max(bytes_total);
-                (p.objects_done, p.bytes_done, p.current, p.finished) = (0, 0, None, None);
+                (p.objects_done, p.bytes_done, p.finished) = (0, 0, None);
+                p.current.clear();
             }
             _ => {
-                m.insert(pool, Pass { version, started: Instant::now(), finished: None, objects_total, bytes_total, objects_done: 0, bytes_done: 0, current: None, floor: (0, 0) });
+                m.insert(pool, Pass { version, started: Instant::now(), finished: None, objects_total, bytes_total, objects_done: 0, bytes_done: 0, current: HashMap::new(), next_id: 0, floor: (0, 0) });
             }
         })
     }
 
-    pub(crate) fn begin_object(&self, pool: PoolId, estimate_bytes: u64) {
-        self.with(|m| {
-            if let Some(p) = m.get_mut(&pool) {
-                p.current = Some((estimate_bytes, 0));
+    /// An object starts moving; the id names it to `pushed` and `end_object`.
+    pub(crate) fn begin_object(&self, pool: PoolId, estimate_bytes: u64) -> u64 {
+        self.with(|m| match m.get_mut(&pool) {
+            Some(p) => {
+                p.next_id += 1;
+                p.current.insert(p.next_id, (estimate_bytes, 0));
+                p.next_id
             }
+            None => 0,
         })
     }
 
-    /// Bytes pushed for the current object (no-op outside a sized pass: extension).
-    pub(crate) fn pushed(&self, pool: PoolId, bytes: u64) {
+    /// Bytes pushed for object `id` (no-op for one the pass does not track).
+    pub(crate) fn pushed(&self, pool: PoolId, id: u64, bytes: u64) {
         self.with(|m| {
-            if let Some(Pass { current: Some((est, n)), .. }) = m.get_mut(&pool) {
+            if let Some((est, n)) = m.get_mut(&pool).and_then(|p| p.current.get_mut(&id)) {
                 *n = (*n + bytes).min(*est);
             }
         })
     }
 
-    pub(crate) fn end_object(&self, pool: PoolId) {
+    pub(crate) fn end_object(&self, pool: PoolId, id: u64) {
         self.with(|m| {
             if let Some(p) = m.get_mut(&pool) {
-                if let Some((est, _)) = p.current.take() {
+                if let Some((est, _)) = p.current.remove(&id) {
                     p.objects_done += 1;
                     p.bytes_done += est;
                 }
@@ -96,7 +103,7 @@ impl MovementTracker {
     pub(crate) fn finish(&self, pool: PoolId, version: u64) {
         self.with(|m| {
             if let Some(p) = m.get_mut(&pool).filter(|p| p.version == version) {
-                debug_assert!(p.current.is_none(), "an object still moving when the pass ends");
+                debug_assert!(p.current.is_empty(), "an object still moving when the pass ends");
                 p.finished = Some(Instant::now());
                 // Work sized at the start and all done: the pass moved what it had to.
                 p.objects_done = p.objects_total;
@@ -118,24 +125,28 @@ mod tests {
     fn done_never_goes_down_and_ends_equal_to_total() {
         let t = MovementTracker::default();
         let pool = PoolId::new_random();
-        t.begin(pool, 7, 2, 100);
-        t.begin_object(pool, 60);
-        t.pushed(pool, 80);
-        assert_eq!(t.report()[0].bytes_done, 60, "capped at the object's estimate");
-        t.end_object(pool);
-        t.begin_object(pool, 40);
-        t.pushed(pool, 10);
+        t.begin(pool, 7, 3, 150);
+        let a = t.begin_object(pool, 60);
+        let c = t.begin_object(pool, 50);
+        t.pushed(pool, a, 80);
+        t.pushed(pool, c, 20);
+        assert_eq!(t.report()[0].bytes_done, 80, "each object capped at its own estimate");
+        t.end_object(pool, a);
+        let b = t.begin_object(pool, 40);
+        t.pushed(pool, b, 10);
         let before = t.report()[0].clone();
-        assert_eq!((before.objects_done, before.bytes_done), (1, 70));
+        assert_eq!((before.objects_done, before.bytes_done), (1, 90));
         // The pass fails and runs again: nothing reported goes down.
-        t.begin(pool, 7, 2, 90);
+        t.begin(pool, 7, 3, 140);
         let again = t.report()[0].clone();
-        assert_eq!((again.objects_total, again.bytes_total), (2, 100));
-        assert_eq!((again.objects_done, again.bytes_done), (1, 70));
-        t.begin_object(pool, 60);
-        t.end_object(pool);
-        t.begin_object(pool, 40);
-        t.end_object(pool);
+        assert_eq!((again.objects_total, again.bytes_total), (3, 150));
+        assert_eq!((again.objects_done, again.bytes_done), (1, 90));
+        t.pushed(pool, c, 50);
+        assert_eq!(t.report()[0].bytes_done, 90, "an object of the failed attempt counts no more");
+        for est in [60, 50, 40] {
+            let id = t.begin_object(pool, est);
+            t.end_object(pool, id);
+        }
         t.finish(pool, 7);
         let end = t.report()[0].clone();
         assert!(end.done);

@@ -76,11 +76,14 @@ pub struct MountOptions {
     /// Take directory leases (`dir_lease.rs`): creates, unlinks and attribute changes in a
     /// directory this mount alone uses are committed in batches off the syscall path.
     pub dir_leases: bool,
+    /// The mount's own read-ahead window per sequential reader (a multiple of 64 KiB, at most
+    /// a quarter of `read_cache_bytes`; default [`READ_AHEAD_BYTES`]).
+    pub read_ahead_window: u64,
 }
 
 impl Default for MountOptions {
     fn default() -> MountOptions {
-        MountOptions { read_only: false, allow_other: false, meta_cache: Duration::from_secs(1), kernel_ttl: Duration::ZERO, threads: 4, write_back_bytes_max: 8 << 20, fsname: "strata".into(), capacity_bytes: 1 << 40, read_cache_bytes: 64 << 20, read_ahead_kb: 4096, dir_leases: true }
+        MountOptions { read_only: false, allow_other: false, meta_cache: Duration::from_secs(1), kernel_ttl: Duration::ZERO, threads: 4, write_back_bytes_max: 8 << 20, fsname: "strata".into(), capacity_bytes: 1 << 40, read_cache_bytes: 64 << 20, read_ahead_kb: 4096, dir_leases: true, read_ahead_window: READ_AHEAD_BYTES }
     }
 }
 
@@ -263,6 +266,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
     pub fn new(rt: tokio::runtime::Handle, ns: Arc<Namespace<S>>, data: Arc<D>, mut opts: MountOptions) -> StrataFs<S, D> {
         let chunk = ns.chunk_bytes;
         opts.meta_cache = opts.meta_cache.min(PUNCH_GRACE / 2);
+        opts.read_ahead_window = (opts.read_ahead_window / CACHE_BLOCK_BYTES * CACHE_BLOCK_BYTES).clamp(CACHE_BLOCK_BYTES, (opts.read_cache_bytes / 4).max(CACHE_BLOCK_BYTES));
         let cache = ReadCache::new(opts.read_cache_bytes);
         let punches: Arc<Mutex<Vec<strata_types::Oid>>> = Arc::default();
         let lease_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -809,14 +813,14 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         let b = CACHE_BLOCK_BYTES;
         let ino = st.inode.ino;
         let end_block = st.size.div_ceil(b);
-        let horizon = (next + READ_AHEAD_BYTES / b).min(end_block);
+        let horizon = (next + self.opts.read_ahead_window / b).min(end_block);
         while next < horizon && self.cache.get(ino, next).is_some() {
             next += 1;
         }
         if next >= horizon {
             return;
         }
-        let blocks = (READ_AHEAD_BYTES / b).min(end_block - next);
+        let blocks = (self.opts.read_ahead_window / b).min(end_block - next);
         let data = self.data.clone();
         let task = self.rt.spawn(async move { data.read(oid, next * b, blocks * b, Epoch::MAX).await });
         st.ahead = Some(ReadAhead { first: next, blocks, task });

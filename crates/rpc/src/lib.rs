@@ -23,6 +23,7 @@ pub mod engine_msg;
 pub mod kv_msg;
 pub mod mgmt_client;
 pub mod mgmt_msg;
+pub mod records;
 mod server;
 
 pub use client::{ClientConfig, RpcClient, RpcPool};

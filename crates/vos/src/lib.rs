@@ -175,17 +175,63 @@ pub struct RawRecord {
     pub value: Vec<u8>,
 }
 
-impl RawRecord {
+/// A stored row borrowed from wherever it arrived (an RPC payload), for [`Vos::import_refs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub punch: bool,
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+}
+
+impl RecordRef<'_> {
+    /// The decoded key of a value row (`None` for punch-index rows or an undecodable key).
+    pub fn record_key(&self) -> Option<RecordKey> {
+        if self.punch {
+            None
+        } else {
+            key_codec::decode_record_key(self.key)
+        }
+    }
+
     /// The dkey this row belongs to; `None` for an object-level punch (it covers every dkey).
     pub fn dkey(&self) -> Option<Vec<u8>> {
         if self.punch {
-            match punch_index::PunchEntry::decode_key(&self.key)?.scope {
+            match punch_index::PunchEntry::decode_key(self.key)?.scope {
                 punch_index::PunchScope::Object => None,
                 punch_index::PunchScope::Dkey(d) | punch_index::PunchScope::Akey(d, _) => Some(d),
             }
         } else {
-            key_codec::decode_record_key(&self.key).map(|k| k.dkey)
+            key_codec::decode_record_key(self.key).map(|k| k.dkey)
         }
+    }
+}
+
+/// Where [`Vos::export_object_page_to`] writes the records it exports: the caller frames each
+/// one, and the value's bytes are appended straight to the caller's buffer.
+pub trait RecordSink {
+    /// A record follows: frame `punch`, `key` and a value of `value_len` bytes, and return the
+    /// buffer exactly `value_len` value bytes are then appended to.
+    fn record(&mut self, punch: bool, key: &[u8], value_len: usize) -> &mut Vec<u8>;
+}
+
+/// What [`Vos::export_object_page_to`] wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportedPage {
+    pub records: u64,
+    /// Key and value bytes written.
+    pub bytes: u64,
+    /// The key the next page starts after; `None` when the object is done.
+    pub next: Option<Vec<u8>>,
+}
+
+impl RawRecord {
+    pub fn as_ref(&self) -> RecordRef<'_> {
+        RecordRef { punch: self.punch, key: &self.key, value: &self.value }
+    }
+
+    /// The dkey this row belongs to; `None` for an object-level punch (it covers every dkey).
+    pub fn dkey(&self) -> Option<Vec<u8>> {
+        self.as_ref().dkey()
     }
 
     /// The decoded key of a value row (`None` for punch-index rows or an undecodable key).

@@ -31,6 +31,19 @@ pub fn encode(kind: RecordKind, len: u64, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The header `encode(Value, len, payload)` puts before a payload whose crc32c is
+/// `payload_crc`, computed without another pass over the payload (a materialized extent is read
+/// straight behind it).
+pub fn value_header(len: u64, payload_crc: u32) -> [u8; HEADER_BYTES] {
+    let mut h = [0u8; HEADER_BYTES];
+    h[0] = RECORD_FORMAT_V1;
+    h[1] = RecordKind::Value as u8;
+    h[2..10].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c::crc32c_combine(crc32c::crc32c(&h[..10]), payload_crc, len as usize);
+    h[10..14].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
 /// A decoded, checksum-verified record borrowing its payload.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Record<'a> {
@@ -105,6 +118,8 @@ mod tests {
             }
         }
         assert_eq!(decode(&rec[..5]), Err(RecordDefect::Truncated));
+        let payload = vec![0x5au8; 70_000];
+        assert_eq!([&value_header(70_000, crc32c::crc32c(&payload))[..], &payload].concat(), encode(RecordKind::Value, 70_000, &payload));
         let punch = encode(RecordKind::Punch, 4096, b"");
         assert_eq!(decode(&punch).unwrap().len, 4096);
     }

@@ -62,8 +62,26 @@ struct Encoded {
 struct Row {
     key: RecordKey,
     kind: RecordKind,
-    len: u64,
     payload: Vec<u8>,
+}
+
+/// An array extent's row as a read first sees it: header and inline bytes verified, bytes in an
+/// extent file not yet read. A read loads them only if the row still shows in the range it
+/// reads: newer versions not yet aggregated (overwrites within the margin, snapshots) would
+/// otherwise each cost a read and checksum of their whole extent.
+struct ExtentRow {
+    raw_key: Vec<u8>,
+    key: RecordKey,
+    /// `Value` (inline or in an extent file) or `Punch`.
+    kind: RecordKind,
+    len: u64,
+    body: ExtentBody,
+}
+
+enum ExtentBody {
+    Inline(Vec<u8>),
+    File(ExtentRef),
+    None,
 }
 
 fn corrupt(key: &[u8], defect: impl std::fmt::Display) -> VosError {
@@ -174,9 +192,9 @@ impl Vos {
         let r = record::decode(v).map_err(|d| corrupt(&k, d))?;
         if r.kind == RecordKind::ValueRef {
             let payload = self.extents.read(&extent_ref(&k, r.payload)?, r.len).map_err(|e| corrupt(&k, e))?;
-            return Ok(Row { key, kind: RecordKind::Value, len: r.len, payload });
+            return Ok(Row { key, kind: RecordKind::Value, payload });
         }
-        Ok(Row { key, kind: r.kind, len: r.len, payload: r.payload.to_vec() })
+        Ok(Row { key, kind: r.kind, payload: r.payload.to_vec() })
     }
 
     /// A stored record as another target can use it: an extent-file reference becomes the
@@ -186,8 +204,12 @@ impl Vos {
         if r.kind != RecordKind::ValueRef {
             return Ok(v);
         }
-        let payload = self.extents.read(&extent_ref(k, r.payload)?, r.len).map_err(|e| corrupt(k, e))?;
-        Ok(record::encode(RecordKind::Value, payload.len() as u64, &payload))
+        let x = extent_ref(k, r.payload)?;
+        let mut out = Vec::with_capacity(record::HEADER_BYTES + r.len.min(EXTENT_BYTES_MAX) as usize);
+        out.extend_from_slice(&[0u8; record::HEADER_BYTES]);
+        let crc = self.extents.read_append(&x, r.len, &mut out).map_err(|e| corrupt(k, e))?;
+        out[..record::HEADER_BYTES].copy_from_slice(&record::value_header(r.len, crc));
+        Ok(out)
     }
 
     fn dirty(&self) -> std::sync::MutexGuard<'_, DirtyBook> {
@@ -367,8 +389,9 @@ impl Vos {
         Ok(Some((row.key.epoch, row.payload)))
     }
 
-    /// Rows of one akey's extents that may overlap `[offset, end)`, visible at `epoch`.
-    fn extent_rows(&self, p: &[u8], offset: u64, end: Option<u64>, epoch: Epoch, hidden_upto: Option<Epoch>) -> Result<Vec<Row>, VosError> {
+    /// Rows of one akey's extents that may overlap `[offset, end)`, visible at `epoch`, oldest
+    /// first; bytes in extent files are left unread (`load_extent`).
+    fn extent_rows(&self, p: &[u8], offset: u64, end: Option<u64>, epoch: Epoch, hidden_upto: Option<Epoch>) -> Result<Vec<ExtentRow>, VosError> {
         // An extent starting more than EXTENT_BYTES_MAX before `offset` cannot reach it.
         let from = extent_key(p, offset.saturating_sub(EXTENT_BYTES_MAX - 1), Epoch::MAX);
         let to = match end {
@@ -386,15 +409,31 @@ impl Vos {
             if key.epoch > epoch || hidden_upto.is_some_and(|h| key.epoch <= h) {
                 continue;
             }
-            let row = self.decode_row(k, &v)?;
-            let start = row.key.offset.unwrap_or(0);
-            if start + row.len <= offset {
+            // Every row's header is verified (a flipped length would change which rows show).
+            let rec = record::decode(&v).map_err(|d| corrupt(&k, d))?;
+            let start = key.offset.unwrap_or(0);
+            if start + rec.len <= offset {
                 continue;
             }
-            rows.push(row);
+            let (kind, body) = match rec.kind {
+                RecordKind::Value => (RecordKind::Value, ExtentBody::Inline(rec.payload.to_vec())),
+                RecordKind::ValueRef => (RecordKind::Value, ExtentBody::File(extent_ref(&k, rec.payload)?)),
+                RecordKind::Punch => (RecordKind::Punch, ExtentBody::None),
+            };
+            let len = rec.len;
+            rows.push(ExtentRow { raw_key: k, key, kind, len, body });
         }
         rows.sort_by_key(|r| r.key.epoch);
         Ok(rows)
+    }
+
+    /// The bytes of a value row, read from its extent file (and verified) if they live there.
+    fn load_extent(&self, row: &mut ExtentRow) -> Result<(), VosError> {
+        if let ExtentBody::File(r) = &row.body {
+            let bytes = self.extents.read(r, row.len).map_err(|e| corrupt(&row.raw_key, e))?;
+            row.body = ExtentBody::Inline(bytes);
+        }
+        Ok(())
     }
 
     /// Read `[offset, offset + len)` of an array akey at `epoch`; holes read as zeros.
@@ -406,7 +445,7 @@ impl Vos {
         }
         let p = akey_prefix(cont, oid, dkey, akey);
         let hidden = self.punches.covering(cont, oid, Some(dkey), Some(akey), epoch);
-        let rows = self.extent_rows(&p, offset, Some(offset + len), epoch, hidden)?;
+        let mut rows = self.extent_rows(&p, offset, Some(offset + len), epoch, hidden)?;
         let mut owners = OwnerMap::default();
         for (i, r) in rows.iter().enumerate() {
             let s = r.key.offset.unwrap_or(0);
@@ -415,12 +454,14 @@ impl Vos {
         let mut data = vec![0u8; len as usize];
         let mut written = Vec::new();
         for (s, e, i) in owners.iter() {
-            let r = &rows[i];
+            let r = &mut rows[i];
             if r.kind == RecordKind::Punch {
                 continue;
             }
+            self.load_extent(r)?;
+            let ExtentBody::Inline(payload) = &r.body else { unreachable!("a value row's bytes were just loaded") };
             let rs = r.key.offset.unwrap_or(0);
-            data[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&r.payload[(s - rs) as usize..(e - rs) as usize]);
+            data[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&payload[(s - rs) as usize..(e - rs) as usize]);
             match written.last_mut() {
                 Some((ws, wl)) if *ws + *wl == s => *wl += e - s,
                 _ => written.push((s, e - s)),
@@ -464,7 +505,21 @@ impl Vos {
         }
         let p = akey_prefix(cont, oid, dkey, akey);
         let hidden = self.punches.covering(cont, oid, Some(dkey), Some(akey), epoch);
-        Ok(self.extent_rows(&p, 0, None, epoch, hidden)?.iter().any(|r| r.kind == RecordKind::Value))
+        // Headers only: a value in an extent file is visible without reading its bytes (reading
+        // them made every object listing read each object's first extent from disk).
+        let mut end = p.clone();
+        end.push(KIND_EXTENT + 1);
+        for r in self.engine.scan(Space::Records, &extent_key(&p, 0, Epoch::MAX), Some(&end), false) {
+            let (k, v) = r?;
+            let key = decode_record_key(&k).ok_or_else(|| corrupt(&k, "undecodable record key"))?;
+            if key.epoch > epoch || hidden.is_some_and(|h| key.epoch <= h) {
+                continue;
+            }
+            if record::decode(&v).map_err(|d| corrupt(&k, d))?.kind != RecordKind::Punch {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Distinct escaped fields that follow `prefix` in record keys, starting after `cursor`.
@@ -541,6 +596,28 @@ impl Vos {
                 if out.len() >= limit.min(LIST_LIMIT_MAX) {
                     return Ok(Page { next: Some(oid), items: out });
                 }
+            }
+        }
+        Ok(Page { items: out, next: None })
+    }
+
+    /// Objects of a container with any stored row (visible or not: punched objects keep the
+    /// history readers at older epochs need), in id order, after `cursor`. Data movement copies
+    /// every version, so it walks these, and checks no visibility (no record is read).
+    pub fn list_stored_objects(&self, cont: ContId, cursor: Option<Oid>, limit: usize) -> Result<Page<Oid>, VosError> {
+        let start = match cursor {
+            Some(o) => prefix_successor(&object_prefix(cont, o)),
+            None => cont.as_bytes().to_vec(),
+        };
+        let end = prefix_successor(cont.as_bytes());
+        let limit = limit.clamp(1, LIST_LIMIT_MAX);
+        let mut out = Vec::new();
+        for r in self.engine.scan(Space::Objects, &start, Some(&end), false) {
+            let (k, _) = r?;
+            let oid = Oid::from_bytes(k.get(16..32).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt(&k, "bad object index key"))?);
+            out.push(oid);
+            if out.len() >= limit {
+                return Ok(Page { next: Some(oid), items: out });
             }
         }
         Ok(Page { items: out, next: None })
@@ -789,28 +866,105 @@ impl Vos {
         Ok((out, false))
     }
 
+    /// [`Vos::export_object_page`] written into `sink` (no buffer per record: an extent is
+    /// read from its extent file straight into the sink's buffer), keeping only the rows
+    /// `keep` accepts (`keep` sees no values: they are not read for rows it refuses). The
+    /// page stops once `bytes_max` bytes were written (at least one row); its `next` is the
+    /// last row looked at, kept or not. Punches come with the page that reaches the end.
+    pub fn export_object_page_to(&self, cont: ContId, oid: Oid, after: Option<&[u8]>, bytes_max: usize, keep: &dyn Fn(RecordRef<'_>) -> bool, sink: &mut dyn RecordSink) -> Result<ExportedPage, VosError> {
+        let p = object_prefix(cont, oid);
+        let start = match after {
+            Some(a) => [a, &[0u8][..]].concat(),
+            None => p.clone(),
+        };
+        let end = prefix_successor(&p);
+        let mut page = ExportedPage::default();
+        let mut last: Option<Vec<u8>> = None;
+        for r in self.engine.scan(Space::Records, &start, Some(&end), false) {
+            if page.bytes >= bytes_max as u64 && page.records > 0 {
+                page.next = last;
+                return Ok(page);
+            }
+            let (key, value) = r?;
+            if keep(RecordRef { punch: false, key: &key, value: &[] }) {
+                let rec = record::decode(&value).map_err(|d| corrupt(&key, d))?;
+                if rec.kind == RecordKind::ValueRef {
+                    // Extents kept in extent files travel as their bytes, like inline ones.
+                    let x = extent_ref(&key, rec.payload)?;
+                    if rec.len > EXTENT_BYTES_MAX {
+                        return Err(corrupt(&key, format!("extent reference of {} bytes", rec.len)));
+                    }
+                    let buf = sink.record(false, &key, record::HEADER_BYTES + rec.len as usize);
+                    let at = buf.len();
+                    buf.extend_from_slice(&[0u8; record::HEADER_BYTES]);
+                    let crc = self.extents.read_append(&x, rec.len, buf).map_err(|e| corrupt(&key, e))?;
+                    buf[at..at + record::HEADER_BYTES].copy_from_slice(&record::value_header(rec.len, crc));
+                    page.bytes += (key.len() + record::HEADER_BYTES) as u64 + rec.len;
+                } else {
+                    sink.record(false, &key, value.len()).extend_from_slice(&value);
+                    page.bytes += (key.len() + value.len()) as u64;
+                }
+                page.records += 1;
+            }
+            last = Some(key);
+        }
+        for r in self.engine.scan(Space::Punches, &p, Some(&end), false) {
+            let (key, value) = r?;
+            if keep(RecordRef { punch: true, key: &key, value: &value }) {
+                sink.record(true, &key, value.len()).extend_from_slice(&value);
+                page.records += 1;
+                page.bytes += (key.len() + value.len()) as u64;
+            }
+        }
+        Ok(page)
+    }
+
     /// Store rows exported by `export_object` on another target (verified first), durably.
     pub fn import(&self, records: &[RawRecord]) -> Result<(), VosError> {
+        let refs: Vec<RecordRef<'_>> = records.iter().map(RawRecord::as_ref).collect();
+        self.import_refs(&refs)
+    }
+
+    /// [`Vos::import`] of borrowed rows. Extents of `EXTENT_FILE_MIN_BYTES` or more go to extent
+    /// files as the update path puts them (one direct write, a reference in the index), not
+    /// inline into the LSM, which writes them twice (journal, then blob file) and copies them
+    /// more: rebuild, resync and drain import at disk speed. Rows that reference an extent file
+    /// are refused: they name another target's files (exports carry the bytes).
+    pub fn import_refs(&self, records: &[RecordRef<'_>]) -> Result<(), VosError> {
         let mut ops = Vec::with_capacity(records.len() + 1);
         let mut punches = Vec::new();
         let mut objects = Vec::new();
+        let mut touched = Vec::new();
+        let mut extent_bytes = 0usize;
         for r in records {
             if r.punch {
-                let p = PunchEntry::decode_key(&r.key).ok_or_else(|| corrupt(&r.key, "undecodable punch key"))?;
+                let p = PunchEntry::decode_key(r.key).ok_or_else(|| corrupt(r.key, "undecodable punch key"))?;
                 objects.push((p.cont, p.oid));
-                ops.push(EngineOp::Put(Space::Punches, r.key.clone(), Vec::new()));
+                ops.push(EngineOp::Put(Space::Punches, r.key.to_vec(), Vec::new()));
                 self.dirty().note_write(p.cont, p.epoch);
                 punches.push(p);
             } else {
-                let k = decode_record_key(&r.key).ok_or_else(|| corrupt(&r.key, "undecodable record key"))?;
-                record::decode(&r.value).map_err(|d| corrupt(&r.key, d))?;
+                let k = decode_record_key(r.key).ok_or_else(|| corrupt(r.key, "undecodable record key"))?;
+                let rec = record::decode(r.value).map_err(|d| corrupt(r.key, d))?;
+                if rec.kind == RecordKind::ValueRef {
+                    return Err(corrupt(r.key, "an imported row references an extent file of another target"));
+                }
                 objects.push((k.cont, k.oid));
-                ops.push(EngineOp::Put(Space::Records, r.key.clone(), r.value.clone()));
+                let to_file = rec.kind == RecordKind::Value && k.offset.is_some() && (EXTENT_FILE_MIN_BYTES..=EXTENT_BYTES_MAX as usize).contains(&rec.payload.len());
+                let value = if to_file {
+                    let (x, t) = self.extents.append(rec.payload)?;
+                    touched.push(t);
+                    extent_bytes += rec.payload.len();
+                    record::encode(RecordKind::ValueRef, rec.len, &x.encode())
+                } else {
+                    r.value.to_vec()
+                };
+                ops.push(EngineOp::Put(Space::Records, r.key.to_vec(), value));
                 self.dirty().note_write(k.cont, k.epoch);
             }
         }
         let indexing = self.index_rows(objects.into_iter(), &mut ops);
-        self.writer.commit(ops, punches, Vec::new(), 0)?;
+        self.writer.commit(ops, punches, touched, extent_bytes)?;
         self.note_indexed(indexing);
         Ok(())
     }
