@@ -847,19 +847,9 @@ mod tests {
     use super::*;
     use crate::ino_alloc::InoAlloc;
     use crate::meta_store::MemMetaStore;
+    use crate::namespace::tests::{block, dir, file};
     use crate::namespace::RenameMode;
     use std::cell::Cell;
-
-    fn block<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime").block_on(f)
-    }
-
-    fn file() -> NewNode {
-        NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0, symlink: None }
-    }
-    fn dir() -> NewNode {
-        NewNode { kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, rdev: 0, symlink: None }
-    }
 
     /// Two mounts of one volume: `a` takes leases, `b` only honours them.
     async fn two() -> (Namespace<MemMetaStore>, Namespace<MemMetaStore>) {

@@ -801,18 +801,19 @@ impl<S: MetaStore> Namespace<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::meta_store::MemMetaStore;
 
-    fn block<F: std::future::Future>(f: F) -> F::Output {
+    /// Run `f` to completion on a one-thread runtime (shared with `dir_lease`'s tests).
+    pub(crate) fn block<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime").block_on(f)
     }
 
-    fn file() -> NewNode {
+    pub(crate) fn file() -> NewNode {
         NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0, symlink: None }
     }
-    fn dir() -> NewNode {
+    pub(crate) fn dir() -> NewNode {
         NewNode { kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, rdev: 0, symlink: None }
     }
 

@@ -138,6 +138,12 @@ impl AckOrder {
     }
 }
 
+/// Wait for one group's sync, then hand its outcome to the acknowledgement order.
+fn settle(order: &Mutex<AckOrder>, punches: &PunchIndex, g: Group) {
+    let result = g.sync.and_then(|p| p.wait().map_err(|e| e.to_string()));
+    order.lock().unwrap_or_else(|e| e.into_inner()).finish(punches, g.seq, g.jobs, result);
+}
+
 fn writer_loop(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, rx: mpsc::Receiver<Job>, group_bytes_max: usize, lanes: usize) {
     let order = Arc::new(Mutex::new(AckOrder { next: 0, finished: BTreeMap::new(), failed: None }));
     // A rendezvous channel: the writer hands a group over only when a lane is free, so at most
@@ -150,8 +156,7 @@ fn writer_loop(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, rx: mpsc::Re
         let spawned = std::thread::Builder::new().name(format!("vos-sync-{i}")).spawn(move || loop {
             let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
             let Ok(g) = next else { return };
-            let result = g.sync.and_then(|p| p.wait().map_err(|e| e.to_string()));
-            order.lock().unwrap_or_else(|e| e.into_inner()).finish(&punches, g.seq, g.jobs, result);
+            settle(&order, &punches, g);
         });
         match spawned {
             Ok(t) => lane_threads.push(t),
@@ -190,8 +195,7 @@ fn writer_loop(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, rx: mpsc::Re
         let g = Group { seq, jobs, sync };
         seq += 1;
         if lane_threads.is_empty() {
-            let result = g.sync.and_then(|p| p.wait().map_err(|e| e.to_string()));
-            order.lock().unwrap_or_else(|e| e.into_inner()).finish(&punches, g.seq, g.jobs, result);
+            settle(&order, &punches, g);
         } else if let Err(mpsc::SendError(g)) = lane_tx.send(g) {
             order.lock().unwrap_or_else(|e| e.into_inner()).finish(&punches, g.seq, g.jobs, Err("sync lanes exited".into()));
         }
