@@ -16,7 +16,8 @@ use strata_rpc::{ServerConfig, ServiceKind};
 use strata_types::Rank;
 use tokio::net::TcpListener;
 
-/// Default data-movement rate per rank. `strata bench rebuild` (4 ranks, foreground writers
+/// Default data-movement import rate per rank while foreground updates are written there (an
+/// idle rank imports unpaced). `strata bench rebuild` (4 ranks, foreground writers
 /// throughout) kept foreground writes at 0.55-0.83x of their rate before the rebuild at 64-128
 /// MiB/s per rank and fell to 0.2-0.47x at 256, once movement stopped being CPU-bound.
 const REBUILD_MIB_PER_S_DEFAULT: u64 = 96;
@@ -60,8 +61,9 @@ pub struct Args {
     /// Runtime worker threads.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Most MiB per second this rank pushes for rebuild, resync, drain and extension (0: no
-    /// limit; default 96), so foreground I/O stays responsive.
+    /// Most MiB per second this rank imports for rebuild, resync, drain and extension while
+    /// foreground writes are in flight on it (0: no limit; default 96), so foreground I/O stays
+    /// responsive; with no foreground writes, data movement is not paced.
     #[arg(long)]
     pub rebuild_mib_per_s: Option<u64>,
     /// Time between background aggregation passes, which merge away versions no reader needs

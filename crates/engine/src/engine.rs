@@ -22,8 +22,15 @@ pub(crate) mod aggregation;
 mod movement_progress;
 #[path = "space_guard.rs"]
 mod space_guard;
+#[path = "import_batch.rs"]
+mod import_batch;
+#[path = "background_threads.rs"]
+mod background_threads;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// An import may wait at its destination for the rate it is paced to there (`MoveThrottle`):
+/// a few 16 MiB messages from each source at the default 96 MiB/s take seconds.
+const IMPORT_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct EngineConfig {
@@ -32,8 +39,9 @@ pub struct EngineConfig {
     pub targets: u16,
     pub cluster: String,
     pub vos: VosConfig,
-    /// Most bytes per second rebuild, resync and drain push from this rank (0: no limit), so
-    /// foreground I/O stays responsive while redundancy comes back.
+    /// Most bytes per second of rebuild, resync, drain and extension this rank imports while
+    /// foreground updates are being written on it (0: no limit); unpaced otherwise (see
+    /// `MoveThrottle`).
     pub rebuild_bytes_per_s: u64,
     pub aggregation: aggregation::AggregationConfig,
     /// New data is refused (`NoSpace`) while the file system under `dir` has less free (0: no
@@ -41,20 +49,34 @@ pub struct EngineConfig {
     pub space_reserve_bytes: u64,
 }
 
-/// Paces data movement: each push reserves its share of the rate and waits for its turn.
+/// Paces the data movement a rank imports, but only while foreground updates are being written
+/// there (in flight, or one ended less than `FOREGROUND_RECENT` ago): an idle rank imports as
+/// fast as its disk and CPU go, a busy one at most `bytes_per_s` (like DAOS's rebuild
+/// throttle or Ceph's recovery limits, which apply while client I/O competes). Each import
+/// reserves its share of the rate and waits for its turn.
 struct MoveThrottle {
     bytes_per_s: u64,
     next_free: tokio::sync::Mutex<tokio::time::Instant>,
 }
 
+/// How long after a foreground update a rank still counts as busy: the gap between one
+/// client's consecutive writes, so a closed-loop writer is not mistaken for an idle rank.
+const FOREGROUND_RECENT: Duration = Duration::from_millis(50);
+
 impl MoveThrottle {
-    async fn take(&self, bytes: u64) {
+    async fn take(&self, bytes: u64, foreground_busy: bool) {
         if self.bytes_per_s == 0 {
             return;
         }
         let start = {
             let mut next = self.next_free.lock().await;
-            let start = (*next).max(tokio::time::Instant::now());
+            let now = tokio::time::Instant::now();
+            if !foreground_busy {
+                // Unpaced, and no debt carried into the next busy period.
+                *next = now;
+                return;
+            }
+            let start = (*next).max(now);
             *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
             start
         };
@@ -97,6 +119,8 @@ struct Admitted<'a> {
     inflight: &'a Inflight,
     done: &'a tokio::sync::Notify,
     key: (PoolId, u64),
+    /// When the last foreground update ended (`Engine::foreground_busy`).
+    last_end: &'a std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Drop for Admitted<'_> {
@@ -109,6 +133,7 @@ impl Drop for Admitted<'_> {
             }
         }
         drop(m);
+        *self.last_end.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
         self.done.notify_waiters();
     }
 }
@@ -119,6 +144,12 @@ const OLDER_UPDATES_WAIT: Duration = Duration::from_secs(30);
 
 pub struct Engine {
     throttle: MoveThrottle,
+    /// When the last foreground update on this rank ended (see `MoveThrottle`).
+    foreground_last_end: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Buffers of the import messages data movement builds (`import_batch`).
+    page_buffers: Arc<strata_rpc::buffer_pool::BufferPool>,
+    /// Where data movement's disk and copy work runs, below foreground priority.
+    background: background_threads::BackgroundThreads,
     inflight: Inflight,
     inflight_done: tokio::sync::Notify,
     /// Signalled when a newer pool map is installed (`map_changed`).
@@ -161,6 +192,14 @@ async fn on_blocking_pool<T: Send + 'static>(f: impl FnOnce() -> Result<T, VosEr
     tokio::task::spawn_blocking(f).await.map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?.map_err(vos_err)
 }
 
+impl Engine {
+    /// VOS work of data movement (export pages, imports) on the movement threads, which run
+    /// below foreground priority (`background_threads`); its error as a remote one.
+    async fn on_movement_threads<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T, VosError> + Send + 'static) -> Result<T, RemoteError> {
+        self.background.run(f).await.ok_or_else(|| rerr(ErrorCode::Internal, "data-movement thread gone"))?.map_err(vos_err)
+    }
+}
+
 /// One fetch from a target of this engine, as `EngineReq::Fetch` answers it.
 fn fetch_local(vos: &Vos, cont: strata_types::ContId, oid: strata_types::Oid, dkey: &[u8], fetch: FetchKind, epoch: Epoch) -> Result<(EngineResp, Bytes), VosError> {
     Ok(match fetch {
@@ -194,7 +233,7 @@ impl Engine {
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
         let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), extension_conflicts: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes) })
+        Ok(Engine { throttle, foreground_last_end: Default::default(), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), extension_conflicts: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes) })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -292,7 +331,7 @@ impl Engine {
     async fn admit(&self, pool: PoolId, version: u64) -> Result<(Arc<PoolView>, Admitted<'_>), RemoteError> {
         let view = self.view(pool, version).await?;
         *self.inflight.lock().unwrap_or_else(|e| e.into_inner()).entry((pool, version)).or_default() += 1;
-        let guard = Admitted { inflight: &self.inflight, done: &self.inflight_done, key: (pool, version) };
+        let guard = Admitted { inflight: &self.inflight, done: &self.inflight_done, key: (pool, version), last_end: &self.foreground_last_end };
         // A newer map installed between the check and the count: the pass may not have seen
         // this update, so it must not run.
         let now = self.pools.read().unwrap_or_else(|e| e.into_inner()).get(&pool).map(|v| v.map.version);
@@ -300,6 +339,18 @@ impl Engine {
             return Err(rerr(ErrorCode::StaleMap, format!("pool map version {version} is stale; current is {}", now.unwrap_or(0))));
         }
         Ok((view, guard))
+    }
+
+    /// Whether foreground updates are being written on this rank: one is in flight, or one
+    /// ended less than `FOREGROUND_RECENT` ago.
+    fn foreground_busy(&self) -> bool {
+        let recent = self.foreground_last_end.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < FOREGROUND_RECENT);
+        recent || !self.inflight.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
+    /// Wait for this rank's turn to import `bytes` of moved data (see `MoveThrottle`).
+    async fn pace_import(&self, bytes: u64) {
+        self.throttle.take(bytes, self.foreground_busy()).await
     }
 
     /// Wait until no update admitted under a map older than `version` is still writing.
@@ -590,6 +641,7 @@ const MOVE_OBJECTS_IN_FLIGHT: usize = 4;
 const WALK_PAGE_OBJECTS: usize = 1000;
 
 /// One object a target of this rank stores: the unit data movement plans and moves.
+#[derive(Clone)]
 struct StoredObject {
     me: TargetId,
     vos: Arc<Vos>,
@@ -645,6 +697,17 @@ impl ObjectWalk {
                 }
             }
         }
+    }
+
+    /// The next object and the rest of the page of ids it came in, all of one target and
+    /// container.
+    async fn next_page(&mut self) -> Result<Option<Vec<StoredObject>>, RemoteError> {
+        let Some(first) = self.next().await? else { return Ok(None) };
+        let (me, vos, cont) = (first.me, first.vos.clone(), first.cont);
+        let mut out = Vec::with_capacity(1 + self.page.len());
+        out.push(first);
+        out.extend(self.page.drain(..).map(|oid| StoredObject { me, vos: vos.clone(), cont, oid }));
+        Ok(Some(out))
     }
 
     async fn fill(&mut self, vos: &Arc<Vos>, cont: strata_types::ContId, cursor: Option<strata_types::Oid>) -> Result<(), RemoteError> {
@@ -709,9 +772,11 @@ impl Engine {
 
     /// The shape of every data-movement pass: walk what this rank stores (`ObjectWalk`), plan
     /// each object (`plan_object`: nothing to push, or what to do and the bytes it carries),
-    /// size the whole pass first for progress reports, then move the planned objects
-    /// `MOVE_OBJECTS_IN_FLIGHT` at a time. Returns the records pushed.
-    async fn movement_pass(&self, view: &PoolView, kind: PassKind) -> Result<u64, RemoteError> {
+    /// size the whole pass first for progress reports, then move the planned objects. Rebuild
+    /// of replicated objects goes through `import_batch` (many small objects to one import
+    /// message); EC objects and extension move one object at a time, `MOVE_OBJECTS_IN_FLIGHT`
+    /// at once. Returns the records pushed.
+    async fn movement_pass(&self, view: &Arc<PoolView>, kind: PassKind) -> Result<u64, RemoteError> {
         use futures::StreamExt;
         let pool = view.map_pool_id;
         let source = |s: strata_placement::TargetState| match kind {
@@ -725,42 +790,66 @@ impl Engine {
         *self.pass_since.lock().unwrap_or_else(|e| e.into_inner()) = since;
         let (mut objects, mut bytes) = (0u64, 0u64);
         let mut walk = ObjectWalk::new(self, view, source);
-        while let Some(o) = walk.next().await? {
-            if let Some((_, estimate)) = self.plan_object(view, kind, &o).await? {
-                objects += 1;
-                bytes += estimate;
-            }
+        // A page of objects is sized in one trip to the blocking pool, not one per object.
+        while let Some(page) = walk.next_page().await? {
+            let v = view.clone();
+            let (n, b) = on_blocking_pool(move || {
+                let (mut n, mut b) = (0u64, 0u64);
+                for o in &page {
+                    if let Some((_, estimate)) = Self::plan_object_blocking(&v, kind, o)? {
+                        n += 1;
+                        b += estimate;
+                    }
+                }
+                Ok((n, b))
+            })
+            .await?;
+            objects += n;
+            bytes += b;
         }
         self.movement.begin(pool, view.map.version, objects, bytes);
         tracing::info!(%pool, version = view.map.version, objects, bytes, "data movement pass sized; moving");
         let mut walk = ObjectWalk::new(self, view, source);
-        let mut inflight = futures::stream::FuturesUnordered::new();
-        let (mut walked, mut pushed) = (false, 0u64);
-        loop {
-            while !walked && inflight.len() < MOVE_OBJECTS_IN_FLIGHT {
-                match walk.next().await? {
-                    Some(o) => inflight.push(self.move_object(view, kind, o)),
-                    None => walked = true,
+        let pushed = if kind == PassKind::Rebuild {
+            self.rebuild_batched(view, since, &mut walk).await?
+        } else {
+            let mut inflight = futures::stream::FuturesUnordered::new();
+            let (mut walked, mut pushed) = (false, 0u64);
+            loop {
+                while !walked && inflight.len() < MOVE_OBJECTS_IN_FLIGHT {
+                    match walk.next().await? {
+                        Some(o) => inflight.push(self.move_object(view, kind, o)),
+                        None => walked = true,
+                    }
+                }
+                match inflight.next().await {
+                    Some(r) => pushed += r?,
+                    None => break,
                 }
             }
-            match inflight.next().await {
-                Some(r) => pushed += r?,
-                None => break,
-            }
-        }
+            pushed
+        };
         self.movement.finish(pool, view.map.version);
         Ok(pushed)
     }
 
     /// What `kind` of pass does with object `o`, and the bytes it will push for it.
-    async fn plan_object(&self, view: &PoolView, kind: PassKind, o: &StoredObject) -> Result<Option<(ObjectPlan, u64)>, RemoteError> {
+    async fn plan_object(&self, view: &Arc<PoolView>, kind: PassKind, o: &StoredObject) -> Result<Option<(ObjectPlan, u64)>, RemoteError> {
+        let (view, o) = (view.clone(), o.clone());
+        on_blocking_pool(move || Self::plan_object_blocking(&view, kind, &o)).await
+    }
+
+    /// [`Engine::plan_object`] on the calling thread (it reads the object's index rows).
+    fn plan_object_blocking(view: &PoolView, kind: PassKind, o: &StoredObject) -> Result<Option<(ObjectPlan, u64)>, VosError> {
         let Ok(cur) = view.placement.layout(o.oid) else { return Ok(None) };
         if kind == PassKind::Rebuild {
             let plan = Self::rebuild_plan(view, o.me, o.oid, &cur);
             if plan.is_empty() {
                 return Ok(None);
             }
-            let estimate = Self::plan_bytes(&o.vos, o.cont, o.oid, &cur, &plan).await?;
+            let l = cur.clone();
+            let per_group = o.vos.object_stored_bytes(o.cont, o.oid, l.group_count(), |d| l.group_for_dkey(d))?;
+            let estimate = plan.iter().map(|(g, dests)| per_group[*g] * dests.len() as u64).sum();
             return Ok(Some((ObjectPlan::Rebuild(cur, plan), estimate)));
         }
         let Some(Ok(new)) = view.extended.as_ref().map(|e| e.layout(o.oid)) else { return Ok(None) };
@@ -770,9 +859,8 @@ impl Engine {
         }
         // Stored bytes per (current group, new group) pair, times the destinations the pass
         // gives that pair's records.
-        let (v, c, n, cont, oid) = (o.vos.clone(), cur.clone(), new.clone(), o.cont, o.oid);
-        let ng = n.group_count();
-        let per_pair = on_blocking_pool(move || v.object_stored_bytes(cont, oid, c.group_count() * ng, |d| c.group_for_dkey(d) * ng + n.group_for_dkey(d))).await?;
+        let ng = new.group_count();
+        let per_pair = o.vos.object_stored_bytes(o.cont, o.oid, cur.group_count() * ng, |d| cur.group_for_dkey(d) * ng + new.group_for_dkey(d))?;
         let mut estimate = 0;
         for (i, b) in per_pair.iter().enumerate().filter(|(_, b)| **b > 0) {
             estimate += b * Self::extension_dests(view, &cur, &new, o.me, i / ng, i % ng).0.len() as u64;
@@ -784,7 +872,7 @@ impl Engine {
     }
 
     /// Plan and move one object, counting its progress.
-    async fn move_object(&self, view: &PoolView, kind: PassKind, o: StoredObject) -> Result<u64, RemoteError> {
+    async fn move_object(&self, view: &Arc<PoolView>, kind: PassKind, o: StoredObject) -> Result<u64, RemoteError> {
         let pool = view.map_pool_id;
         let Some((plan, estimate)) = self.plan_object(view, kind, &o).await? else { return Ok(0) };
         let id = self.movement.begin_object(pool, estimate);
@@ -799,13 +887,6 @@ impl Engine {
     /// Rebuild, resync and drain of every object shard this rank is a source of.
     async fn rebuild_pool(&self, view: &Arc<PoolView>) -> Result<(u64, bool), RemoteError> {
         Ok((self.movement_pass(view, PassKind::Rebuild).await?, true))
-    }
-
-    /// Bytes the groups of `plan` carry to their destinations (see `MovementProgress`).
-    async fn plan_bytes(vos: &Arc<Vos>, cont: strata_types::ContId, oid: strata_types::Oid, layout: &strata_placement::Layout, plan: &[(usize, Vec<TargetId>)]) -> Result<u64, RemoteError> {
-        let (v, l) = (vos.clone(), layout.clone());
-        let per_group = on_blocking_pool(move || v.object_stored_bytes(cont, oid, l.group_count(), |d| l.group_for_dkey(d))).await?;
-        Ok(plan.iter().map(|(g, dests)| per_group[*g] * dests.len() as u64).sum())
     }
 
     /// Push one object's planned groups: EC groups decoded, replicated ones copied page by page
@@ -1101,11 +1182,11 @@ impl Engine {
             return Ok(());
         }
         let pool = view.map_pool_id;
-        self.throttle.take(page.bytes).await;
         if t.rank == self.rank {
+            self.pace_import(page.bytes).await;
             let vos = self.target(t)?.clone();
             let records = strata_rpc::records::decode(&payload).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
-            on_blocking_pool(move || {
+            self.on_movement_threads(move || {
                 let refs: Vec<strata_vos::RecordRef<'_>> = records.iter().map(|r| strata_vos::RecordRef { punch: r.punch, key: &r.key, value: &r.value }).collect();
                 vos.import_refs(&refs)
             })
@@ -1113,7 +1194,7 @@ impl Engine {
         } else {
             let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
             let req = EngineReq::Import { pool, map_version: view.map.version, target: t.index };
-            self.peers.call::<_, EngineResp>(addr, &req, payload, FORWARD_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))?;
+            self.peers.call::<_, EngineResp>(addr, &req, payload, IMPORT_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))?;
         }
         self.moved_records.fetch_add(page.records, std::sync::atomic::Ordering::Relaxed);
         self.moved_bytes.fetch_add(page.bytes, std::sync::atomic::Ordering::Relaxed);
@@ -1134,7 +1215,9 @@ impl Engine {
     async fn import_to(&self, view: &PoolView, t: TargetId, records: &[&strata_vos::RawRecord], id: u64) -> Result<(), RemoteError> {
         let pool = view.map_pool_id;
         let bytes: u64 = records.iter().map(|r| (r.key.len() + r.value.len()) as u64).sum();
-        self.throttle.take(bytes).await;
+        if t.rank == self.rank {
+            self.pace_import(bytes).await;
+        }
         self.import_raw(view, t, records).await?;
         self.moved_records.fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.moved_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
@@ -1158,7 +1241,7 @@ impl Engine {
         let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
         let payload = strata_rpc::records::encode(records.iter().map(|r| (r.punch, &r.key[..], &r.value[..])));
         let req = EngineReq::Import { pool: view.map_pool_id, map_version: view.map.version, target: t.index };
-        self.peers.call::<_, EngineResp>(addr, &req, Bytes::from(payload), FORWARD_TIMEOUT).await.map(|_| ()).map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))
+        self.peers.call::<_, EngineResp>(addr, &req, Bytes::from(payload), IMPORT_TIMEOUT).await.map(|_| ()).map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))
     }
 }
 
@@ -1374,10 +1457,11 @@ impl Handler for Engine {
             EngineReq::Import { pool, map_version, target } => {
                 self.admit_bytes(&payload)?;
                 self.view(pool, map_version).await?;
+                self.pace_import(payload.len() as u64).await;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
                 // Keys and values stay slices of the request's payload until VOS writes them.
                 let records = strata_rpc::records::decode(&payload).map_err(|e| rerr(ErrorCode::InvalidArgument, format!("import records: {e}")))?;
-                on_blocking_pool(move || {
+                self.on_movement_threads(move || {
                     let refs: Vec<strata_vos::RecordRef<'_>> = records.iter().map(|r| strata_vos::RecordRef { punch: r.punch, key: &r.key, value: &r.value }).collect();
                     vos.import_refs(&refs)
                 })
@@ -1437,18 +1521,26 @@ mod tests {
 
     /// On tokio's paused clock: the check is on virtual time, deterministic on any machine.
     #[tokio::test(start_paused = true)]
-    async fn data_movement_is_paced_to_the_configured_rate() {
+    async fn imports_are_paced_only_while_foreground_updates_are_written() {
         let t = MoveThrottle { bytes_per_s: 10 << 20, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
         let start = tokio::time::Instant::now();
         for _ in 0..4 {
-            t.take(5 << 20).await;
+            t.take(5 << 20, true).await;
         }
-        // 20 MiB at 10 MiB/s: the fourth push may start only after 1.5 s of budget is used.
-        assert!(start.elapsed() >= Duration::from_millis(1500), "pushed too fast: {:?}", start.elapsed());
+        // 20 MiB at 10 MiB/s: the fourth import may start only after 1.5 s of budget is used.
+        assert!(start.elapsed() >= Duration::from_millis(1500), "imported too fast: {:?}", start.elapsed());
         assert!(start.elapsed() < Duration::from_millis(1600), "paced slower than the rate: {:?}", start.elapsed());
+        let idle = tokio::time::Instant::now();
+        for _ in 0..4 {
+            t.take(5 << 20, false).await;
+        }
+        assert_eq!(idle.elapsed(), Duration::ZERO, "no foreground: no pacing, and no debt from the busy period");
+        let busy_again = tokio::time::Instant::now();
+        t.take(5 << 20, true).await;
+        assert_eq!(busy_again.elapsed(), Duration::ZERO, "the first import of a busy period starts at once");
         let unlimited = MoveThrottle { bytes_per_s: 0, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
         let s2 = tokio::time::Instant::now();
-        unlimited.take(1 << 30).await;
+        unlimited.take(1 << 30, true).await;
         assert_eq!(s2.elapsed(), Duration::ZERO, "0 means no limit");
     }
 }

@@ -100,6 +100,16 @@ impl MovementTracker {
         })
     }
 
+    /// Objects moved together (`import_batch`), tracked by what they carried, not one by one.
+    pub(crate) fn batch_done(&self, pool: PoolId, objects: u64, bytes: u64) {
+        self.with(|m| {
+            if let Some(p) = m.get_mut(&pool) {
+                p.objects_done += objects;
+                p.bytes_done += bytes;
+            }
+        })
+    }
+
     pub(crate) fn finish(&self, pool: PoolId, version: u64) {
         self.with(|m| {
             if let Some(p) = m.get_mut(&pool).filter(|p| p.version == version) {

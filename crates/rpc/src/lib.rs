@@ -15,6 +15,7 @@
 //!   flight (further requests wait for a slot, which back-pressures the peer).
 //! - Every frame format carries a version byte (v1).
 
+pub mod buffer_pool;
 mod byte_vec;
 pub mod capability;
 mod client;

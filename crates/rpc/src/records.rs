@@ -93,6 +93,14 @@ impl Writer {
         Writer { buf, count: 0 }
     }
 
+    /// A writer that fills `buf` (emptied first), keeping its capacity: a caller that reuses
+    /// its buffers spares the kernel from zeroing fresh pages for every message.
+    pub fn with_buffer(mut buf: Vec<u8>) -> Writer {
+        buf.clear();
+        buf.extend_from_slice(&[0u8; COUNT_SLOT]);
+        Writer { buf, count: 0 }
+    }
+
     /// Frame one record and return the buffer its `value_len` value bytes must be appended to.
     pub fn record(&mut self, punch: bool, key: &[u8], value_len: usize) -> &mut Vec<u8> {
         self.count += 1;

@@ -94,8 +94,22 @@ const PAYLOAD_ALIGN_FROM_BYTES: usize = 64 << 10;
 const PAYLOAD_ALIGN: usize = 4096;
 
 /// `len` bytes, read into memory that is not zeroed first (zeroing a fresh megabyte per write
-/// was 4% of an engine's CPU).
+/// was 4% of an engine's CPU); large payloads into pooled memory, which the kernel need not
+/// zero either (see `buffer_pool`).
 async fn read_payload<R: AsyncReadExt + Unpin>(r: &mut R, len: usize) -> std::io::Result<Bytes> {
+    if len >= crate::buffer_pool::POOLED_FROM_BYTES {
+        let mut v = crate::buffer_pool::RECEIVE.take(len + PAYLOAD_ALIGN);
+        let pad = v.as_ptr().align_offset(PAYLOAD_ALIGN);
+        v.resize(pad, 0);
+        debug_assert!(v.capacity() >= pad + len);
+        while v.len() < pad + len {
+            let want = (pad + len - v.len()) as u64;
+            if (&mut *r).take(want).read_buf(&mut v).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        return Ok(crate::buffer_pool::RECEIVE.lend(v, pad));
+    }
     let mut buf = if len >= PAYLOAD_ALIGN_FROM_BYTES {
         let mut b = BytesMut::with_capacity(len + PAYLOAD_ALIGN);
         let pad = b.as_ptr().align_offset(PAYLOAD_ALIGN);
