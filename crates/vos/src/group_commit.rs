@@ -1,8 +1,8 @@
-//! Group commit: one writer thread takes every update batch waiting in its queue, applies them
-//! as one engine batch and starts its sync; sync lanes wait for the disk and acknowledge each
-//! caller. Concurrent writers therefore share fsyncs instead of serializing on them, and while
-//! one group's fsync is in flight the next group is already applied and its own fsync started
-//! (a journal with one sync at a time caps a target at one group per disk flush).
+//! Group commit: a commit lane takes every update batch waiting in the queue, applies them as
+//! one engine batch, starts its sync, and waits for the disk while the next lane forms the next
+//! group. Concurrent writers therefore share fsyncs instead of serializing on them, and up to
+//! `sync_lanes` groups wait for the disk at once (a journal with one sync at a time caps a
+//! target at one group per disk flush).
 //!
 //! Acknowledgements leave in group order, and the first failed sync fails every later group
 //! too (the store then refuses writes until reopened): a later group's successful fsync does
@@ -30,7 +30,7 @@ pub struct Job {
 
 pub struct GroupCommit {
     tx: Option<mpsc::SyncSender<Job>>,
-    thread: Option<JoinHandle<()>>,
+    lanes: Vec<JoinHandle<()>>,
 }
 
 /// Upper bound on sync lanes: more syncs in flight per journal than this gain nothing.
@@ -42,12 +42,22 @@ impl GroupCommit {
     /// `sync_lanes` is how many groups may wait for the disk at once.
     pub fn start(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, queue_depth: usize, group_bytes_max: usize, sync_lanes: usize) -> GroupCommit {
         let (tx, rx) = mpsc::sync_channel::<Job>(queue_depth.max(1));
-        let lanes = sync_lanes.clamp(1, SYNC_LANES_MAX);
-        let thread = std::thread::Builder::new()
-            .name("vos-group-commit".into())
-            .spawn(move || writer_loop(engine, punches, rx, group_bytes_max, lanes))
-            .ok();
-        GroupCommit { tx: Some(tx), thread }
+        let shared = Arc::new(Lanes {
+            intake: Mutex::new(Intake { rx, seq: 0 }),
+            order: Mutex::new(AckOrder { next: 0, finished: BTreeMap::new(), failed: None }),
+            engine,
+            punches,
+            group_bytes_max,
+        });
+        let mut lanes = Vec::new();
+        for i in 0..sync_lanes.clamp(1, SYNC_LANES_MAX) {
+            let shared = shared.clone();
+            match std::thread::Builder::new().name(format!("vos-commit-{i}")).spawn(move || shared.lane_loop()) {
+                Ok(t) => lanes.push(t),
+                Err(e) => tracing::warn!(error = %e, lane = i, "could not start a commit lane; running with fewer"),
+            }
+        }
+        GroupCommit { tx: Some(tx), lanes }
     }
 
     /// Submit one atomic batch and wait until it is durable.
@@ -68,10 +78,10 @@ impl GroupCommit {
         let bytes = ops.iter().map(EngineOp::bytes).sum::<usize>() + extent_bytes;
         let (reply, wait) = tokio::sync::oneshot::channel();
         let tx = self.tx.as_ref().ok_or_else(|| VosError::WriterStopped("store closed".into()))?;
-        if self.thread.is_none() {
-            return Err(VosError::WriterStopped("writer thread could not be started".into()));
+        if self.lanes.is_empty() {
+            return Err(VosError::WriterStopped("no commit lane could be started".into()));
         }
-        tx.send(Job { ops, punches, touched, bytes, reply }).map_err(|_| VosError::WriterStopped("writer thread exited".into()))?;
+        tx.send(Job { ops, punches, touched, bytes, reply }).map_err(|_| VosError::WriterStopped("commit lanes exited".into()))?;
         Ok(wait)
     }
 
@@ -79,7 +89,7 @@ impl GroupCommit {
         match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(msg)) => Err(VosError::Engine(msg)),
-            Err(_) => Err(VosError::WriterStopped("writer thread exited before acknowledging".into())),
+            Err(_) => Err(VosError::WriterStopped("commit lane exited before acknowledging".into())),
         }
     }
 }
@@ -87,7 +97,7 @@ impl GroupCommit {
 impl Drop for GroupCommit {
     fn drop(&mut self) {
         drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
+        for t in self.lanes.drain(..) {
             let _ = t.join();
         }
     }
@@ -138,71 +148,66 @@ impl AckOrder {
     }
 }
 
-/// Wait for one group's sync, then hand its outcome to the acknowledgement order.
-fn settle(order: &Mutex<AckOrder>, punches: &PunchIndex, g: Group) {
-    let result = g.sync.and_then(|p| p.wait().map_err(|e| e.to_string()));
-    order.lock().unwrap_or_else(|e| e.into_inner()).finish(punches, g.seq, g.jobs, result);
+/// What every lane shares: the queue with the next group's sequence number (one lock, so
+/// groups are formed, applied and handed to the OS in sequence order) and the ack order.
+struct Lanes {
+    intake: Mutex<Intake>,
+    order: Mutex<AckOrder>,
+    engine: Arc<dyn KvEngine>,
+    punches: Arc<PunchIndex>,
+    group_bytes_max: usize,
 }
 
-fn writer_loop(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, rx: mpsc::Receiver<Job>, group_bytes_max: usize, lanes: usize) {
-    let order = Arc::new(Mutex::new(AckOrder { next: 0, finished: BTreeMap::new(), failed: None }));
-    // A rendezvous channel: the writer hands a group over only when a lane is free, so at most
-    // `lanes` syncs are in flight and a slow disk pushes back on the writer, then on callers.
-    let (lane_tx, lane_rx) = mpsc::sync_channel::<Group>(0);
-    let lane_rx = Arc::new(Mutex::new(lane_rx));
-    let mut lane_threads = Vec::with_capacity(lanes);
-    for i in 0..lanes {
-        let (rx, order, punches) = (lane_rx.clone(), order.clone(), punches.clone());
-        let spawned = std::thread::Builder::new().name(format!("vos-sync-{i}")).spawn(move || loop {
-            let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-            let Ok(g) = next else { return };
-            settle(&order, &punches, g);
-        });
-        match spawned {
-            Ok(t) => lane_threads.push(t),
-            Err(e) => tracing::warn!(error = %e, lane = i, "could not start a sync lane; running with fewer"),
+struct Intake {
+    rx: mpsc::Receiver<Job>,
+    seq: u64,
+}
+
+impl Lanes {
+    /// A lane forms a group, applies it and starts its sync while it holds the intake, then
+    /// lets go and waits for the disk, so the next lane forms the next group meanwhile. The
+    /// lane that applied a group also waits for its sync: no thread hand-off between the two
+    /// (on a loaded machine each hand-off is a wake-up on the commit's critical path).
+    fn lane_loop(&self) {
+        loop {
+            let g = {
+                let mut intake = self.intake.lock().unwrap_or_else(|e| e.into_inner());
+                let Ok(first) = intake.rx.recv() else { return };
+                let mut bytes = first.bytes;
+                let mut jobs = vec![first];
+                while bytes < self.group_bytes_max {
+                    match intake.rx.try_recv() {
+                        Ok(j) => {
+                            bytes += j.bytes;
+                            jobs.push(j);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let seq = intake.seq;
+                intake.seq += 1;
+                let sync = self.apply_and_begin_sync(&mut jobs);
+                Group { seq, jobs, sync }
+            };
+            let result = g.sync.and_then(|p| p.wait().map_err(|e| e.to_string()));
+            self.order.lock().unwrap_or_else(|e| e.into_inner()).finish(&self.punches, g.seq, g.jobs, result);
         }
     }
-    let mut seq = 0u64;
-    while let Ok(first) = rx.recv() {
-        let mut bytes = first.bytes;
-        let mut jobs = vec![first];
-        while bytes < group_bytes_max {
-            match rx.try_recv() {
-                Ok(j) => {
-                    bytes += j.bytes;
-                    jobs.push(j);
-                }
-                Err(_) => break,
-            }
+
+    fn apply_and_begin_sync(&self, jobs: &mut [Job]) -> Result<PendingSync, String> {
+        // Nothing more is applied after a failed sync: its bytes may be missing from the
+        // journal, and later bytes must not become durable without them.
+        if let Some(e) = self.order.lock().unwrap_or_else(|e| e.into_inner()).failed.clone() {
+            return Err(e);
         }
-        let failed = order.lock().unwrap_or_else(|e| e.into_inner()).failed.clone();
-        let sync = match failed {
-            // Nothing more is applied after a failed sync: its bytes may be missing from the
-            // journal, and later bytes must not become durable without them.
-            Some(e) => Err(e),
-            None => {
-                let mut ops = Vec::with_capacity(jobs.iter().map(|j| j.ops.len()).sum());
-                let mut touched = Vec::new();
-                for j in &mut jobs {
-                    ops.append(&mut j.ops);
-                    touched.append(&mut j.touched);
-                }
-                // Extent bytes first: an index row must never be durable before the bytes it names.
-                sync_touched(&touched).and_then(|()| engine.apply(ops)).and_then(|()| engine.begin_sync()).map_err(|e| e.to_string())
-            }
-        };
-        let g = Group { seq, jobs, sync };
-        seq += 1;
-        if lane_threads.is_empty() {
-            settle(&order, &punches, g);
-        } else if let Err(mpsc::SendError(g)) = lane_tx.send(g) {
-            order.lock().unwrap_or_else(|e| e.into_inner()).finish(&punches, g.seq, g.jobs, Err("sync lanes exited".into()));
+        let mut ops = Vec::with_capacity(jobs.iter().map(|j| j.ops.len()).sum());
+        let mut touched = Vec::new();
+        for j in jobs.iter_mut() {
+            ops.append(&mut j.ops);
+            touched.append(&mut j.touched);
         }
-    }
-    drop(lane_tx);
-    for t in lane_threads {
-        let _ = t.join();
+        // Extent bytes first: an index row must never be durable before the bytes it names.
+        sync_touched(&touched).and_then(|()| self.engine.apply(ops)).and_then(|()| self.engine.begin_sync()).map_err(|e| e.to_string())
     }
 }
 
