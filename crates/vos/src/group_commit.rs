@@ -10,7 +10,6 @@
 
 use crate::engine::{EngineOp, KvEngine, PendingSync};
 use crate::error::VosError;
-use crate::extent_file::{sync_touched, Touched};
 use crate::punch_index::{PunchEntry, PunchIndex};
 use std::collections::BTreeMap;
 use std::sync::mpsc;
@@ -20,8 +19,6 @@ use std::thread::JoinHandle;
 pub struct Job {
     pub ops: Vec<EngineOp>,
     pub punches: Vec<PunchEntry>,
-    /// Extent files this batch wrote into: synced before its index rows are applied.
-    pub touched: Vec<Touched>,
     pub bytes: usize,
     // A oneshot both kinds of caller can wait on: threads block on it, async tasks await it
     // (so an async engine spends no blocking-pool thread, and no thread switch, per update).
@@ -61,28 +58,35 @@ impl GroupCommit {
     }
 
     /// Submit one atomic batch and wait until it is durable.
-    pub fn commit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, touched: Vec<Touched>, extent_bytes: usize) -> Result<(), VosError> {
-        let wait = self.submit(ops, punches, touched, extent_bytes)?;
-        Self::outcome(wait.blocking_recv())
+    pub fn commit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, extent_bytes: usize) -> Result<(), VosError> {
+        self.submit(ops, punches, extent_bytes)?.wait()
     }
 
-    /// [`GroupCommit::commit`] for async callers: the task waits, no thread does. Submission
-    /// blocks the calling thread only while the writer's queue is full (backpressure; the
-    /// writer drains it without help from the caller's runtime).
-    pub async fn commit_async(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, touched: Vec<Touched>, extent_bytes: usize) -> Result<(), VosError> {
-        let wait = self.submit(ops, punches, touched, extent_bytes)?;
-        Self::outcome(wait.await)
-    }
-
-    fn submit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, touched: Vec<Touched>, extent_bytes: usize) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, VosError> {
+    /// Queue one atomic batch; the caller may work (sync its extent files) while it commits.
+    /// `extent_bytes` counts bytes the batch wrote outside the engine, against the group size.
+    pub fn submit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, extent_bytes: usize) -> Result<Committing, VosError> {
         let bytes = ops.iter().map(EngineOp::bytes).sum::<usize>() + extent_bytes;
         let (reply, wait) = tokio::sync::oneshot::channel();
         let tx = self.tx.as_ref().ok_or_else(|| VosError::WriterStopped("store closed".into()))?;
         if self.lanes.is_empty() {
             return Err(VosError::WriterStopped("no commit lane could be started".into()));
         }
-        tx.send(Job { ops, punches, touched, bytes, reply }).map_err(|_| VosError::WriterStopped("commit lanes exited".into()))?;
-        Ok(wait)
+        tx.send(Job { ops, punches, bytes, reply }).map_err(|_| VosError::WriterStopped("commit lanes exited".into()))?;
+        Ok(Committing(wait))
+    }
+}
+
+/// A submitted batch on its way to the disk.
+#[must_use = "the batch is not known to be durable until the wait returns"]
+pub struct Committing(tokio::sync::oneshot::Receiver<Result<(), String>>);
+
+impl Committing {
+    pub fn wait(self) -> Result<(), VosError> {
+        Self::outcome(self.0.blocking_recv())
+    }
+
+    pub async fn wait_async(self) -> Result<(), VosError> {
+        Self::outcome(self.0.await)
     }
 
     fn outcome(r: Result<Result<(), String>, tokio::sync::oneshot::error::RecvError>) -> Result<(), VosError> {
@@ -201,13 +205,10 @@ impl Lanes {
             return Err(e);
         }
         let mut ops = Vec::with_capacity(jobs.iter().map(|j| j.ops.len()).sum());
-        let mut touched = Vec::new();
         for j in jobs.iter_mut() {
             ops.append(&mut j.ops);
-            touched.append(&mut j.touched);
         }
-        // Extent bytes first: an index row must never be durable before the bytes it names.
-        sync_touched(&touched).and_then(|()| self.engine.apply(ops)).and_then(|()| self.engine.begin_sync()).map_err(|e| e.to_string())
+        self.engine.apply(ops).and_then(|()| self.engine.begin_sync()).map_err(|e| e.to_string())
     }
 }
 
@@ -267,7 +268,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = Arc::new(FailingSync { inner: FjallEngine::open(dir.path(), &tuning()).unwrap(), calls: AtomicUsize::new(0), fail_at: 2 });
         let gc = GroupCommit::start(engine, Arc::new(PunchIndex::default()), 16, 1 << 20, 3);
-        let outcomes: Vec<bool> = (0..6).map(|k| gc.commit(put(k), Vec::new(), Vec::new(), 0).is_ok()).collect();
+        let outcomes: Vec<bool> = (0..6).map(|k| gc.commit(put(k), Vec::new(), 0).is_ok()).collect();
         // The engine would sync the later groups fine; they fail because an earlier one did.
         assert_eq!(outcomes, [true, true, false, false, false, false]);
     }
@@ -284,7 +285,7 @@ mod tests {
                     let gc = gc.clone();
                     s.spawn(move || {
                         for i in 0..per_thread {
-                            gc.commit(put(t * per_thread + i), Vec::new(), Vec::new(), 0).unwrap();
+                            gc.commit(put(t * per_thread + i), Vec::new(), 0).unwrap();
                         }
                     });
                 }
