@@ -12,8 +12,8 @@ use crate::engine::{EngineOp, KvEngine, PendingSync};
 use crate::error::VosError;
 use crate::punch_index::{PunchEntry, PunchIndex};
 use std::collections::BTreeMap;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 pub struct Job {
@@ -26,7 +26,7 @@ pub struct Job {
 }
 
 pub struct GroupCommit {
-    tx: Option<mpsc::SyncSender<Job>>,
+    shared: Arc<Lanes>,
     lanes: Vec<JoinHandle<()>>,
 }
 
@@ -38,9 +38,11 @@ impl GroupCommit {
     /// group so that a flood of large writes cannot delay the first one's ack without limit;
     /// `sync_lanes` is how many groups may wait for the disk at once.
     pub fn start(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, queue_depth: usize, group_bytes_max: usize, sync_lanes: usize) -> GroupCommit {
-        let (tx, rx) = mpsc::sync_channel::<Job>(queue_depth.max(1));
         let shared = Arc::new(Lanes {
-            intake: Mutex::new(Intake { rx, seq: 0 }),
+            queue: Mutex::new(Queue { jobs: VecDeque::new(), forming: false, seq: 0, closed: false }),
+            work: Condvar::new(),
+            space: Condvar::new(),
+            queue_depth: queue_depth.max(1),
             order: Mutex::new(AckOrder { next: 0, finished: BTreeMap::new(), failed: None }),
             engine,
             punches,
@@ -54,7 +56,7 @@ impl GroupCommit {
                 Err(e) => tracing::warn!(error = %e, lane = i, "could not start a commit lane; running with fewer"),
             }
         }
-        GroupCommit { tx: Some(tx), lanes }
+        GroupCommit { shared, lanes }
     }
 
     /// Submit one atomic batch and wait until it is durable.
@@ -67,11 +69,26 @@ impl GroupCommit {
     pub fn submit(&self, ops: Vec<EngineOp>, punches: Vec<PunchEntry>, extent_bytes: usize) -> Result<Committing, VosError> {
         let bytes = ops.iter().map(EngineOp::bytes).sum::<usize>() + extent_bytes;
         let (reply, wait) = tokio::sync::oneshot::channel();
-        let tx = self.tx.as_ref().ok_or_else(|| VosError::WriterStopped("store closed".into()))?;
         if self.lanes.is_empty() {
             return Err(VosError::WriterStopped("no commit lane could be started".into()));
         }
-        tx.send(Job { ops, punches, bytes, reply }).map_err(|_| VosError::WriterStopped("commit lanes exited".into()))?;
+        let l = &self.shared;
+        let mut q = l.lock_queue();
+        // Backpressure: a full queue blocks the submitter (the lanes drain it on their own).
+        while q.jobs.len() >= l.queue_depth && !q.closed {
+            q = l.space.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        if q.closed {
+            return Err(VosError::WriterStopped("store closed".into()));
+        }
+        q.jobs.push_back(Job { ops, punches, bytes, reply });
+        // A lane forming a group looks at the queue again when it is done; wake one only if
+        // none is forming (every wake is a context switch on a machine with few cores).
+        let wake = !q.forming;
+        drop(q);
+        if wake {
+            l.work.notify_one();
+        }
         Ok(Committing(wait))
     }
 }
@@ -100,18 +117,13 @@ impl Committing {
 
 impl Drop for GroupCommit {
     fn drop(&mut self) {
-        drop(self.tx.take());
+        self.shared.lock_queue().closed = true;
+        self.shared.work.notify_all();
+        self.shared.space.notify_all();
         for t in self.lanes.drain(..) {
             let _ = t.join();
         }
     }
-}
-
-/// One applied group on its way to the disk.
-struct Group {
-    seq: u64,
-    jobs: Vec<Job>,
-    sync: Result<PendingSync, String>,
 }
 
 /// Finished groups waiting for every earlier one, so that acknowledgements leave in order.
@@ -152,49 +164,75 @@ impl AckOrder {
     }
 }
 
-/// What every lane shares: the queue with the next group's sequence number (one lock, so
-/// groups are formed, applied and handed to the OS in sequence order) and the ack order.
+/// What every lane shares: the queue (with the flag that lets one lane at a time form and
+/// apply a group, so groups are applied and handed to the OS in sequence order) and the ack
+/// order.
 struct Lanes {
-    intake: Mutex<Intake>,
+    queue: Mutex<Queue>,
+    /// Idle lanes wait here for jobs.
+    work: Condvar,
+    /// Submitters wait here while the queue is full.
+    space: Condvar,
+    queue_depth: usize,
     order: Mutex<AckOrder>,
     engine: Arc<dyn KvEngine>,
     punches: Arc<PunchIndex>,
     group_bytes_max: usize,
 }
 
-struct Intake {
-    rx: mpsc::Receiver<Job>,
+struct Queue {
+    jobs: VecDeque<Job>,
+    forming: bool,
     seq: u64,
+    closed: bool,
 }
 
 impl Lanes {
-    /// A lane forms a group, applies it and starts its sync while it holds the intake, then
-    /// lets go and waits for the disk, so the next lane forms the next group meanwhile. The
-    /// lane that applied a group also waits for its sync: no thread hand-off between the two
-    /// (on a loaded machine each hand-off is a wake-up on the commit's critical path).
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A lane forms a group, applies it and starts its sync, then waits for the disk while
+    /// another lane forms the next group. The lane that applied a group also waits for its
+    /// sync, and idle lanes sleep until there is work nobody else is taking: no thread
+    /// hand-off on the commit's path (on a loaded machine each is a wake-up that waits for a
+    /// core).
     fn lane_loop(&self) {
+        let mut q = self.lock_queue();
         loop {
-            let g = {
-                let mut intake = self.intake.lock().unwrap_or_else(|e| e.into_inner());
-                let Ok(first) = intake.rx.recv() else { return };
-                let mut bytes = first.bytes;
-                let mut jobs = vec![first];
-                while bytes < self.group_bytes_max {
-                    match intake.rx.try_recv() {
-                        Ok(j) => {
-                            bytes += j.bytes;
-                            jobs.push(j);
-                        }
-                        Err(_) => break,
-                    }
+            if q.forming || q.jobs.is_empty() {
+                if q.closed && q.jobs.is_empty() {
+                    return;
                 }
-                let seq = intake.seq;
-                intake.seq += 1;
-                let sync = self.apply_and_begin_sync(&mut jobs);
-                Group { seq, jobs, sync }
-            };
-            let result = g.sync.and_then(|p| p.wait().map_err(|e| e.to_string()));
-            self.order.lock().unwrap_or_else(|e| e.into_inner()).finish(&self.punches, g.seq, g.jobs, result);
+                q = self.work.wait(q).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            q.forming = true;
+            let was_full = q.jobs.len() >= self.queue_depth;
+            let mut bytes = 0;
+            let mut jobs = Vec::new();
+            while bytes < self.group_bytes_max {
+                let Some(j) = q.jobs.pop_front() else { break };
+                bytes += j.bytes;
+                jobs.push(j);
+            }
+            let seq = q.seq;
+            q.seq += 1;
+            drop(q);
+            if was_full {
+                self.space.notify_all();
+            }
+            let sync = self.apply_and_begin_sync(&mut jobs);
+            q = self.lock_queue();
+            q.forming = false;
+            let more = !q.jobs.is_empty();
+            drop(q);
+            if more {
+                self.work.notify_one();
+            }
+            let result = sync.and_then(|p| p.wait().map_err(|e| e.to_string()));
+            self.order.lock().unwrap_or_else(|e| e.into_inner()).finish(&self.punches, seq, jobs, result);
+            q = self.lock_queue();
         }
     }
 
@@ -275,11 +313,22 @@ mod tests {
 
     #[test]
     fn concurrent_commits_through_several_lanes_are_all_acknowledged_and_kept() {
+        commit_concurrently(16, 1 << 20);
+    }
+
+    /// A queue of two and groups of one batch: submitters block on the full queue, lanes take
+    /// turns forming one-batch groups, and still nothing is lost or acknowledged early.
+    #[test]
+    fn a_full_queue_and_tiny_groups_lose_nothing() {
+        commit_concurrently(2, 1);
+    }
+
+    fn commit_concurrently(queue_depth: usize, group_bytes_max: usize) {
         let dir = tempfile::tempdir().unwrap();
         let (threads, per_thread) = (8u32, 150u32);
         {
             let engine = Arc::new(FjallEngine::open(dir.path(), &tuning()).unwrap());
-            let gc = Arc::new(GroupCommit::start(engine.clone(), Arc::new(PunchIndex::default()), 16, 1 << 20, 3));
+            let gc = Arc::new(GroupCommit::start(engine.clone(), Arc::new(PunchIndex::default()), queue_depth, group_bytes_max, 3));
             std::thread::scope(|s| {
                 for t in 0..threads {
                     let gc = gc.clone();
