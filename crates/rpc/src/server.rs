@@ -109,35 +109,42 @@ async fn read_payload(r: &mut FrameReader, len: usize) -> std::io::Result<Bytes>
     } else {
         BytesMut::with_capacity(len)
     };
-    // A large payload arrives in many segments, and each wake-up for a few of them is a
-    // context switch (three per 1 MiB replicated write, in all, were most of an engine's CPU):
-    // ask the kernel to report the socket readable only once the rest is there.
-    let low_water = len >= PAYLOAD_ALIGN_FROM_BYTES;
+    read_exactly(r, &mut buf, len).await?;
+    Ok(buf.freeze())
+}
+
+/// Append exactly `n` bytes from `r` to `buf`. A large read arrives in many segments, and
+/// each wake-up for a few of them costs a context switch (~50 per 1 MiB replicated write across
+/// the engines; switches were the largest item of their CPU profile): the kernel is asked to report the socket readable only
+/// once the rest is there (`SO_RCVLOWAT`), and the mark is put back to one byte afterwards, on
+/// every path: a mark left behind would stall the next small frame.
+async fn read_exactly(r: &mut FrameReader, buf: &mut impl BufMut, n: usize) -> std::io::Result<()> {
+    let low_water = n >= PAYLOAD_ALIGN_FROM_BYTES;
     let mut set_low = 1;
+    let mut got = 0;
     let mut out = Ok(());
-    while buf.len() < len {
-        let remaining = len - buf.len();
+    while got < n {
+        let remaining = n - got;
         if low_water && remaining.min(RCVLOWAT_MAX) != set_low {
             set_low = remaining.min(RCVLOWAT_MAX);
             set_rcvlowat(r, set_low);
         }
-        match (&mut *r).take(remaining as u64).read_buf(&mut buf).await {
+        match (&mut *r).take(remaining as u64).read_buf(buf).await {
             Ok(0) => {
                 out = Err(std::io::ErrorKind::UnexpectedEof.into());
                 break;
             }
-            Ok(_) => {}
+            Ok(k) => got += k,
             Err(e) => {
                 out = Err(e);
                 break;
             }
         }
     }
-    // Always back to one byte: a low-water mark left behind would stall the next small frame.
     if set_low != 1 {
         set_rcvlowat(r, 1);
     }
-    out.map(|()| buf.freeze())
+    out
 }
 
 /// The largest low-water mark asked for (the kernel also caps it at half the receive buffer,
