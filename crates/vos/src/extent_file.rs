@@ -288,13 +288,10 @@ impl ExtentFiles {
         if len > crate::EXTENT_BYTES_MAX {
             return Err(VosError::Corrupt { location: format!("extent file {}", file_name(r.file)), defect: format!("reference of {len} bytes") });
         }
-        let f = self.file(r.file)?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, r.offset).map_err(|e| VosError::Corrupt { location: format!("extent file {} at {}", file_name(r.file), r.offset), defect: format!("cannot read {len} bytes: {e}") })?;
-        let crc = crc32c::crc32c(&buf);
-        if crc != r.crc {
-            return Err(VosError::Corrupt { location: format!("extent file {} at {}", file_name(r.file), r.offset), defect: format!("crc32c mismatch (stored {:#010x}, computed {crc:#010x})", r.crc) });
-        }
+        // Through the page cache, into memory that is not zeroed first (zeroing a fresh
+        // megabyte per read was 9% of an engine serving a sequential file read).
+        let mut buf = Vec::new();
+        self.read_buffered_append(r, len as usize, &mut buf)?;
         Ok(buf)
     }
 
@@ -349,6 +346,12 @@ impl ExtentFiles {
                 None => {}
             }
         }
+        self.read_buffered_append(r, len, out)
+    }
+
+    /// [`ExtentFiles::read_append`] through the page cache; `len` is within bounds.
+    fn read_buffered_append(&self, r: &ExtentRef, len: usize, out: &mut Vec<u8>) -> Result<u32, VosError> {
+        let at = || format!("extent file {} at {}", file_name(r.file), r.offset);
         let f = self.file(r.file)?;
         out.reserve(len);
         let start = out.len();

@@ -451,9 +451,24 @@ impl Vos {
             let s = r.key.offset.unwrap_or(0);
             owners.paint(s.max(offset), (s + r.len).min(offset + len), i);
         }
+        let spans: Vec<(u64, u64, usize)> = owners.iter().collect();
+        if let [(s, e, i)] = spans[..] {
+            if s == offset && e == offset + len && rows[i].kind != RecordKind::Punch {
+                // One extent holds the whole range (a file system's chunk read): its bytes
+                // are the answer, without zeroing and copying a second buffer.
+                let r = &mut rows[i];
+                self.load_extent(r)?;
+                let ExtentBody::Inline(payload) = std::mem::replace(&mut r.body, ExtentBody::None) else { unreachable!("a value row's bytes were just loaded") };
+                let rs = r.key.offset.unwrap_or(0);
+                let mut data = payload;
+                data.truncate((e - rs) as usize);
+                data.drain(..(s - rs) as usize);
+                return Ok(ExtentRead { data, written: vec![(offset, len)] });
+            }
+        }
         let mut data = vec![0u8; len as usize];
         let mut written = Vec::new();
-        for (s, e, i) in owners.iter() {
+        for (s, e, i) in spans {
             let r = &mut rows[i];
             if r.kind == RecordKind::Punch {
                 continue;
