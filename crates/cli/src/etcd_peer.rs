@@ -22,13 +22,11 @@ pub struct Etcd {
     dir: std::path::PathBuf,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 pub fn available() -> bool {
     Command::new("etcd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
+
+use crate::up::free_port;
 
 impl Etcd {
     /// Start an etcd cluster of `members` (1 = single node) with its data under `parent`:
@@ -41,7 +39,9 @@ impl Etcd {
         let dir = parent.join(format!("etcd-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let ports: Vec<(u16, u16)> = (0..members).map(|_| Ok::<_, anyhow::Error>((free_port()?, free_port()?))).collect::<Result<_, _>>()?;
+        let mut held = Vec::new();
+        let ports: Vec<(u16, u16)> = (0..members).map(|_| Ok::<_, anyhow::Error>((free_port(&mut held)?, free_port(&mut held)?))).collect::<Result<_, _>>()?;
+        drop(held);
         let initial: Vec<String> = ports.iter().enumerate().map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}")).collect();
         let mut e = Etcd { children: Vec::new(), addrs: ports.iter().map(|(c, _)| format!("127.0.0.1:{c}")).collect(), dir };
         for (i, (client, peer)) in ports.iter().enumerate() {

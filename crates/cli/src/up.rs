@@ -56,6 +56,9 @@ pub struct Args {
     /// Passed to every rank (`strata server --reserve-mib`).
     #[arg(long)]
     reserve_mib: Option<u64>,
+    /// Runtime worker threads of every rank (`strata server --threads`).
+    #[arg(long, default_value_t = 2)]
+    server_threads: usize,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -73,8 +76,13 @@ struct RankPorts {
     data: String,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A port free now; `held` keeps its listener open until every port of the cluster is picked,
+/// so that no two ranks (or a rank's two services) are handed the same port.
+pub(crate) fn free_port(held: &mut Vec<std::net::TcpListener>) -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    held.push(l);
+    Ok(port)
 }
 
 fn stop_all(children: &mut [Child]) {
@@ -117,9 +125,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             anyhow::ensure!(a.ranks >= 1 && a.ranks <= 64, "--ranks must be 1..=64");
             anyhow::ensure!([1, 3, 5].contains(&a.access_points) && a.access_points <= a.ranks, "--access-points must be 1, 3 or 5 and at most --ranks");
             let mut ranks = Vec::new();
+            let mut held = Vec::new();
             for _ in 0..a.ranks {
-                ranks.push(RankPorts { mgmt: format!("127.0.0.1:{}", free_port()?), data: format!("127.0.0.1:{}", free_port()?) });
+                ranks.push(RankPorts { mgmt: format!("127.0.0.1:{}", free_port(&mut held)?), data: format!("127.0.0.1:{}", free_port(&mut held)?) });
             }
+            drop(held);
             let st = UpState { format: 1, cluster: format!("strata-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]), ranks, access_points: a.access_points, targets: a.targets };
             std::fs::write(&state_path, serde_json::to_vec_pretty(&st)?)?;
             println!("new cluster {} in {} ({} ranks, {} access point(s))", st.cluster, dir.display(), st.ranks.len(), st.access_points);
@@ -139,7 +149,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .arg(&rdir)
             .args(["--data-addr", &r.data, "--access-points", &aps.join(","), "--cluster", &st.cluster])
             .args(["--fault-domain", &format!("/node-{i}"), "--targets", &st.targets.to_string()])
-            .args(["--heartbeat-timeout-ms", &a.heartbeat_timeout_ms.to_string(), "--threads", "2"])
+            .args(["--heartbeat-timeout-ms", &a.heartbeat_timeout_ms.to_string(), "--threads", &a.server_threads.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

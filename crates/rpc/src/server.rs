@@ -73,7 +73,10 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, cfg: Serv
 /// Read buffer of a connection (either side).
 pub(crate) const READ_BUFFER_BYTES: usize = 64 << 10;
 
-pub(crate) async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Option<Frame>, String> {
+/// The read side of a connection, either end.
+pub(crate) type FrameReader = tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>;
+
+pub(crate) async fn read_frame(r: &mut FrameReader) -> Result<Option<Frame>, String> {
     let mut fixed = [0u8; FIXED_BYTES];
     match r.read_exact(&mut fixed).await {
         Ok(_) => {}
@@ -95,7 +98,7 @@ const PAYLOAD_ALIGN: usize = 4096;
 
 /// `len` bytes, read into memory that is not zeroed first (zeroing a fresh megabyte per write
 /// was 4% of an engine's CPU).
-async fn read_payload<R: AsyncReadExt + Unpin>(r: &mut R, len: usize) -> std::io::Result<Bytes> {
+async fn read_payload(r: &mut FrameReader, len: usize) -> std::io::Result<Bytes> {
     let mut buf = if len >= PAYLOAD_ALIGN_FROM_BYTES {
         let mut b = BytesMut::with_capacity(len + PAYLOAD_ALIGN);
         let pad = b.as_ptr().align_offset(PAYLOAD_ALIGN);
@@ -106,13 +109,57 @@ async fn read_payload<R: AsyncReadExt + Unpin>(r: &mut R, len: usize) -> std::io
     } else {
         BytesMut::with_capacity(len)
     };
-    while buf.len() < len {
-        let want = (len - buf.len()) as u64;
-        if (&mut *r).take(want).read_buf(&mut buf).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+    read_exactly(r, &mut buf, len).await?;
+    Ok(buf.freeze())
+}
+
+/// Append exactly `n` bytes from `r` to `buf`. A large read arrives in many segments, and
+/// each wake-up for a few of them costs a context switch (~50 per 1 MiB replicated write across
+/// the engines; switches were the largest item of their CPU profile): the kernel is asked to report the socket readable only
+/// once the rest is there (`SO_RCVLOWAT`), and the mark is put back to one byte afterwards, on
+/// every path: a mark left behind would stall the next small frame.
+async fn read_exactly(r: &mut FrameReader, buf: &mut impl BufMut, n: usize) -> std::io::Result<()> {
+    let low_water = n >= PAYLOAD_ALIGN_FROM_BYTES;
+    let mut set_low = 1;
+    let mut got = 0;
+    let mut out = Ok(());
+    while got < n {
+        let remaining = n - got;
+        if low_water && remaining.min(RCVLOWAT_MAX) != set_low {
+            set_low = remaining.min(RCVLOWAT_MAX);
+            set_rcvlowat(r, set_low);
+        }
+        match (&mut *r).take(remaining as u64).read_buf(buf).await {
+            Ok(0) => {
+                out = Err(std::io::ErrorKind::UnexpectedEof.into());
+                break;
+            }
+            Ok(k) => got += k,
+            Err(e) => {
+                out = Err(e);
+                break;
+            }
         }
     }
-    Ok(buf.freeze())
+    if set_low != 1 {
+        set_rcvlowat(r, 1);
+    }
+    out
+}
+
+/// The largest low-water mark asked for (the kernel also caps it at half the receive buffer,
+/// growing the buffer where it may).
+const RCVLOWAT_MAX: usize = 4 << 20;
+
+fn set_rcvlowat(r: &FrameReader, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let fd = r.get_ref().as_ref().as_raw_fd();
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt on a socket this connection owns, with a c_int option value. Failure
+    // only costs wake-ups.
+    unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&v as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t);
+    }
 }
 
 

@@ -88,6 +88,31 @@ async fn large_payloads_arrive_block_aligned_and_intact() {
     }
 }
 
+/// Large payloads are read with a receive low-water mark; small frames right behind them (and
+/// a connection left with small frames only) must not stall waiting for bytes that never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_frames_behind_large_ones_are_not_held_back() {
+    let (addr, _stop) = start("c1").await;
+    let c = client(&addr).await;
+    let mut tasks = Vec::new();
+    for tag in 0..40u64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let len = if tag % 4 == 0 { (1 << 20) + tag as usize } else { 1 + tag as usize };
+            let data: Vec<u8> = (0..len).map(|i| (i as u64 ^ tag) as u8).collect();
+            let (r, p): (Resp, Bytes) = c.call(&Req::Echo { tag, delay_ms: 0 }, Bytes::from(data.clone()), T).await.unwrap();
+            assert_eq!(r.tag, tag);
+            assert!(p == data, "tag {tag}: {len} bytes came back changed");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Alone on the connection afterwards, a one-byte frame still arrives at once.
+    let (r, _): (Resp, Bytes) = c.call(&Req::Echo { tag: 99, delay_ms: 0 }, Bytes::from_static(b"x"), Duration::from_secs(2)).await.unwrap();
+    assert_eq!(r.tag, 99);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_calls_in_flight_complete_out_of_order() {
     let (addr, _stop) = start("c1").await;

@@ -9,9 +9,13 @@
 //! `file(4, LE) | offset(8, LE) | crc32c of the bytes(4, LE)` (its length is the record's `len`).
 //!
 //! Durability: callers write the bytes (`append`, in parallel, each at its own reserved offset),
-//! and the group-commit writer `fdatasync`s every extent file a group touched before the index
-//! rows of that group are applied and synced. So an index row never outlives its bytes; a crash
-//! between the two syncs leaves unreferenced bytes (space only, never data).
+//! submit the batch with its index rows and a pending-extent row per extent, then `fdatasync`
+//! the extent files while the commit lanes sync the journal; the batch is acknowledged when
+//! both are durable (two syncs at once instead of one after the other: on this path each sync
+//! is several disk round trips). A crash between the two can leave an index row without its
+//! bytes: at open, every extent still named by a pending-extent row is checked against its
+//! crc32c and its row dropped if the bytes are not all there (`Vos` open). Such a write was
+//! never acknowledged; damage to an acknowledged extent is still reported as corruption.
 //!
 //! Reclaim: when aggregation, or a container's destruction, has durably deleted an index row,
 //! the extent's blocks are freed with `fallocate(PUNCH_HOLE)`. Not reclaimed: bytes orphaned by

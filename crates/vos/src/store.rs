@@ -3,7 +3,7 @@
 use crate::aggregation_horizon::{DirtyBook, Horizon};
 use crate::engine::{EngineOp, FjallEngine, FjallTuning, KvEngine, Space};
 use crate::error::VosError;
-use crate::extent_file::{ExtentFiles, ExtentRef, EXTENT_FILE_MIN_BYTES};
+use crate::extent_file::{sync_touched, ExtentFiles, ExtentRef, Touched, EXTENT_FILE_MIN_BYTES};
 use crate::group_commit::GroupCommit;
 use crate::interval_paint::OwnerMap;
 use crate::key_codec::{
@@ -23,6 +23,13 @@ const MARKER_FILE: &str = "STRATA_TARGET";
 /// object only costs one more row write).
 const INDEXED_OBJECTS_MAX: usize = 100_000;
 const DB_DIR: &str = "db";
+/// `Meta` rows naming extent rows whose bytes may not be durable yet (see `commit_encoded`):
+/// `PENDING_EXTENT_PREFIX | file (4, BE) | offset (8, BE)` -> the record's key.
+const PENDING_EXTENT_PREFIX: &[u8] = b"xpend/";
+
+fn pending_extent_key(x: &ExtentRef) -> Vec<u8> {
+    [PENDING_EXTENT_PREFIX, &x.file.to_be_bytes(), &x.offset.to_be_bytes()].concat()
+}
 
 pub struct Vos {
     path: PathBuf,
@@ -38,6 +45,8 @@ pub struct Vos {
     /// one more version of the same key in the memtable, which made each insert there compare
     /// long equal keys (a KV store's shards are all one object).
     indexed: Mutex<std::collections::HashSet<(ContId, Oid)>>,
+    /// Pending-extent rows whose extents are durable now: deleted by the next batch.
+    settled_extents: Mutex<Vec<Vec<u8>>>,
 }
 
 /// What aggregation needs of a row: no payload, so an akey with many large versions costs
@@ -53,7 +62,9 @@ struct RowMeta {
 struct Encoded {
     ops: Vec<EngineOp>,
     punches: Vec<PunchEntry>,
-    touched: Vec<crate::extent_file::Touched>,
+    touched: Vec<Touched>,
+    /// Its pending-extent rows (one per extent written to an extent file).
+    pending: Vec<Vec<u8>>,
     extent_bytes: usize,
     /// Objects whose index row this batch writes (to remember once it is durable).
     indexing: Vec<(ContId, Oid)>,
@@ -98,6 +109,35 @@ fn corrupt(key: &[u8], defect: impl std::fmt::Display) -> VosError {
         None => format!("key {key:02x?}"),
     };
     VosError::Corrupt { location, defect: defect.to_string() }
+}
+
+/// At open: check every extent named by a pending-extent row and drop the index rows whose
+/// bytes are not all on disk (a crash after the journal's sync, before the extent file's; see
+/// `Vos::commit_encoded`). Returns how many rows were dropped.
+fn drop_unsynced_extents(engine: &dyn KvEngine, extents: &ExtentFiles) -> Result<usize, VosError> {
+    let end = prefix_successor(PENDING_EXTENT_PREFIX);
+    let mut ops = Vec::new();
+    let mut dropped = 0;
+    for row in engine.scan(Space::Meta, PENDING_EXTENT_PREFIX, Some(&end), false) {
+        let (k, record_key) = row?;
+        ops.push(EngineOp::Delete(Space::Meta, k));
+        // Gone already (aggregated or destroyed), or since rewritten inline: nothing to check.
+        let Some(v) = engine.get(Space::Records, &record_key)? else { continue };
+        let r = record::decode(&v).map_err(|d| corrupt(&record_key, d))?;
+        if r.kind != RecordKind::ValueRef {
+            continue;
+        }
+        if let Err(e) = extents.read(&extent_ref(&record_key, r.payload)?, r.len) {
+            tracing::warn!(error = %e, "an unacknowledged extent did not reach the disk; dropping its index row");
+            ops.push(EngineOp::Delete(Space::Records, record_key));
+            dropped += 1;
+        }
+    }
+    if !ops.is_empty() {
+        engine.apply(ops)?;
+        engine.sync()?;
+    }
+    Ok(dropped)
 }
 
 fn extent_ref(k: &[u8], payload: &[u8]) -> Result<ExtentRef, VosError> {
@@ -178,8 +218,12 @@ impl Vos {
             horizons.insert(cont, Horizon::decode(&v).ok_or_else(bad)?);
         }
         let extents = ExtentFiles::open(dir)?;
+        let dropped = drop_unsynced_extents(engine.as_ref(), &extents)?;
+        if dropped > 0 {
+            tracing::warn!(target_dir = %dir.display(), dropped, "dropped extent rows whose bytes did not reach the disk before a crash (never acknowledged)");
+        }
         let writer = GroupCommit::start(engine.clone(), punches.clone(), cfg.queue_depth, cfg.group_bytes_max, cfg.sync_lanes);
-        let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()), extents, indexed: Mutex::default() };
+        let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()), extents, indexed: Mutex::default(), settled_extents: Mutex::default() };
         // What happened before the restart is unknown: every container is due once.
         for cont in vos.list_containers()? {
             vos.dirty().note_all(cont);
@@ -237,9 +281,37 @@ impl Vos {
     /// Apply a batch atomically; returns once it is on stable storage.
     pub fn update(&self, batch: &[Update]) -> Result<(), VosError> {
         let e = self.encode_batch(batch)?;
-        self.writer.commit(e.ops, e.punches, e.touched, e.extent_bytes)?;
-        self.note_indexed(e.indexing);
+        self.commit_encoded(e)
+    }
+
+    /// Commit an encoded batch. Extent bytes and their index rows are synced at the same time,
+    /// not one after the other: the lanes sync the journal while this thread syncs the extent
+    /// files the batch wrote into, and the batch is acknowledged once both are durable. A crash
+    /// in between can leave an index row durable without its bytes; the batch's pending-extent
+    /// rows name those rows, and the next open checks each one against its checksum and drops
+    /// the row if its bytes are not all there (`drop_unsynced_extents`). Such a row was never
+    /// acknowledged. Pending rows of synced extents are deleted by a later batch.
+    fn commit_encoded(&self, e: Encoded) -> Result<(), VosError> {
+        let committing = self.writer.submit(e.ops, e.punches, e.extent_bytes)?;
+        let synced = sync_touched(&e.touched);
+        let committed = committing.wait();
+        self.settle(committed.and(synced), e.pending, e.indexing)
+    }
+
+    fn settle(&self, outcome: Result<(), VosError>, pending: Vec<Vec<u8>>, indexing: Vec<(ContId, Oid)>) -> Result<(), VosError> {
+        // On failure the pending rows stay: the next open checks those extents.
+        outcome?;
+        if !pending.is_empty() {
+            self.settled_extents.lock().unwrap_or_else(|e| e.into_inner()).extend(pending);
+        }
+        self.note_indexed(indexing);
         Ok(())
+    }
+
+    /// Delete rows of extents synced since: appended to a batch about to be committed.
+    fn take_settled(&self, ops: &mut Vec<EngineOp>) {
+        let mut settled = self.settled_extents.lock().unwrap_or_else(|e| e.into_inner());
+        ops.extend(settled.drain(..).map(|k| EngineOp::Delete(Space::Meta, k)));
     }
 
     fn indexed(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<(ContId, Oid)>> {
@@ -278,10 +350,16 @@ impl Vos {
         // runtime's worker threads where the runtime allows it.
         let big = batch.iter().any(|u| matches!(&u.op, UpdateOp::Extent { data, .. } if data.len() >= EXTENT_FILE_MIN_BYTES));
         let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let e = if big && multi { tokio::task::block_in_place(|| self.encode_batch(batch))? } else { self.encode_batch(batch)? };
-        self.writer.commit_async(e.ops, e.punches, e.touched, e.extent_bytes).await?;
-        self.note_indexed(e.indexing);
-        Ok(())
+        // Encode (writing extents), submit, then sync the extent files while the lanes sync the
+        // journal (`commit_encoded`), all in one blocking section.
+        let start = || -> Result<_, VosError> {
+            let e = self.encode_batch(batch)?;
+            let committing = self.writer.submit(e.ops, e.punches, e.extent_bytes)?;
+            Ok((committing, sync_touched(&e.touched), e.pending, e.indexing))
+        };
+        let (committing, synced, pending, indexing) = if big && multi { tokio::task::block_in_place(start)? } else { start()? };
+        let committed = committing.wait_async().await;
+        self.settle(committed.and(synced), pending, indexing)
     }
 
     /// Check a batch against the limits and turn it into engine rows and punch entries.
@@ -292,6 +370,7 @@ impl Vos {
         let mut ops = Vec::with_capacity(batch.len() * 2);
         let mut punches = Vec::new();
         let mut touched = Vec::new();
+        let mut pending = Vec::new();
         let mut bytes = 0usize;
         let mut extent_bytes = 0usize;
         let total: usize = batch.iter().map(|u| match &u.op {
@@ -324,15 +403,18 @@ impl Vos {
                     }
                     check_extent(*offset, data.len() as u64)?;
                     bytes += data.len();
+                    let key = extent_key(&p(akey), *offset, u.epoch);
                     let value = if data.len() >= EXTENT_FILE_MIN_BYTES {
                         let (r, t) = self.extents.append(data)?;
                         touched.push(t);
                         extent_bytes += data.len();
+                        pending.push(pending_extent_key(&r));
+                        ops.push(EngineOp::Put(Space::Meta, pending_extent_key(&r), key.clone()));
                         record::encode(RecordKind::ValueRef, data.len() as u64, &r.encode())
                     } else {
                         record::encode(RecordKind::Value, data.len() as u64, data)
                     };
-                    ops.push(EngineOp::Put(Space::Records, extent_key(&p(akey), *offset, u.epoch), value));
+                    ops.push(EngineOp::Put(Space::Records, key, value));
                 }
                 UpdateOp::PunchExtent { akey, offset, len } => {
                     check_key("akey", akey)?;
@@ -368,7 +450,8 @@ impl Vos {
                 d.note_write(u.cont, u.epoch);
             }
         }
-        Ok(Encoded { ops, punches, touched, extent_bytes, indexing })
+        self.take_settled(&mut ops);
+        Ok(Encoded { ops, punches, touched, pending, extent_bytes, indexing })
     }
 
     /// The newest single value of `akey` at or below `epoch`, with the epoch it was written at.
@@ -654,13 +737,13 @@ impl Vos {
                 }
                 ops.push(EngineOp::Delete(space, k));
                 if ops.len() >= 10_000 {
-                    self.writer.commit(std::mem::take(&mut ops), Vec::new(), Vec::new(), 0)?;
+                    self.writer.commit(std::mem::take(&mut ops), Vec::new(), 0)?;
                     self.free_extents(&mut dead);
                 }
             }
         }
         ops.push(EngineOp::Delete(Space::Meta, Horizon::key(cont)));
-        self.writer.commit(ops, Vec::new(), Vec::new(), 0)?;
+        self.writer.commit(ops, Vec::new(), 0)?;
         self.free_extents(&mut dead);
         self.punches.remove_container(cont);
         self.horizons.write().unwrap_or_else(|e| e.into_inner()).remove(&cont);
@@ -752,7 +835,7 @@ impl Vos {
         };
         if !ops.is_empty() {
             ops.push(EngineOp::Put(Space::Meta, Horizon::key(cont), horizon.encode()));
-            self.writer.commit(ops, Vec::new(), Vec::new(), 0)?;
+            self.writer.commit(ops, Vec::new(), 0)?;
             self.free_extents(&mut dead);
         }
         Ok(AggregateStep { stats, next })
@@ -935,6 +1018,7 @@ impl Vos {
         let mut punches = Vec::new();
         let mut objects = Vec::new();
         let mut touched = Vec::new();
+        let mut pending = Vec::new();
         let mut extent_bytes = 0usize;
         for r in records {
             if r.punch {
@@ -955,6 +1039,8 @@ impl Vos {
                     let (x, t) = self.extents.append(rec.payload)?;
                     touched.push(t);
                     extent_bytes += rec.payload.len();
+                    pending.push(pending_extent_key(&x));
+                    ops.push(EngineOp::Put(Space::Meta, pending_extent_key(&x), r.key.to_vec()));
                     record::encode(RecordKind::ValueRef, rec.len, &x.encode())
                 } else {
                     r.value.to_vec()
@@ -964,9 +1050,8 @@ impl Vos {
             }
         }
         let indexing = self.index_rows(objects.into_iter(), &mut ops);
-        self.writer.commit(ops, punches, touched, extent_bytes)?;
-        self.note_indexed(indexing);
-        Ok(())
+        self.take_settled(&mut ops);
+        self.commit_encoded(Encoded { ops, punches, touched, pending, extent_bytes, indexing })
     }
 
     /// One stored row by its raw key, checksum-verified (scrub repairs from a replica's copy).
