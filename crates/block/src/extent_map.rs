@@ -5,9 +5,10 @@
 //! or filled only where nothing newer is (a failed write-back going back under newer writes).
 //! Touching pieces stay separate here; the write-back joins them into one extent.
 //!
-//! Memory: a piece keeps its whole buffer alive. Each piece records the size of that buffer,
-//! and a piece cut to less than 1/[`PIECE_SHARE_MIN`] of it is copied into its own buffer, so
-//! the memory held is at most that factor times the bytes held.
+//! Memory: a piece keeps its whole buffer alive. Each piece records the size of that buffer
+//! (as the caller knows it: the request's length), and a piece cut to less than
+//! 1/[`PIECE_SHARE_MIN`] of it is copied into its own buffer, so the memory held is at most
+//! that factor times the bytes held (times the pool's rounding up to a power of two).
 
 use bytes::Bytes;
 use std::collections::BTreeMap;

@@ -384,9 +384,10 @@ impl VolumeIo {
             let mut changes: Vec<_> = extents.iter().filter_map(|(o, d)| self.changing(base + o, d.len() as u64).map(|c| (base + o, d, c))).collect();
             let epoch = self.epoch(w)?;
             self.layers[0].obj.update_ops_at(&block.to_be_bytes(), ops, payload, Some(epoch)).await.map_err(io_err)?;
-            // Whole chunks written are the chunks' content now: read back from memory. Copied:
-            // a slice would keep the whole request buffer from going back to its pool for as
-            // long as the chunk stays cached (the next request would fault in fresh pages).
+            // Whole chunks written are the chunks' content now: read back from memory. Copied
+            // into a pooled buffer: a slice would keep the whole request buffer from going back
+            // to the pool for as long as the chunk stays cached, and a fresh allocation per
+            // chunk faulted in new pages (perf: a sixth of the server's CPU under 1 MiB writes).
             for (start, d, change) in changes.iter_mut() {
                 let end = *start + d.len() as u64;
                 for k in start.div_ceil(self.chunk_bytes)..end.div_ceil(self.chunk_bytes) {
@@ -395,7 +396,10 @@ impl VolumeIo {
                         break;
                     }
                     let part = d.slice((cs - *start) as usize..(ce - *start) as usize);
-                    change.keep(k, Bytes::copy_from_slice(&part));
+                    let pool = crate::payload_pool::shared();
+                    let mut copy = pool.take(part.len());
+                    copy.extend_from_slice(&part);
+                    change.keep(k, pool.share(copy));
                 }
             }
             Ok(())
