@@ -1114,7 +1114,8 @@ impl Vos {
     }
 }
 
-fn fs_space(path: &Path) -> std::io::Result<(u64, u64)> {
+/// `(total, available to unprivileged writers)` bytes of the file system holding `path`.
+pub fn fs_space(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `c` is a valid NUL-terminated path and `st` is a plain struct statvfs fills in.
