@@ -1,14 +1,50 @@
-//! Non-overlapping byte extents of one block, for the write-back cache: later writes replace
-//! the bytes they cover, adjacent extents merge (so sequential writes become one extent and
-//! one large update), and ranges can be cut out (TRIM, WRITE_ZEROES) or filled only where
-//! nothing newer is (a failed write-back going back under newer writes).
+//! Non-overlapping byte extents of one block, for the write-back cache. Extents are pieces of
+//! the buffers the NBD requests arrived in (`Bytes` slices, never copied on insert): a later
+//! write replaces the bytes it covers by cutting the older pieces around it, so rewrites of
+//! dirty bytes coalesce in place of the old ones; ranges can be cut out (TRIM, WRITE_ZEROES)
+//! or filled only where nothing newer is (a failed write-back going back under newer writes).
+//! Touching pieces stay separate here; the write-back joins them into one extent.
+//!
+//! Memory: a piece keeps its whole buffer alive. Each piece records the size of that buffer
+//! (as the caller knows it: the request's length), and a piece cut to less than
+//! 1/[`PIECE_SHARE_MIN`] of it is copied into its own buffer, so the memory held is at most
+//! that factor times the bytes held (times the pool's rounding up to a power of two).
 
+use bytes::Bytes;
 use std::collections::BTreeMap;
+
+/// A piece must show at least 1/this of the buffer it keeps alive, else it is copied out.
+pub const PIECE_SHARE_MIN: u64 = 2;
+
+/// Bytes at some offset, and the size of the buffer they keep alive.
+#[derive(Clone, Debug)]
+pub struct Piece {
+    pub data: Bytes,
+    pub buffer_bytes: u64,
+}
+
+impl Piece {
+    /// A piece of `data`, which is (a slice of) a buffer of `buffer_bytes`; copied into its
+    /// own buffer when it would keep too much alive.
+    pub fn new(data: Bytes, buffer_bytes: u64) -> Piece {
+        let len = data.len() as u64;
+        debug_assert!(buffer_bytes >= len);
+        if len * PIECE_SHARE_MIN < buffer_bytes {
+            Piece { data: Bytes::copy_from_slice(&data), buffer_bytes: len }
+        } else {
+            Piece { data, buffer_bytes }
+        }
+    }
+
+    fn slice(&self, a: u64, b: u64) -> Piece {
+        Piece::new(self.data.slice(a as usize..b as usize), self.buffer_bytes)
+    }
+}
 
 #[derive(Default, Debug)]
 pub struct ExtentMap {
-    /// start offset → bytes; no two extents overlap or touch.
-    map: BTreeMap<u64, Vec<u8>>,
+    /// start offset → piece; no two pieces overlap (they may touch).
+    map: BTreeMap<u64, Piece>,
     bytes: u64,
 }
 
@@ -22,97 +58,61 @@ impl ExtentMap {
         self.bytes
     }
 
+    /// Pieces held.
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
-    /// Extents as `(offset, bytes)`, ascending.
+    /// Pieces as `(offset, bytes)`, ascending.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
-        self.map.iter().map(|(o, d)| (*o, d.as_slice()))
+        self.map.iter().map(|(o, p)| (*o, &p.data[..]))
     }
 
-    pub fn into_extents(self) -> Vec<(u64, Vec<u8>)> {
+    pub fn into_pieces(self) -> Vec<(u64, Piece)> {
         self.map.into_iter().collect()
     }
 
-    /// The extent starting at or before `off`, if any.
+    /// The piece starting at or before `off`, if any, as `(start, end)`.
     fn before(&self, off: u64) -> Option<(u64, u64)> {
-        self.map.range(..=off).next_back().map(|(s, d)| (*s, *s + d.len() as u64))
+        self.map.range(..=off).next_back().map(|(s, p)| (*s, *s + p.data.len() as u64))
     }
 
-    /// Write `data` at `off`; returns how many bytes the map grew by.
-    pub fn insert(&mut self, off: u64, data: &[u8]) -> u64 {
+    /// Write `data` (a slice of a buffer of `buffer_bytes`) at `off`, replacing what it
+    /// covers; returns how many bytes the map grew by.
+    pub fn insert(&mut self, off: u64, data: Bytes, buffer_bytes: u64) -> u64 {
         if data.is_empty() {
             return 0;
         }
-        let end = off + data.len() as u64;
-        let next_start = self.map.range(off + 1..).next().map(|(s, _)| *s);
-        if let Some((s, e)) = self.before(off) {
-            // Inside one extent: overwrite in place.
-            if e >= end {
-                let v = self.map.get_mut(&s).expect("extent just found");
-                v[(off - s) as usize..(end - s) as usize].copy_from_slice(data);
-                return 0;
-            }
-            // Appending at (or over the tail of) an extent with nothing up to `end`: extend it.
-            if e >= off && next_start.is_none_or(|n| n > end) {
-                let v = self.map.get_mut(&s).expect("extent just found");
-                v.truncate((off - s) as usize);
-                v.extend_from_slice(data);
-                let grew = end - e;
-                self.bytes += grew;
-                return grew;
-            }
-        }
-        // General case: merge every extent that overlaps or touches [off, end].
-        let mut start = off;
-        let mut last_end = end;
-        let mut parts: Vec<(u64, Vec<u8>)> = Vec::new();
-        if let Some((s, e)) = self.before(off) {
-            if e >= off {
-                start = s;
-                parts.push((s, self.map.remove(&s).expect("extent just found")));
-            }
-        }
-        let covered: Vec<u64> = self.map.range(off..=end).map(|(s, _)| *s).collect();
-        for s in covered {
-            let v = self.map.remove(&s).expect("extent just listed");
-            last_end = last_end.max(s + v.len() as u64);
-            parts.push((s, v));
-        }
-        let old: u64 = parts.iter().map(|(_, v)| v.len() as u64).sum();
-        let mut merged = vec![0u8; (last_end - start) as usize];
-        for (s, v) in &parts {
-            merged[(s - start) as usize..(s - start) as usize + v.len()].copy_from_slice(v);
-        }
-        merged[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
-        let grew = merged.len() as u64 - old;
-        self.map.insert(start, merged);
-        self.bytes += grew;
-        grew
+        let len = data.len() as u64;
+        let covered = self.remove_range(off, off + len);
+        self.map.insert(off, Piece::new(data, buffer_bytes));
+        self.bytes += len;
+        len - covered
     }
 
-    /// Fill the parts of `[off, off + data.len())` holding nothing; returns bytes added.
-    pub fn insert_under(&mut self, off: u64, data: &[u8]) -> u64 {
-        let end = off + data.len() as u64;
+    /// Fill the parts of `[off, off + len)` holding nothing from `piece`; returns bytes added.
+    pub fn insert_under(&mut self, off: u64, piece: &Piece) -> u64 {
+        let end = off + piece.data.len() as u64;
         let mut gaps = Vec::new();
         let mut pos = off;
         if let Some((_, e)) = self.before(off) {
             pos = pos.max(e);
         }
-        for (s, v) in self.map.range(off..end) {
+        for (s, p) in self.map.range(off..end) {
             if *s > pos {
                 gaps.push((pos, *s));
             }
-            pos = pos.max(s + v.len() as u64);
+            pos = pos.max(s + p.data.len() as u64);
         }
         if pos < end {
             gaps.push((pos, end));
         }
         let mut added = 0;
         for (a, b) in gaps {
-            added += self.insert(a, &data[(a - off) as usize..(b - off) as usize]);
+            self.map.insert(a, piece.slice(a - off, b - off));
+            added += b - a;
         }
+        self.bytes += added;
         added
     }
 
@@ -121,39 +121,68 @@ impl ExtentMap {
         if start >= end {
             return 0;
         }
-        let mut hit: Vec<u64> = self.map.range(start..end).map(|(s, _)| *s).collect();
+        let mut hit: Vec<u64> = Vec::new();
         if let Some((s, e)) = self.before(start) {
             if e > start && s < start {
-                hit.insert(0, s);
+                hit.push(s);
             }
         }
+        hit.extend(self.map.range(start..end).map(|(s, _)| *s));
         let mut removed = 0;
         for s in hit {
-            let mut v = self.map.remove(&s).expect("extent just listed");
-            let e = s + v.len() as u64;
+            let p = self.map.remove(&s).expect("piece just listed");
+            let e = s + p.data.len() as u64;
             let (cut_a, cut_b) = (start.max(s), end.min(e));
             removed += cut_b - cut_a;
             if cut_b < e {
-                self.map.insert(cut_b, v[(cut_b - s) as usize..].to_vec());
+                self.map.insert(cut_b, p.slice(cut_b - s, e - s));
             }
             if cut_a > s {
-                v.truncate((cut_a - s) as usize);
-                self.map.insert(s, v);
+                self.map.insert(s, p.slice(0, cut_a - s));
             }
         }
         self.bytes -= removed;
         removed
     }
 
-    /// The parts of extents inside `[start, end)`, as `(offset, bytes)`.
+    /// The parts of pieces inside `[start, end)`, as `(offset, bytes)`, ascending.
     pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, &[u8])> {
         let first = self.before(start).filter(|(_, e)| *e > start).map(|(s, _)| s).unwrap_or(start);
-        self.map.range(first..end).filter_map(move |(s, v)| {
-            let e = *s + v.len() as u64;
+        self.map.range(first..end).filter_map(move |(s, p)| {
+            let e = *s + p.data.len() as u64;
             let (a, b) = ((*s).max(start), e.min(end));
-            (a < b).then(|| (a, &v[(a - s) as usize..(b - s) as usize]))
+            (a < b).then(|| (a, &p.data[(a - s) as usize..(b - s) as usize]))
         })
     }
+}
+
+/// Touching pieces joined: `(offset, length)` of each maximal run, and one payload holding the
+/// runs' bytes in order (the pieces' own buffer when there is one piece, else one copy).
+pub fn join_runs(pieces: &[(u64, Piece)]) -> (Vec<(u64, u64)>, Bytes) {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (o, p) in pieces {
+        let l = p.data.len() as u64;
+        match runs.last_mut() {
+            Some((ro, rl)) if *ro + *rl == *o => *rl += l,
+            _ => {
+                assert!(runs.last().is_none_or(|(ro, rl)| ro + rl < *o), "pieces overlap or are out of order");
+                runs.push((*o, l));
+            }
+        }
+    }
+    let payload = match pieces {
+        [(_, p)] => p.data.clone(),
+        _ => {
+            // A recycled buffer: a fresh one per write-back faulted in new pages.
+            let pool = crate::payload_pool::shared();
+            let mut b = pool.take(pieces.iter().map(|(_, p)| p.data.len()).sum());
+            for (_, p) in pieces {
+                b.extend_from_slice(&p.data);
+            }
+            pool.share(b)
+        }
+    };
+    (runs, payload)
 }
 
 #[cfg(test)]
@@ -172,7 +201,7 @@ mod tests {
         for (o, d) in m.iter() {
             assert!(!d.is_empty());
             if let Some(le) = last_end {
-                assert!(o > le, "extents overlap or touch: {o} after end {le}");
+                assert!(o >= le, "pieces overlap: {o} before end {le}");
             }
             last_end = Some(o + d.len() as u64);
             for (i, b) in d.iter().enumerate() {
@@ -182,6 +211,9 @@ mod tests {
         }
         assert_eq!(set, model.set);
         assert_eq!(m.bytes(), model.set.iter().filter(|x| **x).count() as u64);
+        for (_, p) in &m.map {
+            assert!(p.data.len() as u64 * PIECE_SHARE_MIN >= p.buffer_bytes, "a piece keeps too large a buffer alive");
+        }
     }
 
     #[test]
@@ -200,11 +232,14 @@ mod tests {
             let off = rnd(N as u64);
             let len = 1 + rnd((N as u64 - off).min(300));
             let fill = (step % 251) as u8;
-            let data = vec![fill; len as usize];
+            // Sometimes a slice of a larger request buffer, as a request spanning blocks gives.
+            let extra = rnd(3) * len;
+            let buf = Bytes::from(vec![fill; (len + extra) as usize]);
+            let data = buf.slice(..len as usize);
             match rnd(4) {
                 0 | 1 => {
                     let before = m.bytes();
-                    let grew = m.insert(off, &data);
+                    let grew = m.insert(off, data, buf.len() as u64);
                     assert_eq!(m.bytes(), before + grew);
                     for i in off..off + len {
                         model.bytes[i as usize] = fill;
@@ -220,7 +255,7 @@ mod tests {
                     }
                 }
                 _ => {
-                    m.insert_under(off, &data);
+                    m.insert_under(off, &Piece::new(data, buf.len() as u64));
                     for i in off..off + len {
                         if !model.set[i as usize] {
                             model.bytes[i as usize] = fill;
@@ -239,15 +274,46 @@ mod tests {
             let seen: u64 = m.overlapping(a, b).map(|(_, d)| d.len() as u64).sum();
             assert_eq!(seen, (a..b).filter(|i| model.set[*i as usize]).count() as u64);
         }
+        let pieces = m.into_pieces();
+        let (runs, payload) = join_runs(&pieces);
+        let mut at = 0usize;
+        for (o, l) in runs {
+            assert!((o..o + l).all(|i| model.set[i as usize]), "runs cover written bytes only");
+            assert_eq!(payload[at..at + l as usize], model.bytes[o as usize..(o + l) as usize]);
+            at += l as usize;
+        }
+        assert_eq!(at, payload.len());
     }
 
     #[test]
-    fn sequential_writes_become_one_extent() {
+    fn rewrites_share_the_request_buffers_and_sequential_writes_join_into_one_run() {
         let mut m = ExtentMap::default();
+        let mut bufs = Vec::new();
         for i in 0..128u64 {
-            m.insert(i * 4096, &[i as u8; 4096]);
+            let b = Bytes::from(vec![i as u8; 4096]);
+            m.insert(i * 4096, b.clone(), 4096);
+            bufs.push(b);
         }
-        assert_eq!(m.len(), 1);
+        // A rewrite replaces the bytes it covers; nothing is copied.
+        let again = Bytes::from(vec![7u8; 8192]);
+        assert_eq!(m.insert(4096, again.clone(), 8192), 0, "a rewrite does not grow the map");
         assert_eq!(m.bytes(), 128 * 4096);
+        assert_eq!(m.overlapping(4096, 4096 + 8192).next().map(|(_, d)| d.as_ptr()), Some(again.as_ptr()), "pieces are the request's buffer");
+        let (runs, payload) = join_runs(&m.into_pieces());
+        assert_eq!(runs, vec![(0, 128 * 4096)]);
+        assert_eq!(payload.len(), 128 * 4096);
+        assert_eq!(payload[4096..4096 + 8192], again[..]);
+    }
+
+    #[test]
+    fn a_small_piece_of_a_large_buffer_is_copied_out() {
+        let mut m = ExtentMap::default();
+        let big = Bytes::from(vec![1u8; 1 << 20]);
+        m.insert(0, big.slice(..4096), 1 << 20);
+        let (_, d) = m.overlapping(0, 4096).next().expect("held");
+        assert_ne!(d.as_ptr(), big.as_ptr(), "4 KiB of a 1 MiB buffer is copied, not kept");
+        m.insert(8192, big.slice(..1 << 19), 1 << 20);
+        let (_, d) = m.overlapping(8192, 8193).next().expect("held");
+        assert_eq!(d.as_ptr(), big.as_ptr(), "half of the buffer is kept as it is");
     }
 }

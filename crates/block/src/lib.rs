@@ -35,6 +35,7 @@ pub mod nbd_handshake;
 pub mod nbd_server;
 pub mod nbd_transmission;
 pub mod nbd_wire;
+pub mod payload_pool;
 pub mod read_cache;
 pub mod volume_admin;
 pub mod volume_exports;

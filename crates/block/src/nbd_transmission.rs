@@ -82,6 +82,7 @@ where
         }
         let _ = w.flush().await;
     });
+    let pool = crate::payload_pool::shared();
     let mut stats = ConnStats::default();
     let ro = dev.read_only();
     let end = loop {
@@ -106,9 +107,10 @@ where
                     }
                     Check::Err(EOVERFLOW)
                 } else {
-                    // Read into spare capacity: zeroing a buffer about to be overwritten was a
-                    // visible share of the server's CPU under large writes.
-                    let mut buf = bytes::BytesMut::with_capacity(req.len as usize);
+                    // Read into spare capacity of a recycled buffer: zeroing a buffer about to
+                    // be overwritten, or faulting in fresh pages for it, was a visible share
+                    // of the server's CPU under large writes.
+                    let mut buf = pool.take(req.len as usize);
                     let mut part = (&mut rd).take(len);
                     let complete = loop {
                         if buf.len() == req.len as usize {
@@ -123,7 +125,7 @@ where
                         // Disconnected mid-request: nothing of it was acknowledged.
                         break TransmissionEnd::Closed;
                     }
-                    payload = Some(buf.freeze());
+                    payload = Some(pool.share(buf));
                     if ro {
                         Check::Err(EPERM)
                     } else {

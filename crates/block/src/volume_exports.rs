@@ -69,6 +69,15 @@ impl VolumeExports {
         }
     }
 
+    /// Write back every open volume's cache (benchmarks settle between jobs with it).
+    pub async fn flush_all(&self) -> Result<(), crate::block_device::DevError> {
+        let devs: Vec<Arc<WriteBackCache<VolumeIo>>> = self.writers.lock().await.values().filter_map(Weak::upgrade).collect();
+        for d in devs {
+            d.flush().await?;
+        }
+        Ok(())
+    }
+
     /// Read-cache statistics of the writable volumes open now: (volume, hits, misses, bytes).
     pub async fn read_cache_stats(&self) -> Vec<(String, u64, u64, u64)> {
         let devs: Vec<(String, Arc<WriteBackCache<VolumeIo>>)> = self.writers.lock().await.iter().filter_map(|(n, d)| d.upgrade().map(|d| (n.clone(), d))).collect();

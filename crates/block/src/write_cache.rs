@@ -4,13 +4,20 @@
 //!
 //! NBD (like a disk with a volatile write cache) only promises that a write is durable once a
 //! FLUSH sent after its reply has been answered, or when it carried FUA. So:
-//! - WRITE is acknowledged once its bytes are in the cache; reads see them at once.
+//! - WRITE is acknowledged once its bytes are in the cache; reads see them at once. The cache
+//!   holds the request's own buffer (no copy); a rewrite of dirty bytes replaces them in place,
+//!   so a block rewritten many times before its write-back is written back once.
 //! - FLUSH writes back everything acknowledged before it and answers once that is durable;
 //!   a FUA write does the same for everything up to and including itself.
-//! - A background task writes dirty blocks back, oldest first, one update per block holding all
-//!   its dirty extents (adjacent writes merged): when dirty bytes pass a quarter of the bound,
+//! - A background task writes dirty blocks back, oldest first, up to
+//!   [`CacheConfig::writeback_parallel`] at once, one update per block holding all its dirty
+//!   extents (adjacent writes joined into one extent): when dirty bytes pass half of the bound,
 //!   when data has been dirty for [`CacheConfig::max_age`], or at once for FLUSH/FUA waiters.
-//! - Dirty plus in-flight bytes are bounded; a write that does not fit waits (backpressure).
+//! - Dirty plus in-flight bytes are bounded (default [`cache_dirty_bytes_max_default`]); a
+//!   write that does not fit waits (backpressure).
+//! - What a crash of the server loses: writes acknowledged without FUA and not followed by an
+//!   acknowledged FLUSH, exactly what a disk's volatile cache or the page cache under
+//!   `nbdkit file` loses; nothing FLUSHed or written with FUA.
 //! - TRIM and WRITE_ZEROES go through to the volume: they drop the dirty bytes they cover, wait
 //!   for write-backs of their blocks already under way, and hold further write-backs of those
 //!   blocks until done, so the volume applies them after every write acknowledged before them
@@ -23,9 +30,9 @@
 //! acknowledged until its write-back is durable (dirty first, then in flight, then the volume).
 
 use crate::block_device::{BlockDevice, DevError};
-use crate::extent_map::ExtentMap;
+use crate::extent_map::{join_runs, ExtentMap, Piece};
 use crate::volume_io::segments;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,13 +40,37 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedRwLockWriteGuard, RwLock};
 
-/// 64 MiB of dirty data per export: enough to absorb bursts and merge sequential writes into
-/// whole blocks; a client writing faster than the volume takes waits for write-backs.
-pub const CACHE_DIRTY_BYTES_MAX_DEFAULT: u64 = 64 << 20;
+/// Dirty data per export when memory size is unknown.
+pub const CACHE_DIRTY_BYTES_MAX_FALLBACK: u64 = 256 << 20;
+/// Most dirty data per export by default, whatever the memory.
+pub const CACHE_DIRTY_BYTES_MAX_CAP: u64 = 1 << 30;
+/// Share of the machine's memory one export may hold dirty by default (the kernel lets dirty
+/// page cache grow to 20% of memory before writers wait).
+pub const CACHE_DIRTY_MEMORY_SHARE: u64 = 16;
 /// Blocks written back at once per export.
-pub const WRITEBACK_PARALLEL_DEFAULT: usize = 16;
-/// Dirty data older than this is written back even when the cache is nearly empty.
+pub const WRITEBACK_PARALLEL_DEFAULT: usize = 32;
+/// Dirty data older than this is written back even when the cache is nearly empty (librbd's
+/// `rbd_cache_max_dirty_age` is 1 s too).
 pub const CACHE_MAX_AGE_DEFAULT: Duration = Duration::from_secs(1);
+/// Write-back starts regardless of age once dirty bytes pass 1/this of the bound (the kernel
+/// starts background write-back at half of its dirty limit).
+const WRITEBACK_START_SHARE: u64 = 2;
+
+/// The default bound on dirty bytes per export: 1/16 of memory, at most 1 GiB (256 MiB when
+/// memory size is unknown). A rewrite of dirty bytes only replaces them, so a working set that
+/// fits is written back once per [`CACHE_MAX_AGE_DEFAULT`] however often it is rewritten.
+pub fn cache_dirty_bytes_max_default() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib << 10)
+    });
+    match total {
+        Some(t) => (t / CACHE_DIRTY_MEMORY_SHARE).clamp(64 << 20, CACHE_DIRTY_BYTES_MAX_CAP),
+        None => CACHE_DIRTY_BYTES_MAX_FALLBACK,
+    }
+}
+
 /// Pause before retrying write-backs after one failed.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 
@@ -55,16 +86,16 @@ pub struct CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { dirty_bytes_max: CACHE_DIRTY_BYTES_MAX_DEFAULT, writeback_parallel: WRITEBACK_PARALLEL_DEFAULT, max_age: CACHE_MAX_AGE_DEFAULT, clean_bytes_max: crate::read_cache::CACHE_CLEAN_BYTES_MAX_DEFAULT }
+        CacheConfig { dirty_bytes_max: cache_dirty_bytes_max_default(), writeback_parallel: WRITEBACK_PARALLEL_DEFAULT, max_age: CACHE_MAX_AGE_DEFAULT, clean_bytes_max: crate::read_cache::CACHE_CLEAN_BYTES_MAX_DEFAULT }
     }
 }
 
 /// What the cache needs of the device it writes back to.
 pub trait CacheBackend: BlockDevice {
     fn block_bytes(&self) -> u64;
-    /// Write disjoint extents of one block (offsets within the block, ascending) as one update,
-    /// returning once durable.
-    fn write_extents(&self, block: u64, extents: Vec<(u64, Bytes)>) -> BoxFuture<'_, Result<(), DevError>>;
+    /// Write disjoint runs `(offset within the block, length)`, ascending, whose bytes are
+    /// `payload` in order, as one update, returning once durable.
+    fn write_extents(&self, block: u64, runs: Vec<(u64, u64)>, payload: Bytes) -> BoxFuture<'_, Result<(), DevError>>;
     /// Whether writes can still succeed (e.g. the writer lease is still held).
     fn check_writable(&self) -> Result<(), DevError>;
 }
@@ -75,8 +106,8 @@ struct BlockState {
     /// Sequence number of the oldest write in `dirty`, and when it arrived.
     dirty_seq: u64,
     dirty_since: Option<Instant>,
-    /// Extents being written back, and the oldest sequence number among them.
-    flushing: Option<(Vec<(u64, Bytes)>, u64)>,
+    /// Pieces being written back, and the oldest sequence number among them.
+    flushing: Option<(Vec<(u64, Piece)>, u64)>,
 }
 
 impl BlockState {
@@ -176,7 +207,7 @@ impl<B: CacheBackend> Inner<B> {
             return st.pause_until;
         }
         st.pause_until = None;
-        let target = self.cfg.dirty_bytes_max / 4;
+        let target = self.cfg.dirty_bytes_max / WRITEBACK_START_SHARE;
         let mut started = Vec::new();
         let mut next_due = None;
         while st.inflight < self.cfg.writeback_parallel {
@@ -192,17 +223,18 @@ impl<B: CacheBackend> Inner<B> {
             let bs = st.block_mut(b);
             let dirty = std::mem::take(&mut bs.dirty);
             bs.dirty_since = None;
-            let extents: Vec<(u64, Bytes)> = merge_payload(dirty.into_extents());
-            bs.flushing = Some((extents.clone(), seq));
+            let pieces = dirty.into_pieces();
+            let (runs, payload) = join_runs(&pieces);
+            bs.flushing = Some((pieces, seq));
             st.flushing_order.insert((seq, b));
             st.inflight += 1;
-            started.push((b, extents));
+            started.push((b, runs, payload));
         }
         drop(st);
-        for (b, extents) in started {
+        for (b, runs, payload) in started {
             let me = self.clone();
             tokio::spawn(async move {
-                let r = me.backend.write_extents(b, extents).await;
+                let r = me.backend.write_extents(b, runs, payload).await;
                 me.finish_writeback(b, r);
             });
         }
@@ -217,7 +249,7 @@ impl<B: CacheBackend> Inner<B> {
             return;
         };
         st.flushing_order.remove(&(seq, b));
-        let flushed: u64 = extents.iter().map(|(_, d)| d.len() as u64).sum();
+        let flushed: u64 = extents.iter().map(|(_, p)| p.data.len() as u64).sum();
         st.bytes -= flushed;
         if let Err(e) = r {
             tracing::warn!(block = b, error = %e, "write-back failed; keeping the data dirty and retrying");
@@ -231,8 +263,8 @@ impl<B: CacheBackend> Inner<B> {
             let had = !bs.dirty.is_empty();
             let old_seq = bs.dirty_seq;
             let mut added = 0;
-            for (o, d) in &extents {
-                added += bs.dirty.insert_under(*o, d);
+            for (o, p) in &extents {
+                added += bs.dirty.insert_under(*o, p);
             }
             let new_seq = if had { old_seq.min(seq) } else { seq };
             let now_dirty = !bs.dirty.is_empty();
@@ -315,7 +347,8 @@ impl<B: CacheBackend> Inner<B> {
                             bs.dirty_seq = seq;
                             bs.dirty_since = Some(now);
                         }
-                        let grew = bs.dirty.insert(s.off, &data[s.buf_off as usize..(s.buf_off + s.len) as usize]);
+                        // A slice of the request's buffer: rewrites replace it, nothing is copied.
+                        let grew = bs.dirty.insert(s.off, data.slice(s.buf_off as usize..(s.buf_off + s.len) as usize), len);
                         if first {
                             st.dirty_order.insert((seq, s.block));
                             // The write-back task learns when this block falls due.
@@ -334,7 +367,7 @@ impl<B: CacheBackend> Inner<B> {
         if fua {
             self.wait_durable(seq).await
         } else {
-            if self.lock().bytes > self.cfg.dirty_bytes_max / 4 {
+            if self.lock().bytes > self.cfg.dirty_bytes_max / WRITEBACK_START_SHARE {
                 self.kick.notify_one();
             }
             Ok(())
@@ -408,7 +441,8 @@ impl<B: CacheBackend> Inner<B> {
                     let base = s.block * self.block_bytes;
                     let (a, b) = (s.off, s.off + s.len);
                     if let Some((ext, _)) = &bs.flushing {
-                        for (o, d) in ext {
+                        for (o, p) in ext {
+                            let d = &p.data;
                             let (x, y) = ((*o).max(a), (*o + d.len() as u64).min(b));
                             if x < y {
                                 overlay.push((base + x, d[(x - o) as usize..(y - o) as usize].to_vec()));
@@ -450,28 +484,6 @@ fn covers(pieces: &[(u64, Vec<u8>)], start: u64, end: u64) -> bool {
         pos = pos.max(b);
     }
     pos >= end
-}
-
-/// Extents as shared buffers; several small ones share one allocation (the update's payload
-/// is their concatenation anyway).
-fn merge_payload(extents: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Bytes)> {
-    if extents.len() == 1 {
-        return extents.into_iter().map(|(o, d)| (o, Bytes::from(d))).collect();
-    }
-    let mut buf = BytesMut::with_capacity(extents.iter().map(|(_, d)| d.len()).sum());
-    for (_, d) in &extents {
-        buf.extend_from_slice(d);
-    }
-    let all = buf.freeze();
-    let mut pos = 0;
-    extents
-        .iter()
-        .map(|(o, d)| {
-            let s = all.slice(pos..pos + d.len());
-            pos += d.len();
-            (*o, s)
-        })
-        .collect()
 }
 
 impl<B: CacheBackend> WriteBackCache<B> {
@@ -627,8 +639,17 @@ mod tests {
         fn block_bytes(&self) -> u64 {
             self.block_bytes
         }
-        fn write_extents(&self, block: u64, extents: Vec<(u64, Bytes)>) -> BoxFuture<'_, Result<(), DevError>> {
+        fn write_extents(&self, block: u64, runs: Vec<(u64, u64)>, payload: Bytes) -> BoxFuture<'_, Result<(), DevError>> {
             async move {
+                assert_eq!(runs.iter().map(|(_, l)| *l as usize).sum::<usize>(), payload.len());
+                let mut at = 0;
+                let extents: Vec<(u64, Bytes)> = runs
+                    .iter()
+                    .map(|(o, l)| {
+                        at += *l as usize;
+                        (*o, payload.slice(at - *l as usize..at))
+                    })
+                    .collect();
                 self.inflight.fetch_add(1, Ordering::SeqCst);
                 self.inflight_blocks.lock().unwrap().push(block);
                 let _p = self.gate.acquire().await.unwrap();
@@ -690,6 +711,31 @@ mod tests {
         let mut log = vol.log.lock().unwrap().clone();
         log.sort();
         assert_eq!(log, vec![(1, vec![(0, 64 << 10)]), (3, vec![((64 << 10) - 5000, 5000)]), (4, vec![(0, 5000)])], "one update per block, adjacent writes merged");
+    }
+
+    #[tokio::test]
+    async fn rewrites_of_dirty_bytes_coalesce_into_one_write_back() {
+        let vol = MemVolume::new(1 << 20, 64 << 10);
+        let c = WriteBackCache::new(vol.clone(), cfg(16 << 20, HOUR));
+        // A block rewritten over and over (whole, and in 4 KiB pieces) before its write-back.
+        for i in 0..100u64 {
+            c.write(0, bytes(i, 64 << 10), false).await.unwrap();
+            c.write((i % 16) * 4096, bytes(1000 + i, 4096), false).await.unwrap();
+        }
+        assert_eq!(c.cached_bytes(), 64 << 10, "rewrites replace dirty bytes; the cache does not grow");
+        let mut want = bytes(99, 64 << 10).to_vec();
+        want[3 * 4096..4 * 4096].copy_from_slice(&bytes(1099, 4096));
+        assert_eq!(c.read(0, 64 << 10).await.unwrap(), want);
+        c.flush().await.unwrap();
+        assert_eq!(vol.durable()[..64 << 10], want[..]);
+        assert_eq!(vol.log.lock().unwrap().clone(), vec![(0, vec![(0, 64 << 10)])], "one write-back of one extent for 200 writes");
+    }
+
+    #[test]
+    fn the_default_bound_follows_memory_within_limits() {
+        let d = cache_dirty_bytes_max_default();
+        assert!((64 << 20..=CACHE_DIRTY_BYTES_MAX_CAP).contains(&d), "{d}");
+        assert_eq!(CacheConfig::default().dirty_bytes_max, d);
     }
 
     #[tokio::test]

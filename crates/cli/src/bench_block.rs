@@ -35,6 +35,11 @@ pub struct Args {
     /// file` reads through the kernel's page cache, which holds all of its file here.
     #[arg(long, default_value = "1G")]
     cache_clean_max: String,
+    /// Write-back cache of our server per volume (`strata block nbd --cache-dirty-max`;
+    /// default: the server's). `nbdkit file` writes into the kernel's page cache, whose dirty
+    /// limit here is 20% of memory.
+    #[arg(long)]
+    cache_dirty_max: Option<String>,
     /// Patterns to run, comma-separated (default all): 4k-randread-qd16, 4k-randwrite-qd16,
     /// 1m-seqread-qd16, 1m-seqwrite-qd16. Sequential writes need the most free disk: every
     /// version stays until aggregation passes it.
@@ -98,6 +103,7 @@ struct CacheUse {
 struct Report {
     size_bytes: u64,
     cache_clean_bytes_max: u64,
+    cache_dirty_bytes_max: u64,
     read_cache: Vec<CacheUse>,
     duration_secs: u64,
     rounds: usize,
@@ -169,6 +175,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .collect::<Result<_, _>>()?,
     };
     let clean_max = parse_size(&a.cache_clean_max)?;
+    let dirty_max = match &a.cache_dirty_max {
+        Some(s) => parse_size(s)?,
+        None => strata_block::write_cache::cache_dirty_bytes_max_default(),
+    };
     anyhow::ensure!(size >= 64 << 20 && size % (1 << 20) == 0, "--size must be a whole number of MiB, at least 64M");
     let classes: Vec<ObjectClass> = a.oclass.split(',').map(|c| c.trim().parse()).collect::<Result<_, _>>()?;
     let cluster_path = a.conn.cluster.clone().or_else(|| std::env::var_os("STRATA_CLUSTER").map(Into::into)).unwrap_or_else(ClusterFile::default_path);
@@ -194,7 +204,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        let exports = Arc::new(VolumeExports::new(bc, names.clone(), false, strata_block::writer_lease::WRITER_LEASE_TTL_MS_DEFAULT, strata_block::CacheConfig { clean_bytes_max: clean_max, ..Default::default() }).await?);
+        let exports = Arc::new(VolumeExports::new(bc, names.clone(), false, strata_block::writer_lease::WRITER_LEASE_TTL_MS_DEFAULT, strata_block::CacheConfig { clean_bytes_max: clean_max, dirty_bytes_max: dirty_max, ..Default::default() }).await?);
         let _ = std::fs::remove_file(&socket);
         let l = tokio::net::UnixListener::bind(&socket)?;
         tokio::spawn(strata_block::nbd_server::serve_unix(l, exports.clone(), NbdLimits::default()));
@@ -224,6 +234,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         tick(format!("filling {n}"));
         fio::run(&dir, &format!("fill-{n}"), &base("write", "1m", &our_uri(n)))?;
     }
+    // Between jobs (untimed), both servers make their writes durable, so one job's write-back
+    // does not run into the next: nbdkit's file is fsynced, our caches are written back.
+    let settle = || -> anyhow::Result<()> {
+        std::fs::File::open(&file)?.sync_all()?;
+        rt.block_on(exports.flush_all())?;
+        Ok(())
+    };
+    settle()?;
     // samples[pattern][0 = nbdkit, 1.. = classes][round]
     let mut samples: Vec<Vec<Vec<Figure>>> = vec![vec![Vec::new(); 1 + classes.len()]; patterns.len()];
     let our_pid = std::process::id();
@@ -235,6 +253,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let c0 = crate::proc_stats::proc_cpu_secs(kit.child.id());
             let r = fio::run(&dir, &format!("{}-nbdkit", p.name), &args)?;
             samples[pi][0].push(Figure { value: value(p, &r), unit: if p.iops { "IOPS" } else { "MB/s" }, server_cpu_secs: crate::proc_stats::proc_cpu_secs(kit.child.id()) - c0 });
+            settle()?;
             for (ci, n) in names.iter().enumerate() {
                 let mut args = base(p.rw, p.bs, &our_uri(n));
                 args.extend(["time_based".to_string(), format!("runtime={}", a.duration)]);
@@ -243,6 +262,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let r = fio::run(&dir, &format!("{}-{n}", p.name), &args)?;
                 // Our server runs in this process (the engines are separate processes).
                 samples[pi][ci + 1].push(Figure { value: value(p, &r), unit: if p.iops { "IOPS" } else { "MB/s" }, server_cpu_secs: crate::proc_stats::proc_cpu_secs(our_pid) - c0 });
+                settle()?;
             }
         }
     }
@@ -254,6 +274,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // Taken while the volumes are still open (their caches go with them).
     let read_cache: Vec<CacheUse> = rt.block_on(exports.read_cache_stats()).into_iter().map(|(volume, hits, misses, bytes)| CacheUse { volume, hits, misses, bytes }).collect();
     rt.block_on(exports.release_all());
+    let (reused, allocated, dropped) = strata_block::payload_pool::shared().counts();
+    eprintln!("payload buffers: {reused} reused, {allocated} allocated, {dropped} released past the bound");
     let med = |v: &[Figure]| -> Figure {
         let m = fio::median(v.iter().map(|f| f.value).collect());
         Figure { value: m, unit: v[0].unit, server_cpu_secs: fio::median(v.iter().map(|f| f.server_cpu_secs).collect()) }
@@ -278,10 +300,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let report = Report { size_bytes: size, cache_clean_bytes_max: clean_max, read_cache, duration_secs: a.duration, rounds: a.rounds, rows };
+    let report = Report { size_bytes: size, cache_clean_bytes_max: clean_max, cache_dirty_bytes_max: dirty_max, read_cache, duration_secs: a.duration, rounds: a.rounds, rows };
     emit(a.conn.json, &report, |r| {
         println!("strata bench block: fio nbd engine, iodepth 16, {} volumes, {} s x {} rounds (medians; ratio = median of per-round ratios)", strata_types::human_bytes(r.size_bytes), r.duration_secs, r.rounds);
         println!("read caches: nbdkit file = the kernel page cache (all of its file); strata = {} of clean chunks per volume", strata_types::human_bytes(r.cache_clean_bytes_max));
+        println!("write caches: nbdkit file = the kernel page cache (durable at FLUSH); strata = {} write-back per volume (durable at FLUSH/FUA); both written back between jobs", strata_types::human_bytes(r.cache_dirty_bytes_max));
         for row in &r.rows {
             println!("{:<18} nbdkit file {:>9.0} {:<4} (server cpu {:.1} s)", row.pattern, row.nbdkit.value, row.nbdkit.unit, row.nbdkit.server_cpu_secs);
             for s in &row.strata {

@@ -110,11 +110,13 @@ pub struct NbdArgs {
     /// Writer lease time-to-live: how long a crashed server keeps others from writing.
     #[arg(long, default_value_t = WRITER_LEASE_TTL_MS_DEFAULT)]
     lease_ttl_ms: u64,
-    /// Write-back cache per writable export: most dirty bytes held before writes wait. Writes
-    /// are acknowledged from it and durable after FLUSH or with FUA, as NBD allows; 0 makes
+    /// Write-back cache per writable export: most dirty bytes held before writes wait
+    /// (default 1/16 of memory, at most 1G). Writes are acknowledged from it and durable
+    /// after FLUSH or with FUA, as NBD allows; a crash loses what was written since the last
+    /// FLUSH, as a disk's volatile cache or the page cache under `nbdkit file` would. 0 makes
     /// every write durable before its reply.
-    #[arg(long, default_value = "64M")]
-    cache_dirty_max: String,
+    #[arg(long)]
+    cache_dirty_max: Option<String>,
     /// Read cache per export: clean 64 KiB chunks kept in memory (a miss reads its whole
     /// chunk; chunks written whole are kept). Kept for writable exports (the writer lease keeps
     /// other writers out) and snapshots, not for --read-only exports of a volume another
@@ -217,7 +219,10 @@ fn run_nbd(a: NbdArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let bc = open(&a.conn, &a.cont).await?;
-        let cache = strata_block::CacheConfig { dirty_bytes_max: parse_size(&a.cache_dirty_max)?, clean_bytes_max: parse_size(&a.cache_clean_max)?, ..Default::default() };
+        let cache = strata_block::CacheConfig { dirty_bytes_max: match &a.cache_dirty_max {
+                Some(s) => parse_size(s)?,
+                None => strata_block::write_cache::cache_dirty_bytes_max_default(),
+            }, clean_bytes_max: parse_size(&a.cache_clean_max)?, ..Default::default() };
         let exports = Arc::new(VolumeExports::new(bc, a.names.clone(), a.read_only, a.lease_ttl_ms, cache).await?);
         let (serve, uris): (futures_like::Serve, Vec<String>) = if let Some(path) = &a.socket {
             let _ = std::fs::remove_file(path);

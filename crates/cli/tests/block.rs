@@ -709,3 +709,29 @@ fn reads_from_the_clean_cache_follow_writes_trims_and_snapshots() {
         w.disconnect();
     }
 }
+
+#[test]
+fn bench_block_reports_ratios_against_nbdkit() {
+    if !["fio", "nbdkit"].iter().all(|t| have(t)) {
+        return;
+    }
+    let c = block_cluster(&["--aggregate-margin-ms", "2000"]);
+    let v = c.json(&["bench", "block", "--size", "64M", "--duration", "1", "--rounds", "1", "--cache-clean-max", "64M", "--cache-dirty-max", "32M"]);
+    assert_eq!(v["cache_dirty_bytes_max"], 32 << 20);
+    let rows = v["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["pattern"].as_str().unwrap()).collect();
+    assert_eq!(names, ["4k-randread-qd16", "4k-randwrite-qd16", "1m-seqread-qd16", "1m-seqwrite-qd16"]);
+    for r in rows {
+        let kit = r["nbdkit"]["value"].as_f64().unwrap();
+        assert!(kit > 0.0, "nbdkit measured: {r}");
+        let classes: Vec<&str> = r["strata"].as_array().unwrap().iter().map(|s| s["oclass"].as_str().unwrap()).collect();
+        assert_eq!(classes, ["S1", "RP_3GX"]);
+        for s in r["strata"].as_array().unwrap() {
+            let ours = s["figure"]["value"].as_f64().unwrap();
+            assert!(ours > 0.0, "{r}");
+            // One round: the ratio is the round's own.
+            assert!((s["ratio_median"].as_f64().unwrap() - ours / kit).abs() < 1e-6 * (ours / kit).max(1.0), "{r}");
+            assert!(s["target"].as_str().unwrap().contains("of nbdkit file"), "{r}");
+        }
+    }
+}

@@ -329,16 +329,24 @@ impl ObjHandle {
     }
 
     pub async fn read(&self, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<(Vec<u8>, Vec<(u64, u64)>), ClientError> {
+        let (data, written) = self.read_bytes(dkey, akey, offset, len, epoch).await?;
+        Ok((Vec::from(data), written))
+    }
+
+    /// As [`ObjHandle::read`], the bytes as received (no copy for a replicated object): a
+    /// caller that keeps them, like a file system's block cache, slices them instead.
+    pub async fn read_bytes(&self, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<(Bytes, Vec<(u64, u64)>), ClientError> {
         if let Ok(strata_types::Redundancy::Erasure { data, parity }) = self.oid.class().map(|c| c.redundancy()) {
             let client = self.cont.pool.client.clone();
             return self.retry("EC read", |view| {
                 let client = client.clone();
                 async move { self.ec_read(&client, &view, dkey, akey, offset, len, epoch, data as usize, parity as usize).await }
             })
-            .await;
+            .await
+            .map(|(d, w)| (Bytes::from(d), w));
         }
         let (_, written, data) = self.fetch(dkey, FetchKind::Extent { akey: akey.to_vec(), offset, len }, epoch).await?;
-        Ok((data.to_vec(), written))
+        Ok((data, written))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -63,14 +63,7 @@ impl SpaceGuard {
 
 /// Bytes an unprivileged writer may still use on the file system holding `dir`.
 fn free_bytes(dir: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs writes into `st`, which we own, and reads the NUL-terminated path.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    strata_vos::fs_space(dir).ok().map(|(_, free)| free)
 }
 
 #[cfg(test)]

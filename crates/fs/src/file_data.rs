@@ -7,6 +7,7 @@
 //! [`CHUNK_IO_INFLIGHT_MAX`].
 
 use crate::fs_error::FsError;
+use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,8 +37,9 @@ pub trait DataStore: Send + Sync + 'static {
     fn write_chunk(&self, oid: Oid, chunk: u64, offset: u64, data: &[u8]) -> impl Future<Output = Result<(), FsError>> + Send;
     /// Several `(offset, bytes)` extents of one chunk at once.
     fn write_chunk_extents(&self, oid: Oid, chunk: u64, extents: &[(u64, &[u8])]) -> impl Future<Output = Result<(), FsError>> + Send;
-    /// Exactly `len` bytes; holes read as zeros.
-    fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, epoch: Epoch) -> impl Future<Output = Result<Vec<u8>, FsError>> + Send;
+    /// Exactly `len` bytes; holes read as zeros. `Bytes` so that a reader keeping them (the
+    /// mount's block cache) slices what the store sent instead of copying it.
+    fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, epoch: Epoch) -> impl Future<Output = Result<Bytes, FsError>> + Send;
     fn punch_chunk(&self, oid: Oid, chunk: u64) -> impl Future<Output = Result<(), FsError>> + Send;
     fn punch_range(&self, oid: Oid, chunk: u64, offset: u64, len: u64) -> impl Future<Output = Result<(), FsError>> + Send;
     /// Chunks holding data (any order).
@@ -118,20 +120,33 @@ impl<D: DataStore> FileData<D> {
     }
 
     pub async fn read(&self, oid: Oid, offset: u64, len: u64, epoch: Epoch) -> Result<Vec<u8>, FsError> {
+        let mut out = Vec::with_capacity(len as usize);
+        for (_, d) in self.read_pieces(oid, offset, len, epoch).await? {
+            out.extend_from_slice(&d);
+        }
+        Ok(out)
+    }
+
+    /// `[offset, offset+len)` as one `(file offset, bytes)` piece per chunk, in file order,
+    /// each exactly as long as its part of the range (the chunks read concurrently).
+    pub async fn read_pieces(&self, oid: Oid, offset: u64, len: u64, epoch: Epoch) -> Result<Vec<(u64, Bytes)>, FsError> {
         let pieces = self.pieces(offset, len);
-        let parts: Vec<(std::ops::Range<usize>, Vec<u8>)> = stream::iter(pieces.into_iter().map(|(c, o, r)| async move {
-            let d = self.store.read_chunk(oid, c, o, r.len() as u64, epoch).await?;
-            Ok::<_, FsError>((r, d))
+        let mut parts: Vec<(u64, Bytes)> = stream::iter(pieces.into_iter().map(|(c, o, r)| async move {
+            let want = r.len();
+            let mut d = self.store.read_chunk(oid, c, o, want as u64, epoch).await?;
+            if d.len() != want {
+                // The contract says exactly `len`; a short answer is a hole at the end.
+                let mut v = Vec::from(d);
+                v.resize(want, 0);
+                d = Bytes::from(v);
+            }
+            Ok::<_, FsError>((offset + r.start as u64, d))
         }))
         .buffer_unordered(CHUNK_IO_INFLIGHT_MAX)
         .try_collect()
         .await?;
-        let mut out = vec![0u8; len as usize];
-        for (r, d) in parts {
-            let n = d.len().min(r.len());
-            out[r.start..r.start + n].copy_from_slice(&d[..n]);
-        }
-        Ok(out)
+        parts.sort_unstable_by_key(|(o, _)| *o);
+        Ok(parts)
     }
 
     /// Make `[new_size, old_size)` a hole after a truncate.
@@ -197,7 +212,7 @@ impl DataStore for MemData {
         }
         Ok(())
     }
-    async fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, _epoch: Epoch) -> Result<Vec<u8>, FsError> {
+    async fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, _epoch: Epoch) -> Result<Bytes, FsError> {
         let m = self.lock();
         let mut out = vec![0u8; len as usize];
         if let Some(c) = m.get(&(oid, chunk)) {
@@ -205,7 +220,7 @@ impl DataStore for MemData {
             let e = (offset as usize + len as usize).min(c.len());
             out[..e - s].copy_from_slice(&c[s..e]);
         }
-        Ok(out)
+        Ok(Bytes::from(out))
     }
     async fn punch_chunk(&self, oid: Oid, chunk: u64) -> Result<(), FsError> {
         self.lock().remove(&(oid, chunk));
@@ -246,9 +261,8 @@ impl DataStore for ObjData {
         self.cont.object(oid).write_extents(&chunk_dkey(chunk), DATA_AKEY, extents).await.map_err(data_err)?;
         Ok(())
     }
-    async fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, epoch: Epoch) -> Result<Vec<u8>, FsError> {
-        let (mut d, _) = self.cont.object(oid).read(&chunk_dkey(chunk), DATA_AKEY, offset, len, epoch).await.map_err(data_err)?;
-        d.resize(len as usize, 0);
+    async fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, epoch: Epoch) -> Result<Bytes, FsError> {
+        let (d, _) = self.cont.object(oid).read_bytes(&chunk_dkey(chunk), DATA_AKEY, offset, len, epoch).await.map_err(data_err)?;
         Ok(d)
     }
     async fn punch_chunk(&self, oid: Oid, chunk: u64) -> Result<(), FsError> {

@@ -27,6 +27,7 @@ use crate::meta_store::MetaStore;
 use crate::namespace::{now_ns, Namespace, NewNode, Released, RenameMode, SetAttr, FILE_BYTES_MAX, OCLASS_XATTR};
 use crate::read_cache::{ReadCache, CACHE_BLOCK_BYTES};
 use crate::write_back::WriteBack;
+use bytes::Bytes;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
@@ -43,10 +44,17 @@ use strata_types::Epoch;
 pub const DIR_LIST_ENTRIES_MAX: usize = 1 << 20;
 const DIR_PAGE_ENTRIES: usize = 1024;
 /// Read-ahead window of a sequential reader (a multiple of the cache block; well under the
-/// cache so a window is not evicted before it is read). The next window is fetched in the
-/// background while the reader consumes this one.
-pub const READ_AHEAD_BYTES: u64 = 8 << 20;
+/// cache so a window is not evicted before it is read): the bytes after the reader's position
+/// that are kept on their way from the store, in [`READ_AHEAD_PIECE_BYTES`] pieces, each
+/// replaced by the next one as soon as the reader reaches it.
+pub const READ_AHEAD_BYTES: u64 = 16 << 20;
 const _: () = assert!(READ_AHEAD_BYTES.is_multiple_of(CACHE_BLOCK_BYTES));
+/// One background store read of the read-ahead (the default chunk: one engine round trip).
+pub const READ_AHEAD_PIECE_BYTES: u64 = 1 << 20;
+const _: () = assert!(READ_AHEAD_PIECE_BYTES.is_multiple_of(CACHE_BLOCK_BYTES));
+/// Reads in a row that continue the previous one before the mount reads ahead: one
+/// sequential-looking read among random ones must not start a window of store reads.
+const SEQUENTIAL_RUN_MIN: u32 = 2;
 /// How long a mount waits before punching the data of a file it deleted: longer than any
 /// other mount's `meta_cache` (clamped to half of it), so a mount that still has the file open
 /// notices the deletion (`ESTALE`) before its reads could return punched zeros.
@@ -111,10 +119,13 @@ struct OpenState {
     /// End of the furthest byte written and latest change time since the last commit.
     dirty_end: u64,
     dirty_mtime_ns: i64,
-    /// Where the last read ended: a read starting there is sequential and reads ahead.
+    /// Where the last read ended: a read starting near there (the kernel's read-ahead
+    /// requests arrive on several threads, not always in order) continues a sequential run.
     read_end: u64,
-    /// The next read-ahead window, being fetched in the background.
-    ahead: Option<ReadAhead>,
+    /// Reads in a row that continued the previous one.
+    seq_run: u32,
+    /// Read-ahead pieces on their way from the store, in file order.
+    ahead: std::collections::VecDeque<ReadAhead>,
 }
 
 /// Blocks `[first, first + blocks)` of a file on their way from the store. Started only while
@@ -124,7 +135,36 @@ struct OpenState {
 struct ReadAhead {
     first: u64,
     blocks: u64,
-    task: tokio::task::JoinHandle<Result<Vec<u8>, FsError>>,
+    task: tokio::task::JoinHandle<Result<Vec<(u64, Bytes)>, FsError>>,
+}
+
+/// Cache blocks `first..` (`CACHE_BLOCK_BYTES` each, the last possibly shorter at the end of
+/// the read) from a store read's pieces (file order, contiguous from `first`'s offset). A
+/// block inside one piece is a slice of it (no copy); one spanning pieces (chunks smaller than
+/// a block) is assembled.
+fn blocks_of(pieces: Vec<(u64, Bytes)>) -> Vec<Bytes> {
+    let b = CACHE_BLOCK_BYTES as usize;
+    let mut out = Vec::new();
+    let mut partial: Vec<u8> = Vec::new();
+    for (_, mut d) in pieces {
+        if !partial.is_empty() {
+            let n = (b - partial.len()).min(d.len());
+            partial.extend_from_slice(&d.split_to(n));
+            if partial.len() == b {
+                out.push(Bytes::from(std::mem::take(&mut partial)));
+            }
+        }
+        while d.len() >= b {
+            out.push(d.split_to(b));
+        }
+        if !d.is_empty() {
+            partial.extend_from_slice(&d);
+        }
+    }
+    if !partial.is_empty() {
+        out.push(Bytes::from(partial));
+    }
+    out
 }
 
 impl Drop for ReadAhead {
@@ -134,6 +174,11 @@ impl Drop for ReadAhead {
 }
 
 impl OpenState {
+    /// Bytes written here that the store may not have yet.
+    fn dirty(&self) -> bool {
+        !self.wb.is_empty() || !self.pending.is_empty()
+    }
+
     /// Dirty bytes over `out` (the file's bytes from `offset`): in-flight ones, then newer.
     fn overlay(&self, offset: u64, out: &mut [u8]) {
         let end = offset + out.len() as u64;
@@ -594,7 +639,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             let class = cur.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
             let oid = data_oid(ino, &class)?;
             if let Some(g) = guard.as_mut() {
-                g.ahead = None;
+                g.ahead.clear();
                 // A background write must not land after the punch below.
                 self.drain_pending(g).await?;
             }
@@ -677,7 +722,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         }
         let state = {
             let mut open = lock(&self.open);
-            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new(), meta_dirty: false, truncated: false, dirty_end: 0, dirty_mtime_ns: 0, read_end: 0, ahead: None })) });
+            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new(), meta_dirty: false, truncated: false, dirty_end: 0, dirty_mtime_ns: 0, read_end: 0, seq_run: 0, ahead: Default::default() })) });
             e.opens += 1;
             e.state.clone()
         };
@@ -688,7 +733,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             }
             st.inode = fresh.clone();
             if !keep {
-                st.ahead = None;
+                st.ahead.clear();
             }
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -719,34 +764,40 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         flushed
     }
 
-    async fn read_file(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    async fn read_file(&self, ino: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
         let Some(state) = self.open_state(ino) else {
             // Reads without an open (kernel readahead after release): plain store read.
             let i = self.ns.inode(ino).await?;
-            return self.read_at(&i, i.size, offset, size, Epoch::MAX).await;
+            return self.read_at(&i, i.size, offset, size, Epoch::MAX).await.map(Bytes::from);
         };
         let mut st = state.lock().await;
         self.still_exists(ino).await?;
         if !self.cache.enabled() {
             let mut out = self.read_at(&st.inode, st.size, offset, size, Epoch::MAX).await?;
             st.overlay(offset, &mut out);
-            return Ok(out);
+            return Ok(Bytes::from(out));
         }
-        let sequential = offset == st.read_end;
+        // Near where the last read ended: the kernel's read-ahead requests of one sequential
+        // reader are served by several threads and may take the lock out of order.
+        let slack = (u64::from(self.opts.read_ahead_kb) << 10).max(2 * u64::from(MAX_WRITE_BYTES));
+        let continues = offset <= st.read_end.saturating_add(slack) && offset.saturating_add(slack) >= st.read_end;
+        st.seq_run = if continues { st.seq_run.saturating_add(1) } else { 0 };
+        let sequential = st.seq_run >= SEQUENTIAL_RUN_MIN;
         let out = self.read_cached(&mut st, offset, size, sequential).await?;
-        st.read_end = offset + out.len() as u64;
+        let end = offset + out.len() as u64;
+        st.read_end = if continues { st.read_end.max(end) } else { end };
         Ok(out)
     }
 
     /// Read through the block cache: cached blocks are copied, each run of missing blocks is
     /// one store read, completed with this mount's dirty bytes before it is cached.
-    /// `sequential`: the read starts where the previous one ended; then the next
-    /// [`READ_AHEAD_BYTES`] after the request are fetched in the background ([`ReadAhead`]),
-    /// so a sequential reader finds its next blocks cached (or on their way) instead of paying
-    /// a store round trip per kernel request (128 KiB or less).
-    async fn read_cached(&self, st: &mut OpenState, offset: u64, size: u32, sequential: bool) -> Result<Vec<u8>, FsError> {
+    /// `sequential`: the reader continues a sequential run; then [`READ_AHEAD_BYTES`] after
+    /// the request are kept on their way from the store in the background ([`ReadAhead`]
+    /// pieces, topped up at every read), so a sequential reader finds its next blocks cached
+    /// or arriving instead of paying a store round trip per kernel request.
+    async fn read_cached(&self, st: &mut OpenState, offset: u64, size: u32, sequential: bool) -> Result<Bytes, FsError> {
         if offset >= st.size || size == 0 {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let len = u64::from(size).min(st.size - offset);
         let ino = st.inode.ino;
@@ -755,26 +806,12 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         let b = CACHE_BLOCK_BYTES;
         let first = offset / b;
         let last = (offset + len - 1) / b;
-        let mut blocks: Vec<Option<Arc<Vec<u8>>>> = (first..=last).map(|k| self.cache.get(ino, k)).collect();
-        if blocks.iter().any(Option::is_none) {
-            if let Some(a) = st.ahead.take_if(|a| a.first <= last && first < a.first + a.blocks) {
-                // The window this read needs is on its way: wait for it rather than read twice.
-                let (a_first, a_blocks) = (a.first, a.blocks);
-                let mut task = a;
-                let data = (&mut task.task).await.map_err(|e| FsError::Data(format!("read-ahead task: {e}")))?;
-                if let Ok(mut data) = data {
-                    st.overlay(a_first * b, &mut data);
-                    for (j, part) in data.chunks(b as usize).enumerate().take(a_blocks as usize) {
-                        let k = a_first + j as u64;
-                        let v = Arc::new(part.to_vec());
-                        self.cache.put(ino, k, v.clone());
-                        if (first..=last).contains(&k) {
-                            blocks[(k - first) as usize] = Some(v);
-                        }
-                    }
-                }
-            }
-        }
+        let mut blocks: Vec<Option<Bytes>> = (first..=last).map(|k| self.cache.get(ino, k)).collect();
+        // Store reads this request waited for, clean: one that holds the whole request is
+        // the reply as it is (no copy; the usual case of a sequential reader, whose requests
+        // match the read-ahead pieces).
+        let mut fetched: Vec<(u64, Bytes)> = Vec::new();
+        self.collect_read_ahead(st, first, last, &mut blocks, &mut fetched).await;
         let mut k = 0;
         while k < blocks.len() {
             if blocks[k].is_some() {
@@ -786,44 +823,106 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
                 k += 1;
             }
             let run_off = (first + start as u64) * b;
-            let mut data = self.data.read(oid, run_off, (k - start) as u64 * b, Epoch::MAX).await?;
-            st.overlay(run_off, &mut data);
-            for (j, part) in data.chunks(b as usize).enumerate() {
-                let v = Arc::new(part.to_vec());
+            let pieces = self.data.read_pieces(oid, run_off, (k - start) as u64 * b, Epoch::MAX).await?;
+            if !st.dirty() {
+                fetched.extend(pieces.iter().cloned());
+            }
+            for (j, mut v) in blocks_of(pieces).into_iter().enumerate() {
+                if st.dirty() {
+                    let mut own = Vec::from(v);
+                    st.overlay((first + (start + j) as u64) * b, &mut own);
+                    v = Bytes::from(own);
+                }
                 self.cache.put(ino, first + (start + j) as u64, v.clone());
                 blocks[start + j] = Some(v);
             }
         }
-        let mut out = vec![0u8; len as usize];
-        for (j, blk) in blocks.iter().enumerate() {
-            let Some(blk) = blk else { continue };
-            let bs = (first + j as u64) * b;
-            let (lo, hi) = (offset.max(bs), (offset + len).min(bs + b));
-            out[(lo - offset) as usize..(hi - offset) as usize].copy_from_slice(&blk[(lo - bs) as usize..(hi - bs) as usize]);
-        }
+        let whole = fetched.iter().find(|(o, d)| *o <= offset && offset + len <= o + d.len() as u64).map(|(o, d)| d.slice((offset - o) as usize..(offset - o + len) as usize));
+        let out = match whole {
+            Some(d) => d,
+            None => Bytes::from(Self::assemble(&blocks, first, offset, len, ino)?),
+        };
         // No overlay needed for hits: writes patch cached blocks under the same state lock.
-        if sequential && st.ahead.is_none() && st.wb.is_empty() && st.pending.is_empty() {
-            self.start_read_ahead(st, oid, last + 1);
+        if sequential && !st.dirty() {
+            self.top_up_read_ahead(st, oid, last + 1);
+        } else if !sequential {
+            // A random reader: what was fetched ahead for an earlier run is not needed.
+            st.ahead.clear();
         }
         Ok(out)
     }
 
-    /// Fetch the window after block `next` (skipping what is cached) in the background.
-    fn start_read_ahead(&self, st: &mut OpenState, oid: strata_types::Oid, mut next: u64) {
+    /// The bytes `[offset, offset + len)` out of blocks `first..` (all present).
+    fn assemble(blocks: &[Option<Bytes>], first: u64, offset: u64, len: u64, ino: u64) -> Result<Vec<u8>, FsError> {
         let b = CACHE_BLOCK_BYTES;
+        let mut out = Vec::with_capacity(len as usize);
+        for (j, blk) in blocks.iter().enumerate() {
+            let bs = (first + j as u64) * b;
+            let (lo, hi) = (offset.max(bs), (offset + len).min(bs + b));
+            match blk {
+                Some(blk) => out.extend_from_slice(&blk[(lo - bs) as usize..(hi - bs) as usize]),
+                None => return Err(FsError::Data(format!("block {} of inode {ino} missing after its read", first + j as u64))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Move the read-ahead pieces that reached blocks `first..=last` (or that the reader has
+    /// passed) into the cache, waiting for those this read needs and does not have; pieces
+    /// behind the reader that are not there yet are abandoned. Pieces after `last` stay on
+    /// their way.
+    async fn collect_read_ahead(&self, st: &mut OpenState, first: u64, last: u64, blocks: &mut [Option<Bytes>], fetched: &mut Vec<(u64, Bytes)>) {
+        let ino = st.inode.ino;
+        while st.ahead.front().is_some_and(|a| a.first <= last) {
+            let Some(mut a) = st.ahead.pop_front() else { break };
+            let range = a.first..a.first + a.blocks;
+            let needed = (first..=last).any(|k| range.contains(&k) && blocks[(k - first) as usize].is_none());
+            if !needed && !a.task.is_finished() {
+                if range.end > last + 1 {
+                    // Still ahead of the reader in part: keep waiting in the background.
+                    st.ahead.push_front(a);
+                    break;
+                }
+                continue;
+            }
+            // A failed piece is not fatal: its blocks are read again below.
+            let Ok(Ok(pieces)) = (&mut a.task).await else { continue };
+            fetched.extend(pieces.iter().cloned());
+            for (j, v) in blocks_of(pieces).into_iter().enumerate() {
+                let k = a.first + j as u64;
+                self.cache.put(ino, k, v.clone());
+                if (first..=last).contains(&k) {
+                    blocks[(k - first) as usize] = Some(v);
+                }
+            }
+        }
+    }
+
+    /// Keep the [`READ_AHEAD_BYTES`] after block `next` on their way from the store: start the
+    /// pieces not yet cached or requested. Pieces are aligned to [`READ_AHEAD_PIECE_BYTES`] so
+    /// that each is one chunk read (with the default chunk).
+    fn top_up_read_ahead(&self, st: &mut OpenState, oid: strata_types::Oid, next: u64) {
+        let b = CACHE_BLOCK_BYTES;
+        let piece = READ_AHEAD_PIECE_BYTES / b;
         let ino = st.inode.ino;
         let end_block = st.size.div_ceil(b);
         let horizon = (next + self.opts.read_ahead_window / b).min(end_block);
-        while next < horizon && self.cache.get(ino, next).is_some() {
-            next += 1;
+        // Pieces outside the window were started for an earlier position of the reader.
+        st.ahead.retain(|a| a.first + a.blocks > next && a.first < horizon);
+        let mut from = st.ahead.back().map_or(next, |a| a.first + a.blocks).max(next);
+        while from < horizon {
+            let to = ((from / piece + 1) * piece).min(end_block);
+            while from < to && self.cache.get(ino, from).is_some() {
+                from += 1;
+            }
+            if from < to {
+                let data = self.data.clone();
+                let (off, bytes) = (from * b, (to - from) * b);
+                let task = self.rt.spawn(async move { data.read_pieces(oid, off, bytes, Epoch::MAX).await });
+                st.ahead.push_back(ReadAhead { first: from, blocks: to - from, task });
+            }
+            from = to;
         }
-        if next >= horizon {
-            return;
-        }
-        let blocks = (self.opts.read_ahead_window / b).min(end_block - next);
-        let data = self.data.clone();
-        let task = self.rt.spawn(async move { data.read(oid, next * b, blocks * b, Epoch::MAX).await });
-        st.ahead = Some(ReadAhead { first: next, blocks, task });
     }
 
     async fn read_at(&self, i: &Inode, file_size: u64, offset: u64, size: u32, epoch: Epoch) -> Result<Vec<u8>, FsError> {
@@ -845,7 +944,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             None => return Err(FsError::Invalid("write to a file that is not open".into())),
         };
         let mut st = state.lock().await;
-        st.ahead = None;
+        st.ahead.clear();
         st.wb.write(offset, data, now_ns());
         self.cache.patch(ino, offset, data);
         st.size = st.size.max(offset + data.len() as u64);
@@ -1334,7 +1433,7 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
             if let Some(st) = self.open_state(ino) {
                 // An open file: punch now, commit size and data version at its next flush.
                 let mut st = st.lock().await;
-                st.ahead = None;
+                st.ahead.clear();
                 self.flush_data(&mut st).await?;
                 if punch {
                     let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
@@ -1426,4 +1525,28 @@ pub fn set_read_ahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
     }).last();
     let dev = dev.ok_or_else(|| std::io::Error::other(format!("{mp} not in /proc/self/mountinfo")))?;
     std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), kb.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_of_slices_whole_pieces_and_assembles_small_chunks() {
+        let b = CACHE_BLOCK_BYTES as usize;
+        let file: Vec<u8> = (0..4 * b).map(|i| (i % 251) as u8).collect();
+        // One 2-block piece: slices of it, no copy.
+        let piece = Bytes::copy_from_slice(&file[..2 * b]);
+        let out = blocks_of(vec![(0, piece.clone())]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].as_ptr(), piece.as_ptr(), "a block inside one piece is a slice of it");
+        assert_eq!(&out[1][..], &file[b..2 * b]);
+        // 4 KiB chunks (a volume with small chunks): blocks assembled across pieces.
+        let small: Vec<(u64, Bytes)> = file.chunks(4096).enumerate().map(|(i, c)| ((i * 4096) as u64, Bytes::copy_from_slice(c))).collect();
+        let out = blocks_of(small);
+        assert_eq!(out.len(), 4);
+        for (k, blk) in out.iter().enumerate() {
+            assert_eq!(&blk[..], &file[k * b..(k + 1) * b], "block {k}");
+        }
+    }
 }

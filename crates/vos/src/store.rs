@@ -45,8 +45,6 @@ pub struct Vos {
     /// one more version of the same key in the memtable, which made each insert there compare
     /// long equal keys (a KV store's shards are all one object).
     indexed: Mutex<std::collections::HashSet<(ContId, Oid)>>,
-    /// Pending-extent rows whose extents are durable now: deleted by the next batch.
-    settled_extents: Mutex<Vec<Vec<u8>>>,
 }
 
 /// What aggregation needs of a row: no payload, so an akey with many large versions costs
@@ -223,7 +221,7 @@ impl Vos {
             tracing::warn!(target_dir = %dir.display(), dropped, "dropped extent rows whose bytes did not reach the disk before a crash (never acknowledged)");
         }
         let writer = GroupCommit::start(engine.clone(), punches.clone(), cfg.queue_depth, cfg.group_bytes_max, cfg.sync_lanes);
-        let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()), extents, indexed: Mutex::default(), settled_extents: Mutex::default() };
+        let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()), extents, indexed: Mutex::default() };
         // What happened before the restart is unknown: every container is due once.
         for cont in vos.list_containers()? {
             vos.dirty().note_all(cont);
@@ -284,13 +282,23 @@ impl Vos {
         self.commit_encoded(e)
     }
 
+    /// Tests only: [`Vos::update`], then stop as a power loss would right after the syncs,
+    /// before the batch's pending-extent rows are deleted (`tests/torn_extent.rs`).
+    #[doc(hidden)]
+    pub fn update_then_stop_before_settling(self, batch: &[Update]) -> Result<(), VosError> {
+        let e = self.encode_batch(batch)?;
+        let committing = self.writer.submit(e.ops, e.punches, e.extent_bytes)?;
+        sync_touched(&e.touched)?;
+        committing.wait()
+    }
+
     /// Commit an encoded batch. Extent bytes and their index rows are synced at the same time,
     /// not one after the other: the lanes sync the journal while this thread syncs the extent
     /// files the batch wrote into, and the batch is acknowledged once both are durable. A crash
     /// in between can leave an index row durable without its bytes; the batch's pending-extent
     /// rows name those rows, and the next open checks each one against its checksum and drops
     /// the row if its bytes are not all there (`drop_unsynced_extents`). Such a row was never
-    /// acknowledged. Pending rows of synced extents are deleted by a later batch.
+    /// acknowledged. Pending rows of synced extents are deleted right after (`settle`).
     fn commit_encoded(&self, e: Encoded) -> Result<(), VosError> {
         let committing = self.writer.submit(e.ops, e.punches, e.extent_bytes)?;
         let synced = sync_touched(&e.touched);
@@ -302,16 +310,17 @@ impl Vos {
         // On failure the pending rows stay: the next open checks those extents.
         outcome?;
         if !pending.is_empty() {
-            self.settled_extents.lock().unwrap_or_else(|e| e.into_inner()).extend(pending);
+            // Delete them at once, without waiting (the deletes join the next group): while a
+            // pending row is there, damage to its acknowledged extent would read at the next
+            // open as a torn write and drop the row instead of being found and repaired by
+            // scrub. If the store stops first, the next open checks those extents: whole.
+            let deletes = pending.into_iter().map(|k| EngineOp::Delete(Space::Meta, k)).collect();
+            if let Err(e) = self.writer.submit(deletes, Vec::new(), 0) {
+                tracing::debug!(error = %e, "pending-extent rows stay until the next open");
+            }
         }
         self.note_indexed(indexing);
         Ok(())
-    }
-
-    /// Delete rows of extents synced since: appended to a batch about to be committed.
-    fn take_settled(&self, ops: &mut Vec<EngineOp>) {
-        let mut settled = self.settled_extents.lock().unwrap_or_else(|e| e.into_inner());
-        ops.extend(settled.drain(..).map(|k| EngineOp::Delete(Space::Meta, k)));
     }
 
     fn indexed(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<(ContId, Oid)>> {
@@ -450,7 +459,6 @@ impl Vos {
                 d.note_write(u.cont, u.epoch);
             }
         }
-        self.take_settled(&mut ops);
         Ok(Encoded { ops, punches, touched, pending, extent_bytes, indexing })
     }
 
@@ -534,9 +542,24 @@ impl Vos {
             let s = r.key.offset.unwrap_or(0);
             owners.paint(s.max(offset), (s + r.len).min(offset + len), i);
         }
+        let spans: Vec<(u64, u64, usize)> = owners.iter().collect();
+        if let [(s, e, i)] = spans[..] {
+            if s == offset && e == offset + len && rows[i].kind != RecordKind::Punch {
+                // One extent holds the whole range (a file system's chunk read): its bytes
+                // are the answer, without zeroing and copying a second buffer.
+                let r = &mut rows[i];
+                self.load_extent(r)?;
+                let ExtentBody::Inline(payload) = std::mem::replace(&mut r.body, ExtentBody::None) else { unreachable!("a value row's bytes were just loaded") };
+                let rs = r.key.offset.unwrap_or(0);
+                let mut data = payload;
+                data.truncate((e - rs) as usize);
+                data.drain(..(s - rs) as usize);
+                return Ok(ExtentRead { data, written: vec![(offset, len)] });
+            }
+        }
         let mut data = vec![0u8; len as usize];
         let mut written = Vec::new();
-        for (s, e, i) in owners.iter() {
+        for (s, e, i) in spans {
             let r = &mut rows[i];
             if r.kind == RecordKind::Punch {
                 continue;
@@ -1050,7 +1073,6 @@ impl Vos {
             }
         }
         let indexing = self.index_rows(objects.into_iter(), &mut ops);
-        self.take_settled(&mut ops);
         self.commit_encoded(Encoded { ops, punches, touched, pending, extent_bytes, indexing })
     }
 
@@ -1114,7 +1136,8 @@ impl Vos {
     }
 }
 
-fn fs_space(path: &Path) -> std::io::Result<(u64, u64)> {
+/// `(total, available to unprivileged writers)` bytes of the file system holding `path`.
+pub fn fs_space(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `c` is a valid NUL-terminated path and `st` is a plain struct statvfs fills in.

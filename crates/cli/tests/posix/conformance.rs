@@ -212,6 +212,10 @@ pub fn conformance(m: &Path, c: &mut Checks) {
     c.errno("lookup: ENAMETOOLONG", errno_of(fs::metadata(p(&long))), libc::ENAMETOOLONG);
     c.errno("symlink: target over 4096 bytes ENAMETOOLONG", errno_of(std::os::unix::fs::symlink("t".repeat(4097), p("longtarget"))), libc::ENAMETOOLONG);
     c.check("mount still works after long names", fs::read(p("r2")).map(|d| d == b"one").unwrap_or(false) && !p(&"x".repeat(255)).exists(), ());
+    // --- bad input: a path with a NUL never reaches the mount (a C path ends at the NUL; the
+    // CLI's paths are refused with EINVAL by the namespace, tested there): EINVAL, nothing made.
+    let e = fs::File::create(p("nul\0tail"));
+    c.check("create: a path with NUL is EINVAL", e.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::InvalidInput) && !p("nul").exists(), e.map(|_| ()));
     // --- bad input: past the largest file, and the mount keeps working
     let big = fs::OpenOptions::new().write(true).open(p("trunc")).unwrap();
     c.errno("write: EFBIG past 16 TiB", errno_of(big.write_all_at(b"x", 1 << 44)), libc::EFBIG);
