@@ -71,6 +71,17 @@ pub struct Segment {
     pub buf_off: u64,
 }
 
+/// `payload` cut into the runs it holds, in order: `(offset, bytes)` per run, sharing its memory.
+pub(crate) fn run_slices(runs: &[(u64, u64)], payload: &Bytes) -> Vec<(u64, Bytes)> {
+    let mut at = 0usize;
+    runs.iter()
+        .map(|(o, l)| {
+            at += *l as usize;
+            (*o, payload.slice(at - *l as usize..at))
+        })
+        .collect()
+}
+
 /// Split `[offset, offset + len)` on `block_bytes` boundaries.
 pub fn segments(offset: u64, len: u64, block_bytes: u64) -> impl Iterator<Item = Segment> {
     assert!(block_bytes > 0);
@@ -369,14 +380,7 @@ impl VolumeIo {
             return Err(DevError::Io(format!("block {block} of '{}': runs and payload differ in length", self.name)));
         }
         self.check(block * self.block_bytes, runs.last().map(|(o, l)| o + l).unwrap_or(0))?;
-        let mut at = 0usize;
-        let extents: Vec<(u64, Bytes)> = runs
-            .iter()
-            .map(|(o, l)| {
-                at += *l as usize;
-                (*o, payload.slice(at - *l as usize..at))
-            })
-            .collect();
+        let extents = run_slices(&runs, &payload);
         let guards = self.lock_blocks(w, std::iter::once(block)).await;
         let r = async {
             let _slot = self.slots.acquire().await.map_err(|_| DevError::Io("volume closed".into()))?;

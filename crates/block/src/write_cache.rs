@@ -642,14 +642,7 @@ mod tests {
         fn write_extents(&self, block: u64, runs: Vec<(u64, u64)>, payload: Bytes) -> BoxFuture<'_, Result<(), DevError>> {
             async move {
                 assert_eq!(runs.iter().map(|(_, l)| *l as usize).sum::<usize>(), payload.len());
-                let mut at = 0;
-                let extents: Vec<(u64, Bytes)> = runs
-                    .iter()
-                    .map(|(o, l)| {
-                        at += *l as usize;
-                        (*o, payload.slice(at - *l as usize..at))
-                    })
-                    .collect();
+                let extents = crate::volume_io::run_slices(&runs, &payload);
                 self.inflight.fetch_add(1, Ordering::SeqCst);
                 self.inflight_blocks.lock().unwrap().push(block);
                 let _p = self.gate.acquire().await.unwrap();
