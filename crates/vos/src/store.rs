@@ -68,6 +68,14 @@ struct Encoded {
     indexing: Vec<(ContId, Oid)>,
 }
 
+/// A batch queued for commit whose extent files were synced meanwhile (`submit_and_sync_extents`).
+struct Submitted {
+    committing: crate::group_commit::Committing,
+    extents_synced: Result<(), VosError>,
+    pending: Vec<Vec<u8>>,
+    indexing: Vec<(ContId, Oid)>,
+}
+
 struct Row {
     key: RecordKey,
     kind: RecordKind,
@@ -286,10 +294,9 @@ impl Vos {
     /// before the batch's pending-extent rows are deleted (`tests/torn_extent.rs`).
     #[doc(hidden)]
     pub fn update_then_stop_before_settling(self, batch: &[Update]) -> Result<(), VosError> {
-        let e = self.encode_batch(batch)?;
-        let committing = self.writer.submit(e.ops, e.punches, e.extent_bytes)?;
-        sync_touched(&e.touched)?;
-        committing.wait()
+        let s = self.submit_and_sync_extents(self.encode_batch(batch)?)?;
+        s.extents_synced?;
+        s.committing.wait()
     }
 
     /// Commit an encoded batch. Extent bytes and their index rows are synced at the same time,
@@ -300,10 +307,16 @@ impl Vos {
     /// the row if its bytes are not all there (`drop_unsynced_extents`). Such a row was never
     /// acknowledged. Pending rows of synced extents are deleted right after (`settle`).
     fn commit_encoded(&self, e: Encoded) -> Result<(), VosError> {
+        let s = self.submit_and_sync_extents(e)?;
+        let committed = s.committing.wait();
+        self.settle(committed.and(s.extents_synced), s.pending, s.indexing)
+    }
+
+    /// The first half of `commit_encoded`, for blocking and async callers alike: queue the
+    /// batch, then sync its extent files while the lanes commit it.
+    fn submit_and_sync_extents(&self, e: Encoded) -> Result<Submitted, VosError> {
         let committing = self.writer.submit(e.ops, e.punches, e.extent_bytes)?;
-        let synced = sync_touched(&e.touched);
-        let committed = committing.wait();
-        self.settle(committed.and(synced), e.pending, e.indexing)
+        Ok(Submitted { committing, extents_synced: sync_touched(&e.touched), pending: e.pending, indexing: e.indexing })
     }
 
     fn settle(&self, outcome: Result<(), VosError>, pending: Vec<Vec<u8>>, indexing: Vec<(ContId, Oid)>) -> Result<(), VosError> {
@@ -361,14 +374,10 @@ impl Vos {
         let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         // Encode (writing extents), submit, then sync the extent files while the lanes sync the
         // journal (`commit_encoded`), all in one blocking section.
-        let start = || -> Result<_, VosError> {
-            let e = self.encode_batch(batch)?;
-            let committing = self.writer.submit(e.ops, e.punches, e.extent_bytes)?;
-            Ok((committing, sync_touched(&e.touched), e.pending, e.indexing))
-        };
-        let (committing, synced, pending, indexing) = if big && multi { tokio::task::block_in_place(start)? } else { start()? };
-        let committed = committing.wait_async().await;
-        self.settle(committed.and(synced), pending, indexing)
+        let start = || self.encode_batch(batch).and_then(|e| self.submit_and_sync_extents(e));
+        let s = if big && multi { tokio::task::block_in_place(start)? } else { start()? };
+        let committed = s.committing.wait_async().await;
+        self.settle(committed.and(s.extents_synced), s.pending, s.indexing)
     }
 
     /// Check a batch against the limits and turn it into engine rows and punch entries.
