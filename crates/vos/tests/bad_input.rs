@@ -3,6 +3,9 @@
 use strata_types::{ContId, Epoch, Oid};
 use strata_vos::*;
 
+mod common;
+use common::xorshift_bytes;
+
 fn upd(cont: ContId, dkey: &[u8], op: UpdateOp) -> Update {
     Update { cont, oid: Oid::from_u128(1), dkey: dkey.to_vec(), epoch: Epoch(10), op }
 }
@@ -93,15 +96,7 @@ fn a_flipped_byte_on_disk_reads_as_corrupt_never_as_data() {
     let c = ContId::new_random();
     let o = Oid::from_u128(9);
     // A distinctive 64 KiB value, large enough to live in a blob file after a flush.
-    let mut x = 0x9e3779b97f4a7c15u64;
-    let value: Vec<u8> = (0..65536)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let value = xorshift_bytes(0x9e3779b97f4a7c15, 65536);
     {
         let vos = Vos::open(dir.path(), &VosConfig::default()).unwrap();
         vos.update(&[Update { cont: c, oid: o, dkey: b"d".to_vec(), epoch: Epoch(5), op: UpdateOp::Single { akey: b"a".to_vec(), value: value.clone() } }]).unwrap();
@@ -150,17 +145,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn a_read_loads_only_the_versions_it_returns() {
     let dir = tempfile::tempdir().unwrap();
     let (c, o) = (ContId::new_random(), Oid::from_u128(9));
-    let bytes = |seed: u64| -> Vec<u8> {
-        let mut x = seed;
-        (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
+    let bytes = |seed: u64| xorshift_bytes(seed, 65536);
     let (old, new) = (bytes(0x9e3779b97f4a7c15), bytes(0x1234_5678_9abc_def1));
     let put = |vos: &Vos, epoch: u64, data: &[u8], offset: u64| {
         vos.update(&[Update { cont: c, oid: o, dkey: b"d".to_vec(), epoch: Epoch(epoch), op: UpdateOp::Extent { akey: b"a".to_vec(), offset, data: data.to_vec().into() } }]).unwrap();

@@ -8,18 +8,13 @@ use std::path::Path;
 use strata_types::{ContId, Epoch, Oid};
 use strata_vos::*;
 
+mod common;
+use common::xorshift_bytes;
+
 const LEN: usize = 1 << 20;
 
 fn pattern(seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..LEN)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    xorshift_bytes(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1, LEN)
 }
 
 fn extent(cont: ContId, epoch: u64, data: &[u8]) -> Update {
