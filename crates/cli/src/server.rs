@@ -16,10 +16,11 @@ use strata_rpc::{ServerConfig, ServiceKind};
 use strata_types::Rank;
 use tokio::net::TcpListener;
 
-/// Default data-movement import rate per rank while foreground updates are written there (an
-/// idle rank imports unpaced). `strata bench rebuild` (4 ranks, foreground writers
-/// throughout) kept foreground writes at 0.55-0.83x of their rate before the rebuild at 64-128
-/// MiB/s per rank and fell to 0.2-0.47x at 256, once movement stopped being CPU-bound.
+/// Default floor of the data-movement import rate per rank while foreground updates are
+/// written there (`engine::move_pacing`: faster while they stay fast; an idle rank imports
+/// unpaced). As a fixed rate, `strata bench rebuild` (4 ranks, foreground writers throughout)
+/// kept foreground writes at 0.55-0.83x of their rate before the rebuild at 64-128 MiB/s per
+/// rank and fell to 0.2-0.47x at 256.
 const REBUILD_MIB_PER_S_DEFAULT: u64 = 96;
 
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -61,9 +62,10 @@ pub struct Args {
     /// Runtime worker threads.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Most MiB per second this rank imports for rebuild, resync, drain and extension while
-    /// foreground writes are in flight on it (0: no limit; default 96), so foreground I/O stays
-    /// responsive; with no foreground writes, data movement is not paced.
+    /// Least MiB per second this rank imports for rebuild, resync, drain and extension while
+    /// foreground writes are in flight on it (0: never paced; default 96): faster as long as
+    /// foreground writes stay fast, slower (down to this) when imports slow them; with no
+    /// foreground writes, data movement is not paced.
     #[arg(long)]
     pub rebuild_mib_per_s: Option<u64>,
     /// Time between background aggregation passes, which merge away versions no reader needs

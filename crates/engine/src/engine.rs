@@ -26,9 +26,11 @@ mod space_guard;
 mod import_batch;
 #[path = "background_threads.rs"]
 mod background_threads;
+#[path = "move_pacing.rs"]
+mod move_pacing;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
-/// An import may wait at its destination for the rate it is paced to there (`MoveThrottle`):
+/// An import may wait at its destination for the rate it is paced to there (`move_pacing`):
 /// a few 16 MiB messages from each source at the default 96 MiB/s take seconds.
 const IMPORT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -39,49 +41,14 @@ pub struct EngineConfig {
     pub targets: u16,
     pub cluster: String,
     pub vos: VosConfig,
-    /// Most bytes per second of rebuild, resync, drain and extension this rank imports while
-    /// foreground updates are being written on it (0: no limit); unpaced otherwise (see
-    /// `MoveThrottle`).
+    /// Least bytes per second of rebuild, resync, drain and extension this rank imports while
+    /// foreground updates are being written on it: faster while they stay fast, down to this
+    /// when imports slow them (0: never paced); unpaced while none are (see `move_pacing`).
     pub rebuild_bytes_per_s: u64,
     pub aggregation: aggregation::AggregationConfig,
     /// New data is refused (`NoSpace`) while the file system under `dir` has less free (0: no
     /// reserve); see `space_guard`.
     pub space_reserve_bytes: u64,
-}
-
-/// Paces the data movement a rank imports, but only while foreground updates are being written
-/// there (in flight, or one ended less than `FOREGROUND_RECENT` ago): an idle rank imports as
-/// fast as its disk and CPU go, a busy one at most `bytes_per_s` (like DAOS's rebuild
-/// throttle or Ceph's recovery limits, which apply while client I/O competes). Each import
-/// reserves its share of the rate and waits for its turn.
-struct MoveThrottle {
-    bytes_per_s: u64,
-    next_free: tokio::sync::Mutex<tokio::time::Instant>,
-}
-
-/// How long after a foreground update a rank still counts as busy: the gap between one
-/// client's consecutive writes, so a closed-loop writer is not mistaken for an idle rank.
-const FOREGROUND_RECENT: Duration = Duration::from_millis(50);
-
-impl MoveThrottle {
-    async fn take(&self, bytes: u64, foreground_busy: bool) {
-        if self.bytes_per_s == 0 {
-            return;
-        }
-        let start = {
-            let mut next = self.next_free.lock().await;
-            let now = tokio::time::Instant::now();
-            if !foreground_busy {
-                // Unpaced, and no debt carried into the next busy period.
-                *next = now;
-                return;
-            }
-            let start = (*next).max(now);
-            *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
-            start
-        };
-        tokio::time::sleep_until(start).await;
-    }
 }
 
 struct PoolView {
@@ -119,8 +86,9 @@ struct Admitted<'a> {
     inflight: &'a Inflight,
     done: &'a tokio::sync::Notify,
     key: (PoolId, u64),
-    /// When the last foreground update ended (`Engine::foreground_busy`).
-    last_end: &'a std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Told how long each update took (`move_pacing`).
+    pacer: &'a move_pacing::MovePacer,
+    started: tokio::time::Instant,
 }
 
 impl Drop for Admitted<'_> {
@@ -133,7 +101,7 @@ impl Drop for Admitted<'_> {
             }
         }
         drop(m);
-        *self.last_end.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+        self.pacer.foreground_done(self.started.elapsed());
         self.done.notify_waiters();
     }
 }
@@ -143,9 +111,8 @@ impl Drop for Admitted<'_> {
 const OLDER_UPDATES_WAIT: Duration = Duration::from_secs(30);
 
 pub struct Engine {
-    throttle: MoveThrottle,
-    /// When the last foreground update on this rank ended (see `MoveThrottle`).
-    foreground_last_end: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Paces imports by what they do to foreground updates here.
+    pacer: move_pacing::MovePacer,
     /// Buffers of the import messages data movement builds (`import_batch`).
     page_buffers: Arc<strata_rpc::buffer_pool::BufferPool>,
     /// Where data movement's disk and copy work runs, below foreground priority.
@@ -232,8 +199,7 @@ impl Engine {
             targets.push(Arc::new(Vos::open(&dir, &cfg.vos).map_err(|e| e.to_string())?));
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
-        let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, foreground_last_end: Default::default(), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), extension_conflicts: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes) })
+        Ok(Engine { pacer: move_pacing::MovePacer::new(cfg.rebuild_bytes_per_s), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), extension_conflicts: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes) })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -331,7 +297,7 @@ impl Engine {
     async fn admit(&self, pool: PoolId, version: u64) -> Result<(Arc<PoolView>, Admitted<'_>), RemoteError> {
         let view = self.view(pool, version).await?;
         *self.inflight.lock().unwrap_or_else(|e| e.into_inner()).entry((pool, version)).or_default() += 1;
-        let guard = Admitted { inflight: &self.inflight, done: &self.inflight_done, key: (pool, version), last_end: &self.foreground_last_end };
+        let guard = Admitted { inflight: &self.inflight, done: &self.inflight_done, key: (pool, version), pacer: &self.pacer, started: tokio::time::Instant::now() };
         // A newer map installed between the check and the count: the pass may not have seen
         // this update, so it must not run.
         let now = self.pools.read().unwrap_or_else(|e| e.into_inner()).get(&pool).map(|v| v.map.version);
@@ -341,16 +307,11 @@ impl Engine {
         Ok((view, guard))
     }
 
-    /// Whether foreground updates are being written on this rank: one is in flight, or one
-    /// ended less than `FOREGROUND_RECENT` ago.
-    fn foreground_busy(&self) -> bool {
-        let recent = self.foreground_last_end.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < FOREGROUND_RECENT);
-        recent || !self.inflight.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
-    }
-
-    /// Wait for this rank's turn to import `bytes` of moved data (see `MoveThrottle`).
-    async fn pace_import(&self, bytes: u64) {
-        self.throttle.take(bytes, self.foreground_busy()).await
+    /// Wait for this rank's turn to import `bytes` of moved data (`move_pacing`); the import
+    /// counts as under way until the returned guard drops.
+    async fn pace_import(&self, bytes: u64) -> move_pacing::Importing<'_> {
+        let in_flight = !self.inflight.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+        self.pacer.take(bytes, in_flight).await
     }
 
     /// Wait until no update admitted under a map older than `version` is still writing.
@@ -1169,7 +1130,7 @@ impl Engine {
     async fn encoded_page(vos: &Arc<Vos>, cont: strata_types::ContId, oid: strata_types::Oid, after: Option<Vec<u8>>, keep: Arc<dyn Fn(strata_vos::RecordRef<'_>) -> bool + Send + Sync>) -> Result<(Bytes, strata_vos::ExportedPage), RemoteError> {
         let v = vos.clone();
         on_blocking_pool(move || {
-            let mut sink = RecordsSink(strata_rpc::records::Writer::with_capacity(EXPORT_PAGE_BYTES + PAGE_SLACK_BYTES));
+            let mut sink = import_batch::ImportSink(strata_rpc::records::Writer::with_capacity(EXPORT_PAGE_BYTES + PAGE_SLACK_BYTES));
             let page = v.export_object_page_to(cont, oid, after.as_deref(), EXPORT_PAGE_BYTES, &*keep, &mut sink)?;
             Ok((Bytes::from(sink.0.finish()), page))
         })
@@ -1183,7 +1144,7 @@ impl Engine {
         }
         let pool = view.map_pool_id;
         if t.rank == self.rank {
-            self.pace_import(page.bytes).await;
+            let _importing = self.pace_import(page.bytes).await;
             let vos = self.target(t)?.clone();
             let records = strata_rpc::records::decode(&payload).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
             self.on_movement_threads(move || {
@@ -1215,9 +1176,7 @@ impl Engine {
     async fn import_to(&self, view: &PoolView, t: TargetId, records: &[&strata_vos::RawRecord], id: u64) -> Result<(), RemoteError> {
         let pool = view.map_pool_id;
         let bytes: u64 = records.iter().map(|r| (r.key.len() + r.value.len()) as u64).sum();
-        if t.rank == self.rank {
-            self.pace_import(bytes).await;
-        }
+        let _importing = if t.rank == self.rank { Some(self.pace_import(bytes).await) } else { None };
         self.import_raw(view, t, records).await?;
         self.moved_records.fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.moved_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
@@ -1457,7 +1416,7 @@ impl Handler for Engine {
             EngineReq::Import { pool, map_version, target } => {
                 self.admit_bytes(&payload)?;
                 self.view(pool, map_version).await?;
-                self.pace_import(payload.len() as u64).await;
+                let _importing = self.pace_import(payload.len() as u64).await;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
                 // Keys and values stay slices of the request's payload until VOS writes them.
                 let records = strata_rpc::records::decode(&payload).map_err(|e| rerr(ErrorCode::InvalidArgument, format!("import records: {e}")))?;
@@ -1512,35 +1471,5 @@ impl Handler for Engine {
             }
             EngineReq::Stats => Ok((EngineResp::Stats(self.stats()), Bytes::new())),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// On tokio's paused clock: the check is on virtual time, deterministic on any machine.
-    #[tokio::test(start_paused = true)]
-    async fn imports_are_paced_only_while_foreground_updates_are_written() {
-        let t = MoveThrottle { bytes_per_s: 10 << 20, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        let start = tokio::time::Instant::now();
-        for _ in 0..4 {
-            t.take(5 << 20, true).await;
-        }
-        // 20 MiB at 10 MiB/s: the fourth import may start only after 1.5 s of budget is used.
-        assert!(start.elapsed() >= Duration::from_millis(1500), "imported too fast: {:?}", start.elapsed());
-        assert!(start.elapsed() < Duration::from_millis(1600), "paced slower than the rate: {:?}", start.elapsed());
-        let idle = tokio::time::Instant::now();
-        for _ in 0..4 {
-            t.take(5 << 20, false).await;
-        }
-        assert_eq!(idle.elapsed(), Duration::ZERO, "no foreground: no pacing, and no debt from the busy period");
-        let busy_again = tokio::time::Instant::now();
-        t.take(5 << 20, true).await;
-        assert_eq!(busy_again.elapsed(), Duration::ZERO, "the first import of a busy period starts at once");
-        let unlimited = MoveThrottle { bytes_per_s: 0, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        let s2 = tokio::time::Instant::now();
-        unlimited.take(1 << 30, true).await;
-        assert_eq!(s2.elapsed(), Duration::ZERO, "0 means no limit");
     }
 }

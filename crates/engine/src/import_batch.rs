@@ -4,7 +4,7 @@
 //! destination) and a few thread hand-offs per object: with 1 MiB objects most of the pass
 //! was that overhead, not moving bytes. Here the groups bound for the same destinations are
 //! exported, object after object, into one message (`Batch`) until it holds
-//! `EXPORT_PAGE_BYTES` or `BATCH_RECORDS_MAX` records, and one blocking-pool trip fills
+//! `BATCH_BYTES` or `BATCH_RECORDS_MAX` records, and one blocking-pool trip fills
 //! messages for a whole page of the walk. A full message goes to its destinations while the
 //! next one fills; at most `MOVE_OBJECTS_IN_FLIGHT` messages (or EC objects, which still move
 //! one at a time through `move_object`) are on their way at once. A large object simply spans
@@ -16,21 +16,51 @@ use super::*;
 use futures::StreamExt;
 
 /// Records per import message: bounds the destination's index work per commit for objects of
-/// many small records (`EXPORT_PAGE_BYTES` bounds its bytes).
+/// many small records (`BATCH_BYTES` bounds its bytes).
 const BATCH_RECORDS_MAX: u64 = 4096;
 
 /// Messages being filled at once (one per set of destinations); past it the fullest is sent
 /// early, so memory stays bounded with many targets.
-const BATCHES_OPEN_MAX: usize = 6;
+const BATCHES_OPEN_MAX: usize = 4;
+
+/// Bytes of records per import message. Every buffer a pass holds at once (open messages and
+/// those on their way, at each end) is memory the kernel zeroes on first touch, and in a pass
+/// moving a few hundred MiB per rank most buffers are touched once or twice: with 16 MiB
+/// messages and 6 open, that zeroing (and the page faults) was up to a third of the engines'
+/// CPU by perf. 8 MiB still makes the per-message costs (a round trip, two syncs) small.
+const BATCH_BYTES: usize = 8 << 20;
+const _: () = assert!(BATCH_BYTES <= EXPORT_PAGE_BYTES);
+
+/// The first message of a pass goes once it holds this much: with several destinations'
+/// messages filling at once, waiting for one to hold `BATCH_BYTES` left the network and the
+/// destinations idle for the first tenths of a second (a good part of `strata bench rebuild`'s
+/// start-up, which counts in its rate).
+const EAGER_BATCH_BYTES: usize = 1 << 20;
+const _: () = assert!(EAGER_BATCH_BYTES <= BATCH_BYTES);
 
 /// The engine's buffer pool for these messages keeps every buffer a pass uses at once (those
 /// being filled and those on their way), so none is allocated fresh after the first ones
 /// (`strata_rpc::buffer_pool`); it is emptied when the pass ends.
-pub(super) const BUFFERS_KEPT_BYTES: usize = (BATCHES_OPEN_MAX + MOVE_OBJECTS_IN_FLIGHT) * (EXPORT_PAGE_BYTES + PAGE_SLACK_BYTES).next_multiple_of(64 << 10);
+pub(super) const BUFFERS_KEPT_BYTES: usize = (BATCHES_OPEN_MAX + MOVE_OBJECTS_IN_FLIGHT) * (BATCH_BYTES + PAGE_SLACK_BYTES).next_multiple_of(64 << 10);
+
+/// An import message as the object store's export writes it. Its values are all verified where
+/// they land (`Vos::import_refs` checks each against its record header), so the export reads
+/// extents without hashing them (`RecordSink::receiver_verifies`).
+pub(super) struct ImportSink(pub(super) strata_rpc::records::Writer);
+
+impl strata_vos::RecordSink for ImportSink {
+    fn record(&mut self, punch: bool, key: &[u8], value_len: usize) -> &mut Vec<u8> {
+        self.0.record(punch, key, value_len)
+    }
+
+    fn receiver_verifies(&self) -> bool {
+        true
+    }
+}
 
 /// One import message being filled for a set of destinations.
 pub(super) struct Batch {
-    sink: RecordsSink,
+    sink: ImportSink,
     records: u64,
     bytes: u64,
     /// Objects whose last rows are in this message.
@@ -39,12 +69,14 @@ pub(super) struct Batch {
 
 impl Batch {
     fn new(buffers: &strata_rpc::buffer_pool::BufferPool) -> Batch {
-        let buf = buffers.take(EXPORT_PAGE_BYTES + PAGE_SLACK_BYTES);
-        Batch { sink: RecordsSink(strata_rpc::records::Writer::with_buffer(buf)), records: 0, bytes: 0, objects_ended: 0 }
+        let buf = buffers.take(BATCH_BYTES + PAGE_SLACK_BYTES);
+        Batch { sink: ImportSink(strata_rpc::records::Writer::with_buffer(buf)), records: 0, bytes: 0, objects_ended: 0 }
     }
 
-    fn full(&self) -> bool {
-        self.bytes >= EXPORT_PAGE_BYTES as u64 || self.records >= BATCH_RECORDS_MAX
+    /// Whether the message should go now: it holds `full_bytes` (`BATCH_BYTES`, or less for the
+    /// first of a pass) or `BATCH_RECORDS_MAX` records.
+    fn full(&self, full_bytes: usize) -> bool {
+        self.bytes >= full_bytes as u64 || self.records >= BATCH_RECORDS_MAX
     }
 }
 
@@ -72,7 +104,7 @@ struct Filled {
 
 /// Export the planned replicated groups of `page[cursor..]` into `batches` until one is full
 /// or the page ends. Runs on the blocking pool.
-fn fill(view: &PoolView, buffers: &strata_rpc::buffer_pool::BufferPool, since: Epoch, page: &[StoredObject], mut cursor: FillCursor, mut batches: Batches) -> Result<Filled, VosError> {
+fn fill(view: &PoolView, buffers: &strata_rpc::buffer_pool::BufferPool, since: Epoch, page: &[StoredObject], mut cursor: FillCursor, mut batches: Batches, full_bytes: usize) -> Result<Filled, VosError> {
     let mut single = Vec::new();
     while let Some(o) = page.get(cursor.object) {
         let layout = match view.placement.layout(o.oid) {
@@ -93,7 +125,7 @@ fn fill(view: &PoolView, buffers: &strata_rpc::buffer_pool::BufferPool, since: E
                 return Ok(Filled { batches, cursor, single, ready: Some((fullest, b)) });
             }
             let batch = batches.entry(dests.clone()).or_insert_with(|| Batch::new(buffers));
-            let budget = (EXPORT_PAGE_BYTES as u64).saturating_sub(batch.bytes).max(1) as usize;
+            let budget = (BATCH_BYTES as u64).saturating_sub(batch.bytes).max(1) as usize;
             let exported = o.vos.export_object_page_to(o.cont, o.oid, cursor.after.as_deref(), budget, &keep, &mut batch.sink)?;
             batch.records += exported.records;
             batch.bytes += exported.bytes;
@@ -104,7 +136,7 @@ fn fill(view: &PoolView, buffers: &strata_rpc::buffer_pool::BufferPool, since: E
                     batch.objects_ended += 1;
                 }
             }
-            if batch.full() {
+            if batch.full(full_bytes) {
                 if cursor.group == plan.len() {
                     cursor = FillCursor { object: cursor.object + 1, ..Default::default() };
                 }
@@ -122,7 +154,7 @@ impl Engine {
     pub(super) async fn rebuild_batched(&self, view: &Arc<PoolView>, since: Epoch, walk: &mut ObjectWalk) -> Result<u64, RemoteError> {
         type Moving<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, RemoteError>> + Send + 'a>>;
         let mut inflight: futures::stream::FuturesUnordered<Moving<'_>> = futures::stream::FuturesUnordered::new();
-        let mut pushed = 0u64;
+        let (mut pushed, mut sent) = (0u64, 0u64);
         let mut batches = Batches::new();
         // Kept buffers are dropped when the pass ends, however it ends.
         struct Release<'a>(&'a strata_rpc::buffer_pool::BufferPool);
@@ -142,7 +174,8 @@ impl Engine {
                     }
                 }
                 let (v, p, buffers) = (view.clone(), page.clone(), self.page_buffers.clone());
-                let step = self.on_movement_threads(move || fill(&v, &buffers, since, &p, cursor, batches));
+                let full_bytes = if sent == 0 { EAGER_BATCH_BYTES } else { BATCH_BYTES };
+                let step = self.on_movement_threads(move || fill(&v, &buffers, since, &p, cursor, batches, full_bytes));
                 tokio::pin!(step);
                 // Messages already on their way keep going while the next one fills.
                 let filled = loop {
@@ -156,7 +189,10 @@ impl Engine {
                     inflight.push(Box::pin(self.move_object(view, PassKind::Rebuild, page[i].clone())));
                 }
                 match filled.ready {
-                    Some((dests, b)) => inflight.push(Box::pin(self.send_batch(view, dests, b))),
+                    Some((dests, b)) => {
+                        sent += 1;
+                        inflight.push(Box::pin(self.send_batch(view, dests, b)));
+                    }
                     None => break,
                 }
             }

@@ -212,6 +212,14 @@ pub trait RecordSink {
     /// A record follows: frame `punch`, `key` and a value of `value_len` bytes, and return the
     /// buffer exactly `value_len` value bytes are then appended to.
     fn record(&mut self, punch: bool, key: &[u8], value_len: usize) -> &mut Vec<u8>;
+
+    /// Whether every value is verified against its record header where it lands (a rebuild
+    /// import does: `Vos::import_refs`). Then an extent read from an extent file is not hashed
+    /// here: its header is built from the stored checksum, so bytes damaged on this disk are
+    /// refused by the receiver.
+    fn receiver_verifies(&self) -> bool {
+        false
+    }
 }
 
 /// What [`Vos::export_object_page_to`] wrote.
