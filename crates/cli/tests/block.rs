@@ -277,6 +277,12 @@ fn one_writer_per_volume_and_bad_requests_are_refused() {
     }
     let c = block_cluster(&[]);
     c.json(&["block", "create", "tank/blk", "vol", "64M"]);
+    // Capacity is checked against the pool, at create and at resize, with the numbers.
+    let e = c.fails(&["block", "create", "tank/blk", "huge", "64T"]);
+    assert!(e.contains("needs") && e.contains("of raw space") && e.contains("pool 'tank'"), "{e}");
+    let e = c.fails(&["block", "resize", "tank/blk", "vol", "64T"]);
+    assert!(e.contains("of raw space"), "{e}");
+    assert_eq!(c.json(&["block", "info", "tank/blk", "vol"])["size_bytes"], 64 << 20, "a refused resize leaves the size alone");
     let a = NbdServer::start(&c, &["tank/blk", "vol", "--lease-ttl-ms", "3000"]);
     let mut b = NbdServer::start(&c, &["tank/blk", "vol", "--lease-ttl-ms", "3000"]);
     let ro = NbdServer::start(&c, &["tank/blk", "vol", "--read-only"]);
