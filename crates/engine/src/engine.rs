@@ -31,7 +31,7 @@ mod move_pacing;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// An import may wait at its destination for the rate it is paced to there (`move_pacing`):
-/// a few 16 MiB messages from each source at the default 96 MiB/s take seconds.
+/// a few messages from each source at the floor rate take seconds.
 const IMPORT_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
