@@ -100,11 +100,21 @@ struct CacheUse {
 }
 
 #[derive(Serialize)]
+struct PayloadBuffers {
+    reused: u64,
+    allocated: u64,
+    released_past_bound: u64,
+}
+
+#[derive(Serialize)]
 struct Report {
     size_bytes: u64,
     cache_clean_bytes_max: u64,
     cache_dirty_bytes_max: u64,
     read_cache: Vec<CacheUse>,
+    /// Receive buffers of the NBD server over the run: reused from the pool, newly allocated,
+    /// and dropped because the pool was at its bound (many drops = the bound is too small).
+    payload_buffers: PayloadBuffers,
     duration_secs: u64,
     rounds: usize,
     rows: Vec<Row>,
@@ -274,8 +284,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // Taken while the volumes are still open (their caches go with them).
     let read_cache: Vec<CacheUse> = rt.block_on(exports.read_cache_stats()).into_iter().map(|(volume, hits, misses, bytes)| CacheUse { volume, hits, misses, bytes }).collect();
     rt.block_on(exports.release_all());
-    let (reused, allocated, dropped) = strata_block::payload_pool::shared().counts();
-    eprintln!("payload buffers: {reused} reused, {allocated} allocated, {dropped} released past the bound");
+    let (reused, allocated, released_past_bound) = strata_block::payload_pool::shared().counts();
+    let payload_buffers = PayloadBuffers { reused, allocated, released_past_bound };
     let med = |v: &[Figure]| -> Figure {
         let m = fio::median(v.iter().map(|f| f.value).collect());
         Figure { value: m, unit: v[0].unit, server_cpu_secs: fio::median(v.iter().map(|f| f.server_cpu_secs).collect()) }
@@ -300,7 +310,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let report = Report { size_bytes: size, cache_clean_bytes_max: clean_max, cache_dirty_bytes_max: dirty_max, read_cache, duration_secs: a.duration, rounds: a.rounds, rows };
+    let report = Report { size_bytes: size, cache_clean_bytes_max: clean_max, cache_dirty_bytes_max: dirty_max, read_cache, payload_buffers, duration_secs: a.duration, rounds: a.rounds, rows };
     emit(a.conn.json, &report, |r| {
         println!("strata bench block: fio nbd engine, iodepth 16, {} volumes, {} s x {} rounds (medians; ratio = median of per-round ratios)", strata_types::human_bytes(r.size_bytes), r.duration_secs, r.rounds);
         println!("read caches: nbdkit file = the kernel page cache (all of its file); strata = {} of clean chunks per volume", strata_types::human_bytes(r.cache_clean_bytes_max));
@@ -315,5 +325,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let total = (c.hits + c.misses).max(1);
             println!("read cache of {}: {} chunk hits, {} misses ({:.0}% hits over the whole run, fills included), {} held", c.volume, c.hits, c.misses, 100.0 * c.hits as f64 / total as f64, strata_types::human_bytes(c.bytes));
         }
+        let b = &r.payload_buffers;
+        println!("receive buffers: {} reused, {} allocated, {} released past the pool's bound", b.reused, b.allocated, b.released_past_bound);
     })
 }

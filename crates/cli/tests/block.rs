@@ -277,6 +277,12 @@ fn one_writer_per_volume_and_bad_requests_are_refused() {
     }
     let c = block_cluster(&[]);
     c.json(&["block", "create", "tank/blk", "vol", "64M"]);
+    // Capacity is checked against the pool, at create and at resize, with the numbers.
+    let e = c.fails(&["block", "create", "tank/blk", "huge", "64T"]);
+    assert!(e.contains("needs") && e.contains("of raw space") && e.contains("pool 'tank'"), "{e}");
+    let e = c.fails(&["block", "resize", "tank/blk", "vol", "64T"]);
+    assert!(e.contains("of raw space"), "{e}");
+    assert_eq!(c.json(&["block", "info", "tank/blk", "vol"])["size_bytes"], 64 << 20, "a refused resize leaves the size alone");
     let a = NbdServer::start(&c, &["tank/blk", "vol", "--lease-ttl-ms", "3000"]);
     let mut b = NbdServer::start(&c, &["tank/blk", "vol", "--lease-ttl-ms", "3000"]);
     let ro = NbdServer::start(&c, &["tank/blk", "vol", "--read-only"]);
@@ -483,13 +489,34 @@ fn a_snapshot_is_one_instant_of_a_volume_under_writes() {
     use std::sync::Arc;
     use std::time::Instant;
     // Writers on their own NBD connections to one server (multi-conn), each writing
-    // sequence-numbered blocks round-robin over its own slots, while another process snapshots.
+    // sequence-numbered blocks round-robin over its own slots, while fio writes the other half
+    // of the volume through its nbd engine and another process snapshots.
     const WRITERS: u64 = 4;
     const SLOTS: u64 = 64;
     const SLOT_BYTES: u64 = 16 << 10;
+    const FIO_AT: u64 = WRITERS * SLOTS * SLOT_BYTES;
+    if !have("fio") {
+        return;
+    }
     let c = block_cluster(&[]);
+    const _: () = assert!(2 * FIO_AT == 8 << 20);
     c.json(&["block", "create", "tank/blk", "seq", "8M"]);
     let srv = NbdServer::start(&c, &["tank/blk", "seq"]);
+    let fio_dir = c.dir.path().join("fio-load");
+    std::fs::create_dir_all(&fio_dir).unwrap();
+    let mut fio = Command::new("fio")
+        .args(["--name=load", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=8", "--time_based", "--runtime=300"])
+        .arg(format!("--offset={FIO_AT}"))
+        .arg(format!("--size={FIO_AT}"))
+        .arg(format!("--uri={}", srv.uri("seq")))
+        .current_dir(&fio_dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("starting fio");
+    // fio's writes are landing (its half of the volume is no longer all zeros).
+    let mut probe = RawNbd::connect(&srv.addr, "seq").unwrap();
+    poll("fio's writes to land", Duration::from_secs(60), || probe.read(FIO_AT, FIO_AT as u32).ok()?.ok()?.iter().any(|b| *b != 0).then_some(()));
+    probe.disconnect();
     let slot_off = |t: u64, k: u64| (t * SLOTS + k) * SLOT_BYTES;
     let content = |t: u64, i: u64| -> Vec<u8> { (0..256).flat_map(|_| t.to_be_bytes().into_iter().chain(i.to_be_bytes())).collect() };
     let stop = Arc::new(AtomicBool::new(false));
@@ -519,9 +546,12 @@ fn a_snapshot_is_one_instant_of_a_volume_under_writes() {
     let snap_start = Instant::now();
     c.json(&["block", "snapshot", "tank/blk", "seq@mid"]);
     let snap_end = Instant::now();
+    assert!(fio.try_wait().unwrap().is_none(), "fio stopped before the snapshot was taken");
     let after = total.load(Ordering::Relaxed);
     poll("writes after the snapshot", Duration::from_secs(60), || (total.load(Ordering::Relaxed) >= after + 200).then_some(()));
     stop.store(true, Ordering::Relaxed);
+    let _ = fio.kill();
+    let _ = fio.wait();
     let logs: Vec<Vec<(u64, Instant, Instant)>> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     // Read the snapshot back through the same server (VOLUME@SNAPSHOT is exported read-only).
     let mut r = RawNbd::connect(&srv.addr, "seq@mid").unwrap();

@@ -1,6 +1,7 @@
 //! Self-healing with real processes: erasure-coded and replicated objects are rebuilt after a
 //! SIGKILLed rank (EC cells decoded from k survivors), so later failures within the redundancy
-//! lose nothing, also when a rank dies while rebuild runs; scrub finds a corrupted replica and repairs it.
+//! lose nothing, also when a rank dies while rebuild runs (and a third after that); scrub finds a
+//! corrupted replica and repairs it.
 
 mod common;
 
@@ -161,21 +162,111 @@ fn rebuild_decodes_ec_cells_so_failures_within_the_redundancy_lose_nothing() {
     }
 }
 
+/// What reading back every object of a class found, where some may be lost (more failures
+/// than the class survives before its rebuild finished).
+#[derive(Debug, Default)]
+struct Readback {
+    exact: usize,
+    /// Reads that failed with an error.
+    errors: usize,
+    /// Single values that read as absent, arrays whose bytes read as a hole (none written).
+    absent: usize,
+    /// Reads that returned bytes other than the ones written: never allowed.
+    wrong: Vec<String>,
+}
+
+async fn read_back(objs: &[ObjHandle], class: usize) -> Readback {
+    let out = Arc::new(std::sync::Mutex::new(Readback::default()));
+    let o2 = out.clone();
+    in_batches(objs, move |i, o| {
+        let out = o2.clone();
+        async move {
+            let single = o.get(b"d", b"a").await;
+            let array = if i < WITH_EXTENT {
+                let (off, data) = extent(class, i);
+                Some((o.read(b"arr", b"x", off, data.len() as u64, strata_types::Epoch::MAX).await, off, data))
+            } else {
+                None
+            };
+            let mut r = out.lock().unwrap();
+            let mut ok = true;
+            match single {
+                Ok(Some(v)) if v == value(class, i) => {}
+                Ok(Some(_)) => r.wrong.push(format!("object {i} ({}): other single value", o.oid)),
+                Ok(None) => (r.absent, ok) = (r.absent + 1, false),
+                Err(_) => (r.errors, ok) = (r.errors + 1, false),
+            }
+            match array {
+                Some((Ok((got, _)), _, data)) if got == data => {}
+                // A read names the bytes that were written (`written`); the rest is a hole and
+                // reads as zeros. Bytes it calls written must be the right ones.
+                Some((Ok((got, written)), off, data)) => {
+                    let wrong_written = written.iter().any(|(s, l)| (*s..s + l).any(|x| got[(x - off) as usize] != data[(x - off) as usize]));
+                    let covered: u64 = written.iter().map(|(_, l)| l).sum();
+                    if wrong_written || got.iter().enumerate().any(|(j, b)| *b != 0 && !written.iter().any(|(s, l)| (*s..s + l).contains(&(off + j as u64)))) {
+                        r.wrong.push(format!("object {i} ({}): other array bytes ({covered} of {} called written)", o.oid, data.len()));
+                    } else {
+                        (r.absent, ok) = (r.absent + 1, false);
+                    }
+                }
+                Some((Err(_), _, _)) => (r.errors, ok) = (r.errors + 1, false),
+                None => {}
+            }
+            if ok {
+                r.exact += 1;
+            }
+        }
+    })
+    .await;
+    Arc::try_unwrap(out).unwrap().into_inner().unwrap()
+}
+
+/// Rebuild progress of the current map version has moved some bytes but not all, and the map
+/// still has the failure pending (its targets `Down`): the pass is provably under way.
+fn rebuild_midway(c: &Cluster) -> Option<serde_json::Value> {
+    let q = c.json(&["pool", "query", "tank"]);
+    let g = &q["progress"];
+    let n = |f: &str| g[f].as_u64().unwrap_or(0);
+    let pending = states_in(&q).iter().any(|s| s == "Down");
+    (pending && g["state"] == "rebuilding" && g["version"] == q["map"]["version"] && n("bytes_done") > 0 && n("bytes_done") < n("bytes_total")).then(|| g.clone())
+}
+
 #[test]
 fn a_failure_during_ec_rebuild_restarts_it_on_the_newer_map() {
     let c = Cluster::start(&["--ranks", "6", "--heartbeat-timeout-ms", "1500"]);
+    unsafe { std::env::set_var("STRATA_CLUSTER", c.cluster_file()) };
     let rt = runtime();
-    let objs = setup(&c, &rt, 600);
+    let objs = setup(&c, &rt, 5000);
     let per_rank = target_states(&c).len() / 6;
 
     c.kill9_rank_dir(1);
-    poll("the first failure to be noticed", Duration::from_secs(10), || noticed(&c));
+    let g = poll("the first rebuild to be part way", Duration::from_secs(60), || rebuild_midway(&c));
+    // The second failure, while that pass moves data; excluding the rank at once (as an
+    // operator would) rather than waiting out the heartbeat timeout keeps the window small.
     c.kill9_rank_dir(2);
-    poll("rebuild of both failures", Duration::from_secs(180), || settled(&c, 2 * per_rank));
-    // Two simultaneous failures are within the redundancy of RP_3 and EC_4P2 (not of RP_2 or
-    // EC_2P1, which may have lost both copies of some objects).
+    c.json(&["pool", "exclude", "tank", "--rank", &c.rank_of_dir(2).to_string()]);
+    let s = target_states(&c);
+    assert_eq!(s.iter().filter(|x| *x == "Down").count(), 2 * per_rank, "the first rebuild finished before the second failure (progress then: {g}); states {s:?}");
+    eprintln!("second failure during the first rebuild at {g}");
+    poll("rebuild of both failures", Duration::from_secs(300), || settled(&c, 2 * per_rank));
+    // Two failures are within the redundancy of RP_3 and EC_4P2.
     for class in [1, 3] {
         rt.block_on(check_all(&objs[class], class, "two failures during rebuild"));
+    }
+    // RP_2 and EC_2P1 may have lost the objects whose both failed shards were not rebuilt yet;
+    // what they read must be right, fail, or read as absent (a hole), never other bytes. (That
+    // lost data reads as absent rather than failing is a known gap: nothing records that a
+    // group's last copies went before its rebuild finished.)
+    for class in [0, 2] {
+        let r = rt.block_on(read_back(&objs[class], class));
+        eprintln!("{} after two failures during rebuild: {} objects exact; {} reads failed, {} read as absent", CLASSES[class], r.exact, r.errors, r.absent);
+        assert!(r.wrong.is_empty(), "{}: {} objects read back other bytes, e.g. {:?}", CLASSES[class], r.wrong.len(), &r.wrong[..r.wrong.len().min(5)]);
+    }
+    c.kill9_rank_dir(3);
+    poll("the third failure to be noticed", Duration::from_secs(10), || noticed(&c));
+    poll("rebuild of the third failure", Duration::from_secs(300), || settled(&c, 3 * per_rank));
+    for class in [1, 3] {
+        rt.block_on(check_all(&objs[class], class, "a third failure after two during rebuild"));
     }
 }
 
