@@ -53,6 +53,9 @@ pub struct Args {
     /// The strata mount's own read-ahead window per sequential reader, MiB.
     #[arg(long, default_value_t = MountOptions::default().read_ahead_window >> 20)]
     read_ahead_window_mib: u64,
+    /// File data the strata mount keeps in memory (read, read ahead and written), MiB.
+    #[arg(long, default_value_t = MountOptions::default().read_cache_bytes >> 20)]
+    cache_mib: u64,
     /// Mount without directory leases (every metadata change committed before it returns).
     #[arg(long)]
     no_leases: bool,
@@ -243,7 +246,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })?;
     let mp = std::env::temp_dir().join(format!("strata-bench-fs-{}", std::process::id()));
     std::fs::create_dir_all(&mp)?;
-    let opts = MountOptions { kernel_ttl: Duration::ZERO, fsname: format!("strata:{}", a.volume), dir_leases: !a.no_leases, threads: a.mount_threads.clamp(1, 64), read_ahead_kb: a.read_ahead_kb, read_ahead_window: a.read_ahead_window_mib.clamp(1, 64) << 20, ..Default::default() };
+    let opts = MountOptions { kernel_ttl: Duration::ZERO, fsname: format!("strata:{}", a.volume), dir_leases: !a.no_leases, threads: a.mount_threads.clamp(1, 64), read_ahead_kb: a.read_ahead_kb, read_ahead_window: a.read_ahead_window_mib.clamp(1, 64) << 20, read_cache_bytes: a.cache_mib.min(1 << 20) << 20, ..Default::default() };
     let fs = StrataFs::new(rt.handle().clone(), vol.ns.clone(), vol.data.clone(), opts);
     let (tx, rx) = std::sync::mpsc::channel();
     let mp2 = mp.clone();

@@ -31,6 +31,8 @@ pub enum MountOpt {
     KernelTtl(f64),
     /// Take no directory leases: every metadata change is committed before it returns.
     NoLeases,
+    /// File data the mount keeps in memory (read, read ahead and written), MiB.
+    CacheMib(u64),
 }
 
 fn parse_mount_opt(s: &str) -> Result<MountOpt, String> {
@@ -39,8 +41,9 @@ fn parse_mount_opt(s: &str) -> Result<MountOpt, String> {
         None if s == "rw" => Ok(MountOpt::ReadWrite),
         None if s == "allow_other" => Ok(MountOpt::AllowOther),
         None if s == "noleases" => Ok(MountOpt::NoLeases),
+        Some(("cache_mib", v)) => v.parse::<u64>().ok().filter(|v| *v <= 1 << 20).map(MountOpt::CacheMib).ok_or_else(|| format!("'{s}': cache size must be 0..=1048576 MiB")),
         Some(("attr_timeout" | "entry_timeout", v)) => v.parse::<f64>().ok().filter(|v| *v >= 0.0 && *v <= 3600.0).map(MountOpt::KernelTtl).ok_or_else(|| format!("'{s}': timeout must be 0..=3600 seconds")),
-        _ => Err(format!("unknown mount option '{s}' (ro, rw, allow_other, noleases, attr_timeout=SECONDS)")),
+        _ => Err(format!("unknown mount option '{s}' (ro, rw, allow_other, noleases, attr_timeout=SECONDS, cache_mib=MIB)")),
     }
 }
 
@@ -53,7 +56,9 @@ pub enum FsCommand {
         /// Serve in this process until unmounted (default: in the background).
         #[arg(long)]
         foreground: bool,
-        /// Mount options, comma separated: ro, rw, allow_other, noleases, attr_timeout=SECONDS.
+        /// Mount options, comma separated: ro, rw, allow_other, noleases, attr_timeout=SECONDS,
+        /// cache_mib=MIB (file data kept in memory; default 1024, at most an eighth
+        /// of the machine's memory).
         #[arg(short = 'o', value_delimiter = ',', value_parser = parse_mount_opt)]
         options: Vec<MountOpt>,
         /// Requests served at once.
@@ -234,6 +239,7 @@ fn mount_foreground(target: &str, mp: &Path, opts: &[MountOpt], threads: usize, 
             MountOpt::AllowOther => mo.allow_other = true,
             MountOpt::KernelTtl(s) => mo.kernel_ttl = Duration::from_secs_f64(*s),
             MountOpt::NoLeases => mo.dir_leases = false,
+            MountOpt::CacheMib(m) => mo.read_cache_bytes = m << 20,
         }
     }
     let fs = StrataFs::new(rt.handle().clone(), vol.ns.clone(), vol.data.clone(), mo);
@@ -327,6 +333,7 @@ pub fn run(c: FsCommand) -> anyhow::Result<()> {
                     MountOpt::AllowOther => "allow_other".to_string(),
                     MountOpt::KernelTtl(s) => format!("attr_timeout={s}"),
                     MountOpt::NoLeases => "noleases".to_string(),
+                    MountOpt::CacheMib(m) => format!("cache_mib={m}"),
                 })
                 .collect();
             if !opt_text.is_empty() {

@@ -35,8 +35,9 @@ pub fn chunk_dkey(chunk: u64) -> [u8; 8] {
 
 pub trait DataStore: Send + Sync + 'static {
     fn write_chunk(&self, oid: Oid, chunk: u64, offset: u64, data: &[u8]) -> impl Future<Output = Result<(), FsError>> + Send;
-    /// Several `(offset, bytes)` extents of one chunk at once.
-    fn write_chunk_extents(&self, oid: Oid, chunk: u64, extents: &[(u64, &[u8])]) -> impl Future<Output = Result<(), FsError>> + Send;
+    /// Several `(offset, bytes)` extents of one chunk at once (`Bytes`: one extent goes out
+    /// as it is, without a copy into a payload).
+    fn write_chunk_extents(&self, oid: Oid, chunk: u64, extents: &[(u64, Bytes)]) -> impl Future<Output = Result<(), FsError>> + Send;
     /// Exactly `len` bytes; holes read as zeros. `Bytes` so that a reader keeping them (the
     /// mount's block cache) slices what the store sent instead of copying it.
     fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, epoch: Epoch) -> impl Future<Output = Result<Bytes, FsError>> + Send;
@@ -90,11 +91,11 @@ impl<D: DataStore> FileData<D> {
 
     /// Write many extents: grouped per chunk, one update per chunk (up to
     /// [`EXTENTS_PER_UPDATE_MAX`] extents), [`CHUNK_IO_INFLIGHT_MAX`] updates in flight.
-    pub async fn write_extents(&self, oid: Oid, extents: &[(u64, Vec<u8>)]) -> Result<(), FsError> {
-        let mut per_chunk: std::collections::BTreeMap<u64, Vec<(u64, &[u8])>> = Default::default();
+    pub async fn write_extents(&self, oid: Oid, extents: &[(u64, Bytes)]) -> Result<(), FsError> {
+        let mut per_chunk: std::collections::BTreeMap<u64, Vec<(u64, Bytes)>> = Default::default();
         for (off, d) in extents {
             for (c, o, r) in self.pieces(*off, d.len() as u64) {
-                per_chunk.entry(c).or_default().push((o, &d[r]));
+                per_chunk.entry(c).or_default().push((o, d.slice(r)));
             }
         }
         let mut batches = Vec::new();
@@ -155,30 +156,40 @@ impl<D: DataStore> FileData<D> {
             return Ok(());
         }
         let first_whole = new_size.div_ceil(self.chunk_bytes);
-        if !new_size.is_multiple_of(self.chunk_bytes) {
-            let c = new_size / self.chunk_bytes;
-            let o = new_size % self.chunk_bytes;
-            self.store.punch_range(oid, c, o, self.chunk_bytes - o).await?;
-        }
         let last = old_size.div_ceil(self.chunk_bytes);
         let doomed: Vec<u64> = if last - first_whole <= PUNCH_BY_INDEX_MAX {
             (first_whole..last).collect()
         } else {
             self.store.chunks(oid).await?.into_iter().filter(|c| *c >= first_whole).collect()
         };
-        stream::iter(doomed.into_iter().map(|c| self.store.punch_chunk(oid, c))).buffer_unordered(CHUNK_IO_INFLIGHT_MAX).try_collect::<Vec<()>>().await?;
+        // The partial chunk's tail and the whole chunks are different dkeys: all at once.
+        let partial = (!new_size.is_multiple_of(self.chunk_bytes)).then(|| (new_size / self.chunk_bytes, new_size % self.chunk_bytes));
+        let tail = async {
+            match partial {
+                Some((c, o)) => self.store.punch_range(oid, c, o, self.chunk_bytes - o).await,
+                None => Ok(()),
+            }
+        };
+        let whole = stream::iter(doomed.into_iter().map(|c| self.store.punch_chunk(oid, c))).buffer_unordered(CHUNK_IO_INFLIGHT_MAX).try_collect::<Vec<()>>();
+        let (t, w) = futures::join!(tail, whole);
+        t?;
+        w?;
         Ok(())
     }
 
     /// Zero `[offset, offset+len)` inside the file (fallocate punch-hole).
     pub async fn punch_hole(&self, oid: Oid, offset: u64, len: u64) -> Result<(), FsError> {
-        for (c, o, r) in self.pieces(offset, len) {
+        // Chunks are independent objects' keys: their punches run concurrently.
+        stream::iter(self.pieces(offset, len).into_iter().map(|(c, o, r)| async move {
             if o == 0 && r.len() as u64 == self.chunk_bytes {
-                self.store.punch_chunk(oid, c).await?;
+                self.store.punch_chunk(oid, c).await
             } else {
-                self.store.punch_range(oid, c, o, r.len() as u64).await?;
+                self.store.punch_range(oid, c, o, r.len() as u64).await
             }
-        }
+        }))
+        .buffer_unordered(CHUNK_IO_INFLIGHT_MAX)
+        .try_collect::<Vec<()>>()
+        .await?;
         Ok(())
     }
 }
@@ -206,7 +217,7 @@ impl DataStore for MemData {
         c[offset as usize..end].copy_from_slice(data);
         Ok(())
     }
-    async fn write_chunk_extents(&self, oid: Oid, chunk: u64, extents: &[(u64, &[u8])]) -> Result<(), FsError> {
+    async fn write_chunk_extents(&self, oid: Oid, chunk: u64, extents: &[(u64, Bytes)]) -> Result<(), FsError> {
         for (o, d) in extents {
             self.write_chunk(oid, chunk, *o, d).await?;
         }
@@ -257,8 +268,15 @@ impl DataStore for ObjData {
         self.cont.object(oid).write(&chunk_dkey(chunk), DATA_AKEY, offset, data).await.map_err(data_err)?;
         Ok(())
     }
-    async fn write_chunk_extents(&self, oid: Oid, chunk: u64, extents: &[(u64, &[u8])]) -> Result<(), FsError> {
-        self.cont.object(oid).write_extents(&chunk_dkey(chunk), DATA_AKEY, extents).await.map_err(data_err)?;
+    async fn write_chunk_extents(&self, oid: Oid, chunk: u64, extents: &[(u64, Bytes)]) -> Result<(), FsError> {
+        let obj = self.cont.object(oid);
+        if let [(offset, d)] = extents {
+            // A sequential writer's chunk: the buffer itself is the payload.
+            obj.write_bytes_at(&chunk_dkey(chunk), DATA_AKEY, *offset, d.clone(), None).await.map_err(data_err)?;
+            return Ok(());
+        }
+        let refs: Vec<(u64, &[u8])> = extents.iter().map(|(o, d)| (*o, &d[..])).collect();
+        obj.write_extents(&chunk_dkey(chunk), DATA_AKEY, &refs).await.map_err(data_err)?;
         Ok(())
     }
     async fn read_chunk(&self, oid: Oid, chunk: u64, offset: u64, len: u64, epoch: Epoch) -> Result<Bytes, FsError> {

@@ -77,7 +77,8 @@ pub struct MountOptions {
     pub fsname: String,
     /// Reported by statfs.
     pub capacity_bytes: u64,
-    /// Clean file data cached in the mount (0: none).
+    /// File data cached in the mount (0: none): blocks read, read ahead, and written here
+    /// (default [`read_cache_bytes_default`]).
     pub read_cache_bytes: u64,
     /// The kernel's read-ahead window for the mount, KiB (0: the kernel's default, 128).
     pub read_ahead_kb: u32,
@@ -91,13 +92,28 @@ pub struct MountOptions {
 
 impl Default for MountOptions {
     fn default() -> MountOptions {
-        MountOptions { read_only: false, allow_other: false, meta_cache: Duration::from_secs(1), kernel_ttl: Duration::ZERO, threads: 4, write_back_bytes_max: 8 << 20, fsname: "strata".into(), capacity_bytes: 1 << 40, read_cache_bytes: 64 << 20, read_ahead_kb: 4096, dir_leases: true, read_ahead_window: READ_AHEAD_BYTES }
+        MountOptions { read_only: false, allow_other: false, meta_cache: Duration::from_secs(1), kernel_ttl: Duration::ZERO, threads: 4, write_back_bytes_max: 8 << 20, fsname: "strata".into(), capacity_bytes: 1 << 40, read_cache_bytes: read_cache_bytes_default(), read_ahead_kb: 4096, dir_leases: true, read_ahead_window: READ_AHEAD_BYTES }
     }
+}
+
+/// Largest default of [`MountOptions::read_cache_bytes`]: the default of a block export's clean
+/// cache (`strata_block::read_cache`), so a file system and a block volume on the same client
+/// keep as much of their data in memory.
+pub const READ_CACHE_BYTES_DEFAULT_MAX: u64 = 1 << 30;
+
+/// The mount's cache by default: [`READ_CACHE_BYTES_DEFAULT_MAX`], or an eighth of the
+/// machine's memory where that is less (a small client must not give a mount half its memory).
+pub fn read_cache_bytes_default() -> u64 {
+    // SAFETY: sysconf reads a system constant; no memory is passed.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let total = if pages > 0 && page > 0 { pages as u64 * page as u64 } else { 0 };
+    let cap = if total > 0 { (total / 8).min(READ_CACHE_BYTES_DEFAULT_MAX) } else { 64 << 20 };
+    cap / CACHE_BLOCK_BYTES * CACHE_BLOCK_BYTES
 }
 
 /// Dirty extents being written to the store in the background (a full write-back buffer).
 struct Pending {
-    extents: Arc<Vec<(u64, Vec<u8>)>>,
+    extents: Arc<Vec<(u64, Bytes)>>,
     mtime_ns: i64,
     task: tokio::task::JoinHandle<Result<(), FsError>>,
 }
@@ -500,6 +516,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         let oid = data_oid(st.inode.ino, &class)?;
         let mtime_ns = st.wb.mtime_ns;
         let extents = Arc::new(st.wb.take());
+        self.cache_written(st.inode.ino, &extents);
         let (data, ext) = (self.data.clone(), extents.clone());
         let task = self.rt.spawn(async move { data.write_extents(oid, &ext).await });
         st.pending.push(Pending { extents, mtime_ns, task });
@@ -515,6 +532,22 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             }
         }
         Ok(())
+    }
+
+    /// Keep the whole cache blocks of extents leaving the write-back buffer (slices of them,
+    /// no copy): a file read back after it was written, as a reader of what a writer just
+    /// closed, is served from here instead of a store round trip (the store wrote them with
+    /// `O_DIRECT`, so its first read of each would go to the disk). Called under the file's
+    /// state lock, so a later write patches these blocks like any other cached ones; the
+    /// bytes are the file's current content whether or not their store write succeeds (a
+    /// failed one puts them back into the buffer).
+    fn cache_written(&self, ino: u64, extents: &[(u64, Bytes)]) {
+        if !self.cache.enabled() {
+            return;
+        }
+        for (off, d) in extents {
+            self.cache.put_run(ino, *off, d);
+        }
     }
 
     async fn join(task: tokio::task::JoinHandle<Result<(), FsError>>) -> Result<(), FsError> {
@@ -559,6 +592,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         let oid = data_oid(st.inode.ino, &class)?;
         let mtime = st.wb.mtime_ns.max(pending_mtime);
         let extents = st.wb.take();
+        self.cache_written(st.inode.ino, &extents);
         let end = extents.iter().map(|(o, d)| o + d.len() as u64).fold(pending_end, u64::max);
         if let Err(e) = self.data.write_extents(oid, &extents).await {
             // Keep the bytes: a later flush may succeed.
@@ -722,7 +756,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         }
         let state = {
             let mut open = lock(&self.open);
-            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::default(), pending: Vec::new(), meta_dirty: false, truncated: false, dirty_end: 0, dirty_mtime_ns: 0, read_end: 0, seq_run: 0, ahead: Default::default() })) });
+            let e = open.entry(ino).or_insert_with(|| OpenFile { opens: 0, orphaned: false, state: Arc::new(tokio::sync::Mutex::new(OpenState { size: fresh.size, inode: fresh.clone(), wb: WriteBack::with_append_reserve(self.opts.write_back_bytes_max), pending: Vec::new(), meta_dirty: false, truncated: false, dirty_end: 0, dirty_mtime_ns: 0, read_end: 0, seq_run: 0, ahead: Default::default() })) });
             e.opens += 1;
             e.state.clone()
         };
@@ -803,6 +837,25 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
         let ino = st.inode.ino;
         let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
         let oid = data_oid(ino, &class)?;
+        let last = (offset + len - 1) / CACHE_BLOCK_BYTES;
+        let out = match self.cache.get_span(ino, offset, len) {
+            Some(d) => d,
+            None => self.read_blocks(st, oid, offset, len).await?,
+        };
+        // No overlay needed for hits: writes patch cached blocks under the same state lock.
+        if sequential && !st.dirty() {
+            self.top_up_read_ahead(st, oid, last + 1);
+        } else if !sequential {
+            // A random reader: what was fetched ahead for an earlier run is not needed.
+            st.ahead.clear();
+        }
+        Ok(out)
+    }
+
+    /// [`StrataFs::read_cached`] when the request is not one slice of a cached run: its
+    /// blocks from the cache, the read-ahead, or the store.
+    async fn read_blocks(&self, st: &mut OpenState, oid: strata_types::Oid, offset: u64, len: u64) -> Result<Bytes, FsError> {
+        let ino = st.inode.ino;
         let b = CACHE_BLOCK_BYTES;
         let first = offset / b;
         let last = (offset + len - 1) / b;
@@ -826,30 +879,43 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             let pieces = self.data.read_pieces(oid, run_off, (k - start) as u64 * b, Epoch::MAX).await?;
             if !st.dirty() {
                 fetched.extend(pieces.iter().cloned());
-            }
-            for (j, mut v) in blocks_of(pieces).into_iter().enumerate() {
-                if st.dirty() {
-                    let mut own = Vec::from(v);
-                    st.overlay((first + (start + j) as u64) * b, &mut own);
-                    v = Bytes::from(own);
+                for (j, v) in self.cache_clean(ino, pieces).into_iter().enumerate() {
+                    blocks[start + j] = Some(v);
                 }
+                continue;
+            }
+            for (j, v) in blocks_of(pieces).into_iter().enumerate() {
+                let mut own = Vec::from(v);
+                st.overlay((first + (start + j) as u64) * b, &mut own);
+                let v = Bytes::from(own);
                 self.cache.put(ino, first + (start + j) as u64, v.clone());
                 blocks[start + j] = Some(v);
             }
         }
         let whole = fetched.iter().find(|(o, d)| *o <= offset && offset + len <= o + d.len() as u64).map(|(o, d)| d.slice((offset - o) as usize..(offset - o + len) as usize));
-        let out = match whole {
+        Ok(match whole {
             Some(d) => d,
             None => Bytes::from(Self::assemble(&blocks, first, offset, len, ino)?),
-        };
-        // No overlay needed for hits: writes patch cached blocks under the same state lock.
-        if sequential && !st.dirty() {
-            self.top_up_read_ahead(st, oid, last + 1);
-        } else if !sequential {
-            // A random reader: what was fetched ahead for an earlier run is not needed.
-            st.ahead.clear();
+        })
+    }
+
+    /// Cache the blocks of a store read of the file's current bytes (`pieces` in file order,
+    /// contiguous, starting on a block) and return them. Pieces of whole blocks are cached as
+    /// runs, so a later read inside one is a slice of it ([`ReadCache::get_span`]).
+    fn cache_clean(&self, ino: u64, pieces: Vec<(u64, Bytes)>) -> Vec<Bytes> {
+        let b = CACHE_BLOCK_BYTES;
+        let Some(first) = pieces.first().map(|(o, _)| o / b) else { return Vec::new() };
+        if pieces.iter().all(|(o, d)| o % b == 0 && d.len() as u64 % b == 0) {
+            for (o, d) in &pieces {
+                self.cache.put_run(ino, *o, d);
+            }
+            return blocks_of(pieces);
         }
-        Ok(out)
+        let blocks = blocks_of(pieces);
+        for (j, v) in blocks.iter().enumerate() {
+            self.cache.put(ino, first + j as u64, v.clone());
+        }
+        blocks
     }
 
     /// The bytes `[offset, offset + len)` out of blocks `first..` (all present).
@@ -888,9 +954,8 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
             // A failed piece is not fatal: its blocks are read again below.
             let Ok(Ok(pieces)) = (&mut a.task).await else { continue };
             fetched.extend(pieces.iter().cloned());
-            for (j, v) in blocks_of(pieces).into_iter().enumerate() {
+            for (j, v) in self.cache_clean(ino, pieces).into_iter().enumerate() {
                 let k = a.first + j as u64;
-                self.cache.put(ino, k, v.clone());
                 if (first..=last).contains(&k) {
                     blocks[(k - first) as usize] = Some(v);
                 }
@@ -1434,13 +1499,20 @@ impl<S: MetaStore, D: DataStore> Filesystem for StrataFs<S, D> {
                 // An open file: punch now, commit size and data version at its next flush.
                 let mut st = st.lock().await;
                 st.ahead.clear();
-                self.flush_data(&mut st).await?;
                 if punch {
                     let class = st.inode.oclass.clone().unwrap_or_else(|| self.ns.default_oclass.clone());
                     let hole_end = end.min(st.size);
                     if offset < hole_end {
+                        // Buffered bytes in the hole are dropped rather than written first;
+                        // those outside it are written later, over ranges the punch does not
+                        // touch. A background write must land before the punch.
+                        self.still_exists(ino).await?;
+                        let (pending_end, _) = self.drain_pending(&mut st).await?;
+                        // The size they reached must still be committed (as zeros).
+                        st.dirty_end = st.dirty_end.max(pending_end).max(st.wb.end());
+                        st.wb.punch(offset, hole_end - offset);
                         self.data.punch_hole(data_oid(ino, &class)?, offset, hole_end - offset).await?;
-                        self.cache.drop_range(ino, offset, hole_end - offset);
+                        self.cache.zero_range(ino, offset, hole_end - offset);
                     }
                 }
                 if !keep_size && end > st.size {

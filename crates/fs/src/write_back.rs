@@ -13,9 +13,17 @@ pub struct WriteBack {
     bytes: usize,
     /// Latest write time (ns), the file's mtime once flushed.
     pub mtime_ns: i64,
+    /// Room an extent takes at once when a write first appends to it (the owner's flush
+    /// threshold): a sequential writer's buffer then grows without being copied by each
+    /// doubling (7 MiB of copies per 8 MiB buffer). 0: ordinary growth.
+    pub append_reserve: usize,
 }
 
 impl WriteBack {
+    pub fn with_append_reserve(append_reserve: usize) -> WriteBack {
+        WriteBack { append_reserve, ..Default::default() }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.extents.is_empty()
     }
@@ -38,8 +46,20 @@ impl WriteBack {
         // Sequential writers append to the last extent: grow it in place.
         if let Some((s, d)) = self.extents.iter_mut().next_back() {
             if *s + d.len() as u64 == offset {
+                if d.capacity() - d.len() < data.len() {
+                    d.reserve_exact(self.append_reserve.max(d.len() + data.len()) - d.len());
+                }
                 d.extend_from_slice(data);
                 self.bytes += data.len();
+                return;
+            }
+        }
+        // Inside one extent (a random writer over a file it has mostly rewritten): in place,
+        // not a copy of the whole extent.
+        if let Some((s, d)) = self.extents.range_mut(..=offset).next_back() {
+            if *s + d.len() as u64 >= end {
+                let at = (offset - *s) as usize;
+                d[at..at + data.len()].copy_from_slice(data);
                 return;
             }
         }
@@ -93,10 +113,46 @@ impl WriteBack {
         }
     }
 
-    /// Take every dirty extent, leaving the buffer clean.
-    pub fn take(&mut self) -> Vec<(u64, Vec<u8>)> {
+    /// Forget dirty bytes in `[offset, offset + len)` (a hole punched there: the store's
+    /// punch makes them zeros, so they need not be written first).
+    pub fn punch(&mut self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        if len == 0 {
+            return;
+        }
+        let from = self.extents.range(..offset).next_back().map_or(offset, |(s, _)| *s);
+        let touched: Vec<u64> = self.extents.range(from..end).filter(|(s, d)| *s + d.len() as u64 > offset).map(|(s, _)| *s).collect();
+        for s in touched {
+            let d = self.extents.remove(&s).unwrap_or_default();
+            self.bytes -= d.len();
+            let e = s + d.len() as u64;
+            if s < offset {
+                let left = d[..(offset - s) as usize].to_vec();
+                self.bytes += left.len();
+                self.extents.insert(s, left);
+            }
+            if e > end {
+                let right = d[(end - s) as usize..].to_vec();
+                self.bytes += right.len();
+                self.extents.insert(end, right);
+            }
+        }
+    }
+
+    /// Take every dirty extent, leaving the buffer clean (as `Bytes`, so the mount's cache and
+    /// the store write can share them without a copy).
+    pub fn take(&mut self) -> Vec<(u64, bytes::Bytes)> {
         self.bytes = 0;
-        std::mem::take(&mut self.extents).into_iter().collect()
+        std::mem::take(&mut self.extents)
+            .into_iter()
+            .map(|(o, mut d)| {
+                // The cache may keep it: no reserve held for bytes never written.
+                if d.capacity() > 2 * d.len() {
+                    d.shrink_to_fit();
+                }
+                (o, bytes::Bytes::from(d))
+            })
+            .collect()
     }
 }
 
@@ -107,13 +163,16 @@ mod tests {
 
     proptest! {
         #[test]
-        fn matches_a_flat_model(ops in proptest::collection::vec((0u64..200, 1usize..50, any::<u8>(), any::<bool>()), 1..60)) {
-            let mut wb = WriteBack::default();
+        fn matches_a_flat_model(ops in proptest::collection::vec((0u64..200, 1usize..50, any::<u8>(), 0u8..4), 1..60)) {
+            let mut wb = WriteBack::with_append_reserve(100);
             let mut model = vec![None::<u8>; 300];
-            for (off, len, byte, trunc) in ops {
-                if trunc {
+            for (off, len, byte, kind) in ops {
+                if kind == 0 {
                     wb.truncate(off);
                     for m in model.iter_mut().skip(off as usize) { *m = None; }
+                } else if kind == 1 {
+                    wb.punch(off, len as u64);
+                    for m in model.iter_mut().skip(off as usize).take(len) { *m = None; }
                 } else {
                     wb.write(off, &vec![byte; len], 1);
                     for m in model.iter_mut().skip(off as usize).take(len) { *m = Some(byte); }

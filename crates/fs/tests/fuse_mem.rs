@@ -177,3 +177,26 @@ fn a_sequential_reader_sees_writes_made_while_it_reads_ahead() {
         assert!(buf == model[off as usize..(off as usize + buf.len())], "MiB {round} differs from what was written");
     }
 }
+
+#[test]
+fn a_hole_punched_over_buffered_bytes_that_grew_the_file_keeps_its_size() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let m = mount(4096);
+    let p = m.path().join("grown");
+    fs::write(&p, vec![1u8; 10_000]).unwrap();
+    let f = fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    // Buffered in the mount: grows the file to 14,000 bytes.
+    f.write_all_at(&[2u8; 5000], 9000).unwrap();
+    // The punch drops the buffered tail instead of writing it; the size it reached stays.
+    let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 12_000, 2000) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    drop(f);
+    let got = fs::read(&p).unwrap();
+    assert_eq!(got.len(), 14_000);
+    assert!(got[..9000].iter().all(|b| *b == 1));
+    assert!(got[9000..12_000].iter().all(|b| *b == 2));
+    assert!(got[12_000..].iter().all(|b| *b == 0));
+}

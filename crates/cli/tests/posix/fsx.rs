@@ -18,10 +18,25 @@ pub fn fsx(paths: &[PathBuf], ops: usize, seed: u64) {
     let open = |p: &Path| fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(p).unwrap();
     let mut f = open(&paths[0]);
     let mut buf = Vec::new();
+    // Time per kind of operation, printed at the end (where a slow run spends its time).
+    const KINDS: [&str; 7] = ["write", "read", "truncate", "punch", "fsync", "stat", "reopen"];
+    let mut spent = [(0u32, std::time::Duration::ZERO); 7];
+    let started = std::time::Instant::now();
     for i in 0..ops {
         let w = which;
         let ctx = |what: &str| format!("fsx seed {seed} op {i} {what} (mount {w})");
-        match rng.below(100) {
+        let roll = rng.below(100);
+        let kind = match roll {
+            0..=44 => 0,
+            45..=79 => 1,
+            80..=87 => 2,
+            88..=93 => 3,
+            94..=95 => 4,
+            96..=98 => 5,
+            _ => 6,
+        };
+        let t0 = std::time::Instant::now();
+        match roll {
             0..=44 => {
                 let off = rng.below(FILE_BYTES_MAX - OP_BYTES_MAX);
                 let len = 1 + rng.below(OP_BYTES_MAX);
@@ -73,7 +88,14 @@ pub fn fsx(paths: &[PathBuf], ops: usize, seed: u64) {
                 assert_eq!(f.metadata().unwrap().len(), model.len() as u64, "{}", ctx("size after reopen"));
             }
         }
+        spent[kind].0 += 1;
+        spent[kind].1 += t0.elapsed();
+        if ops >= 10 && (i + 1) % (ops / 10) == 0 {
+            eprintln!("fsx seed {seed}: {} ops in {:.1} s", i + 1, started.elapsed().as_secs_f64());
+        }
     }
+    let per_kind: Vec<String> = KINDS.iter().zip(&spent).map(|(k, (n, t))| format!("{k} {n} in {:.1} s", t.as_secs_f64())).collect();
+    eprintln!("fsx seed {seed}: {ops} ops on {} mount(s) in {:.1} s ({})", paths.len(), started.elapsed().as_secs_f64(), per_kind.join(", "));
     drop(f);
     let all = fs::read(&paths[0]).unwrap();
     assert!(all == model, "fsx seed {seed}: final contents differ from the model");
