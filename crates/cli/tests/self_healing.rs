@@ -367,18 +367,49 @@ async fn moved_bytes(pool: &strata_client::PoolHandle) -> u64 {
     total
 }
 
-/// Bytes whose placement differs between two maps: for every value, the size times the number
-/// of targets of its group under `after` that were not in its group under `before`.
+/// Bytes whose placement differs between two maps: for every replicated value, the size times
+/// the number of targets of its group under `after` that were not in its group under `before`;
+/// for an erasure-coded extent (`ext_write`), a cell for every shard index whose target changed
+/// (a target keeping its place in the group under another index needs that index's cell).
 fn ideal_moved(before: &strata_placement::PoolMap, after: &strata_placement::PoolMap, values: &[(strata_types::Oid, Vec<u8>, usize)]) -> u64 {
     let (a, b) = (strata_placement::PlacementMap::new(before, false), strata_placement::PlacementMap::new(after, false));
     let mut ideal = 0;
     for (oid, dkey, len) in values {
         let (la, lb) = (a.layout(*oid).unwrap(), b.layout(*oid).unwrap());
-        let ga: Vec<_> = la.group(la.group_for_dkey(dkey)).iter().map(|s| s.target).collect();
-        let new = lb.group(lb.group_for_dkey(dkey)).iter().filter(|s| !ga.contains(&s.target)).count();
+        let (ga, gb) = (la.group(la.group_for_dkey(dkey)), lb.group(lb.group_for_dkey(dkey)));
+        if is_ec(*oid) {
+            ideal += ga.iter().zip(gb).filter(|(x, y)| x.target != y.target).count() as u64 * strata_ec::CELL_BYTES_DEFAULT;
+            continue;
+        }
+        let new = gb.iter().filter(|s| !ga.iter().any(|x| x.target == s.target)).count();
         ideal += (new * len) as u64;
     }
     ideal
+}
+
+fn is_ec(oid: strata_types::Oid) -> bool {
+    matches!(oid.class().map(|c| c.redundancy()), Ok(strata_types::Redundancy::Erasure { .. }))
+}
+
+/// The extension test's write of `v` under `dkey`: a single value, or for an erasure-coded
+/// object an extent at offset 0 (one partial stripe: a full cell on every shard).
+async fn ext_write(o: &ObjHandle, dkey: &[u8], v: &[u8]) -> Result<(), strata_client::ClientError> {
+    if is_ec(o.oid) {
+        o.write(dkey, b"x", 0, v).await.map(|_| ())
+    } else {
+        o.put(dkey, b"a", v).await.map(|_| ())
+    }
+}
+
+/// What shard `shard` of an erasure-coded object stores for `ext_write(.., v)`.
+fn ext_cell(oid: strata_types::Oid, v: &[u8], shard: usize) -> Vec<u8> {
+    let Ok(strata_types::Redundancy::Erasure { data, parity }) = oid.class().map(|c| c.redundancy()) else { panic!("{oid} is not erasure-coded") };
+    let st = strata_ec::EcStripe::new(data as usize, parity as usize, strata_ec::CELL_BYTES_DEFAULT).unwrap();
+    let mut stripe = v.to_vec();
+    stripe.resize(st.stripe_bytes() as usize, 0);
+    let cells: Vec<&[u8]> = stripe.chunks(st.cell_bytes as usize).collect();
+    let parity = st.encode(&cells).unwrap();
+    cells.iter().map(|c| c.to_vec()).chain(parity).nth(shard).unwrap()
 }
 
 fn ext_value(tag: &str, len: usize) -> Vec<u8> {
@@ -387,8 +418,10 @@ fn ext_value(tag: &str, len: usize) -> Vec<u8> {
 
 #[test]
 fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_little() {
-    const EXT_CLASSES: [&str; 4] = ["RP_2G1", "RP_3G1", "RP_2GX", "S1"];
-    const OBJECTS: usize = 300;
+    // EC_4P2GX has one group on the first 4 ranks' 8 targets and two on 12: dkeys change groups.
+    const EXT_CLASSES: [&str; 6] = ["RP_2G1", "RP_3G1", "RP_2GX", "S1", "EC_2P1G1", "EC_4P2GX"];
+    // Each EC write stores a 64 KiB cell on every shard: fewer of those objects.
+    let objects = |class: &str| if class.starts_with("EC_") { 100 } else { 300 };
     const DKEYS: usize = 3;
     const VALUE_BYTES: usize = 4096;
     let c = Cluster::start(&["--ranks", "6", "--heartbeat-timeout-ms", "3000"]);
@@ -409,14 +442,14 @@ fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_littl
         let mut base = Vec::new();
         for (i, class) in EXT_CLASSES.iter().enumerate() {
             let h = client.container("ext", &format!("c{i}")).await.unwrap();
-            let os = h.create_objects(class.parse().unwrap(), OBJECTS as u64).await.unwrap();
+            let os = h.create_objects(class.parse().unwrap(), objects(class) as u64).await.unwrap();
             let mut tasks = Vec::new();
             for (j, o) in os.iter().enumerate() {
                 for d in 0..DKEYS {
                     let (o, dkey) = (o.clone(), format!("k{d}").into_bytes());
                     let v = ext_value(&format!("{class}/{j}/{d}"), VALUE_BYTES);
                     base.push((o.clone(), dkey.clone(), v.clone()));
-                    tasks.push(tokio::spawn(async move { o.put(&dkey, b"a", &v).await.unwrap() }));
+                    tasks.push(tokio::spawn(async move { ext_write(&o, &dkey, &v).await.unwrap() }));
                 }
             }
             for t in tasks {
@@ -434,7 +467,7 @@ fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_littl
     let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Writes begun before the extension was asked for: their data had to move.
     let extending = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..4)
+    let writers: Vec<_> = (0..EXT_CLASSES.len())
         .map(|w| {
             let (objs, stop, written, extending) = (objs[w].clone(), stop.clone(), written.clone(), extending.clone());
             rt.spawn(async move {
@@ -446,7 +479,7 @@ fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_littl
                     let dkey = format!("w{w}-{n}").into_bytes();
                     let v = ext_value(&format!("w{w}/{n}"), VALUE_BYTES);
                     let pre = !extending.load(std::sync::atomic::Ordering::SeqCst);
-                    if o.put(&dkey, b"a", &v).await.is_ok() {
+                    if ext_write(&o, &dkey, &v).await.is_ok() {
                         if pre {
                             before.push((o.clone(), dkey.clone(), v.clone()));
                         }
@@ -506,23 +539,34 @@ fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_littl
         let final_map = strata_placement::PlacementMap::new(&map2, false);
         for (n, (o, dkey, v)) in acked.iter().enumerate() {
             // Nothing lost: reads through the client.
-            let got = o.get(dkey, b"a").await.unwrap_or_else(|e| panic!("acknowledged write {n} ({}) unreadable: {e}", o.oid));
+            let got = if is_ec(o.oid) {
+                o.read(dkey, b"x", 0, v.len() as u64, strata_types::Epoch::MAX).await.map(|(d, _)| Some(d))
+            } else {
+                o.get(dkey, b"a").await
+            };
+            let got = got.unwrap_or_else(|e| panic!("acknowledged write {n} ({}) unreadable: {e}", o.oid));
             assert!(got.as_deref() == Some(&v[..]), "acknowledged write {n} ({}, dkey {}) reads back wrong", o.oid, String::from_utf8_lossy(dkey));
-            // Where placement says: every target of the final layout holds it itself.
+            // Where placement says: every target of the final layout holds it itself (for EC,
+            // the cell of its shard index).
             let l = final_map.layout(o.oid).unwrap();
-            for s in l.group(l.group_for_dkey(dkey)) {
+            for (i, s) in l.group(l.group_for_dkey(dkey)).iter().enumerate() {
                 let (cont, oid, dkey) = (o.cont_id(), o.oid, dkey.clone());
+                let (fetch, want) = if is_ec(oid) {
+                    (strata_rpc::engine_msg::FetchKind::Extent { akey: b"x".to_vec(), offset: 0, len: strata_ec::CELL_BYTES_DEFAULT }, ext_cell(oid, v, i))
+                } else {
+                    (strata_rpc::engine_msg::FetchKind::Single { akey: b"a".to_vec() }, v.clone())
+                };
                 let r = pool
                     .call_engine(
                         o.oid,
                         |_, _| Some(s.target),
-                        |pool, map_version, t| strata_rpc::engine_msg::EngineReq::Fetch { pool, map_version, target: t.index, cont, oid, dkey, fetch: strata_rpc::engine_msg::FetchKind::Single { akey: b"a".to_vec() }, epoch: strata_types::Epoch::MAX },
+                        |pool, map_version, t| strata_rpc::engine_msg::EngineReq::Fetch { pool, map_version, target: t.index, cont, oid, dkey, fetch: fetch.clone(), epoch: strata_types::Epoch::MAX },
                         bytes::Bytes::new(),
                         Duration::from_secs(10),
                     )
                     .await
                     .unwrap_or_else(|e| panic!("target {} of write {n} did not answer: {e}", s.target));
-                assert!(r.1 == v[..], "write {n} ({}) is not on target {}, where the final map places it", o.oid, s.target);
+                assert!(r.1 == want[..], "write {n} ({}, shard {i}) is not on target {}, where the final map places it", o.oid, s.target);
             }
         }
     });

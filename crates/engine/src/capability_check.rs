@@ -6,7 +6,7 @@
 //! cell the target holds, in shard-local offsets). A write capability writes through the
 //! group's leader (so replicas stay identical); it is honoured only when it names the leader.
 
-use super::{fetch_local, on_blocking_pool, rerr, Engine, PoolView};
+use super::{on_blocking_pool, rerr, Engine, PoolView};
 use bytes::Bytes;
 use std::sync::Arc;
 use strata_rpc::capability::{self, CapClaims, CapRights, CAP_KEY_PROP};
@@ -55,10 +55,11 @@ impl Engine {
     }
 
     pub(super) async fn cap_fetch(&self, token: &str, dkey: Vec<u8>, fetch: FetchKind, epoch: Epoch) -> Result<(EngineResp, Bytes), RemoteError> {
-        let (claims, _) = self.check_cap(token, CapRights::Read, &dkey).await?;
+        let (claims, view) = self.check_cap(token, CapRights::Read, &dkey).await?;
         let vos = self.target(claims.target)?.clone();
         let (cont, oid) = (claims.cont, claims.oid);
-        on_blocking_pool(move || fetch_local(&vos, cont, oid, &dkey, fetch, epoch)).await
+        let shard = Self::ec_shard_of(&view, oid, &dkey, claims.target);
+        on_blocking_pool(move || super::ec_cells::fetch_shard(&vos, cont, oid, &dkey, fetch, epoch, shard)).await
     }
 
     pub(super) async fn cap_update(&self, token: &str, dkey: Vec<u8>, ops: Vec<WireOp>, payload: Bytes) -> Result<EngineResp, RemoteError> {

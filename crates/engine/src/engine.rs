@@ -26,6 +26,8 @@ mod space_guard;
 mod import_batch;
 #[path = "background_threads.rs"]
 mod background_threads;
+#[path = "ec_cells.rs"]
+mod ec_cells;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// An import may wait at its destination for the rate it is paced to there (`MoveThrottle`):
@@ -161,8 +163,6 @@ pub struct Engine {
     /// under an older map was applied): records newer than it were written under the pass's
     /// map, so to its destinations already, and are not pushed again.
     pass_since: std::sync::Mutex<Epoch>,
-    /// EC cells the current extension pass could not move (see `rebalance_pool`).
-    extension_conflicts: std::sync::atomic::AtomicU64,
     /// Passes of the background scrub and their findings, for `EngineReq::Stats`.
     scrubbed: std::sync::Mutex<(u64, ScrubCounters)>,
     /// Per pool, the map version this rank last finished rebuilding for.
@@ -233,7 +233,7 @@ impl Engine {
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
         let throttle = MoveThrottle { bytes_per_s: cfg.rebuild_bytes_per_s, next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) };
-        Ok(Engine { throttle, foreground_last_end: Default::default(), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), extension_conflicts: Default::default(), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes) })
+        Ok(Engine { throttle, foreground_last_end: Default::default(), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes) })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -370,9 +370,10 @@ impl Engine {
     }
 
     /// Where shard `t` of the group of `dkey` goes once the pool's `NEW` targets join, if that
-    /// is a target not in the group now: writes go there too while the pool is extended, so
-    /// rebalancing never chases them. (A target of the group that takes another shard index
-    /// is not written: for EC it still serves its current cells under the same record keys.)
+    /// place does not have the shard's data already: writes go there too while the pool is
+    /// extended, so rebalancing never chases them. A replica goes to targets not in the group
+    /// now; an EC shard to any other target, since a target of the group that takes another
+    /// shard index keeps that index's cells in their own offset range (`ec_rebuild::cell_offset`).
     fn extension_of(view: &PoolView, oid: strata_types::Oid, dkey: &[u8], t: TargetId) -> Option<TargetId> {
         let ext = view.extended.as_ref()?;
         let cur = view.placement.layout(oid).ok()?;
@@ -380,6 +381,9 @@ impl Engine {
         let i = group.iter().position(|s| s.target == t)?;
         let new = ext.layout(oid).ok()?;
         let to = new.group(new.group_for_dkey(dkey)).get(i)?.target;
+        if matches!(cur.class.redundancy(), Redundancy::Erasure { .. }) {
+            return (to != t).then_some(to);
+        }
         (!group.iter().any(|s| s.target == to)).then_some(to)
     }
 
@@ -509,8 +513,9 @@ impl Engine {
     async fn read_cell(&self, view: &PoolView, pool: PoolId, t: TargetId, cont: strata_types::ContId, oid: strata_types::Oid, dkey: &[u8], akey: &[u8], offset: u64, len: u64) -> Result<Vec<u8>, RemoteError> {
         if t.rank == self.rank {
             let vos = self.target(t)?.clone();
-            let (dkey, akey) = (dkey.to_vec(), akey.to_vec());
-            return on_blocking_pool(move || vos.fetch_extent(cont, oid, &dkey, &akey, offset, len, Epoch::MAX)).await.map(|r| r.data);
+            let shard = Self::ec_shard_of(view, oid, dkey, t);
+            let (dkey, fetch) = (dkey.to_vec(), FetchKind::Extent { akey: akey.to_vec(), offset, len });
+            return on_blocking_pool(move || ec_cells::fetch_shard(&vos, cont, oid, &dkey, fetch, Epoch::MAX, shard)).await.map(|(_, data)| data.to_vec());
         }
         let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
         let req = EngineReq::Fetch { pool, map_version: view.map.version, target: t.index, cont, oid, dkey: dkey.to_vec(), fetch: FetchKind::Extent { akey: akey.to_vec(), offset, len }, epoch: Epoch::MAX };
@@ -577,6 +582,9 @@ impl Engine {
                     continue;
                 }
             };
+            if st.stripes(offset, bytes.len() as u64).end * st.cell_bytes > ec_rebuild::SHARD_SPAN {
+                return Err(rerr(ErrorCode::InvalidArgument, format!("EC arrays end at {} bytes ({} per shard)", ec_rebuild::SHARD_SPAN * k as u64, ec_rebuild::SHARD_SPAN)));
+            }
             for s in st.stripes(offset, bytes.len() as u64) {
                 let key: StripeKey = (oid, dkey.clone(), akey.clone(), s);
                 let lock = self.stripe_locks.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone();
@@ -591,7 +599,8 @@ impl Engine {
                 let parity = st.encode(&cells).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
                 let all: Vec<Vec<u8>> = cells.iter().map(|c| c.to_vec()).chain(parity).collect();
                 let sends = all.into_iter().enumerate().map(|(i, cell)| {
-                    let op = WireOp::Extent { akey: akey.clone(), offset: s * st.cell_bytes, len: cell.len() as u32 };
+                    // Each shard's cells in its own offset range (`ec_rebuild::cell_offset`).
+                    let op = WireOp::Extent { akey: akey.clone(), offset: ec_rebuild::cell_offset(i, s * st.cell_bytes), len: cell.len() as u32 };
                     self.send_to(view, pool, group[i].target, cont, oid, &dkey, epoch, vec![op], Bytes::from(cell))
                 });
                 let results = futures::future::join_all(sends).await;
@@ -863,7 +872,7 @@ impl Engine {
         let per_pair = o.vos.object_stored_bytes(o.cont, o.oid, cur.group_count() * ng, |d| cur.group_for_dkey(d) * ng + new.group_for_dkey(d))?;
         let mut estimate = 0;
         for (i, b) in per_pair.iter().enumerate().filter(|(_, b)| **b > 0) {
-            estimate += b * Self::extension_dests(view, &cur, &new, o.me, i / ng, i % ng).0.len() as u64;
+            estimate += b * Self::extension_dests(view, &cur, &new, o.me, i / ng, i % ng).len() as u64;
         }
         if estimate == 0 {
             return Ok(None);
@@ -948,16 +957,19 @@ impl Engine {
             let pushers: Vec<TargetId> = match layout.class.redundancy() {
                 // EC decodes from every readable shard, so a pusher only has to
                 // list the object. Single values live only on shard 0 and the
-                // parity shards, so only those are sure to, and a spare may be
-                // new and empty: every readable holder pushes what it lists
-                // (imports are idempotent).
+                // parity shards, so only those are sure to: the first of them that
+                // holds its full data pushes (one pusher, so each destination gets
+                // its cells once). Only when none does, every readable holder
+                // pushes what it lists: a spare may be new and empty, and imports
+                // are idempotent.
                 Redundancy::Erasure { data: k, .. } => {
                     let k = k as usize;
+                    let full = view.read_sources(oid, layout, g);
                     let holders: Vec<TargetId> = group.iter().enumerate().filter(|(i, s)| ec_rebuild::holds_singles(k, *i) && readable(s)).map(|(_, s)| s.target).collect();
-                    if holders.is_empty() {
-                        group.iter().find(|s| readable(s)).map(|s| s.target).into_iter().collect()
-                    } else {
-                        holders
+                    match group.iter().enumerate().find(|(i, s)| ec_rebuild::holds_singles(k, *i) && full[*i] == Some(s.target)) {
+                        Some((_, s)) => vec![s.target],
+                        None if holders.is_empty() => group.iter().find(|s| readable(s)).map(|s| s.target).into_iter().collect(),
+                        None => holders,
                     }
                 }
                 _ => match group.iter().find(|s| !s.is_spare && readable(s)).or(drained.as_ref()) {
@@ -988,9 +1000,9 @@ impl Engine {
     /// Extension: move what this rank holds to where the map with its `NEW` targets joined
     /// puts it. Runs only on a map with no other movement pending, so every place of the
     /// current layout holds its data: the first readable replica of a group copies its records
-    /// to the group's new targets; each EC shard copies its own cells to its new place (cells of
-    /// different shards share record keys, so a target that would take another shard index of
-    /// the same group is a conflict, counted and logged, not written). Records newer than the
+    /// to the group's new targets; each EC shard copies its own cells to its new place (to a
+    /// target of the group too when it takes another index there: each index's cells have
+    /// their own offset range, `ec_rebuild::cell_offset`). Records newer than the
     /// pass's start were written to both places already (`extension_of`) and are skipped.
     /// Sized first like the other passes, so `pool query` shows its progress.
     async fn rebalance_pool(&self, view: &Arc<PoolView>) -> Result<(u64, bool), RemoteError> {
@@ -998,36 +1010,25 @@ impl Engine {
             return Ok((0, true));
         }
         let pool = view.map_pool_id;
-        self.extension_conflicts.store(0, std::sync::atomic::Ordering::Relaxed);
         let pushed = self.movement_pass(view, PassKind::Extend).await?;
-        let conflicts = self.extension_conflicts.load(std::sync::atomic::Ordering::Relaxed);
-        if conflicts > 0 {
-            tracing::error!(%pool, records = conflicts, "extension would give a target another EC shard of a group it already serves; those cells were not moved (extend refuses pools with EC containers for this reason)");
-        }
         tracing::info!(%pool, records = pushed, "extension rebalancing done on this rank");
         Ok((pushed, true))
     }
 
     /// Where extension sends this rank's records of current group `cg` that fall in group `ng`
-    /// of the extended layout, and whether that is an EC conflict (see `rebalance_pool`).
-    fn extension_dests(view: &PoolView, cur: &strata_placement::Layout, new: &strata_placement::Layout, me: TargetId, cg: usize, ng: usize) -> (Vec<TargetId>, bool) {
+    /// of the extended layout (see `rebalance_pool`).
+    fn extension_dests(view: &PoolView, cur: &strata_placement::Layout, new: &strata_placement::Layout, me: TargetId, cg: usize, ng: usize) -> Vec<TargetId> {
         let (cg, ng) = (cur.group(cg), new.group(ng));
-        let Some(idx) = cg.iter().position(|s| s.target == me) else { return (Vec::new(), false) };
+        let Some(idx) = cg.iter().position(|s| s.target == me) else { return Vec::new() };
         if matches!(cur.class.redundancy(), Redundancy::Erasure { .. }) {
             let to = ng[idx].target;
-            if to == me {
-                return (Vec::new(), false);
-            }
-            if cg.iter().any(|s| s.target == to) {
-                return (Vec::new(), true);
-            }
-            return (vec![to], false);
+            return if to == me { Vec::new() } else { vec![to] };
         }
         let readable = |t: TargetId| view.map.target(t).is_some_and(|x| x.state.readable());
         if cg.iter().find(|s| readable(s.target)).map(|s| s.target) != Some(me) {
-            return (Vec::new(), false);
+            return Vec::new();
         }
-        (ng.iter().map(|s| s.target).filter(|t| !cg.iter().any(|c| c.target == *t)).collect(), false)
+        ng.iter().map(|s| s.target).filter(|t| !cg.iter().any(|c| c.target == *t)).collect()
     }
 
     /// Extension of one object: its records older than the pass's start, page by page, each to
@@ -1047,11 +1048,12 @@ impl Engine {
                     // Object punches live on every shard: every new place needs one.
                     None => new.shards().iter().map(|s| s.target).filter(|t| !cur.shards().iter().any(|c| c.target == *t)).collect(),
                     Some(d) => {
-                        let (dests, conflict) = Self::extension_dests(view, cur, new, o.me, cur.group_for_dkey(&d), new.group_for_dkey(&d));
-                        if conflict {
-                            self.extension_conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        // Cells of an index this target no longer serves are not its shard's.
+                        let cg = cur.group_for_dkey(&d);
+                        if ec_rebuild::shard_of_key(&r.key).is_some_and(|sh| matches!(cur.class.redundancy(), Redundancy::Erasure { .. }) && cur.group(cg).iter().position(|s| s.target == o.me) != Some(sh)) {
+                            continue;
                         }
-                        dests
+                        Self::extension_dests(view, cur, new, o.me, cg, new.group_for_dkey(&d))
                     }
                 };
                 for t in dests {
@@ -1072,51 +1074,6 @@ impl Engine {
             }
             match following {
                 Some(f) => page = f?,
-                None => return Ok(pushed),
-            }
-        }
-    }
-
-    /// EC cells are decoded, not copied: gather the group's records from every readable shard
-    /// and compute each destination shard's records from them.
-    #[allow(clippy::too_many_arguments)]
-    async fn rebuild_ec_group(&self, view: &PoolView, cont: strata_types::ContId, oid: strata_types::Oid, layout: &strata_placement::Layout, g: usize, group: &[strata_placement::ShardLoc], dests: &[TargetId], k: usize, p: usize, id: u64) -> Result<u64, RemoteError> {
-        let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
-        // Only shards holding their full data are decoded from: a spare not yet filled (or
-        // one a newer failure just put in place) lacks older stripe versions, and reading it
-        // as its index could mix in whatever else it holds.
-        let sources = view.read_sources(oid, layout, g);
-        let mut pushed = 0;
-        // Page by record key: the cells of one stripe version carry the same key on every
-        // shard, so one key range holds whole stripe versions from each source.
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            // Every source's page at once.
-            let reads = sources.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t))).map(|(i, t)| {
-                let after = after.clone();
-                async move { (i, t, self.export_page(view, t, cont, oid, after, None).await) }
-            });
-            let mut pages = Vec::new();
-            for (i, t, r) in futures::future::join_all(reads).await {
-                match r {
-                    Ok((records, truncated)) => pages.push((i, records, truncated)),
-                    // Damaged records: the others may still decode every stripe.
-                    Err(e) if e.code == ErrorCode::Corrupt => tracing::warn!(shard = %t, error = %e, "EC rebuild source damaged; decoding from the others"),
-                    // A shard the map calls readable did not answer: decoding without it could
-                    // leave stripes out while the pass reports success, so the pass fails and
-                    // runs again (on a newer map if the shard is gone).
-                    Err(e) => return Err(e),
-                }
-            }
-            // The page ends where the shortest truncated answer ended; later rows come again.
-            let end: Option<Vec<u8>> = pages.iter().filter(|(_, _, t)| *t).filter_map(|(_, r, _)| r.iter().rev().find(|x| !x.punch).map(|x| x.key.clone())).min();
-            let sources: Vec<(usize, Vec<strata_vos::RawRecord>)> = pages
-                .into_iter()
-                .map(|(i, records, _)| (i, records.into_iter().filter(|r| r.punch || end.as_ref().is_none_or(|e| r.key <= *e)).filter(|r| r.dkey().is_none_or(|d| layout.group_for_dkey(&d) == g)).collect()))
-                .collect();
-            pushed += self.push_ec_page(view, &st, oid, g, group, dests, &sources, id).await?;
-            match end {
-                Some(e) => after = Some(e),
                 None => return Ok(pushed),
             }
         }
@@ -1334,13 +1291,17 @@ impl Engine {
         let readable = |t: TargetId| view.map.target(t).is_some_and(|x| x.state.readable());
         let others = group.iter().enumerate().filter(|(i, s)| *i != mine && readable(s.target));
         match layout.class.redundancy() {
+            // A cell of an index this target no longer serves (left by an extension) has no
+            // stripe to be decoded from.
+            Redundancy::Erasure { .. } if key.offset.is_some_and(|o| ec_rebuild::shard_of_offset(o) != mine) => None,
             Redundancy::Erasure { data: k, parity: p } if key.offset.is_some() => {
                 let (k, p) = (k as usize, p as usize);
                 let st = strata_ec::EcStripe::new(k, p, strata_ec::CELL_BYTES_DEFAULT).ok()?;
                 let mut cells: Vec<Option<Vec<u8>>> = vec![None; k + p];
                 let mut template = None;
+                // The same stripe version's cells sit in each shard's own offset range.
                 for (i, s) in others {
-                    if let Some(r) = self.raw_get(view, s.target, raw_key).await {
+                    if let Some(r) = self.raw_get(view, s.target, &ec_rebuild::key_for_shard(raw_key, i)).await {
                         if let Ok(Some(cell)) = r.payload() {
                             cells[i] = Some(cell.to_vec());
                             template = Some(r);
@@ -1348,7 +1309,9 @@ impl Engine {
                     }
                 }
                 st.reconstruct(&mut cells).ok()?;
-                Some(template?.with_payload(cells[mine].as_deref()?))
+                let mut repaired = template?.with_payload(cells[mine].as_deref()?);
+                repaired.key = raw_key.to_vec();
+                Some(repaired)
             }
             Redundancy::Erasure { data: k, .. } => {
                 for (_, s) in others.filter(|(i, _)| ec_rebuild::holds_singles(k as usize, *i)) {
@@ -1432,9 +1395,11 @@ impl Handler for Engine {
                 Ok((EngineResp::Updated { epoch }, Bytes::new()))
             }
             EngineReq::Fetch { pool, map_version, target, cont, oid, dkey, fetch, epoch } => {
-                self.view(pool, map_version).await?;
-                let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
-                on_blocking_pool(move || fetch_local(&vos, cont, oid, &dkey, fetch, epoch)).await
+                let view = self.view(pool, map_version).await?;
+                let t = TargetId { rank: self.rank, index: target };
+                let vos = self.target(t)?.clone();
+                let shard = Self::ec_shard_of(&view, oid, &dkey, t);
+                on_blocking_pool(move || ec_cells::fetch_shard(&vos, cont, oid, &dkey, fetch, epoch, shard)).await
             }
             EngineReq::ListDkeys { pool, map_version, target, cont, oid, epoch, cursor, limit } => {
                 self.view(pool, map_version).await?;

@@ -241,13 +241,6 @@ impl MgmtState {
             }
             MgmtCmd::PoolExtend { pool, ranks } => {
                 let id = self.pool_id(pool)?;
-                // EC cells of one stripe carry the same record key on every shard, so a target
-                // that extension gives another shard index of a group it already serves would
-                // need its new cells staged apart from the ones it still serves: not built.
-                let ec: Vec<&str> = self.conts.values().filter(|c| c.pool == id && c.oclass.starts_with("EC_")).map(|c| c.label.as_str()).collect();
-                if !ec.is_empty() {
-                    return Err(err(ErrorCode::InvalidArgument, format!("pool '{pool}' has erasure-coded container(s) {}; extension rebalances replicated and striped objects only: create a new pool on the new ranks for EC data", ec.join(", "))));
-                }
                 let mut add = Vec::new();
                 for r in ranks {
                     let info = self.ranks.get(r).ok_or_else(|| err(ErrorCode::NotFound, format!("no rank {r}")))?;
