@@ -905,7 +905,7 @@ impl<S: MetaStore, D: DataStore> StrataFs<S, D> {
     fn cache_clean(&self, ino: u64, pieces: Vec<(u64, Bytes)>) -> Vec<Bytes> {
         let b = CACHE_BLOCK_BYTES;
         let Some(first) = pieces.first().map(|(o, _)| o / b) else { return Vec::new() };
-        if pieces.iter().all(|(o, d)| o % b == 0 && d.len() as u64 % b == 0) {
+        if pieces.iter().all(|(o, d)| o.is_multiple_of(b) && (d.len() as u64).is_multiple_of(b)) {
             for (o, d) in &pieces {
                 self.cache.put_run(ino, *o, d);
             }
@@ -1594,7 +1594,7 @@ pub fn set_read_ahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
     let dev = info.lines().filter_map(|l| {
         let f: Vec<&str> = l.split(' ').collect();
         (f.get(4) == Some(&mp.as_str())).then(|| f.get(2).map(|d| d.to_string())).flatten()
-    }).last();
+    }).next_back();
     let dev = dev.ok_or_else(|| std::io::Error::other(format!("{mp} not in /proc/self/mountinfo")))?;
     std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), kb.to_string())
 }

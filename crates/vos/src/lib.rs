@@ -60,8 +60,10 @@ pub use store::{fs_space, Vos};
 pub use strata_types::{ContId, Epoch, Oid};
 
 /// Store format written in the target's marker file. 2: large extents in extent files
-/// (`extent_file.rs`); a version-1 store is upgraded on open (it only lacks them).
-pub const FORMAT_VERSION: u32 = 2;
+/// (`extent_file.rs`). 3: erasure-coded cells of shard index i stored at offset i x 2^45 of
+/// their array (`engine/src/ec_cells.rs`). Stores of older formats are refused, not upgraded:
+/// their EC cells of indexes above 0 would read as holes.
+pub const FORMAT_VERSION: u32 = 3;
 pub const KEY_BYTES_MAX: usize = 4096;
 pub const VALUE_BYTES_MAX: usize = 4 << 20;
 pub const EXTENT_BYTES_MAX: u64 = 4 << 20;

@@ -175,12 +175,6 @@ impl Vos {
         std::fs::create_dir_all(dir).map_err(io)?;
         let marker = dir.join(MARKER_FILE);
         match std::fs::read_to_string(&marker) {
-            Ok(text) if text.trim() == "1" => {
-                // Version 1 lacks only extent files; mark it so older builds refuse it from now.
-                let tmp = dir.join(format!("{MARKER_FILE}.tmp"));
-                std::fs::write(&tmp, FORMAT_VERSION.to_string()).and_then(|()| std::fs::rename(&tmp, &marker)).map_err(|source| VosError::Io { path: marker.clone(), source })?;
-                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-            }
             Ok(text) => {
                 if text.trim() != FORMAT_VERSION.to_string() {
                     return Err(VosError::FormatVersion { path: dir.to_owned(), found: text.trim().to_owned(), supported: FORMAT_VERSION });

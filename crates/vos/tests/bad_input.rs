@@ -70,6 +70,10 @@ fn foreign_or_future_directories_are_refused() {
     std::fs::write(dir.path().join("STRATA_TARGET"), b"99").unwrap();
     let err = Vos::open(dir.path(), &VosConfig::default()).err().expect("must refuse");
     assert!(matches!(err, VosError::FormatVersion { .. }), "{err}");
+    // An older format too: its erasure-coded cells sit where this build does not look.
+    std::fs::write(dir.path().join("STRATA_TARGET"), b"2").unwrap();
+    let err = Vos::open(dir.path(), &VosConfig::default()).err().expect("must refuse");
+    assert!(matches!(err, VosError::FormatVersion { .. }) && err.to_string().contains('2'), "{err}");
 
     // A target whose engine directory is garbage is refused with the engine's reason.
     let dir = tempfile::tempdir().unwrap();
