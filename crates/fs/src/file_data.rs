@@ -260,7 +260,10 @@ pub struct ObjData {
 }
 
 fn data_err(e: strata_client::ClientError) -> FsError {
-    FsError::Data(e.to_string())
+    match &e {
+        strata_client::ClientError::Rpc(strata_rpc::RpcError::Remote(r)) if r.code == strata_rpc::ErrorCode::NoSpace => FsError::StoreFull(r.message.clone()),
+        _ => FsError::Data(e.to_string()),
+    }
 }
 
 impl DataStore for ObjData {
@@ -322,5 +325,20 @@ mod tests {
             chunks.sort();
             assert_eq!(chunks, vec![0, 1]);
         });
+    }
+}
+
+#[cfg(test)]
+mod data_error_tests {
+    use super::*;
+
+    /// A full pool reaches applications as ENOSPC (they handle it), any other store error as EIO.
+    #[test]
+    fn a_full_pool_is_enospc_and_other_store_errors_are_eio() {
+        let remote = |code| strata_client::ClientError::Rpc(strata_rpc::RpcError::Remote(strata_rpc::RemoteError { code, message: "target 0.1: 200 MiB free, reserve 256 MiB".into(), detail: None }));
+        let full = data_err(remote(strata_rpc::ErrorCode::NoSpace));
+        assert_eq!(full.errno(), libc::ENOSPC, "{full}");
+        assert!(full.to_string().contains("reserve 256 MiB"), "{full}");
+        assert_eq!(data_err(remote(strata_rpc::ErrorCode::Corrupt)).errno(), libc::EIO);
     }
 }

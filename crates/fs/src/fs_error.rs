@@ -49,6 +49,10 @@ pub enum FsError {
     Corrupt(#[from] DecodeError),
     #[error("data store: {0}")]
     Data(String),
+    /// The engines refused a write for lack of space (their `--reserve-mib`): ENOSPC, which
+    /// applications handle, rather than EIO.
+    #[error("no space left in the pool: {0}")]
+    StoreFull(String),
 }
 
 impl FsError {
@@ -65,7 +69,7 @@ impl FsError {
             FsError::Range => libc::ERANGE,
             FsError::Perm(_) => libc::EPERM,
             FsError::TooBig(_) => libc::EFBIG,
-            FsError::NoSpace(_) => libc::ENOSPC,
+            FsError::NoSpace(_) | FsError::StoreFull(_) => libc::ENOSPC,
             FsError::Loop => libc::ELOOP,
             FsError::Stale => libc::ESTALE,
             FsError::Contended(..) | FsError::Leased(_) => libc::EAGAIN,
