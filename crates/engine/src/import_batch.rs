@@ -41,7 +41,12 @@ const _: () = assert!(EAGER_BATCH_BYTES <= BATCH_BYTES);
 /// The engine's buffer pool for these messages keeps every buffer a pass uses at once (those
 /// being filled and those on their way), so none is allocated fresh after the first ones
 /// (`strata_rpc::buffer_pool`); it is emptied when the pass ends.
-pub(super) const BUFFERS_KEPT_BYTES: usize = (BATCHES_OPEN_MAX + MOVE_OBJECTS_IN_FLIGHT) * (BATCH_BYTES + PAGE_SLACK_BYTES).next_multiple_of(64 << 10);
+pub(super) const BUFFERS_KEPT_BYTES: usize = (BATCHES_OPEN_MAX + MOVE_OBJECTS_IN_FLIGHT) * BATCH_BUFFER_BYTES.next_multiple_of(64 << 10);
+
+/// A message's buffer: `BATCH_BYTES`, the last record's overshoot, and room to start the list
+/// and each extent on a block boundary (the padding is not counted in an export's budget; an
+/// extent in a file is at least 64 KiB). Capacity never written is never touched.
+const BATCH_BUFFER_BYTES: usize = BATCH_BYTES + PAGE_SLACK_BYTES + (BATCH_BYTES / (64 << 10) + 2) * strata_rpc::records::VALUE_ALIGN;
 
 /// An import message as the object store's export writes it. Its values are all verified where
 /// they land (`Vos::import_refs` checks each against its record header), so the export reads
@@ -51,6 +56,12 @@ pub(super) struct ImportSink(pub(super) strata_rpc::records::Writer);
 impl strata_vos::RecordSink for ImportSink {
     fn record(&mut self, punch: bool, key: &[u8], value_len: usize) -> &mut Vec<u8> {
         self.0.record(punch, key, value_len)
+    }
+
+    /// Extents go on block boundaries of the message: read into it from disk and written to
+    /// disk from where they arrive, without a copy at either end (`records::VALUE_ALIGN`).
+    fn record_aligned(&mut self, punch: bool, key: &[u8], value_len: usize, at: usize) -> &mut Vec<u8> {
+        self.0.record_aligned(punch, key, value_len, at)
     }
 
     fn receiver_verifies(&self) -> bool {
@@ -69,14 +80,19 @@ pub(super) struct Batch {
 
 impl Batch {
     fn new(buffers: &strata_rpc::buffer_pool::BufferPool) -> Batch {
-        let buf = buffers.take(BATCH_BYTES + PAGE_SLACK_BYTES);
-        Batch { sink: ImportSink(strata_rpc::records::Writer::with_buffer(buf)), records: 0, bytes: 0, objects_ended: 0 }
+        let buf = buffers.take(BATCH_BUFFER_BYTES);
+        Batch { sink: ImportSink(strata_rpc::records::Writer::with_aligned_buffer(buf)), records: 0, bytes: 0, objects_ended: 0 }
+    }
+
+    /// Bytes of the message so far, the padding that aligns extents included.
+    fn len(&self) -> u64 {
+        self.bytes.max(self.sink.0.written_bytes() as u64)
     }
 
     /// Whether the message should go now: it holds `full_bytes` (`BATCH_BYTES`, or less for the
     /// first of a pass) or `BATCH_RECORDS_MAX` records.
     fn full(&self, full_bytes: usize) -> bool {
-        self.bytes >= full_bytes as u64 || self.records >= BATCH_RECORDS_MAX
+        self.len() >= full_bytes as u64 || self.records >= BATCH_RECORDS_MAX
     }
 }
 
@@ -120,12 +136,12 @@ fn fill(view: &PoolView, buffers: &strata_rpc::buffer_pool::BufferPool, since: E
             let (g, groups) = (*g, l.group_count());
             let keep = move |r: strata_vos::RecordRef<'_>| r.record_key().is_none_or(|k| k.epoch <= since) && r.dkey().is_none_or(|d| strata_placement::group_for_dkey(&d, groups) == g);
             if !batches.contains_key(dests) && batches.len() >= BATCHES_OPEN_MAX {
-                let fullest = batches.iter().max_by_key(|(_, b)| b.bytes).map(|(k, _)| k.clone()).expect("BATCHES_OPEN_MAX > 0");
+                let fullest = batches.iter().max_by_key(|(_, b)| b.len()).map(|(k, _)| k.clone()).expect("BATCHES_OPEN_MAX > 0");
                 let b = batches.remove(&fullest).expect("just found");
                 return Ok(Filled { batches, cursor, single, ready: Some((fullest, b)) });
             }
             let batch = batches.entry(dests.clone()).or_insert_with(|| Batch::new(buffers));
-            let budget = (BATCH_BYTES as u64).saturating_sub(batch.bytes).max(1) as usize;
+            let budget = (BATCH_BYTES as u64).saturating_sub(batch.len()).max(1) as usize;
             let exported = o.vos.export_object_page_to(o.cont, o.oid, cursor.after.as_deref(), budget, &keep, &mut batch.sink)?;
             batch.records += exported.records;
             batch.bytes += exported.bytes;
@@ -209,7 +225,8 @@ impl Engine {
     /// One import message to all its destinations at once; the objects it ends are done.
     async fn send_batch(&self, view: &PoolView, dests: Vec<TargetId>, b: Batch) -> Result<u64, RemoteError> {
         let page = strata_vos::ExportedPage { records: b.records, bytes: b.bytes, next: None };
-        let payload = self.page_buffers.lend(b.sink.0.finish(), 0);
+        let (buf, start) = b.sink.0.finish_at();
+        let payload = self.page_buffers.lend(buf, start);
         // Id 0 is no object of the tracker's: progress is counted per message below.
         for r in futures::future::join_all(dests.iter().map(|t| self.import_encoded(view, *t, payload.clone(), &page, 0))).await {
             r?;

@@ -209,6 +209,19 @@ mod tests {
         assert_eq!(s2.elapsed(), Duration::ZERO, "0 means no limit");
     }
 
+    /// `rounds` times: take an import of `bytes` (waiting for its turn), report `SAMPLES_MIN`
+    /// foreground updates of `latency` alongside it, end it, and let an adjustment interval pass.
+    async fn import_rounds(p: &MovePacer, rounds: usize, bytes: u64, latency: Duration) {
+        for _ in 0..rounds {
+            let g = p.take(bytes, true).await;
+            for _ in 0..SAMPLES_MIN {
+                p.foreground_done(latency);
+            }
+            drop(g);
+            tokio::time::advance(ADJUST_EVERY).await;
+        }
+    }
+
     /// With a baseline, imports run unpaced while updates alongside them stay fast; when they
     /// slow down past `SLOWDOWN_MAX`, the rate is cut (never below the floor) and it recovers
     /// to unpaced once they are fast again.
@@ -220,37 +233,16 @@ mod tests {
         }
         // Alongside imports, as fast as the baseline: unpaced.
         let t = Instant::now();
-        for _ in 0..10 {
-            let g = p.take(8 << 20, true).await;
-            for _ in 0..SAMPLES_MIN {
-                p.foreground_done(Duration::from_millis(2));
-            }
-            drop(g);
-            tokio::time::advance(ADJUST_EVERY).await;
-        }
+        import_rounds(&p, 10, 8 << 20, Duration::from_millis(2)).await;
         assert_eq!(p.rate(), None);
         assert_eq!(t.elapsed(), ADJUST_EVERY * 10, "an unpaced import waited");
         // Five times slower: cut, repeatedly, down to the floor at most.
-        for _ in 0..30 {
-            let g = p.take(8 << 20, true).await;
-            for _ in 0..SAMPLES_MIN {
-                p.foreground_done(Duration::from_millis(10));
-            }
-            drop(g);
-            tokio::time::advance(ADJUST_EVERY).await;
-        }
+        import_rounds(&p, 30, 8 << 20, Duration::from_millis(10)).await;
         let cut = p.rate().expect("paced once updates slowed down");
         assert!(cut >= (1 << 20) as f64, "below the floor: {cut}");
         assert!(cut < (8 << 20) as f64 / ADJUST_EVERY.as_secs_f64(), "not cut: {cut}");
         // Fast again: the rate grows back to unpaced.
-        for _ in 0..200 {
-            let g = p.take(1 << 20, true).await;
-            for _ in 0..SAMPLES_MIN {
-                p.foreground_done(Duration::from_millis(2));
-            }
-            drop(g);
-            tokio::time::advance(ADJUST_EVERY).await;
-        }
+        import_rounds(&p, 200, 1 << 20, Duration::from_millis(2)).await;
         assert_eq!(p.rate(), None, "never unpaced again");
     }
 }

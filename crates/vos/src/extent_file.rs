@@ -110,6 +110,9 @@ fn aligned_span(len: u64) -> u64 {
 /// of the copy into the buffer by perf (a buffer that size no longer stays in the core's
 /// cache between writes); what `append_many` saves is the syncs, not the writes.
 const PACKED_WRITE_BYTES_MAX: u64 = 1 << 20;
+/// Most bytes of one direct write of `append_many` when its extents lie block-aligned in memory
+/// (written from where they are, no copy): fewer, larger writes.
+const ALIGNED_WRITE_BYTES_MAX: u64 = 4 << 20;
 /// `append_many` of more bytes appends extent by extent (a batch of the store is at most 64 MiB).
 const APPEND_MANY_BYTES_MAX: u64 = 64 << 20;
 const _: () = assert!(APPEND_MANY_BYTES_MAX <= EXTENT_FILE_BYTES_MAX);
@@ -118,11 +121,22 @@ const _: () = assert!(APPEND_MANY_BYTES_MAX <= EXTENT_FILE_BYTES_MAX);
 /// aligned buffer and written at `offset` with one direct write; false if that failed. A single
 /// extent that already starts on a block boundary and fills whole blocks (the RPC layer
 /// receives large payloads that way) goes to the disk from where it is.
+/// Whether `d` starts on a block boundary of memory and fills whole blocks: it can go to a direct
+/// write from where it is.
+fn is_block_aligned(d: &[u8]) -> bool {
+    (d.as_ptr() as usize).is_multiple_of(EXTENT_ALIGN_BYTES as usize) && (d.len() as u64).is_multiple_of(EXTENT_ALIGN_BYTES)
+}
+
 fn write_packed(direct: &File, datas: &[&[u8]], offset: u64) -> bool {
     if let [d] = datas {
-        if (d.as_ptr() as usize).is_multiple_of(EXTENT_ALIGN_BYTES as usize) && (d.len() as u64).is_multiple_of(EXTENT_ALIGN_BYTES) {
+        if is_block_aligned(d) {
             return direct.write_all_at(d, offset).is_ok();
         }
+    }
+    // Several, each aligned where it lies (an import message places extents so): one vectored
+    // write from there, no copy.
+    if datas.len() > 1 && datas.len() <= IOV_MAX && datas.iter().all(|d| is_block_aligned(d)) {
+        return write_vectored_all_at(direct, datas, offset);
     }
     let span: u64 = datas.iter().map(|d| aligned_span(d.len() as u64)).sum();
     with_scratch(span as usize, |buf| {
@@ -146,6 +160,76 @@ fn open_direct(path: &Path) -> Option<Arc<File>> {
 fn open_direct_read(path: &Path) -> Option<Arc<File>> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok().map(Arc::new)
+}
+
+/// Vectors of one `pwritev` at most (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// Write `datas` one after the other at `offset` (`pwritev`, continued after short writes).
+fn write_vectored_all_at(f: &File, datas: &[&[u8]], offset: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut iov: Vec<libc::iovec> = datas.iter().map(|d| libc::iovec { iov_base: d.as_ptr() as *mut libc::c_void, iov_len: d.len() }).collect();
+    let (mut first, mut at) = (0usize, offset);
+    while first < iov.len() {
+        // SAFETY: every iovec points into a slice of `datas`, alive for this call; the kernel
+        // only reads them.
+        let n = unsafe { libc::pwritev(f.as_raw_fd(), iov[first..].as_ptr(), (iov.len() - first) as libc::c_int, at as libc::off_t) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+        if n == 0 {
+            return false;
+        }
+        let mut n = n as usize;
+        at += n as u64;
+        while first < iov.len() && n >= iov[first].iov_len {
+            n -= iov[first].iov_len;
+            first += 1;
+        }
+        if n > 0 {
+            // SAFETY: `n` is less than this vector's length: still within its slice.
+            iov[first].iov_base = unsafe { iov[first].iov_base.cast::<u8>().add(n).cast() };
+            iov[first].iov_len -= n;
+        }
+    }
+    true
+}
+
+/// Read `len` bytes at `offset` with direct I/O into the spare capacity at the end of `out`,
+/// if that is block-aligned memory with room for `span` (`len` rounded up to whole blocks), and
+/// extend `out` by them; false (and `out` unchanged) otherwise or when the read comes up short.
+fn read_direct_into(direct: &File, offset: u64, len: usize, span: usize, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    // SAFETY: pointer arithmetic within the allocation (`start <= capacity`).
+    let at = unsafe { out.as_mut_ptr().add(start) };
+    if !(at as usize).is_multiple_of(EXTENT_ALIGN_BYTES as usize) || out.capacity() - start < span {
+        return false;
+    }
+    use std::os::fd::AsRawFd;
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: the kernel writes at most `span - done` bytes into the unused capacity behind
+        // `start + done` (checked above); nothing reads them unless `set_len` covers them.
+        let n = unsafe { libc::pread(direct.as_raw_fd(), at.add(done).cast(), span - done, (offset + done as u64) as libc::off_t) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        // Failed, at the end of the file, or short and now unaligned: the caller's other paths
+        // (`out` keeps its length).
+        if n <= 0 {
+            return false;
+        }
+        done += n as usize;
+        if done < len && !done.is_multiple_of(EXTENT_ALIGN_BYTES as usize) {
+            return false;
+        }
+    }
+    // SAFETY: the loop above initialised `start..start + len` (at least).
+    unsafe { out.set_len(start + len) };
+    true
 }
 
 /// A 4 KiB-aligned buffer, as `O_DIRECT` needs, for data that is not aligned already (see
@@ -315,10 +399,13 @@ impl ExtentFiles {
         let mut at = r.offset;
         let mut i = 0;
         while i < items.len() {
-            // The extents of one write: as many as fit `PACKED_WRITE_BYTES_MAX` (at least one).
+            // The extents of one write: as many as fit `PACKED_WRITE_BYTES_MAX` (at least one),
+            // or `ALIGNED_WRITE_BYTES_MAX` of extents that need no copy.
             let (first, start) = (i, at);
             let mut span = 0u64;
-            while i < items.len() && (i == first || span + aligned_span(items[i].0.len() as u64) <= PACKED_WRITE_BYTES_MAX) {
+            let in_place = is_block_aligned(items[first].0);
+            let limit = if in_place { ALIGNED_WRITE_BYTES_MAX } else { PACKED_WRITE_BYTES_MAX };
+            while i < items.len() && (i == first || (span + aligned_span(items[i].0.len() as u64) <= limit && is_block_aligned(items[i].0) == in_place)) {
                 let len = items[i].0.len() as u64;
                 refs.push(ExtentRef { file: r.id, offset: at, crc: items[i].1 });
                 span += aligned_span(len);
@@ -436,6 +523,18 @@ impl ExtentFiles {
         // foreground reads use. Extents start 4 KiB-aligned; the file extends to whole blocks.
         if let Some(d) = self.direct_reader(r.file) {
             let span = len.div_ceil(EXTENT_ALIGN_BYTES as usize) * EXTENT_ALIGN_BYTES as usize;
+            // Straight into `out` where its end is aligned memory with room for whole blocks
+            // (a rebuild's import message places extents so): no copy through the scratch
+            // buffer, which was most of the memory traffic of a rebuild's source.
+            if read_direct_into(&d, r.offset, len, span, out) {
+                let start = out.len() - len;
+                let crc = if verify { crc32c::crc32c(&out[start..]) } else { r.crc };
+                if crc == r.crc {
+                    return Ok(crc);
+                }
+                out.truncate(start);
+                return Err(VosError::Corrupt { location: at(), defect: format!("crc32c mismatch (stored {:#010x}, computed {crc:#010x})", r.crc) });
+            }
             let read = with_scratch(span, |buf| {
                 let mut done = 0usize;
                 while done < len {

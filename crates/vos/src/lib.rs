@@ -215,6 +215,15 @@ pub trait RecordSink {
     /// buffer exactly `value_len` value bytes are then appended to.
     fn record(&mut self, punch: bool, key: &[u8], value_len: usize) -> &mut Vec<u8>;
 
+    /// [`RecordSink::record`] of a value whose byte `at` (an extent's first, past its record
+    /// header) the sink may place on a block boundary of its buffer: an extent is then read from
+    /// disk straight into it (`O_DIRECT`), not through a copy, when the buffer's memory there is
+    /// aligned too.
+    fn record_aligned(&mut self, punch: bool, key: &[u8], value_len: usize, at: usize) -> &mut Vec<u8> {
+        let _ = at;
+        self.record(punch, key, value_len)
+    }
+
     /// Whether every value is verified against its record header where it lands (a rebuild
     /// import does: `Vos::import_refs`). Then an extent read from an extent file is not hashed
     /// here: its header is built from the stored checksum, so bytes damaged on this disk are

@@ -1004,7 +1004,7 @@ impl Vos {
                     if rec.len > EXTENT_BYTES_MAX {
                         return Err(corrupt(&key, format!("extent reference of {} bytes", rec.len)));
                     }
-                    let buf = sink.record(false, &key, record::HEADER_BYTES + rec.len as usize);
+                    let buf = sink.record_aligned(false, &key, record::HEADER_BYTES + rec.len as usize, record::HEADER_BYTES);
                     let at = buf.len();
                     buf.extend_from_slice(&[0u8; record::HEADER_BYTES]);
                     let read = if verify { self.extents.read_append(&x, rec.len, buf) } else { self.extents.read_append_unverified(&x, rec.len, buf) };
