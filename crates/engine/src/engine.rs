@@ -1435,6 +1435,10 @@ impl Handler for Engine {
                 Ok((self.cap_update(&token, dkey, ops, payload).await?, Bytes::new()))
             }
             EngineReq::Stats => Ok((EngineResp::Stats(self.stats()), Bytes::new())),
+            EngineReq::PoolVersions { versions } => {
+                self.note_pool_versions(&versions).await;
+                Ok((EngineResp::Updated { epoch: Epoch::ZERO }, Bytes::new()))
+            }
         }
     }
 }

@@ -75,6 +75,9 @@ pub enum EngineReq {
     /// This rank's counters (background aggregation, space used by its targets, data moved,
     /// background scrub).
     Stats,
+    /// Management service → engine: these pools' maps are at these versions (pushed when a map
+    /// changes, so that rebuild starts without waiting for a heartbeat); answer `Updated`.
+    PoolVersions { versions: std::collections::BTreeMap<PoolId, u64> },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
