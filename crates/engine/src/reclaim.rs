@@ -24,6 +24,10 @@
 
 use super::*;
 
+/// Objects one reclaim delete takes at once (one VOS commit, one sync, for many small objects);
+/// requests under a newer map wait for at most that many.
+const RECLAIM_OBJECTS_PER_COMMIT: usize = 64;
+
 /// Requests writing per (pool, map version), and the delete under way, if any.
 #[derive(Default)]
 pub(super) struct ReclaimGate {
@@ -208,36 +212,23 @@ impl Engine {
                 loop {
                     let v = vos.clone();
                     let page = on_blocking_pool(move || v.list_stored_objects(cont, cursor, WALK_PAGE_OBJECTS)).await?;
+                    let mut batch: Vec<(strata_types::Oid, strata_placement::Layout)> = Vec::new();
                     for oid in page.items {
                         if self.installed_version(pool) != Some(version) {
                             return Ok(self.reclaim_stopped(pool, version, "the pool map moved on"));
                         }
                         // An object of an unknown class is left alone.
                         let Ok(layout) = view.placement.layout(oid) else { continue };
-                        let how = plan(&layout, me);
-                        if how == Reclaim::Keep {
+                        if plan(&layout, me) == Reclaim::Keep {
                             continue;
                         }
-                        let Some(deleting) = self.reclaim_gate.begin_delete(pool, version, || self.installed_version(pool)) else {
+                        batch.push((oid, layout));
+                        if batch.len() >= RECLAIM_OBJECTS_PER_COMMIT && !self.reclaim_batch(pool, version, me, vos, cont, std::mem::take(&mut batch)).await? {
                             return Ok(self.reclaim_stopped(pool, version, "the pool map moved on, or requests under another map version are writing"));
-                        };
-                        let v = vos.clone();
-                        let s = on_blocking_pool(move || match how {
-                            Reclaim::Whole => v.delete_object(cont, oid),
-                            _ => v.reclaim_object(cont, oid, &|k| !placed_here(&layout, me, k)),
-                        })
-                        .await;
-                        drop(deleting);
-                        let s = s?;
-                        if s.records > 0 || s.object_removed {
-                            tracing::debug!(target = %me, %oid, records = s.records, bytes = s.bytes, whole = s.object_removed, "reclaimed a copy the map no longer places here");
-                            self.reclaim.with(pool, |p| {
-                                p.objects += 1;
-                                p.objects_whole += s.object_removed as u64;
-                                p.records += s.records;
-                                p.bytes += s.bytes;
-                            });
                         }
+                    }
+                    if !batch.is_empty() && !self.reclaim_batch(pool, version, me, vos, cont, batch).await? {
+                        return Ok(self.reclaim_stopped(pool, version, "the pool map moved on, or requests under another map version are writing"));
                     }
                     match page.next {
                         Some(n) => cursor = Some(n),
@@ -253,6 +244,29 @@ impl Engine {
         });
         tracing::info!(%pool, version, objects = after.objects - before.objects, bytes = after.bytes - before.bytes, "reclaim pass done on this rank");
         Ok(PassEnd::Done)
+    }
+
+    /// Delete from target `me` the rows of `batch` (objects of `cont` with their layouts) that
+    /// the pass's map does not place there, in one VOS call under the gate (`begin_delete`).
+    /// `false`: the gate refused (the map moved, or requests under another version write).
+    #[allow(clippy::too_many_arguments)]
+    async fn reclaim_batch(&self, pool: PoolId, version: u64, me: TargetId, vos: &Arc<Vos>, cont: strata_types::ContId, batch: Vec<(strata_types::Oid, strata_placement::Layout)>) -> Result<bool, RemoteError> {
+        let Some(deleting) = self.reclaim_gate.begin_delete(pool, version, || self.installed_version(pool)) else { return Ok(false) };
+        let v = vos.clone();
+        let oids: Vec<strata_types::Oid> = batch.iter().map(|(o, _)| *o).collect();
+        let layouts: HashMap<strata_types::Oid, strata_placement::Layout> = batch.into_iter().collect();
+        // Objects no group places here lose every row: `placed_here` is false for all of them.
+        let r = on_blocking_pool(move || v.reclaim_objects(cont, &oids, &|k| layouts.get(&k.oid).is_some_and(|l| !placed_here(l, me, k)))).await;
+        drop(deleting);
+        for s in r?.into_iter().filter(|s| s.records > 0 || s.object_removed) {
+            self.reclaim.with(pool, |p| {
+                p.objects += 1;
+                p.objects_whole += s.object_removed as u64;
+                p.records += s.records;
+                p.bytes += s.bytes;
+            });
+        }
+        Ok(true)
     }
 
     fn reclaim_stopped(&self, pool: PoolId, version: u64, why: &str) -> PassEnd {

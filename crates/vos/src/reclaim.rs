@@ -43,51 +43,66 @@ impl Vos {
     ///
     /// Nothing may write the object while this runs (see the module doc).
     pub fn reclaim_object(&self, cont: ContId, oid: Oid, drop: &dyn Fn(&RecordKey) -> bool) -> Result<ReclaimStats, VosError> {
-        let p = object_prefix(cont, oid);
-        let end = prefix_successor(&p);
-        let mut stats = ReclaimStats::default();
+        Ok(self.reclaim_objects(cont, &[oid], drop)?.pop().unwrap_or_default())
+    }
+
+    /// [`Vos::reclaim_object`] for several objects of one container in as few commits as their
+    /// rows allow (one sync for a page of small objects, not one each); what each lost, in
+    /// order. `drop` sees keys of every one of them (the key names its object).
+    pub fn reclaim_objects(&self, cont: ContId, oids: &[Oid], drop: &dyn Fn(&RecordKey) -> bool) -> Result<Vec<ReclaimStats>, VosError> {
+        let mut out = Vec::with_capacity(oids.len());
         let mut ops = Vec::new();
         let mut dead: Vec<(ExtentRef, u64)> = Vec::new();
-        let mut kept = false;
-        for r in self.engine.scan(Space::Records, &p, Some(&end), false) {
-            let (k, v) = r?;
-            if !decode_record_key(&k).is_some_and(|key| drop(&key)) {
-                kept = true;
-                continue;
-            }
-            stats.records += 1;
-            match record::decode(&v) {
-                Ok(rec) if rec.kind == RecordKind::ValueRef => {
-                    stats.bytes += rec.len;
-                    dead.extend(ExtentRef::decode(rec.payload).map(|x| (x, rec.len)));
+        let mut removed = Vec::new();
+        for &oid in oids {
+            let p = object_prefix(cont, oid);
+            let end = prefix_successor(&p);
+            let mut stats = ReclaimStats::default();
+            let mut kept = false;
+            for r in self.engine.scan(Space::Records, &p, Some(&end), false) {
+                let (k, v) = r?;
+                if !decode_record_key(&k).is_some_and(|key| drop(&key)) {
+                    kept = true;
+                    continue;
                 }
-                Ok(rec) => stats.bytes += rec.payload.len() as u64,
-                // A damaged row goes as well: nothing of it is needed here.
-                Err(_) => stats.bytes += v.len() as u64,
+                stats.records += 1;
+                match record::decode(&v) {
+                    Ok(rec) if rec.kind == RecordKind::ValueRef => {
+                        stats.bytes += rec.len;
+                        dead.extend(ExtentRef::decode(rec.payload).map(|x| (x, rec.len)));
+                    }
+                    Ok(rec) => stats.bytes += rec.payload.len() as u64,
+                    // A damaged row goes as well: nothing of it is needed here.
+                    Err(_) => stats.bytes += v.len() as u64,
+                }
+                ops.push(EngineOp::Delete(Space::Records, k));
+                if ops.len() >= RECLAIM_BATCH_ROWS {
+                    self.writer.commit(std::mem::take(&mut ops), Vec::new(), 0)?;
+                    self.free_extents(&mut dead);
+                }
             }
-            ops.push(EngineOp::Delete(Space::Records, k));
-            if ops.len() >= RECLAIM_BATCH_ROWS {
-                self.writer.commit(std::mem::take(&mut ops), Vec::new(), 0)?;
-                self.free_extents(&mut dead);
+            if !kept {
+                // In the same batch as the object's last record rows or a later one: the object
+                // lists until nothing of it is left.
+                for r in self.engine.scan(Space::Punches, &p, Some(&end), false) {
+                    let (k, _) = r?;
+                    ops.push(EngineOp::Delete(Space::Punches, k));
+                }
+                ops.push(EngineOp::Delete(Space::Objects, p.clone()));
+                // Forgotten before the delete commits: a later write must write the index row again.
+                self.indexed().remove(&(cont, oid));
+                stats.object_removed = true;
+                removed.push(oid);
             }
-        }
-        if !kept {
-            for r in self.engine.scan(Space::Punches, &p, Some(&end), false) {
-                let (k, _) = r?;
-                ops.push(EngineOp::Delete(Space::Punches, k));
-            }
-            ops.push(EngineOp::Delete(Space::Objects, p.clone()));
-            // Forgotten before the delete commits: a later write must write the index row again.
-            self.indexed().remove(&(cont, oid));
+            out.push(stats);
         }
         if !ops.is_empty() {
             self.writer.commit(ops, Vec::new(), 0)?;
         }
         self.free_extents(&mut dead);
-        if !kept {
+        for oid in removed {
             self.punches.remove_object(cont, oid);
-            stats.object_removed = true;
         }
-        Ok(stats)
+        Ok(out)
     }
 }

@@ -148,3 +148,27 @@ fn an_object_larger_than_one_delete_batch_goes_whole() {
     assert!(vos.export_object(cont, oid).unwrap().is_empty());
     assert!(vos.list_containers().unwrap().is_empty());
 }
+
+/// Several objects in one call (one commit): each loses exactly its selected rows, in order.
+#[test]
+fn several_objects_are_reclaimed_in_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let cont = ContId::new_random();
+    let (whole, part, untouched) = (Oid::from_u128(0x50), Oid::from_u128(0x51), Oid::from_u128(0x52));
+    let vos = Vos::open(dir.path(), &VosConfig::default()).unwrap();
+    for oid in [whole, part, untouched] {
+        for d in 0..4u8 {
+            put(&vos, cont, oid, &[d], 10, single(&[d; 10]));
+        }
+    }
+    let select = |k: &strata_vos::RecordKey| k.oid == whole || (k.oid == part && k.dkey[0] < 2);
+    let s = vos.reclaim_objects(cont, &[whole, part, untouched], &select).unwrap();
+    assert_eq!(s.iter().map(|s| (s.records, s.object_removed)).collect::<Vec<_>>(), vec![(4, true), (2, false), (0, false)]);
+    drop(vos);
+    let vos = Vos::open(dir.path(), &VosConfig::default()).unwrap();
+    assert_eq!(vos.list_stored_objects(cont, None, 10).unwrap().items, vec![part, untouched]);
+    for d in 0..4u8 {
+        assert_eq!(vos.fetch_single(cont, part, &[d], b"s", Epoch::MAX).unwrap().is_some(), d >= 2, "dkey {d}");
+        assert!(vos.fetch_single(cont, untouched, &[d], b"s", Epoch::MAX).unwrap().is_some());
+    }
+}
