@@ -317,14 +317,12 @@ impl Vos {
         // On failure the pending rows stay: the next open checks those extents.
         outcome?;
         if !pending.is_empty() {
-            // Delete them at once, without waiting (the deletes join the next group): while a
-            // pending row is there, damage to its acknowledged extent would read at the next
-            // open as a torn write and drop the row instead of being found and repaired by
-            // scrub. If the store stops first, the next open checks those extents: whole.
-            let deletes = pending.into_iter().map(|k| EngineOp::Delete(Space::Meta, k)).collect();
-            if let Err(e) = self.writer.submit(deletes, Vec::new(), 0) {
-                tracing::debug!(error = %e, "pending-extent rows stay until the next open");
-            }
+            // Delete them soon, riding along with the next group rather than costing a
+            // journal sync of their own (`GroupCommit::defer`): while a pending row is there,
+            // damage to its acknowledged extent would read at the next open as a torn write
+            // and drop the row instead of being found and repaired by scrub. If the store stops
+            // first, the next open checks those extents: whole.
+            self.writer.defer(pending.into_iter().map(|k| EngineOp::Delete(Space::Meta, k)).collect());
         }
         self.note_indexed(indexing);
         Ok(())
