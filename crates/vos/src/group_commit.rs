@@ -37,7 +37,7 @@ pub struct GroupCommit {
 /// Upper bound on sync lanes: more syncs in flight per journal than this gain nothing.
 pub const SYNC_LANES_MAX: usize = 16;
 /// Deferred rows wait at most this long for a group to ride along with.
-pub const DEFERRED_IDLE_MS: u64 = 200;
+pub const DEFERRED_IDLE_MS: u64 = 50;
 /// ... and at most this many of them wait: beyond it they form a group at once.
 pub const DEFERRED_OPS_MAX: usize = 4096;
 
@@ -55,6 +55,7 @@ impl GroupCommit {
             engine,
             punches,
             group_bytes_max,
+            deferred_idle_ms: DEFERRED_IDLE_MS.into(),
         });
         let mut lanes = Vec::new();
         for i in 0..sync_lanes.clamp(1, SYNC_LANES_MAX) {
@@ -98,6 +99,18 @@ impl GroupCommit {
             l.work.notify_one();
         }
         Ok(Committing(wait))
+    }
+
+    /// How long deferred rows wait for a group before they form one alone (lanes already
+    /// waiting keep their current timeout).
+    pub fn set_deferred_idle(&self, idle: std::time::Duration) {
+        self.shared.deferred_idle_ms.store(idle.as_millis().min(u64::MAX as u128) as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Tests only: forget the deferred rows, as a power loss before their group would.
+    #[doc(hidden)]
+    pub fn discard_deferred(&self) {
+        self.shared.lock_queue().deferred.clear();
     }
 
     /// Queue rows that nobody waits for and that may become durable later (a crash before
@@ -208,6 +221,8 @@ struct Lanes {
     engine: Arc<dyn KvEngine>,
     punches: Arc<PunchIndex>,
     group_bytes_max: usize,
+    /// How long deferred rows wait for a group (`DEFERRED_IDLE_MS` unless configured).
+    deferred_idle_ms: std::sync::atomic::AtomicU64,
 }
 
 struct Queue {
@@ -231,7 +246,7 @@ impl Lanes {
     /// core).
     fn lane_loop(&self) {
         let mut q = self.lock_queue();
-        let idle = std::time::Duration::from_millis(DEFERRED_IDLE_MS);
+        let idle = std::time::Duration::from_millis(self.deferred_idle_ms.load(std::sync::atomic::Ordering::Relaxed).max(1));
         loop {
             if !q.forming && !q.jobs.is_empty() {
                 q = self.form_and_commit(q);

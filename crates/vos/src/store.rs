@@ -223,6 +223,7 @@ impl Vos {
             tracing::warn!(target_dir = %dir.display(), dropped, "dropped extent rows whose bytes did not reach the disk before a crash (never acknowledged)");
         }
         let writer = GroupCommit::start(engine.clone(), punches.clone(), cfg.queue_depth, cfg.group_bytes_max, cfg.sync_lanes);
+        writer.set_deferred_idle(std::time::Duration::from_millis(cfg.deferred_idle_ms));
         let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()), extents, indexed: Mutex::default() };
         // What happened before the restart is unknown: every container is due once.
         for cont in vos.list_containers()? {
@@ -291,6 +292,13 @@ impl Vos {
         let s = self.submit_and_sync_extents(self.encode_batch(batch)?)?;
         s.extents_synced?;
         s.committing.wait()
+    }
+
+    /// Tests only: stop as a power loss would, losing the deferred rows (pending-extent deletes)
+    /// that no group has taken yet.
+    #[doc(hidden)]
+    pub fn stop_losing_deferred_rows(self) {
+        self.writer.discard_deferred();
     }
 
     /// Commit an encoded batch. Extent bytes and their index rows are synced at the same time,
@@ -1144,6 +1152,10 @@ impl Vos {
     /// Checkpoint: write buffered rows into the engine's sorted files so that recovery after a
     /// restart replays less.
     pub fn flush(&self) -> Result<(), VosError> {
+        // Deferred rows (pending-extent deletes) first: a flush is what scrub runs before it
+        // checks, and what a caller runs to have everything on disk, so after it no pending row
+        // of an acknowledged extent is left for a crash to turn into a "torn write".
+        self.writer.submit(Vec::new(), Vec::new(), 0)?.wait()?;
         self.engine.flush()
     }
 
