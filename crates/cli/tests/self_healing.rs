@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{poll, watch_progress, Cluster, Rng};
+use common::{misplaced_rows, poll, reclaimed, watch_progress, Cluster, Rng};
 use std::sync::Arc;
 use std::time::Duration;
 use strata_client::{Client, ClusterFile, ObjHandle};
@@ -127,14 +127,20 @@ fn setup(c: &Cluster, rt: &tokio::runtime::Runtime, per_class: u64) -> Vec<Vec<O
     })
 }
 
-#[test]
-fn rebuild_decodes_ec_cells_so_failures_within_the_redundancy_lose_nothing() {
+/// Six ranks with 5,000 objects of each class written (`setup`), and the targets per rank.
+fn six_ranks_with_objects() -> (Cluster, tokio::runtime::Runtime, Vec<Vec<ObjHandle>>, usize) {
     let c = Cluster::start(&["--ranks", "6", "--heartbeat-timeout-ms", "1500"]);
     // For the post-mortem in check_all (nextest runs each test in its own process).
     unsafe { std::env::set_var("STRATA_CLUSTER", c.cluster_file()) };
     let rt = runtime();
     let objs = setup(&c, &rt, 5000);
     let per_rank = target_states(&c).len() / 6;
+    (c, rt, objs, per_rank)
+}
+
+#[test]
+fn rebuild_decodes_ec_cells_so_failures_within_the_redundancy_lose_nothing() {
+    let (c, rt, objs, per_rank) = six_ranks_with_objects();
 
     c.kill9_rank_dir(1);
     poll("rebuild of the first failure", Duration::from_secs(180), || settled(&c, per_rank));
@@ -233,11 +239,7 @@ fn rebuild_midway(c: &Cluster) -> Option<serde_json::Value> {
 
 #[test]
 fn a_failure_during_ec_rebuild_restarts_it_on_the_newer_map() {
-    let c = Cluster::start(&["--ranks", "6", "--heartbeat-timeout-ms", "1500"]);
-    unsafe { std::env::set_var("STRATA_CLUSTER", c.cluster_file()) };
-    let rt = runtime();
-    let objs = setup(&c, &rt, 5000);
-    let per_rank = target_states(&c).len() / 6;
+    let (c, rt, objs, per_rank) = six_ranks_with_objects();
 
     c.kill9_rank_dir(1);
     let g = poll("the first rebuild to be part way", Duration::from_secs(60), || rebuild_midway(&c));
@@ -526,6 +528,11 @@ fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_littl
         let t = q["map"]["targets"].as_array().unwrap();
         (t.iter().filter(|t| t["state"] == "DownOut").count() == 2 && t.iter().all(|t| t["state"] == "Up" || t["state"] == "DownOut")).then_some(())
     });
+    // Once the map is settled every rank deletes the copies the extension and the drain left
+    // where the map no longer places them.
+    let reclaim = poll("reclaim to finish on every rank", Duration::from_secs(180), || reclaimed(&c, "ext", 6));
+    eprintln!("reclaimed: {reclaim}");
+    assert!(reclaim["objects_whole"].as_u64().unwrap() > 0 && reclaim["bytes"].as_u64().unwrap() > 0, "nothing was reclaimed: {reclaim}");
     let moved2 = rt.block_on(moved_bytes(&pool));
     let map2 = pool.info().unwrap().map;
     let ideal_drain = ideal_moved(&map1, &map2, &sizes(&acked));
@@ -569,6 +576,77 @@ fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_littl
                 assert!(r.1 == want[..], "write {n} ({}, shard {i}) is not on target {}, where the final map places it", o.oid, s.target);
             }
         }
+        // And nowhere else: no copy is left where the final map does not place it.
+        let conts: Vec<strata_types::ContId> = objs.iter().map(|os| os[0].cont_id()).collect();
+        let (misplaced, listed) = misplaced_rows(&pool, &conts, objs[0][0].oid, &[]).await;
+        assert!(misplaced.is_empty(), "{} rows are stored where the final map does not place them, e.g. {:?}", misplaced.len(), &misplaced[..misplaced.len().min(5)]);
+        let drained: Vec<_> = listed.iter().filter(|(t, _)| t.rank.0 as u64 == ranks[1]).collect();
+        assert!(!drained.is_empty() && drained.iter().all(|(_, n)| **n == 0), "the drained rank's targets still hold objects: {drained:?}");
+        assert!(listed.iter().filter(|(t, _)| t.rank.0 as u64 != ranks[1]).all(|(_, n)| *n > 0), "every other target holds data: {listed:?}");
+    });
+}
+
+/// Reclaim deletes nothing while data still moves: a rank of the original four is killed while
+/// the pool is being extended, so a rebuild and the extension run before the map settles; no
+/// reclaim runs meanwhile, and afterwards every object reads back exactly and copies are left
+/// only where the final map places them.
+#[test]
+fn a_failure_during_an_extension_loses_nothing_to_reclaim() {
+    let c = Cluster::start(&["--ranks", "6", "--heartbeat-timeout-ms", "1500"]);
+    unsafe { std::env::set_var("STRATA_CLUSTER", c.cluster_file()) };
+    let ranks: Vec<u64> = (0..6).map(|i| c.rank_of_dir(i)).collect();
+    let first4 = ranks[..4].iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+    let last2 = ranks[4..].iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+    c.json(&["pool", "create", "grow", "--size", "2G", "--ranks", &first4]);
+    for (i, class) in CLASSES.iter().enumerate() {
+        let rf = if class.starts_with("RP_2") || class.starts_with("EC_2P1") { "1" } else { "2" };
+        c.json(&["cont", "create", "grow", &format!("c{i}"), "--oclass", class, "--rf", rf]);
+    }
+    let rt = runtime();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    let (pool, objs) = rt.block_on(async {
+        let client = Client::connect(&cf).await.unwrap();
+        let mut all = Vec::new();
+        for (i, class) in CLASSES.iter().enumerate() {
+            let objs = client.container("grow", &format!("c{i}")).await.unwrap().create_objects(class.parse().unwrap(), 1000).await.unwrap();
+            write_all(&objs, i).await;
+            all.push(objs);
+        }
+        (client.pool("grow").await.unwrap(), all)
+    });
+    // The settled pool's first reclaim pass finds nothing out of place.
+    let before = poll("the first reclaim pass on every rank", Duration::from_secs(60), || reclaimed(&c, "grow", 4));
+    assert_eq!(before["objects"], 0, "{before}");
+    let per_rank = target_states(&c).len() / 6;
+
+    c.json(&["pool", "extend", "grow", "--ranks", &last2]);
+    c.kill9_rank_dir(2);
+    c.json(&["pool", "exclude", "grow", "--rank", &ranks[2].to_string()]);
+    let q = c.json(&["pool", "query", "grow"]);
+    let s = states_in(&q);
+    assert!(s.iter().any(|x| x == "New") && s.iter().any(|x| x == "Down"), "the extension was not under way at the failure: {s:?}");
+    // Until the rebuild and the extension are both done, no reclaim pass deletes anything.
+    let mut samples = 0;
+    poll("the rebuild and the extension to finish", Duration::from_secs(300), || {
+        let q = c.json(&["pool", "query", "grow"]);
+        let s = states_in(&q);
+        let moving = s.iter().any(|x| x == "New" || x == "Down");
+        if moving {
+            samples += 1;
+            assert_eq!(q["reclaim"]["objects"], 0, "reclaim deleted copies while data was moving (states {s:?}): {}", q["reclaim"]);
+        }
+        (!moving && s.iter().filter(|x| *x == "DownOut").count() == per_rank).then_some(())
+    });
+    let after = poll("reclaim to finish on every live rank", Duration::from_secs(180), || reclaimed(&c, "grow", 5));
+    eprintln!("{samples} samples while data moved; reclaimed afterwards: {after}");
+    assert!(after["objects"].as_u64().unwrap() > 0, "the extension's old copies were not reclaimed: {after}");
+    for (class, o) in objs.iter().enumerate() {
+        rt.block_on(check_all(o, class, "a failure during an extension, then reclaim"));
+    }
+    rt.block_on(async {
+        let conts: Vec<strata_types::ContId> = objs.iter().map(|os| os[0].cont_id()).collect();
+        let (misplaced, _) = misplaced_rows(&pool, &conts, objs[0][0].oid, &[ranks[2]]).await;
+        assert!(misplaced.is_empty(), "{} rows are stored where the final map does not place them, e.g. {:?}", misplaced.len(), &misplaced[..misplaced.len().min(5)]);
     });
 }
 
