@@ -142,10 +142,6 @@ pub struct Engine {
     pools: RwLock<HashMap<PoolId, Arc<PoolView>>>,
     mgmt: MgmtClient,
     peers: RpcPool,
-    /// Connections to the other engines for data movement (imports, exports) only: on the
-    /// connections replication uses, a 64 KiB forwarded update queued behind an 8 MiB import
-    /// message at both ends (one writer per connection, frames read in order).
-    movement_peers: RpcPool,
     hlc: Hlc,
     /// Transactional KV state of the shards this rank leads (`txn.rs`).
     kv: txn::KvState,
@@ -208,7 +204,7 @@ impl Engine {
             targets.push(Arc::new(Vos::open(&dir, &cfg.vos).map_err(|e| e.to_string())?));
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
-        Ok(Engine { pacer: move_pacing::MovePacer::new(cfg.rebuild_bytes_per_s), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), movement_peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes), reclaim_gate: Default::default(), reclaim: Default::default() })
+        Ok(Engine { pacer: move_pacing::MovePacer::new(cfg.rebuild_bytes_per_s), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes), reclaim_gate: Default::default(), reclaim: Default::default() })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -1081,7 +1077,7 @@ impl Engine {
         }
         let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
         let req = EngineReq::Export { pool: view.map_pool_id, map_version: view.map.version, target: t.index, cont, oid, after, upto, bytes_max: EXPORT_PAGE_BYTES as u64 };
-        let (resp, payload) = self.movement_peers.call::<_, EngineResp>(addr, &req, Bytes::new(), FORWARD_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("export from {t}: {e}")))?;
+        let (resp, payload) = self.peers.call::<_, EngineResp>(addr, &req, Bytes::new(), FORWARD_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("export from {t}: {e}")))?;
         let EngineResp::Exported { truncated } = resp else { return Err(rerr(ErrorCode::Internal, format!("export from {t}: unexpected answer"))) };
         let records = strata_rpc::records::decode(&payload).map_err(|e| rerr(ErrorCode::Internal, format!("export from {t}: {e}")))?;
         Ok((records.into_iter().map(|r| strata_vos::RawRecord { punch: r.punch, key: r.key.to_vec(), value: r.value.to_vec() }).collect(), truncated))
@@ -1126,7 +1122,7 @@ impl Engine {
         } else {
             let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
             let req = EngineReq::Import { pool, map_version: view.map.version, target: t.index };
-            self.movement_peers.call::<_, EngineResp>(addr, &req, payload, IMPORT_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))?;
+            self.peers.call::<_, EngineResp>(addr, &req, payload, IMPORT_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))?;
         }
         self.moved_records.fetch_add(page.records, std::sync::atomic::Ordering::Relaxed);
         self.moved_bytes.fetch_add(page.bytes, std::sync::atomic::Ordering::Relaxed);
@@ -1171,7 +1167,7 @@ impl Engine {
         let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
         let payload = strata_rpc::records::encode(records.iter().map(|r| (r.punch, &r.key[..], &r.value[..])));
         let req = EngineReq::Import { pool: view.map_pool_id, map_version: view.map.version, target: t.index };
-        self.movement_peers.call::<_, EngineResp>(addr, &req, Bytes::from(payload), IMPORT_TIMEOUT).await.map(|_| ()).map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))
+        self.peers.call::<_, EngineResp>(addr, &req, Bytes::from(payload), IMPORT_TIMEOUT).await.map(|_| ()).map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))
     }
 }
 
