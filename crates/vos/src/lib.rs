@@ -56,7 +56,7 @@ pub use group_commit::SYNC_LANES_MAX;
 pub use error::VosError;
 pub use key_codec::RecordKey;
 pub use aggregation_horizon::Horizon;
-pub use store::{fs_space, Vos};
+pub use store::{fs_space, ReclaimStats, Vos};
 pub use strata_types::{ContId, Epoch, Oid};
 
 /// Store format written in the target's marker file. 2: large extents in extent files

@@ -18,6 +18,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use strata_types::{ContId, Epoch, Oid};
 
+#[path = "reclaim.rs"]
+mod reclaim;
+pub use reclaim::ReclaimStats;
+
 const MARKER_FILE: &str = "STRATA_TARGET";
 /// Objects remembered as having their index row; beyond it the set starts over (a forgotten
 /// object only costs one more row write).
