@@ -466,7 +466,18 @@ impl Engine {
 
     /// Apply `ops` at `epoch` on every replica of the shard (the leader included).
     async fn kv_write(&self, ctx: &Ctx, epoch: Epoch, ops: Vec<WireOp>, payload: Bytes) -> Result<(), RemoteError> {
-        let sends = ctx.group.iter().map(|s| self.send_to(&ctx.view, ctx.pool, s.target, ctx.cont, ctx.oid, &ctx.dkey, epoch, ops.clone(), payload.clone()));
+        let late = leader_write_delay();
+        let sends = ctx.group.iter().map(|s| {
+            let (ops, payload) = (ops.clone(), payload.clone());
+            async move {
+                if s.target == ctx.shard.target {
+                    if let Some(d) = late {
+                        tokio::time::sleep(d).await;
+                    }
+                }
+                self.send_to(&ctx.view, ctx.pool, s.target, ctx.cont, ctx.oid, &ctx.dkey, epoch, ops, payload).await
+            }
+        });
         for r in futures::future::join_all(sends).await {
             r?;
         }
@@ -910,6 +921,19 @@ impl Engine {
 /// write skew: the fault tests use it to prove the history checker catches broken isolation.
 fn skip_read_checks() -> bool {
     cfg!(debug_assertions) && std::env::var_os("STRATA_KV_UNSAFE_SKIP_READ_CHECKS").is_some()
+}
+
+/// Test builds only: with `STRATA_KV_TEST_LEADER_WRITE_DELAY_MS` set in an engine's
+/// environment, a shard leader writes its own replica of every KV write that long after the
+/// other replicas (a slow local disk, stretched): the fault tests use it to widen the window in
+/// which a write admitted under one pool map is still landing when a newer map's data
+/// movement reads the leader's store.
+fn leader_write_delay() -> Option<Duration> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let ms: u64 = std::env::var("STRATA_KV_TEST_LEADER_WRITE_DELAY_MS").ok()?.parse().ok()?;
+    Some(Duration::from_millis(ms))
 }
 
 /// The newest version's epoch of a user key (deletes included), if any.
