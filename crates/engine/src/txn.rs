@@ -466,6 +466,15 @@ impl Engine {
 
     /// Apply `ops` at `epoch` on every replica of the shard (the leader included).
     async fn kv_write(&self, ctx: &Ctx, epoch: Epoch, ops: Vec<WireOp>, payload: Bytes) -> Result<(), RemoteError> {
+        // Counted as an update admitted under the request's map until every replica has it, as
+        // `update` is: a data-movement pass under a newer map waits for it before it reads this
+        // store (`wait_older_updates`). Without that, a write still landing on the leader's own
+        // replica when a pass had read the shard reached neither the pass's destinations (they
+        // were not replicas under its map) nor the pass's copy, and was lost with the old
+        // places (an acknowledged transfer vanished after a reintegration). The other replicas
+        // count their part themselves (`Replicate` admits). Once a newer map is installed the
+        // write is refused before it lands anywhere, and the request is retried under it.
+        let (_, _admitted) = self.admit(ctx.pool, ctx.view.map.version).await?;
         let late = leader_write_delay();
         let sends = ctx.group.iter().map(|s| {
             let (ops, payload) = (ops.clone(), payload.clone());
