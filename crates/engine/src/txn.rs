@@ -456,7 +456,13 @@ impl Engine {
                 .map_err(vos_err)?;
                 let mut st = shard.st();
                 for (txn, r) in records {
-                    st.acquire(txn, Held { coord: r.coord, rts: r.rts, proposal: r.proposal, phase: Phase::Prepared, durable: true, failed: false, reads: r.reads, writes: r.writes });
+                    // On this replica, not known to be on every replica of this state's map: a
+                    // prepare whose write failed on some (a replica that had moved to a newer
+                    // map refuses it) is retried by its client under the new map, and must
+                    // write the intent again (same epoch, same bytes) before answering, or a
+                    // replica without it could lead the shard later and never apply the
+                    // transaction's writes there.
+                    st.acquire(txn, Held { coord: r.coord, rts: r.rts, proposal: r.proposal, phase: Phase::Prepared, durable: false, failed: true, reads: r.reads, writes: r.writes });
                 }
                 Ok::<(), RemoteError>(())
             })
