@@ -214,6 +214,10 @@ fn mount_foreground(target: &str, mp: &Path, opts: &[MountOpt], threads: usize, 
         let session = if read_only { None } else { Some(MountSession::start(&vol, session_ttl_ms).await.map_err(|e| anyhow::anyhow!("volume {pool}/{cont}: {e}"))?) };
         anyhow::Ok((vol, cap, session))
     })?;
+    // Stopped (and joined) before the runtime shuts down: a reaper still sleeping on the runtime's
+    // timer when it goes away panics ("Tokio context ... being shutdown") at every unmount.
+    let (stop_reaper, mut reaper_stopped) = tokio::sync::watch::channel(false);
+    let mut reaper_thread = None;
     if let Some(s) = &session {
         // Reclaim what dead mounts left behind: now, then once per session lifetime.
         let (vol, own, period) = (vol.clone(), s.key.clone(), Duration::from_millis(session_ttl_ms.clamp(strata_fs::mount_session::SESSION_TTL_MS_MIN, 60_000)));
@@ -221,15 +225,21 @@ fn mount_foreground(target: &str, mp: &Path, opts: &[MountOpt], threads: usize, 
         let h = rt.handle().clone();
         let reaper = move || async move {
             loop {
-                match strata_fs::mount_session::orphans(&vol, Some(&own), true).await {
-                    Ok(list) if list.iter().any(|o| o.reclaimed) => tracing::info!(reclaimed = list.iter().filter(|o| o.reclaimed).count(), "reclaimed orphans of dead mounts"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "could not reclaim the orphans of dead mounts"),
+                tokio::select! {
+                    r = strata_fs::mount_session::orphans(&vol, Some(&own), true) => match r {
+                        Ok(list) if list.iter().any(|o| o.reclaimed) => tracing::info!(reclaimed = list.iter().filter(|o| o.reclaimed).count(), "reclaimed orphans of dead mounts"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "could not reclaim the orphans of dead mounts"),
+                    },
+                    _ = reaper_stopped.changed() => return,
                 }
-                tokio::time::sleep(period).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = reaper_stopped.changed() => return,
+                }
             }
         };
-        std::thread::Builder::new().name("strata-fs-reaper".into()).spawn(move || h.block_on(reaper()))?;
+        reaper_thread = Some(std::thread::Builder::new().name("strata-fs-reaper".into()).spawn(move || h.block_on(reaper()))?);
     }
     let mut mo = MountOptions { threads: threads.clamp(1, 64), meta_cache: Duration::from_millis(meta_cache_ms), fsname: format!("{FSNAME_PREFIX}{pool}/{cont}"), capacity_bytes: capacity, ..Default::default() };
     for o in opts {
@@ -256,12 +266,17 @@ fn mount_foreground(target: &str, mp: &Path, opts: &[MountOpt], threads: usize, 
             let _ = u.unmount();
         }
     });
-    serve(fs, mp, |u| {
+    let served = serve(fs, mp, |u| {
         *unmounter.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
         println!("mounted {pool}/{cont} on {mp_text} (pid {})", std::process::id());
         let _ = std::io::stdout().flush();
     })
-    .with_context(|| format!("serving the mount on {}", mp.display()))?;
+    .with_context(|| format!("serving the mount on {}", mp.display()));
+    let _ = stop_reaper.send(true);
+    if let Some(t) = reaper_thread {
+        let _ = t.join();
+    }
+    served?;
     if let Some(s) = session {
         rt.block_on(s.end());
     }

@@ -252,7 +252,24 @@ fn wait_and_setup(a: &Args, st: &UpState, aps: &[String], dir: &Path) -> anyhow:
         }
         let env = if cf == ClusterFile::default_path() { String::new() } else { format!("export STRATA_CLUSTER={}\n  ", cf.display()) };
         println!("cluster {} is up: {} ranks, management at {}", st.cluster, st.ranks.len(), aps.join(","));
-        println!("next, in another terminal:\n  {env}strata pool list\n  strata cont create tank demo --type plain --oclass RP_3G1\n  echo hello | strata obj put tank/demo --oclass RP_3G1 --dkey greeting --akey text\n  strata obj get tank/demo OID --dkey greeting --akey text\nCtrl-C stops the cluster.");
+        let strata = strata_command();
+        println!(
+            "next, in another terminal (README.md, \"A first session\", goes on from here):\n  {env}{strata} system query\n  {strata} cont create {p} demo --oclass RP_3G1 --rf 2\n  echo hello | {strata} obj put {p}/demo --dkey greeting --akey text   # prints the object id\n  {strata} obj get {p}/demo OID --dkey greeting --akey text\n  {strata} pool query {p}\nCtrl-C stops the cluster.",
+            p = a.pool
+        );
         Ok(())
     })
+}
+
+/// How to run this binary from another terminal: `strata` when that name on `PATH` is this very
+/// file (after `cargo install --path crates/cli`), otherwise its full path (`cargo run` leaves it
+/// in `target/release`), so the printed commands work when pasted.
+fn strata_command() -> String {
+    let Ok(me) = std::env::current_exe().and_then(|p| p.canonicalize()) else { return "strata".into() };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|d| d.join("strata").canonicalize().is_ok_and(|p| p == me)));
+    if on_path {
+        "strata".into()
+    } else {
+        me.display().to_string()
+    }
 }

@@ -16,9 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// Unmount (the command waits for the mount process to exit), then check that the mount
+/// process shut down cleanly: its log has no panic.
 fn umount(c: &Cluster, mp: &Path) {
+    let log = PathBuf::from(format!("/tmp/strata-fs-{}.log", fs::canonicalize(mp).unwrap().display().to_string().replace('/', "_")));
     c.json(&["fs", "umount", mp.to_str().unwrap()]);
     assert!(!is_mounted(mp));
+    let text = fs::read_to_string(&log).unwrap_or_else(|e| panic!("the mount's log {}: {e}", log.display()));
+    assert!(!text.contains("panicked"), "the mount process panicked: {text}");
 }
 
 fn xattr_set(p: &Path, name: &str, value: &[u8]) -> i32 {

@@ -69,7 +69,7 @@ impl FsError {
             FsError::Range => libc::ERANGE,
             FsError::Perm(_) => libc::EPERM,
             FsError::TooBig(_) => libc::EFBIG,
-            FsError::NoSpace(_) | FsError::StoreFull(_) => libc::ENOSPC,
+            FsError::NoSpace(_) | FsError::StoreFull(_) | FsError::Meta(MetaError::Full(_)) => libc::ENOSPC,
             FsError::Loop => libc::ELOOP,
             FsError::Stale => libc::ESTALE,
             FsError::Contended(..) | FsError::Leased(_) => libc::EAGAIN,

@@ -22,6 +22,7 @@ fn meta_err(e: KvError) -> MetaError {
         KvError::Conflict { .. } => MetaError::Conflict,
         KvError::CasFailed { .. } => MetaError::Stale,
         KvError::TooLarge { .. } | KvError::InvalidKey(_) => MetaError::Invalid(e.to_string()),
+        KvError::NoSpace(m) => MetaError::Full(m),
         e => MetaError::Unavailable(e.to_string()),
     }
 }
@@ -160,5 +161,13 @@ mod tests {
         assert_eq!(prefix_end(b"\xff\xff"), None);
         assert_eq!(scan_start(b"Dp", Some(b"Dpa")), b"Dpa\x00".to_vec());
         assert_eq!(scan_start(b"Dp", None), b"Dp".to_vec());
+    }
+
+    #[test]
+    fn a_pool_out_of_space_for_metadata_is_enospc() {
+        let e = crate::FsError::Meta(meta_err(KvError::NoSpace("target 1.0: 200 MiB free, reserve 256 MiB".into())));
+        assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+        assert!(e.to_string().contains("reserve 256 MiB"), "{e}");
+        assert_eq!(crate::FsError::Meta(meta_err(KvError::Unavailable("rank 2 down".into()))).errno(), libc::EIO);
     }
 }

@@ -31,6 +31,9 @@ pub enum MetaError {
     /// A key or value the store refuses (too large, malformed).
     #[error("metadata store refused the request: {0}")]
     Invalid(String),
+    /// The pool's engines are out of space (ENOSPC, not EIO: applications handle that).
+    #[error("no space left in the pool for metadata: {0}")]
+    Full(String),
 }
 
 /// One key/value pair returned by a scan, in key order.

@@ -31,6 +31,10 @@ pub enum KvError {
     /// The cluster could not serve the request in time (ranks down, map changing).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The engines refused the write for lack of space (their `--reserve-mib`); nothing was
+    /// written. Not worth retrying until space is freed.
+    #[error("no space left in the pool: {0}")]
+    NoSpace(String),
     #[error("a read at epoch {epoch} is not possible: {reason}")]
     BadEpoch { epoch: Epoch, reason: String },
     #[error(transparent)]

@@ -37,6 +37,7 @@ fn rpc_err(e: RpcError) -> KvError {
         RpcError::Remote(r) => match r.code {
             ErrorCode::InvalidArgument => KvError::Remote(r.message),
             ErrorCode::NotFound => KvError::NotAStore(r.message),
+            ErrorCode::NoSpace => KvError::NoSpace(r.message),
             _ => KvError::Unavailable(r.message),
         },
         other => KvError::Unavailable(other.to_string()),
@@ -406,5 +407,20 @@ impl Route {
         let shards: Vec<u32> = shards.collect();
         let resolves = shards.iter().map(|s| async move { self.call(&ShardMap::shard_dkey(*s), move |sh| KvReq::Resolve { shard: sh, txn: id, decision: d }, Bytes::new()).await });
         futures::future::join_all(resolves).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_out_of_space_is_no_space_and_not_retried() {
+        let r = |code, message: &str| RpcError::Remote(strata_rpc::RemoteError { code, message: message.into(), detail: None });
+        let full = rpc_err(r(ErrorCode::NoSpace, "target 1.0: 200 MiB free, reserve 256 MiB"));
+        assert!(matches!(full, KvError::NoSpace(_)), "{full:?}");
+        assert!(!full.is_retryable(), "retrying cannot help until space is freed");
+        assert!(full.to_string().contains("reserve 256 MiB"), "{full}");
+        assert!(rpc_err(r(ErrorCode::Internal, "busy")).is_retryable());
     }
 }
