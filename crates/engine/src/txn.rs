@@ -729,12 +729,23 @@ impl Engine {
                 self.kv_write(ctx, e, vec![punch], Bytes::new()).await?;
             }
         }
+        if let Some(d) = resolve_jitter() {
+            tokio::time::sleep(d).await;
+        }
         {
             let mut st = ctx.shard.st();
+            // Another resolver of the same transaction (its client's resolve and a reader
+            // settling it run at once) may have finished first and released the locks while
+            // this one wrote the same versions; a later transaction may then have committed
+            // newer versions of these keys and cached them. Setting the entries now would put
+            // this older version back as the newest: a stale read, and a lost update once a
+            // transaction wrote on top of what it read.
+            let locked = locked && st.held.contains_key(&txn);
             if let Decision::Committed(c) = d {
                 for (k, v) in &writes {
                     // Under the write lock the commit is the key's newest version; without it
-                    // (resolved from the intent record) the entry may be stale: drop it.
+                    // (resolved from the intent record, or by another resolver) the entry may
+                    // be stale: drop it.
                     if locked {
                         st.values.set(&ctx.shard.cached_total, k, c, v.clone());
                     } else {
@@ -949,6 +960,19 @@ fn leader_write_delay() -> Option<Duration> {
     }
     let ms: u64 = std::env::var("STRATA_KV_TEST_LEADER_WRITE_DELAY_MS").ok()?.parse().ok()?;
     Some(Duration::from_millis(ms))
+}
+
+/// Test builds only: with `STRATA_KV_TEST_RESOLVE_JITTER_MS` set to N in an engine's
+/// environment, each resolution finishes a random 0..N ms after its write: of two resolvers
+/// of one transaction running at once, the last then often finishes after the next commit of
+/// the same keys (the race the value cache must survive).
+fn resolve_jitter() -> Option<Duration> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let n: u64 = std::env::var("STRATA_KV_TEST_RESOLVE_JITTER_MS").ok()?.parse().ok()?;
+    let ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    Some(Duration::from_millis(u64::from(ns) % n.max(1)))
 }
 
 /// The newest version's epoch of a user key (deletes included), if any.
