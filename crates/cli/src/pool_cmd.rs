@@ -98,7 +98,40 @@ struct PoolQuery {
     #[serde(flatten)]
     info: PoolInfo,
     progress: Progress,
+    /// Copies data movement left where the current map no longer places them, deleted.
+    reclaim: ReclaimSummary,
     scrub: BackgroundScrub,
+}
+
+/// The ranks' reclaim counters for the pool, summed (totals since each rank started).
+#[derive(serde::Serialize, Default)]
+struct ReclaimSummary {
+    /// The pool map version reclaim is judged against (the current one).
+    version: u64,
+    ranks_answered: usize,
+    /// Ranks whose latest finished pass was at `version`: nothing left to delete there.
+    ranks_done: usize,
+    passes: u64,
+    passes_stopped: u64,
+    /// Object shards (an object on one target) with rows deleted; of those deleted whole.
+    objects: u64,
+    objects_whole: u64,
+    records: u64,
+    bytes: u64,
+}
+
+fn reclaim_summary(p: &PoolInfo, stats: &[strata_rpc::engine_msg::EngineStats]) -> ReclaimSummary {
+    let mut out = ReclaimSummary { version: p.map.version, ranks_answered: stats.len(), ..Default::default() };
+    for r in stats.iter().flat_map(|s| s.reclaim.iter()).filter(|r| r.pool == p.id) {
+        out.ranks_done += (r.version_done == p.map.version) as usize;
+        out.passes += r.passes;
+        out.passes_stopped += r.passes_stopped;
+        out.objects += r.objects;
+        out.objects_whole += r.objects_whole;
+        out.records += r.records;
+        out.bytes += r.bytes;
+    }
+    out
 }
 
 #[derive(serde::Serialize, Default)]
@@ -225,10 +258,12 @@ pub fn run(c: PoolCommand) -> anyhow::Result<()> {
             PoolCommand::Query { pool, conn } => {
                 let MgmtReply::Pool(info) = conn.query(MgmtQuery::Pool { pool }).await? else { anyhow::bail!("unexpected reply") };
                 let stats = rank_stats(&conn, &info).await;
-                let (progress, scrub) = (progress(&info, &stats), background_scrub(&stats));
-                return emit(conn.json, &PoolQuery { info, progress, scrub }, |q| {
+                let (progress, reclaim, scrub) = (progress(&info, &stats), reclaim_summary(&info, &stats), background_scrub(&stats));
+                return emit(conn.json, &PoolQuery { info, progress, reclaim, scrub }, |q| {
                     print_pool(&q.info);
                     print_progress(&q.progress);
+                    let r = &q.reclaim;
+                    println!("reclaim: {} object shards ({} whole), {} records, {} deleted; ranks done at map version {}: {}/{}", r.objects, r.objects_whole, r.records, human_bytes(r.bytes), r.version, r.ranks_done, r.ranks_answered);
                     let s = &q.scrub;
                     println!("background scrub: {} passes on {}/{} ranks; {} records checked, {} repaired, {} lost", s.passes, s.ranks_answered, q.info.rank_addrs.len(), s.counters.records_checked, s.counters.repaired, s.counters.lost);
                 });

@@ -127,14 +127,20 @@ fn setup(c: &Cluster, rt: &tokio::runtime::Runtime, per_class: u64) -> Vec<Vec<O
     })
 }
 
-#[test]
-fn rebuild_decodes_ec_cells_so_failures_within_the_redundancy_lose_nothing() {
+/// Six ranks with 5,000 objects of each class written (`setup`), and the targets per rank.
+fn six_ranks_with_objects() -> (Cluster, tokio::runtime::Runtime, Vec<Vec<ObjHandle>>, usize) {
     let c = Cluster::start(&["--ranks", "6", "--heartbeat-timeout-ms", "1500"]);
     // For the post-mortem in check_all (nextest runs each test in its own process).
     unsafe { std::env::set_var("STRATA_CLUSTER", c.cluster_file()) };
     let rt = runtime();
     let objs = setup(&c, &rt, 5000);
     let per_rank = target_states(&c).len() / 6;
+    (c, rt, objs, per_rank)
+}
+
+#[test]
+fn rebuild_decodes_ec_cells_so_failures_within_the_redundancy_lose_nothing() {
+    let (c, rt, objs, per_rank) = six_ranks_with_objects();
 
     c.kill9_rank_dir(1);
     poll("rebuild of the first failure", Duration::from_secs(180), || settled(&c, per_rank));
@@ -233,11 +239,7 @@ fn rebuild_midway(c: &Cluster) -> Option<serde_json::Value> {
 
 #[test]
 fn a_failure_during_ec_rebuild_restarts_it_on_the_newer_map() {
-    let c = Cluster::start(&["--ranks", "6", "--heartbeat-timeout-ms", "1500"]);
-    unsafe { std::env::set_var("STRATA_CLUSTER", c.cluster_file()) };
-    let rt = runtime();
-    let objs = setup(&c, &rt, 5000);
-    let per_rank = target_states(&c).len() / 6;
+    let (c, rt, objs, per_rank) = six_ranks_with_objects();
 
     c.kill9_rank_dir(1);
     let g = poll("the first rebuild to be part way", Duration::from_secs(60), || rebuild_midway(&c));
@@ -416,6 +418,73 @@ fn ext_value(tag: &str, len: usize) -> Vec<u8> {
     Rng(tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) | 1).bytes(len)
 }
 
+/// Reclaim has run to its end at the pool's current map version on each of the `ranks` ranks
+/// that answer, on a settled map: the `reclaim` counters of that `pool query`.
+fn reclaimed(c: &Cluster, pool: &str, ranks: usize) -> Option<serde_json::Value> {
+    let q = c.json(&["pool", "query", pool]);
+    let r = q["reclaim"].clone();
+    let settled = q["map"]["targets"].as_array()?.iter().all(|t| t["state"] == "Up" || t["state"] == "DownOut");
+    (settled && r["version"] == q["map"]["version"] && r["ranks_answered"].as_u64()? == ranks as u64 && r["ranks_done"].as_u64()? == ranks as u64).then_some(r)
+}
+
+/// Rows the pool's engines store where its current map does not place them, by the engines'
+/// own enumeration: every target lists the objects it holds in each container (`ListObjects`)
+/// and exports each one's rows (`Export`). A row belongs on a target when its dkey's group
+/// names the target and, erasure-coded, it is a cell in the offset range of the index the
+/// target serves there, or a single value on an index that stores them. Returns the misplaced
+/// rows (described) and how many objects each target lists (targets of `dead` ranks are not
+/// asked).
+async fn misplaced_rows(pool: &strata_client::PoolHandle, conts: &[strata_types::ContId], any: strata_types::Oid, dead: &[u64]) -> (Vec<String>, std::collections::BTreeMap<strata_types::TargetId, usize>) {
+    use strata_rpc::engine_msg::{EngineReq, EngineResp};
+    pool.refresh().await.unwrap();
+    let map = pool.info().unwrap().map;
+    let placement = strata_placement::PlacementMap::new(&map, false);
+    let mut misplaced = Vec::new();
+    let mut listed = std::collections::BTreeMap::new();
+    for t in map.targets.iter().map(|t| t.id).filter(|t| !dead.contains(&(t.rank.0 as u64))) {
+        let n = listed.entry(t).or_insert(0usize);
+        for &cont in conts {
+            let mut cursor = None;
+            loop {
+                let list = |p, v, t: strata_types::TargetId| EngineReq::ListObjects { pool: p, map_version: v, target: t.index, cont, epoch: strata_types::Epoch::MAX, cursor, limit: 10_000 };
+                let (resp, _) = pool.call_engine(any, |_, _| Some(t), list, bytes::Bytes::new(), Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("target {t} did not list its objects: {e}"));
+                let EngineResp::Objects { oids, next } = resp else { panic!("target {t} answered the listing with {resp:?}") };
+                *n += oids.len();
+                for chunk in oids.chunks(64) {
+                    let exports = chunk.iter().map(|&oid| async move {
+                        let export = |p, v, t: strata_types::TargetId| EngineReq::Export { pool: p, map_version: v, target: t.index, cont, oid, after: None, upto: None, bytes_max: 64 << 20 };
+                        (oid, pool.call_engine(oid, |_, _| Some(t), export, bytes::Bytes::new(), Duration::from_secs(30)).await)
+                    });
+                    for (oid, r) in futures::future::join_all(exports).await {
+                        let (resp, payload) = r.unwrap_or_else(|e| panic!("target {t} did not export {oid}: {e}"));
+                        assert!(matches!(resp, EngineResp::Exported { truncated: false }), "target {t}: export of {oid} answered {resp:?}");
+                        let layout = placement.layout(oid).unwrap();
+                        for rec in strata_rpc::records::decode(&payload).unwrap().into_iter().filter(|r| !r.punch) {
+                            let k = strata_vos::RecordRef { punch: false, key: &rec.key, value: &[] }.record_key().unwrap();
+                            let group = layout.group(layout.group_for_dkey(&k.dkey));
+                            let here = group.iter().position(|s| s.target == t).is_some_and(|i| match oid.class().unwrap().redundancy() {
+                                strata_types::Redundancy::Erasure { data, .. } => match k.offset {
+                                    Some(off) => strata_engine::ec_rebuild::shard_of_offset(off) == i,
+                                    None => strata_engine::ec_rebuild::holds_singles(data as usize, i),
+                                },
+                                _ => true,
+                            });
+                            if !here {
+                                misplaced.push(format!("{oid} dkey {} offset {:?} on {t}; its group: {:?}", String::from_utf8_lossy(&k.dkey), k.offset, group.iter().map(|s| s.target.to_string()).collect::<Vec<_>>()));
+                            }
+                        }
+                    }
+                }
+                match next {
+                    Some(o) => cursor = Some(o),
+                    None => break,
+                }
+            }
+        }
+    }
+    (misplaced, listed)
+}
+
 #[test]
 fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_little() {
     // EC_4P2GX has one group on the first 4 ranks' 8 targets and two on 12: dkeys change groups.
@@ -526,6 +595,11 @@ fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_littl
         let t = q["map"]["targets"].as_array().unwrap();
         (t.iter().filter(|t| t["state"] == "DownOut").count() == 2 && t.iter().all(|t| t["state"] == "Up" || t["state"] == "DownOut")).then_some(())
     });
+    // Once the map is settled every rank deletes the copies the extension and the drain left
+    // where the map no longer places them.
+    let reclaim = poll("reclaim to finish on every rank", Duration::from_secs(180), || reclaimed(&c, "ext", 6));
+    eprintln!("reclaimed: {reclaim}");
+    assert!(reclaim["objects_whole"].as_u64().unwrap() > 0 && reclaim["bytes"].as_u64().unwrap() > 0, "nothing was reclaimed: {reclaim}");
     let moved2 = rt.block_on(moved_bytes(&pool));
     let map2 = pool.info().unwrap().map;
     let ideal_drain = ideal_moved(&map1, &map2, &sizes(&acked));
@@ -569,6 +643,77 @@ fn extend_under_writes_then_drain_puts_data_where_placement_says_and_moves_littl
                 assert!(r.1 == want[..], "write {n} ({}, shard {i}) is not on target {}, where the final map places it", o.oid, s.target);
             }
         }
+        // And nowhere else: no copy is left where the final map does not place it.
+        let conts: Vec<strata_types::ContId> = objs.iter().map(|os| os[0].cont_id()).collect();
+        let (misplaced, listed) = misplaced_rows(&pool, &conts, objs[0][0].oid, &[]).await;
+        assert!(misplaced.is_empty(), "{} rows are stored where the final map does not place them, e.g. {:?}", misplaced.len(), &misplaced[..misplaced.len().min(5)]);
+        let drained: Vec<_> = listed.iter().filter(|(t, _)| t.rank.0 as u64 == ranks[1]).collect();
+        assert!(!drained.is_empty() && drained.iter().all(|(_, n)| **n == 0), "the drained rank's targets still hold objects: {drained:?}");
+        assert!(listed.iter().filter(|(t, _)| t.rank.0 as u64 != ranks[1]).all(|(_, n)| *n > 0), "every other target holds data: {listed:?}");
+    });
+}
+
+/// Reclaim deletes nothing while data still moves: a rank of the original four is killed while
+/// the pool is being extended, so a rebuild and the extension run before the map settles; no
+/// reclaim runs meanwhile, and afterwards every object reads back exactly and copies are left
+/// only where the final map places them.
+#[test]
+fn a_failure_during_an_extension_loses_nothing_to_reclaim() {
+    let c = Cluster::start(&["--ranks", "6", "--heartbeat-timeout-ms", "1500"]);
+    unsafe { std::env::set_var("STRATA_CLUSTER", c.cluster_file()) };
+    let ranks: Vec<u64> = (0..6).map(|i| c.rank_of_dir(i)).collect();
+    let first4 = ranks[..4].iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+    let last2 = ranks[4..].iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+    c.json(&["pool", "create", "grow", "--size", "2G", "--ranks", &first4]);
+    for (i, class) in CLASSES.iter().enumerate() {
+        let rf = if class.starts_with("RP_2") || class.starts_with("EC_2P1") { "1" } else { "2" };
+        c.json(&["cont", "create", "grow", &format!("c{i}"), "--oclass", class, "--rf", rf]);
+    }
+    let rt = runtime();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    let (pool, objs) = rt.block_on(async {
+        let client = Client::connect(&cf).await.unwrap();
+        let mut all = Vec::new();
+        for (i, class) in CLASSES.iter().enumerate() {
+            let objs = client.container("grow", &format!("c{i}")).await.unwrap().create_objects(class.parse().unwrap(), 1000).await.unwrap();
+            write_all(&objs, i).await;
+            all.push(objs);
+        }
+        (client.pool("grow").await.unwrap(), all)
+    });
+    // The settled pool's first reclaim pass finds nothing out of place.
+    let before = poll("the first reclaim pass on every rank", Duration::from_secs(60), || reclaimed(&c, "grow", 4));
+    assert_eq!(before["objects"], 0, "{before}");
+    let per_rank = target_states(&c).len() / 6;
+
+    c.json(&["pool", "extend", "grow", "--ranks", &last2]);
+    c.kill9_rank_dir(2);
+    c.json(&["pool", "exclude", "grow", "--rank", &ranks[2].to_string()]);
+    let q = c.json(&["pool", "query", "grow"]);
+    let s = states_in(&q);
+    assert!(s.iter().any(|x| x == "New") && s.iter().any(|x| x == "Down"), "the extension was not under way at the failure: {s:?}");
+    // Until the rebuild and the extension are both done, no reclaim pass deletes anything.
+    let mut samples = 0;
+    poll("the rebuild and the extension to finish", Duration::from_secs(300), || {
+        let q = c.json(&["pool", "query", "grow"]);
+        let s = states_in(&q);
+        let moving = s.iter().any(|x| x == "New" || x == "Down");
+        if moving {
+            samples += 1;
+            assert_eq!(q["reclaim"]["objects"], 0, "reclaim deleted copies while data was moving (states {s:?}): {}", q["reclaim"]);
+        }
+        (!moving && s.iter().filter(|x| *x == "DownOut").count() == per_rank).then_some(())
+    });
+    let after = poll("reclaim to finish on every live rank", Duration::from_secs(180), || reclaimed(&c, "grow", 5));
+    eprintln!("{samples} samples while data moved; reclaimed afterwards: {after}");
+    assert!(after["objects"].as_u64().unwrap() > 0, "the extension's old copies were not reclaimed: {after}");
+    for class in 0..CLASSES.len() {
+        rt.block_on(check_all(&objs[class], class, "a failure during an extension, then reclaim"));
+    }
+    rt.block_on(async {
+        let conts: Vec<strata_types::ContId> = objs.iter().map(|os| os[0].cont_id()).collect();
+        let (misplaced, _) = misplaced_rows(&pool, &conts, objs[0][0].oid, &[ranks[2]]).await;
+        assert!(misplaced.is_empty(), "{} rows are stored where the final map does not place them, e.g. {:?}", misplaced.len(), &misplaced[..misplaced.len().min(5)]);
     });
 }
 

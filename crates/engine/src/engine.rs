@@ -30,6 +30,8 @@ mod background_threads;
 mod move_pacing;
 #[path = "ec_cells.rs"]
 mod ec_cells;
+#[path = "reclaim.rs"]
+mod reclaim;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// An import may wait at its destination for the rate it is paced to there (`move_pacing`):
@@ -148,6 +150,9 @@ pub struct Engine {
     /// Progress of this rank's rebuild passes, per pool.
     movement: movement_progress::MovementTracker,
     space: space_guard::SpaceGuard,
+    /// Keeps requests under newer maps and reclaim's deletes apart (`reclaim.rs`).
+    reclaim_gate: reclaim::ReclaimGate,
+    reclaim: reclaim::ReclaimCounters,
 }
 
 fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
@@ -199,7 +204,7 @@ impl Engine {
             targets.push(Arc::new(Vos::open(&dir, &cfg.vos).map_err(|e| e.to_string())?));
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
-        Ok(Engine { pacer: move_pacing::MovePacer::new(cfg.rebuild_bytes_per_s), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes) })
+        Ok(Engine { pacer: move_pacing::MovePacer::new(cfg.rebuild_bytes_per_s), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes), reclaim_gate: Default::default(), reclaim: Default::default() })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -216,7 +221,7 @@ impl Engine {
         let moved_records = self.moved_records.load(std::sync::atomic::Ordering::Relaxed);
         let moved_bytes = self.moved_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let extension_write_bytes = self.extension_write_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        EngineStats { targets: self.targets.len() as u16, used_bytes, aggregation: self.agg_counters.snapshot(), moved_records, moved_bytes, extension_write_bytes, scrub_passes, scrub, movement: self.movement.report() }
+        EngineStats { targets: self.targets.len() as u16, used_bytes, aggregation: self.agg_counters.snapshot(), moved_records, moved_bytes, extension_write_bytes, scrub_passes, scrub, movement: self.movement.report(), reclaim: self.reclaim.report() }
     }
 
     /// Free and total bytes of the file system holding the first target.
@@ -396,6 +401,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     async fn update(&self, pool: PoolId, version: u64, cont: strata_types::ContId, oid: strata_types::Oid, dkey: Vec<u8>, epoch: Option<Epoch>, ops: Vec<WireOp>, payload: Bytes) -> Result<EngineResp, RemoteError> {
         let (view, _admitted) = self.admit(pool, version).await?;
+        let _writing = self.reclaim_gate.enter(pool, version).await;
         let layout = view.placement.layout(oid).map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
         let g = layout.group_for_dkey(&dkey);
         let group = layout.group(g).to_vec();
@@ -718,6 +724,10 @@ impl Engine {
             let version = view.map.version;
             let rebuilding = view.map.movement_pending();
             if !rebuilding && view.extended.is_none() {
+                // A settled map: delete what earlier movement left where it no longer belongs.
+                if let Err(e) = self.reclaim_pool(&view).await {
+                    tracing::warn!(pool = %view.map_pool_id, error = %e, "reclaim pass failed; the next tick retries");
+                }
                 continue;
             }
             if self.rebuilt.lock().unwrap_or_else(|e| e.into_inner()).get(&view.map_pool_id) == Some(&version) {
@@ -1347,6 +1357,7 @@ impl Handler for Engine {
             EngineReq::Replicate { pool, map_version, target, cont, oid, dkey, epoch, ops } => {
                 self.admit_bytes(&payload)?;
                 let _admitted = self.admit(pool, map_version).await?;
+                let _writing = self.reclaim_gate.enter(pool, map_version).await;
                 self.hlc.update(epoch).map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
                 let u = Self::to_updates(cont, oid, &dkey, epoch, &ops, &payload)?;
@@ -1381,6 +1392,7 @@ impl Handler for Engine {
             EngineReq::Import { pool, map_version, target } => {
                 self.admit_bytes(&payload)?;
                 self.view(pool, map_version).await?;
+                let _writing = self.reclaim_gate.enter(pool, map_version).await;
                 let _importing = self.pace_import(payload.len() as u64).await;
                 let vos = self.target(TargetId { rank: self.rank, index: target })?.clone();
                 // Keys and values stay slices of the request's payload until VOS writes them.
@@ -1427,6 +1439,9 @@ impl Handler for Engine {
                 if matches!(r, strata_rpc::kv_msg::KvReq::Commit1 { .. } | strata_rpc::kv_msg::KvReq::Prepare { .. }) {
                     self.admit_bytes(&payload)?;
                 }
+                // KV requests write the shard's replicas here (the leader's own write is local).
+                let (pool, version) = (r.shard().pool, r.shard().map_version);
+                let _writing = self.reclaim_gate.enter(pool, version).await;
                 self.kv(r, payload).await
             }
             EngineReq::CapFetch { token, dkey, fetch, epoch } => self.cap_fetch(&token, dkey, fetch, epoch).await,

@@ -119,6 +119,29 @@ pub struct EngineStats {
     /// Per pool, this rank's latest data-movement pass (rebuild, resync, drain).
     #[serde(default)]
     pub movement: Vec<MovementProgress>,
+    /// Per pool, what this rank's reclaim passes deleted (copies that data movement left on
+    /// targets the current map no longer places them on).
+    #[serde(default)]
+    pub reclaim: Vec<ReclaimProgress>,
+}
+
+/// One rank's reclaim of one pool: totals since the rank started, and the latest pass.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReclaimProgress {
+    pub pool: PoolId,
+    /// The map version of the latest pass that ran to its end (0: none yet); a pass stops
+    /// without finishing when the map moves on, and runs again on the newer map once settled.
+    pub version_done: u64,
+    /// Passes that ran to their end, and passes that stopped because the map moved (or
+    /// requests under another map version were writing).
+    pub passes: u64,
+    pub passes_stopped: u64,
+    /// Object shards (an object on one target) with rows deleted, those of them deleted whole,
+    /// and the record rows and stored value bytes deleted.
+    pub objects: u64,
+    pub objects_whole: u64,
+    pub records: u64,
+    pub bytes: u64,
 }
 
 /// One rank's data-movement pass for one pool: work sized before it starts, then done so far.

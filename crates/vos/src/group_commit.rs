@@ -7,6 +7,10 @@
 //! Acknowledgements leave in group order, and the first failed sync fails every later group
 //! too (the store then refuses writes until reopened): a later group's successful fsync does
 //! not prove that an earlier group's bytes reached the disk.
+//!
+//! Deferred rows (`defer`) have no waiter and need not be durable soon: they ride along with
+//! the next group instead of forcing a journal sync of their own, and are committed alone only
+//! when no group comes for `DEFERRED_IDLE_MS` or the store closes.
 
 use crate::engine::{EngineOp, KvEngine, PendingSync};
 use crate::error::VosError;
@@ -32,6 +36,10 @@ pub struct GroupCommit {
 
 /// Upper bound on sync lanes: more syncs in flight per journal than this gain nothing.
 pub const SYNC_LANES_MAX: usize = 16;
+/// Deferred rows wait at most this long for a group to ride along with.
+pub const DEFERRED_IDLE_MS: u64 = 50;
+/// ... and at most this many of them wait: beyond it they form a group at once.
+pub const DEFERRED_OPS_MAX: usize = 4096;
 
 impl GroupCommit {
     /// `queue_depth` bounds the batches waiting for the writer; `group_bytes_max` bounds one
@@ -39,7 +47,7 @@ impl GroupCommit {
     /// `sync_lanes` is how many groups may wait for the disk at once.
     pub fn start(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, queue_depth: usize, group_bytes_max: usize, sync_lanes: usize) -> GroupCommit {
         let shared = Arc::new(Lanes {
-            queue: Mutex::new(Queue { jobs: VecDeque::new(), forming: false, seq: 0, closed: false }),
+            queue: Mutex::new(Queue { jobs: VecDeque::new(), deferred: Vec::new(), forming: false, seq: 0, closed: false }),
             work: Condvar::new(),
             space: Condvar::new(),
             queue_depth: queue_depth.max(1),
@@ -47,6 +55,7 @@ impl GroupCommit {
             engine,
             punches,
             group_bytes_max,
+            deferred_idle_ms: DEFERRED_IDLE_MS.into(),
         });
         let mut lanes = Vec::new();
         for i in 0..sync_lanes.clamp(1, SYNC_LANES_MAX) {
@@ -90,6 +99,40 @@ impl GroupCommit {
             l.work.notify_one();
         }
         Ok(Committing(wait))
+    }
+
+    /// How long deferred rows wait for a group before they form one alone (lanes already
+    /// waiting keep their current timeout).
+    pub fn set_deferred_idle(&self, idle: std::time::Duration) {
+        self.shared.deferred_idle_ms.store(idle.as_millis().min(u64::MAX as u128) as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Tests only: forget the deferred rows, as a power loss before their group would.
+    #[doc(hidden)]
+    pub fn discard_deferred(&self) {
+        self.shared.lock_queue().deferred.clear();
+    }
+
+    /// Queue rows that nobody waits for and that may become durable later (a crash before
+    /// then must be harmless to the store): they join the next group rather than costing a
+    /// journal sync of their own. A store that stops is no loss; a failed group drops them.
+    pub fn defer(&self, ops: Vec<EngineOp>) {
+        if ops.is_empty() || self.lanes.is_empty() {
+            return;
+        }
+        let l = &self.shared;
+        let mut q = l.lock_queue();
+        if q.closed {
+            return;
+        }
+        let first = q.deferred.is_empty();
+        q.deferred.extend(ops);
+        // An idle lane learns of them so that it can time their wait out (or take them now).
+        let wake = !q.forming && (first || q.deferred.len() >= DEFERRED_OPS_MAX);
+        drop(q);
+        if wake {
+            l.work.notify_one();
+        }
     }
 }
 
@@ -178,10 +221,14 @@ struct Lanes {
     engine: Arc<dyn KvEngine>,
     punches: Arc<PunchIndex>,
     group_bytes_max: usize,
+    /// How long deferred rows wait for a group (`DEFERRED_IDLE_MS` unless configured).
+    deferred_idle_ms: std::sync::atomic::AtomicU64,
 }
 
 struct Queue {
     jobs: VecDeque<Job>,
+    /// Rows committed with the next group (`GroupCommit::defer`).
+    deferred: Vec<EngineOp>,
     forming: bool,
     seq: u64,
     closed: bool,
@@ -199,14 +246,43 @@ impl Lanes {
     /// core).
     fn lane_loop(&self) {
         let mut q = self.lock_queue();
+        let idle = std::time::Duration::from_millis(self.deferred_idle_ms.load(std::sync::atomic::Ordering::Relaxed).max(1));
         loop {
-            if q.forming || q.jobs.is_empty() {
-                if q.closed && q.jobs.is_empty() {
-                    return;
-                }
+            if !q.forming && !q.jobs.is_empty() {
+                q = self.form_and_commit(q);
+                continue;
+            }
+            // Deferred rows alone form a group when they pile up or the store closes, or when
+            // nothing else came for `idle` (the timed wait below).
+            let deferred_due = !q.deferred.is_empty() && (q.closed || q.deferred.len() >= DEFERRED_OPS_MAX);
+            if !q.forming && deferred_due {
+                q = self.form_and_commit(q);
+                continue;
+            }
+            if q.closed && q.jobs.is_empty() && q.deferred.is_empty() {
+                // Lanes that went to sleep while this one committed the last rows re-check.
+                drop(q);
+                self.work.notify_all();
+                return;
+            }
+            if q.forming || q.deferred.is_empty() {
                 q = self.work.wait(q).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
+            let (g, waited) = self.work.wait_timeout(q, idle).unwrap_or_else(|e| e.into_inner());
+            q = g;
+            if waited.timed_out() && !q.forming && !q.deferred.is_empty() {
+                q = self.form_and_commit(q);
+            }
+        }
+    }
+
+    /// Form a group from the queue (with every deferred row), apply it, start its sync, let the
+    /// next lane form while this one waits for the disk, then acknowledge in order. Called with
+    /// the queue locked and not forming; returns it locked.
+    fn form_and_commit<'a>(&'a self, mut q: std::sync::MutexGuard<'a, Queue>) -> std::sync::MutexGuard<'a, Queue> {
+        {
+            debug_assert!(!q.forming);
             q.forming = true;
             let was_full = q.jobs.len() >= self.queue_depth;
             let mut bytes = 0;
@@ -216,13 +292,14 @@ impl Lanes {
                 bytes += j.bytes;
                 jobs.push(j);
             }
+            let deferred = std::mem::take(&mut q.deferred);
             let seq = q.seq;
             q.seq += 1;
             drop(q);
             if was_full {
                 self.space.notify_all();
             }
-            let sync = self.apply_and_begin_sync(&mut jobs);
+            let sync = self.apply_and_begin_sync(&mut jobs, deferred);
             q = self.lock_queue();
             q.forming = false;
             let more = !q.jobs.is_empty();
@@ -232,17 +309,18 @@ impl Lanes {
             }
             let result = sync.and_then(|p| p.wait().map_err(|e| e.to_string()));
             self.order.lock().unwrap_or_else(|e| e.into_inner()).finish(&self.punches, seq, jobs, result);
-            q = self.lock_queue();
         }
+        self.lock_queue()
     }
 
-    fn apply_and_begin_sync(&self, jobs: &mut [Job]) -> Result<PendingSync, String> {
+    fn apply_and_begin_sync(&self, jobs: &mut [Job], deferred: Vec<EngineOp>) -> Result<PendingSync, String> {
         // Nothing more is applied after a failed sync: its bytes may be missing from the
         // journal, and later bytes must not become durable without them.
         if let Some(e) = self.order.lock().unwrap_or_else(|e| e.into_inner()).failed.clone() {
             return Err(e);
         }
-        let mut ops = Vec::with_capacity(jobs.iter().map(|j| j.ops.len()).sum());
+        let mut ops = deferred;
+        ops.reserve(jobs.iter().map(|j| j.ops.len()).sum());
         for j in jobs.iter_mut() {
             ops.append(&mut j.ops);
         }
@@ -309,6 +387,33 @@ mod tests {
         let outcomes: Vec<bool> = (0..6).map(|k| gc.commit(put(k), Vec::new(), 0).is_ok()).collect();
         // The engine would sync the later groups fine; they fail because an earlier one did.
         assert_eq!(outcomes, [true, true, false, false, false, false]);
+    }
+
+    /// Deferred rows ride along with the next group, are committed alone when no group comes,
+    /// and are committed when the store closes.
+    #[test]
+    fn deferred_rows_join_the_next_group_or_land_alone_or_at_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = |k: u32| k.to_be_bytes().to_vec();
+        {
+            let engine = Arc::new(FjallEngine::open(dir.path(), &tuning()).unwrap());
+            let gc = GroupCommit::start(engine.clone(), Arc::new(PunchIndex::default()), 16, 1 << 20, 3);
+            gc.defer(put(1000));
+            gc.commit(put(1), Vec::new(), 0).unwrap();
+            assert!(engine.get(Space::Meta, &key(1000)).unwrap().is_some(), "a deferred row is in place once a later commit is acknowledged");
+            gc.defer(put(1001));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while engine.get(Space::Meta, &key(1001)).unwrap().is_none() {
+                assert!(std::time::Instant::now() < deadline, "a deferred row with no group to join was never committed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            gc.defer(vec![EngineOp::Delete(Space::Meta, key(1)), EngineOp::Put(Space::Meta, key(1002), vec![7])]);
+        }
+        let engine = FjallEngine::open(dir.path(), &tuning()).unwrap();
+        for k in [1000, 1001, 1002] {
+            assert!(engine.get(Space::Meta, &key(k)).unwrap().is_some(), "deferred row {k} after close and reopen");
+        }
+        assert_eq!(engine.get(Space::Meta, &key(1)).unwrap(), None, "a deferred delete made at close");
     }
 
     #[test]

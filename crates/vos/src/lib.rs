@@ -56,7 +56,7 @@ pub use group_commit::SYNC_LANES_MAX;
 pub use error::VosError;
 pub use key_codec::RecordKey;
 pub use aggregation_horizon::Horizon;
-pub use store::{fs_space, Vos};
+pub use store::{fs_space, ReclaimStats, Vos};
 pub use strata_types::{ContId, Epoch, Oid};
 
 /// Store format written in the target's marker file. 2: large extents in extent files
@@ -88,11 +88,14 @@ pub struct VosConfig {
     pub group_bytes_max: usize,
     /// Commit groups that may wait for the disk at once (see `group_commit`).
     pub sync_lanes: usize,
+    /// Longest a pending-extent row's delete waits to ride along with a later group
+    /// (`group_commit::DEFERRED_IDLE_MS`; see ARCHITECTURE.md on the window this leaves).
+    pub deferred_idle_ms: u64,
 }
 
 impl Default for VosConfig {
     fn default() -> Self {
-        VosConfig { cache_bytes: 16 << 20, engine_threads: 1, queue_depth: 1024, group_bytes_max: 64 << 20, sync_lanes: 3 }
+        VosConfig { cache_bytes: 16 << 20, engine_threads: 1, queue_depth: 1024, group_bytes_max: 64 << 20, sync_lanes: 3, deferred_idle_ms: group_commit::DEFERRED_IDLE_MS }
     }
 }
 

@@ -96,6 +96,11 @@ impl PunchIndex {
         }
     }
 
+    /// Forget an object's punches (its rows were deleted: `Vos::reclaim_object`).
+    pub fn remove_object(&self, cont: ContId, oid: Oid) {
+        self.objects.write().unwrap_or_else(|e| e.into_inner()).remove(&(cont, oid));
+    }
+
     pub fn remove_container(&self, cont: ContId) {
         let mut map = self.objects.write().unwrap_or_else(|e| e.into_inner());
         map.retain(|(c, _), _| *c != cont);

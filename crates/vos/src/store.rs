@@ -18,6 +18,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use strata_types::{ContId, Epoch, Oid};
 
+#[path = "reclaim.rs"]
+mod reclaim;
+pub use reclaim::ReclaimStats;
+
 const MARKER_FILE: &str = "STRATA_TARGET";
 /// Objects remembered as having their index row; beyond it the set starts over (a forgotten
 /// object only costs one more row write).
@@ -223,6 +227,7 @@ impl Vos {
             tracing::warn!(target_dir = %dir.display(), dropped, "dropped extent rows whose bytes did not reach the disk before a crash (never acknowledged)");
         }
         let writer = GroupCommit::start(engine.clone(), punches.clone(), cfg.queue_depth, cfg.group_bytes_max, cfg.sync_lanes);
+        writer.set_deferred_idle(std::time::Duration::from_millis(cfg.deferred_idle_ms));
         let vos = Vos { path: dir.to_owned(), engine, punches, writer, horizons: RwLock::new(horizons), dirty: Mutex::new(DirtyBook::default()), extents, indexed: Mutex::default() };
         // What happened before the restart is unknown: every container is due once.
         for cont in vos.list_containers()? {
@@ -293,6 +298,13 @@ impl Vos {
         s.committing.wait()
     }
 
+    /// Tests only: stop as a power loss would, losing the deferred rows (pending-extent deletes)
+    /// that no group has taken yet.
+    #[doc(hidden)]
+    pub fn stop_losing_deferred_rows(self) {
+        self.writer.discard_deferred();
+    }
+
     /// Commit an encoded batch. Extent bytes and their index rows are synced at the same time,
     /// not one after the other: the lanes sync the journal while this thread syncs the extent
     /// files the batch wrote into, and the batch is acknowledged once both are durable. A crash
@@ -317,14 +329,12 @@ impl Vos {
         // On failure the pending rows stay: the next open checks those extents.
         outcome?;
         if !pending.is_empty() {
-            // Delete them at once, without waiting (the deletes join the next group): while a
-            // pending row is there, damage to its acknowledged extent would read at the next
-            // open as a torn write and drop the row instead of being found and repaired by
-            // scrub. If the store stops first, the next open checks those extents: whole.
-            let deletes = pending.into_iter().map(|k| EngineOp::Delete(Space::Meta, k)).collect();
-            if let Err(e) = self.writer.submit(deletes, Vec::new(), 0) {
-                tracing::debug!(error = %e, "pending-extent rows stay until the next open");
-            }
+            // Delete them soon, riding along with the next group rather than costing a
+            // journal sync of their own (`GroupCommit::defer`): while a pending row is there,
+            // damage to its acknowledged extent would read at the next open as a torn write
+            // and drop the row instead of being found and repaired by scrub. If the store stops
+            // first, the next open checks those extents: whole.
+            self.writer.defer(pending.into_iter().map(|k| EngineOp::Delete(Space::Meta, k)).collect());
         }
         self.note_indexed(indexing);
         Ok(())
@@ -1146,6 +1156,10 @@ impl Vos {
     /// Checkpoint: write buffered rows into the engine's sorted files so that recovery after a
     /// restart replays less.
     pub fn flush(&self) -> Result<(), VosError> {
+        // Deferred rows (pending-extent deletes) first: a flush is what scrub runs before it
+        // checks, and what a caller runs to have everything on disk, so after it no pending row
+        // of an acknowledged extent is left for a crash to turn into a "torn write".
+        self.writer.submit(Vec::new(), Vec::new(), 0)?.wait()?;
         self.engine.flush()
     }
 

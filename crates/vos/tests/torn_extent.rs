@@ -83,3 +83,25 @@ fn damage_to_an_acknowledged_extent_is_reported_as_corruption() {
     let err = vos.fetch_extent(c, Oid::from_u128(3), b"d", b"a", 0, LEN as u64, Epoch::MAX).expect_err("damaged bytes must not read back");
     assert!(matches!(err, VosError::Corrupt { .. }), "{err}");
 }
+
+/// A write's pending-extent row is deleted by a deferred batch that rides along with a later
+/// group; `flush` (what scrub runs before it checks) commits it first, so damage found after a
+/// crash that follows a flush is corruption, not a torn write.
+#[test]
+fn after_a_flush_damage_to_an_acknowledged_extent_is_corruption_even_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ContId::new_random();
+    let v1 = pattern(4);
+    // Deferred rows never time out here: only the flush can commit them.
+    let cfg = VosConfig { deferred_idle_ms: 3_600_000, ..VosConfig::default() };
+    {
+        let vos = Vos::open(dir.path(), &cfg).unwrap();
+        vos.update(&[extent(c, 5, &v1)]).unwrap();
+        vos.flush().unwrap();
+        vos.stop_losing_deferred_rows();
+    }
+    zero_on_disk(dir.path(), &v1);
+    let vos = Vos::open(dir.path(), &cfg).unwrap();
+    let err = vos.fetch_extent(c, Oid::from_u128(3), b"d", b"a", 0, LEN as u64, Epoch::MAX).expect_err("damaged bytes must not read back");
+    assert!(matches!(err, VosError::Corrupt { .. }), "{err}");
+}
