@@ -285,6 +285,16 @@ fn a_reintegrated_rank_is_resynced_before_it_serves_reads() {
         let s = states(&c);
         s.iter().all(|x| x == "Up").then_some(())
     });
+    // The spares that served the rank while it was away keep nothing of it once it is back
+    // (nor does it keep what it held before it left, deleted while it was DOWNOUT and resynced
+    // since): reclaim leaves every row only where the map places it.
+    let r = poll("reclaim after the reintegration", Duration::from_secs(90), || common::reclaimed(&c, "tank", 4));
+    assert!(r["objects"].as_u64().unwrap() > 0, "nothing was reclaimed: {r}");
+    rt.block_on(async {
+        let pool = Client::connect(&cf).await.unwrap().pool("tank").await.unwrap();
+        let (misplaced, _) = common::misplaced_rows(&pool, &[objs[0].cont_id()], objs[0].oid, &[]).await;
+        assert!(misplaced.is_empty(), "{} rows are stored where the map does not place them, e.g. {:?}", misplaced.len(), &misplaced[..misplaced.len().min(5)]);
+    });
     // Lose another rank: groups that pair it with the reintegrated one are served by the
     // latter alone, which must have the writes it missed.
     c.kill9_rank_dir(2);

@@ -256,7 +256,8 @@ impl Engine {
         let oids: Vec<strata_types::Oid> = batch.iter().map(|(o, _)| *o).collect();
         let layouts: HashMap<strata_types::Oid, strata_placement::Layout> = batch.into_iter().collect();
         // Objects no group places here lose every row: `placed_here` is false for all of them.
-        let r = on_blocking_pool(move || v.reclaim_objects(cont, &oids, &|k| layouts.get(&k.oid).is_some_and(|l| !placed_here(l, me, k)))).await;
+        // On the movement threads: reclaim is background work, below foreground priority.
+        let r = self.on_movement_threads(move || v.reclaim_objects(cont, &oids, &|k| layouts.get(&k.oid).is_some_and(|l| !placed_here(l, me, k)))).await;
         drop(deleting);
         for s in r?.into_iter().filter(|s| s.records > 0 || s.object_removed) {
             self.reclaim.with(pool, |p| {

@@ -202,6 +202,73 @@ pub fn watch_progress(c: &Cluster, pool: &str, what: &str, timeout: Duration, fi
     (end, midway)
 }
 
+/// Reclaim has run to its end at the pool's current map version on each of the `ranks` ranks
+/// that answer, on a settled map: the `reclaim` counters of that `pool query`.
+pub fn reclaimed(c: &Cluster, pool: &str, ranks: usize) -> Option<serde_json::Value> {
+    let q = c.json(&["pool", "query", pool]);
+    let r = q["reclaim"].clone();
+    let settled = q["map"]["targets"].as_array()?.iter().all(|t| t["state"] == "Up" || t["state"] == "DownOut");
+    (settled && r["version"] == q["map"]["version"] && r["ranks_answered"].as_u64()? == ranks as u64 && r["ranks_done"].as_u64()? == ranks as u64).then_some(r)
+}
+
+/// Rows the pool's engines store where its current map does not place them, by the engines'
+/// own enumeration: every target lists the objects it holds in each container (`ListObjects`)
+/// and exports each one's rows (`Export`). A row belongs on a target when its dkey's group
+/// names the target and, erasure-coded, it is a cell in the offset range of the index the
+/// target serves there, or a single value on an index that stores them. Returns the misplaced
+/// rows (described) and how many objects each target lists (targets of `dead` ranks are not
+/// asked).
+pub async fn misplaced_rows(pool: &strata_client::PoolHandle, conts: &[strata_types::ContId], any: strata_types::Oid, dead: &[u64]) -> (Vec<String>, std::collections::BTreeMap<strata_types::TargetId, usize>) {
+    use strata_rpc::engine_msg::{EngineReq, EngineResp};
+    pool.refresh().await.unwrap();
+    let map = pool.info().unwrap().map;
+    let placement = strata_placement::PlacementMap::new(&map, false);
+    let mut misplaced = Vec::new();
+    let mut listed = std::collections::BTreeMap::new();
+    for t in map.targets.iter().map(|t| t.id).filter(|t| !dead.contains(&(t.rank.0 as u64))) {
+        let n = listed.entry(t).or_insert(0usize);
+        for &cont in conts {
+            let mut cursor = None;
+            loop {
+                let list = |p, v, t: strata_types::TargetId| EngineReq::ListObjects { pool: p, map_version: v, target: t.index, cont, epoch: strata_types::Epoch::MAX, cursor, limit: 10_000 };
+                let (resp, _) = pool.call_engine(any, |_, _| Some(t), list, bytes::Bytes::new(), std::time::Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("target {t} did not list its objects: {e}"));
+                let EngineResp::Objects { oids, next } = resp else { panic!("target {t} answered the listing with {resp:?}") };
+                *n += oids.len();
+                for chunk in oids.chunks(64) {
+                    let exports = chunk.iter().map(|&oid| async move {
+                        let export = |p, v, t: strata_types::TargetId| EngineReq::Export { pool: p, map_version: v, target: t.index, cont, oid, after: None, upto: None, bytes_max: 64 << 20 };
+                        (oid, pool.call_engine(oid, |_, _| Some(t), export, bytes::Bytes::new(), std::time::Duration::from_secs(30)).await)
+                    });
+                    for (oid, r) in futures::future::join_all(exports).await {
+                        let (resp, payload) = r.unwrap_or_else(|e| panic!("target {t} did not export {oid}: {e}"));
+                        assert!(matches!(resp, EngineResp::Exported { truncated: false }), "target {t}: export of {oid} answered {resp:?}");
+                        let layout = placement.layout(oid).unwrap();
+                        for rec in strata_rpc::records::decode(&payload).unwrap().into_iter().filter(|r| !r.punch) {
+                            let k = strata_vos::RecordRef { punch: false, key: &rec.key, value: &[] }.record_key().unwrap();
+                            let group = layout.group(layout.group_for_dkey(&k.dkey));
+                            let here = group.iter().position(|s| s.target == t).is_some_and(|i| match oid.class().unwrap().redundancy() {
+                                strata_types::Redundancy::Erasure { data, .. } => match k.offset {
+                                    Some(off) => strata_engine::ec_rebuild::shard_of_offset(off) == i,
+                                    None => strata_engine::ec_rebuild::holds_singles(data as usize, i),
+                                },
+                                _ => true,
+                            });
+                            if !here {
+                                misplaced.push(format!("{oid} dkey {} offset {:?} on {t}; its group: {:?}", String::from_utf8_lossy(&k.dkey), k.offset, group.iter().map(|s| s.target.to_string()).collect::<Vec<_>>()));
+                            }
+                        }
+                    }
+                }
+                match next {
+                    Some(o) => cursor = Some(o),
+                    None => break,
+                }
+            }
+        }
+    }
+    (misplaced, listed)
+}
+
 /// A small deterministic generator (xorshift64), so a failure names a reproducible seed. The
 /// seed must not be zero.
 pub struct Rng(pub u64);
