@@ -23,17 +23,20 @@ pub enum ContCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// List a pool's containers: label, id, type, class, redundancy factor, snapshots.
     List {
         pool: String,
         #[command(flatten)]
         conn: Conn,
     },
+    /// One container's properties and its snapshots.
     Query {
         pool: String,
         cont: String,
         #[command(flatten)]
         conn: Conn,
     },
+    /// Destroy a container and everything in it (engines free its space).
     Destroy {
         pool: String,
         cont: String,
@@ -47,6 +50,7 @@ pub enum ContCommand {
 
 #[derive(clap::Subcommand)]
 pub enum SnapCommand {
+    /// Snapshot the container now under NAME: its epoch (printed) stays readable (`obj get --epoch`, `kv ... --at NAME`) until destroyed.
     Create {
         pool: String,
         cont: String,
@@ -54,12 +58,14 @@ pub enum SnapCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The container's snapshots: name and epoch.
     List {
         pool: String,
         cont: String,
         #[command(flatten)]
         conn: Conn,
     },
+    /// Drop a snapshot: aggregation may then merge away the versions only it kept.
     Destroy {
         pool: String,
         cont: String,

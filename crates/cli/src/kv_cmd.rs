@@ -69,8 +69,10 @@ pub enum KvCommand {
         #[arg(default_value = "")]
         start: String,
         end: Option<String>,
+        /// Most keys to print.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
+        /// Read at a snapshot (name or epoch) instead of now.
         #[arg(long)]
         at: Option<String>,
         #[command(flatten)]
@@ -99,12 +101,14 @@ pub enum KvCommand {
 
 #[derive(clap::Subcommand)]
 pub enum KvSnapCommand {
+    /// Snapshot the store now under NAME; `get`/`scan --at NAME` read it later.
     Create {
         store: String,
         name: String,
         #[command(flatten)]
         conn: Conn,
     },
+    /// The store's snapshots: name and epoch.
     List {
         store: String,
         #[command(flatten)]

@@ -10,6 +10,7 @@ use strata_types::{Epoch, ObjectClass, Oid};
 pub enum ObjCommand {
     /// Allocate a new object id in POOL/CONT and print it.
     Create {
+        /// POOL/CONT.
         target: String,
         /// Object class (default: the container's).
         #[arg(long)]
@@ -19,16 +20,23 @@ pub enum ObjCommand {
     },
     /// Write a single value (from --value, --file, or stdin). Without OID, creates an object.
     Put {
+        /// POOL/CONT.
         target: String,
+        /// Object id as printed by `obj create` or `obj put` (e.g. plain.RP_3G1.1); none: a new object.
         oid: Option<String>,
+        /// Distribution key: chooses the redundancy group (values of one dkey are stored together).
         #[arg(long)]
         dkey: String,
+        /// Attribute key under the dkey: names the value.
         #[arg(long)]
         akey: String,
+        /// The value, as text (else --file, else stdin).
         #[arg(long)]
         value: Option<String>,
+        /// Read the value from this file.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Class of the new object when no OID is given (default: the container's), e.g. S1, RP_3G1, EC_2P1G1.
         #[arg(long)]
         oclass: Option<String>,
         #[command(flatten)]
@@ -39,14 +47,19 @@ pub enum ObjCommand {
         /// POOL/CONT (not with --cap: the capability names it).
         #[arg(required_unless_present = "cap")]
         target: Option<String>,
+        /// Object id as printed by `obj create` or `obj put`.
         #[arg(required_unless_present = "cap")]
         oid: Option<String>,
+        /// Distribution key.
         #[arg(long, required_unless_present = "chunk")]
         dkey: Option<String>,
+        /// Attribute key.
         #[arg(long)]
         akey: String,
+        /// Read the newest version at or below this epoch (e.g. a snapshot's, from `cont snapshot list`).
         #[arg(long)]
         epoch: Option<u64>,
+        /// Write the value to this file instead of stdout.
         #[arg(long)]
         file: Option<PathBuf>,
         /// Read with only a capability (a read_cap from `strata fs layout`): one shard.
@@ -58,6 +71,7 @@ pub enum ObjCommand {
         /// Read an array extent of this many bytes from --offset instead of a single value.
         #[arg(long)]
         len: Option<u64>,
+        /// Byte offset of an array read (with --len).
         #[arg(long, default_value_t = 0)]
         offset: u64,
         #[command(flatten)]
@@ -65,10 +79,14 @@ pub enum ObjCommand {
     },
     /// Punch (delete, versioned) an object, a dkey or an akey.
     Punch {
+        /// POOL/CONT.
         target: String,
+        /// Object id.
         oid: String,
+        /// Punch only this dkey (default: the whole object).
         #[arg(long)]
         dkey: Option<String>,
+        /// Punch only this akey of --dkey.
         #[arg(long)]
         akey: Option<String>,
         #[command(flatten)]
@@ -76,7 +94,9 @@ pub enum ObjCommand {
     },
     /// List the objects of a container, or the dkeys of one object.
     List {
+        /// POOL/CONT.
         target: String,
+        /// List this object's dkeys instead of the container's objects.
         oid: Option<String>,
         #[command(flatten)]
         conn: Conn,

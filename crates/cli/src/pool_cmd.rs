@@ -36,6 +36,7 @@ pub enum PoolCommand {
     /// Destroy a pool (refused while it has containers, unless --force).
     Destroy {
         pool: String,
+        /// Destroy its containers and their data too.
         #[arg(long)]
         force: bool,
         #[command(flatten)]
@@ -63,6 +64,7 @@ pub enum PoolCommand {
     /// Data movement (rebuild, reintegration, drain) of a pool; --watch draws it until done.
     Rebuild {
         pool: String,
+        /// Draw a progress bar (objects, bytes, rate, ETA) until the movement is done.
         #[arg(long)]
         watch: bool,
         #[command(flatten)]
@@ -71,6 +73,7 @@ pub enum PoolCommand {
     /// Add ranks to the pool (their targets join as NEW).
     Extend {
         pool: String,
+        /// Ranks to add, comma-separated (`strata system query` lists them), e.g. --ranks 4,5.
         #[arg(long, value_delimiter = ',', required = true)]
         ranks: Vec<u32>,
         #[command(flatten)]
@@ -82,6 +85,7 @@ pub enum PoolCommand {
 #[derive(clap::Args)]
 pub struct TargetSel {
     pool: String,
+    /// The rank whose targets change state (`strata system query` lists ranks).
     #[arg(long)]
     rank: u32,
     /// One target of the rank (default: all of them).

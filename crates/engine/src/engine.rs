@@ -633,6 +633,9 @@ struct ObjectWalk {
     targets: std::collections::VecDeque<(TargetId, Arc<Vos>)>,
     /// Containers of the front target not yet walked (`None`: not listed yet).
     conts: Option<std::collections::VecDeque<strata_types::ContId>>,
+    /// The pool's containers: targets are shared by pools, and another pool's objects planned
+    /// with this pool's layout would be copied to places nothing reads them from.
+    pool_conts: Arc<std::collections::HashSet<strata_types::ContId>>,
     cont: Option<strata_types::ContId>,
     page: std::collections::VecDeque<strata_types::Oid>,
     /// Where the container's next page starts, if it has more.
@@ -640,9 +643,9 @@ struct ObjectWalk {
 }
 
 impl ObjectWalk {
-    fn new(engine: &Engine, view: &PoolView, source: impl Fn(strata_placement::TargetState) -> bool) -> ObjectWalk {
+    fn new(engine: &Engine, view: &PoolView, pool_conts: Arc<std::collections::HashSet<strata_types::ContId>>, source: impl Fn(strata_placement::TargetState) -> bool) -> ObjectWalk {
         let targets = engine.targets.iter().enumerate().map(|(i, v)| (TargetId { rank: engine.rank, index: i as u16 }, v.clone())).filter(|(t, _)| view.map.target(*t).is_some_and(|x| source(x.state))).collect();
-        ObjectWalk { targets, conts: None, cont: None, page: Default::default(), cursor: None }
+        ObjectWalk { targets, conts: None, pool_conts, cont: None, page: Default::default(), cursor: None }
     }
 
     async fn next(&mut self) -> Result<Option<StoredObject>, RemoteError> {
@@ -660,7 +663,8 @@ impl ObjectWalk {
             }
             if self.conts.is_none() {
                 let v = vos.clone();
-                self.conts = Some(on_blocking_pool(move || v.list_containers()).await?.into());
+                let on_target = on_blocking_pool(move || v.list_containers()).await?;
+                self.conts = Some(on_target.into_iter().filter(|c| self.pool_conts.contains(c)).collect());
             }
             match self.conts.as_mut().and_then(|c| c.pop_front()) {
                 Some(cont) => {
@@ -769,7 +773,8 @@ impl Engine {
         let since = self.hlc.now().map_err(|e| rerr(ErrorCode::Internal, e.to_string()))?;
         *self.pass_since.lock().unwrap_or_else(|e| e.into_inner()) = since;
         let (mut objects, mut bytes) = (0u64, 0u64);
-        let mut walk = ObjectWalk::new(self, view, source);
+        let conts = Arc::new(self.pool_containers(pool).await?);
+        let mut walk = ObjectWalk::new(self, view, conts.clone(), source);
         // A page of objects is sized in one trip to the blocking pool, not one per object.
         while let Some(page) = walk.next_page().await? {
             let v = view.clone();
@@ -789,7 +794,7 @@ impl Engine {
         }
         self.movement.begin(pool, view.map.version, objects, bytes);
         tracing::info!(%pool, version = view.map.version, objects, bytes, "data movement pass sized; moving");
-        let mut walk = ObjectWalk::new(self, view, source);
+        let mut walk = ObjectWalk::new(self, view, conts, source);
         let pushed = if kind == PassKind::Rebuild {
             self.rebuild_batched(view, since, &mut walk).await?
         } else {

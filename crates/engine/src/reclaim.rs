@@ -185,6 +185,16 @@ impl Engine {
         self.pools.read().unwrap_or_else(|e| e.into_inner()).get(&pool).map(|v| v.map.version)
     }
 
+    /// The pool's containers, from the management service: targets are shared by pools, so a
+    /// pass over one pool must leave the others' containers alone.
+    pub(super) async fn pool_containers(&self, pool: strata_types::PoolId) -> Result<std::collections::HashSet<strata_types::ContId>, RemoteError> {
+        match self.mgmt.query(MgmtQuery::Conts { pool: pool.to_string() }).await {
+            Ok(MgmtReply::Conts(c)) => Ok(c.into_iter().map(|c| c.id).collect()),
+            Ok(_) => Err(rerr(ErrorCode::Internal, "unexpected management reply")),
+            Err(e) => Err(rerr(ErrorCode::Unavailable, format!("cannot list the pool's containers: {e}"))),
+        }
+    }
+
     /// One reclaim pass over this rank's targets for a pool whose map is settled and not yet
     /// reclaimed at its version (see the module doc).
     pub(super) async fn reclaim_pool(&self, view: &Arc<PoolView>) -> Result<PassEnd, RemoteError> {
@@ -193,11 +203,7 @@ impl Engine {
             return Ok(PassEnd::NotDue);
         }
         self.wait_older_updates(pool, version).await?;
-        let conts: Vec<strata_types::ContId> = match self.mgmt.query(MgmtQuery::Conts { pool: pool.to_string() }).await {
-            Ok(MgmtReply::Conts(c)) => c.into_iter().map(|c| c.id).collect(),
-            Ok(_) => return Err(rerr(ErrorCode::Internal, "unexpected management reply")),
-            Err(e) => return Err(rerr(ErrorCode::Unavailable, format!("reclaim: cannot list the pool's containers: {e}"))),
-        };
+        let conts = self.pool_containers(pool).await?;
         let before = self.reclaim.with(pool, |p| p.clone());
         for (i, vos) in self.targets.iter().enumerate() {
             let me = TargetId { rank: self.rank, index: i as u16 };
@@ -256,7 +262,8 @@ impl Engine {
         let oids: Vec<strata_types::Oid> = batch.iter().map(|(o, _)| *o).collect();
         let layouts: HashMap<strata_types::Oid, strata_placement::Layout> = batch.into_iter().collect();
         // Objects no group places here lose every row: `placed_here` is false for all of them.
-        let r = on_blocking_pool(move || v.reclaim_objects(cont, &oids, &|k| layouts.get(&k.oid).is_some_and(|l| !placed_here(l, me, k)))).await;
+        // On the movement threads: reclaim is background work, below foreground priority.
+        let r = self.on_movement_threads(move || v.reclaim_objects(cont, &oids, &|k| layouts.get(&k.oid).is_some_and(|l| !placed_here(l, me, k)))).await;
         drop(deleting);
         for s in r?.into_iter().filter(|s| s.records > 0 || s.object_removed) {
             self.reclaim.with(pool, |p| {

@@ -456,7 +456,13 @@ impl Engine {
                 .map_err(vos_err)?;
                 let mut st = shard.st();
                 for (txn, r) in records {
-                    st.acquire(txn, Held { coord: r.coord, rts: r.rts, proposal: r.proposal, phase: Phase::Prepared, durable: true, failed: false, reads: r.reads, writes: r.writes });
+                    // On this replica, not known to be on every replica of this state's map: a
+                    // prepare whose write failed on some (a replica that had moved to a newer
+                    // map refuses it) is retried by its client under the new map, and must
+                    // write the intent again (same epoch, same bytes) before answering, or a
+                    // replica without it could lead the shard later and never apply the
+                    // transaction's writes there.
+                    st.acquire(txn, Held { coord: r.coord, rts: r.rts, proposal: r.proposal, phase: Phase::Prepared, durable: false, failed: true, reads: r.reads, writes: r.writes });
                 }
                 Ok::<(), RemoteError>(())
             })
@@ -466,7 +472,27 @@ impl Engine {
 
     /// Apply `ops` at `epoch` on every replica of the shard (the leader included).
     async fn kv_write(&self, ctx: &Ctx, epoch: Epoch, ops: Vec<WireOp>, payload: Bytes) -> Result<(), RemoteError> {
-        let sends = ctx.group.iter().map(|s| self.send_to(&ctx.view, ctx.pool, s.target, ctx.cont, ctx.oid, &ctx.dkey, epoch, ops.clone(), payload.clone()));
+        // Counted as an update admitted under the request's map until every replica has it, as
+        // `update` is: a data-movement pass under a newer map waits for it before it reads this
+        // store (`wait_older_updates`). Without that, a write still landing on the leader's own
+        // replica when a pass had read the shard reached neither the pass's destinations (they
+        // were not replicas under its map) nor the pass's copy, and was lost with the old
+        // places (an acknowledged transfer vanished after a reintegration). The other replicas
+        // count their part themselves (`Replicate` admits). Once a newer map is installed the
+        // write is refused before it lands anywhere, and the request is retried under it.
+        let (_, _admitted) = self.admit(ctx.pool, ctx.view.map.version).await?;
+        let late = leader_write_delay();
+        let sends = ctx.group.iter().map(|s| {
+            let (ops, payload) = (ops.clone(), payload.clone());
+            async move {
+                if s.target == ctx.shard.target {
+                    if let Some(d) = late {
+                        tokio::time::sleep(d).await;
+                    }
+                }
+                self.send_to(&ctx.view, ctx.pool, s.target, ctx.cont, ctx.oid, &ctx.dkey, epoch, ops, payload).await
+            }
+        });
         for r in futures::future::join_all(sends).await {
             r?;
         }
@@ -703,12 +729,23 @@ impl Engine {
                 self.kv_write(ctx, e, vec![punch], Bytes::new()).await?;
             }
         }
+        if let Some(d) = resolve_jitter() {
+            tokio::time::sleep(d).await;
+        }
         {
             let mut st = ctx.shard.st();
+            // Another resolver of the same transaction (its client's resolve and a reader
+            // settling it run at once) may have finished first and released the locks while
+            // this one wrote the same versions; a later transaction may then have committed
+            // newer versions of these keys and cached them. Setting the entries now would put
+            // this older version back as the newest: a stale read, and a lost update once a
+            // transaction wrote on top of what it read.
+            let locked = locked && st.held.contains_key(&txn);
             if let Decision::Committed(c) = d {
                 for (k, v) in &writes {
                     // Under the write lock the commit is the key's newest version; without it
-                    // (resolved from the intent record) the entry may be stale: drop it.
+                    // (resolved from the intent record, or by another resolver) the entry may
+                    // be stale: drop it.
                     if locked {
                         st.values.set(&ctx.shard.cached_total, k, c, v.clone());
                     } else {
@@ -910,6 +947,32 @@ impl Engine {
 /// write skew: the fault tests use it to prove the history checker catches broken isolation.
 fn skip_read_checks() -> bool {
     cfg!(debug_assertions) && std::env::var_os("STRATA_KV_UNSAFE_SKIP_READ_CHECKS").is_some()
+}
+
+/// Test builds only: with `STRATA_KV_TEST_LEADER_WRITE_DELAY_MS` set in an engine's
+/// environment, a shard leader writes its own replica of every KV write that long after the
+/// other replicas (a slow local disk, stretched): the fault tests use it to widen the window in
+/// which a write admitted under one pool map is still landing when a newer map's data
+/// movement reads the leader's store.
+fn leader_write_delay() -> Option<Duration> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let ms: u64 = std::env::var("STRATA_KV_TEST_LEADER_WRITE_DELAY_MS").ok()?.parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+/// Test builds only: with `STRATA_KV_TEST_RESOLVE_JITTER_MS` set to N in an engine's
+/// environment, each resolution finishes a random 0..N ms after its write: of two resolvers
+/// of one transaction running at once, the last then often finishes after the next commit of
+/// the same keys (the race the value cache must survive).
+fn resolve_jitter() -> Option<Duration> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let n: u64 = std::env::var("STRATA_KV_TEST_RESOLVE_JITTER_MS").ok()?.parse().ok()?;
+    let ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    Some(Duration::from_millis(u64::from(ns) % n.max(1)))
 }
 
 /// The newest version's epoch of a user key (deletes included), if any.
