@@ -44,8 +44,9 @@ pub const DEFERRED_OPS_MAX: usize = 4096;
 impl GroupCommit {
     /// `queue_depth` bounds the batches waiting for the writer; `group_bytes_max` bounds one
     /// group so that a flood of large writes cannot delay the first one's ack without limit;
-    /// `sync_lanes` is how many groups may wait for the disk at once.
-    pub fn start(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, queue_depth: usize, group_bytes_max: usize, sync_lanes: usize) -> GroupCommit {
+    /// `sync_lanes` is how many groups may wait for the disk at once; `deferred_idle` is how long
+    /// deferred rows wait for a group before they form one alone.
+    pub fn start(engine: Arc<dyn KvEngine>, punches: Arc<PunchIndex>, queue_depth: usize, group_bytes_max: usize, sync_lanes: usize, deferred_idle: std::time::Duration) -> GroupCommit {
         let shared = Arc::new(Lanes {
             queue: Mutex::new(Queue { jobs: VecDeque::new(), deferred: Vec::new(), forming: false, seq: 0, closed: false }),
             work: Condvar::new(),
@@ -55,7 +56,7 @@ impl GroupCommit {
             engine,
             punches,
             group_bytes_max,
-            deferred_idle_ms: DEFERRED_IDLE_MS.into(),
+            deferred_idle: deferred_idle.max(std::time::Duration::from_millis(1)),
         });
         let mut lanes = Vec::new();
         for i in 0..sync_lanes.clamp(1, SYNC_LANES_MAX) {
@@ -99,12 +100,6 @@ impl GroupCommit {
             l.work.notify_one();
         }
         Ok(Committing(wait))
-    }
-
-    /// How long deferred rows wait for a group before they form one alone (lanes already
-    /// waiting keep their current timeout).
-    pub fn set_deferred_idle(&self, idle: std::time::Duration) {
-        self.shared.deferred_idle_ms.store(idle.as_millis().min(u64::MAX as u128) as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Tests only: forget the deferred rows, as a power loss before their group would.
@@ -221,8 +216,8 @@ struct Lanes {
     engine: Arc<dyn KvEngine>,
     punches: Arc<PunchIndex>,
     group_bytes_max: usize,
-    /// How long deferred rows wait for a group (`DEFERRED_IDLE_MS` unless configured).
-    deferred_idle_ms: std::sync::atomic::AtomicU64,
+    /// How long deferred rows wait for a group (`GroupCommit::start`).
+    deferred_idle: std::time::Duration,
 }
 
 struct Queue {
@@ -246,7 +241,7 @@ impl Lanes {
     /// core).
     fn lane_loop(&self) {
         let mut q = self.lock_queue();
-        let idle = std::time::Duration::from_millis(self.deferred_idle_ms.load(std::sync::atomic::Ordering::Relaxed).max(1));
+        let idle = self.deferred_idle;
         loop {
             if !q.forming && !q.jobs.is_empty() {
                 q = self.form_and_commit(q);
@@ -383,7 +378,7 @@ mod tests {
     fn a_failed_sync_fails_every_later_commit_until_reopened() {
         let dir = tempfile::tempdir().unwrap();
         let engine = Arc::new(FailingSync { inner: FjallEngine::open(dir.path(), &tuning()).unwrap(), calls: AtomicUsize::new(0), fail_at: 2 });
-        let gc = GroupCommit::start(engine, Arc::new(PunchIndex::default()), 16, 1 << 20, 3);
+        let gc = GroupCommit::start(engine, Arc::new(PunchIndex::default()), 16, 1 << 20, 3, std::time::Duration::from_millis(DEFERRED_IDLE_MS));
         let outcomes: Vec<bool> = (0..6).map(|k| gc.commit(put(k), Vec::new(), 0).is_ok()).collect();
         // The engine would sync the later groups fine; they fail because an earlier one did.
         assert_eq!(outcomes, [true, true, false, false, false, false]);
@@ -397,7 +392,7 @@ mod tests {
         let key = |k: u32| k.to_be_bytes().to_vec();
         {
             let engine = Arc::new(FjallEngine::open(dir.path(), &tuning()).unwrap());
-            let gc = GroupCommit::start(engine.clone(), Arc::new(PunchIndex::default()), 16, 1 << 20, 3);
+            let gc = GroupCommit::start(engine.clone(), Arc::new(PunchIndex::default()), 16, 1 << 20, 3, std::time::Duration::from_millis(DEFERRED_IDLE_MS));
             gc.defer(put(1000));
             gc.commit(put(1), Vec::new(), 0).unwrap();
             assert!(engine.get(Space::Meta, &key(1000)).unwrap().is_some(), "a deferred row is in place once a later commit is acknowledged");
@@ -433,7 +428,7 @@ mod tests {
         let (threads, per_thread) = (8u32, 150u32);
         {
             let engine = Arc::new(FjallEngine::open(dir.path(), &tuning()).unwrap());
-            let gc = Arc::new(GroupCommit::start(engine.clone(), Arc::new(PunchIndex::default()), queue_depth, group_bytes_max, 3));
+            let gc = Arc::new(GroupCommit::start(engine.clone(), Arc::new(PunchIndex::default()), queue_depth, group_bytes_max, 3, std::time::Duration::from_millis(DEFERRED_IDLE_MS)));
             std::thread::scope(|s| {
                 for t in 0..threads {
                     let gc = gc.clone();
