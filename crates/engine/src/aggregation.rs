@@ -163,7 +163,6 @@ impl Engine {
         if !vos.aggregation_due(cont, upto, retained) {
             return Ok(None);
         }
-        self.agg_counters.last_upto.fetch_max(upto.0, Ordering::Relaxed);
         let limits = strata_vos::AggregateLimits { records_max: cfg.step_records_max.max(1), bytes_max: STEP_BYTES_MAX };
         let mut stats = strata_vos::AggregateStats::default();
         let mut from: Option<Vec<u8>> = None;
@@ -187,6 +186,8 @@ impl Engine {
                 None => break,
             }
         }
+        // Only a finished pass counts: a reader polling `last_upto` then sees its deletions too.
+        self.agg_counters.last_upto.fetch_max(upto.0, Ordering::Relaxed);
         if stats.records_removed > 0 {
             tracing::debug!(%cont, upto = %upto, removed = stats.records_removed, bytes = stats.bytes_reclaimed, "aggregated");
         }
