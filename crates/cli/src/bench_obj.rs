@@ -86,7 +86,7 @@ fn fresh_space_args(dir: &std::path::Path, size: u64, threads: usize, duration: 
         "fallocate=native".into(),
         format!("numjobs={threads}"),
         format!("size={per_job}"),
-        format!("runtime={duration}"),
+        fio::runtime_arg(duration),
         "fdatasync=1".into(),
     ]
 }
@@ -197,7 +197,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let dir = cluster_path.parent().map(|p| p.join("fio-baseline")).unwrap_or_else(|| std::env::temp_dir().join("strata-fio-baseline"));
         std::fs::create_dir_all(&dir)?;
         let rw = if a.op == "write" { "rw=write" } else { "rw=randread" };
-        let mut args = vec![rw.to_string(), format!("bs={size}"), "ioengine=psync".into(), format!("numjobs={}", a.threads), "size=64m".into(), "time_based".into(), format!("runtime={}", a.duration)];
+        let mut args = vec![rw.to_string(), format!("bs={size}"), "ioengine=psync".into(), format!("numjobs={}", a.threads), "size=64m".into(), "time_based".into(), fio::runtime_arg(a.duration)];
         if a.op == "write" {
             args.push("fdatasync=1".into());
         }
