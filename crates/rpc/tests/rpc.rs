@@ -183,7 +183,7 @@ async fn a_server_dying_during_the_handshake_is_a_transient_failure() {
             let (s, _) = listener.accept().await.unwrap();
             match i {
                 // Reset: no linger, closed with the hello unread.
-                0 => s.set_linger(Some(Duration::ZERO)).unwrap(),
+                0 => s.set_zero_linger().unwrap(),
                 1 => {}
                 _ => silent.push(s),
             }
