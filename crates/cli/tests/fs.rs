@@ -358,7 +358,7 @@ fn capabilities_grant_one_shard_and_nothing_else() {
     assert!(err.contains("signature"), "{err}");
     let short = c.json(&["fs", "layout", path.to_str().unwrap(), "--format", "json", "--cap-ttl-s", "0"]);
     let expired = short["blocks"][0]["read_cap"].as_str().unwrap().to_string();
-    poll("the capability to expire", Duration::from_secs(5), || {
+    poll("the capability to expire", Duration::from_secs(30), || {
         let err = String::from_utf8_lossy(&get(&expired, 0).stderr).into_owned();
         err.contains("expired").then_some(())
     });
