@@ -309,7 +309,11 @@ fn a_reintegrated_rank_is_resynced_before_it_serves_reads() {
 
 #[test]
 fn a_drained_rank_can_be_removed_without_losing_even_unreplicated_objects() {
-    let c = Cluster::start(&["--ranks", "4", "--heartbeat-timeout-ms", "1500"]);
+    // Nothing here waits for a failure to be noticed, and a rank declared dead while it drains
+    // loses the S1 objects it has not pushed yet (DRAIN becomes DOWN: no copy left to rebuild
+    // from). A busy 2-core machine once silenced the draining rank past a 1.5 s timeout ("object
+    // 3 did not move off"); stopping it for 2.5 s mid-drain does so every time.
+    let c = Cluster::start(&["--ranks", "4", "--heartbeat-timeout-ms", "15000"]);
     c.json(&["cont", "create", "tank", "mixed", "--oclass", "S1"]);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let cf = ClusterFile::load(&c.cluster_file()).unwrap();
