@@ -222,9 +222,8 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
     Ok(r)
 }
 
-/// `GET /metrics` on `addr` until `stop`: the engine's counters in the Prometheus text format.
-async fn serve_metrics(addr: &str, engine: Arc<Engine>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding metrics address {addr}"))?;
+/// `GET /metrics` on `listener` until `stop`: the engine's counters in the Prometheus text format.
+async fn serve_metrics(listener: TcpListener, engine: Arc<Engine>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -244,7 +243,6 @@ async fn serve_metrics(addr: &str, engine: Arc<Engine>, mut stop: tokio::sync::w
             tracing::warn!(error = %e, "metrics endpoint stopped");
         }
     });
-    Ok(())
 }
 
 fn load_identity(dir: &Path, cluster: &str) -> anyhow::Result<Identity> {
@@ -296,6 +294,12 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
 
     let mgmt = MgmtClient::new(r.access_points.clone(), Some(r.cluster.clone())).with_deadline(Duration::from_secs(60));
     let data_listener = TcpListener::bind(&r.data_addr).await.with_context(|| format!("binding data address {}", r.data_addr))?;
+    // Bound before joining, like the data address: once the system lists this rank, a scrape
+    // waits in the accept queue instead of being refused.
+    let metrics_listener = match &r.metrics_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding metrics address {addr}"))?),
+        None => None,
+    };
     let free = {
         let probe = r.dir.clone();
         let vos = strata_vos::Vos::open(&probe.join("target-0"), &strata_vos::VosConfig::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -325,8 +329,8 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     let engine = Arc::new(Engine::open(&EngineConfig { dir: r.dir.clone(), rank, targets: r.targets, cluster: r.cluster.clone(), vos: r.vos.clone(), rebuild_bytes_per_s: r.rebuild_bytes_per_s, aggregation: r.aggregation.clone(), space_reserve_bytes: r.space_reserve_bytes }, mgmt.clone()).map_err(|e| anyhow::anyhow!(e))?);
     tokio::spawn(strata_rpc::serve(data_listener, engine.clone(), ServerConfig::new(ServiceKind::Engine, r.cluster.clone()), stop_rx.clone()));
     println!("rank {rank} serving {} targets on {} (cluster {})", r.targets, r.data_addr, r.cluster);
-    if let Some(addr) = &r.metrics_addr {
-        serve_metrics(addr, engine.clone(), stop_rx.clone()).await?;
+    if let (Some(listener), Some(addr)) = (metrics_listener, &r.metrics_addr) {
+        serve_metrics(listener, engine.clone(), stop_rx.clone()).await;
         println!("rank {rank} metrics at http://{addr}/metrics");
     }
 
