@@ -36,4 +36,12 @@ pub enum ClientError {
     Invalid(String),
     #[error("gave up after {0:?}: {1}")]
     Deadline(std::time::Duration, String),
+    /// More ranks of the pool failed at once than the container's redundancy factor: objects
+    /// may have lost every copy and would read as absent. Refused until an administrator
+    /// accepts the loss (DAOS's `-DER_RF`).
+    #[error(
+        "container {pool}/{cont} is unclean: {reason}, more than its redundancy factor (rf {rf}); objects may be lost. \
+         Check with 'strata cont query {pool} {cont}', then 'strata cont set-prop {pool} {cont} --status healthy' to accept the loss and use it"
+    )]
+    Unclean { pool: String, cont: String, rf: u8, reason: strata_rpc::mgmt_msg::UncleanReason },
 }
