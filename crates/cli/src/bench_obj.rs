@@ -55,8 +55,40 @@ struct Report {
     cpu_secs: f64,
     fio: Option<fio::FioResult>,
     throughput_ratio: Option<f64>,
+    /// Writes only: fio writing each block once into freshly allocated space, with direct I/O
+    /// and the same syncs: what the disk gives a store that, like this one, puts every new
+    /// version in new space (no overwrite in place), so the disk's allocation cost is in both.
+    fio_fresh_space: Option<fio::FioResult>,
+    fresh_space_ratio: Option<f64>,
     p99_ratio: Option<f64>,
     target: Option<String>,
+}
+
+/// fio writing `threads` fallocated files once each (not time-based: a file that wrapped around
+/// would turn into overwrites), sized for `duration` at a fast disk's rate but at most an eighth
+/// of the free space; direct I/O and an fdatasync per write.
+fn fresh_space_args(dir: &std::path::Path, size: u64, threads: usize, duration: f64) -> Vec<String> {
+    // SAFETY: statvfs fills a plain struct we own; the path is a valid C string.
+    let free = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .ok()
+        .and_then(|c| {
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+        })
+        .unwrap_or(0);
+    let want = (duration.max(1.0) * (1u64 << 30) as f64) as u64 / threads as u64;
+    let per_job = want.min(free / 8 / threads as u64).max(size * 16) / size * size;
+    vec![
+        "rw=write".into(),
+        format!("bs={size}"),
+        "ioengine=psync".into(),
+        "direct=1".into(),
+        "fallocate=native".into(),
+        format!("numjobs={threads}"),
+        format!("size={per_job}"),
+        fio::runtime_arg(duration),
+        "fdatasync=1".into(),
+    ]
 }
 
 fn pct(sorted: &[u32], p: f64) -> f64 {
@@ -156,6 +188,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         cpu_secs: cpu,
         fio: None,
         throughput_ratio: None,
+        fio_fresh_space: None,
+        fresh_space_ratio: None,
         p99_ratio: None,
         target: None,
     };
@@ -163,12 +197,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let dir = cluster_path.parent().map(|p| p.join("fio-baseline")).unwrap_or_else(|| std::env::temp_dir().join("strata-fio-baseline"));
         std::fs::create_dir_all(&dir)?;
         let rw = if a.op == "write" { "rw=write" } else { "rw=randread" };
-        let mut args = vec![rw.to_string(), format!("bs={size}"), "ioengine=psync".into(), format!("numjobs={}", a.threads), "size=64m".into(), "time_based".into(), format!("runtime={}", a.duration)];
+        let mut args = vec![rw.to_string(), format!("bs={size}"), "ioengine=psync".into(), format!("numjobs={}", a.threads), "size=64m".into(), "time_based".into(), fio::runtime_arg(a.duration)];
         if a.op == "write" {
             args.push("fdatasync=1".into());
         }
         let f = fio::run(&dir, "obj", &args)?;
         let _ = std::fs::remove_dir_all(&dir);
+        if a.op == "write" {
+            std::fs::create_dir_all(&dir)?;
+            let g = fio::run(&dir, "obj-fresh", &fresh_space_args(&dir, size, a.threads, a.duration))?;
+            let _ = std::fs::remove_dir_all(&dir);
+            r.fresh_space_ratio = Some(r.ops_per_sec / g.iops.max(f64::MIN_POSITIVE));
+            r.fio_fresh_space = Some(g);
+        }
         r.throughput_ratio = Some(r.ops_per_sec / f.iops.max(f64::MIN_POSITIVE));
         r.p99_ratio = Some(r.p99_us / f.p99_us.max(1.0));
         let goal = match (class.redundancy(), size, a.op.as_str()) {
@@ -186,6 +227,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if let Some(f) = &r.fio {
             println!("fio:    {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  cpu {:.1} s  (psync, {}{} jobs)", f.iops, f.bytes_per_sec / (1 << 20) as f64, f.p50_us, f.p99_us, f.cpu_secs, if r.op == "write" { "fdatasync each, " } else { "" }, r.threads);
             println!("ratio:  throughput {:.2}x, p99 latency {:.2}x", r.throughput_ratio.unwrap_or(0.0), r.p99_ratio.unwrap_or(0.0));
+        }
+        if let (Some(g), Some(x)) = (&r.fio_fresh_space, r.fresh_space_ratio) {
+            println!("fio, fresh space: {:>4.0} ops/s {:>8.1} MiB/s  p99 {:>7.0} us  (direct, fallocated file written once, fdatasync each)", g.iops, g.bytes_per_sec / (1 << 20) as f64, g.p99_us);
+            println!("ratio:  throughput {x:.2}x of fio into fresh space (every write here is a new version in new space)");
         }
         if let Some(t) = &r.target {
             println!("target: {t}");

@@ -115,7 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cont = ContId::new_random();
     let epoch = AtomicU64::new(1);
     let secs = args.seconds;
-    let rt = format!("runtime={secs}");
+    let rt = fio::runtime_arg(secs);
 
     // Prepare data for the fetch pattern: 4096 values of 4 KiB.
     let keys = 4096u64;

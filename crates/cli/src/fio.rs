@@ -66,6 +66,12 @@ pub fn run(dir: &Path, name: &str, args: &[String]) -> anyhow::Result<FioResult>
     })
 }
 
+/// fio's `runtime` option for `secs` seconds. fio reads a bare number as whole seconds, so
+/// `runtime=0.5` is not half a second (it ran for 12 s): give it milliseconds.
+pub fn runtime_arg(secs: f64) -> String {
+    format!("runtime={}ms", (secs * 1000.0).round().max(1.0) as u64)
+}
+
 /// CPU seconds (user + system) this process has used so far.
 pub fn self_cpu_secs() -> f64 {
     // SAFETY: getrusage fills a plain struct we own.

@@ -391,3 +391,25 @@ fn a_failure_during_rebuild_restarts_it_and_three_failures_of_rp3_lose_nothing()
         assert_eq!(o.get(b"d", b"a").await.unwrap().as_deref(), Some(&value(8, i)[..]), "object {i} lost after three failures");
     }));
 }
+
+#[test]
+fn bench_obj_reports_figures_and_ratios_to_fio_in_the_same_run() {
+    // The baseline runs fio itself: it must be installed (scripts/test installs fio).
+    assert!(std::process::Command::new("fio").arg("--version").output().is_ok_and(|o| o.status.success()), "fio is not installed: apt-get install fio");
+    let c = Cluster::start(&["--ranks", "3"]);
+    for (class, size, op, in_flight) in [("RP_3G1", "4k", "write", "4"), ("S1", "1m", "write", "2"), ("EC_2P1G1", "64k", "read", "2")] {
+        let v = c.json(&["bench", "obj", "--oclass", class, "--size", size, "--op", op, "--threads", in_flight, "--duration", "0.5", "--baseline"]);
+        let what = format!("{class} {size} {op}: {v}");
+        assert!(v["ops_per_sec"].as_f64().unwrap() > 0.0, "{what}");
+        assert!(v["p50_us"].as_f64().unwrap() > 0.0 && v["p99_us"].as_f64().unwrap() >= v["p50_us"].as_f64().unwrap(), "{what}");
+        assert!(v["fio"]["iops"].as_f64().unwrap() > 0.0, "{what}");
+        assert!(v["throughput_ratio"].as_f64().unwrap() > 0.0, "{what}");
+        // Writes are also compared with fio writing into fresh space; reads are not.
+        assert_eq!(v["fresh_space_ratio"].as_f64().is_some(), op == "write", "{what}");
+        // The targets are judged where it names them (RP_3 4 KiB p99, S1 1 MiB), not elsewhere.
+        assert_eq!(v["target"].is_string(), op == "write", "{what}");
+    }
+    // Bad input gets a clear error, not a panic.
+    let out = c.cmd(&["bench", "obj", "--size", "5m"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--size"), "{out:?}");
+}
