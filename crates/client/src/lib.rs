@@ -7,6 +7,10 @@
 //! engine, refreshes the pool map from the management service and retries until the
 //! operation's deadline ([`OP_DEADLINE`]).
 //!
+//! An unclean container (more ranks failed at once than its redundancy factor, so objects may
+//! be lost) is refused at open and by every handle's next operation ([`ClientError::Unclean`]);
+//! handles learn the status with the pool map, not by a query of their own.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), strata_client::ClientError> {
 //! use strata_client::{Client, ClusterFile};
