@@ -567,6 +567,29 @@ fn racing_resolvers_leave_no_stale_cached_value() {
     assert!(report.is_serializable(), "anomalies: {:?}", report.anomalies.iter().take(5).map(ToString::to_string).collect::<Vec<_>>());
 }
 
+/// A one-round commit written by a leader whose answer never reaches the client (the leader
+/// died, or a new map moved the shard, and its successor never heard of the transaction): the
+/// client's retry meets the commit's own writes and is refused. That must not be reported as
+/// a conflict, which promises that nothing was written. Engines here write every 4th one-round
+/// commit, forget it and answer with an error (a debug-build knob); the checker then finds no
+/// append of a transaction reported as failed in the final state.
+#[test]
+fn a_commit_whose_answer_was_lost_is_not_reported_as_a_conflict() {
+    std::env::set_var("STRATA_KV_TEST_LOSE_COMMIT_ANSWER_EVERY", "4");
+    let c = Cluster::start(&["--ranks", "3"]);
+    std::env::remove_var("STRATA_KV_TEST_LOSE_COMMIT_ANSWER_EVERY");
+    c.json(&["kv", "create", "tank/la"]);
+    let keys = 4;
+    let (mut children, files) = run_append(&c, "tank/la", 4, 40, keys);
+    wait_workers(&mut children, Duration::from_secs(400));
+    let h = load_history(&files);
+    let (committed, indeterminate) = (h.committed.len(), h.indeterminate.len());
+    let report = check_final(&c, "tank/la", keys, h);
+    assert!(report.is_serializable(), "anomalies: {:?}", report.anomalies.iter().take(5).map(ToString::to_string).collect::<Vec<_>>());
+    assert!(indeterminate > 0, "no transaction ended indeterminate: the knob lost no answer");
+    assert!(committed >= 60, "only {committed} transactions committed");
+}
+
 #[test]
 fn broken_isolation_is_caught_by_the_checker() {
     // Engines of this cluster skip read validation (a debug-build knob): lost updates follow.

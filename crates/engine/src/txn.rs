@@ -916,6 +916,11 @@ impl Engine {
                 }
                 st.release(&txn);
                 drop(st);
+                if lose_commit_answer() {
+                    // As a newly elected leader would: no memory of the transaction.
+                    ctx.shard.bump();
+                    return Err(rerr(ErrorCode::Unavailable, "test knob STRATA_KV_TEST_LOSE_COMMIT_ANSWER_EVERY: this commit was written and its answer dropped"));
+                }
                 self.kv.remember(txn, Decision::Committed(h.proposal));
                 ctx.shard.bump();
                 Ok(KvResp::Committed { epoch: h.proposal })
@@ -973,6 +978,19 @@ fn resolve_jitter() -> Option<Duration> {
     let n: u64 = std::env::var("STRATA_KV_TEST_RESOLVE_JITTER_MS").ok()?.parse().ok()?;
     let ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     Some(Duration::from_millis(u64::from(ns) % n.max(1)))
+}
+
+/// Test builds only: with `STRATA_KV_TEST_LOSE_COMMIT_ANSWER_EVERY` set to N in an engine's
+/// environment, every Nth one-round commit is written, then forgotten and answered with an
+/// error, as when a leader dies after writing it and its successor never heard of it: the
+/// client's retry then meets the commit's own writes.
+fn lose_commit_answer() -> bool {
+    static COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if !cfg!(debug_assertions) {
+        return false;
+    }
+    let Some(n) = std::env::var("STRATA_KV_TEST_LOSE_COMMIT_ANSWER_EVERY").ok().and_then(|v| v.parse::<u64>().ok()) else { return false };
+    (COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1).is_multiple_of(n.max(1))
 }
 
 /// The newest version's epoch of a user key (deletes included), if any.

@@ -34,7 +34,9 @@
 //! - A commit that fails with [`KvError::Conflict`], [`KvError::CasFailed`] or
 //!   [`KvError::Deadline`] wrote nothing. [`KvError::Indeterminate`] and
 //!   [`KvError::Unavailable`] from `commit` may or may not have committed (the coordinator or a
-//!   replica failed at the commit point); nothing is ever partly visible.
+//!   replica failed at the commit point); nothing is ever partly visible. A refusal that follows
+//!   an attempt whose answer was lost is `Indeterminate`, not `Conflict`: the lost attempt may
+//!   have committed, and the refusal may be caused by its own writes.
 //! - Conflicts: an older transaction waits for a younger lock holder (up to 3 s), a younger
 //!   one aborts at once (wait-die: no deadlocks); readers wait for an undecided transaction
 //!   holding a key below their epoch, asking its coordinator, and abort it once it has been

@@ -51,6 +51,19 @@ fn refusal(r: KvRefusal) -> KvError {
     }
 }
 
+/// A one-round commit's refusal, unless an earlier attempt of the same commit failed: then the
+/// refusal may be caused by that attempt's own writes, so the outcome is not known.
+fn commit_refusal(r: KvRefusal, earlier_attempt_failed: bool) -> KvError {
+    if earlier_attempt_failed {
+        let why = match &r {
+            KvRefusal::Conflict { reason, .. } => reason.clone(),
+            KvRefusal::CasFailed { .. } => "the compare-and-set found another value".into(),
+        };
+        return KvError::Indeterminate(format!("an earlier attempt of this commit got no answer and the retry was refused ({why}): the earlier one may have committed; read the keys to find out"));
+    }
+    refusal(r)
+}
+
 fn new_txn_id() -> TxnId {
     *uuid::Uuid::new_v4().as_bytes()
 }
@@ -88,6 +101,14 @@ pub(crate) struct TwoPhase {
 /// Send one request to the leader of shard `dkey`, retrying through stale maps, failovers
 /// and busy keys until the deadline.
 async fn call(cont: &ContHandle, oid: Oid, dkey: &[u8], make: impl Fn(KvShard) -> KvReq, payload: Bytes) -> Result<(KvResp, Bytes), KvError> {
+    call_noting_failures(cont, oid, dkey, make, payload).await.map(|(resp, data, _)| (resp, data))
+}
+
+/// `call`, and whether an attempt before the answered one failed. A failed attempt may have
+/// been carried out with only its answer lost (a leader that wrote a one-round commit, then
+/// died or lost its place in a new map): its retry can find the commit's own writes and be
+/// refused for them, and a new leader does not remember the transaction.
+async fn call_noting_failures(cont: &ContHandle, oid: Oid, dkey: &[u8], make: impl Fn(KvShard) -> KvReq, payload: Bytes) -> Result<(KvResp, Bytes, bool), KvError> {
     let start = Instant::now();
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS_MAX {
@@ -103,7 +124,7 @@ async fn call(cont: &ContHandle, oid: Oid, dkey: &[u8], make: impl Fn(KvShard) -
             )
             .await?;
         let e = match r {
-            Ok((EngineResp::Kv(resp), data)) => return Ok((resp, data)),
+            Ok((EngineResp::Kv(resp), data)) => return Ok((resp, data, attempt > 1)),
             Ok(other) => return Err(KvError::Remote(format!("unexpected engine reply {other:?}"))),
             Err(e) => e,
         };
@@ -205,25 +226,30 @@ impl Route {
         let (writes, payload) = wire_writes(&[(key.to_vec(), value.map(<[u8]>::to_vec))]);
         let checks: Vec<(Vec<u8>, Option<Vec<u8>>)> = cas.map(|e| vec![(key.to_vec(), e.map(<[u8]>::to_vec))]).unwrap_or_default();
         let start = Instant::now();
+        let mut failed_before = false;
         for attempt in 1..=ATTEMPTS_MAX {
             let rts = self.now()?;
             let req = |shard| KvReq::Commit1 { shard, txn, rts, reads: ReadSet::default(), checks: checks.clone(), writes: writes.clone() };
-            match self.call(&dkey, req, payload.clone()).await? {
-                (KvResp::Committed { epoch }, _) => {
+            let (resp, _, failed) = call_noting_failures(&self.cont, self.oid, &dkey, req, payload.clone()).await?;
+            failed_before |= failed;
+            match resp {
+                KvResp::Committed { epoch } => {
                     self.observe(epoch);
                     return Ok(epoch);
                 }
-                (KvResp::Refused(KvRefusal::Conflict { key, reason }), _) => {
+                // A conflict here is another transaction's lock (a compare-and-set's value check
+                // answers CasFailed), and writing the same value again is always right.
+                KvResp::Refused(KvRefusal::Conflict { key, reason }) => {
                     if start.elapsed() > OP_DEADLINE {
-                        return Err(KvError::Conflict { key, reason });
+                        return Err(commit_refusal(KvRefusal::Conflict { key, reason }, failed_before));
                     }
                     tokio::time::sleep(Duration::from_millis((5 * u64::from(attempt)).min(200))).await;
                 }
-                (KvResp::Refused(r), _) => return Err(refusal(r)),
-                (other, _) => return Err(KvError::Remote(format!("unexpected answer to a commit: {other:?}"))),
+                KvResp::Refused(r) => return Err(commit_refusal(r, failed_before)),
+                other => return Err(KvError::Remote(format!("unexpected answer to a commit: {other:?}"))),
             }
         }
-        Err(KvError::Conflict { key: Some(key.to_vec()), reason: "kept conflicting".into() })
+        Err(commit_refusal(KvRefusal::Conflict { key: Some(key.to_vec()), reason: "kept conflicting".into() }, failed_before))
     }
 
     async fn scan_page(&self, shard: u32, start: &[u8], end: Option<&[u8]>, limit: usize, at: Epoch) -> Result<(VecDeque<(Vec<u8>, Vec<u8>)>, bool), KvError> {
@@ -324,13 +350,13 @@ impl Route {
             let (shard, p) = parts.into_iter().next().expect("one participant");
             let (writes, payload) = wire_writes(&p.writes);
             let req = |s| KvReq::Commit1 { shard: s, txn: id, rts, reads: p.reads.clone(), checks: p.checks.clone(), writes: writes.clone() };
-            return match self.call(&ShardMap::shard_dkey(shard), req, payload).await? {
-                (KvResp::Committed { epoch }, _) => {
+            return match call_noting_failures(&self.cont, self.oid, &ShardMap::shard_dkey(shard), req, payload).await? {
+                (KvResp::Committed { epoch }, _, _) => {
                     self.observe(epoch);
                     Ok(Prepared::Committed(epoch))
                 }
-                (KvResp::Refused(r), _) => Err(refusal(r)),
-                (other, _) => Err(KvError::Remote(format!("unexpected answer to a commit: {other:?}"))),
+                (KvResp::Refused(r), _, failed_before) => Err(commit_refusal(r, failed_before)),
+                (other, _, _) => Err(KvError::Remote(format!("unexpected answer to a commit: {other:?}"))),
             };
         }
         // `Txn::commit` turned the checks of a multi-shard transaction into reads.
