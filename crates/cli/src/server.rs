@@ -28,7 +28,7 @@ pub struct Args {
     /// TOML file with the same keys as the flags (dir, mgmt_addr, data_addr, access_points,
     /// fault_domain, labels, targets, cluster, heartbeat_timeout_ms, threads,
     /// rebuild_mib_per_s, aggregate_interval_ms, aggregate_margin_ms, aggregate_mib_per_s,
-    /// scrub_interval_ms, scrub_mib_per_s, sync_lanes, reserve_mib);
+    /// scrub_interval_ms, scrub_mib_per_s, sync_lanes, reserve_mib, metrics_addr);
     /// flags win.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -96,6 +96,11 @@ pub struct Args {
     /// no reserve). Reads and deletes still work; writes resume once space is freed.
     #[arg(long)]
     pub reserve_mib: Option<u64>,
+    /// Serve this rank's counters for Prometheus at http://ADDR/metrics (requests by kind
+    /// with latency histograms, bytes, space, rebuild, aggregation, scrub); default: off.
+    /// Example: --metrics-addr 127.0.0.1:9100
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -119,6 +124,7 @@ struct FileConfig {
     scrub_mib_per_s: Option<u64>,
     sync_lanes: Option<usize>,
     reserve_mib: Option<u64>,
+    metrics_addr: Option<String>,
 }
 
 /// What a rank remembers across restarts.
@@ -147,6 +153,7 @@ struct Resolved {
     scrub_bytes_per_s: u64,
     vos: strata_vos::VosConfig,
     space_reserve_bytes: u64,
+    metrics_addr: Option<String>,
 }
 
 /// A day: bit rot is slow, and a pass reads every stored byte.
@@ -209,9 +216,35 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
             strata_vos::VosConfig { sync_lanes: lanes, ..d }
         },
         space_reserve_bytes: a.reserve_mib.or(file.reserve_mib).unwrap_or(256).saturating_mul(1 << 20),
+        metrics_addr: a.metrics_addr.or(file.metrics_addr).filter(|m| !m.is_empty()),
     };
     strata_placement::FaultDomain::parse(&r.fault_domain).map_err(|e| anyhow::anyhow!("--fault-domain: {e}"))?;
     Ok(r)
+}
+
+/// `GET /metrics` on `addr` until `stop`: the engine's counters in the Prometheus text format.
+async fn serve_metrics(addr: &str, engine: Arc<Engine>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding metrics address {addr}"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let engine = engine.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], engine.metrics_text()) }
+        }),
+    );
+    tokio::spawn(async move {
+        let stopped = async move {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
+            tracing::warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok(())
 }
 
 fn load_identity(dir: &Path, cluster: &str) -> anyhow::Result<Identity> {
@@ -292,6 +325,10 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     let engine = Arc::new(Engine::open(&EngineConfig { dir: r.dir.clone(), rank, targets: r.targets, cluster: r.cluster.clone(), vos: r.vos.clone(), rebuild_bytes_per_s: r.rebuild_bytes_per_s, aggregation: r.aggregation.clone(), space_reserve_bytes: r.space_reserve_bytes }, mgmt.clone()).map_err(|e| anyhow::anyhow!(e))?);
     tokio::spawn(strata_rpc::serve(data_listener, engine.clone(), ServerConfig::new(ServiceKind::Engine, r.cluster.clone()), stop_rx.clone()));
     println!("rank {rank} serving {} targets on {} (cluster {})", r.targets, r.data_addr, r.cluster);
+    if let Some(addr) = &r.metrics_addr {
+        serve_metrics(addr, engine.clone(), stop_rx.clone()).await?;
+        println!("rank {rank} metrics at http://{addr}/metrics");
+    }
 
     // Heartbeats: a short per-call deadline, so a leader change costs one missed beat.
     let beat = mgmt.clone().with_deadline(Duration::from_secs(2));

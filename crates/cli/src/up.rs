@@ -74,6 +74,9 @@ struct UpState {
 struct RankPorts {
     mgmt: String,
     data: String,
+    /// `GET /metrics` (Prometheus); absent in clusters made before it existed.
+    #[serde(default)]
+    metrics: Option<String>,
 }
 
 /// A port free now; `held` keeps its listener open until every port of the cluster is picked,
@@ -127,7 +130,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let mut ranks = Vec::new();
             let mut held = Vec::new();
             for _ in 0..a.ranks {
-                ranks.push(RankPorts { mgmt: format!("127.0.0.1:{}", free_port(&mut held)?), data: format!("127.0.0.1:{}", free_port(&mut held)?) });
+                ranks.push(RankPorts { mgmt: format!("127.0.0.1:{}", free_port(&mut held)?), data: format!("127.0.0.1:{}", free_port(&mut held)?), metrics: Some(format!("127.0.0.1:{}", free_port(&mut held)?)) });
             }
             drop(held);
             let st = UpState { format: 1, cluster: format!("strata-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]), ranks, access_points: a.access_points, targets: a.targets };
@@ -155,6 +158,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .stderr(log);
         if (i as u32) < st.access_points {
             cmd.args(["--mgmt-addr", &r.mgmt]);
+        }
+        if let Some(m) = &r.metrics {
+            cmd.args(["--metrics-addr", m]);
         }
         if let Some(ms) = a.aggregate_interval_ms {
             cmd.args(["--aggregate-interval-ms", &ms.to_string()]);
@@ -252,6 +258,10 @@ fn wait_and_setup(a: &Args, st: &UpState, aps: &[String], dir: &Path) -> anyhow:
         }
         let env = if cf == ClusterFile::default_path() { String::new() } else { format!("export STRATA_CLUSTER={}\n  ", cf.display()) };
         println!("cluster {} is up: {} ranks, management at {}", st.cluster, st.ranks.len(), aps.join(","));
+        let metrics: Vec<String> = st.ranks.iter().filter_map(|r| r.metrics.as_ref()).map(|m| format!("http://{m}/metrics")).collect();
+        if !metrics.is_empty() {
+            println!("Prometheus metrics of the ranks: {}", metrics.join(" "));
+        }
         let strata = strata_command();
         println!(
             "next, in another terminal (README.md, \"A first session\", goes on from here):\n  {env}{strata} system query\n  {strata} cont create {p} demo --oclass RP_3G1 --rf 2\n  echo hello | {strata} obj put {p}/demo --dkey greeting --akey text   # prints the object id\n  {strata} obj get {p}/demo OID --dkey greeting --akey text\n  {strata} pool query {p}\nCtrl-C stops the cluster.",

@@ -32,6 +32,8 @@ mod move_pacing;
 mod ec_cells;
 #[path = "reclaim.rs"]
 mod reclaim;
+#[path = "request_metrics.rs"]
+mod request_metrics;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// An import may wait at its destination for the rate it is paced to there (`move_pacing`):
@@ -115,6 +117,9 @@ impl Drop for Admitted<'_> {
 const OLDER_UPDATES_WAIT: Duration = Duration::from_secs(30);
 
 pub struct Engine {
+    /// Requests served, by kind (`metrics_text`).
+    requests: request_metrics::RequestMetrics,
+    started: std::time::Instant,
     /// Paces imports by what they do to foreground updates here.
     pacer: move_pacing::MovePacer,
     /// Buffers of the import messages data movement builds (`import_batch`).
@@ -204,7 +209,7 @@ impl Engine {
             targets.push(Arc::new(Vos::open(&dir, &cfg.vos).map_err(|e| e.to_string())?));
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
-        Ok(Engine { pacer: move_pacing::MovePacer::new(cfg.rebuild_bytes_per_s), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes), reclaim_gate: Default::default(), reclaim: Default::default() })
+        Ok(Engine { requests: Default::default(), started: std::time::Instant::now(), pacer: move_pacing::MovePacer::new(cfg.rebuild_bytes_per_s), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes), reclaim_gate: Default::default(), reclaim: Default::default() })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -225,6 +230,13 @@ impl Engine {
     }
 
     /// Free and total bytes of the file system holding the first target.
+    /// This rank's counters and request figures in the Prometheus text format
+    /// (`strata server --metrics-addr`).
+    pub fn metrics_text(&self) -> String {
+        let (free, total) = self.space();
+        request_metrics::render(self.rank.0, &self.requests, &self.stats(), free, total, self.started.elapsed())
+    }
+
     pub fn space(&self) -> (u64, u64) {
         self.targets.first().and_then(|t| t.space().ok()).map_or((0, 0), |s| (s.fs_free_bytes, s.fs_total_bytes))
     }
@@ -1353,7 +1365,16 @@ impl Handler for Engine {
     type Req = EngineReq;
     type Resp = EngineResp;
 
-    async fn handle(&self, req: EngineReq, payload: Bytes, _ctx: RequestCtx) -> Result<(EngineResp, Bytes), RemoteError> {
+    async fn handle(&self, req: EngineReq, payload: Bytes, ctx: RequestCtx) -> Result<(EngineResp, Bytes), RemoteError> {
+        let m = self.requests.start(&req, payload.len());
+        let r = self.serve(req, payload, ctx).await;
+        self.requests.done(m, r.is_ok(), r.as_ref().map_or(0, |(_, b)| b.len()));
+        r
+    }
+}
+
+impl Engine {
+    async fn serve(&self, req: EngineReq, payload: Bytes, _ctx: RequestCtx) -> Result<(EngineResp, Bytes), RemoteError> {
         match req {
             EngineReq::Update { pool, map_version, cont, oid, dkey, epoch, ops } => {
                 self.admit_bytes(&payload)?;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -61,6 +61,17 @@ impl RpcClient {
         let hello = encode(&Hello { protocol: PROTOCOL_VERSION, service, cluster: cluster.map(str::to_owned) })?;
         wr.write_all(&frame::encode_head(FrameKind::Hello, 0, 0, &hello, 0)).await.map_err(cerr)?;
         wr.flush().await.map_err(cerr)?;
+        // Until the answer starts, a failure is the transport's, as for a refused connect: the
+        // server died or reset the connection while it was being made (a rank killed a moment
+        // earlier), and callers retry elsewhere. Reported as a refused handshake, it made a
+        // read after a failure give up instead of refreshing its map.
+        let answered = tokio::time::timeout(cfg.connect_timeout, rd.fill_buf())
+            .await
+            .map_err(|_| cerr(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer to hello")))?
+            .map_err(cerr)?;
+        if answered.is_empty() {
+            return Err(cerr(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed during the handshake")));
+        }
         let reply = tokio::time::timeout(cfg.connect_timeout, read_one_frame(&mut rd))
             .await
             .map_err(|_| RpcError::Handshake { addr: addr.to_owned(), reason: "no answer to hello".into() })?

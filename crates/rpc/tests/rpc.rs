@@ -162,11 +162,39 @@ async fn handshake_refuses_wrong_cluster_and_service() {
     let (addr, _stop) = start("c1").await;
     let err = RpcClient::connect(&addr, ServiceKind::Engine, Some("other"), &ClientConfig::default()).await.err().unwrap();
     assert!(err.to_string().contains("belongs to cluster c1"), "{err}");
+    assert!(!err.is_transient(), "a refusal is final: {err}");
     let err = RpcClient::connect(&addr, ServiceKind::Mgmt, None, &ClientConfig::default()).await.err().unwrap();
     assert!(err.to_string().contains("serves Engine, not Mgmt"), "{err}");
     // First contact without a cluster id learns it.
     let c = RpcClient::connect(&addr, ServiceKind::Engine, None, &ClientConfig::default()).await.unwrap();
     assert_eq!(c.cluster(), "c1");
+}
+
+/// A server that dies while a client connects (it accepted, then reset the connection or went
+/// silent before answering the hello) fails the connect with an error callers retry, as a
+/// refused connect does: a client reading right after a rank was killed gave up otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_dying_during_the_handshake_is_a_transient_failure() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(async move {
+        let mut silent = Vec::new();
+        for i in 0.. {
+            let (s, _) = listener.accept().await.unwrap();
+            match i {
+                // Reset: no linger, closed with the hello unread.
+                0 => s.set_zero_linger().unwrap(),
+                1 => {}
+                _ => silent.push(s),
+            }
+        }
+    });
+    let cfg = ClientConfig { connect_timeout: Duration::from_millis(300), ..ClientConfig::default() };
+    for what in ["reset", "closed", "silent"] {
+        let err = RpcClient::connect(&addr, ServiceKind::Engine, None, &cfg).await.err().unwrap_or_else(|| panic!("{what}: connected"));
+        assert!(err.is_transient(), "{what}: {err}");
+    }
+    server.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

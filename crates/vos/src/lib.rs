@@ -35,10 +35,13 @@
 //! layer above splits at chunk boundaries), which bounds how far back a read must look for
 //! overlapping extents.
 //!
-//! Known limits of this version: visibility for enumeration ignores extent punches (an akey whose
-//! every byte was punched by extent punches still lists until aggregation); updates become
-//! readable a moment before they are durable (between the engine apply and its sync), as in most
-//! group-commit designs; acknowledgement still waits for the sync.
+//! Enumeration lists an akey while a read at the same epoch returns something: its single
+//! value, or at least one written byte of its array (an array whose every byte was punched by
+//! extent punches is not listed), so aggregation never changes a listing either.
+//!
+//! Known limits of this version: updates become readable a moment before they are durable
+//! (between the engine apply and its sync), as in most group-commit designs; acknowledgement
+//! still waits for the sync.
 
 mod engine;
 mod error;

@@ -627,17 +627,36 @@ impl Vos {
         // them made every object listing read each object's first extent from disk).
         let mut end = p.clone();
         end.push(KIND_EXTENT + 1);
+        // An array is visible while some byte is written at `epoch`, as reads see it: counting
+        // any value row instead listed an array whose bytes were all punched by extent punches
+        // until aggregation removed the rows under the punches, so a listing at one epoch
+        // changed when aggregation ran.
+        let mut rows: Vec<(Epoch, u64, u64, bool)> = Vec::new();
+        let mut punched = false;
         for r in self.engine.scan(Space::Records, &extent_key(&p, 0, Epoch::MAX), Some(&end), false) {
             let (k, v) = r?;
             let key = decode_record_key(&k).ok_or_else(|| corrupt(&k, "undecodable record key"))?;
             if key.epoch > epoch || hidden.is_some_and(|h| key.epoch <= h) {
                 continue;
             }
-            if record::decode(&v).map_err(|d| corrupt(&k, d))?.kind != RecordKind::Punch {
+            let rec = record::decode(&v).map_err(|d| corrupt(&k, d))?;
+            let value = rec.kind != RecordKind::Punch;
+            // Rows come in offset order, newest first at one offset, so a punch hiding a value
+            // row's first byte came before it: with none seen yet, that byte is written.
+            if value && !punched {
                 return Ok(true);
             }
+            punched |= !value;
+            let start = key.offset.unwrap_or(0);
+            rows.push((key.epoch, start, start + rec.len, value));
         }
-        Ok(false)
+        rows.sort_by_key(|r| r.0);
+        let mut owners = OwnerMap::default();
+        for (i, r) in rows.iter().enumerate() {
+            owners.paint(r.1, r.2, i);
+        }
+        let written = owners.iter().any(|(_, _, i)| rows[i].3);
+        Ok(written)
     }
 
     /// Distinct escaped fields that follow `prefix` in record keys, starting after `cursor`.

@@ -90,11 +90,14 @@ impl Model {
         }
         (data, written)
     }
+    /// Listed while a read returns something: the single value, or a written byte of the array.
     fn akey_visible(&self, o: u8, d: u8, a: u8, at: u64) -> bool {
-        let h = self.hidden(o, d, a, at);
-        self.single(o, d, a, at).is_some() || self.extents.iter().any(|r| r.0 == (o, d, a) && r.1 <= at && r.4.is_some() && !h.is_some_and(|h| r.1 <= h))
+        self.single(o, d, a, at).is_some() || self.extent(o, d, a, 0, ARRAY_END, at).1.contains(&true)
     }
 }
+
+/// Past the last byte any generated extent or extent punch reaches (offsets < 64, lengths < 40).
+const ARRAY_END: u64 = 128;
 
 fn oid(o: u8) -> Oid {
     Oid::from_u128(0x100 + o as u128)
@@ -398,4 +401,21 @@ fn in_place_export_pages_carry_exactly_the_kept_rows() {
     assert_eq!(got.len(), want.len());
     assert!(got == want, "paged in-place export differs from export_object");
     assert!(got.last().unwrap().0, "the dkey punch comes last");
+}
+
+/// An array whose every byte was punched by an extent punch lists as empty, before and after an
+/// aggregation that removed the rows under the punch (it used to list until then: the proptest
+/// above met this once in a few thousand cases).
+#[test]
+fn an_array_punched_byte_for_byte_lists_the_same_before_and_after_aggregation() {
+    run(vec![
+        Op::Extent { o: 0, d: 0, a: 0, off: 0, len: 5, fill: 1, e: 1 },
+        Op::PunchExtent { o: 0, d: 0, a: 0, off: 0, len: 10, e: 5 },
+        Op::Extent { o: 0, d: 1, a: 1, off: 20, len: 10, fill: 2, e: 9 },
+        Op::PunchExtent { o: 0, d: 1, a: 1, off: 25, len: 10, e: 13 },
+        Op::List { o: 0, e: 30 },
+        Op::Aggregate { upto: 100, keep: 0 },
+        Op::List { o: 0, e: 30 },
+    ])
+    .unwrap();
 }
