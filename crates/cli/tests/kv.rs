@@ -535,17 +535,32 @@ fn run_append(c: &Cluster, store: &str, workers: u64, txns: u64, keys: u64) -> (
     (children, files)
 }
 
-#[test]
-fn list_append_histories_are_serializable() {
+/// A 3-rank cluster whose engines have `knob` (a debug-build environment variable) set,
+/// `workers` client processes running `txns` list-append transactions each over `keys` keys;
+/// the final state is checked (`check_final`) and the history must be serializable. Returns
+/// the numbers of committed and indeterminate transactions.
+fn serializable_append_run(knob: Option<(&str, &str)>, workers: u64, txns: u64, keys: u64) -> (usize, usize) {
+    if let Some((k, v)) = knob {
+        std::env::set_var(k, v);
+    }
     let c = Cluster::start(&["--ranks", "3"]);
+    if let Some((k, _)) = knob {
+        std::env::remove_var(k);
+    }
     c.json(&["kv", "create", "tank/la"]);
-    let keys = 6;
-    let (mut children, files) = run_append(&c, "tank/la", 4, 50, keys);
+    let (mut children, files) = run_append(&c, "tank/la", workers, txns, keys);
     wait_workers(&mut children, Duration::from_secs(400));
     let h = load_history(&files);
-    assert!(h.committed.len() >= 150, "only {} transactions committed", h.committed.len());
+    let counts = (h.committed.len(), h.indeterminate.len());
     let report = check_final(&c, "tank/la", keys, h);
     assert!(report.is_serializable(), "anomalies: {:?}", report.anomalies.iter().take(5).map(ToString::to_string).collect::<Vec<_>>());
+    counts
+}
+
+#[test]
+fn list_append_histories_are_serializable() {
+    let (committed, _) = serializable_append_run(None, 4, 50, 6);
+    assert!(committed >= 150, "only {committed} transactions committed");
 }
 
 /// Two resolvers of one transaction (its client's resolve, and a reader or writer settling
@@ -555,16 +570,7 @@ fn list_append_histories_are_serializable() {
 /// so on three hot keys the last resolver often finishes after the next commit.
 #[test]
 fn racing_resolvers_leave_no_stale_cached_value() {
-    std::env::set_var("STRATA_KV_TEST_RESOLVE_JITTER_MS", "30");
-    let c = Cluster::start(&["--ranks", "3"]);
-    std::env::remove_var("STRATA_KV_TEST_RESOLVE_JITTER_MS");
-    c.json(&["kv", "create", "tank/la"]);
-    let keys = 3;
-    let (mut children, files) = run_append(&c, "tank/la", 6, 60, keys);
-    wait_workers(&mut children, Duration::from_secs(400));
-    let h = load_history(&files);
-    let report = check_final(&c, "tank/la", keys, h);
-    assert!(report.is_serializable(), "anomalies: {:?}", report.anomalies.iter().take(5).map(ToString::to_string).collect::<Vec<_>>());
+    serializable_append_run(Some(("STRATA_KV_TEST_RESOLVE_JITTER_MS", "30")), 6, 60, 3);
 }
 
 /// A one-round commit written by a leader whose answer never reaches the client (the leader
@@ -575,17 +581,7 @@ fn racing_resolvers_leave_no_stale_cached_value() {
 /// append of a transaction reported as failed in the final state.
 #[test]
 fn a_commit_whose_answer_was_lost_is_not_reported_as_a_conflict() {
-    std::env::set_var("STRATA_KV_TEST_LOSE_COMMIT_ANSWER_EVERY", "4");
-    let c = Cluster::start(&["--ranks", "3"]);
-    std::env::remove_var("STRATA_KV_TEST_LOSE_COMMIT_ANSWER_EVERY");
-    c.json(&["kv", "create", "tank/la"]);
-    let keys = 4;
-    let (mut children, files) = run_append(&c, "tank/la", 4, 40, keys);
-    wait_workers(&mut children, Duration::from_secs(400));
-    let h = load_history(&files);
-    let (committed, indeterminate) = (h.committed.len(), h.indeterminate.len());
-    let report = check_final(&c, "tank/la", keys, h);
-    assert!(report.is_serializable(), "anomalies: {:?}", report.anomalies.iter().take(5).map(ToString::to_string).collect::<Vec<_>>());
+    let (committed, indeterminate) = serializable_append_run(Some(("STRATA_KV_TEST_LOSE_COMMIT_ANSWER_EVERY", "4")), 4, 40, 4);
     assert!(indeterminate > 0, "no transaction ended indeterminate: the knob lost no answer");
     assert!(committed >= 60, "only {committed} transactions committed");
 }
