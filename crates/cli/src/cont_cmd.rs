@@ -45,9 +45,9 @@ pub enum ContCommand {
         cont: String,
         /// `healthy`: clear the unclean status. A container is marked unclean when more ranks
         /// failed at once than its redundancy factor (before rebuild restored redundancy):
-        /// objects that had every copy on those ranks are gone, and after this they read as
-        /// absent (or as older versions), with no error. Bring failed ranks back first if you
-        /// can (`strata pool reintegrate`), and check what the container holds afterwards.
+        /// objects that had every copy on those ranks may be gone, and after this they read
+        /// as absent (or as older versions), with no error. Reintegrating the ranks later does
+        /// not bring their data back. Check what the container holds afterwards.
         #[arg(long)]
         status: String,
         #[command(flatten)]
