@@ -106,8 +106,15 @@ fn replicated_objects_survive_a_killed_rank() {
             o.put(b"d", b"new", b"after the failure").await.unwrap();
             assert_eq!(o.get(b"d", b"new").await.unwrap().as_deref(), Some(&b"after the failure"[..]));
         }
-        // S1 objects on surviving targets are intact (those on the dead rank are simply
-        // unavailable until it returns; they have no redundancy).
+        // The S1 container (rf 0) lost objects with the rank: it is unclean, refused until an
+        // administrator accepts that.
+        assert!(matches!(s1_objs[0].get(b"d", b"a").await, Err(strata_client::ClientError::Unclean { .. })));
+    });
+    assert!(c.json(&["cont", "query", "tank", "s1"])["status"]["unclean"].is_object());
+    c.json(&["cont", "set-prop", "tank", "s1", "--status", "healthy"]);
+    rt.block_on(async {
+        // S1 objects on surviving targets are intact (those on the dead rank are gone with it:
+        // they have no redundancy).
         let mut ok = 0;
         for (i, o) in s1_objs.iter().enumerate() {
             let layout = s1_pool.layout(o.oid).unwrap();
