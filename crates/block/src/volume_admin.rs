@@ -174,7 +174,14 @@ impl BlockContainer {
             None => self.cont.info.oclass.parse().map_err(|e| BlockError::Invalid(format!("container class: {e}")))?,
         };
         if class.redundancy_factor() < self.cont.info.rf as usize {
-            return Err(BlockError::Invalid(format!("container redundancy factor {} refuses class {class}", self.cont.info.rf)));
+            let rf = self.cont.info.rf;
+            return Err(BlockError::Invalid(format!(
+                "container {}/{} has redundancy factor {rf}, and class {class} survives only {} failure(s): use --oclass RP_{}GX (or EC_2P{rf}GX), or a container created with a lower --rf",
+                self.pool_name,
+                self.cont_name,
+                class.redundancy_factor(),
+                rf + 1
+            )));
         }
         self.locked(async {
             if self.get(name).await.is_ok() {

@@ -223,7 +223,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let label = format!("bench-kv-{}", class.to_string().to_lowercase().replace('_', "-"));
         let props = BTreeMap::from([(strata_kv::PROP_OCLASS.to_owned(), class.to_string())]);
         // Reuse the store of an earlier run (AlreadyExists is fine).
-        let _ = client.mgmt.write(MgmtCmd::ContCreate { id: ContId::new_random(), pool: a.pool.clone(), label: label.clone(), ctype: ContType::Kv, oclass: class.to_string(), rf: 0, props }).await;
+        let _ = client.mgmt.write(MgmtCmd::ContCreate { id: ContId::new_random(), pool: a.pool.clone(), label: label.clone(), ctype: ContType::Kv, oclass: class.to_string(), rf: class.redundancy_factor() as u8, props }).await;
         let cont = client.container(&a.pool, &label).await.context("opening the bench store")?;
         let kv = KvStore::open(&cont).await?;
         let map = kv.shard_map().clone();

@@ -112,7 +112,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (lat, elapsed, cpu) = rt.block_on(async {
         let client = a.conn.client().await?;
         let cont_label = format!("bench-{}", class.to_string().to_lowercase().replace('_', "-"));
-        let _ = client.mgmt.write(MgmtCmd::ContCreate { id: ContId::new_random(), pool: a.pool.clone(), label: cont_label.clone(), ctype: ContType::Plain, oclass: class.to_string(), rf: 0, props: Default::default() }).await;
+        let _ = client.mgmt.write(MgmtCmd::ContCreate { id: ContId::new_random(), pool: a.pool.clone(), label: cont_label.clone(), ctype: ContType::Plain, oclass: class.to_string(), rf: class.redundancy_factor() as u8, props: Default::default() }).await;
         let cont = client.container(&a.pool, &cont_label).await?;
         let objs = cont.create_objects(class, a.threads as u64).await?;
         let data = Arc::new(vec![0x5au8; size as usize]);

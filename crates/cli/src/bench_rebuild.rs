@@ -233,7 +233,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let report = rt.block_on(async {
         let (client, pool) = connect(&cluster.dir).await?;
-        client.mgmt.write(MgmtCmd::ContCreate { id: ContId::new_random(), pool: "tank".into(), label: "bench".into(), ctype: ContType::Plain, oclass: class.to_string(), rf: 0, props: Default::default() }).await?;
+        client.mgmt.write(MgmtCmd::ContCreate { id: ContId::new_random(), pool: "tank".into(), label: "bench".into(), ctype: ContType::Plain, oclass: class.to_string(), rf: class.redundancy_factor() as u8, props: Default::default() }).await?;
         let cont = client.container("tank", "bench").await?;
         let count = size / object_size;
         let objs = cont.create_objects(class, count).await?;

@@ -3,7 +3,7 @@
 use crate::cluster_cmd::{block_on, Conn};
 use crate::output::emit;
 use std::collections::BTreeMap;
-use strata_rpc::mgmt_msg::{ContInfo, ContType, MgmtCmd, MgmtQuery, MgmtReply};
+use strata_rpc::mgmt_msg::{ContInfo, ContStatus, ContType, MgmtCmd, MgmtQuery, MgmtReply};
 use strata_types::ContId;
 
 #[derive(clap::Subcommand)]
@@ -17,9 +17,11 @@ pub enum ContCommand {
         /// Default object class of its objects.
         #[arg(long, default_value = "RP_2G1")]
         oclass: String,
-        /// Redundancy factor: how many failures its objects must survive (refuses weaker classes).
-        #[arg(long, default_value_t = 0)]
-        rf: u8,
+        /// Redundancy factor: how many ranks may fail at once (before rebuild restores
+        /// redundancy) without losing data; weaker object classes are refused, and more
+        /// failures mark the container unclean. Default: what --oclass survives (RP_2G1: 1).
+        #[arg(long)]
+        rf: Option<u8>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -29,10 +31,25 @@ pub enum ContCommand {
         #[command(flatten)]
         conn: Conn,
     },
-    /// One container's properties and its snapshots.
+    /// One container's properties, status (healthy, or unclean and why) and snapshots.
     Query {
         pool: String,
         cont: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Change a container's properties. Today: --status healthy, to accept the loss of an
+    /// unclean container's data and use it again.
+    SetProp {
+        pool: String,
+        cont: String,
+        /// `healthy`: clear the unclean status. A container is marked unclean when more ranks
+        /// failed at once than its redundancy factor (before rebuild restored redundancy):
+        /// objects that had every copy on those ranks may be gone, and after this they read
+        /// as absent (or as older versions), with no error. Reintegrating the ranks later does
+        /// not bring their data back. Check what the container holds afterwards.
+        #[arg(long)]
+        status: String,
         #[command(flatten)]
         conn: Conn,
     },
@@ -76,7 +93,15 @@ pub enum SnapCommand {
 }
 
 fn print_cont(c: &ContInfo) {
-    println!("container {} ({})  type {}  class {}  rf {}  snapshots {}", c.label, c.id, c.ctype.name(), c.oclass, c.rf, c.snapshots.len());
+    println!("container {} ({})  type {}  class {}  rf {}  snapshots {}  status {}", c.label, c.id, c.ctype.name(), c.oclass, c.rf, c.snapshots.len(), status_line(&c.status));
+}
+
+/// `healthy`, or `unclean (why)`.
+pub fn status_line(s: &ContStatus) -> String {
+    match s {
+        ContStatus::Healthy => "healthy".into(),
+        ContStatus::Unclean(why) => format!("unclean ({why})"),
+    }
 }
 
 pub fn run(c: ContCommand) -> anyhow::Result<()> {
@@ -84,6 +109,11 @@ pub fn run(c: ContCommand) -> anyhow::Result<()> {
         match c {
             ContCommand::Create { pool, label, ctype, oclass, rf, conn } => {
                 let ctype: ContType = ctype.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+                // By default a container promises what its class delivers, so a failure the
+                // class survives does not make it unclean. (A bad class is refused by the
+                // management service, with its message.)
+                let class_rf = oclass.parse::<strata_types::ObjectClass>().map_or(0, |c| c.redundancy_factor());
+                let rf = rf.unwrap_or(class_rf.min(u8::MAX.into()) as u8);
                 let MgmtReply::Cont(info) = conn.write(MgmtCmd::ContCreate { id: ContId::new_random(), pool, label, ctype, oclass, rf, props: BTreeMap::new() }).await? else { anyhow::bail!("unexpected reply") };
                 emit(conn.json, &info, print_cont)
             }
@@ -96,13 +126,21 @@ pub fn run(c: ContCommand) -> anyhow::Result<()> {
                 })
             }
             ContCommand::Query { pool, cont, conn } => {
-                let MgmtReply::Cont(info) = conn.query(MgmtQuery::Cont { pool, cont }).await? else { anyhow::bail!("unexpected reply") };
+                let MgmtReply::Cont(info) = conn.query(MgmtQuery::Cont { pool: pool.clone(), cont }).await? else { anyhow::bail!("unexpected reply") };
                 emit(conn.json, &info, |c| {
                     print_cont(c);
+                    if let ContStatus::Unclean(_) = c.status {
+                        println!("  objects may be lost; `strata cont set-prop {pool} {} --status healthy` accepts that and lets clients open it again", c.label);
+                    }
                     for (n, e) in &c.snapshots {
                         println!("  snapshot {n} at epoch {e}");
                     }
                 })
+            }
+            ContCommand::SetProp { pool, cont, status, conn } => {
+                anyhow::ensure!(status == "healthy", "--status takes only 'healthy' (the management service marks containers unclean itself)");
+                let MgmtReply::Cont(info) = conn.write(MgmtCmd::ContMarkHealthy { pool, cont }).await? else { anyhow::bail!("unexpected reply") };
+                emit(conn.json, &info, print_cont)
             }
             ContCommand::Destroy { pool, cont, conn } => {
                 conn.write(MgmtCmd::ContDestroy { pool, cont: cont.clone() }).await?;

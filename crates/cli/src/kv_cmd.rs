@@ -165,7 +165,7 @@ pub fn run(c: KvCommand) -> anyhow::Result<()> {
                     oclass.parse()?
                 };
                 let props = BTreeMap::from([(strata_kv::PROP_SHARD.to_owned(), f.to_string()), (strata_kv::PROP_OCLASS.to_owned(), class.to_string())]);
-                let cmd = MgmtCmd::ContCreate { id: ContId::new_random(), pool, label, ctype: ContType::Kv, oclass: class.to_string(), rf: 0, props };
+                let cmd = MgmtCmd::ContCreate { id: ContId::new_random(), pool, label, ctype: ContType::Kv, oclass: class.to_string(), rf: class.redundancy_factor() as u8, props };
                 let MgmtReply::Cont(info) = conn.write(cmd).await? else { anyhow::bail!("unexpected reply") };
                 // Opening checks the class fits the pool.
                 open(&conn, &store).await?;

@@ -232,6 +232,9 @@ fn print_pool(p: &PoolInfo) {
         Some(r) => println!("rebuild: in progress for map version {}, {}/{} ranks done", r.version, r.ranks_done, r.ranks_total),
         None => println!("rebuild: idle"),
     }
+    for u in &p.unclean_conts {
+        println!("container {} is unclean: {} (`strata cont query {} {}`)", u.label, u.reason, p.label, u.label);
+    }
     println!("{:<8} {:<8} {:<16} {:<22}", "target", "state", "domain", "rank address");
     for t in &p.map.targets {
         println!("{:<8} {:<8} {:<16} {:<22}", t.id.to_string(), t.state.name(), t.domain.to_string(), p.rank_addrs.get(&t.id.rank).cloned().unwrap_or_default());

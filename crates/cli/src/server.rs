@@ -223,7 +223,7 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
 }
 
 /// `GET /metrics` on `listener` until `stop`: the engine's counters in the Prometheus text format.
-fn serve_metrics(listener: TcpListener, engine: Arc<Engine>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn serve_metrics(listener: TcpListener, engine: Arc<Engine>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -294,9 +294,8 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
 
     let mgmt = MgmtClient::new(r.access_points.clone(), Some(r.cluster.clone())).with_deadline(Duration::from_secs(60));
     let data_listener = TcpListener::bind(&r.data_addr).await.with_context(|| format!("binding data address {}", r.data_addr))?;
-    // Bound before joining, like the data address: once every rank has joined, `strata up`
-    // reports the cluster up, and a scrape right after found the port closed while this rank
-    // still opened its targets.
+    // Bound before joining, like the data address: once the system lists this rank, a scrape
+    // waits in the accept queue instead of being refused.
     let metrics_listener = match &r.metrics_addr {
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding metrics address {addr}"))?),
         None => None,
@@ -331,7 +330,7 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     tokio::spawn(strata_rpc::serve(data_listener, engine.clone(), ServerConfig::new(ServiceKind::Engine, r.cluster.clone()), stop_rx.clone()));
     println!("rank {rank} serving {} targets on {} (cluster {})", r.targets, r.data_addr, r.cluster);
     if let (Some(listener), Some(addr)) = (metrics_listener, &r.metrics_addr) {
-        serve_metrics(listener, engine.clone(), stop_rx.clone());
+        serve_metrics(listener, engine.clone(), stop_rx.clone()).await;
         println!("rank {rank} metrics at http://{addr}/metrics");
     }
 

@@ -85,10 +85,20 @@ fn sha256(p: &Path) -> String {
 }
 
 fn block_cluster(extra: &[&str]) -> Cluster {
+    block_cluster_rf(extra, None)
+}
+
+/// `block_cluster` whose container has redundancy factor `rf` (default: RP_3GX's, 2, which
+/// refuses volumes of weaker classes).
+fn block_cluster_rf(extra: &[&str], rf: Option<&str>) -> Cluster {
     let mut args = vec!["--ranks", "3"];
     args.extend_from_slice(extra);
     let c = Cluster::start(&args);
-    c.json(&["cont", "create", "tank", "blk", "--type", "block", "--oclass", "RP_3GX"]);
+    let mut create = vec!["cont", "create", "tank", "blk", "--type", "block", "--oclass", "RP_3GX"];
+    if let Some(rf) = rf {
+        create.extend(["--rf", rf]);
+    }
+    c.json(&create);
     c
 }
 
@@ -98,7 +108,8 @@ fn standard_nbd_clients_work_against_volumes() {
     if !tools.iter().all(|t| have(t)) {
         return;
     }
-    let c = block_cluster(&[]);
+    // S1 and EC_2P1GX volumes too: a container that survives no failure.
+    let c = block_cluster_rf(&[], Some("0"));
     let v = c.json(&["block", "create", "tank/blk", "vol", "256M"]);
     assert_eq!(v["size_bytes"], 256 << 20);
     assert_eq!(v["block_bytes"], 512 << 10);

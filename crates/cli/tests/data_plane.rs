@@ -106,8 +106,15 @@ fn replicated_objects_survive_a_killed_rank() {
             o.put(b"d", b"new", b"after the failure").await.unwrap();
             assert_eq!(o.get(b"d", b"new").await.unwrap().as_deref(), Some(&b"after the failure"[..]));
         }
-        // S1 objects on surviving targets are intact (those on the dead rank are simply
-        // unavailable until it returns; they have no redundancy).
+        // The S1 container (rf 0) lost objects with the rank: it is unclean, refused until an
+        // administrator accepts that.
+        assert!(matches!(s1_objs[0].get(b"d", b"a").await, Err(strata_client::ClientError::Unclean { .. })));
+    });
+    assert!(c.json(&["cont", "query", "tank", "s1"])["status"]["unclean"].is_object());
+    c.json(&["cont", "set-prop", "tank", "s1", "--status", "healthy"]);
+    rt.block_on(async {
+        // S1 objects on surviving targets are intact (those on the dead rank are gone with it:
+        // they have no redundancy).
         let mut ok = 0;
         for (i, o) in s1_objs.iter().enumerate() {
             let layout = s1_pool.layout(o.oid).unwrap();
@@ -280,14 +287,23 @@ fn a_reintegrated_rank_is_resynced_before_it_serves_reads() {
         let s = c.json(&["system", "query"]);
         s["ranks"].as_array().unwrap().iter().all(|r| r["state"] == "Joined").then_some(())
     });
+    // Back but still DOWNOUT: it was excluded as failed, not drained, so reclaim leaves what it
+    // holds (after a second failure during the rebuild it could be the last copy of some
+    // objects) for the reintegration to resync.
+    poll("reclaim with the rank back and still DOWNOUT", Duration::from_secs(90), || common::reclaimed(&c, "tank", 4));
+    let kept: usize = rt.block_on(async {
+        let pool = Client::connect(&cf).await.unwrap().pool("tank").await.unwrap();
+        let (_, listed) = common::misplaced_rows(&pool, &[objs[0].cont_id()], objs[0].oid, &[]).await;
+        listed.iter().filter(|(t, _)| u64::from(t.rank.0) == rank1).map(|(_, n)| *n).sum()
+    });
+    assert!(kept > 0, "the rank that came back deleted everything it held while DOWNOUT");
     c.json(&["pool", "reintegrate", "tank", "--rank", &rank1.to_string()]);
     poll("resync of the reintegrated rank (UPIN -> UP)", Duration::from_secs(90), || {
         let s = states(&c);
         s.iter().all(|x| x == "Up").then_some(())
     });
-    // The spares that served the rank while it was away keep nothing of it once it is back
-    // (nor does it keep what it held before it left, deleted while it was DOWNOUT and resynced
-    // since): reclaim leaves every row only where the map places it.
+    // The spares that served the rank while it was away keep nothing of it once it is back:
+    // reclaim leaves every row only where the map places it.
     let r = poll("reclaim after the reintegration", Duration::from_secs(90), || common::reclaimed(&c, "tank", 4));
     assert!(r["objects"].as_u64().unwrap() > 0, "nothing was reclaimed: {r}");
     rt.block_on(async {

@@ -7,6 +7,10 @@
 //! engine, refreshes the pool map from the management service and retries until the
 //! operation's deadline ([`OP_DEADLINE`]).
 //!
+//! An unclean container (more ranks failed at once than its redundancy factor, so objects may
+//! be lost) is refused at open and by every handle's next operation ([`ClientError::Unclean`]);
+//! handles learn the status with the pool map, not by a query of their own.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), strata_client::ClientError> {
 //! use strata_client::{Client, ClusterFile};
@@ -36,4 +40,12 @@ pub enum ClientError {
     Invalid(String),
     #[error("gave up after {0:?}: {1}")]
     Deadline(std::time::Duration, String),
+    /// More ranks of the pool failed at once than the container's redundancy factor: objects
+    /// may have lost every copy and would read as absent. Refused until an administrator
+    /// accepts the loss (DAOS's `-DER_RF`).
+    #[error(
+        "container {pool}/{cont} is unclean: {reason}, more than its redundancy factor (rf {rf}); objects may be lost. \
+         Check with 'strata cont query {pool} {cont}', then 'strata cont set-prop {pool} {cont} --status healthy' to accept the loss and use it"
+    )]
+    Unclean { pool: String, cont: String, rf: u8, reason: strata_rpc::mgmt_msg::UncleanReason },
 }

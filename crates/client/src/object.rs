@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use strata_placement::{Layout, PlacementMap};
 use strata_rpc::engine_msg::*;
 use strata_rpc::mgmt_client::MgmtClient;
-use strata_rpc::mgmt_msg::{ContInfo, MgmtCmd, MgmtQuery, MgmtReply, PoolInfo};
+use strata_rpc::mgmt_msg::{ContInfo, ContStatus, MgmtCmd, MgmtQuery, MgmtReply, PoolInfo};
 use strata_rpc::{ClientConfig, ErrorCode, RpcError, RpcPool, ServiceKind};
 use strata_types::{Epoch, ObjectClass, ObjectType, Oid, TargetId};
 
@@ -42,7 +42,10 @@ impl Client {
     pub async fn container(&self, pool: &str, cont: &str) -> Result<ContHandle, ClientError> {
         let p = self.pool(pool).await?;
         match self.mgmt.query(MgmtQuery::Cont { pool: pool.to_owned(), cont: cont.to_owned() }).await? {
-            MgmtReply::Cont(info) => Ok(ContHandle { pool: p, info }),
+            MgmtReply::Cont(info) => match &info.status {
+                ContStatus::Unclean(reason) => Err(ClientError::Unclean { pool: pool.to_owned(), cont: info.label.clone(), rf: info.rf, reason: reason.clone() }),
+                ContStatus::Healthy => Ok(ContHandle { pool: p, info }),
+            },
             other => Err(ClientError::Invalid(format!("unexpected reply {other:?}"))),
         }
     }
@@ -54,6 +57,12 @@ struct PoolView {
     /// Placement of the map as it stood when data movement last finished (while some is
     /// pending): its spares are the ones known to be filled.
     settled: Option<Arc<PlacementMap>>,
+}
+
+impl PoolView {
+    fn is_unclean(&self, cont: &ContHandle) -> bool {
+        self.info.unclean_conts.iter().any(|u| u.id == cont.info.id)
+    }
 }
 
 pub struct PoolHandle {
@@ -144,13 +153,51 @@ impl ContHandle {
         Ok((first..first + count).map(|s| self.object(Oid::new(ObjectType::Plain, class, s as u128))).collect())
     }
 
+    /// Refuse to go on once the container is unclean (see [`ClientError::Unclean`]).
+    pub async fn check_clean(&self) -> Result<(), ClientError> {
+        self.clean_view().await.map(|_| ())
+    }
+
+    /// The pool view to use for a request, if it does not say the container is unclean. The
+    /// mark is applied with the map change that caused it, and every map that could make a
+    /// lost object read as absent (its rebuilt, empty spares in place) is at that version or
+    /// later, so a request sent under a view checked here never reads such an object as
+    /// absent. A view that says unclean is loaded once more: an administrator may have
+    /// cleared the status since (that changes no map, so nothing else would refresh it).
+    async fn clean_view(&self) -> Result<Arc<PoolView>, ClientError> {
+        let view = self.pool.view()?;
+        if !view.is_unclean(self) {
+            return Ok(view);
+        }
+        self.pool.refresh().await?;
+        let view = self.pool.view()?;
+        match view.info.unclean_conts.iter().find(|u| u.id == self.info.id) {
+            Some(u) => Err(ClientError::Unclean { pool: self.pool.name.clone(), cont: self.info.label.clone(), rf: self.info.rf, reason: u.reason.clone() }),
+            None => Ok(view),
+        }
+    }
+
+    /// [`PoolHandle::call_engine`] for a request about this container's data (the KV layer's
+    /// routing): `Err` if the container is unclean, else the call's own result to branch on.
+    pub async fn call_engine(
+        &self,
+        oid: Oid,
+        pick: impl FnOnce(&strata_placement::PoolMap, &Layout) -> Option<TargetId>,
+        make: impl FnOnce(strata_types::PoolId, u64, TargetId) -> EngineReq,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Result<(EngineResp, Bytes), RpcError>, ClientError> {
+        let view = self.clean_view().await?;
+        Ok(self.pool.call_engine_in(&view, oid, pick, make, payload, timeout).await)
+    }
+
     pub fn object(&self, oid: Oid) -> ObjHandle {
         ObjHandle { cont: self.clone(), oid }
     }
 
     /// Objects with data visible at `epoch`, gathered from every target of the pool.
     pub async fn list_objects(&self, epoch: Epoch) -> Result<Vec<Oid>, ClientError> {
-        let view = self.pool.view()?;
+        let view = self.clean_view().await?;
         let mut all = std::collections::BTreeSet::new();
         for t in view.info.map.targets.iter().filter(|t| t.state.readable()) {
             let Some(addr) = view.info.rank_addrs.get(&t.id.rank) else { continue };
@@ -189,7 +236,7 @@ impl ObjHandle {
     {
         let start = Instant::now();
         loop {
-            let view = self.cont.pool.view()?;
+            let view = self.cont.clean_view().await?;
             match op(view).await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
@@ -556,6 +603,18 @@ impl PoolHandle {
         timeout: Duration,
     ) -> Result<(EngineResp, Bytes), RpcError> {
         let view = self.view().map_err(|e| RpcError::Protocol(e.to_string()))?;
+        self.call_engine_in(&view, oid, pick, make, payload, timeout).await
+    }
+
+    async fn call_engine_in(
+        &self,
+        view: &PoolView,
+        oid: Oid,
+        pick: impl FnOnce(&strata_placement::PoolMap, &Layout) -> Option<TargetId>,
+        make: impl FnOnce(strata_types::PoolId, u64, TargetId) -> EngineReq,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(EngineResp, Bytes), RpcError> {
         let layout = view.placement.layout(oid).map_err(|e| RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::InvalidArgument, e.to_string())))?;
         let t = pick(&view.info.map, &layout).ok_or_else(|| RpcError::Remote(strata_rpc::RemoteError::new(ErrorCode::Unavailable, "no readable replica holds this shard (every replica down or not yet rebuilt)")))?;
         let addr = view.info.rank_addrs.get(&t.rank).ok_or_else(|| RpcError::ConnectionClosed(format!("no address for rank {}", t.rank)))?;

@@ -234,6 +234,7 @@ mod tests {
             props: Default::default(),
             snapshots: [("blk.v.s1".to_owned(), Epoch(30)), ("kv-nightly".to_owned(), Epoch(10)), ("again".to_owned(), Epoch(30))].into_iter().collect(),
             next_oid: 1,
+            status: Default::default(),
         };
         assert_eq!(retained_epochs(&info), vec![Epoch(10), Epoch(30)]);
     }

@@ -21,6 +21,11 @@
 //!   newer map), and requests under newer versions wait until it ends. Then the pass stops and
 //!   runs again once the newer map settles; what that map's movement pushed here is kept.
 //! - Only containers of the pool being reclaimed are walked: targets are shared by pools.
+//! - A `DOWNOUT` target keeps what it holds unless this process saw it drained
+//!   ([`DrainedTargets`]): a rank excluded as failed and back after its rebuild may hold the
+//!   only copies of objects that lost more shards than their redundancy (a second failure
+//!   during the rebuild), which a reintegration brings back; a drained one gave everything
+//!   away first.
 
 use super::*;
 
@@ -105,6 +110,36 @@ impl ReclaimGate {
         }
         st.deleting = Some((pool, version));
         Some(Deleting { gate: self })
+    }
+}
+
+/// Targets of this rank that this process saw in `DRAIN`, per pool, until they are placed
+/// again (`UP`, `UPIN`, `NEW`). Memory only: a restarted rank has seen no drain, so its
+/// `DOWNOUT` targets are kept, which costs space but never data.
+#[derive(Default)]
+pub(super) struct DrainedTargets(std::sync::Mutex<std::collections::HashSet<(PoolId, TargetId)>>);
+
+impl DrainedTargets {
+    /// Note the states a newly installed map gives this rank's targets.
+    pub(super) fn note(&self, pool: PoolId, map: &PoolMap, rank: Rank) {
+        use strata_placement::TargetState as TS;
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for t in map.targets.iter().filter(|t| t.id.rank == rank) {
+            match t.state {
+                TS::Drain => {
+                    seen.insert((pool, t.id));
+                }
+                TS::Up | TS::UpIn | TS::New => {
+                    seen.remove(&(pool, t.id));
+                }
+                TS::Down | TS::DownOut => {}
+            }
+        }
+    }
+
+    /// Whether reclaim may empty target `t` of `pool`, in state `state`.
+    fn may_reclaim(&self, pool: PoolId, t: TargetId, state: strata_placement::TargetState) -> bool {
+        state != strata_placement::TargetState::DownOut || self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(&(pool, t))
     }
 }
 
@@ -208,7 +243,9 @@ impl Engine {
         for (i, vos) in self.targets.iter().enumerate() {
             let me = TargetId { rank: self.rank, index: i as u16 };
             // A target of this rank the pool does not use holds none of its data.
-            if view.map.target(me).is_none() {
+            let Some(state) = view.map.target(me).map(|t| t.state) else { continue };
+            if !self.drained.may_reclaim(pool, me, state) {
+                tracing::info!(%pool, target = %me, "reclaim keeps what this DOWNOUT target holds: it was excluded, not drained (`pool reintegrate` brings it back, resynced)");
                 continue;
             }
             let v = vos.clone();

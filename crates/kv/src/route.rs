@@ -113,8 +113,8 @@ async fn call_noting_failures(cont: &ContHandle, oid: Oid, dkey: &[u8], make: im
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS_MAX {
         let cont_id = cont.info.id;
+        // An unclean container (ranks lost beyond its redundancy) is refused, not read.
         let r = cont
-            .pool
             .call_engine(
                 oid,
                 |map, layout| kv_leader(map, layout.group(layout.group_for_dkey(dkey))),
@@ -122,7 +122,7 @@ async fn call_noting_failures(cont: &ContHandle, oid: Oid, dkey: &[u8], make: im
                 payload.clone(),
                 CALL_TIMEOUT,
             )
-            .await;
+            .await?;
         let e = match r {
             Ok((EngineResp::Kv(resp), data)) => return Ok((resp, data, attempt > 1)),
             Ok(other) => return Err(KvError::Remote(format!("unexpected engine reply {other:?}"))),

@@ -3,7 +3,7 @@
 //! the same state: no clocks, no randomness, no I/O in here (ids and times come in commands).
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use strata_placement::resource_query;
 use strata_placement::{FaultDomain, PlacementMap, PoolMap, PoolTarget, TargetState};
 use strata_rpc::mgmt_msg::*;
@@ -38,6 +38,23 @@ pub struct PoolRecord {
     /// The map version `rebuilt_by` speaks of.
     #[serde(default)]
     pub rebuilt_version: u64,
+    /// Targets that failed while holding data (`UP` or `DRAIN` to `DOWN`) and whose data is
+    /// not rebuilt yet: kept while `DOWN` or `UPIN` (a target reintegrated before its rebuild
+    /// finished counts again if it fails again), dropped at `DOWNOUT` or `UP`. The ranks of
+    /// those now `DOWN` are the failures that count against containers' redundancy factors.
+    #[serde(default)]
+    pub unrebuilt: BTreeSet<TargetId>,
+}
+
+impl PoolRecord {
+    /// Ranks failed at once: with a target that failed holding data, `DOWN`, not rebuilt.
+    pub fn failed_ranks(&self) -> BTreeSet<Rank> {
+        failed_ranks(&self.map, &self.unrebuilt)
+    }
+}
+
+fn failed_ranks(map: &PoolMap, unrebuilt: &BTreeSet<TargetId>) -> BTreeSet<Rank> {
+    unrebuilt.iter().filter(|t| map.target(**t).is_some_and(|x| x.state == TargetState::Down)).map(|t| t.rank).collect()
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
@@ -87,7 +104,16 @@ impl MgmtState {
             let done = if p.rebuilt_version == p.map.version { live.iter().filter(|r| p.rebuilt_by.contains(r)).count() } else { 0 };
             RebuildStatus { version: p.map.version, ranks_done: done as u32, ranks_total: live.len() as u32 }
         });
-        PoolInfo { id: p.id, label: p.label.clone(), size_bytes: p.size_bytes, map: p.map.clone(), rank_addrs, rebuild }
+        let unclean_conts = self
+            .conts
+            .values()
+            .filter(|c| c.pool == p.id)
+            .filter_map(|c| match &c.status {
+                ContStatus::Unclean(reason) => Some(UncleanCont { id: c.id, label: c.label.clone(), reason: reason.clone() }),
+                ContStatus::Healthy => None,
+            })
+            .collect();
+        PoolInfo { id: p.id, label: p.label.clone(), size_bytes: p.size_bytes, map: p.map.clone(), rank_addrs, rebuild, unclean_conts }
     }
 
     /// Ranks that must push for a rebuild of `p`: alive, with a target holding data.
@@ -113,6 +139,50 @@ impl MgmtState {
 
     pub fn apply(&mut self, cmd: &MgmtCmd) -> Result<MgmtReply, RemoteError> {
         self.format = 1;
+        // Containers are judged in the very command that changes a map, so no reader ever
+        // sees a map with the failure but the container still healthy.
+        let changes_maps = matches!(cmd, MgmtCmd::SetRankState { .. } | MgmtCmd::PoolTargets { .. } | MgmtCmd::PoolExtend { .. } | MgmtCmd::RebuildDone { .. });
+        let before: BTreeMap<PoolId, PoolMap> = if changes_maps { self.pools.iter().map(|(id, p)| (*id, p.map.clone())).collect() } else { BTreeMap::new() };
+        let versions: Vec<(PoolId, u64)> = self.pools.iter().map(|(id, p)| (*id, p.map.version)).collect();
+        let reply = self.apply_cmd(cmd)?;
+        if changes_maps {
+            self.judge_failures(&before);
+        } else {
+            assert!(versions.iter().all(|(id, v)| self.pools.get(id).is_none_or(|p| p.map.version == *v)), "{cmd:?} changed a pool map without judging its failures");
+        }
+        Ok(reply)
+    }
+
+    /// After map changes from `before`: track the targets that failed holding data, and mark
+    /// unclean every healthy container of a pool where a new failure makes the ranks failed at
+    /// once more than its redundancy factor. A failure after the earlier ones were rebuilt
+    /// does not add to them (their targets are `DOWNOUT`, their data back on spares).
+    fn judge_failures(&mut self, before: &BTreeMap<PoolId, PoolMap>) {
+        for (id, old) in before {
+            let Some(p) = self.pools.get_mut(id) else { continue };
+            if p.map.version == old.version {
+                continue;
+            }
+            let failed_before = failed_ranks(old, &p.unrebuilt);
+            for t in &p.map.targets {
+                if t.state == TargetState::Down && old.target(t.id).is_some_and(|o| o.state.readable()) {
+                    p.unrebuilt.insert(t.id);
+                }
+            }
+            let map = &p.map;
+            p.unrebuilt.retain(|t| map.target(*t).is_some_and(|x| matches!(x.state, TargetState::Down | TargetState::UpIn)));
+            let failed = p.failed_ranks();
+            if failed.is_subset(&failed_before) {
+                continue;
+            }
+            let reason = UncleanReason { ranks: failed.iter().copied().collect(), map_version: p.map.version };
+            for c in self.conts.values_mut().filter(|c| c.pool == *id && c.status == ContStatus::Healthy && usize::from(c.rf) < failed.len()) {
+                c.status = ContStatus::Unclean(reason.clone());
+            }
+        }
+    }
+
+    fn apply_cmd(&mut self, cmd: &MgmtCmd) -> Result<MgmtReply, RemoteError> {
         match cmd {
             MgmtCmd::Join { uuid, mgmt_addr, data_addr, fault_domain, labels, targets, capacity_bytes, access_point } => {
                 FaultDomain::parse(fault_domain).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
@@ -201,7 +271,7 @@ impl MgmtState {
                     return Err(err(ErrorCode::NoSpace, format!("pool '{label}' needs {} but only {} is free across the system; pass a smaller --size or add servers", human_bytes(size.max(1)), human_bytes(free))));
                 }
                 let map = PoolMap::new(targets).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
-                self.pools.insert(*id, PoolRecord { id: *id, label: label.clone(), size_bytes: size, map, rebuilt_by: Default::default(), rebuilt_version: 0 });
+                self.pools.insert(*id, PoolRecord { id: *id, label: label.clone(), size_bytes: size, map, rebuilt_by: Default::default(), rebuilt_version: 0, unrebuilt: BTreeSet::new() });
                 Ok(MgmtReply::Pool(self.pool_info(&self.pools[id])))
             }
             MgmtCmd::PoolDestroy { pool, force } => {
@@ -267,7 +337,9 @@ impl MgmtState {
                 if class.group_size() > pm.usable_targets() {
                     return Err(err(ErrorCode::InvalidArgument, format!("object class {class} needs {} targets but pool '{pool}' has {}", class.group_size(), pm.usable_targets())));
                 }
-                let info = ContInfo { id: *id, pool: pid, label: label.clone(), ctype: *ctype, oclass: class.to_string(), rf: *rf, props: props.clone(), snapshots: BTreeMap::new(), next_oid: 1 };
+                // Born healthy even while ranks are failed: what it gets is written to the
+                // places the current map gives, and only a later failure can take it.
+                let info = ContInfo { id: *id, pool: pid, label: label.clone(), ctype: *ctype, oclass: class.to_string(), rf: *rf, props: props.clone(), snapshots: BTreeMap::new(), next_oid: 1, status: ContStatus::Healthy };
                 self.conts.insert(*id, info.clone());
                 Ok(MgmtReply::Cont(info))
             }
@@ -360,6 +432,12 @@ impl MgmtState {
                 let id = self.cont_by_name(pool, cont)?.id;
                 let c = self.conts.get_mut(&id).ok_or_else(|| err(ErrorCode::NotFound, "container vanished"))?;
                 c.props.insert(key.clone(), value.clone());
+                Ok(MgmtReply::Cont(c.clone()))
+            }
+            MgmtCmd::ContMarkHealthy { pool, cont } => {
+                let id = self.cont_by_name(pool, cont)?.id;
+                let c = self.conts.get_mut(&id).ok_or_else(|| err(ErrorCode::NotFound, "container vanished"))?;
+                c.status = ContStatus::Healthy;
                 Ok(MgmtReply::Cont(c.clone()))
             }
         }

@@ -112,3 +112,102 @@ fn new_targets_join_after_rebuild_and_rebalancing_and_ec_pools_are_not_extended(
     s.apply(&MgmtCmd::PoolExtend { pool: "p".into(), ranks: vec![Rank(4)] }).unwrap();
     assert_eq!(states(&s, 4), vec![TS::New; 2]);
 }
+
+/// Containers of rf 0, 1 and 2 on five ranks, and a helper reporting every live rank's rebuild
+/// done for the pool's current map.
+fn five_ranks_three_containers() -> (MgmtState, PoolId) {
+    let mut s = MgmtState::default();
+    for i in 0..5 {
+        s.apply(&join(i, 10 << 30)).unwrap();
+    }
+    let pool = PoolId(uuid::Uuid::from_u128(1));
+    s.apply(&MgmtCmd::PoolCreate { id: pool, label: "p".into(), size_bytes: 1 << 30, ranks: None, select: None }).unwrap();
+    for (i, (label, class, rf)) in [("c0", "S1", 0), ("c1", "RP_2G1", 1), ("c2", "RP_3G1", 2)].into_iter().enumerate() {
+        s.apply(&MgmtCmd::ContCreate { id: ContId(uuid::Uuid::from_u128(10 + i as u128)), pool: "p".into(), label: label.into(), ctype: ContType::Plain, oclass: class.into(), rf, props: BTreeMap::new() }).unwrap();
+    }
+    (s, pool)
+}
+
+fn rebuild_done(s: &mut MgmtState, pool: PoolId) {
+    let p = s.pool_by_name("p").unwrap();
+    let (v, live) = (p.map.version, s.rebuild_ranks(p));
+    for r in live {
+        s.apply(&MgmtCmd::RebuildDone { pool, version: v, rank: r }).unwrap();
+    }
+}
+
+fn status(s: &MgmtState, cont: &str) -> ContStatus {
+    s.cont_by_name("p", cont).unwrap().status.clone()
+}
+
+fn dead(s: &mut MgmtState, r: u32) {
+    s.apply(&MgmtCmd::SetRankState { rank: Rank(r), state: RankState::Dead }).unwrap();
+}
+
+#[test]
+fn ranks_failed_at_once_beyond_rf_make_containers_unclean_until_an_admin_clears_them() {
+    let (mut s, pool) = five_ranks_three_containers();
+    dead(&mut s, 1);
+    let v1 = s.pool_by_name("p").unwrap().map.version;
+    assert_eq!(status(&s, "c0"), ContStatus::Unclean(UncleanReason { ranks: vec![Rank(1)], map_version: v1 }), "rf 0 survives no failure");
+    assert_eq!(status(&s, "c1"), ContStatus::Healthy);
+    // A second failure before the first is rebuilt: two at once.
+    dead(&mut s, 2);
+    let v2 = s.pool_by_name("p").unwrap().map.version;
+    assert_eq!(status(&s, "c1"), ContStatus::Unclean(UncleanReason { ranks: vec![Rank(1), Rank(2)], map_version: v2 }));
+    assert_eq!(status(&s, "c0"), ContStatus::Unclean(UncleanReason { ranks: vec![Rank(1)], map_version: v1 }), "the first reason stays");
+    assert_eq!(status(&s, "c2"), ContStatus::Healthy);
+    let info = s.pool_info(s.pool_by_name("p").unwrap());
+    assert_eq!(info.unclean_conts.iter().map(|u| u.label.as_str()).collect::<Vec<_>>(), vec!["c0", "c1"]);
+
+    // Rebuild finishing, then reintegration, clears nothing.
+    rebuild_done(&mut s, pool);
+    assert!(s.pool_by_name("p").unwrap().failed_ranks().is_empty());
+    for r in [1, 2] {
+        s.apply(&MgmtCmd::PoolTargets { pool: "p".into(), rank: Rank(r), index: None, action: TargetAction::Reintegrate }).unwrap();
+    }
+    rebuild_done(&mut s, pool);
+    assert!(matches!(status(&s, "c1"), ContStatus::Unclean(_)));
+    // Only the administrator does.
+    s.apply(&MgmtCmd::ContMarkHealthy { pool: "p".into(), cont: "c1".into() }).unwrap();
+    assert_eq!(status(&s, "c1"), ContStatus::Healthy);
+    assert!(matches!(status(&s, "c0"), ContStatus::Unclean(_)));
+    assert!(s.apply(&MgmtCmd::ContMarkHealthy { pool: "p".into(), cont: "nope".into() }).is_err());
+}
+
+#[test]
+fn a_failure_after_the_earlier_rebuild_finished_does_not_add_to_it() {
+    let (mut s, pool) = five_ranks_three_containers();
+    dead(&mut s, 1);
+    rebuild_done(&mut s, pool);
+    dead(&mut s, 2);
+    assert_eq!(s.pool_by_name("p").unwrap().failed_ranks(), [Rank(2)].into());
+    assert_eq!(status(&s, "c1"), ContStatus::Healthy);
+    // Rank 1's targets reintegrating (its data is on spares) and failing again do not count.
+    rebuild_done(&mut s, pool);
+    s.apply(&MgmtCmd::SetRankState { rank: Rank(1), state: RankState::Joined }).unwrap();
+    s.apply(&MgmtCmd::PoolTargets { pool: "p".into(), rank: Rank(1), index: None, action: TargetAction::Reintegrate }).unwrap();
+    dead(&mut s, 3);
+    dead(&mut s, 1);
+    assert_eq!(s.pool_by_name("p").unwrap().failed_ranks(), [Rank(3)].into());
+    assert_eq!(status(&s, "c1"), ContStatus::Healthy);
+}
+
+#[test]
+fn a_rank_reintegrated_before_its_rebuild_finished_counts_again_when_it_fails_again() {
+    let (mut s, _pool) = five_ranks_three_containers();
+    dead(&mut s, 1);
+    s.apply(&MgmtCmd::SetRankState { rank: Rank(1), state: RankState::Joined }).unwrap();
+    s.apply(&MgmtCmd::PoolTargets { pool: "p".into(), rank: Rank(1), index: None, action: TargetAction::Reintegrate }).unwrap();
+    assert!(s.pool_by_name("p").unwrap().failed_ranks().is_empty(), "back with its data");
+    dead(&mut s, 2);
+    assert_eq!(status(&s, "c1"), ContStatus::Healthy);
+    // Nothing rebuilt rank 1's data elsewhere yet: failing again makes two at once.
+    dead(&mut s, 1);
+    assert!(matches!(status(&s, "c1"), ContStatus::Unclean(UncleanReason { ref ranks, .. }) if *ranks == vec![Rank(1), Rank(2)]));
+    // A draining rank holds data too.
+    s.apply(&MgmtCmd::PoolTargets { pool: "p".into(), rank: Rank(3), index: None, action: TargetAction::Drain }).unwrap();
+    dead(&mut s, 3);
+    assert_eq!(s.pool_by_name("p").unwrap().failed_ranks(), [Rank(1), Rank(2), Rank(3)].into());
+    assert!(matches!(status(&s, "c2"), ContStatus::Unclean(_)));
+}

@@ -90,6 +90,9 @@ pub enum MgmtCmd {
     RebuildDone { pool: PoolId, version: u64, rank: Rank },
     LeaseRelease { key: String, holder: String },
     SetProp { pool: String, cont: String, key: String, value: String },
+    /// An administrator accepts the possible loss of an unclean container's data: its status
+    /// goes back to healthy and it can be opened again.
+    ContMarkHealthy { pool: String, cont: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +146,44 @@ pub struct PoolInfo {
     /// Data movement under way (targets DOWN, UPIN or DRAIN), if any.
     #[serde(default)]
     pub rebuild: Option<RebuildStatus>,
+    /// Containers of the pool that are unclean (see [`ContStatus`]). Clients read it with
+    /// every map refresh, so open handles learn it without a query of their own.
+    #[serde(default)]
+    pub unclean_conts: Vec<UncleanCont>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct UncleanCont {
+    pub id: ContId,
+    pub label: String,
+    pub reason: UncleanReason,
+}
+
+/// Whether a container's objects still have every version they were given (DAOS's container
+/// health). A container becomes unclean when more ranks of its pool are failed at once (DOWN,
+/// not yet rebuilt) than its redundancy factor: objects may have lost every replica, and
+/// reading them would show them as absent. Only an administrator clears it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum ContStatus {
+    #[default]
+    Healthy,
+    Unclean(UncleanReason),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct UncleanReason {
+    /// The ranks failed at once, not yet rebuilt, when the container was marked.
+    pub ranks: Vec<Rank>,
+    /// The pool map version whose change marked it.
+    pub map_version: u64,
+}
+
+impl std::fmt::Display for UncleanReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranks: Vec<String> = self.ranks.iter().map(|r| r.to_string()).collect();
+        write!(f, "ranks {} failed before rebuild restored redundancy (pool map version {})", ranks.join(","), self.map_version)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -165,6 +206,8 @@ pub struct ContInfo {
     pub props: BTreeMap<String, String>,
     pub snapshots: BTreeMap<String, Epoch>,
     pub next_oid: u64,
+    #[serde(default)]
+    pub status: ContStatus,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
