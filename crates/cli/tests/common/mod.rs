@@ -27,6 +27,16 @@ pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
+/// Whether process `pid` has exited far enough that its ports are closed: gone, or a zombie all
+/// of whose threads have exited. Not being listed by `pgrep` is not enough: a process being torn
+/// down has no command line any more while it still holds its sockets, so a rank restarted at
+/// once failed with "address already in use" and a client could still connect to it.
+fn exited(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return true };
+    let zombie = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) == Some("Z");
+    zombie && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(true, |d| d.count() <= 1)
+}
+
 impl Cluster {
     pub fn start(args: &[&str]) -> Cluster {
         let mut c = Cluster::unstarted(args);
@@ -99,7 +109,7 @@ impl Cluster {
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }
-        poll("the killed server to vanish", Duration::from_secs(10), || self.server_pid(i).is_none().then_some(()));
+        poll("the killed server to exit", Duration::from_secs(10), || exited(pid).then_some(()));
     }
 
     /// Start the server of directory `rank-{i}` again by hand, as `strata up` started it.
