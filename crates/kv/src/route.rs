@@ -104,13 +104,16 @@ async fn call(cont: &ContHandle, oid: Oid, dkey: &[u8], make: impl Fn(KvShard) -
     call_noting_failures(cont, oid, dkey, make, payload).await.map(|(resp, data, _)| (resp, data))
 }
 
-/// `call`, and whether an attempt before the answered one failed. A failed attempt may have
-/// been carried out with only its answer lost (a leader that wrote a one-round commit, then
-/// died or lost its place in a new map): its retry can find the commit's own writes and be
-/// refused for them, and a new leader does not remember the transaction.
+/// `call`, and whether an attempt before the answered one failed after it was sent. Such an
+/// attempt may have been carried out with only its answer lost (a leader that wrote a
+/// one-round commit, then died or lost its place in a new map): its retry can find the
+/// commit's own writes and be refused for them, and a new leader does not remember the
+/// transaction. Only a failed connection (the request never left) is known not to have run;
+/// a stale-map or busy answer may come from a leader that already wrote some replicas.
 async fn call_noting_failures(cont: &ContHandle, oid: Oid, dkey: &[u8], make: impl Fn(KvShard) -> KvReq, payload: Bytes) -> Result<(KvResp, Bytes, bool), KvError> {
     let start = Instant::now();
     let mut last = String::new();
+    let mut sent_and_failed = false;
     for attempt in 1..=ATTEMPTS_MAX {
         let cont_id = cont.info.id;
         // An unclean container (ranks lost beyond its redundancy) is refused, not read.
@@ -124,10 +127,11 @@ async fn call_noting_failures(cont: &ContHandle, oid: Oid, dkey: &[u8], make: im
             )
             .await?;
         let e = match r {
-            Ok((EngineResp::Kv(resp), data)) => return Ok((resp, data, attempt > 1)),
+            Ok((EngineResp::Kv(resp), data)) => return Ok((resp, data, sent_and_failed)),
             Ok(other) => return Err(KvError::Remote(format!("unexpected engine reply {other:?}"))),
             Err(e) => e,
         };
+        sent_and_failed |= !matches!(e, RpcError::Connect { .. });
         let stale = matches!(&e, RpcError::Remote(r) if r.code == ErrorCode::StaleMap);
         let busy = matches!(&e, RpcError::Remote(r) if r.code == ErrorCode::Busy);
         if !(stale || e.is_transient()) {
