@@ -47,7 +47,8 @@ pub enum ContCommand {
         /// failed at once than its redundancy factor (before rebuild restored redundancy):
         /// objects that had every copy on those ranks may be gone, and after this they read
         /// as absent (or as older versions), with no error. Reintegrating the ranks later does
-        /// not bring their data back. Check what the container holds afterwards.
+        /// not reliably bring their data back (reads may be served by spares that never had
+        /// it). Check what the container holds afterwards.
         #[arg(long)]
         status: String,
         #[command(flatten)]
