@@ -68,14 +68,7 @@ struct Report {
 /// would turn into overwrites), sized for `duration` at a fast disk's rate but at most an eighth
 /// of the free space; direct I/O and an fdatasync per write.
 fn fresh_space_args(dir: &std::path::Path, size: u64, threads: usize, duration: f64) -> Vec<String> {
-    // SAFETY: statvfs fills a plain struct we own; the path is a valid C string.
-    let free = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .ok()
-        .and_then(|c| {
-            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-            (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
-        })
-        .unwrap_or(0);
+    let free = strata_vos::fs_space(dir).map_or(0, |(_, free)| free);
     let want = (duration.max(1.0) * (1u64 << 30) as f64) as u64 / threads as u64;
     let per_job = want.min(free / 8 / threads as u64).max(size * 16) / size * size;
     vec![

@@ -231,7 +231,6 @@ impl Engine {
         EngineStats { targets: self.targets.len() as u16, used_bytes, aggregation: self.agg_counters.snapshot(), moved_records, moved_bytes, extension_write_bytes, scrub_passes, scrub, movement: self.movement.report(), reclaim: self.reclaim.report() }
     }
 
-    /// Free and total bytes of the file system holding the first target.
     /// This rank's counters and request figures in the Prometheus text format
     /// (`strata server --metrics-addr`).
     pub fn metrics_text(&self) -> String {
@@ -239,6 +238,7 @@ impl Engine {
         request_metrics::render(self.rank.0, &self.requests, &self.stats(), free, total, self.started.elapsed())
     }
 
+    /// Free and total bytes of the file system holding the first target.
     pub fn space(&self) -> (u64, u64) {
         self.targets.first().and_then(|t| t.space().ok()).map_or((0, 0), |s| (s.fs_free_bytes, s.fs_total_bytes))
     }

@@ -24,8 +24,8 @@
 //! - A `DOWNOUT` target keeps what it holds unless this process saw it drained
 //!   ([`DrainedTargets`]): a rank excluded as failed and back after its rebuild may hold the
 //!   only copies of objects that lost more shards than their redundancy (a second failure
-//!   during the rebuild), which a reintegration brings back; a drained one gave everything
-//!   away first.
+//!   during the rebuild), and deleting them would make that loss final; a drained one gave
+//!   everything away first.
 
 use super::*;
 

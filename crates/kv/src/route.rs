@@ -51,8 +51,9 @@ fn refusal(r: KvRefusal) -> KvError {
     }
 }
 
-/// A one-round commit's refusal, unless an earlier attempt of the same commit failed: then the
-/// refusal may be caused by that attempt's own writes, so the outcome is not known.
+/// A one-round commit's refusal, unless an earlier attempt of the same commit failed after it
+/// was sent (`call_noting_failures`): then the refusal may be caused by that attempt's own
+/// writes, so the outcome is not known.
 fn commit_refusal(r: KvRefusal, earlier_attempt_failed: bool) -> KvError {
     if earlier_attempt_failed {
         let why = match &r {
