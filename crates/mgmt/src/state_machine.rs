@@ -40,8 +40,8 @@ pub struct PoolRecord {
     pub rebuilt_version: u64,
     /// Targets that failed while holding data (`UP` or `DRAIN` to `DOWN`) and whose data is
     /// not rebuilt yet: kept while `DOWN` or `UPIN` (a target reintegrated before its rebuild
-    /// finished counts again if it fails again), dropped at `DOWNOUT` or `UP`. The ranks of
-    /// those now `DOWN` are the failures that count against containers' redundancy factors.
+    /// finished counts again if it fails again), dropped at `DOWNOUT` or `UP`. Those now
+    /// `DOWN` are the failures that count against containers' redundancy factors.
     #[serde(default)]
     pub unrebuilt: BTreeSet<TargetId>,
 }
@@ -49,12 +49,29 @@ pub struct PoolRecord {
 impl PoolRecord {
     /// Ranks failed at once: with a target that failed holding data, `DOWN`, not rebuilt.
     pub fn failed_ranks(&self) -> BTreeSet<Rank> {
-        failed_ranks(&self.map, &self.unrebuilt)
+        failed_targets(&self.map, &self.unrebuilt).iter().map(|t| t.rank).collect()
+    }
+
+    /// The distinct fault domains of the targets failed at once, at the level a group of
+    /// `class` spreads over in this pool (`strata_placement::spread_domains`): no group has two
+    /// shards in one of them, so a class that survives `rf` lost shards loses no data while
+    /// there are at most `rf`. Ranks of one host count once when groups spread over hosts;
+    /// when a group needs more nodes than there are hosts it spreads over ranks (or targets),
+    /// and those are counted. A class that does not parse is counted per target (the finest
+    /// level, never too few).
+    pub fn failed_domains(&self, class: &str) -> BTreeSet<String> {
+        let failed = failed_targets(&self.map, &self.unrebuilt);
+        if failed.is_empty() {
+            return BTreeSet::new();
+        }
+        let size = class.parse::<ObjectClass>().map_or(usize::MAX, |c| c.group_size());
+        let domains = strata_placement::spread_domains(&self.map, size);
+        failed.iter().map(|t| domains.get(t).cloned().unwrap_or_else(|| format!("/rank{}/tgt{}", t.rank.0, t.index))).collect()
     }
 }
 
-fn failed_ranks(map: &PoolMap, unrebuilt: &BTreeSet<TargetId>) -> BTreeSet<Rank> {
-    unrebuilt.iter().filter(|t| map.target(**t).is_some_and(|x| x.state == TargetState::Down)).map(|t| t.rank).collect()
+fn failed_targets(map: &PoolMap, unrebuilt: &BTreeSet<TargetId>) -> BTreeSet<TargetId> {
+    unrebuilt.iter().filter(|t| map.target(**t).is_some_and(|x| x.state == TargetState::Down)).copied().collect()
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
@@ -109,7 +126,7 @@ impl MgmtState {
             .values()
             .filter(|c| c.pool == p.id)
             .filter_map(|c| match &c.status {
-                ContStatus::Unclean(reason) => Some(UncleanCont { id: c.id, label: c.label.clone(), reason: reason.clone() }),
+                ContStatus::Unclean(reason) => Some(UncleanCont { id: c.id, label: c.label.clone(), reason: reason.clone(), rf: c.rf }),
                 ContStatus::Healthy => None,
             })
             .collect();
@@ -154,16 +171,17 @@ impl MgmtState {
     }
 
     /// After map changes from `before`: track the targets that failed holding data, and mark
-    /// unclean every healthy container of a pool where a new failure makes the ranks failed at
-    /// once more than its redundancy factor. A failure after the earlier ones were rebuilt
-    /// does not add to them (their targets are `DOWNOUT`, their data back on spares).
+    /// unclean every healthy container of a pool where a new failure makes the fault domains
+    /// failed at once (`PoolRecord::failed_domains`, at its class's level) more than its
+    /// redundancy factor. A failure after the earlier ones were rebuilt does not add to them
+    /// (their targets are `DOWNOUT`, their data back on spares).
     fn judge_failures(&mut self, before: &BTreeMap<PoolId, PoolMap>) {
         for (id, old) in before {
             let Some(p) = self.pools.get_mut(id) else { continue };
             if p.map.version == old.version {
                 continue;
             }
-            let failed_before = failed_ranks(old, &p.unrebuilt);
+            let failed_before = failed_targets(old, &p.unrebuilt);
             for t in &p.map.targets {
                 if t.state == TargetState::Down && old.target(t.id).is_some_and(|o| o.state.readable()) {
                     p.unrebuilt.insert(t.id);
@@ -171,13 +189,19 @@ impl MgmtState {
             }
             let map = &p.map;
             p.unrebuilt.retain(|t| map.target(*t).is_some_and(|x| matches!(x.state, TargetState::Down | TargetState::UpIn)));
-            let failed = p.failed_ranks();
-            if failed.is_subset(&failed_before) {
+            // Only a new failure judges: a container an administrator cleared stays so
+            // while the failures it was cleared for are still pending.
+            if failed_targets(&p.map, &p.unrebuilt).is_subset(&failed_before) {
                 continue;
             }
-            let reason = UncleanReason { ranks: failed.iter().copied().collect(), map_version: p.map.version };
-            for c in self.conts.values_mut().filter(|c| c.pool == *id && c.status == ContStatus::Healthy && usize::from(c.rf) < failed.len()) {
-                c.status = ContStatus::Unclean(reason.clone());
+            let p = &self.pools[id];
+            let ranks: Vec<Rank> = p.failed_ranks().into_iter().collect();
+            let mut domains_of: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+            for c in self.conts.values_mut().filter(|c| c.pool == *id && c.status == ContStatus::Healthy) {
+                let domains = domains_of.entry(c.oclass.as_str()).or_insert_with(|| p.failed_domains(&c.oclass));
+                if usize::from(c.rf) < domains.len() {
+                    c.status = ContStatus::Unclean(UncleanReason { ranks: ranks.clone(), map_version: p.map.version, domains: domains.iter().cloned().collect() });
+                }
             }
         }
     }

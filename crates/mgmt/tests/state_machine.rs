@@ -7,11 +7,16 @@ use strata_rpc::mgmt_msg::*;
 use strata_types::{ContId, PoolId, Rank};
 
 fn join(i: u32, cap: u64) -> MgmtCmd {
+    join_in(i, cap, &format!("/host-{i}"))
+}
+
+/// Rank `i` joining in fault domain `domain`.
+fn join_in(i: u32, cap: u64, domain: &str) -> MgmtCmd {
     MgmtCmd::Join {
         uuid: format!("server-{i}"),
         mgmt_addr: String::new(),
         data_addr: format!("127.0.0.1:{}", 20000 + i),
-        fault_domain: format!("/host-{i}"),
+        fault_domain: domain.to_owned(),
         labels: BTreeMap::from([("media".to_string(), if i % 2 == 0 { "ssd" } else { "hdd" }.to_string())]),
         targets: 2,
         capacity_bytes: cap,
@@ -149,13 +154,13 @@ fn ranks_failed_at_once_beyond_rf_make_containers_unclean_until_an_admin_clears_
     let (mut s, pool) = five_ranks_three_containers();
     dead(&mut s, 1);
     let v1 = s.pool_by_name("p").unwrap().map.version;
-    assert_eq!(status(&s, "c0"), ContStatus::Unclean(UncleanReason { ranks: vec![Rank(1)], map_version: v1 }), "rf 0 survives no failure");
+    assert_eq!(status(&s, "c0"), ContStatus::Unclean(UncleanReason { ranks: vec![Rank(1)], map_version: v1, domains: vec!["/host-1".into()] }), "rf 0 survives no failure");
     assert_eq!(status(&s, "c1"), ContStatus::Healthy);
     // A second failure before the first is rebuilt: two at once.
     dead(&mut s, 2);
     let v2 = s.pool_by_name("p").unwrap().map.version;
-    assert_eq!(status(&s, "c1"), ContStatus::Unclean(UncleanReason { ranks: vec![Rank(1), Rank(2)], map_version: v2 }));
-    assert_eq!(status(&s, "c0"), ContStatus::Unclean(UncleanReason { ranks: vec![Rank(1)], map_version: v1 }), "the first reason stays");
+    assert_eq!(status(&s, "c1"), ContStatus::Unclean(UncleanReason { ranks: vec![Rank(1), Rank(2)], map_version: v2, domains: vec!["/host-1".into(), "/host-2".into()] }));
+    assert_eq!(status(&s, "c0"), ContStatus::Unclean(UncleanReason { ranks: vec![Rank(1)], map_version: v1, domains: vec!["/host-1".into()] }), "the first reason stays");
     assert_eq!(status(&s, "c2"), ContStatus::Healthy);
     let info = s.pool_info(s.pool_by_name("p").unwrap());
     assert_eq!(info.unclean_conts.iter().map(|u| u.label.as_str()).collect::<Vec<_>>(), vec!["c0", "c1"]);
@@ -210,4 +215,70 @@ fn a_rank_reintegrated_before_its_rebuild_finished_counts_again_when_it_fails_ag
     dead(&mut s, 3);
     assert_eq!(s.pool_by_name("p").unwrap().failed_ranks(), [Rank(1), Rank(2), Rank(3)].into());
     assert!(matches!(status(&s, "c2"), ContStatus::Unclean(_)));
+}
+
+/// Ranks 0..ranks, `per_host` to a host (`/host-{i / per_host}`), one pool and containers
+/// (label, class, rf).
+fn hosts_with_containers(ranks: u32, per_host: u32, conts: &[(&str, &str, u8)]) -> MgmtState {
+    let mut s = MgmtState::default();
+    for i in 0..ranks {
+        s.apply(&join_in(i, 10 << 30, &format!("/host-{}", i / per_host))).unwrap();
+    }
+    s.apply(&MgmtCmd::PoolCreate { id: PoolId(uuid::Uuid::from_u128(1)), label: "p".into(), size_bytes: 1 << 30, ranks: None, select: None }).unwrap();
+    for (i, (label, class, rf)) in conts.iter().enumerate() {
+        s.apply(&MgmtCmd::ContCreate { id: ContId(uuid::Uuid::from_u128(10 + i as u128)), pool: "p".into(), label: (*label).into(), ctype: ContType::Plain, oclass: (*class).into(), rf: *rf, props: BTreeMap::new() }).unwrap();
+    }
+    s
+}
+
+fn unclean_domains(s: &MgmtState, cont: &str) -> Option<Vec<String>> {
+    match status(s, cont) {
+        ContStatus::Unclean(r) => Some(r.domains),
+        ContStatus::Healthy => None,
+    }
+}
+
+#[test]
+fn ranks_of_one_host_failing_at_once_count_as_one_fault_domain() {
+    // 3 hosts of 2 ranks: RP_2 and RP_3 groups spread over hosts.
+    let mut s = hosts_with_containers(6, 2, &[("s1", "S1", 0), ("rp2", "RP_2G1", 1), ("rp3", "RP_3G1", 2)]);
+    dead(&mut s, 2);
+    dead(&mut s, 3);
+    assert_eq!(s.pool_by_name("p").unwrap().failed_ranks(), [Rank(2), Rank(3)].into(), "both failed at once");
+    assert_eq!(status(&s, "rp2"), ContStatus::Healthy, "one host lost holds at most one copy of an RP_2 group");
+    assert_eq!(unclean_domains(&s, "s1"), Some(vec!["/host-1".to_string()]));
+    // A rank of another host before the rebuild: two hosts, more than rf 1.
+    dead(&mut s, 4);
+    let v = s.pool_by_name("p").unwrap().map.version;
+    assert_eq!(status(&s, "rp2"), ContStatus::Unclean(UncleanReason { ranks: vec![Rank(2), Rank(3), Rank(4)], map_version: v, domains: vec!["/host-1".into(), "/host-2".into()] }));
+    assert_eq!(status(&s, "rp3"), ContStatus::Healthy, "two hosts are within rf 2");
+    let msg = UncleanReason { ranks: vec![Rank(2), Rank(3), Rank(4)], map_version: v, domains: vec!["/host-1".into(), "/host-2".into()] }.to_string();
+    assert!(msg.contains("ranks 2,3,4 failed in 2 fault domains (/host-1, /host-2)"), "{msg}");
+}
+
+#[test]
+fn a_class_with_more_shards_than_hosts_counts_ranks() {
+    // 3 hosts of 2 ranks: EC_4P1 (5 shards) and EC_4P2 (6) spread over ranks, so one host
+    // holds two shards of a group; RP_2 still over hosts.
+    let mut s = hosts_with_containers(6, 2, &[("ec41", "EC_4P1G1", 1), ("ec42", "EC_4P2G1", 2), ("rp2", "RP_2G1", 1)]);
+    dead(&mut s, 0);
+    dead(&mut s, 1);
+    assert_eq!(unclean_domains(&s, "ec41"), Some(vec!["/host-0/rank0".to_string(), "/host-0/rank1".to_string()]), "two of its shards may have been on that host");
+    assert_eq!(status(&s, "ec42"), ContStatus::Healthy);
+    assert_eq!(status(&s, "rp2"), ContStatus::Healthy);
+    dead(&mut s, 2);
+    assert_eq!(unclean_domains(&s, "ec42").map(|d| d.len()), Some(3));
+    assert_eq!(unclean_domains(&s, "rp2").map(|d| d.len()), Some(2));
+}
+
+#[test]
+fn replicas_on_the_targets_of_one_rank_count_each_target() {
+    // One rank with two targets: an RP_2 group has both copies on it.
+    let mut s = hosts_with_containers(2, 1, &[("rp2", "RP_2G1", 1)]);
+    s.apply(&MgmtCmd::PoolCreate { id: PoolId(uuid::Uuid::from_u128(2)), label: "one".into(), size_bytes: 1 << 30, ranks: Some(vec![Rank(1)]), select: None }).unwrap();
+    s.apply(&MgmtCmd::ContCreate { id: ContId(uuid::Uuid::from_u128(20)), pool: "one".into(), label: "c".into(), ctype: ContType::Plain, oclass: "RP_2G1".into(), rf: 1, props: BTreeMap::new() }).unwrap();
+    dead(&mut s, 1);
+    let c = s.cont_by_name("one", "c").unwrap();
+    assert!(matches!(&c.status, ContStatus::Unclean(r) if r.domains == ["/host-1/rank1/tgt0", "/host-1/rank1/tgt1"]), "{:?}", c.status);
+    assert_eq!(status(&s, "rp2"), ContStatus::Healthy, "in pool p, rank 1 is one host of two");
 }

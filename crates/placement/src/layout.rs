@@ -17,8 +17,8 @@
 
 use crate::error::PlacementError;
 use crate::jump_hash::{jump, mix, shard_key};
-use crate::pool_map::{PoolMap, TargetState};
-use std::collections::HashMap;
+use crate::pool_map::{PoolMap, PoolTarget, TargetState};
+use std::collections::{BTreeMap, HashMap};
 use strata_types::{ObjectClass, Oid, TargetId};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -99,7 +99,7 @@ impl PlacementMap {
     pub fn new(map: &PoolMap, include_new: bool) -> PlacementMap {
         let mut nodes = vec![Node { children: Vec::new(), target: u32::MAX }];
         let mut index: HashMap<(u32, String), u32> = HashMap::new();
-        let depth = map.targets.iter().map(|t| t.domain.0.len()).max().unwrap_or(0) + 2;
+        let depth = tree_depth(map);
         let mut levels: Vec<Vec<u32>> = vec![Vec::new(); depth];
         let mut chains: Vec<Vec<u32>> = vec![Vec::new(); map.targets.len()];
         let mut targets = Vec::with_capacity(map.targets.len());
@@ -112,13 +112,7 @@ impl PlacementMap {
                 continue;
             }
             members.push(ti as u32);
-            // Pad short domain paths so every leaf sits at the same depth.
-            let mut path: Vec<String> = t.domain.0.clone();
-            while path.len() + 2 < depth {
-                path.insert(0, String::new());
-            }
-            path.push(format!("rank{}", t.id.rank.0));
-            path.push(format!("tgt{}", t.id.index));
+            let path = tree_path(t, depth);
             let mut parent = 0u32;
             let mut chain = Vec::with_capacity(depth);
             for (d, comp) in path.into_iter().enumerate() {
@@ -174,8 +168,7 @@ impl PlacementMap {
                 return Err(PlacementError::GroupsDoNotFit { class: class.to_string(), groups: g, needed: g * size, have: self.usable });
             }
         };
-        // The highest level with enough distinct nodes for one group.
-        let spread = self.levels.iter().position(|l| l.len() >= size).unwrap_or(self.levels.len() - 1);
+        let spread = self.spread_level(size);
         let level = &self.levels[spread];
         let oh = mix(oid.hi) ^ oid.lo.rotate_left(17);
         let mut shards = Vec::with_capacity(groups * size);
@@ -234,6 +227,12 @@ impl PlacementMap {
         Ok(Layout { class, map_version: self.version, group_size: size, shards })
     }
 
+    /// The tree depth a group of `group_size` shards spreads over: the highest level with
+    /// enough distinct nodes for one group, else the leaves.
+    fn spread_level(&self, group_size: usize) -> usize {
+        self.levels.iter().position(|l| l.len() >= group_size).unwrap_or(self.levels.len() - 1)
+    }
+
     fn descend(&self, mut node: u32, key: u64) -> u32 {
         let mut k = key;
         loop {
@@ -282,6 +281,43 @@ impl PlacementMap {
             .or_else(|| self.members.iter().copied().find(|&c| healthy_then(c) && !taken.contains(&c) && !assigned.contains(&c)))
             .ok_or(PlacementError::NoSpare { oid: format!("{oh:x}"), group: g, shard: i })
     }
+}
+
+/// Levels of the placement tree: the longest fault-domain path, then rank, then target.
+fn tree_depth(map: &PoolMap) -> usize {
+    map.targets.iter().map(|t| t.domain.0.len()).max().unwrap_or(0) + 2
+}
+
+/// A target's path from the root of the placement tree: its fault domain, padded at the top
+/// with empty components so that every leaf sits at the same depth, then rank and target.
+fn tree_path(t: &PoolTarget, depth: usize) -> Vec<String> {
+    let mut path: Vec<String> = t.domain.0.clone();
+    while path.len() + 2 < depth {
+        path.insert(0, String::new());
+    }
+    path.push(format!("rank{}", t.id.rank.0));
+    path.push(format!("tgt{}", t.id.index));
+    path
+}
+
+/// The fault domain of every target in `map`'s layouts (all but `NEW` ones) at the level a
+/// group of `group_size` shards spreads over, as a path (`/rack-1/host-2`, or with `/rank4`
+/// or `/rank4/tgt1` appended when the group needs more nodes than the domain level has). No
+/// group has two shards in one domain at their homes, so failures in `n` distinct domains
+/// take at most `n` shards of any group (DAOS counts a container's redundancy factor against
+/// failed domains of its redundancy level the same way).
+pub fn spread_domains(map: &PoolMap, group_size: usize) -> BTreeMap<TargetId, String> {
+    let pm = PlacementMap::new(map, false);
+    let (depth, level) = (tree_depth(map), pm.spread_level(group_size));
+    map.targets
+        .iter()
+        .filter(|t| t.state != TargetState::New)
+        .map(|t| {
+            let path = tree_path(t, depth);
+            let shown: Vec<&str> = path[..=level].iter().map(String::as_str).filter(|c| !c.is_empty()).collect();
+            (t.id, format!("/{}", shown.join("/")))
+        })
+        .collect()
 }
 
 /// Where shard `idx` of a group (`s`, from the current layout) can be read from, if anywhere:

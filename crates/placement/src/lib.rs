@@ -23,5 +23,5 @@ mod pool_map;
 pub mod resource_query;
 
 pub use error::PlacementError;
-pub use layout::{diff_layouts, group_for_dkey, read_source, Layout, PlacementMap, ShardLoc, ShardMove};
+pub use layout::{diff_layouts, group_for_dkey, read_source, spread_domains, Layout, PlacementMap, ShardLoc, ShardMove};
 pub use pool_map::{FaultDomain, PoolMap, PoolTarget, TargetState, POOL_MAP_FORMAT_V1};

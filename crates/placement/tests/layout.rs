@@ -285,3 +285,29 @@ fn a_third_failure_moves_only_the_spares_it_took() {
         assert!(took > 0, "failures {first},{second},{third}: the third failure took some older spares");
     }
 }
+
+#[test]
+fn spread_domains_name_the_level_groups_spread_over_so_no_group_has_two_shards_in_one() {
+    // 3 hosts of 2 ranks: groups of up to 3 shards spread over hosts, larger ones over ranks.
+    let pm = PoolMap::uniform(6, 2, 3);
+    let map = PlacementMap::new(&pm, false);
+    for (class, size, level) in [("RP_2G1", 2, "host"), ("EC_2P1G1", 3, "host"), ("EC_4P2G1", 6, "rank")] {
+        let domains = spread_domains(&pm, size);
+        assert_eq!(domains.len(), pm.targets.len());
+        let distinct: HashSet<&String> = domains.values().collect();
+        assert_eq!(distinct.len(), if level == "host" { 3 } else { 6 }, "{class}: {domains:?}");
+        let r0 = &domains[&TargetId::new(0, 1)];
+        assert_eq!(r0, &if level == "host" { "/host-0".to_string() } else { "/host-0/rank0".to_string() });
+        for seq in 0..2000 {
+            let l = map.layout(oid(class, seq)).unwrap();
+            for g in l.groups() {
+                let used: HashSet<&String> = g.iter().map(|s| &domains[&s.target]).collect();
+                assert_eq!(used.len(), g.len(), "{class} seq {seq}: two shards in one domain: {g:?}");
+            }
+        }
+    }
+    // One rank: replicas sit on its targets, so each target is a domain of its own.
+    let one = PoolMap::uniform(1, 2, 1);
+    let d = spread_domains(&one, 2);
+    assert_eq!(d.values().cloned().collect::<Vec<_>>(), ["/host-0/rank0/tgt0", "/host-0/rank0/tgt1"]);
+}

@@ -157,12 +157,17 @@ pub struct UncleanCont {
     pub id: ContId,
     pub label: String,
     pub reason: UncleanReason,
+    /// The container's redundancy factor, for the error a reader by capability alone (who
+    /// holds no container handle) is given.
+    #[serde(default)]
+    pub rf: u8,
 }
 
 /// Whether a container's objects still have every version they were given (DAOS's container
-/// health). A container becomes unclean when more ranks of its pool are failed at once (DOWN,
-/// not yet rebuilt) than its redundancy factor: objects may have lost every replica, and
-/// reading them would show them as absent. Only an administrator clears it.
+/// health). A container becomes unclean when more fault domains of its pool have failed
+/// targets at once (DOWN, not yet rebuilt) than its redundancy factor, counted at the level
+/// its class spreads over: objects may have lost every replica, and reading them would show
+/// them as absent. Only an administrator clears it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
 pub enum ContStatus {
@@ -177,12 +182,21 @@ pub struct UncleanReason {
     pub ranks: Vec<Rank>,
     /// The pool map version whose change marked it.
     pub map_version: u64,
+    /// The distinct fault domains those failures fell in, at the level the container's class
+    /// spreads over (`strata_placement::spread_domains`); their number is what exceeded the
+    /// redundancy factor. Empty in marks made before domains were counted (ranks were).
+    #[serde(default)]
+    pub domains: Vec<String>,
 }
 
 impl std::fmt::Display for UncleanReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ranks: Vec<String> = self.ranks.iter().map(|r| r.to_string()).collect();
-        write!(f, "ranks {} failed before rebuild restored redundancy (pool map version {})", ranks.join(","), self.map_version)
+        if self.domains.is_empty() {
+            return write!(f, "ranks {} failed before rebuild restored redundancy (pool map version {})", ranks.join(","), self.map_version);
+        }
+        let n = self.domains.len();
+        write!(f, "ranks {} failed in {n} fault domain{} ({}) before rebuild restored redundancy (pool map version {})", ranks.join(","), if n == 1 { "" } else { "s" }, self.domains.join(", "), self.map_version)
     }
 }
 
