@@ -1,6 +1,6 @@
 //! `strata up`: a whole cluster on this machine. Starts the ranks as child processes (each its
 //! own directory and 127.0.0.1 ports, and its own simulated host as fault domain so replicated
-//! classes can spread), waits until every rank has joined, creates a default pool, writes the
+//! classes can spread, or `--ranks-per-host` of them to a host), waits until every rank has joined, creates a default pool, writes the
 //! cluster file and stays in the foreground until Ctrl-C. Run it again on the same directory
 //! and the same cluster comes back with its state.
 
@@ -26,6 +26,11 @@ pub struct Args {
     /// Targets per rank.
     #[arg(long, default_value_t = 2)]
     targets: u16,
+    /// Ranks that share one simulated host (fault domain `/node-{i / N}`), as servers of one
+    /// machine would: placement puts no two shards of a group on one host while there are
+    /// enough hosts, and a host's ranks failing together count as one failed domain.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    ranks_per_host: u32,
     /// Where the cluster keeps everything (default ~/.strata).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -68,6 +73,12 @@ struct UpState {
     ranks: Vec<RankPorts>,
     access_points: u32,
     targets: u16,
+    #[serde(default = "one")]
+    ranks_per_host: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -133,7 +144,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 ranks.push(RankPorts { mgmt: format!("127.0.0.1:{}", free_port(&mut held)?), data: format!("127.0.0.1:{}", free_port(&mut held)?), metrics: Some(format!("127.0.0.1:{}", free_port(&mut held)?)) });
             }
             drop(held);
-            let st = UpState { format: 1, cluster: format!("strata-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]), ranks, access_points: a.access_points, targets: a.targets };
+            let st = UpState { format: 1, cluster: format!("strata-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]), ranks, access_points: a.access_points, targets: a.targets, ranks_per_host: a.ranks_per_host };
             std::fs::write(&state_path, serde_json::to_vec_pretty(&st)?)?;
             println!("new cluster {} in {} ({} ranks, {} access point(s))", st.cluster, dir.display(), st.ranks.len(), st.access_points);
             st
@@ -151,7 +162,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .arg("--dir")
             .arg(&rdir)
             .args(["--data-addr", &r.data, "--access-points", &aps.join(","), "--cluster", &st.cluster])
-            .args(["--fault-domain", &format!("/node-{i}"), "--targets", &st.targets.to_string()])
+            .args(["--fault-domain", &format!("/node-{}", i as u32 / st.ranks_per_host.max(1)), "--targets", &st.targets.to_string()])
             .args(["--heartbeat-timeout-ms", &a.heartbeat_timeout_ms.to_string(), "--threads", &a.server_threads.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use strata_placement::{Layout, PlacementMap};
 use strata_rpc::engine_msg::*;
 use strata_rpc::mgmt_client::MgmtClient;
-use strata_rpc::mgmt_msg::{ContInfo, ContStatus, MgmtCmd, MgmtQuery, MgmtReply, PoolInfo};
+use strata_rpc::mgmt_msg::{ContInfo, ContStatus, MgmtCmd, MgmtQuery, MgmtReply, PoolInfo, UncleanCont};
 use strata_rpc::{ClientConfig, ErrorCode, RpcError, RpcPool, ServiceKind};
 use strata_types::{Epoch, ObjectClass, ObjectType, Oid, TargetId};
 
@@ -632,22 +632,34 @@ impl PoolHandle {
 
 impl Client {
     /// The engine address of the shard a capability names (the token's claims, unverified:
-    /// the engine verifies).
-    async fn cap_target(&self, token: &str) -> Result<(String, strata_rpc::capability::CapClaims), ClientError> {
+    /// the engine verifies) and the pool's label.
+    async fn cap_target(&self, token: &str) -> Result<(String, String), ClientError> {
         let claims = strata_rpc::capability::peek(token).map_err(|e| ClientError::Invalid(e.to_string()))?;
         let info = match self.mgmt.query(MgmtQuery::Pool { pool: claims.pool.to_string() }).await? {
             MgmtReply::Pool(p) => p,
             other => return Err(ClientError::Invalid(format!("unexpected reply {other:?}"))),
         };
         let addr = info.rank_addrs.get(&claims.target.rank).cloned().ok_or_else(|| ClientError::Invalid(format!("rank {} of the capability is not in the pool", claims.target.rank)))?;
-        Ok((addr, claims))
+        Ok((addr, info.label))
+    }
+
+    /// An engine's answer to a capability-only request; its refusal for an unclean container
+    /// (the engine checks, since no handle does) as [`ClientError::Unclean`].
+    async fn cap_call(&self, token: &str, req: &EngineReq, payload: Bytes) -> Result<(EngineResp, Bytes), ClientError> {
+        let (addr, pool) = self.cap_target(token).await?;
+        let r = self.engines.call::<_, EngineResp>(&addr, req, payload, CALL_TIMEOUT).await;
+        if let Err(strata_rpc::RpcError::Remote(e)) = &r {
+            if let Some(u) = UncleanCont::from_refusal(e) {
+                return Err(ClientError::Unclean { pool, cont: u.label, rf: u.rf, reason: u.reason });
+            }
+        }
+        Ok(r?)
     }
 
     /// Read with only a capability (a `read_cap`): `(found epoch, written extents, data)`.
     pub async fn cap_fetch(&self, token: &str, dkey: &[u8], fetch: FetchKind, epoch: Epoch) -> Result<(Option<Epoch>, Vec<(u64, u64)>, Bytes), ClientError> {
-        let (addr, _) = self.cap_target(token).await?;
         let req = EngineReq::CapFetch { token: token.to_owned(), dkey: dkey.to_vec(), fetch, epoch };
-        match self.engines.call::<_, EngineResp>(&addr, &req, Bytes::new(), CALL_TIMEOUT).await? {
+        match self.cap_call(token, &req, Bytes::new()).await? {
             (EngineResp::Fetched { found, written }, data) => Ok((found, written, data)),
             _ => Err(ClientError::Invalid("unexpected engine reply".into())),
         }
@@ -655,10 +667,9 @@ impl Client {
 
     /// Write an extent with only a capability (a leader block's `write_cap`).
     pub async fn cap_write(&self, token: &str, dkey: &[u8], akey: &[u8], offset: u64, data: &[u8]) -> Result<Epoch, ClientError> {
-        let (addr, _) = self.cap_target(token).await?;
         let ops = vec![WireOp::Extent { akey: akey.to_vec(), offset, len: data.len() as u32 }];
         let req = EngineReq::CapUpdate { token: token.to_owned(), dkey: dkey.to_vec(), ops };
-        match self.engines.call::<_, EngineResp>(&addr, &req, Bytes::copy_from_slice(data), CALL_TIMEOUT).await? {
+        match self.cap_call(token, &req, Bytes::copy_from_slice(data)).await? {
             (EngineResp::Updated { epoch }, _) => Ok(epoch),
             _ => Err(ClientError::Invalid("unexpected engine reply".into())),
         }

@@ -5,13 +5,14 @@
 //! A read capability reads the named target's copy of its group (for erasure-coded objects, the
 //! cell the target holds, in shard-local offsets). A write capability writes through the
 //! group's leader (so replicas stay identical); it is honoured only when it names the leader.
+//! Neither is served for an unclean container (`UncleanCont::refusal`, as handles are refused).
 
 use super::{on_blocking_pool, rerr, Engine, PoolView};
 use bytes::Bytes;
 use std::sync::Arc;
 use strata_rpc::capability::{self, CapClaims, CapRights, CAP_KEY_PROP};
 use strata_rpc::engine_msg::{EngineResp, FetchKind, WireOp};
-use strata_rpc::mgmt_msg::{MgmtQuery, MgmtReply};
+use strata_rpc::mgmt_msg::{ContStatus, MgmtQuery, MgmtReply, UncleanCont};
 use strata_rpc::{ErrorCode, RemoteError};
 use strata_types::{Epoch, PoolId, Redundancy};
 
@@ -39,6 +40,12 @@ impl Engine {
         let key = info.props.get(CAP_KEY_PROP).ok_or_else(|| denied("the container has no capability key; no capability of it is valid"))?;
         let key = capability::parse_key(key).map_err(|e| denied(e.to_string()))?;
         let claims = capability::verify(&key, token, capability::now_ms()).map_err(|e| denied(e.to_string()))?;
+        // Capability-only requests name no container handle, so no client refuses them for an
+        // unclean container: here they are, from the status fetched just now (a lost object
+        // would read as absent, or a write go to a container that may have lost data).
+        if let ContStatus::Unclean(reason) = &info.status {
+            return Err(UncleanCont { id: info.id, label: info.label.clone(), reason: reason.clone(), rf: info.rf }.refusal(&claims.pool.to_string()));
+        }
         if claims.rights != rights {
             return Err(denied(capability::CapError::Rights { granted: claims.rights, wanted: rights }.to_string()));
         }

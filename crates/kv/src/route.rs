@@ -65,6 +65,18 @@ fn commit_refusal(r: KvRefusal, earlier_attempt_failed: bool) -> KvError {
     refusal(r)
 }
 
+/// A one-round commit's failure to get an answer: an unclean container refuses the retry
+/// before it is sent, but when an earlier attempt was sent and its answer lost, that attempt
+/// may have committed, so the outcome is not known.
+fn commit_failure(e: KvError, earlier_attempt_failed: bool) -> KvError {
+    match e {
+        KvError::Client(strata_client::ClientError::Unclean { .. }) if earlier_attempt_failed => {
+            KvError::Indeterminate(format!("an earlier attempt of this commit got no answer and the retry was refused ({e}); the earlier one may have committed: once the container is usable, read the keys to find out"))
+        }
+        e => e,
+    }
+}
+
 fn new_txn_id() -> TxnId {
     *uuid::Uuid::new_v4().as_bytes()
 }
@@ -102,19 +114,19 @@ pub(crate) struct TwoPhase {
 /// Send one request to the leader of shard `dkey`, retrying through stale maps, failovers
 /// and busy keys until the deadline.
 async fn call(cont: &ContHandle, oid: Oid, dkey: &[u8], make: impl Fn(KvShard) -> KvReq, payload: Bytes) -> Result<(KvResp, Bytes), KvError> {
-    call_noting_failures(cont, oid, dkey, make, payload).await.map(|(resp, data, _)| (resp, data))
+    call_noting_failures(cont, oid, dkey, make, payload, &mut false).await
 }
 
-/// `call`, and whether an attempt before the answered one failed after it was sent. Such an
+/// `call`, setting `sent_and_failed` when an attempt failed after it was sent (answered or
+/// not in the end, so that a commit's caller can judge a refusal or an error). Such an
 /// attempt may have been carried out with only its answer lost (a leader that wrote a
 /// one-round commit, then died or lost its place in a new map): its retry can find the
 /// commit's own writes and be refused for them, and a new leader does not remember the
 /// transaction. Only a failed connection (the request never left) is known not to have run;
 /// a stale-map or busy answer may come from a leader that already wrote some replicas.
-async fn call_noting_failures(cont: &ContHandle, oid: Oid, dkey: &[u8], make: impl Fn(KvShard) -> KvReq, payload: Bytes) -> Result<(KvResp, Bytes, bool), KvError> {
+async fn call_noting_failures(cont: &ContHandle, oid: Oid, dkey: &[u8], make: impl Fn(KvShard) -> KvReq, payload: Bytes, sent_and_failed: &mut bool) -> Result<(KvResp, Bytes), KvError> {
     let start = Instant::now();
     let mut last = String::new();
-    let mut sent_and_failed = false;
     for attempt in 1..=ATTEMPTS_MAX {
         let cont_id = cont.info.id;
         // An unclean container (ranks lost beyond its redundancy) is refused, not read.
@@ -128,11 +140,11 @@ async fn call_noting_failures(cont: &ContHandle, oid: Oid, dkey: &[u8], make: im
             )
             .await?;
         let e = match r {
-            Ok((EngineResp::Kv(resp), data)) => return Ok((resp, data, sent_and_failed)),
+            Ok((EngineResp::Kv(resp), data)) => return Ok((resp, data)),
             Ok(other) => return Err(KvError::Remote(format!("unexpected engine reply {other:?}"))),
             Err(e) => e,
         };
-        sent_and_failed |= !matches!(e, RpcError::Connect { .. });
+        *sent_and_failed |= !matches!(e, RpcError::Connect { .. });
         let stale = matches!(&e, RpcError::Remote(r) if r.code == ErrorCode::StaleMap);
         let busy = matches!(&e, RpcError::Remote(r) if r.code == ErrorCode::Busy);
         if !(stale || e.is_transient()) {
@@ -235,8 +247,7 @@ impl Route {
         for attempt in 1..=ATTEMPTS_MAX {
             let rts = self.now()?;
             let req = |shard| KvReq::Commit1 { shard, txn, rts, reads: ReadSet::default(), checks: checks.clone(), writes: writes.clone() };
-            let (resp, _, failed) = call_noting_failures(&self.cont, self.oid, &dkey, req, payload.clone()).await?;
-            failed_before |= failed;
+            let (resp, _) = call_noting_failures(&self.cont, self.oid, &dkey, req, payload.clone(), &mut failed_before).await.map_err(|e| commit_failure(e, failed_before))?;
             match resp {
                 KvResp::Committed { epoch } => {
                     self.observe(epoch);
@@ -355,13 +366,15 @@ impl Route {
             let (shard, p) = parts.into_iter().next().expect("one participant");
             let (writes, payload) = wire_writes(&p.writes);
             let req = |s| KvReq::Commit1 { shard: s, txn: id, rts, reads: p.reads.clone(), checks: p.checks.clone(), writes: writes.clone() };
-            return match call_noting_failures(&self.cont, self.oid, &ShardMap::shard_dkey(shard), req, payload).await? {
-                (KvResp::Committed { epoch }, _, _) => {
+            let mut failed_before = false;
+            let answer = call_noting_failures(&self.cont, self.oid, &ShardMap::shard_dkey(shard), req, payload, &mut failed_before).await;
+            return match answer.map_err(|e| commit_failure(e, failed_before))? {
+                (KvResp::Committed { epoch }, _) => {
                     self.observe(epoch);
                     Ok(Prepared::Committed(epoch))
                 }
-                (KvResp::Refused(r), _, failed_before) => Err(commit_refusal(r, failed_before)),
-                (other, _, _) => Err(KvError::Remote(format!("unexpected answer to a commit: {other:?}"))),
+                (KvResp::Refused(r), _) => Err(commit_refusal(r, failed_before)),
+                (other, _) => Err(KvError::Remote(format!("unexpected answer to a commit: {other:?}"))),
             };
         }
         // `Txn::commit` turned the checks of a multi-shard transaction into reads.
@@ -453,5 +466,27 @@ mod tests {
         assert!(!full.is_retryable(), "retrying cannot help until space is freed");
         assert!(full.to_string().contains("reserve 256 MiB"), "{full}");
         assert!(rpc_err(r(ErrorCode::Internal, "busy")).is_retryable());
+    }
+
+    fn unclean() -> KvError {
+        let reason = strata_rpc::mgmt_msg::UncleanReason { ranks: vec![strata_types::Rank(4), strata_types::Rank(6)], map_version: 12, domains: vec!["/node-2".into(), "/node-3".into()] };
+        KvError::Client(strata_client::ClientError::Unclean { pool: "tank".into(), cont: "kv1".into(), rf: 1, reason })
+    }
+
+    #[test]
+    fn an_unclean_container_met_by_a_commit_retry_after_a_lost_answer_is_indeterminate() {
+        // First attempt refused: nothing was sent, so nothing was written.
+        let first = commit_failure(unclean(), false);
+        assert!(matches!(first, KvError::Client(strata_client::ClientError::Unclean { .. })), "{first:?}");
+        assert!(!first.is_retryable());
+        // A retry after an attempt whose answer was lost: that one may have committed.
+        let retry = commit_failure(unclean(), true);
+        assert!(matches!(retry, KvError::Indeterminate(_)), "{retry:?}");
+        assert!(!retry.is_retryable(), "running the transaction again could apply it twice");
+        let msg = retry.to_string();
+        assert!(msg.starts_with("commit outcome unknown:") && msg.contains("container tank/kv1 is unclean") && msg.contains("--status healthy") && msg.contains("read the keys"), "{msg}");
+        // Other errors keep their kind (a conflict answered after a lost attempt is judged by
+        // `commit_refusal` instead).
+        assert!(matches!(commit_failure(KvError::NoSpace("full".into()), true), KvError::NoSpace(_)));
     }
 }

@@ -163,6 +163,28 @@ pub struct UncleanCont {
     pub rf: u8,
 }
 
+impl UncleanCont {
+    /// The refusal of a request about this container's data that names no container handle
+    /// (engines answer capability-only requests with it): `Conflict`, since retrying cannot
+    /// help until an administrator clears the status, with the container in `detail` so a
+    /// client gives its typed error ([`UncleanCont::from_refusal`]).
+    pub fn refusal(&self, pool: &str) -> crate::RemoteError {
+        let msg = format!(
+            "container {pool}/{} is unclean: {}, more than its redundancy factor (rf {}); objects may be lost. Check with 'strata cont query {pool} {}', then 'strata cont set-prop {pool} {} --status healthy' to accept the loss and use it",
+            self.label, self.reason, self.rf, self.label, self.label
+        );
+        crate::RemoteError { code: crate::ErrorCode::Conflict, message: msg, detail: crate::encode(self).ok() }
+    }
+
+    /// The unclean container a refusal from [`UncleanCont::refusal`] names.
+    pub fn from_refusal(e: &crate::RemoteError) -> Option<UncleanCont> {
+        if e.code != crate::ErrorCode::Conflict {
+            return None;
+        }
+        crate::decode(e.detail.as_deref()?).ok()
+    }
+}
+
 /// Whether a container's objects still have every version they were given (DAOS's container
 /// health). A container becomes unclean when more fault domains of its pool have failed
 /// targets at once (DOWN, not yet rebuilt) than its redundancy factor, counted at the level
@@ -238,4 +260,21 @@ pub enum MgmtReply {
     /// Holder and expiry (ms since the Unix epoch) of a lease, if one was taken and not
     /// released (it may have expired: compare with the clock).
     LeaseHolder(Option<(String, u64)>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unclean_refusal_carries_the_container_and_says_what_to_do() {
+        let u = UncleanCont { id: ContId(uuid::Uuid::from_u128(7)), label: "r1".into(), reason: UncleanReason { ranks: vec![Rank(4), Rank(5)], map_version: 9, domains: vec!["/node-2".into(), "/node-3".into()] }, rf: 1 };
+        let e = u.refusal("tank");
+        assert!(e.message.contains("container tank/r1 is unclean: ranks 4,5 failed in 2 fault domains (/node-2, /node-3)"), "{}", e.message);
+        assert!(e.message.contains("(rf 1)") && e.message.contains("'strata cont set-prop tank r1 --status healthy'"), "{}", e.message);
+        assert_eq!(UncleanCont::from_refusal(&e), Some(u));
+        // Not retried as a transient error: nothing changes until an administrator acts.
+        assert!(!crate::RpcError::Remote(e).is_transient());
+        assert_eq!(UncleanCont::from_refusal(&crate::RemoteError::new(crate::ErrorCode::Conflict, "a KV conflict")), None);
+    }
 }

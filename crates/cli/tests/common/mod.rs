@@ -127,7 +127,7 @@ impl Cluster {
         let mut cmd = Command::new(BIN);
         cmd.args(["server", "--dir", &self.path().join(format!("rank-{i}")).display().to_string()])
             .args(["--data-addr", r["data"].as_str().unwrap(), "--access-points", &aps.join(",")])
-            .args(["--cluster", st["cluster"].as_str().unwrap(), "--fault-domain", &format!("/node-{i}"), "--targets", &st["targets"].to_string()])
+            .args(["--cluster", st["cluster"].as_str().unwrap(), "--fault-domain", &format!("/node-{}", i as u64 / st["ranks_per_host"].as_u64().unwrap_or(1)), "--targets", &st["targets"].to_string()])
             .args(["--heartbeat-timeout-ms", &heartbeat_ms.to_string()])
             .args(extra)
             .stdout(log.try_clone().unwrap())
