@@ -1,8 +1,9 @@
 //! Self-healing with real processes: erasure-coded and replicated objects are rebuilt after a
 //! SIGKILLed rank (EC cells decoded from k survivors), so later failures within the redundancy
 //! lose nothing, also when a rank dies while rebuild runs (and a third after that); scrub finds a
-//! corrupted replica and repairs it. More ranks failed at once than a container's redundancy
-//! factor make it unclean: refused, not read as absent, until an administrator accepts it.
+//! corrupted replica and repairs it. More fault domains failed at once than a container's
+//! redundancy factor make it unclean: refused (capability-only reads too), not read as absent,
+//! until an administrator accepts it; ranks of one host count once.
 
 mod common;
 
@@ -911,7 +912,7 @@ fn ranks_lost_at_once_beyond_rf_make_containers_unclean_instead_of_reading_absen
     assert!(cont_status(&c, "r0")["unclean"].is_object(), "rf 0 survives no failure");
     assert_eq!(cont_status(&c, "r2"), "healthy");
     let human = String::from_utf8_lossy(&c.cmd(&["cont", "query", "tank", "r1"]).stdout).into_owned();
-    assert!(human.contains(&format!("status unclean (ranks {},{} failed before rebuild restored redundancy", a.min(b), a.max(b))), "{human}");
+    assert!(human.contains(&format!("status unclean (ranks {},{} failed in 2 fault domains (/node-1, /node-2) before rebuild restored redundancy", a.min(b), a.max(b))), "{human}");
     let pool = c.json(&["pool", "query", "tank"]);
     let mut listed: Vec<&str> = pool["unclean_conts"].as_array().unwrap().iter().map(|u| u["label"].as_str().unwrap()).collect();
     listed.sort();
@@ -992,4 +993,111 @@ fn a_failure_after_the_rebuild_finished_leaves_rf_1_containers_healthy() {
     poll("rebuild of the second failure", Duration::from_secs(180), || settled(&c, 2 * per_rank));
     rt.block_on(rf_check_exact(&again, "r1", "both rebuilt"));
     assert_eq!(cont_status(&c, "r1"), "healthy");
+}
+
+/// A read capability for the copy of `o`'s value (dkey "d") on a home target of one of `ranks`.
+fn read_cap_on(rt: &tokio::runtime::Runtime, client: &Client, key: &[u8], cont: strata_types::ContId, o: &ObjHandle, ranks: &[u64]) -> Option<String> {
+    let pool = rt.block_on(client.pool("tank")).unwrap();
+    let shard = *pool.layout(o.oid).unwrap().group(0).iter().find(|s| !s.is_spare && ranks.contains(&u64::from(s.target.rank.0)))?;
+    let claims = strata_rpc::capability::CapClaims {
+        version: 1,
+        pool: pool.info().unwrap().id,
+        cont,
+        oid: o.oid,
+        target: shard.target,
+        group: 0,
+        rights: strata_rpc::capability::CapRights::Read,
+        expires_ms: strata_rpc::capability::now_ms() + 3_600_000,
+    };
+    Some(strata_rpc::capability::sign(key, &claims))
+}
+
+#[test]
+fn ranks_of_one_host_lost_at_once_count_once_against_the_redundancy_factor() {
+    // Four hosts of two ranks (/node-0 .. /node-3). Heartbeats are long: failures are declared
+    // with `pool exclude`, in the order the test needs, right after the SIGKILLs.
+    let c = Cluster::start(&["--ranks", "8", "--ranks-per-host", "2", "--heartbeat-timeout-ms", "60000"]);
+    let rt = runtime();
+    let per_rank = target_states(&c).len() / 8;
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    let client = rt.block_on(Client::connect(&cf)).unwrap();
+    let objs = rf_containers(&c, &rt, &client);
+    let rank = |dir: usize| c.rank_of_dir(dir);
+    let exclude = |dir: usize| {
+        c.json(&["pool", "exclude", "tank", "--rank", &rank(dir).to_string()]);
+    };
+    let sorted = |dirs: &[usize]| {
+        let mut v: Vec<u64> = dirs.iter().map(|d| rank(*d)).collect();
+        v.sort();
+        serde_json::json!(v)
+    };
+    // r1 gets a capability key (as file-system containers have), and a read capability for a
+    // copy on a rank that survives everything below (dirs 0, 1 and 7).
+    let key = [7u8; 32];
+    let mgmt = strata_rpc::mgmt_client::MgmtClient::new(cf.access_points.clone(), Some(cf.cluster.clone()));
+    let set_key = strata_rpc::mgmt_msg::MgmtCmd::SetProp { pool: "tank".into(), cont: "r1".into(), key: strata_rpc::capability::CAP_KEY_PROP.into(), value: strata_rpc::capability::key_to_hex(&key) };
+    rt.block_on(mgmt.write(set_key)).unwrap();
+    let survivors = [rank(0), rank(1), rank(7)];
+    let r1_id = rt.block_on(client.container("tank", "r1")).unwrap().info.id;
+    let (capped, cap) = objs[1].iter().enumerate().find_map(|(i, o)| read_cap_on(&rt, &client, &key, r1_id, o, &survivors).map(|t| (i, t))).expect("some RP_2G1 object has a copy on a surviving rank");
+    let cap_get = |cap: &str| c.cmd(&["obj", "get", "--cap", cap, "--dkey", "d", "--akey", "a"]);
+    let out = cap_get(&cap);
+    assert_eq!(out.stdout, rf_value("r1", capped), "the capability reads while healthy: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Both ranks of /node-1 at once: the second is excluded while the first one's rebuild cannot
+    // have finished (the second, still joined, owes its part of it).
+    c.kill9_rank_dir(2);
+    c.kill9_rank_dir(3);
+    exclude(2);
+    exclude(3);
+    assert_eq!(out_or_down(&c), 2 * per_rank);
+    let r0 = cont_status(&c, "r0");
+    assert_eq!((&r0["unclean"]["ranks"], &r0["unclean"]["domains"]), (&sorted(&[2]), &serde_json::json!(["/node-1"])), "rf 0 survives no failure (marked at the first): {r0}");
+    assert_eq!(cont_status(&c, "r1"), "healthy", "two ranks of one host hold at most one copy of an RP_2G1 group");
+    assert_eq!(cont_status(&c, "r2"), "healthy");
+    let fresh = rt.block_on(client.container("tank", "r1")).unwrap();
+    let again: Vec<ObjHandle> = objs[1].iter().map(|o| fresh.object(o.oid)).collect();
+    rt.block_on(rf_check_exact(&objs[1], "r1", "one host lost (degraded)"));
+    rt.block_on(rf_check_exact(&again, "r1", "one host lost (degraded, new handle)"));
+    // Once rebuilt, an object that had both copies there would read as absent: none does.
+    poll("rebuild of /node-1", Duration::from_secs(180), || settled(&c, 2 * per_rank));
+    rt.block_on(rf_check_exact(&again, "r1", "one host lost, rebuilt"));
+    rt.block_on(rf_check_exact(&objs[2], "r2", "one host lost, rebuilt"));
+
+    // /node-2 and a rank of /node-3 die together. The host is excluded first: still one
+    // domain; its rebuild cannot finish while dir 6, still joined, owes its part, so excluding
+    // dir 6 makes two domains failed at once.
+    for dir in [4, 5, 6] {
+        c.kill9_rank_dir(dir);
+    }
+    exclude(4);
+    exclude(5);
+    assert_eq!(cont_status(&c, "r1"), "healthy", "one host failed (the earlier one is rebuilt)");
+    let s = target_states(&c);
+    assert_eq!((s.iter().filter(|x| *x == "Down").count(), s.iter().filter(|x| *x == "DownOut").count()), (2 * per_rank, 2 * per_rank), "dir 6 was not failed yet when r1 was checked: {s:?}");
+    exclude(6);
+    let r1 = cont_status(&c, "r1");
+    assert_eq!((&r1["unclean"]["ranks"], &r1["unclean"]["domains"]), (&sorted(&[4, 5, 6]), &serde_json::json!(["/node-2", "/node-3"])), "{r1}");
+    assert_eq!(cont_status(&c, "r2"), "healthy", "two domains are within rf 2");
+    let human = String::from_utf8_lossy(&c.cmd(&["cont", "query", "tank", "r1"]).stdout).into_owned();
+    assert!(human.contains("failed in 2 fault domains (/node-2, /node-3) before rebuild restored redundancy"), "{human}");
+    rt.block_on(rf_check_exact(&objs[2], "r2", "two domains lost at once"));
+    match rt.block_on(again[0].get(b"d", b"a")) {
+        Err(strata_client::ClientError::Unclean { .. }) => {}
+        other => panic!("r1 through an open handle once unclean: {other:?}"),
+    }
+
+    // A read by capability alone names no handle; it is refused all the same, with the error
+    // an open would give, and served again once the loss is accepted.
+    let err = c.fails(&["obj", "get", "--cap", &cap, "--dkey", "d", "--akey", "a"]);
+    assert!(err.contains("container tank/r1 is unclean") && err.contains("'strata cont set-prop tank r1 --status healthy'"), "{err}");
+    let fetch = strata_rpc::engine_msg::FetchKind::Single { akey: b"a".to_vec() };
+    match rt.block_on(client.cap_fetch(&cap, b"d", fetch.clone(), strata_types::Epoch::MAX)) {
+        Err(strata_client::ClientError::Unclean { pool, cont, rf: 1, reason }) => assert_eq!((pool.as_str(), cont.as_str(), reason.domains.len()), ("tank", "r1", 2)),
+        other => panic!("a capability read of an unclean container: {other:?}"),
+    }
+    assert_eq!(c.json(&["cont", "set-prop", "tank", "r1", "--status", "healthy"])["status"], "healthy");
+    let (found, _, data) = rt.block_on(client.cap_fetch(&cap, b"d", fetch, strata_types::Epoch::MAX)).unwrap();
+    assert!(found.is_some());
+    assert_eq!(&data[..], &rf_value("r1", capped)[..]);
 }
