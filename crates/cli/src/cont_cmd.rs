@@ -17,7 +17,8 @@ pub enum ContCommand {
         /// Default object class of its objects.
         #[arg(long, default_value = "RP_2G1")]
         oclass: String,
-        /// Redundancy factor: how many ranks may fail at once (before rebuild restores
+        /// Redundancy factor: how many fault domains (hosts; ranks when the class has more
+        /// shards than the pool has hosts) may fail at once (before rebuild restores
         /// redundancy) without losing data; weaker object classes are refused, and more
         /// failures mark the container unclean. Default: what --oclass survives (RP_2G1: 1).
         #[arg(long)]
@@ -43,9 +44,10 @@ pub enum ContCommand {
     SetProp {
         pool: String,
         cont: String,
-        /// `healthy`: clear the unclean status. A container is marked unclean when more ranks
-        /// failed at once than its redundancy factor (before rebuild restored redundancy):
-        /// objects that had every copy on those ranks may be gone, and after this they read
+        /// `healthy`: clear the unclean status. A container is marked unclean when ranks in
+        /// more fault domains (hosts, or ranks when its class has more shards than the pool has
+        /// hosts) failed at once than its redundancy factor (before rebuild restored
+        /// redundancy): objects that had every copy on those ranks may be gone, and after this they read
         /// as absent (or as older versions), with no error. Reintegrating the ranks later does
         /// not reliably bring their data back (reads may be served by spares that never had
         /// it). Check what the container holds afterwards.

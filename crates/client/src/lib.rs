@@ -7,9 +7,10 @@
 //! engine, refreshes the pool map from the management service and retries until the
 //! operation's deadline ([`OP_DEADLINE`]).
 //!
-//! An unclean container (more ranks failed at once than its redundancy factor, so objects may
-//! be lost) is refused at open and by every handle's next operation ([`ClientError::Unclean`]);
-//! handles learn the status with the pool map, not by a query of their own.
+//! An unclean container (more fault domains failed at once than its redundancy factor, so
+//! objects may be lost) is refused at open and by every handle's next operation
+//! ([`ClientError::Unclean`]); handles learn the status with the pool map, not by a query of
+//! their own. Engines refuse requests by capability alone for it, with the same error.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), strata_client::ClientError> {
@@ -40,9 +41,9 @@ pub enum ClientError {
     Invalid(String),
     #[error("gave up after {0:?}: {1}")]
     Deadline(std::time::Duration, String),
-    /// More ranks of the pool failed at once than the container's redundancy factor: objects
-    /// may have lost every copy and would read as absent. Refused until an administrator
-    /// accepts the loss (DAOS's `-DER_RF`).
+    /// More fault domains of the pool failed at once than the container's redundancy factor:
+    /// objects may have lost every copy and would read as absent. Refused until an
+    /// administrator accepts the loss (DAOS's `-DER_RF`).
     #[error(
         "container {pool}/{cont} is unclean: {reason}, more than its redundancy factor (rf {rf}); objects may be lost. \
          Check with 'strata cont query {pool} {cont}', then 'strata cont set-prop {pool} {cont} --status healthy' to accept the loss and use it"
