@@ -129,7 +129,7 @@ async fn call_noting_failures(cont: &ContHandle, oid: Oid, dkey: &[u8], make: im
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS_MAX {
         let cont_id = cont.info.id;
-        // An unclean container (ranks lost beyond its redundancy) is refused, not read.
+        // An unclean container (fault domains lost beyond its redundancy) is refused, not read.
         let r = cont
             .call_engine(
                 oid,
