@@ -16,6 +16,7 @@
 //! Limits: names 255 bytes, symlink targets 4096 bytes, files 16 TiB
 //! ([`namespace::FILE_BYTES_MAX`]), xattrs 64 KiB per value and 256 KiB per inode.
 
+pub mod commit_outcome;
 pub mod dir_lease;
 pub mod exnode;
 pub mod expect_cache;
