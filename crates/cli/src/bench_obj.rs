@@ -3,6 +3,7 @@
 //! system holding the engines, in the same invocation, with the ratios.
 
 use crate::cluster_cmd::Conn;
+use anyhow::Context;
 use crate::fio;
 use crate::output::{emit, parse_size};
 use serde::Serialize;
@@ -36,6 +37,10 @@ pub struct Args {
     /// Also run fio with the same pattern on the engines' file system and print the ratio.
     #[arg(long)]
     baseline: bool,
+    /// Keep the container the bench wrote (named in the report) instead of destroying it at the
+    /// end: a 1 MiB write run leaves gigabytes behind.
+    #[arg(long)]
+    keep: bool,
     #[command(flatten)]
     conn: Conn,
 }
@@ -62,6 +67,8 @@ struct Report {
     fresh_space_ratio: Option<f64>,
     p99_ratio: Option<f64>,
     target: Option<String>,
+    /// The container written, when `--keep` kept it (otherwise it is destroyed at the end).
+    kept_container: Option<String>,
 }
 
 /// fio writing `threads` fallocated files once each (not time-based: a file that wrapped around
@@ -102,10 +109,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let cluster_path = a.conn.cluster.clone().or_else(|| std::env::var_os("STRATA_CLUSTER").map(Into::into)).unwrap_or_else(ClusterFile::default_path);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let (lat, elapsed, cpu) = rt.block_on(async {
+    // A container of its own per run: runs never see each other's data, and it can be destroyed.
+    let cont_id = ContId::new_random();
+    let cont_label = format!("bench-{}-{}", class.to_string().to_lowercase().replace('_', "-"), cont_id.as_bytes()[..4].iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let created = AtomicBool::new(false);
+    let measured = rt.block_on(async {
         let client = a.conn.client().await?;
-        let cont_label = format!("bench-{}", class.to_string().to_lowercase().replace('_', "-"));
-        let _ = client.mgmt.write(MgmtCmd::ContCreate { id: ContId::new_random(), pool: a.pool.clone(), label: cont_label.clone(), ctype: ContType::Plain, oclass: class.to_string(), rf: class.redundancy_factor() as u8, props: Default::default() }).await;
+        let created_now = client.mgmt.write(MgmtCmd::ContCreate { id: cont_id, pool: a.pool.clone(), label: cont_label.clone(), ctype: ContType::Plain, oclass: class.to_string(), rf: class.redundancy_factor() as u8, props: Default::default() }).await;
+        created.store(created_now.is_ok(), Ordering::Relaxed);
+        created_now?;
         let cont = client.container(&a.pool, &cont_label).await?;
         let objs = cont.create_objects(class, a.threads as u64).await?;
         let data = Arc::new(vec![0x5au8; size as usize]);
@@ -164,7 +176,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             b.finish_and_clear();
         }
         Ok::<_, anyhow::Error>((lat, start.elapsed().as_secs_f64(), fio::self_cpu_secs() - cpu0))
-    })?;
+    });
+    // Destroyed after fio's runs, not before: freeing gigabytes while fio measures the disk
+    // would slow the baseline.
+    let destroy = || -> anyhow::Result<()> {
+        if a.keep || !created.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        rt.block_on(a.conn.write(MgmtCmd::ContDestroy { pool: a.pool.clone(), cont: cont_label.clone() })).map(|_| ()).with_context(|| format!("destroying the bench's container {}/{cont_label} (destroy it with `strata cont destroy`)", a.pool))
+    };
+    let (lat, elapsed, cpu) = match measured {
+        Ok(m) => m,
+        Err(e) => {
+            // The measurement's error is the one to report; a failed clean-up only adds to it.
+            if let Err(d) = destroy() {
+                return Err(e.context(format!("{d:#}")));
+            }
+            return Err(e);
+        }
+    };
     let mut lat = lat;
     lat.sort_unstable();
     let ops = lat.len() as f64 / elapsed;
@@ -185,35 +215,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         fresh_space_ratio: None,
         p99_ratio: None,
         target: None,
+        kept_container: a.keep.then(|| format!("{}/{cont_label}", a.pool)),
     };
-    if a.baseline {
-        let dir = cluster_path.parent().map(|p| p.join("fio-baseline")).unwrap_or_else(|| std::env::temp_dir().join("strata-fio-baseline"));
-        std::fs::create_dir_all(&dir)?;
-        let rw = if a.op == "write" { "rw=write" } else { "rw=randread" };
-        let mut args = vec![rw.to_string(), format!("bs={size}"), "ioengine=psync".into(), format!("numjobs={}", a.threads), "size=64m".into(), "time_based".into(), fio::runtime_arg(a.duration)];
-        if a.op == "write" {
-            args.push("fdatasync=1".into());
-        }
-        let f = fio::run(&dir, "obj", &args)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        if a.op == "write" {
-            std::fs::create_dir_all(&dir)?;
-            let g = fio::run(&dir, "obj-fresh", &fresh_space_args(&dir, size, a.threads, a.duration))?;
-            let _ = std::fs::remove_dir_all(&dir);
-            r.fresh_space_ratio = Some(r.ops_per_sec / g.iops.max(f64::MIN_POSITIVE));
-            r.fio_fresh_space = Some(g);
-        }
-        r.throughput_ratio = Some(r.ops_per_sec / f.iops.max(f64::MIN_POSITIVE));
-        r.p99_ratio = Some(r.p99_us / f.p99_us.max(1.0));
-        let goal = match (class.redundancy(), size, a.op.as_str()) {
-            (strata_types::Redundancy::None, s, "write") if s >= 1 << 20 => Some(("S1 1 MiB writes >= 0.60x fio", r.throughput_ratio.unwrap_or(0.0) >= 0.6)),
-            (strata_types::Redundancy::Replicas(3), s, "write") if s >= 1 << 20 => Some(("RP_3 1 MiB writes >= 0.25x fio (three copies share one disk)", r.throughput_ratio.unwrap_or(0.0) >= 0.25)),
-            (strata_types::Redundancy::Replicas(3), 4096, "write") => Some(("RP_3 4 KiB update p99 <= 5x fio fsync'd 4 KiB p99", r.p99_ratio.unwrap_or(f64::MAX) <= 5.0)),
-            _ => None,
-        };
-        r.target = goal.map(|(t, met)| format!("{t}: {}", if met { "met" } else { "NOT met" }));
-        r.fio = Some(f);
-    }
+    let compared = if a.baseline { compare_with_fio(&a, class, size, &cluster_path, &mut r) } else { Ok(()) };
+    let cleaned = destroy();
+    compared?;
     emit(a.conn.json, &r, |r| {
         println!("strata bench obj: {} {} of {} B, {} in flight, {:.1} s", r.oclass, r.op, r.size_bytes, r.threads, elapsed);
         println!("strata: {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  p999 {:>7.0} us  client cpu {:.1} s", r.ops_per_sec, r.mib_per_sec, r.p50_us, r.p99_us, r.p999_us, r.cpu_secs);
@@ -228,5 +234,41 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if let Some(t) = &r.target {
             println!("target: {t}");
         }
-    })
+        if let Some(c) = &r.kept_container {
+            println!("kept container {c} (`strata cont destroy` frees it)");
+        }
+    })?;
+    cleaned
+}
+
+/// fio with the same pattern on the engines' file system (and, for writes, into fresh space),
+/// the ratios, and the target where it names one.
+fn compare_with_fio(a: &Args, class: ObjectClass, size: u64, cluster_path: &std::path::Path, r: &mut Report) -> anyhow::Result<()> {
+    let dir = cluster_path.parent().map(|p| p.join("fio-baseline")).unwrap_or_else(|| std::env::temp_dir().join("strata-fio-baseline"));
+    std::fs::create_dir_all(&dir)?;
+    let rw = if a.op == "write" { "rw=write" } else { "rw=randread" };
+    let mut args = vec![rw.to_string(), format!("bs={size}"), "ioengine=psync".into(), format!("numjobs={}", a.threads), "size=64m".into(), "time_based".into(), fio::runtime_arg(a.duration)];
+    if a.op == "write" {
+        args.push("fdatasync=1".into());
+    }
+    let f = fio::run(&dir, "obj", &args)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if a.op == "write" {
+        std::fs::create_dir_all(&dir)?;
+        let g = fio::run(&dir, "obj-fresh", &fresh_space_args(&dir, size, a.threads, a.duration))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        r.fresh_space_ratio = Some(r.ops_per_sec / g.iops.max(f64::MIN_POSITIVE));
+        r.fio_fresh_space = Some(g);
+    }
+    r.throughput_ratio = Some(r.ops_per_sec / f.iops.max(f64::MIN_POSITIVE));
+    r.p99_ratio = Some(r.p99_us / f.p99_us.max(1.0));
+    let goal = match (class.redundancy(), size, a.op.as_str()) {
+        (strata_types::Redundancy::None, s, "write") if s >= 1 << 20 => Some(("S1 1 MiB writes >= 0.60x fio", r.throughput_ratio.unwrap_or(0.0) >= 0.6)),
+        (strata_types::Redundancy::Replicas(3), s, "write") if s >= 1 << 20 => Some(("RP_3 1 MiB writes >= 0.25x fio (three copies share one disk)", r.throughput_ratio.unwrap_or(0.0) >= 0.25)),
+        (strata_types::Redundancy::Replicas(3), 4096, "write") => Some(("RP_3 4 KiB update p99 <= 5x fio fsync'd 4 KiB p99", r.p99_ratio.unwrap_or(f64::MAX) <= 5.0)),
+        _ => None,
+    };
+    r.target = goal.map(|(t, met)| format!("{t}: {}", if met { "met" } else { "NOT met" }));
+    r.fio = Some(f);
+    Ok(())
 }

@@ -340,6 +340,7 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     let hb_engine = engine.clone();
     let (stop_hb, mut stop_req) = tokio::sync::watch::channel(false);
     let is_ap = ap_index.is_some();
+    let refreshing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(async move {
         loop {
             let (free, total) = hb_engine.space();
@@ -355,7 +356,17 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
                         let _ = stop_hb.send(true);
                         return;
                     }
-                    hb_engine.note_pool_versions(&pool_versions).await
+                    // Refreshing a pool map can wait on the management service for its whole
+                    // deadline (60 s); the beat must not wait with it, or a slow refresh gets a
+                    // live rank declared dead. One refresh at a time: a beat that finds one still
+                    // running skips it, and a later beat brings the versions again.
+                    if !refreshing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        let (engine, running) = (hb_engine.clone(), RefreshRunning(refreshing.clone()));
+                        tokio::spawn(async move {
+                            engine.note_pool_versions(&pool_versions).await;
+                            drop(running);
+                        });
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
@@ -410,4 +421,14 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     println!("rank {rank} stopped");
     Ok(())
+}
+
+/// Marks the heartbeat's pool-map refresh finished when dropped, also if the refresh panicked
+/// (a flag left set would stop every later refresh).
+struct RefreshRunning(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for RefreshRunning {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
 }

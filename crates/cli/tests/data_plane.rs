@@ -429,6 +429,14 @@ fn bench_obj_reports_figures_and_ratios_to_fio_in_the_same_run() {
         // The targets are judged where it names them (RP_3 4 KiB p99, S1 1 MiB), not elsewhere.
         assert_eq!(v["target"].is_string(), op == "write", "{what}");
     }
+    // Each run wrote into a container of its own and destroyed it: nothing is left behind
+    // (a 1 MiB run leaves gigabytes), unless asked to keep it.
+    let listed = || c.json(&["cont", "list", "tank"]).to_string();
+    assert!(!listed().contains("bench-"), "the bench left its containers: {}", listed());
+    let v = c.json(&["bench", "obj", "--oclass", "S1", "--size", "4k", "--threads", "1", "--duration", "0.2", "--keep"]);
+    let kept = v["kept_container"].as_str().unwrap_or_else(|| panic!("--keep names the container: {v}")).to_owned();
+    let label = kept.strip_prefix("tank/").unwrap_or_else(|| panic!("{kept}"));
+    assert!(listed().contains(label), "--keep destroyed {kept}: {}", listed());
     // Bad input gets a clear error, not a panic.
     let out = c.cmd(&["bench", "obj", "--size", "5m"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--size"), "{out:?}");

@@ -993,3 +993,46 @@ fn a_failure_after_the_rebuild_finished_leaves_rf_1_containers_healthy() {
     rt.block_on(rf_check_exact(&again, "r1", "both rebuilt"));
     assert_eq!(cont_status(&c, "r1"), "healthy");
 }
+
+/// A rank that stalls past the heartbeat timeout (SIGSTOP: a long pause, a partition) is marked
+/// dead and rebuilt around; when the same process answers again it is reintegrated by itself
+/// (as Ceph marks a returning OSD up again): its targets are resynced and come back `UP`, the
+/// writes it missed read back, and the objects only it held (S1) are not lost.
+#[test]
+fn a_rank_marked_dead_while_alive_is_reintegrated_when_heard_from_again() {
+    let c = Cluster::start(&["--ranks", "5", "--heartbeat-timeout-ms", "3000"]);
+    let rt = runtime();
+    let per_rank = target_states(&c).len() / 5;
+    let client = rt.block_on(Client::connect(&ClusterFile::load(&c.cluster_file()).unwrap())).unwrap();
+    let objs = rf_containers(&c, &rt, &client);
+    // Not an access point: the management service keeps its leader.
+    let up: serde_json::Value = serde_json::from_slice(&std::fs::read(c.path().join("up.json")).unwrap()).unwrap();
+    let dir = 4;
+    assert!(up["access_points"].as_u64().unwrap() <= dir as u64, "rank-{dir} is an access point: {up}");
+    let rank = c.rank_of_dir(dir);
+    let pid = c.server_pid(dir).expect("the server of rank-4");
+    let rank_state = |c: &Cluster| c.json(&["system", "query"])["ranks"].as_array().unwrap().iter().find(|r| r["rank"].as_u64() == Some(rank)).map(|r| r["state"].as_str().unwrap().to_owned());
+    // SAFETY: signals to a child process of this test's cluster.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    poll("the stalled rank to be marked dead", Duration::from_secs(30), || (rank_state(&c).as_deref() == Some("Dead")).then_some(()));
+    poll("rebuild around the stalled rank", Duration::from_secs(180), || settled(&c, per_rank));
+    // Writes it misses while away.
+    let v2 = |i: usize| format!("r1-object{i}-while-away").into_bytes();
+    rt.block_on(in_batches(&objs[1], move |i, o| async move {
+        o.put(b"d", b"a", &v2(i)).await.unwrap_or_else(|e| panic!("r1 object {i}: write while a rank is away: {e}"));
+    }));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    poll("the returned rank's targets to be resynced and UP", Duration::from_secs(180), || target_states(&c).iter().all(|s| s == "Up").then_some(()));
+    assert_eq!(rank_state(&c).as_deref(), Some("Joined"));
+    rt.block_on(in_batches(&objs[1], move |i, o| async move {
+        assert_eq!(o.get(b"d", b"a").await.unwrap().as_deref(), Some(&v2(i)[..]), "r1 object {i} after the rank returned");
+    }));
+    // rf 0 was marked unclean when the rank was lost, and stays so until an administrator
+    // says otherwise; then every object only that rank held is there.
+    assert_eq!(cont_status(&c, "r0")["unclean"]["ranks"], serde_json::json!([rank]));
+    c.json(&["cont", "set-prop", "tank", "r0", "--status", "healthy"]);
+    let fresh = rt.block_on(client.container("tank", "r0")).unwrap();
+    let again: Vec<ObjHandle> = objs[0].iter().map(|o| fresh.object(o.oid)).collect();
+    rt.block_on(rf_check_exact(&again, "r0", "the stalled rank returned"));
+    rt.block_on(rf_check_exact(&objs[2], "r2", "the stalled rank returned"));
+}

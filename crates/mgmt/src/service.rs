@@ -199,8 +199,12 @@ impl MgmtNode {
             (state == Some(RankState::Dead), state == Some(RankState::Stopped), g.state.pools.iter().map(|(id, p)| (*id, p.map.version)).collect())
         };
         if dead {
-            // It is back; its targets stay DOWN until reintegrated.
-            let _ = self.propose(MgmtCmd::SetRankState { rank, state: RankState::Joined }).await;
+            // The process that was marked dead is alive (a restart re-joins instead): it is a
+            // member again and the targets its death took down are reintegrated.
+            tracing::warn!(%rank, "rank marked dead is heard from again: reintegrating the targets its death took down");
+            if let Err(e) = self.propose(MgmtCmd::RankReturned { rank }).await {
+                tracing::warn!(%rank, error = %e, "could not record the rank's return; its next heartbeat tries again");
+            }
         }
         Ok(MgmtResp::HeartbeatAck { pool_versions: versions, stop })
     }

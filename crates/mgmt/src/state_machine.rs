@@ -44,6 +44,11 @@ pub struct PoolRecord {
     /// those now `DOWN` are the failures that count against containers' redundancy factors.
     #[serde(default)]
     pub unrebuilt: BTreeSet<TargetId>,
+    /// Targets a rank's death took down (from a state holding data), still down: reintegrated
+    /// if that very process is heard from again (`RankReturned`). An administrator's action on
+    /// a target takes it off this list (the administrator decides its state from then on).
+    #[serde(default)]
+    pub down_at_death: BTreeSet<TargetId>,
 }
 
 impl PoolRecord {
@@ -141,7 +146,7 @@ impl MgmtState {
         self.format = 1;
         // Containers are judged in the very command that changes a map, so no reader ever
         // sees a map with the failure but the container still healthy.
-        let changes_maps = matches!(cmd, MgmtCmd::SetRankState { .. } | MgmtCmd::PoolTargets { .. } | MgmtCmd::PoolExtend { .. } | MgmtCmd::RebuildDone { .. });
+        let changes_maps = matches!(cmd, MgmtCmd::SetRankState { .. } | MgmtCmd::PoolTargets { .. } | MgmtCmd::PoolExtend { .. } | MgmtCmd::RebuildDone { .. } | MgmtCmd::RankReturned { .. });
         let before: BTreeMap<PoolId, PoolMap> = if changes_maps { self.pools.iter().map(|(id, p)| (*id, p.map.clone())).collect() } else { BTreeMap::new() };
         let versions: Vec<(PoolId, u64)> = self.pools.iter().map(|(id, p)| (*id, p.map.version)).collect();
         let reply = self.apply_cmd(cmd)?;
@@ -224,9 +229,34 @@ impl MgmtState {
                         // would put them in the layout as failed homes: they stay NEW, and the
                         // extension waits for the rank to come back.
                         if p.map.targets.iter().any(|t| t.id.rank == *rank && t.state != TargetState::New) {
+                            if *state == RankState::Dead {
+                                let holding = p.map.targets.iter().filter(|t| t.id.rank == *rank && !matches!(t.state, TargetState::New | TargetState::Down | TargetState::DownOut));
+                                let ids: Vec<TargetId> = holding.map(|t| t.id).collect();
+                                p.down_at_death.extend(ids);
+                            }
                             p.map.set_rank_state(*rank, TargetState::Down);
                         }
                     }
+                }
+                Ok(MgmtReply::Done)
+            }
+            MgmtCmd::RankReturned { rank } => {
+                let r = self.ranks.get_mut(rank).ok_or_else(|| err(ErrorCode::NotFound, format!("no rank {rank}; `strata system query` lists the ranks")))?;
+                // Only from Dead: a rank excluded or stopped meanwhile stays as it was put.
+                if r.state != RankState::Dead {
+                    return Ok(MgmtReply::Done);
+                }
+                r.state = RankState::Joined;
+                for p in self.pools.values_mut() {
+                    let mine: Vec<TargetId> = p.down_at_death.iter().copied().filter(|t| t.rank == *rank).collect();
+                    let mut next = p.map.clone();
+                    for t in &mine {
+                        p.down_at_death.remove(t);
+                        if next.target(*t).is_some_and(|x| matches!(x.state, TargetState::Down | TargetState::DownOut)) {
+                            next.set_state(*t, TargetState::UpIn).map_err(|e| err(ErrorCode::Internal, format!("reintegrating target {t:?} of returned rank {rank}: {e}")))?;
+                        }
+                    }
+                    p.map = next;
                 }
                 Ok(MgmtReply::Done)
             }
@@ -271,7 +301,7 @@ impl MgmtState {
                     return Err(err(ErrorCode::NoSpace, format!("pool '{label}' needs {} but only {} is free across the system; pass a smaller --size or add servers", human_bytes(size.max(1)), human_bytes(free))));
                 }
                 let map = PoolMap::new(targets).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
-                self.pools.insert(*id, PoolRecord { id: *id, label: label.clone(), size_bytes: size, map, rebuilt_by: Default::default(), rebuilt_version: 0, unrebuilt: BTreeSet::new() });
+                self.pools.insert(*id, PoolRecord { id: *id, label: label.clone(), size_bytes: size, map, rebuilt_by: Default::default(), rebuilt_version: 0, unrebuilt: BTreeSet::new(), down_at_death: BTreeSet::new() });
                 Ok(MgmtReply::Pool(self.pool_info(&self.pools[id])))
             }
             MgmtCmd::PoolDestroy { pool, force } => {
@@ -293,6 +323,7 @@ impl MgmtState {
                 }
                 let mut next = p.map.clone();
                 for t in ids {
+                    p.down_at_death.remove(&t);
                     let cur = next.target(t).map(|x| x.state).unwrap_or(TargetState::Up);
                     let steps: &[TargetState] = match (action, cur) {
                         (TargetAction::Exclude, TargetState::Down | TargetState::DownOut) => &[],

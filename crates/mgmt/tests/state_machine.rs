@@ -60,6 +60,55 @@ fn a_dead_rank_takes_its_targets_down_in_a_newer_map() {
     assert_eq!(first, 11);
 }
 
+/// A rank marked dead that is heard from again (never restarted) gets back the targets its
+/// death took down, whether or not their rebuild finished; targets an administrator took down
+/// stay down, and a rank the administrator excluded does not come back by itself.
+#[test]
+fn a_rank_heard_from_after_being_marked_dead_gets_its_targets_reintegrated() {
+    use strata_placement::TargetState as TS;
+    let mut s = MgmtState::default();
+    for cmd in script() {
+        s.apply(&cmd).unwrap();
+    }
+    let pool = PoolId(uuid::Uuid::from_u128(1));
+    let states = |s: &MgmtState, r: u32| s.pool_by_name("p").unwrap().map.targets.iter().filter(|t| t.id.rank == Rank(r)).map(|t| t.state).collect::<Vec<_>>();
+    let rank_state = |s: &MgmtState, r: u32| s.ranks[&Rank(r)].state;
+    // Rank 1 died in the script; its rebuild finishes (DOWNOUT), then it is heard from.
+    let v = s.pool_by_name("p").unwrap().map.version;
+    for r in [0, 2] {
+        s.apply(&MgmtCmd::RebuildDone { pool, version: v, rank: Rank(r) }).unwrap();
+    }
+    assert_eq!(states(&s, 1), vec![TS::DownOut; 2]);
+    s.apply(&MgmtCmd::RankReturned { rank: Rank(1) }).unwrap();
+    assert_eq!(rank_state(&s, 1), RankState::Joined);
+    assert_eq!(states(&s, 1), vec![TS::UpIn; 2], "reintegrated: resynced before it serves reads");
+    assert!(s.pool_by_name("p").unwrap().map.version > v, "a newer map, so engines start the resync");
+    // Heard from again later (a second heartbeat): nothing changes.
+    let v = s.pool_by_name("p").unwrap().map.version;
+    s.apply(&MgmtCmd::RankReturned { rank: Rank(1) }).unwrap();
+    assert_eq!(s.pool_by_name("p").unwrap().map.version, v);
+
+    // Rank 2: one target excluded by the administrator before the rank died. Only the other
+    // one comes back with the rank, before its rebuild finished (DOWN).
+    s.apply(&MgmtCmd::PoolTargets { pool: "p".into(), rank: Rank(2), index: Some(0), action: TargetAction::Exclude }).unwrap();
+    s.apply(&MgmtCmd::SetRankState { rank: Rank(2), state: RankState::Dead }).unwrap();
+    assert_eq!(states(&s, 2), vec![TS::Down; 2]);
+    s.apply(&MgmtCmd::RankReturned { rank: Rank(2) }).unwrap();
+    assert_eq!(states(&s, 2), vec![TS::Down, TS::UpIn], "the administrator's exclusion stays");
+
+    // Rank 0: dead, then excluded by the administrator: it stays out when heard from.
+    s.apply(&MgmtCmd::SetRankState { rank: Rank(0), state: RankState::Dead }).unwrap();
+    s.apply(&MgmtCmd::SetRankState { rank: Rank(0), state: RankState::Excluded }).unwrap();
+    s.apply(&MgmtCmd::RankReturned { rank: Rank(0) }).unwrap();
+    assert_eq!(rank_state(&s, 0), RankState::Excluded);
+    assert_eq!(states(&s, 0), vec![TS::Down; 2]);
+    // An administrator's reintegration of a dead rank's targets takes them off the list: a
+    // later return does not act on them again.
+    s.apply(&MgmtCmd::SetRankState { rank: Rank(1), state: RankState::Dead }).unwrap();
+    s.apply(&MgmtCmd::PoolTargets { pool: "p".into(), rank: Rank(1), index: None, action: TargetAction::Reintegrate }).unwrap();
+    assert!(s.pool_by_name("p").unwrap().down_at_death.iter().all(|t| t.rank != Rank(1)));
+}
+
 #[test]
 fn capacity_is_counted_once_per_host_and_refused_when_short() {
     let mut s = MgmtState::default();

@@ -93,6 +93,12 @@ pub enum MgmtCmd {
     /// An administrator accepts the possible loss of an unclean container's data: its status
     /// goes back to healthy and it can be opened again.
     ContMarkHealthy { pool: String, cont: String },
+    /// A rank marked dead is heard from again without having restarted (it was alive but
+    /// silent past the heartbeat timeout: a stall, a partition): it is a member again, and the
+    /// targets its death took down are reintegrated (`UPIN`, resynced, then `UP`), as Ceph
+    /// brings back an OSD it marked down. A restarted rank re-joins instead (`Join`) and is
+    /// reintegrated by an administrator; one excluded by an administrator stays out.
+    RankReturned { rank: Rank },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
