@@ -6,7 +6,8 @@
 //! and the inodes of the files created in it) is one shard and one prefix scan. Every
 //! multi-key change is one serializable transaction ([`namespace`]), retried on conflict a
 //! bounded number of times; what it would read it takes, when it can, from the values this
-//! client last saw as expectations checked at the commit ([`expect_cache`]). File data is one array object per file,
+//! client last saw as expectations checked at the commit ([`expect_cache`]); a commit whose
+//! answer was lost is settled by reading its keys back ([`commit_outcome`]). File data is one array object per file,
 //! chunked by dkey ([`file_data`]); the object class comes from the file, its directory, or
 //! the container default. The FUSE mount ([`fuse_mount`]) adds a metadata cache with
 //! close-to-open consistency and write-back buffering ([`write_back`]) flushed on fsync and

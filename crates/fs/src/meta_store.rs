@@ -10,6 +10,10 @@
 //!   transaction read (keys or scanned prefixes) since it began, `commit` fails with
 //!   [`MetaError::Conflict`] and applies nothing. Callers retry a bounded number of times.
 //! - Dropping an uncommitted transaction applies nothing.
+//! - A commit whose outcome the store could not learn (its answer lost) is settled inside
+//!   `commit` by reading its keys back (`commit_outcome.rs`): callers see success,
+//!   [`MetaError::Conflict`] (it did not commit) or, if still unknown after a deadline,
+//!   [`MetaError::Unavailable`]; never a guess.
 
 use crate::commit_outcome::WriteLog;
 use std::collections::{BTreeMap, BTreeSet};
