@@ -211,7 +211,7 @@ mod tests {
         }
         assert_eq!(set, model.set);
         assert_eq!(m.bytes(), model.set.iter().filter(|x| **x).count() as u64);
-        for (_, p) in &m.map {
+        for p in m.map.values() {
             assert!(p.data.len() as u64 * PIECE_SHARE_MIN >= p.buffer_bytes, "a piece keeps too large a buffer alive");
         }
     }

@@ -46,7 +46,7 @@ fn check_range(dev: &dyn BlockDevice, offset: u64, len: u64, past_end: u32, alig
         return Check::Err(past_end);
     }
     if let Some(a) = align {
-        if offset % a as u64 != 0 || len % a as u64 != 0 {
+        if !offset.is_multiple_of(a as u64) || !len.is_multiple_of(a as u64) {
             return Check::Err(EINVAL);
         }
     }

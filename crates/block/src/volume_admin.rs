@@ -157,7 +157,7 @@ impl BlockContainer {
     }
 
     fn check_size(size: u64) -> Result<(), BlockError> {
-        if size == 0 || size % SIZE_ALIGN_BYTES != 0 || size > VOLUME_BYTES_MAX {
+        if size == 0 || !size.is_multiple_of(SIZE_ALIGN_BYTES) || size > VOLUME_BYTES_MAX {
             return Err(BlockError::Invalid(format!("volume size {size} must be a non-zero multiple of {SIZE_ALIGN_BYTES} bytes up to {}", strata_types::human_bytes(VOLUME_BYTES_MAX))));
         }
         Ok(())
@@ -233,7 +233,7 @@ impl BlockContainer {
                         head.punch_dkey(&d).await?;
                     }
                 }
-                if size % bs != 0 {
+                if !size.is_multiple_of(bs) {
                     let ops = crate::volume_io::punch_ops(size % bs, bs - size % bs, bs, m.chunk_bytes as u64);
                     head.update_ops_at(&(size / bs).to_be_bytes(), ops, bytes::Bytes::new(), None).await?;
                 }

@@ -117,7 +117,7 @@ impl VolumeMeta {
         let geometry_ok = (BLOCK_BYTES_MIN..=BLOCK_BYTES_MAX).contains(&m.block_bytes)
             && m.chunk_bytes >= CHUNK_BYTES_MIN
             && m.chunk_bytes.is_power_of_two()
-            && m.block_bytes % m.chunk_bytes == 0;
+            && m.block_bytes.is_multiple_of(m.chunk_bytes);
         if m.layers.is_empty() || m.layers.len() > LAYERS_MAX || m.layers[0].epoch.is_some() || !geometry_ok {
             return Err(MetaError::Decode { name: name.into(), detail: "layers or block size out of bounds".into() });
         }

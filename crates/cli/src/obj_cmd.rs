@@ -130,7 +130,12 @@ pub fn run(c: ObjCommand) -> anyhow::Result<()> {
                     None => cont.create_object(oclass.as_deref().unwrap_or(&cont.info.oclass).parse()?).await?,
                 };
                 let epoch = obj.put(dkey.as_bytes(), akey.as_bytes(), &data).await?;
-                emit(conn.json, &serde_json::json!({"oid": obj.oid.to_string(), "epoch": epoch.0, "bytes": data.len()}), |_| println!("{}  ({} bytes at epoch {epoch})", obj.oid, data.len()))
+                emit(conn.json, &serde_json::json!({"oid": obj.oid.to_string(), "epoch": epoch.0, "bytes": data.len()}), |_| {
+                    // Only the id on stdout, so that `OID=$(strata obj put ...)` works; the
+                    // rest is for the person watching.
+                    println!("{}", obj.oid);
+                    eprintln!("wrote {} bytes at epoch {epoch}", data.len());
+                })
             }
             ObjCommand::Get { target, oid, dkey, akey, epoch, file, cap, chunk, len, offset, conn } => {
                 let dkey_bytes = match (&dkey, chunk) {

@@ -270,6 +270,9 @@ fn save_identity(dir: &Path, id: &Identity) -> anyhow::Result<()> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let r = resolve(a)?;
+    // Before any thread starts: received payloads go to disk from huge pages (`huge_buffers`).
+    let huge = strata_rpc::huge_buffers::allow_advised_huge_pages();
+    tracing::debug!(huge_pages = huge, "receive buffers may get transparent huge pages");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(r.threads).enable_all().build()?;
     rt.block_on(serve(r))
 }

@@ -510,3 +510,30 @@ fn every_rank_serves_prometheus_metrics_that_count_its_requests() {
     let (status, _, _) = http_get(&addrs[0], "/nothing-here");
     assert_eq!(status, 404);
 }
+
+/// The README's first session, as a newcomer types it: `obj put` prints only the object id on
+/// stdout (so `OID=$(... obj put ...)` works), and `obj get` gives the value back.
+#[test]
+fn the_readmes_first_object_commands_work_as_written() {
+    use std::io::Write;
+    let c = Cluster::start(&["--ranks", "3"]);
+    c.json(&["cont", "create", "tank", "demo", "--oclass", "RP_3G1", "--rf", "2"]);
+    let mut put = std::process::Command::new(common::BIN)
+        .args(["obj", "put", "tank/demo", "--dkey", "greeting", "--akey", "text"])
+        .env("STRATA_CLUSTER", c.cluster_file())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    put.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+    let out = put.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (stdout, stderr) = (String::from_utf8(out.stdout).unwrap(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let oid = stdout.strip_suffix('\n').unwrap_or_else(|| panic!("one line: {stdout:?}"));
+    assert!(oid.parse::<strata_types::Oid>().is_ok() && !oid.contains(' '), "stdout is the object id alone: {oid:?}");
+    assert!(stderr.contains("wrote 6 bytes"), "{stderr}");
+    let got = c.cmd(&["obj", "get", "tank/demo", oid, "--dkey", "greeting", "--akey", "text"]);
+    assert!(got.status.success(), "{got:?}");
+    assert_eq!(got.stdout, b"hello\n");
+}

@@ -57,7 +57,7 @@ impl EcStripe {
         if !(2..=16).contains(&k) || !(1..=4).contains(&p) || p > k {
             return Err(EcError::Geometry(format!("k={k} p={p}")));
         }
-        if cell_bytes == 0 || cell_bytes % 2 != 0 || cell_bytes > CELL_BYTES_MAX {
+        if cell_bytes == 0 || !cell_bytes.is_multiple_of(2) || cell_bytes > CELL_BYTES_MAX {
             return Err(EcError::Geometry(format!("cell_bytes={cell_bytes} must be even and 2..={CELL_BYTES_MAX}")));
         }
         Ok(EcStripe { k, p, cell_bytes })

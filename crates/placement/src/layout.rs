@@ -12,6 +12,7 @@
 //!   that were on it, which move to a deterministic **spare** (another jump hash over the
 //!   healthy targets, avoiding the group's other domains); reintegration restores them;
 //! - extend appends nodes, and jump hash moves only about the added fraction of shards.
+//!
 //! `NEW` targets are left out unless the map is built with `include_new` (rebalance computes
 //! both and moves the difference).
 
@@ -24,7 +25,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 /// Attempts at finding a distinct node or a spare before giving up.
 const ATTEMPTS_MAX: u32 = 256;
-const SPARE_SALT: u64 = 0x5350_4152_45;
+const SPARE_SALT: u64 = 0x0053_5041_5245;
 
 struct Node {
     children: Vec<u32>,

@@ -14,6 +14,7 @@
 //! - A target leaving the layout (`DOWN`, `DOWNOUT`, `DRAIN`) moves only the shards that lived
 //!   on it; bringing it back restores them exactly.
 //! - Every map change bumps `PoolMap::version`.
+//!
 //! Limits: at most 2^32 targets per map; fault-domain paths of 1 to 8 components.
 
 mod error;

@@ -2,15 +2,16 @@
 //!
 //! A large payload (an import of up to 16 MiB, a 1 MiB write) in freshly allocated memory
 //! made the kernel zero every page on first touch: in a rebuild profile that was ~40% of the
-//! engines' CPU, more than receiving, checksumming and writing the bytes. Received payloads of
-//! `POOLED_FROM_BYTES` or more, and the import messages data movement builds, take their
-//! memory from a [`BufferPool`] and give it back when the last `Bytes` clone is dropped.
+//! engines' CPU, more than receiving, checksumming and writing the bytes. The import messages
+//! data movement builds take their memory from a [`BufferPool`] and give it back when the last
+//! `Bytes` clone is dropped (received payloads of `POOLED_FROM_BYTES` or more use the
+//! huge-page pool of `huge_buffers` instead).
 //! Capacities are whole multiples of `CLASS_BYTES`; a request gets the smallest kept buffer that
 //! fits. The pool keeps at most `KEPT_BYTES_MAX` of idle buffers (so a process that moved data
 //! once keeps at most that resident).
 
 use bytes::Bytes;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 
 /// Payloads from this size on are received into pooled buffers.
 pub const POOLED_FROM_BYTES: usize = 1 << 20;
@@ -30,8 +31,6 @@ impl Default for BufferPool {
     }
 }
 
-/// The pool received payloads use (one per process).
-pub static RECEIVE: LazyLock<Arc<BufferPool>> = LazyLock::new(Default::default);
 
 /// A buffer lent out as message bytes (`buf[start..]`); back to the pool when dropped.
 struct Lent {

@@ -16,6 +16,7 @@
 //! - Every frame format carries a version byte (v1).
 
 pub mod buffer_pool;
+pub mod huge_buffers;
 mod byte_vec;
 pub mod capability;
 mod client;

@@ -101,12 +101,10 @@ const PAYLOAD_ALIGN: usize = 4096;
 /// zero either (see `buffer_pool`).
 async fn read_payload(r: &mut FrameReader, len: usize) -> std::io::Result<Bytes> {
     if len >= crate::buffer_pool::POOLED_FROM_BYTES {
-        let mut v = crate::buffer_pool::RECEIVE.take(len + PAYLOAD_ALIGN);
-        let pad = v.as_ptr().align_offset(PAYLOAD_ALIGN);
-        v.resize(pad, 0);
-        debug_assert!(v.capacity() >= pad + len);
-        read_exactly(r, &mut v, len).await?;
-        return Ok(crate::buffer_pool::RECEIVE.lend(v, pad));
+        if let Some(mut v) = crate::huge_buffers::RECEIVE.take(len) {
+            read_exactly(r, &mut v, len).await?;
+            return Ok(crate::huge_buffers::RECEIVE.lend(v));
+        }
     }
     let mut buf = if len >= PAYLOAD_ALIGN_FROM_BYTES {
         let mut b = BytesMut::with_capacity(len + PAYLOAD_ALIGN);

@@ -64,7 +64,7 @@ impl ObjectClass {
         let fail = |reason: String| Err(ObjectClassError::Parse { input: oc.to_string(), reason });
         match redundancy {
             Redundancy::None => {}
-            Redundancy::Replicas(n) if n == 1 => return fail("one replica is no replication; use S1".into()),
+            Redundancy::Replicas(1) => return fail("one replica is no replication; use S1".into()),
             Redundancy::Replicas(n) if !(REPLICAS_MIN..=REPLICAS_MAX).contains(&n) => {
                 return fail(format!("replicas must be {REPLICAS_MIN}..={REPLICAS_MAX}, got {n}"))
             }

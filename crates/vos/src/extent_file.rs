@@ -545,7 +545,7 @@ impl ExtentFiles {
                         Err(_) => break,
                     }
                     // A short direct read leaves the rest unaligned: finish buffered.
-                    if done % EXTENT_ALIGN_BYTES as usize != 0 {
+                    if !done.is_multiple_of(EXTENT_ALIGN_BYTES as usize) {
                         break;
                     }
                 }

@@ -45,7 +45,7 @@ fn dkey_for(epoch: u64) -> Vec<u8> {
 }
 
 fn is_extent(epoch: u64) -> bool {
-    epoch % 3 == 0
+    epoch.is_multiple_of(3)
 }
 
 fn cont() -> ContId {

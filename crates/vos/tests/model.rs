@@ -69,7 +69,7 @@ impl Model {
     }
     fn extent(&self, o: u8, d: u8, a: u8, off: u64, len: u64, at: u64) -> (Vec<u8>, Vec<bool>) {
         let h = self.hidden(o, d, a, at);
-        let mut rows: Vec<_> = self.extents.iter().filter(|r| r.0 == (o, d, a) && r.1 <= at && !h.is_some_and(|h| r.1 <= h)).collect();
+        let mut rows: Vec<_> = self.extents.iter().filter(|r| r.0 == (o, d, a) && r.1 <= at && h.is_none_or(|h| r.1 > h)).collect();
         rows.sort_by_key(|r| (r.1, r.2));
         let mut data = vec![0u8; len as usize];
         let mut written = vec![false; len as usize];
@@ -118,7 +118,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let comparable = |aggs: &Vec<(u64, BTreeSet<u64>)>, e: u64| aggs.iter().all(|(u, r)| e >= *u || r.contains(&e));
     let mut fresh = |raw: u16, aggs: &Vec<(u64, BTreeSet<u64>)>| {
         // One write in four is late: at any epoch, possibly below what was aggregated.
-        let mut e = if raw % 4 == 0 { raw as u64 / 4 % (floor(aggs) + 1) } else { floor(aggs) + 1 + raw as u64 };
+        let mut e = if raw.is_multiple_of(4) { raw as u64 / 4 % (floor(aggs) + 1) } else { floor(aggs) + 1 + raw as u64 };
         while !used.insert(e) {
             e += 1;
         }
@@ -249,7 +249,7 @@ fn horizon_survives_reopen() {
     }
     let vos = Vos::open(dir.path(), &VosConfig::default()).unwrap();
     let read = |e: u64| vos.fetch_extent(cont, o, b"d", b"x", 0, 100, Epoch(e)).map(|r| r.data);
-    assert_eq!(read(55).map_err(|e| e.to_string()).unwrap_err().contains("aggregation horizon"), true);
+    assert!(read(55).map_err(|e| e.to_string()).unwrap_err().contains("aggregation horizon"));
     assert_eq!(read(50).unwrap(), vec![5u8; 100]);
     assert_eq!(read(150).unwrap(), vec![15u8; 100]);
     assert_eq!(read(165).unwrap(), vec![16u8; 100]);
