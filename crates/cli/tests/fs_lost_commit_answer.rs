@@ -57,9 +57,12 @@ fn create_write(p: &Path, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Run the seeded loop in `dir`; returns the model of what `dir` must hold, the answers that
+/// What one loop ends with: the model of what its directory must hold, the answers that
 /// disagreed with it, and the number of operations run.
-fn run_ops(dir: &Path, seed: u64) -> (BTreeMap<String, Node>, Vec<Wrong>, usize) {
+type Run = (BTreeMap<String, Node>, Vec<Wrong>, usize);
+
+/// Run the seeded loop in `dir`.
+fn run_ops(dir: &Path, seed: u64) -> Run {
     let mut rng = Rng(seed);
     let mut model: BTreeMap<String, Node> = BTreeMap::new();
     let mut wrong = Vec::new();
@@ -176,7 +179,7 @@ fn file_operations_answer_what_happened_when_commit_answers_are_lost() {
     }
 
     let workers: Vec<_> = [(a.join("leased"), 1u64), (b.join("plain"), 2u64)].into_iter().map(|(dir, seed)| std::thread::spawn(move || (dir.clone(), run_ops(&dir, seed)))).collect();
-    let results: Vec<(PathBuf, (BTreeMap<String, Node>, Vec<Wrong>, usize))> = workers.into_iter().map(|w| w.join().expect("a worker panicked")).collect();
+    let results: Vec<(PathBuf, Run)> = workers.into_iter().map(|w| w.join().expect("a worker panicked")).collect();
 
     // A fresh mount reads what was committed (the leased mount commits its log at unmount).
     for mp in [&a, &b] {
