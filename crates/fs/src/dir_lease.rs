@@ -922,6 +922,36 @@ mod tests {
         });
     }
 
+    /// Lease commits (the tick's, and the last one giving the lease back) whose answer the
+    /// store loses, alternately written and not: every logged change is committed once.
+    #[test]
+    fn lease_commits_whose_answer_was_lost_keep_every_change() {
+        block(async {
+            let (a, b) = two().await;
+            let d = a.create(a.root, b"d", dir()).await.unwrap();
+            a.store.lose_commit_answers(2);
+            for n in 0..40 {
+                a.create(d.ino, format!("f{n}").as_bytes(), file()).await.unwrap();
+                if n % 4 == 3 {
+                    a.lease_tick().await;
+                }
+            }
+            for n in 0..10 {
+                a.unlink(d.ino, format!("f{n}").as_bytes(), |_| false).await.unwrap();
+                a.lease_tick().await;
+            }
+            a.release_leases().await;
+            assert_eq!(a.held_leases(), 0);
+            let mut names = committed(&b, d.ino).await;
+            names.sort();
+            let mut want: Vec<Vec<u8>> = (10..40).map(|n| format!("f{n}").into_bytes()).collect();
+            want.sort();
+            assert_eq!(names, want);
+            assert!(a.store.get_at(&lease_key(d.ino), Epoch::MAX).await.unwrap().is_none());
+            assert_eq!(b.inode(d.ino).await.unwrap(), a.inode_at(d.ino, Epoch::MAX).await.unwrap());
+        });
+    }
+
     #[test]
     fn another_mount_recalls_the_lease_and_sees_every_change() {
         block(async {

@@ -2,6 +2,7 @@
 //! its `posix` container, sharded by the first [`HOME_BYTES`] bytes of the key (the home,
 //! `prefix:8`), so one directory's entries and inode are one shard, and one scan.
 
+use crate::commit_outcome::{settle, WriteLog, SETTLE_TIME_MAX};
 use crate::meta_schema::{inode_key, HOME_BYTES};
 use crate::meta_store::{KeyValue, MetaError, MetaStore, MetaTxn};
 use strata_kv::{KvError, KvOptions, KvStore, Txn};
@@ -96,12 +97,18 @@ impl KvMeta {
     }
 }
 
-pub struct KvMetaTxn(Txn);
+/// A KV transaction, and what it read and wrote: a commit whose answer was lost is settled by
+/// reading its keys back (`commit_outcome.rs`).
+pub struct KvMetaTxn {
+    txn: Txn,
+    meta: KvMeta,
+    log: WriteLog,
+}
 
 impl MetaStore for KvMeta {
     type Txn = KvMetaTxn;
     async fn begin(&self) -> Result<KvMetaTxn, MetaError> {
-        Ok(KvMetaTxn(self.kv.begin()))
+        Ok(KvMetaTxn { txn: self.kv.begin(), meta: self.clone(), log: WriteLog::default() })
     }
     async fn get_at(&self, key: &[u8], epoch: Epoch) -> Result<Option<Vec<u8>>, MetaError> {
         if epoch == Epoch::MAX {
@@ -129,24 +136,40 @@ impl MetaStore for KvMeta {
 
 impl MetaTxn for KvMetaTxn {
     async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
-        self.0.get(key).await.map_err(meta_err)
+        let v = self.txn.get(key).await.map_err(meta_err)?;
+        self.log.read(key, v.as_deref());
+        Ok(v)
     }
     async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), MetaError> {
-        self.0.put(key, value).map_err(meta_err)
+        self.txn.put(key, value).map_err(meta_err)?;
+        self.log.write(key, Some(value));
+        Ok(())
     }
     async fn delete(&mut self, key: &[u8]) -> Result<(), MetaError> {
-        self.0.delete(key).map_err(meta_err)
+        self.txn.delete(key).map_err(meta_err)?;
+        self.log.write(key, None);
+        Ok(())
     }
     fn expect(&mut self, key: &[u8], expected: Option<&[u8]>) -> Result<(), MetaError> {
-        self.0.expect(key, expected).map_err(meta_err)
+        self.txn.expect(key, expected).map_err(meta_err)?;
+        self.log.read(key, expected);
+        Ok(())
     }
     async fn scan_prefix(&mut self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>, MetaError> {
         let start = scan_start(prefix, after);
         let end = prefix_end(prefix);
-        self.0.scan(&start, end.as_deref(), limit).await.map_err(meta_err)
+        self.txn.scan(&start, end.as_deref(), limit).await.map_err(meta_err)
     }
     async fn commit(self) -> Result<Epoch, MetaError> {
-        self.0.commit().await.map_err(meta_err)
+        let KvMetaTxn { txn, meta, log } = self;
+        match txn.commit().await {
+            Err(KvError::Indeterminate(why)) if !log.is_empty() => {
+                settle(&meta, &log, &why, SETTLE_TIME_MAX).await?;
+                // An epoch read after the commit was seen (no caller needs the commit's own).
+                Ok(meta.kv.begin().read_epoch())
+            }
+            r => r.map_err(meta_err),
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 //! and the inodes of the files created in it) is one shard and one prefix scan. Every
 //! multi-key change is one serializable transaction ([`namespace`]), retried on conflict a
 //! bounded number of times; what it would read it takes, when it can, from the values this
-//! client last saw as expectations checked at the commit ([`expect_cache`]). File data is one array object per file,
+//! client last saw as expectations checked at the commit ([`expect_cache`]); a commit whose
+//! answer was lost is settled by reading its keys back ([`commit_outcome`]). File data is one array object per file,
 //! chunked by dkey ([`file_data`]); the object class comes from the file, its directory, or
 //! the container default. The FUSE mount ([`fuse_mount`]) adds a metadata cache with
 //! close-to-open consistency and write-back buffering ([`write_back`]) flushed on fsync and
@@ -16,6 +17,7 @@
 //! Limits: names 255 bytes, symlink targets 4096 bytes, files 16 TiB
 //! ([`namespace::FILE_BYTES_MAX`]), xattrs 64 KiB per value and 256 KiB per inode.
 
+pub mod commit_outcome;
 pub mod dir_lease;
 pub mod exnode;
 pub mod expect_cache;

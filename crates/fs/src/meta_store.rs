@@ -10,7 +10,12 @@
 //!   transaction read (keys or scanned prefixes) since it began, `commit` fails with
 //!   [`MetaError::Conflict`] and applies nothing. Callers retry a bounded number of times.
 //! - Dropping an uncommitted transaction applies nothing.
+//! - A commit whose outcome the store could not learn (its answer lost) is settled inside
+//!   `commit` by reading its keys back (`commit_outcome.rs`): callers see success,
+//!   [`MetaError::Conflict`] (it did not commit) or, if still unknown after a deadline,
+//!   [`MetaError::Unavailable`]; never a guess.
 
+use crate::commit_outcome::WriteLog;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -80,6 +85,10 @@ struct MemState {
     epoch: u64,
     /// Commits with writes whose keys (read or written) spanned more than one shard.
     multi_shard_commits: u64,
+    /// Test knob ([`MemMetaStore::lose_commit_answers`]): every Nth commit with writes loses
+    /// its answer (0: none), and how many commits with writes were counted.
+    lose_every: u64,
+    commits_counted: u64,
 }
 
 fn mem_home_of(ino: u64) -> u32 {
@@ -133,6 +142,7 @@ pub struct MemTxn {
     scans: Vec<Vec<u8>>,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     checks: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    log: WriteLog,
 }
 
 impl MemMetaStore {
@@ -142,6 +152,13 @@ impl MemMetaStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Make every `every`th commit with writes lose its answer, as a KV commit whose shard
+    /// leader died after writing it (or before): the first, third, ... such commit is applied,
+    /// the others are not, and each is settled by reading its keys back (`commit_outcome.rs`).
+    pub fn lose_commit_answers(&self, every: u64) {
+        self.lock().lose_every = every;
     }
 
     /// Commits so far that a sharded store would have run as two-phase commits.
@@ -160,7 +177,7 @@ impl MetaStore for MemMetaStore {
     type Txn = MemTxn;
     async fn begin(&self) -> Result<MemTxn, MetaError> {
         let start = self.lock().epoch;
-        Ok(MemTxn { state: self.state.clone(), start, reads: BTreeSet::new(), scans: Vec::new(), writes: BTreeMap::new(), checks: BTreeMap::new() })
+        Ok(MemTxn { state: self.state.clone(), start, reads: BTreeSet::new(), scans: Vec::new(), writes: BTreeMap::new(), checks: BTreeMap::new(), log: WriteLog::default() })
     }
     async fn get_at(&self, key: &[u8], epoch: Epoch) -> Result<Option<Vec<u8>>, MetaError> {
         Ok(self.lock().read(key, epoch.0))
@@ -185,18 +202,23 @@ impl MetaTxn for MemTxn {
             return Ok(c.clone());
         }
         self.reads.insert(key.to_vec());
-        Ok(self.lock().read(key, self.start))
+        let v = self.lock().read(key, self.start);
+        self.log.read(key, v.as_deref());
+        Ok(v)
     }
     async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), MetaError> {
         self.writes.insert(key.to_vec(), Some(value.to_vec()));
+        self.log.write(key, Some(value));
         Ok(())
     }
     async fn delete(&mut self, key: &[u8]) -> Result<(), MetaError> {
         self.writes.insert(key.to_vec(), None);
+        self.log.write(key, None);
         Ok(())
     }
     fn expect(&mut self, key: &[u8], expected: Option<&[u8]>) -> Result<(), MetaError> {
         self.checks.insert(key.to_vec(), expected.map(<[u8]>::to_vec));
+        self.log.read(key, expected);
         Ok(())
     }
     async fn scan_prefix(&mut self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>, MetaError> {
@@ -215,29 +237,55 @@ impl MetaTxn for MemTxn {
         Ok(merged.into_iter().take(limit).collect())
     }
     async fn commit(self) -> Result<Epoch, MetaError> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if self.checks.iter().any(|(k, want)| st.read(k, u64::MAX) != *want) {
+        let store = MemMetaStore { state: self.state.clone() };
+        let (lost, r) = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut lost = None;
+            if !self.writes.is_empty() && st.lose_every > 0 {
+                st.commits_counted += 1;
+                if st.commits_counted.is_multiple_of(st.lose_every) {
+                    // Odd losses were written before the answer was lost, even ones never.
+                    lost = Some((st.commits_counted / st.lose_every) % 2 == 1);
+                }
+            }
+            let r = Self::apply(&mut st, self.start, &self.reads, &self.scans, &self.checks, self.writes, lost != Some(false));
+            (lost, r)
+        };
+        match lost {
+            None => r,
+            Some(_) => {
+                crate::commit_outcome::settle(&store, &self.log, "test knob: the commit's answer was lost", crate::commit_outcome::SETTLE_TIME_MAX).await?;
+                Ok(Epoch(store.lock().epoch))
+            }
+        }
+    }
+}
+
+impl MemTxn {
+    /// Validate and (when `apply`) write; the result a commit would answer.
+    fn apply(st: &mut MemState, start: u64, reads: &BTreeSet<Vec<u8>>, scans: &[Vec<u8>], checks: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>, apply: bool) -> Result<Epoch, MetaError> {
+        if checks.iter().any(|(k, want)| st.read(k, u64::MAX) != *want) {
             return Err(MetaError::Stale);
         }
-        if self.reads.iter().any(|k| st.changed_after(k, self.start)) {
+        if reads.iter().any(|k| st.changed_after(k, start)) {
             return Err(MetaError::Conflict);
         }
-        for p in &self.scans {
-            let hit = st.versions.range(p.clone()..).take_while(|(k, _)| k.starts_with(p)).any(|(_, v)| v.last().is_some_and(|(e, _)| *e > self.start));
+        for p in scans {
+            let hit = st.versions.range(p.clone()..).take_while(|(k, _)| k.starts_with(p)).any(|(_, v)| v.last().is_some_and(|(e, _)| *e > start));
             if hit {
                 return Err(MetaError::Conflict);
             }
         }
-        if self.writes.is_empty() {
-            return Ok(Epoch(self.start));
+        if writes.is_empty() || !apply {
+            return Ok(Epoch(start));
         }
-        let shards: BTreeSet<u32> = self.writes.keys().chain(self.reads.iter()).chain(self.checks.keys()).chain(self.scans.iter()).map(|k| mem_shard_of_key(k)).collect();
+        let shards: BTreeSet<u32> = writes.keys().chain(reads.iter()).chain(checks.keys()).chain(scans.iter()).map(|k| mem_shard_of_key(k)).collect();
         if shards.len() > 1 {
             st.multi_shard_commits += 1;
         }
         st.epoch += 1;
         let e = st.epoch;
-        for (k, v) in self.writes {
+        for (k, v) in writes {
             st.versions.entry(k).or_default().push((e, v));
         }
         Ok(Epoch(e))

@@ -847,6 +847,36 @@ pub(crate) mod tests {
         });
     }
 
+    /// Every other commit loses its answer (alternately written and not): each operation
+    /// still answers what happened, never EIO, never EEXIST for its own directory.
+    #[test]
+    fn operations_whose_commit_answer_was_lost_answer_what_happened() {
+        block(async {
+            let ns = ns().await;
+            ns.store.lose_commit_answers(2);
+            let r = ns.root;
+            for n in 0..20 {
+                let (d, f, g) = (format!("d{n}"), format!("f{n}"), format!("g{n}"));
+                ns.create(r, d.as_bytes(), dir()).await.unwrap();
+                assert!(matches!(ns.create(r, d.as_bytes(), dir()).await, Err(FsError::Exists)));
+                let i = ns.create(r, f.as_bytes(), file()).await.unwrap();
+                ns.setattr(i.ino, &SetAttr { perm: Some(0o600), ..Default::default() }).await.unwrap();
+                ns.rename(r, f.as_bytes(), r, g.as_bytes(), RenameMode::default(), |_| false).await.unwrap();
+                let moved = ns.lookup(r, g.as_bytes()).await.unwrap();
+                assert_eq!((moved.ino, moved.perm), (i.ino, 0o600));
+                assert!(matches!(ns.lookup(r, f.as_bytes()).await, Err(FsError::NotFound)));
+                ns.link(i.ino, r, f.as_bytes()).await.unwrap();
+                assert_eq!(ns.unlink(r, g.as_bytes(), |_| false).await.unwrap().freed.len(), 0);
+                assert_eq!(ns.unlink(r, f.as_bytes(), |_| false).await.unwrap().freed.len(), 1);
+                assert!(matches!(ns.unlink(r, g.as_bytes(), |_| false).await, Err(FsError::NotFound)));
+                ns.rmdir(r, d.as_bytes()).await.unwrap();
+                assert!(matches!(ns.rmdir(r, d.as_bytes()).await, Err(FsError::NotFound)));
+            }
+            assert!(ns.readdir(r, None, 100).await.unwrap().is_empty());
+            assert_eq!(ns.inode(r).await.unwrap().nlink, 2);
+        });
+    }
+
     #[test]
     fn file_operations_within_a_directory_are_one_shard_transactions() {
         block(async {
