@@ -15,15 +15,41 @@ use std::sync::{Arc, Mutex};
 
 /// Payloads from this size on are received into pooled buffers.
 pub const POOLED_FROM_BYTES: usize = 1 << 20;
-/// Bytes of idle buffers the receive pool keeps.
-const KEPT_BYTES_MAX: usize = 96 << 20;
+/// Bytes of idle buffers a pool keeps by default.
+pub(crate) const KEPT_BYTES_MAX: usize = 96 << 20;
 /// Capacities are rounded up to this.
 const CLASS_BYTES: usize = 64 << 10;
 
-pub struct BufferPool {
-    free: Mutex<Vec<Vec<u8>>>,
+/// Memory a [`Pool`] keeps and lends: plain vectors here, huge-page mappings in `huge_buffers`.
+pub trait PooledBuf: Send + Sync + 'static {
+    fn capacity(&self) -> usize;
+    /// Forget the contents (the memory stays).
+    fn clear(&mut self);
+    fn as_bytes(&self) -> &[u8];
+}
+
+impl PooledBuf for Vec<u8> {
+    fn capacity(&self) -> usize {
+        Vec::capacity(self)
+    }
+
+    fn clear(&mut self) {
+        Vec::clear(self)
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// Idle buffers kept for use again, at most `kept_bytes_max` of them; a request gets the
+/// smallest kept one that fits.
+pub struct Pool<B: PooledBuf> {
+    free: Mutex<Vec<B>>,
     kept_bytes_max: usize,
 }
+
+pub type BufferPool = Pool<Vec<u8>>;
 
 impl Default for BufferPool {
     fn default() -> BufferPool {
@@ -31,60 +57,54 @@ impl Default for BufferPool {
     }
 }
 
-
 /// A buffer lent out as message bytes (`buf[start..]`); back to the pool when dropped.
-struct Lent {
-    buf: Vec<u8>,
+struct Lent<B: PooledBuf> {
+    buf: Option<B>,
     start: usize,
-    pool: Arc<BufferPool>,
+    pool: Arc<Pool<B>>,
 }
 
-impl AsRef<[u8]> for Lent {
+impl<B: PooledBuf> AsRef<[u8]> for Lent<B> {
     fn as_ref(&self) -> &[u8] {
-        &self.buf[self.start..]
+        self.buf.as_ref().map_or(&[], |b| &b.as_bytes()[self.start..])
     }
 }
 
-impl Drop for Lent {
+impl<B: PooledBuf> Drop for Lent<B> {
     fn drop(&mut self) {
-        self.pool.put(std::mem::take(&mut self.buf));
-    }
-}
-
-impl BufferPool {
-    /// A pool that keeps at most `kept_bytes_max` of idle buffers.
-    pub fn new(kept_bytes_max: usize) -> BufferPool {
-        BufferPool { free: Mutex::new(Vec::new()), kept_bytes_max }
-    }
-
-    /// An empty buffer with room for at least `bytes` (the smallest kept one that fits, else
-    /// a new one).
-    pub fn take(&self, bytes: usize) -> Vec<u8> {
-        let class = bytes.div_ceil(CLASS_BYTES) * CLASS_BYTES;
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let best = free.iter().enumerate().filter(|(_, b)| b.capacity() >= class).min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i);
-        match best {
-            Some(i) => {
-                let mut b = free.swap_remove(i);
-                b.clear();
-                b
-            }
-            None => Vec::with_capacity(class),
+        if let Some(b) = self.buf.take() {
+            self.pool.put(b);
         }
     }
+}
 
-    fn put(&self, buf: Vec<u8>) {
+impl<B: PooledBuf> Pool<B> {
+    /// A pool that keeps at most `kept_bytes_max` of idle buffers.
+    pub fn new(kept_bytes_max: usize) -> Pool<B> {
+        Pool { free: Mutex::new(Vec::new()), kept_bytes_max }
+    }
+
+    /// The smallest kept buffer with room for `bytes`, emptied.
+    pub(crate) fn take_kept(&self, bytes: usize) -> Option<B> {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let kept: usize = free.iter().map(Vec::capacity).sum();
+        let best = free.iter().enumerate().filter(|(_, b)| b.capacity() >= bytes).min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i);
+        let mut b = free.swap_remove(best?);
+        b.clear();
+        Some(b)
+    }
+
+    fn put(&self, buf: B) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let kept: usize = free.iter().map(PooledBuf::capacity).sum();
         if buf.capacity() > 0 && kept + buf.capacity() <= self.kept_bytes_max {
             free.push(buf);
         }
     }
 
     /// `buf[start..]` as message bytes that return `buf` to this pool once dropped.
-    pub fn lend(self: &Arc<Self>, buf: Vec<u8>, start: usize) -> Bytes {
-        assert!(start <= buf.len(), "lent range starts past the buffer");
-        Bytes::from_owner(Lent { buf, start, pool: self.clone() })
+    pub fn lend(self: &Arc<Self>, buf: B, start: usize) -> Bytes {
+        assert!(start <= buf.as_bytes().len(), "lent range starts past the buffer");
+        Bytes::from_owner(Lent { buf: Some(buf), start, pool: self.clone() })
     }
 
     /// Drop every kept buffer.
@@ -93,8 +113,17 @@ impl BufferPool {
     }
 
     #[cfg(test)]
-    fn kept(&self) -> usize {
+    pub(crate) fn kept(&self) -> usize {
         self.free.lock().unwrap().len()
+    }
+}
+
+impl BufferPool {
+    /// An empty buffer with room for at least `bytes` (the smallest kept one that fits, else
+    /// a new one; capacities are whole multiples of `CLASS_BYTES`).
+    pub fn take(&self, bytes: usize) -> Vec<u8> {
+        let class = bytes.div_ceil(CLASS_BYTES) * CLASS_BYTES;
+        self.take_kept(class).unwrap_or_else(|| Vec::with_capacity(class))
     }
 }
 

@@ -11,17 +11,16 @@
 //!
 //! Huge pages are granted only if the process allows them for advised memory
 //! ([`allow_advised_huge_pages`], called by the server at start); without them the buffers
-//! still work, in ordinary pages. Idle buffers kept: at most `KEPT_BYTES_MAX` per pool.
+//! still work, in ordinary pages. Kept and lent by the same [`Pool`] as `buffer_pool`'s vectors.
 
 use bytes::buf::UninitSlice;
-use bytes::{BufMut, Bytes};
+use bytes::BufMut;
 use std::ptr::NonNull;
-use std::sync::{Arc, LazyLock, Mutex};
+use crate::buffer_pool::{Pool, PooledBuf, KEPT_BYTES_MAX};
+use std::sync::{Arc, LazyLock};
 
 /// Transparent huge pages on x86-64 and aarch64 with 4 KiB base pages.
 pub const HUGE_PAGE_BYTES: usize = 2 << 20;
-/// Bytes of idle buffers a pool keeps.
-const KEPT_BYTES_MAX: usize = 96 << 20;
 
 /// A mapping of `cap` bytes (a multiple of `HUGE_PAGE_BYTES`, starting on such a boundary), of
 /// which the first `len` are written.
@@ -103,70 +102,30 @@ unsafe impl BufMut for HugeBuf {
     }
 }
 
-pub struct HugeBufferPool {
-    free: Mutex<Vec<HugeBuf>>,
-    kept_bytes_max: usize,
+impl PooledBuf for HugeBuf {
+    fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        self.as_slice()
+    }
 }
+
+pub type HugeBufferPool = Pool<HugeBuf>;
 
 /// The pool received payloads use (one per process).
 pub static RECEIVE: LazyLock<Arc<HugeBufferPool>> = LazyLock::new(|| Arc::new(HugeBufferPool::new(KEPT_BYTES_MAX)));
 
-/// A buffer lent out as message bytes; back to its pool when the last clone is dropped.
-struct Lent {
-    buf: Option<HugeBuf>,
-    pool: Arc<HugeBufferPool>,
-}
-
-impl AsRef<[u8]> for Lent {
-    fn as_ref(&self) -> &[u8] {
-        self.buf.as_ref().map_or(&[], HugeBuf::as_slice)
-    }
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
-            self.pool.put(b);
-        }
-    }
-}
-
 impl HugeBufferPool {
-    pub fn new(kept_bytes_max: usize) -> HugeBufferPool {
-        HugeBufferPool { free: Mutex::new(Vec::new()), kept_bytes_max }
-    }
-
     /// An empty buffer with room for at least `bytes`: the smallest kept one that fits, else a
     /// new mapping (`None` if the system refuses it).
     pub fn take(&self, bytes: usize) -> Option<HugeBuf> {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let best = free.iter().enumerate().filter(|(_, b)| b.cap >= bytes).min_by_key(|(_, b)| b.cap).map(|(i, _)| i);
-        match best {
-            Some(i) => Some(free.swap_remove(i)),
-            None => {
-                drop(free);
-                HugeBuf::map(bytes)
-            }
-        }
-    }
-
-    fn put(&self, mut buf: HugeBuf) {
-        buf.len = 0;
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let kept: usize = free.iter().map(|b| b.cap).sum();
-        if kept + buf.cap <= self.kept_bytes_max {
-            free.push(buf);
-        }
-    }
-
-    /// The buffer's written bytes as message bytes that return it to this pool once dropped.
-    pub fn lend(self: &Arc<Self>, buf: HugeBuf) -> Bytes {
-        Bytes::from_owner(Lent { buf: Some(buf), pool: self.clone() })
-    }
-
-    #[cfg(test)]
-    fn kept(&self) -> usize {
-        self.free.lock().unwrap().len()
+        self.take_kept(bytes).or_else(|| HugeBuf::map(bytes))
     }
 }
 
@@ -206,7 +165,7 @@ mod tests {
         b.put_slice(b"rows");
         b.put_bytes(7, 5000);
         assert_eq!(b.as_slice().len(), 5004);
-        let bytes = pool.lend(b);
+        let bytes = pool.lend(b, 0);
         assert_eq!(&bytes[..4], b"rows");
         assert!(bytes[4..].iter().all(|x| *x == 7));
         let clone = bytes.slice(4..10);
@@ -219,8 +178,8 @@ mod tests {
         // A larger request gets a new, larger mapping; the pool keeps no more than its limit.
         let big = pool.take(5 << 20).unwrap();
         assert_eq!(big.capacity(), 6 << 20);
-        drop(pool.lend(big));
-        drop(pool.lend(again));
+        drop(pool.lend(big, 0));
+        drop(pool.lend(again, 0));
         assert_eq!(pool.kept(), 1, "7 MiB kept at most: the 6 MiB one, not the 2 MiB one after it");
     }
 }

@@ -103,7 +103,7 @@ async fn read_payload(r: &mut FrameReader, len: usize) -> std::io::Result<Bytes>
     if len >= crate::buffer_pool::POOLED_FROM_BYTES {
         if let Some(mut v) = crate::huge_buffers::RECEIVE.take(len) {
             read_exactly(r, &mut v, len).await?;
-            return Ok(crate::huge_buffers::RECEIVE.lend(v));
+            return Ok(crate::huge_buffers::RECEIVE.lend(v, 0));
         }
     }
     let mut buf = if len >= PAYLOAD_ALIGN_FROM_BYTES {
