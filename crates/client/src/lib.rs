@@ -44,9 +44,6 @@ pub enum ClientError {
     /// More fault domains of the pool failed at once than the container's redundancy factor:
     /// objects may have lost every copy and would read as absent. Refused until an
     /// administrator accepts the loss (DAOS's `-DER_RF`).
-    #[error(
-        "container {pool}/{cont} is unclean: {reason}, more than its redundancy factor (rf {rf}); objects may be lost. \
-         Check with 'strata cont query {pool} {cont}', then 'strata cont set-prop {pool} {cont} --status healthy' to accept the loss and use it"
-    )]
+    #[error("{}", reason.explain(pool, cont, *rf))]
     Unclean { pool: String, cont: String, rf: u8, reason: strata_rpc::mgmt_msg::UncleanReason },
 }

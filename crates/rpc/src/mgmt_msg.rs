@@ -175,11 +175,7 @@ impl UncleanCont {
     /// help until an administrator clears the status, with the container in `detail` so a
     /// client gives its typed error ([`UncleanCont::from_refusal`]).
     pub fn refusal(&self, pool: &str) -> crate::RemoteError {
-        let msg = format!(
-            "container {pool}/{} is unclean: {}, more than its redundancy factor (rf {}); objects may be lost. Check with 'strata cont query {pool} {}', then 'strata cont set-prop {pool} {} --status healthy' to accept the loss and use it",
-            self.label, self.reason, self.rf, self.label, self.label
-        );
-        crate::RemoteError { code: crate::ErrorCode::Conflict, message: msg, detail: crate::encode(self).ok() }
+        crate::RemoteError { code: crate::ErrorCode::Conflict, message: self.reason.explain(pool, &self.label, self.rf), detail: crate::encode(self).ok() }
     }
 
     /// The unclean container a refusal from [`UncleanCont::refusal`] names.
@@ -215,6 +211,18 @@ pub struct UncleanReason {
     /// redundancy factor. Empty in marks made before domains were counted (ranks were).
     #[serde(default)]
     pub domains: Vec<String>,
+}
+
+impl UncleanReason {
+    /// What a user is told when container `pool/cont` (redundancy factor `rf`) is refused for
+    /// this reason: what happened and what to do (the client's `Unclean` error and an engine's
+    /// refusal of a capability-only request say the same).
+    pub fn explain(&self, pool: &str, cont: &str, rf: u8) -> String {
+        format!(
+            "container {pool}/{cont} is unclean: {self}, more than its redundancy factor (rf {rf}); objects may be lost. \
+             Check with 'strata cont query {pool} {cont}', then 'strata cont set-prop {pool} {cont} --status healthy' to accept the loss and use it"
+        )
+    }
 }
 
 impl std::fmt::Display for UncleanReason {
