@@ -866,6 +866,27 @@ fn rf_containers(c: &Cluster, rt: &tokio::runtime::Runtime, client: &Client) -> 
     })
 }
 
+/// A cluster of `ranks` ranks (`extra`: more `strata up` flags) with `RF_CONTAINERS` filled:
+/// the setup of the container-health tests.
+struct RfSetup {
+    c: Cluster,
+    rt: tokio::runtime::Runtime,
+    per_rank: usize,
+    client: Client,
+    objs: Vec<Vec<ObjHandle>>,
+}
+
+fn rf_setup(ranks: usize, extra: &[&str]) -> RfSetup {
+    let n = ranks.to_string();
+    let args: Vec<&str> = ["--ranks", n.as_str()].into_iter().chain(extra.iter().copied()).collect();
+    let c = Cluster::start(&args);
+    let rt = runtime();
+    let per_rank = target_states(&c).len() / ranks;
+    let client = rt.block_on(Client::connect(&ClusterFile::load(&c.cluster_file()).unwrap())).unwrap();
+    let objs = rf_containers(&c, &rt, &client);
+    RfSetup { c, rt, per_rank, client, objs }
+}
+
 /// Every object reads back its value.
 async fn rf_check_exact(objs: &[ObjHandle], label: &'static str, after: &'static str) {
     in_batches(objs, move |i, o| async move {
@@ -886,11 +907,7 @@ fn cont_status(c: &Cluster, cont: &str) -> serde_json::Value {
 
 #[test]
 fn ranks_lost_at_once_beyond_rf_make_containers_unclean_instead_of_reading_absent() {
-    let c = Cluster::start(&["--ranks", "6", "--heartbeat-timeout-ms", "1500"]);
-    let rt = runtime();
-    let per_rank = target_states(&c).len() / 6;
-    let client = rt.block_on(Client::connect(&ClusterFile::load(&c.cluster_file()).unwrap())).unwrap();
-    let objs = rf_containers(&c, &rt, &client);
+    let RfSetup { c, rt, per_rank, client, objs } = rf_setup(6, &["--heartbeat-timeout-ms", "1500"]);
     // A KV store (rf 1 by default for its class) open before the failures: its handle too.
     c.json(&["kv", "create", "tank/kv1", "--oclass", "RP_2GX"]);
     let kv = rt.block_on(async { strata_kv::KvStore::open(&client.container("tank", "kv1").await.unwrap()).await.unwrap() });
@@ -973,11 +990,7 @@ fn ranks_lost_at_once_beyond_rf_make_containers_unclean_instead_of_reading_absen
 
 #[test]
 fn a_failure_after_the_rebuild_finished_leaves_rf_1_containers_healthy() {
-    let c = Cluster::start(&["--ranks", "5", "--heartbeat-timeout-ms", "1500"]);
-    let rt = runtime();
-    let per_rank = target_states(&c).len() / 5;
-    let client = rt.block_on(Client::connect(&ClusterFile::load(&c.cluster_file()).unwrap())).unwrap();
-    let objs = rf_containers(&c, &rt, &client);
+    let RfSetup { c, rt, per_rank, client, objs } = rf_setup(5, &["--heartbeat-timeout-ms", "1500"]);
     c.kill9_rank_dir(1);
     poll("rebuild of the first failure", Duration::from_secs(180), || settled(&c, per_rank));
     c.kill9_rank_dir(2);
@@ -1016,12 +1029,8 @@ fn read_cap_on(rt: &tokio::runtime::Runtime, client: &Client, key: &[u8], cont: 
 fn ranks_of_one_host_lost_at_once_count_once_against_the_redundancy_factor() {
     // Four hosts of two ranks (/node-0 .. /node-3). Heartbeats are long: failures are declared
     // with `pool exclude`, in the order the test needs, right after the SIGKILLs.
-    let c = Cluster::start(&["--ranks", "8", "--ranks-per-host", "2", "--heartbeat-timeout-ms", "60000"]);
-    let rt = runtime();
-    let per_rank = target_states(&c).len() / 8;
+    let RfSetup { c, rt, per_rank, client, objs } = rf_setup(8, &["--ranks-per-host", "2", "--heartbeat-timeout-ms", "60000"]);
     let cf = ClusterFile::load(&c.cluster_file()).unwrap();
-    let client = rt.block_on(Client::connect(&cf)).unwrap();
-    let objs = rf_containers(&c, &rt, &client);
     let rank = |dir: usize| c.rank_of_dir(dir);
     let exclude = |dir: usize| {
         c.json(&["pool", "exclude", "tank", "--rank", &rank(dir).to_string()]);
@@ -1108,11 +1117,7 @@ fn ranks_of_one_host_lost_at_once_count_once_against_the_redundancy_factor() {
 /// writes it missed read back, and the objects only it held (S1) are not lost.
 #[test]
 fn a_rank_marked_dead_while_alive_is_reintegrated_when_heard_from_again() {
-    let c = Cluster::start(&["--ranks", "5", "--heartbeat-timeout-ms", "3000"]);
-    let rt = runtime();
-    let per_rank = target_states(&c).len() / 5;
-    let client = rt.block_on(Client::connect(&ClusterFile::load(&c.cluster_file()).unwrap())).unwrap();
-    let objs = rf_containers(&c, &rt, &client);
+    let RfSetup { c, rt, per_rank, client, objs } = rf_setup(5, &["--heartbeat-timeout-ms", "3000"]);
     // Not an access point: the management service keeps its leader.
     let up: serde_json::Value = serde_json::from_slice(&std::fs::read(c.path().join("up.json")).unwrap()).unwrap();
     let dir = 4;
