@@ -90,10 +90,12 @@ struct Report {
     fio_write_mib_per_s: Option<f64>,
     /// Rebuild rate / fio bandwidth (target >= 0.5).
     rebuild_vs_fio: Option<f64>,
-    foreground_before_mib_per_s: f64,
-    foreground_during_mib_per_s: f64,
+    /// Foreground writers (0: the rebuild ran alone, and the foreground figures are absent).
+    writers: usize,
+    foreground_before_mib_per_s: Option<f64>,
+    foreground_during_mib_per_s: Option<f64>,
     /// Foreground rate during rebuild / before (target >= 0.5).
-    foreground_during_vs_before: f64,
+    foreground_during_vs_before: Option<f64>,
     /// CPU the engines used from the exclusion until the rebuild was done (rebuild and the
     /// foreground writes together), and per MiB the rebuild moved: what bounds the rebuild
     /// rate when the engines share few cores.
@@ -215,7 +217,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!((4096..=4 << 20).contains(&object_size), "--object-size must be 4 KiB ..= 4 MiB");
     anyhow::ensure!(size >= object_size, "--size must hold at least one object");
     anyhow::ensure!(a.ranks > class.group_size() as u32, "{class} needs {} ranks plus one to exclude; pass --ranks {}", class.group_size(), class.group_size() + 1);
-    anyhow::ensure!((1..=256).contains(&a.writers), "--writers must be 1..=256");
+    anyhow::ensure!(a.writers <= 256, "--writers must be 0..=256 (0: the rebuild alone)");
     if !a.no_baseline {
         fio::require()?;
     }
@@ -250,13 +252,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 t.await??;
             }
         }
-        let fg_objs = cont.create_objects(class, a.writers as u64).await?;
+        let fg_objs = if a.writers > 0 { cont.create_objects(class, a.writers as u64).await? } else { Vec::new() };
         let (bytes, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
         let writers = spawn_writers(fg_objs, bytes.clone(), stop.clone());
         let engine_pids = crate::proc_stats::local_listener_pids(pool.info()?.rank_addrs.values().map(String::as_str));
         let engines_cpu = || engine_pids.iter().map(|&p| crate::proc_stats::proc_cpu_secs(p)).sum::<f64>();
         let (t, cpu_before0) = (Instant::now(), engines_cpu());
-        tokio::time::sleep(Duration::from_secs(a.before_secs)).await;
+        if a.writers > 0 {
+            tokio::time::sleep(Duration::from_secs(a.before_secs)).await;
+        }
         let before_secs = t.elapsed().as_secs_f64();
         let before = bytes.swap(0, Ordering::Relaxed) as f64 / before_secs;
         let engines_cpu_before_per_s = (engines_cpu() - cpu_before0) / before_secs;
@@ -308,9 +312,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             rebuild_mib_per_s: rebuild,
             fio_write_mib_per_s: fio_mib,
             rebuild_vs_fio: fio_mib.map(|f| rebuild / f),
-            foreground_before_mib_per_s: mib(before),
-            foreground_during_mib_per_s: mib(during),
-            foreground_during_vs_before: during / before.max(1.0),
+            writers: a.writers,
+            foreground_before_mib_per_s: (a.writers > 0).then(|| mib(before)),
+            foreground_during_mib_per_s: (a.writers > 0).then(|| mib(during)),
+            foreground_during_vs_before: (a.writers > 0).then(|| during / before.max(1.0)),
             engines_cpu_secs,
             engines_cpu_ms_per_mib: engines_cpu_secs * 1000.0 / mib(rebuild_bytes as f64).max(1.0),
             engines_cpu_before_per_s,
@@ -325,9 +330,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             (Some(f), Some(x)) => println!("{:<34} {:>10.1} {:>10.1} {:>7.2}x {:>8}", "rebuild MiB/s vs fio direct+sync", r.rebuild_mib_per_s, f, x, ">= 0.50"),
             _ => println!("{:<34} {:>10.1} {:>10} {:>8} {:>8}", "rebuild MiB/s (no fio baseline)", r.rebuild_mib_per_s, "-", "-", ">= 0.50"),
         }
-        println!("{:<34} {:>10.1} {:>10.1} {:>7.2}x {:>8}", "foreground MiB/s during vs before", r.foreground_during_mib_per_s, r.foreground_before_mib_per_s, r.foreground_during_vs_before, ">= 0.50");
+        match (r.foreground_during_mib_per_s, r.foreground_before_mib_per_s, r.foreground_during_vs_before) {
+            (Some(d), Some(b), Some(x)) => println!("{:<34} {:>10.1} {:>10.1} {:>7.2}x {:>8}", "foreground MiB/s during vs before", d, b, x, ">= 0.50"),
+            _ => println!("{:<34} {:>10} {:>10} {:>8} {:>8}", "foreground writes (--writers 0)", "-", "-", "-", "-"),
+        }
         println!("rebuild rate = bytes moved / time from the exclusion to done; {:.2} s of it was start-up (until the first bytes moved), {:.1} MiB/s after it", r.startup_secs, r.rebuild_after_startup_mib_per_s);
         println!("rebuild moved {} in {:.1} s; engines used {:.1} CPU s meanwhile ({:.1} ms per MiB moved, foreground writes included)", human_bytes(r.rebuild_bytes), r.rebuild_secs, r.engines_cpu_secs, r.engines_cpu_ms_per_mib);
-        println!("foreground writes alone cost the engines {:.2} CPU s per s; without their share, the rebuild cost {:.1} ms of CPU per MiB moved", r.engines_cpu_before_per_s, r.rebuild_cpu_ms_per_mib);
+        if r.writers > 0 {
+            println!("foreground writes alone cost the engines {:.2} CPU s per s; without their share, the rebuild cost {:.1} ms of CPU per MiB moved", r.engines_cpu_before_per_s, r.rebuild_cpu_ms_per_mib);
+        }
     })
 }

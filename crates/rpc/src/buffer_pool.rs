@@ -123,7 +123,11 @@ impl BufferPool {
     /// a new one; capacities are whole multiples of `CLASS_BYTES`).
     pub fn take(&self, bytes: usize) -> Vec<u8> {
         let class = bytes.div_ceil(CLASS_BYTES) * CLASS_BYTES;
-        self.take_kept(class).unwrap_or_else(|| Vec::with_capacity(class))
+        self.take_kept(class).unwrap_or_else(|| {
+            let v = Vec::with_capacity(class);
+            crate::huge_buffers::advise_fresh(v.as_ptr(), v.capacity());
+            v
+        })
     }
 }
 

@@ -116,6 +116,22 @@ impl PooledBuf for HugeBuf {
     }
 }
 
+/// Advise the whole 2 MiB pages inside a fresh allocation (`len` bytes at `ptr`, nothing of it
+/// touched yet) for transparent huge pages. Allocator memory that was touched before keeps
+/// its 4 KiB pages, so this is a hint that works only for memory the allocator got fresh from
+/// the system, as large allocations mostly are.
+pub fn advise_fresh(ptr: *const u8, len: usize) {
+    let start = (ptr as usize).next_multiple_of(HUGE_PAGE_BYTES);
+    let end = (ptr as usize + len) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;
+    if end > start {
+        // SAFETY: advice on whole pages inside an allocation the caller owns; it changes
+        // neither the contents nor the mapping's lifetime. Failure costs speed only.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
 pub type HugeBufferPool = Pool<HugeBuf>;
 
 /// The pool received payloads use (one per process).
