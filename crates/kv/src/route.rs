@@ -65,16 +65,20 @@ fn commit_refusal(r: KvRefusal, earlier_attempt_failed: bool) -> KvError {
     refusal(r)
 }
 
-/// A one-round commit's failure to get an answer: an unclean container refuses the retry
-/// before it is sent, but when an earlier attempt was sent and its answer lost, that attempt
-/// may have committed, so the outcome is not known.
+/// A one-round commit's failure. When an earlier attempt of it was sent and its answer lost
+/// (`call_noting_failures`), that attempt may have committed whatever ends the later ones:
+/// a refused retry (unclean container, no space), or no answer until the deadline. Reporting
+/// those as they are would tell the caller that nothing was written (`Unavailable` even says
+/// "run it again"), and a transaction run again could be applied twice.
 fn commit_failure(e: KvError, earlier_attempt_failed: bool) -> KvError {
-    match e {
-        KvError::Client(strata_client::ClientError::Unclean { .. }) if earlier_attempt_failed => {
-            KvError::Indeterminate(format!("an earlier attempt of this commit got no answer and the retry was refused ({e}); the earlier one may have committed: once the container is usable, read the keys to find out"))
-        }
-        e => e,
+    if !earlier_attempt_failed {
+        return e;
     }
+    let then = match &e {
+        KvError::Client(strata_client::ClientError::Unclean { .. }) => format!("the retry was refused ({e}); the earlier one may have committed: once the container is usable, read the keys to find out"),
+        _ => format!("the retries then failed ({e}); the earlier one may have committed: read the keys to find out"),
+    };
+    KvError::Indeterminate(format!("an earlier attempt of this commit got no answer and {then}"))
 }
 
 fn new_txn_id() -> TxnId {
@@ -485,8 +489,25 @@ mod tests {
         assert!(!retry.is_retryable(), "running the transaction again could apply it twice");
         let msg = retry.to_string();
         assert!(msg.starts_with("commit outcome unknown:") && msg.contains("container tank/kv1 is unclean") && msg.contains("--status healthy") && msg.contains("read the keys"), "{msg}");
-        // Other errors keep their kind (a conflict answered after a lost attempt is judged by
-        // `commit_refusal` instead).
-        assert!(matches!(commit_failure(KvError::NoSpace("full".into()), true), KvError::NoSpace(_)));
+    }
+
+    #[test]
+    fn a_commit_whose_retries_fail_after_a_lost_answer_is_indeterminate_not_retryable() {
+        // Without a lost answer the error is what it says: nothing was written.
+        for e in [KvError::Unavailable("gave up".into()), KvError::NoSpace("full".into())] {
+            let kind = std::mem::discriminant(&e);
+            assert_eq!(std::mem::discriminant(&commit_failure(e, false)), kind);
+        }
+        assert!(commit_failure(KvError::Unavailable("gave up".into()), false).is_retryable());
+        // After one: the lost attempt may have committed, so neither "retry" nor "nothing was
+        // written" is true.
+        for e in [KvError::Unavailable("gave up after 30s: no answer within 5s".into()), KvError::NoSpace("full".into()), KvError::Remote("engine failed".into())] {
+            let shown = e.to_string();
+            let got = commit_failure(e, true);
+            assert!(matches!(got, KvError::Indeterminate(_)), "{got:?}");
+            assert!(!got.is_retryable(), "running the transaction again could apply it twice");
+            let msg = got.to_string();
+            assert!(msg.contains(&shown) && msg.contains("read the keys"), "{msg}");
+        }
     }
 }
