@@ -1,14 +1,23 @@
 //! `strata bench rebuild`: on a cluster it starts itself (`strata up` in a directory of its
-//! own), write data, exclude one rank and measure the rebuild that follows:
-//! - rebuild rate: bytes the engines pushed (their `moved_bytes` counters) per second, from the
-//!   exclusion until the management service reports the rebuild done (start-up included:
-//!   the ranks learning the new map, sizing the pass, reporting it done), against fio's
-//!   bandwidth for the same write pattern and durability (`FIO_REBUILD_PATTERN`) in the same
-//!   directory, in the same invocation (target >= 50%);
-//! - foreground writes during the rebuild against the same writers just before (target >= 50%).
+//! own), write data, then measure two rebuilds, each after excluding one rank:
+//! - the rebuild alone, with no client I/O: bytes the engines pushed (their `moved_bytes`
+//!   counters) per second, from the exclusion until the management service reports the rebuild
+//!   done (start-up included: the ranks learning the new map, sizing the pass, reporting it
+//!   done), against fio's bandwidth for the same write pattern and durability
+//!   (`FIO_REBUILD_PATTERN`) in the same directory, in the same invocation (target >= 50%);
+//! - the rebuild under foreground writers (another rank excluded): their rate during the
+//!   rebuild against the same writers just before (target >= 50%), and the rebuild's rate then.
 //!
-//! The default size moves ~1 GiB, so that start-up is a small share of the rebuild; the report
-//! also gives the start-up (exclusion to first bytes moved) and the rate after it.
+//! Two rebuilds, because the two targets ask different questions. How fast redundancy comes
+//! back is the rebuild's own rate, with nothing else asking for the disk. With clients writing,
+//! the engines pace imports to keep those writes within a band of their latency without
+//! imports (`move_pacing`, floor `--rebuild-mib-per-s`), so the rebuild gets what the clients
+//! leave, and the question is what it costs them. On two shared cores the rebuild under writes
+//! is bounded by CPU and the pacer, not the disk; it is reported beside the others.
+//!
+//! The default size moves ~2 GiB in the first rebuild, so that start-up and the ramp up to full
+//! speed (~0.5 s) are a small share of it; the report also gives the start-up (exclusion to
+//! first bytes moved) and the rate after it.
 
 use crate::fio::{self, FioResult};
 use crate::output::{emit, human_bytes, parse_size};
@@ -26,19 +35,20 @@ use strata_types::{ContId, ObjectClass, Rank};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Ranks of the cluster the bench starts (one is excluded).
+    /// Ranks of the cluster the bench starts (two are excluded, one per rebuild).
     #[arg(long, default_value_t = 4)]
     ranks: u32,
     /// Object class of the data.
     #[arg(long, default_value = "RP_2G1")]
     oclass: String,
     /// Data written before the exclusion.
-    #[arg(long, default_value = "2G")]
+    #[arg(long, default_value = "4G")]
     size: String,
     /// Bytes per object (one array value each).
     #[arg(long, default_value = "1M")]
     object_size: String,
-    /// Foreground writers (64 KiB writes, one in flight each) measured before and during rebuild.
+    /// Foreground writers (64 KiB writes, one in flight each) measured before and during the
+    /// second rebuild; 0 runs only the rebuild alone.
     #[arg(long, default_value_t = 4)]
     writers: usize,
     /// Seconds of foreground writes measured before the exclusion.
@@ -77,6 +87,21 @@ struct Report {
     class: String,
     ranks: u32,
     data_bytes: u64,
+    /// The ranks' rebuild rate limit, if the bench set one.
+    rebuild_mib_per_s_limit: Option<u64>,
+    fio_write_mib_per_s: Option<f64>,
+    /// The first rebuild, with no client I/O: how fast redundancy comes back (target: >= 0.5 of
+    /// fio's bandwidth).
+    alone: RebuildFigures,
+    /// The second rebuild (another rank excluded), with foreground writers running: what the
+    /// rebuild costs clients (target: their rate >= 0.5 of the rate just before). Absent with
+    /// `--writers 0`.
+    under_writes: Option<UnderWrites>,
+}
+
+#[derive(Serialize)]
+struct RebuildFigures {
+    excluded_rank: u32,
     /// Bytes the engines pushed for the rebuild.
     rebuild_bytes: u64,
     rebuild_secs: f64,
@@ -84,23 +109,24 @@ struct Report {
     startup_secs: f64,
     /// Bytes moved per second after the start-up (to the end of the rebuild).
     rebuild_after_startup_mib_per_s: f64,
-    /// The ranks' rebuild rate limit, if the bench set one.
-    rebuild_mib_per_s_limit: Option<u64>,
     rebuild_mib_per_s: f64,
-    fio_write_mib_per_s: Option<f64>,
-    /// Rebuild rate / fio bandwidth (target >= 0.5).
+    /// Rebuild rate / fio bandwidth.
     rebuild_vs_fio: Option<f64>,
-    /// Foreground writers (0: the rebuild ran alone, and the foreground figures are absent).
-    writers: usize,
-    foreground_before_mib_per_s: Option<f64>,
-    foreground_during_mib_per_s: Option<f64>,
-    /// Foreground rate during rebuild / before (target >= 0.5).
-    foreground_during_vs_before: Option<f64>,
-    /// CPU the engines used from the exclusion until the rebuild was done (rebuild and the
-    /// foreground writes together), and per MiB the rebuild moved: what bounds the rebuild
-    /// rate when the engines share few cores.
+    /// CPU the engines used from the exclusion until the rebuild was done (with the
+    /// foreground writes, if any), and per MiB the rebuild moved.
     engines_cpu_secs: f64,
     engines_cpu_ms_per_mib: f64,
+}
+
+#[derive(Serialize)]
+struct UnderWrites {
+    #[serde(flatten)]
+    rebuild: RebuildFigures,
+    writers: usize,
+    foreground_before_mib_per_s: f64,
+    foreground_during_mib_per_s: f64,
+    /// Foreground rate during rebuild / before (target >= 0.5).
+    foreground_during_vs_before: f64,
     /// Engine CPU per second of foreground writes alone (the window before the exclusion), and
     /// per MiB moved once the foreground writes' share during the rebuild (that rate scaled by
     /// the writes made then) is taken out: the rebuild's own cost.
@@ -210,14 +236,59 @@ fn spawn_writers(objs: Vec<ObjHandle>, bytes: Arc<AtomicU64>, stop: Arc<AtomicBo
         .collect()
 }
 
+/// Exclude `victim` and wait until its targets are `DOWNOUT` and no rebuild runs.
+async fn rebuild_after_excluding(client: &Client, pool: &PoolHandle, victim: Rank, engines_cpu: &dyn Fn() -> f64, fio_mib: Option<f64>) -> anyhow::Result<RebuildFigures> {
+    let cpu0 = engines_cpu();
+    let moved0 = moved_bytes(pool).await?;
+    let t0 = Instant::now();
+    client.mgmt.write(MgmtCmd::PoolTargets { pool: "tank".into(), rank: victim, index: None, action: TargetAction::Exclude }).await?;
+    let mut first_moved: Option<f64> = None;
+    loop {
+        if first_moved.is_none() && moved_bytes(pool).await? > moved0 {
+            first_moved = Some(t0.elapsed().as_secs_f64());
+        }
+        pool.refresh().await?;
+        let info = pool.info()?;
+        let out = info.map.targets.iter().filter(|t| t.id.rank == victim).all(|t| t.state == strata_placement::TargetState::DownOut);
+        if out && info.rebuild.is_none() {
+            break;
+        }
+        anyhow::ensure!(t0.elapsed() < REBUILD_MAX, "rebuild did not finish in {REBUILD_MAX:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let engines_cpu_secs = engines_cpu() - cpu0;
+    let rebuild_bytes = moved_bytes(pool).await? - moved0;
+    let startup = first_moved.unwrap_or(secs);
+    let rate = mib(rebuild_bytes as f64 / secs);
+    Ok(RebuildFigures {
+        excluded_rank: victim.0,
+        rebuild_bytes,
+        rebuild_secs: secs,
+        startup_secs: startup,
+        rebuild_after_startup_mib_per_s: mib(rebuild_bytes as f64 / (secs - startup).max(1e-3)),
+        rebuild_mib_per_s: rate,
+        rebuild_vs_fio: fio_mib.map(|f| rate / f),
+        engines_cpu_secs,
+        engines_cpu_ms_per_mib: engines_cpu_secs * 1000.0 / mib(rebuild_bytes as f64).max(1.0),
+    })
+}
+
+fn mib(bytes: f64) -> f64 {
+    bytes / (1 << 20) as f64
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let class: ObjectClass = a.oclass.parse()?;
     let size = parse_size(&a.size)?;
     let object_size = parse_size(&a.object_size)?;
     anyhow::ensure!((4096..=4 << 20).contains(&object_size), "--object-size must be 4 KiB ..= 4 MiB");
     anyhow::ensure!(size >= object_size, "--size must hold at least one object");
-    anyhow::ensure!(a.ranks > class.group_size() as u32, "{class} needs {} ranks plus one to exclude; pass --ranks {}", class.group_size(), class.group_size() + 1);
-    anyhow::ensure!(a.writers <= 256, "--writers must be 0..=256 (0: the rebuild alone)");
+    anyhow::ensure!(a.writers <= 256, "--writers must be 0..=256 (0: only the rebuild alone)");
+    // One rank excluded for the rebuild alone, another for the one under writes.
+    let exclusions = if a.writers > 0 { 2 } else { 1 };
+    let ranks_needed = class.group_size() as u32 + exclusions;
+    anyhow::ensure!(a.ranks >= ranks_needed, "{class} needs {} ranks plus {exclusions} to exclude; pass --ranks {ranks_needed}", class.group_size());
     if !a.no_baseline {
         fio::require()?;
     }
@@ -232,6 +303,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&d);
         Some(r)
     };
+    let fio_mib = fio_result.as_ref().map(|f| mib(f.bytes_per_sec));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let report = rt.block_on(async {
         let (client, pool) = connect(&cluster.dir).await?;
@@ -252,92 +324,75 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 t.await??;
             }
         }
-        let fg_objs = if a.writers > 0 { cont.create_objects(class, a.writers as u64).await? } else { Vec::new() };
-        let (bytes, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-        let writers = spawn_writers(fg_objs, bytes.clone(), stop.clone());
         let engine_pids = crate::proc_stats::local_listener_pids(pool.info()?.rank_addrs.values().map(String::as_str));
         let engines_cpu = || engine_pids.iter().map(|&p| crate::proc_stats::proc_cpu_secs(p)).sum::<f64>();
-        let (t, cpu_before0) = (Instant::now(), engines_cpu());
-        if a.writers > 0 {
-            tokio::time::sleep(Duration::from_secs(a.before_secs)).await;
-        }
-        let before_secs = t.elapsed().as_secs_f64();
-        let before = bytes.swap(0, Ordering::Relaxed) as f64 / before_secs;
-        let engines_cpu_before_per_s = (engines_cpu() - cpu_before0) / before_secs;
+        let ranks: Vec<Rank> = pool.info()?.rank_addrs.keys().rev().take(exclusions as usize).copied().collect();
+        anyhow::ensure!(ranks.len() == exclusions as usize, "only {} ranks joined", ranks.len());
 
-        let cpu0 = engines_cpu();
-        let moved0 = moved_bytes(&pool).await?;
-        let victim = *pool.info()?.rank_addrs.keys().next_back().context("no ranks")?;
         if !a.json {
-            eprintln!("excluding rank {victim}; rebuilding");
+            eprintln!("excluding rank {}; rebuilding with no client I/O", ranks[0]);
         }
-        let t0 = Instant::now();
-        bytes.store(0, Ordering::Relaxed);
-        client.mgmt.write(MgmtCmd::PoolTargets { pool: "tank".into(), rank: Rank(victim.0), index: None, action: TargetAction::Exclude }).await?;
-        let mut first_moved: Option<f64> = None;
-        loop {
-            if first_moved.is_none() && moved_bytes(&pool).await? > moved0 {
-                first_moved = Some(t0.elapsed().as_secs_f64());
+        let alone = rebuild_after_excluding(&client, &pool, ranks[0], &engines_cpu, fio_mib).await?;
+
+        let under_writes = if a.writers > 0 {
+            let fg_objs = cont.create_objects(class, a.writers as u64).await?;
+            let (bytes, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+            let writers = spawn_writers(fg_objs, bytes.clone(), stop.clone());
+            let (t, cpu_before0) = (Instant::now(), engines_cpu());
+            tokio::time::sleep(Duration::from_secs(a.before_secs)).await;
+            let before_secs = t.elapsed().as_secs_f64();
+            let before = bytes.swap(0, Ordering::Relaxed) as f64 / before_secs;
+            let engines_cpu_before_per_s = (engines_cpu() - cpu_before0) / before_secs;
+            if !a.json {
+                eprintln!("excluding rank {}; rebuilding under {} foreground writers", ranks[1], a.writers);
             }
-            pool.refresh().await?;
-            let info = pool.info()?;
-            let out = info.map.targets.iter().filter(|t| t.id.rank == victim).all(|t| t.state == strata_placement::TargetState::DownOut);
-            if out && info.rebuild.is_none() {
-                break;
+            let rebuild = rebuild_after_excluding(&client, &pool, ranks[1], &engines_cpu, fio_mib).await?;
+            let during = bytes.load(Ordering::Relaxed) as f64 / rebuild.rebuild_secs;
+            stop.store(true, Ordering::Relaxed);
+            for w in writers {
+                w.await??;
             }
-            anyhow::ensure!(t0.elapsed() < REBUILD_MAX, "rebuild did not finish in {REBUILD_MAX:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let engines_cpu_secs = engines_cpu() - cpu0;
-        let during = bytes.load(Ordering::Relaxed) as f64 / secs;
-        stop.store(true, Ordering::Relaxed);
-        for w in writers {
-            w.await??;
-        }
-        let rebuild_bytes = moved_bytes(&pool).await? - moved0;
-        let mib = |b: f64| b / (1 << 20) as f64;
-        let rebuild = mib(rebuild_bytes as f64 / secs);
-        let startup = first_moved.unwrap_or(secs);
-        let fio_mib = fio_result.as_ref().map(|f| mib(f.bytes_per_sec));
+            let fg_share = during / before.max(1.0);
+            Some(UnderWrites {
+                writers: a.writers,
+                foreground_before_mib_per_s: mib(before),
+                foreground_during_mib_per_s: mib(during),
+                foreground_during_vs_before: fg_share,
+                engines_cpu_before_per_s,
+                rebuild_cpu_ms_per_mib: (rebuild.engines_cpu_secs - engines_cpu_before_per_s * rebuild.rebuild_secs * fg_share).max(0.0) * 1000.0 / mib(rebuild.rebuild_bytes as f64).max(1.0),
+                rebuild,
+            })
+        } else {
+            None
+        };
         Ok::<_, anyhow::Error>(Report {
             class: class.to_string(),
             ranks: a.ranks,
             data_bytes: count * object_size,
-            rebuild_bytes,
-            rebuild_secs: secs,
-            startup_secs: startup,
-            rebuild_after_startup_mib_per_s: mib(rebuild_bytes as f64 / (secs - startup).max(1e-3)),
             rebuild_mib_per_s_limit: a.rebuild_mib_per_s,
-            rebuild_mib_per_s: rebuild,
             fio_write_mib_per_s: fio_mib,
-            rebuild_vs_fio: fio_mib.map(|f| rebuild / f),
-            writers: a.writers,
-            foreground_before_mib_per_s: (a.writers > 0).then(|| mib(before)),
-            foreground_during_mib_per_s: (a.writers > 0).then(|| mib(during)),
-            foreground_during_vs_before: (a.writers > 0).then(|| during / before.max(1.0)),
-            engines_cpu_secs,
-            engines_cpu_ms_per_mib: engines_cpu_secs * 1000.0 / mib(rebuild_bytes as f64).max(1.0),
-            engines_cpu_before_per_s,
-            rebuild_cpu_ms_per_mib: (engines_cpu_secs - engines_cpu_before_per_s * secs * (during / before.max(1.0))).max(0.0) * 1000.0 / mib(rebuild_bytes as f64).max(1.0),
+            alone,
+            under_writes,
         })
     })?;
     drop(cluster);
     emit(a.json, &report, |r| {
-        println!("rebuild of {} ({} of data) after excluding one of {} ranks", r.class, human_bytes(r.data_bytes), r.ranks);
-        println!("{:<34} {:>10} {:>10} {:>8} {:>8}", "measure", "Strata", "baseline", "ratio", "target");
-        match (r.fio_write_mib_per_s, r.rebuild_vs_fio) {
-            (Some(f), Some(x)) => println!("{:<34} {:>10.1} {:>10.1} {:>7.2}x {:>8}", "rebuild MiB/s vs fio direct+sync", r.rebuild_mib_per_s, f, x, ">= 0.50"),
-            _ => println!("{:<34} {:>10.1} {:>10} {:>8} {:>8}", "rebuild MiB/s (no fio baseline)", r.rebuild_mib_per_s, "-", "-", ">= 0.50"),
+        println!("rebuild of {} ({} of data, {} ranks): one rank excluded with no client I/O, then another under foreground writes", r.class, human_bytes(r.data_bytes), r.ranks);
+        println!("{:<44} {:>9} {:>9} {:>7} {:>7}", "measure", "Strata", "baseline", "ratio", "target");
+        let fio = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let ratio = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}x"));
+        println!("{:<44} {:>9.1} {:>9} {:>7} {:>7}", "rebuild alone: MiB/s vs fio direct+sync", r.alone.rebuild_mib_per_s, fio(r.fio_write_mib_per_s), ratio(r.alone.rebuild_vs_fio), ">= 0.50");
+        if let Some(u) = &r.under_writes {
+            println!("{:<44} {:>9.1} {:>9.1} {:>6.2}x {:>7}", format!("under {} writers: foreground during vs before", u.writers), u.foreground_during_mib_per_s, u.foreground_before_mib_per_s, u.foreground_during_vs_before, ">= 0.50");
+            println!("{:<44} {:>9.1} {:>9} {:>7} {:>7}", format!("under {} writers: rebuild MiB/s vs fio", u.writers), u.rebuild.rebuild_mib_per_s, fio(r.fio_write_mib_per_s), ratio(u.rebuild.rebuild_vs_fio), "-");
         }
-        match (r.foreground_during_mib_per_s, r.foreground_before_mib_per_s, r.foreground_during_vs_before) {
-            (Some(d), Some(b), Some(x)) => println!("{:<34} {:>10.1} {:>10.1} {:>7.2}x {:>8}", "foreground MiB/s during vs before", d, b, x, ">= 0.50"),
-            _ => println!("{:<34} {:>10} {:>10} {:>8} {:>8}", "foreground writes (--writers 0)", "-", "-", "-", "-"),
+        println!("rebuild rate = bytes moved / time from the exclusion to done");
+        let phases = [Some(("alone", &r.alone)), r.under_writes.as_ref().map(|u| ("under writes", &u.rebuild))];
+        for (name, f) in phases.into_iter().flatten() {
+            println!("{name}: rank {} excluded; moved {} in {:.1} s ({:.2} s start-up, then {:.1} MiB/s); engines used {:.1} CPU s ({:.1} ms per MiB moved)", f.excluded_rank, human_bytes(f.rebuild_bytes), f.rebuild_secs, f.startup_secs, f.rebuild_after_startup_mib_per_s, f.engines_cpu_secs, f.engines_cpu_ms_per_mib);
         }
-        println!("rebuild rate = bytes moved / time from the exclusion to done; {:.2} s of it was start-up (until the first bytes moved), {:.1} MiB/s after it", r.startup_secs, r.rebuild_after_startup_mib_per_s);
-        println!("rebuild moved {} in {:.1} s; engines used {:.1} CPU s meanwhile ({:.1} ms per MiB moved, foreground writes included)", human_bytes(r.rebuild_bytes), r.rebuild_secs, r.engines_cpu_secs, r.engines_cpu_ms_per_mib);
-        if r.writers > 0 {
-            println!("foreground writes alone cost the engines {:.2} CPU s per s; without their share, the rebuild cost {:.1} ms of CPU per MiB moved", r.engines_cpu_before_per_s, r.rebuild_cpu_ms_per_mib);
+        if let Some(u) = &r.under_writes {
+            println!("foreground writes alone cost the engines {:.2} CPU s per s; without their share, the rebuild under writes cost {:.1} ms of CPU per MiB moved", u.engines_cpu_before_per_s, u.rebuild_cpu_ms_per_mib);
         }
     })
 }

@@ -1149,3 +1149,42 @@ fn a_rank_marked_dead_while_alive_is_reintegrated_when_heard_from_again() {
     rt.block_on(rf_check_exact(&again, "r0", "the stalled rank returned"));
     rt.block_on(rf_check_exact(&objs[2], "r2", "the stalled rank returned"));
 }
+
+#[test]
+fn bench_rebuild_measures_the_rebuild_alone_and_under_writes_against_fio() {
+    // The baseline runs fio itself: it must be installed (scripts/test installs fio).
+    assert!(std::process::Command::new("fio").arg("--version").output().is_ok_and(|o| o.status.success()), "fio is not installed: apt-get install fio");
+    let dir = tempfile::tempdir().unwrap();
+    let cluster_dir = dir.path().join("c");
+    let out = std::process::Command::new(common::BIN)
+        .args(["bench", "rebuild", "--size", "96M", "--writers", "2", "--before-secs", "1", "--json", "--dir"])
+        .arg(&cluster_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let fio = v["fio_write_mib_per_s"].as_f64().unwrap_or_else(|| panic!("fio ran: {v}"));
+    assert!(fio > 0.0, "{v}");
+    // RP_2G1 on 4 ranks: a rank holds about half of the 96 MiB's two copies; the first
+    // rebuild moves what the excluded rank held, the second what the next one held by then.
+    let alone = &v["alone"];
+    let moved = alone["rebuild_bytes"].as_u64().unwrap();
+    assert!((24 << 20..=96 << 20).contains(&moved), "the rebuild alone moved {moved} bytes: {v}");
+    let rate = alone["rebuild_mib_per_s"].as_f64().unwrap();
+    assert!((alone["rebuild_vs_fio"].as_f64().unwrap() - rate / fio).abs() < 1e-9, "{v}");
+    let under = &v["under_writes"];
+    assert_ne!(under["excluded_rank"], alone["excluded_rank"], "each rebuild excludes another rank: {v}");
+    assert!(under["rebuild_bytes"].as_u64().unwrap() >= 24 << 20, "{v}");
+    assert_eq!(under["writers"], 2, "{v}");
+    let (before, during) = (under["foreground_before_mib_per_s"].as_f64().unwrap(), under["foreground_during_mib_per_s"].as_f64().unwrap());
+    assert!(before > 0.0 && during > 0.0, "the writers wrote before and during the rebuild: {v}");
+    assert!((under["foreground_during_vs_before"].as_f64().unwrap() - during / before).abs() < 0.01, "{v}");
+    // The bench stops the cluster it started.
+    common::poll("the bench's ranks to exit", Duration::from_secs(30), || {
+        let ps = std::process::Command::new("pgrep").args(["-f", &cluster_dir.display().to_string()]).output().unwrap();
+        ps.stdout.is_empty().then_some(())
+    });
+    // Bad input gets a clear error, not a panic.
+    let out = std::process::Command::new(common::BIN).args(["bench", "rebuild", "--ranks", "3", "--no-baseline"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--ranks 4"), "{out:?}");
+}
