@@ -81,6 +81,8 @@ const FOREGROUND_BYTES: usize = 64 << 10;
 /// Longest the bench waits for the cluster to start and for the rebuild to finish.
 const CLUSTER_START_MAX: Duration = Duration::from_secs(120);
 const REBUILD_MAX: Duration = Duration::from_secs(1800);
+/// Longest the bench waits on a rebuild whose ranks report they cannot move anything.
+const STALLED_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Serialize)]
 struct Report {
@@ -206,13 +208,20 @@ async fn connect(dir: &Path) -> anyhow::Result<(Client, Arc<PoolHandle>)> {
 }
 
 async fn moved_bytes(pool: &PoolHandle) -> anyhow::Result<u64> {
-    let mut total = 0;
+    Ok(movement_stats(pool).await?.0)
+}
+
+/// Bytes the engines moved so far, and why ranks' passes are stalled (if they are).
+async fn movement_stats(pool: &PoolHandle) -> anyhow::Result<(u64, Vec<String>)> {
+    let (mut total, mut stalled) = (0, Vec::new());
+    let id = pool.info()?.id;
     for r in pool.call_all_engines(&EngineReq::Stats, Duration::from_secs(10)).await? {
         if let Ok((EngineResp::Stats(s), _)) = r {
             total += s.moved_bytes;
+            stalled.extend(s.movement.into_iter().filter(|m| m.pool == id).filter_map(|m| m.stalled));
         }
     }
-    Ok(total)
+    Ok((total, stalled))
 }
 
 /// Foreground writers: 64 KiB writes to fresh dkeys, one in flight per writer, adding the
@@ -242,10 +251,18 @@ async fn rebuild_after_excluding(client: &Client, pool: &PoolHandle, victim: Ran
     let moved0 = moved_bytes(pool).await?;
     let t0 = Instant::now();
     client.mgmt.write(MgmtCmd::PoolTargets { pool: "tank".into(), rank: victim, index: None, action: TargetAction::Exclude }).await?;
-    let mut first_moved: Option<f64> = None;
+    let (mut first_moved, mut stalled_since): (Option<f64>, Option<Instant>) = (None, None);
     loop {
-        if first_moved.is_none() && moved_bytes(pool).await? > moved0 {
+        let (moved, stalled) = movement_stats(pool).await?;
+        if first_moved.is_none() && moved > moved0 {
             first_moved = Some(t0.elapsed().as_secs_f64());
+        }
+        // A rebuild that cannot go on (a full disk) retries for ever; the bench stops.
+        match (stalled.is_empty(), stalled_since) {
+            (true, _) => stalled_since = None,
+            (false, None) => stalled_since = Some(Instant::now()),
+            (false, Some(t)) if t.elapsed() > STALLED_MAX => bail!("the rebuild has been stalled for {STALLED_MAX:?}: {}", stalled.join("; ")),
+            (false, Some(_)) => {}
         }
         pool.refresh().await?;
         let info = pool.info()?;

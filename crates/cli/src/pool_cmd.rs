@@ -167,6 +167,9 @@ struct Progress {
     rate_bytes_per_s: u64,
     /// Seconds left at that rate (absent when nothing is known yet).
     eta_s: Option<u64>,
+    /// Why ranks' passes stopped, while they retry without moving anything (a destination
+    /// with no space left, an unreachable rank).
+    stalled: Vec<String>,
 }
 
 /// Every rank's engine counters (ranks that do not answer are left out).
@@ -214,6 +217,7 @@ fn progress(p: &PoolInfo, stats: &[strata_rpc::engine_msg::EngineStats]) -> Prog
         out.bytes_done += m.bytes_done;
         out.bytes_total += m.bytes_total;
         elapsed_ms = elapsed_ms.max(m.elapsed_ms);
+        out.stalled.extend(m.stalled.clone());
     }
     out.rate_bytes_per_s = out.bytes_done.saturating_mul(1000).checked_div(elapsed_ms).unwrap_or(0);
     let left = out.bytes_total.saturating_sub(out.bytes_done);
@@ -224,6 +228,9 @@ fn progress(p: &PoolInfo, stats: &[strata_rpc::engine_msg::EngineStats]) -> Prog
 fn print_progress(g: &Progress) {
     let eta = g.eta_s.map_or("?".to_owned(), |s| format!("{s} s"));
     println!("data movement: {} (map version {}); objects {}/{}; {}/{} at {}/s, ETA {eta}; ranks done {}/{}", g.state, g.version, g.objects_done, g.objects_total, human_bytes(g.bytes_done), human_bytes(g.bytes_total), human_bytes(g.rate_bytes_per_s), g.ranks_done, g.ranks_total);
+    for s in &g.stalled {
+        println!("data movement stalled, retrying: {s}");
+    }
 }
 
 fn print_pool(p: &PoolInfo) {
@@ -343,7 +350,8 @@ pub fn run(c: PoolCommand) -> anyhow::Result<()> {
                     while g.state == "rebuilding" && std::time::Instant::now() < deadline {
                         bar.set_length(g.bytes_total.max(1));
                         bar.set_position(g.bytes_done);
-                        bar.set_message(format!("rebuild v{}: {}/{} objects, {}/{} ranks", g.version, g.objects_done, g.objects_total, g.ranks_done, g.ranks_total));
+                        let stalled = if g.stalled.is_empty() { String::new() } else { format!(" STALLED, retrying: {}", g.stalled.join("; ")) };
+                        bar.set_message(format!("rebuild v{}: {}/{} objects, {}/{} ranks{stalled}", g.version, g.objects_done, g.objects_total, g.ranks_done, g.ranks_total));
                         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                         g = fetch().await?;
                     }

@@ -381,12 +381,25 @@ async fn serve(r: Resolved) -> anyhow::Result<()> {
     // Rebuild runs in the background, one pass at a time.
     let rb = engine.clone();
     tokio::spawn(async move {
+        // Failed passes back off (0.5 s doubling to 8 s): a cause that lasts, such as a
+        // destination with no space left, would otherwise restart the whole pass twice a second
+        // and log each time. `pool query` shows the cause meanwhile (`MovementProgress::stalled`).
+        let mut failures = 0u32;
         loop {
             // A new pool map starts a pass at once: writes to the old places only until then
             // are what rebalancing has to copy.
-            let _ = tokio::time::timeout(Duration::from_millis(500), rb.map_changed()).await;
-            if let Err(e) = rb.rebuild_tick().await {
-                tracing::warn!(error = %e, "rebuild pass failed; retrying");
+            let wait = Duration::from_millis(500) * (1 << failures.min(4));
+            let _ = tokio::time::timeout(wait, rb.map_changed()).await;
+            match rb.rebuild_tick().await {
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    if failures % 8 == 0 {
+                        tracing::warn!(error = %e, failures = failures + 1, "rebuild pass failed; retrying");
+                    } else {
+                        tracing::debug!(error = %e, failures = failures + 1, "rebuild pass failed; retrying");
+                    }
+                    failures += 1;
+                }
             }
         }
     });

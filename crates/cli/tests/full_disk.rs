@@ -85,3 +85,65 @@ fn a_full_disk_refuses_new_data_clearly_keeps_what_was_acknowledged_and_recovers
     drop(c);
     drop(disk);
 }
+
+/// Bytes free for unprivileged use on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let out = Command::new("df").args(["--output=avail", "-B1"]).arg(dir).output().expect("running df");
+    String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("df output: {out:?}"))
+}
+
+#[test]
+fn a_rebuild_that_meets_a_full_disk_says_why_it_stalls_and_finishes_once_space_is_freed() {
+    let mut c = Cluster::unstarted(&["--ranks", "4", "--targets", "1", "--reserve-mib", "48", "--pool-size", "64M"]);
+    let disk = SmallDisk::mount(c.path(), 384);
+    c.launch();
+    c.json(&["cont", "create", "tank", "rb", "--oclass", "RP_2G1"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    let cont = rt.block_on(async { Client::connect(&cf).await.unwrap().container("tank", "rb").await.unwrap() });
+    let objs = rt.block_on(async {
+        let mut objs = Vec::new();
+        for i in 0..48 {
+            let o = cont.create_object("RP_2G1".parse().unwrap()).await.unwrap();
+            o.write(b"d", b"a", 0, &value(i)).await.unwrap();
+            objs.push(o);
+        }
+        objs
+    });
+    let all_read_back = |when: &str| {
+        rt.block_on(async {
+            for (i, o) in objs.iter().enumerate() {
+                let (got, _) = o.read(b"d", b"a", 0, 1 << 20, strata_types::Epoch::MAX).await.unwrap_or_else(|e| panic!("object {i} {when}: {e}"));
+                assert!(got == value(i), "object {i} reads back changed {when}");
+            }
+        })
+    };
+    // The disk filled by something else to just above the reserve: the copies the excluded
+    // rank held (~24 MiB) cannot all be imported.
+    let ballast = c.path().join("ballast");
+    std::fs::write(&ballast, vec![1u8; (free_bytes(c.path()) - (48 + 6 << 20)) as usize]).unwrap();
+    c.json(&["pool", "exclude", "tank", "--rank", "3"]);
+    let stalled = poll("the rebuild to say it is stalled for lack of space", Duration::from_secs(60), || {
+        let q = c.json(&["pool", "query", "tank"]);
+        let s = q["progress"]["stalled"].as_array().cloned().unwrap_or_default();
+        (!s.is_empty()).then_some(q)
+    });
+    let why = stalled["progress"]["stalled"].to_string();
+    assert!(why.contains("no space for new data") && why.contains("--reserve-mib"), "the stall names its cause and what to do: {why}");
+    assert_eq!(stalled["progress"]["state"], "rebuilding", "{stalled}");
+    let text = String::from_utf8_lossy(&c.cmd(&["pool", "query", "tank"]).stdout).into_owned();
+    assert!(text.contains("data movement stalled, retrying: rank") && text.contains("no space"), "{text}");
+    // Stalled, not broken: every object reads, from the surviving copy.
+    all_read_back("while the rebuild is stalled");
+    // Space comes back: the rebuild goes on by itself and finishes.
+    std::fs::remove_file(&ballast).unwrap();
+    let done = poll("the rebuild to finish once space is freed", Duration::from_secs(90), || {
+        let q = c.json(&["pool", "query", "tank"]);
+        let out = q["map"]["targets"].as_array().unwrap().iter().filter(|t| t["id"]["rank"] == 3).all(|t| t["state"] == "DownOut");
+        (out && q["rebuild"].is_null()).then_some(q)
+    });
+    assert_eq!(done["progress"]["stalled"], serde_json::json!([]), "{done}");
+    all_read_back("after the rebuild");
+    drop(c);
+    drop(disk);
+}

@@ -754,7 +754,10 @@ impl Engine {
             }
             self.wait_older_updates(view.map_pool_id, version).await?;
             // Rebuild first: extension rebalances a pool whose data is where its map says.
-            let (n, complete) = if rebuilding { self.rebuild_pool(&view).await? } else { self.rebalance_pool(&view).await? };
+            let moved = if rebuilding { self.rebuild_pool(&view).await } else { self.rebalance_pool(&view).await };
+            // Shown by `pool query` while it lasts: the pass retries on its own, and a cause
+            // outside it (a destination with no space left) needs a person to see it.
+            let (n, complete) = moved.inspect_err(|e| self.movement.failed(view.map_pool_id, version, format!("rank {}: {e}", self.rank.0)))?;
             pushed += n;
             if complete {
                 match self.mgmt.write(strata_rpc::mgmt_msg::MgmtCmd::RebuildDone { pool: view.map_pool_id, version, rank: self.rank }).await {

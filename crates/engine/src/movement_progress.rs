@@ -29,15 +29,23 @@ struct Pass {
     next_id: u64,
     /// The most an earlier attempt at this version reported.
     floor: (u64, u64),
+    /// The error that ended the last failed attempt: shown until something moves again or
+    /// the pass ends.
+    failure: Option<String>,
 }
 
 impl Pass {
+    fn new(version: u64, objects_total: u64, bytes_total: u64) -> Pass {
+        Pass { version, started: Instant::now(), finished: None, objects_total, bytes_total, objects_done: 0, bytes_done: 0, current: HashMap::new(), next_id: 0, floor: (0, 0), failure: None }
+    }
+
     fn report(&self, pool: PoolId) -> MovementProgress {
         let cur: u64 = self.current.values().map(|(_, n)| n).sum();
         let objects_done = self.objects_done.max(self.floor.0).min(self.objects_total);
         let bytes_done = (self.bytes_done + cur).max(self.floor.1).min(self.bytes_total);
         let end = self.finished.unwrap_or_else(Instant::now);
-        MovementProgress { pool, version: self.version, objects_total: self.objects_total, objects_done, bytes_total: self.bytes_total, bytes_done, elapsed_ms: end.duration_since(self.started).as_millis() as u64, done: self.finished.is_some() }
+        let stalled = self.failure.clone().filter(|_| self.finished.is_none());
+        MovementProgress { pool, version: self.version, objects_total: self.objects_total, objects_done, bytes_total: self.bytes_total, bytes_done, elapsed_ms: end.duration_since(self.started).as_millis() as u64, done: self.finished.is_some(), stalled }
     }
 }
 
@@ -63,8 +71,19 @@ impl MovementTracker {
                 p.current.clear();
             }
             _ => {
-                m.insert(pool, Pass { version, started: Instant::now(), finished: None, objects_total, bytes_total, objects_done: 0, bytes_done: 0, current: HashMap::new(), next_id: 0, floor: (0, 0) });
+                m.insert(pool, Pass::new(version, objects_total, bytes_total));
             }
+        })
+    }
+
+    /// An attempt at `version` failed with `error` (the next tick tries again).
+    pub(crate) fn failed(&self, pool: PoolId, version: u64, error: String) {
+        self.with(|m| {
+            let p = m.entry(pool).or_insert_with(|| Pass::new(version, 0, 0));
+            if p.version != version {
+                *p = Pass::new(version, 0, 0);
+            }
+            p.failure = Some(error);
         })
     }
 
@@ -83,8 +102,11 @@ impl MovementTracker {
     /// Bytes pushed for object `id` (no-op for one the pass does not track).
     pub(crate) fn pushed(&self, pool: PoolId, id: u64, bytes: u64) {
         self.with(|m| {
-            if let Some((est, n)) = m.get_mut(&pool).and_then(|p| p.current.get_mut(&id)) {
-                *n = (*n + bytes).min(*est);
+            if let Some(p) = m.get_mut(&pool) {
+                if let Some((est, n)) = p.current.get_mut(&id) {
+                    *n = (*n + bytes).min(*est);
+                    p.failure = None;
+                }
             }
         })
     }
@@ -95,6 +117,7 @@ impl MovementTracker {
                 if let Some((est, _)) = p.current.remove(&id) {
                     p.objects_done += 1;
                     p.bytes_done += est;
+                    p.failure = None;
                 }
             }
         })
@@ -106,6 +129,7 @@ impl MovementTracker {
             if let Some(p) = m.get_mut(&pool) {
                 p.objects_done += objects;
                 p.bytes_done += bytes;
+                p.failure = None;
             }
         })
     }
@@ -161,5 +185,31 @@ mod tests {
         let end = t.report()[0].clone();
         assert!(end.done);
         assert_eq!((end.objects_done, end.bytes_done), (end.objects_total, end.bytes_total));
+    }
+
+    #[test]
+    fn a_failed_attempt_shows_as_stalled_until_something_moves_again() {
+        let t = MovementTracker::default();
+        let pool = PoolId::new_random();
+        // A failure before any pass of this version was sized still shows.
+        t.failed(pool, 3, "rank 1: no space".into());
+        assert_eq!((t.report()[0].version, t.report()[0].stalled.as_deref()), (3, Some("rank 1: no space")));
+        t.begin(pool, 3, 2, 100);
+        assert!(t.report()[0].stalled.is_some(), "a retry that has moved nothing yet is still stalled");
+        t.batch_done(pool, 1, 50);
+        assert_eq!(t.report()[0].stalled, None, "moving again ends the stall");
+        t.failed(pool, 3, "rank 1: no space".into());
+        t.begin(pool, 3, 2, 100);
+        let id = t.begin_object(pool, 50);
+        t.pushed(pool, id, 10);
+        assert_eq!(t.report()[0].stalled, None);
+        t.end_object(pool, id);
+        t.failed(pool, 3, "again".into());
+        t.finish(pool, 3);
+        assert_eq!(t.report()[0].stalled, None, "a finished pass is not stalled");
+        // A newer map's failure replaces the older pass.
+        t.failed(pool, 4, "rank 2: unreachable".into());
+        let r = t.report()[0].clone();
+        assert_eq!((r.version, r.done, r.stalled.as_deref()), (4, false, Some("rank 2: unreachable")));
     }
 }

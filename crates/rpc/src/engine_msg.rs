@@ -164,6 +164,10 @@ pub struct MovementProgress {
     /// Since the pass for this version started; frozen once done.
     pub elapsed_ms: u64,
     pub done: bool,
+    /// Why this rank's last attempt stopped, while no later attempt has moved more (it
+    /// retries on its own: e.g. a destination with no space left resumes once space is freed).
+    #[serde(default)]
+    pub stalled: Option<String>,
 }
 
 /// Background aggregation of one rank: versions no reader can need, merged away.
