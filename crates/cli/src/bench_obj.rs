@@ -120,7 +120,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         created_now?;
         let cont = client.container(&a.pool, &cont_label).await?;
         let objs = cont.create_objects(class, a.threads as u64).await?;
-        let data = Arc::new(vec![0x5au8; size as usize]);
+        // `Bytes`, written with `write_bytes_at`: the payload goes to the socket from here, as an
+        // application holding its data in `Bytes` (the file system, block volumes) sends it;
+        // `write(&[u8])` would copy every op's bytes first, which fio does not do either.
+        let data = bytes::Bytes::from(vec![0x5au8; size as usize]);
         let dkeys = 64u64;
         if a.op == "read" {
             for o in &objs {
@@ -149,9 +152,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         let t0 = Instant::now();
                         let d = (i % dkeys).to_be_bytes();
                         if op == "write" {
-                            o.write(&d, b"a", 0, &data).await?;
+                            o.write_bytes_at(&d, b"a", 0, data.clone(), None).await?;
                         } else {
-                            o.read(&d, b"a", 0, data.len() as u64, Epoch::MAX).await?;
+                            o.read_bytes(&d, b"a", 0, data.len() as u64, Epoch::MAX).await?;
                         }
                         lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
                         i += 1;
