@@ -162,6 +162,15 @@ pub struct Engine {
     drained: reclaim::DrainedTargets,
 }
 
+/// A failed push to `t`, as `Unavailable` (the pass tries again later), except a destination
+/// out of space, which stays `NoSpace`: that needs a person, and says what to do.
+fn push_err(t: TargetId, e: strata_rpc::RpcError) -> RemoteError {
+    match e {
+        strata_rpc::RpcError::Remote(r) if r.code == ErrorCode::NoSpace => rerr(r.code, format!("rebuild push to {t}: {}", r.message)),
+        e => rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")),
+    }
+}
+
 fn rerr(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
     RemoteError::new(code, msg)
 }
@@ -1145,7 +1154,7 @@ impl Engine {
         } else {
             let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
             let req = EngineReq::Import { pool, map_version: view.map.version, target: t.index };
-            self.peers.call::<_, EngineResp>(addr, &req, payload, IMPORT_TIMEOUT).await.map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))?;
+            self.peers.call::<_, EngineResp>(addr, &req, payload, IMPORT_TIMEOUT).await.map_err(|e| push_err(t, e))?;
         }
         self.moved_records.fetch_add(page.records, std::sync::atomic::Ordering::Relaxed);
         self.moved_bytes.fetch_add(page.bytes, std::sync::atomic::Ordering::Relaxed);
@@ -1190,7 +1199,7 @@ impl Engine {
         let addr = view.addrs.get(&t.rank).ok_or_else(|| rerr(ErrorCode::Unavailable, format!("no address for rank {}", t.rank)))?;
         let payload = strata_rpc::records::encode(records.iter().map(|r| (r.punch, &r.key[..], &r.value[..])));
         let req = EngineReq::Import { pool: view.map_pool_id, map_version: view.map.version, target: t.index };
-        self.peers.call::<_, EngineResp>(addr, &req, Bytes::from(payload), IMPORT_TIMEOUT).await.map(|_| ()).map_err(|e| rerr(ErrorCode::Unavailable, format!("rebuild push to {t}: {e}")))
+        self.peers.call::<_, EngineResp>(addr, &req, Bytes::from(payload), IMPORT_TIMEOUT).await.map(|_| ()).map_err(|e| push_err(t, e))
     }
 }
 
