@@ -102,7 +102,7 @@ enum BenchCommand {
     Block(bench_block::Args),
     /// KV puts/gets/transactions at 16 and 64 clients vs etcd (started here) and plain objects.
     Kv(bench_kv::Args),
-    /// Rebuild after excluding a rank (on a cluster it starts): MiB/s vs fio, foreground writes during vs before.
+    /// Two rebuilds on a cluster it starts: one alone (MiB/s vs fio), one under foreground writes (their rate during vs before).
     Rebuild(bench_rebuild::Args),
 }
 
