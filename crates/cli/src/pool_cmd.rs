@@ -165,7 +165,7 @@ struct Progress {
     bytes_total: u64,
     /// Bytes done per second since the earliest pass started.
     rate_bytes_per_s: u64,
-    /// Seconds left at that rate (absent when nothing is known yet).
+    /// Seconds left at that rate (absent when nothing is known yet, or while stalled).
     eta_s: Option<u64>,
     /// Why ranks' passes stopped, while they retry without moving anything (a destination
     /// with no space left, an unreachable rank).
@@ -221,7 +221,8 @@ fn progress(p: &PoolInfo, stats: &[strata_rpc::engine_msg::EngineStats]) -> Prog
     }
     out.rate_bytes_per_s = out.bytes_done.saturating_mul(1000).checked_div(elapsed_ms).unwrap_or(0);
     let left = out.bytes_total.saturating_sub(out.bytes_done);
-    out.eta_s = if left == 0 && out.ranks_reporting > 0 { Some(0) } else if out.rate_bytes_per_s > 0 { Some(left.div_ceil(out.rate_bytes_per_s)) } else { None };
+    // A stalled pass moves nothing until its cause is gone: no time left can be told.
+    out.eta_s = if left == 0 && out.ranks_reporting > 0 { Some(0) } else if out.rate_bytes_per_s > 0 && out.stalled.is_empty() { Some(left.div_ceil(out.rate_bytes_per_s)) } else { None };
     out
 }
 

@@ -131,6 +131,7 @@ fn a_rebuild_that_meets_a_full_disk_says_why_it_stalls_and_finishes_once_space_i
     let why = stalled["progress"]["stalled"].to_string();
     assert!(why.contains("NoSpace: rebuild push to") && why.contains("no space for new data") && why.contains("--reserve-mib"), "the stall names its cause and what to do: {why}");
     assert_eq!(stalled["progress"]["state"], "rebuilding", "{stalled}");
+    assert!(stalled["progress"]["eta_s"].is_null(), "a stalled rebuild promises no ETA: {stalled}");
     let text = String::from_utf8_lossy(&c.cmd(&["pool", "query", "tank"]).stdout).into_owned();
     assert!(text.contains("data movement stalled, retrying: rank") && text.contains("no space"), "{text}");
     // Stalled, not broken: every object reads, from the surviving copy.
