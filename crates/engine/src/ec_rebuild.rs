@@ -106,8 +106,10 @@ pub fn rebuild_ec_shard(st: &EcStripe, sources: &[(usize, Vec<RawRecord>)], dest
         }
     }
     let mut out = RebuiltShard { records: verbatim.into_values().collect(), undecodable: 0 };
-    for (key, mut cells) in stripes {
-        if st.reconstruct(&mut cells).is_err() {
+    let (keys, mut cells): (Vec<Vec<u8>>, Vec<Vec<Option<Vec<u8>>>>) = stripes.into_iter().unzip();
+    let decoded = st.reconstruct_many(&mut cells);
+    for ((key, cells), ok) in keys.into_iter().zip(cells).zip(decoded) {
+        if ok.is_err() {
             out.undecodable += 1;
             continue;
         }
