@@ -112,13 +112,8 @@ impl EcStripe {
         }
         CODEC.with(|c| {
             let mut c = c.borrow_mut();
-            let enc = match &mut c.encoder {
-                Some(e) => {
-                    e.reset(self.k, self.p, self.cell_bytes as usize)?;
-                    e
-                }
-                slot => slot.insert(reed_solomon_simd::ReedSolomonEncoder::new(self.k, self.p, self.cell_bytes as usize)?),
-            };
+            let (k, p, bytes) = (self.k, self.p, self.cell_bytes as usize);
+            let enc = reused(&mut c.encoder, |e| e.reset(k, p, bytes), || reed_solomon_simd::ReedSolomonEncoder::new(k, p, bytes))?;
             for cell in data {
                 enc.add_original_shard(cell)?;
             }
@@ -146,13 +141,8 @@ impl EcStripe {
         if data_missing {
             CODEC.with(|c| {
                 let mut c = c.borrow_mut();
-                let dec = match &mut c.decoder {
-                    Some(d) => {
-                        d.reset(self.k, self.p, self.cell_bytes as usize)?;
-                        d
-                    }
-                    slot => slot.insert(reed_solomon_simd::ReedSolomonDecoder::new(self.k, self.p, self.cell_bytes as usize)?),
-                };
+                let (k, p, bytes) = (self.k, self.p, self.cell_bytes as usize);
+                let dec = reused(&mut c.decoder, |d| d.reset(k, p, bytes), || reed_solomon_simd::ReedSolomonDecoder::new(k, p, bytes))?;
                 for (i, cell) in cells.iter().enumerate() {
                     match cell {
                         Some(b) if i < self.k => dec.add_original_shard(i, b)?,
@@ -247,6 +237,17 @@ struct Codec {
 
 thread_local! {
     static CODEC: std::cell::RefCell<Codec> = std::cell::RefCell::new(Codec::default());
+}
+
+/// The codec part kept in `slot`, reset for this use, or a new one.
+fn reused<T>(slot: &mut Option<T>, reset: impl FnOnce(&mut T) -> Result<(), reed_solomon_simd::Error>, new: impl FnOnce() -> Result<T, reed_solomon_simd::Error>) -> Result<&mut T, EcError> {
+    match slot {
+        Some(t) => {
+            reset(t)?;
+            Ok(t)
+        }
+        None => Ok(slot.insert(new()?)),
+    }
 }
 
 #[cfg(test)]
