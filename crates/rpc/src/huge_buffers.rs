@@ -58,9 +58,8 @@ impl HugeBuf {
             if tail > 0 {
                 libc::munmap((base + head + cap) as *mut libc::c_void, tail);
             }
-            // Advice only: failure costs speed, not correctness.
-            libc::madvise((base + head) as *mut libc::c_void, cap, libc::MADV_HUGEPAGE);
         }
+        advise_fresh((base + head) as *const u8, cap);
         Some(HugeBuf { ptr: NonNull::new((base + head) as *mut u8)?, cap, len: 0 })
     }
 
