@@ -8,7 +8,7 @@ use common::{poll, Cluster};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use strata_client::{Client, ClusterFile};
+use strata_client::{Client, ClusterFile, ContHandle};
 
 /// A size-limited tmpfs mounted for the test's lifetime (needs root; CI runs as root).
 struct SmallDisk(PathBuf);
@@ -28,22 +28,29 @@ impl Drop for SmallDisk {
     }
 }
 
+/// `ranks` ranks (one target each, a 48 MiB reserve) on a tmpfs of `disk_mib`, and a container
+/// `cont` of `class` opened by a client on a runtime of its own.
+fn small_disk_cluster(ranks: usize, disk_mib: u64, cont: &str, class: &str) -> (Cluster, SmallDisk, tokio::runtime::Runtime, ContHandle) {
+    let mut c = Cluster::unstarted(&["--ranks", &ranks.to_string(), "--targets", "1", "--reserve-mib", "48", "--pool-size", "64M"]);
+    let disk = SmallDisk::mount(c.path(), disk_mib);
+    c.launch();
+    c.json(&["cont", "create", "tank", cont, "--oclass", class]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    let h = rt.block_on(async { Client::connect(&cf).await.unwrap().container("tank", cont).await.unwrap() });
+    (c, disk, rt, h)
+}
+
 fn value(i: usize) -> Vec<u8> {
     (0..1usize << 20).map(|j| (j.wrapping_mul(31) ^ i.wrapping_mul(2654435761)) as u8).collect()
 }
 
 #[test]
 fn a_full_disk_refuses_new_data_clearly_keeps_what_was_acknowledged_and_recovers() {
-    let mut c = Cluster::unstarted(&["--ranks", "3", "--targets", "1", "--reserve-mib", "48", "--pool-size", "64M"]);
-    let disk = SmallDisk::mount(c.path(), 256);
-    c.launch();
-    c.json(&["cont", "create", "tank", "full", "--oclass", "S1"]);
+    let (c, disk, rt, cont) = small_disk_cluster(3, 256, "full", "S1");
     // Most of the disk taken by something else, as when another tenant fills it.
     let filler = c.path().join("filler");
     std::fs::write(&filler, vec![7u8; 96 << 20]).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
-    let cont = rt.block_on(async { Client::connect(&cf).await.unwrap().container("tank", "full").await.unwrap() });
     let mut acked = Vec::new();
     let refusal = rt.block_on(async {
         // 256 MiB of disk cannot take 200 more MiB next to the filler: the loop must end refused.
@@ -94,13 +101,7 @@ fn free_bytes(dir: &Path) -> u64 {
 
 #[test]
 fn a_rebuild_that_meets_a_full_disk_says_why_it_stalls_and_finishes_once_space_is_freed() {
-    let mut c = Cluster::unstarted(&["--ranks", "4", "--targets", "1", "--reserve-mib", "48", "--pool-size", "64M"]);
-    let disk = SmallDisk::mount(c.path(), 384);
-    c.launch();
-    c.json(&["cont", "create", "tank", "rb", "--oclass", "RP_2G1"]);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
-    let cont = rt.block_on(async { Client::connect(&cf).await.unwrap().container("tank", "rb").await.unwrap() });
+    let (c, disk, rt, cont) = small_disk_cluster(4, 384, "rb", "RP_2G1");
     let objs = rt.block_on(async {
         let mut objs = Vec::new();
         for i in 0..48 {
