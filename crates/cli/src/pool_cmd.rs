@@ -303,10 +303,10 @@ pub fn run(c: PoolCommand) -> anyhow::Result<()> {
                     }
                 }
                 return emit(conn.json, &serde_json::json!({ "pool": pool, "ranks": ranks }), |_| {
-                    println!("{:<6} {:>10} {:>8} {:>14} {:>14} {:>12} {:>8}", "rank", "used", "passes", "examined", "removed", "reclaimed", "errors");
+                    println!("{:<6} {:>10} {:>8} {:>14} {:>14} {:>12} {:>16} {:>8}", "rank", "used", "passes", "examined", "removed", "reclaimed", "destroyed conts", "errors");
                     for (rank, s) in &ranks {
                         let a = &s.aggregation;
-                        println!("{:<6} {:>10} {:>8} {:>14} {:>14} {:>12} {:>8}", rank, human_bytes(s.used_bytes), a.passes, a.records_examined, a.records_removed, human_bytes(a.bytes_reclaimed), a.errors);
+                        println!("{:<6} {:>10} {:>8} {:>14} {:>14} {:>12} {:>16} {:>8}", rank, human_bytes(s.used_bytes), a.passes, a.records_examined, a.records_removed, human_bytes(a.bytes_reclaimed), human_bytes(a.destroyed_bytes_deleted), a.errors);
                     }
                 });
             }

@@ -159,3 +159,67 @@ fn aggregation_reclaims_rewritten_extents_and_keeps_retained_reads_exact() {
     // over half of them are superseded at both kept epochs.
     assert!(total_removed as usize >= DKEYS * ROUNDS * 3, "only {total_removed} versions removed");
 }
+
+/// `cont destroy` gives the space back: the engines delete every copy of the destroyed
+/// container's data in the background (extent-file blocks punched), while another container
+/// of the pool keeps every byte, and a container created afterwards works as usual.
+#[test]
+fn destroying_a_container_frees_its_space_and_keeps_the_others() {
+    const VALUES: usize = 48;
+    const VALUE_BYTES: usize = 1 << 20;
+    let c = Cluster::start(&["--ranks", "3", "--aggregate-interval-ms", "300"]);
+    c.json(&["cont", "create", "tank", "doomed", "--oclass", "RP_3G1", "--rf", "2"]);
+    c.json(&["cont", "create", "tank", "kept", "--oclass", "RP_3G1", "--rf", "2"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cf = ClusterFile::load(&c.cluster_file()).unwrap();
+    let client = rt.block_on(Client::connect(&cf)).unwrap();
+    let value = |i: usize, salt: u8| -> Vec<u8> { (0..VALUE_BYTES).map(|j| (j as u8).wrapping_mul(13).wrapping_add(i as u8).wrapping_add(salt)).collect() };
+    let (doomed, kept) = rt.block_on(async {
+        let doomed = client.container("tank", "doomed").await.unwrap().create_object("RP_3G1".parse().unwrap()).await.unwrap();
+        let kept = client.container("tank", "kept").await.unwrap().create_object("RP_3G1".parse().unwrap()).await.unwrap();
+        for i in 0..VALUES {
+            doomed.write(&dkey(i), b"v", 0, &value(i, 1)).await.unwrap();
+            if i % 8 == 0 {
+                kept.write(&dkey(i), b"v", 0, &value(i, 2)).await.unwrap();
+            }
+        }
+        (doomed, kept)
+    });
+    let used = |c: &Cluster| -> u64 { c.json(&["pool", "stats", "tank"])["ranks"].as_object().unwrap().values().map(|r| r["used_bytes"].as_u64().unwrap()).sum() };
+    let before = used(&c);
+    let doomed_copies = (3 * VALUES * VALUE_BYTES) as u64;
+    assert!(before >= doomed_copies, "the cluster holds {before} bytes after writing {doomed_copies} bytes of copies");
+    assert_eq!(c.json(&["cont", "destroy", "tank", "doomed"])["destroyed"], "doomed");
+    // Every copy deleted (by the engines' own count), and the space given back to the file
+    // system (the extent files keep only their preallocation ahead of the next write).
+    poll("the destroyed container's copies deleted on every rank", Duration::from_secs(60), || {
+        let deleted: u64 = stats(&c).iter().map(|a| a["destroyed_bytes_deleted"].as_u64().unwrap()).sum();
+        (deleted >= doomed_copies).then_some(())
+    });
+    let after = used(&c);
+    assert!(before - after.min(before) >= doomed_copies * 9 / 10, "destroying freed only {} of {doomed_copies} bytes ({before} -> {after})", before.saturating_sub(after));
+    rt.block_on(async {
+        for i in (0..VALUES).step_by(8) {
+            assert_eq!(kept.read(&dkey(i), b"v", 0, VALUE_BYTES as u64, Epoch::MAX).await.unwrap().0, value(i, 2), "kept container, dkey {i}");
+        }
+        // The destroyed container is gone for clients too.
+        assert!(client.container("tank", "doomed").await.is_err(), "a destroyed container opened");
+        drop(doomed);
+    });
+    c.json(&["cont", "create", "tank", "later", "--oclass", "RP_3G1", "--rf", "2"]);
+    rt.block_on(async {
+        let later = client.container("tank", "later").await.unwrap().create_object("RP_3G1".parse().unwrap()).await.unwrap();
+        later.write(b"k", b"v", 0, &value(0, 3)).await.unwrap();
+        assert_eq!(later.read(b"k", b"v", 0, VALUE_BYTES as u64, Epoch::MAX).await.unwrap().0, value(0, 3));
+    });
+    // Nothing more is deleted: the list of destroyed containers names only the destroyed one.
+    let deleted_then: u64 = stats(&c).iter().map(|a| a["destroyed_containers_deleted"].as_u64().unwrap()).sum();
+    let passes_then: u64 = stats(&c).iter().map(|a| a["passes"].as_u64().unwrap()).sum();
+    poll("three more aggregation passes", Duration::from_secs(30), || (stats(&c).iter().map(|a| a["passes"].as_u64().unwrap()).sum::<u64>() >= passes_then + 9).then_some(()));
+    assert_eq!(stats(&c).iter().map(|a| a["destroyed_containers_deleted"].as_u64().unwrap()).sum::<u64>(), deleted_then);
+    rt.block_on(async {
+        for i in (0..VALUES).step_by(8) {
+            assert_eq!(kept.read(&dkey(i), b"v", 0, VALUE_BYTES as u64, Epoch::MAX).await.unwrap().0, value(i, 2), "kept container after more passes, dkey {i}");
+        }
+    });
+}

@@ -65,6 +65,8 @@ pub(super) struct AggregationCounters {
     skipped_for_movement: AtomicU64,
     errors: AtomicU64,
     last_upto: AtomicU64,
+    destroyed_containers: AtomicU64,
+    destroyed_bytes: AtomicU64,
 }
 
 impl AggregationCounters {
@@ -87,6 +89,8 @@ impl AggregationCounters {
             pools_skipped_for_movement: g(&self.skipped_for_movement),
             errors: g(&self.errors),
             last_upto: Epoch(g(&self.last_upto)),
+            destroyed_containers_deleted: g(&self.destroyed_containers),
+            destroyed_bytes_deleted: g(&self.destroyed_bytes),
         }
     }
 }
@@ -122,6 +126,7 @@ impl Engine {
                 self.agg_counters.skipped_for_movement.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            self.delete_destroyed_containers(&view).await;
             let conts = match self.mgmt.query(MgmtQuery::Conts { pool: view.map_pool_id.to_string() }).await {
                 Ok(strata_rpc::mgmt_msg::MgmtReply::Conts(c)) => c,
                 Ok(_) => continue,
@@ -154,6 +159,51 @@ impl Engine {
         }
         self.agg_counters.passes.fetch_add(1, Ordering::Relaxed);
         total
+    }
+
+    /// Delete what this rank's targets in `view`'s pool hold of the pool's destroyed
+    /// containers. Only the management service's list of destroyed containers is trusted,
+    /// never the absence of a container from its list of live ones (targets are shared by
+    /// pools, and a list read before a container's creation lacks it). Rows written to a
+    /// destroyed container after this (a client that still had it open, a rebuild that read
+    /// it earlier) are deleted by a later pass.
+    async fn delete_destroyed_containers(&self, view: &PoolView) {
+        let destroyed = match self.mgmt.query(MgmtQuery::DestroyedConts { pool: view.map_pool_id.to_string() }).await {
+            Ok(strata_rpc::mgmt_msg::MgmtReply::ContIds(ids)) => ids,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(pool = %view.map_pool_id, error = %e, "cannot list destroyed containers");
+                return;
+            }
+        };
+        if destroyed.is_empty() {
+            return;
+        }
+        for (i, vos) in self.targets.iter().enumerate() {
+            if view.map.target(TargetId { rank: self.rank, index: i as u16 }).is_none() {
+                continue;
+            }
+            let (v, ids) = (vos.clone(), destroyed.clone());
+            let deleted = tokio::task::spawn_blocking(move || -> Result<Vec<(strata_types::ContId, strata_vos::ReclaimStats)>, VosError> {
+                let held = v.list_containers()?;
+                ids.into_iter().filter(|c| held.contains(c)).map(|c| Ok((c, v.destroy_container(c)?))).collect()
+            })
+            .await;
+            match deleted {
+                Ok(Ok(list)) => {
+                    for (cont, s) in list {
+                        self.agg_counters.destroyed_containers.fetch_add(1, Ordering::Relaxed);
+                        self.agg_counters.destroyed_bytes.fetch_add(s.bytes, Ordering::Relaxed);
+                        tracing::info!(%cont, target = i, records = s.records, bytes = s.bytes, "deleted a destroyed container's data");
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.agg_counters.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(target = i, error = %e, "deleting destroyed containers failed; the next pass tries again");
+                }
+                Err(e) => tracing::warn!(target = i, error = %e, "deleting destroyed containers stopped"),
+            }
+        }
     }
 
     /// Aggregate one container of one target to its end, step by step; `None` if not due.

@@ -16,6 +16,10 @@ pub const LABEL_BYTES_MAX: usize = 127;
 pub const OID_ALLOC_MAX: u64 = 1 << 20;
 /// Pool size used when `pool create` names none (capped by free space).
 pub const POOL_SIZE_DEFAULT: u64 = 8 << 30;
+/// Destroyed containers a pool remembers for the engines to delete. Engines delete them within
+/// a pass or two, so only a rank down while this many more containers were destroyed keeps
+/// the data of the oldest (space, never another container's data).
+pub const DESTROYED_CONTS_KEPT: usize = 4096;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct MgmtState {
@@ -49,6 +53,11 @@ pub struct PoolRecord {
     /// a target takes it off this list (the administrator decides its state from then on).
     #[serde(default)]
     pub down_at_death: BTreeSet<TargetId>,
+    /// Containers of this pool destroyed, oldest first, at most `DESTROYED_CONTS_KEPT`: each
+    /// engine deletes what its targets hold of them in the background (a container's id is
+    /// random and never reused, so a late write to one is deleted by a later pass as well).
+    #[serde(default)]
+    pub destroyed_conts: Vec<ContId>,
 }
 
 impl PoolRecord {
@@ -325,7 +334,7 @@ impl MgmtState {
                     return Err(err(ErrorCode::NoSpace, format!("pool '{label}' needs {} but only {} is free across the system; pass a smaller --size or add servers", human_bytes(size.max(1)), human_bytes(free))));
                 }
                 let map = PoolMap::new(targets).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
-                self.pools.insert(*id, PoolRecord { id: *id, label: label.clone(), size_bytes: size, map, rebuilt_by: Default::default(), rebuilt_version: 0, unrebuilt: BTreeSet::new(), down_at_death: BTreeSet::new() });
+                self.pools.insert(*id, PoolRecord { id: *id, label: label.clone(), size_bytes: size, map, rebuilt_by: Default::default(), rebuilt_version: 0, unrebuilt: BTreeSet::new(), down_at_death: BTreeSet::new(), destroyed_conts: Vec::new() });
                 Ok(MgmtReply::Pool(self.pool_info(&self.pools[id])))
             }
             MgmtCmd::PoolDestroy { pool, force } => {
@@ -399,8 +408,16 @@ impl MgmtState {
                 Ok(MgmtReply::Cont(info))
             }
             MgmtCmd::ContDestroy { pool, cont } => {
-                let id = self.cont_by_name(pool, cont)?.id;
+                let (id, pid) = {
+                    let c = self.cont_by_name(pool, cont)?;
+                    (c.id, c.pool)
+                };
                 self.conts.remove(&id);
+                if let Some(p) = self.pools.get_mut(&pid) {
+                    p.destroyed_conts.push(id);
+                    let over = p.destroyed_conts.len().saturating_sub(DESTROYED_CONTS_KEPT);
+                    p.destroyed_conts.drain(..over);
+                }
                 Ok(MgmtReply::Done)
             }
             MgmtCmd::SnapshotCreate { pool, cont, name, epoch } => {

@@ -187,6 +187,12 @@ pub struct AggregationStats {
     pub errors: u64,
     /// The highest epoch a pass aggregated up to.
     pub last_upto: Epoch,
+    /// Destroyed containers whose rows a target of this rank deleted (one per target that held
+    /// any), and the stored value bytes those rows had.
+    #[serde(default)]
+    pub destroyed_containers_deleted: u64,
+    #[serde(default)]
+    pub destroyed_bytes_deleted: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

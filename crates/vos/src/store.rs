@@ -773,20 +773,26 @@ impl Vos {
         Ok(out)
     }
 
-    /// Remove everything a container holds on this target.
-    pub fn destroy_container(&self, cont: ContId) -> Result<(), VosError> {
+    /// Remove everything a container holds on this target, durably, freeing the extent-file
+    /// blocks of its extents; returns the record rows and stored value bytes deleted.
+    pub fn destroy_container(&self, cont: ContId) -> Result<ReclaimStats, VosError> {
         self.indexed().retain(|(c, _)| *c != cont);
         let end = prefix_successor(cont.as_bytes());
         let mut ops = Vec::new();
         let mut dead: Vec<(ExtentRef, u64)> = Vec::new();
+        let mut stats = ReclaimStats { object_removed: true, ..Default::default() };
         for space in [Space::Records, Space::Punches, Space::Objects] {
             for r in self.engine.scan(space, cont.as_bytes(), Some(&end), false) {
                 let (k, v) = r?;
                 if space == Space::Records {
-                    if let Ok(rec) = record::decode(&v) {
-                        if rec.kind == RecordKind::ValueRef {
+                    stats.records += 1;
+                    match record::decode(&v) {
+                        Ok(rec) if rec.kind == RecordKind::ValueRef => {
+                            stats.bytes += rec.len;
                             dead.extend(ExtentRef::decode(rec.payload).map(|x| (x, rec.len)));
                         }
+                        Ok(rec) => stats.bytes += rec.payload.len() as u64,
+                        Err(_) => stats.bytes += v.len() as u64,
                     }
                 }
                 ops.push(EngineOp::Delete(space, k));
@@ -802,7 +808,7 @@ impl Vos {
         self.punches.remove_container(cont);
         self.horizons.write().unwrap_or_else(|e| e.into_inner()).remove(&cont);
         self.dirty().forget(cont);
-        Ok(())
+        Ok(stats)
     }
 
     /// Drop versions at or below `upto` that no read at `upto` or at a retained snapshot epoch
