@@ -58,6 +58,9 @@ struct Report {
     p999_us: f64,
     /// CPU of this client process only (the engines are separate processes).
     cpu_secs: f64,
+    /// CPU of the engines while this bench measured, when they run on this machine (a
+    /// `strata up` cluster); None for a remote cluster.
+    engine_cpu_secs: Option<f64>,
     fio: Option<fio::FioResult>,
     throughput_ratio: Option<f64>,
     /// Writes only: fio writing each block once into freshly allocated space, with direct I/O
@@ -120,6 +123,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         created_now?;
         let cont = client.container(&a.pool, &cont_label).await?;
         let objs = cont.create_objects(class, a.threads as u64).await?;
+        // Engines on this machine have their CPU counted too: on shared cores it is what a
+        // figure cost, as fio's CPU is what the baseline's cost.
+        let engine_pids = crate::proc_stats::local_listener_pids(client.pool(&a.pool).await?.info()?.rank_addrs.values().map(String::as_str));
+        let engines_cpu = || (!engine_pids.is_empty()).then(|| engine_pids.iter().map(|&p| crate::proc_stats::proc_cpu_secs(p)).sum::<f64>());
         // `Bytes`, written with `write_bytes_at`: the payload goes to the socket from here, as an
         // application holding its data in `Bytes` (the file system, block volumes) sends it;
         // `write(&[u8])` would copy every op's bytes first, which fio does not do either.
@@ -139,7 +146,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             b.set_message(format!("{} {} {} x{}", class, a.op, a.size, a.threads));
             b
         });
-        let cpu0 = fio::self_cpu_secs();
+        let (cpu0, engines_cpu0) = (fio::self_cpu_secs(), engines_cpu());
         let start = Instant::now();
         let tasks: Vec<_> = objs
             .into_iter()
@@ -178,7 +185,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        Ok::<_, anyhow::Error>((lat, start.elapsed().as_secs_f64(), fio::self_cpu_secs() - cpu0))
+        let engine_cpu = engines_cpu().zip(engines_cpu0).map(|(b, a)| b - a);
+        Ok::<_, anyhow::Error>((lat, start.elapsed().as_secs_f64(), fio::self_cpu_secs() - cpu0, engine_cpu))
     });
     // Destroyed after fio's runs, not before: freeing gigabytes while fio measures the disk
     // would slow the baseline.
@@ -188,7 +196,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         rt.block_on(a.conn.write(MgmtCmd::ContDestroy { pool: a.pool.clone(), cont: cont_label.clone() })).map(|_| ()).with_context(|| format!("destroying the bench's container {}/{cont_label} (destroy it with `strata cont destroy`)", a.pool))
     };
-    let (lat, elapsed, cpu) = match measured {
+    let (lat, elapsed, cpu, engine_cpu) = match measured {
         Ok(m) => m,
         Err(e) => {
             // The measurement's error is the one to report; a failed clean-up only adds to it.
@@ -212,6 +220,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         p99_us: pct(&lat, 0.99),
         p999_us: pct(&lat, 0.999),
         cpu_secs: cpu,
+        engine_cpu_secs: engine_cpu,
         fio: None,
         throughput_ratio: None,
         fio_fresh_space: None,
@@ -225,7 +234,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     compared?;
     emit(a.conn.json, &r, |r| {
         println!("strata bench obj: {} {} of {} B, {} in flight, {:.1} s", r.oclass, r.op, r.size_bytes, r.threads, elapsed);
-        println!("strata: {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  p999 {:>7.0} us  client cpu {:.1} s", r.ops_per_sec, r.mib_per_sec, r.p50_us, r.p99_us, r.p999_us, r.cpu_secs);
+        let engines = r.engine_cpu_secs.map(|s| format!(", engines {s:.1} s")).unwrap_or_default();
+        println!("strata: {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  p999 {:>7.0} us  cpu: client {:.1} s{engines}", r.ops_per_sec, r.mib_per_sec, r.p50_us, r.p99_us, r.p999_us, r.cpu_secs);
         if let Some(f) = &r.fio {
             println!("fio:    {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  cpu {:.1} s  (psync, {}{} jobs)", f.iops, f.bytes_per_sec / (1 << 20) as f64, f.p50_us, f.p99_us, f.cpu_secs, if r.op == "write" { "fdatasync each, " } else { "" }, r.threads);
             println!("ratio:  throughput {:.2}x, p99 latency {:.2}x", r.throughput_ratio.unwrap_or(0.0), r.p99_ratio.unwrap_or(0.0));

@@ -423,6 +423,8 @@ fn bench_obj_reports_figures_and_ratios_to_fio_in_the_same_run() {
         assert!(v["ops_per_sec"].as_f64().unwrap() > 0.0, "{what}");
         assert!(v["p50_us"].as_f64().unwrap() > 0.0 && v["p99_us"].as_f64().unwrap() >= v["p50_us"].as_f64().unwrap(), "{what}");
         assert!(v["fio"]["iops"].as_f64().unwrap() > 0.0, "{what}");
+        // The engines run on this machine: what they spent is reported beside fio's CPU.
+        assert!(v["engine_cpu_secs"].as_f64().is_some_and(|s| s > 0.0), "{what}");
         assert!(v["throughput_ratio"].as_f64().unwrap() > 0.0, "{what}");
         // Writes are also compared with fio writing into fresh space; reads are not.
         assert_eq!(v["fresh_space_ratio"].as_f64().is_some(), op == "write", "{what}");
