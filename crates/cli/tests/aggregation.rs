@@ -162,7 +162,8 @@ fn aggregation_reclaims_rewritten_extents_and_keeps_retained_reads_exact() {
 
 /// `cont destroy` gives the space back: the engines delete every copy of the destroyed
 /// container's data in the background (extent-file blocks punched), while another container
-/// of the pool keeps every byte, and a container created afterwards works as usual.
+/// of the pool keeps every byte, and a container created afterwards works as usual. So does
+/// `pool destroy --force` for the containers of the pool.
 #[test]
 fn destroying_a_container_frees_its_space_and_keeps_the_others() {
     const VALUES: usize = 48;
@@ -220,6 +221,31 @@ fn destroying_a_container_frees_its_space_and_keeps_the_others() {
     rt.block_on(async {
         for i in (0..VALUES).step_by(8) {
             assert_eq!(kept.read(&dkey(i), b"v", 0, VALUE_BYTES as u64, Epoch::MAX).await.unwrap().0, value(i, 2), "kept container after more passes, dkey {i}");
+        }
+    });
+    // A pool destroyed with its containers: their data goes too (the engines share targets
+    // between pools, so only the destroyed containers' rows may go).
+    c.json(&["pool", "create", "scratch", "--size", "1G"]);
+    c.json(&["cont", "create", "scratch", "s", "--oclass", "RP_3G1", "--rf", "2"]);
+    rt.block_on(async {
+        let s = client.container("scratch", "s").await.unwrap().create_object("RP_3G1".parse().unwrap()).await.unwrap();
+        for i in 0..VALUES / 2 {
+            s.write(&dkey(i), b"v", 0, &value(i, 4)).await.unwrap();
+        }
+    });
+    let deleted_before: u64 = stats(&c).iter().map(|a| a["destroyed_bytes_deleted"].as_u64().unwrap()).sum();
+    let before = used(&c);
+    c.json(&["pool", "destroy", "scratch", "--force"]);
+    let scratch_copies = doomed_copies / 2;
+    poll("the destroyed pool's copies deleted on every rank", Duration::from_secs(60), || {
+        let deleted: u64 = stats(&c).iter().map(|a| a["destroyed_bytes_deleted"].as_u64().unwrap()).sum();
+        (deleted >= deleted_before + scratch_copies).then_some(())
+    });
+    let after = used(&c);
+    assert!(before - after.min(before) >= scratch_copies * 9 / 10, "destroying the pool freed only {} of {scratch_copies} bytes ({before} -> {after})", before.saturating_sub(after));
+    rt.block_on(async {
+        for i in (0..VALUES).step_by(8) {
+            assert_eq!(kept.read(&dkey(i), b"v", 0, VALUE_BYTES as u64, Epoch::MAX).await.unwrap().0, value(i, 2), "kept container after the pool's destruction, dkey {i}");
         }
     });
 }

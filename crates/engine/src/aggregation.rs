@@ -121,12 +121,13 @@ impl Engine {
         let cfg = self.aggregation.clone();
         let mut total = strata_vos::AggregateStats::default();
         let pools: Vec<Arc<PoolView>> = self.pools.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let moving: Vec<PoolId> = pools.iter().filter(|v| movement_under_way(&v.map)).map(|v| v.map_pool_id).collect();
+        self.delete_destroyed_containers(&moving).await;
         for view in pools {
             if movement_under_way(&view.map) {
                 self.agg_counters.skipped_for_movement.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            self.delete_destroyed_containers(&view).await;
             let conts = match self.mgmt.query(MgmtQuery::Conts { pool: view.map_pool_id.to_string() }).await {
                 Ok(strata_rpc::mgmt_msg::MgmtReply::Conts(c)) => c,
                 Ok(_) => continue,
@@ -161,18 +162,19 @@ impl Engine {
         total
     }
 
-    /// Delete what this rank's targets in `view`'s pool hold of the pool's destroyed
-    /// containers. Only the management service's list of destroyed containers is trusted,
-    /// never the absence of a container from its list of live ones (targets are shared by
-    /// pools, and a list read before a container's creation lacks it). Rows written to a
-    /// destroyed container after this (a client that still had it open, a rebuild that read
-    /// it earlier) are deleted by a later pass.
-    async fn delete_destroyed_containers(&self, view: &PoolView) {
-        let destroyed = match self.mgmt.query(MgmtQuery::DestroyedConts { pool: view.map_pool_id.to_string() }).await {
-            Ok(strata_rpc::mgmt_msg::MgmtReply::ContIds(ids)) => ids,
+    /// Delete what this rank's targets hold of destroyed containers (of live pools and of
+    /// pools destroyed with them), except those of pools in `moving` (data movement under way
+    /// reads and pushes containers; a later pass deletes them). Only the management service's
+    /// list of destroyed containers is trusted, never the absence of a container from its list
+    /// of live ones (a list read before a container's creation lacks it). Rows written to a
+    /// destroyed container after this (a client that still had it open, a rebuild that read it
+    /// earlier) are deleted by a later pass.
+    async fn delete_destroyed_containers(&self, moving: &[PoolId]) {
+        let destroyed: Vec<strata_types::ContId> = match self.mgmt.query(MgmtQuery::DestroyedConts).await {
+            Ok(strata_rpc::mgmt_msg::MgmtReply::DestroyedConts(list)) => list.into_iter().filter(|(p, _)| !moving.contains(p)).map(|(_, c)| c).collect(),
             Ok(_) => return,
             Err(e) => {
-                tracing::debug!(pool = %view.map_pool_id, error = %e, "cannot list destroyed containers");
+                tracing::debug!(error = %e, "cannot list destroyed containers");
                 return;
             }
         };
@@ -180,9 +182,6 @@ impl Engine {
             return;
         }
         for (i, vos) in self.targets.iter().enumerate() {
-            if view.map.target(TargetId { rank: self.rank, index: i as u16 }).is_none() {
-                continue;
-            }
             let (v, ids) = (vos.clone(), destroyed.clone());
             let deleted = tokio::task::spawn_blocking(move || -> Result<Vec<(strata_types::ContId, strata_vos::ReclaimStats)>, VosError> {
                 let held = v.list_containers()?;

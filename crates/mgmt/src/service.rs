@@ -160,7 +160,7 @@ impl MgmtNode {
             }
             MgmtQuery::Cont { pool, cont } => MgmtReply::Cont(s.cont_by_name(&pool, &cont)?.clone()),
             MgmtQuery::Lease { key } => MgmtReply::LeaseHolder(s.leases.get(&key).cloned()),
-            MgmtQuery::DestroyedConts { pool } => MgmtReply::ContIds(s.pool_by_name(&pool)?.destroyed_conts.clone()),
+            MgmtQuery::DestroyedConts => MgmtReply::DestroyedConts(s.destroyed_conts.clone()),
         })
     }
 

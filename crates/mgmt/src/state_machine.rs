@@ -16,7 +16,7 @@ pub const LABEL_BYTES_MAX: usize = 127;
 pub const OID_ALLOC_MAX: u64 = 1 << 20;
 /// Pool size used when `pool create` names none (capped by free space).
 pub const POOL_SIZE_DEFAULT: u64 = 8 << 30;
-/// Destroyed containers a pool remembers for the engines to delete. Engines delete them within
+/// Destroyed containers the service remembers for the engines to delete. Engines delete them within
 /// a pass or two, so only a rank down while this many more containers were destroyed keeps
 /// the data of the oldest (space, never another container's data).
 pub const DESTROYED_CONTS_KEPT: usize = 4096;
@@ -28,6 +28,12 @@ pub struct MgmtState {
     pub pools: BTreeMap<PoolId, PoolRecord>,
     pub conts: BTreeMap<ContId, ContInfo>,
     pub leases: BTreeMap<String, (String, u64)>,
+    /// Containers destroyed (`cont destroy`, or with their pool by `pool destroy --force`),
+    /// oldest first, at most `DESTROYED_CONTS_KEPT`: each engine deletes what its targets hold
+    /// of them in the background (a container's id is random and never reused, so a late
+    /// write to one is deleted by a later pass as well).
+    #[serde(default)]
+    pub destroyed_conts: Vec<(PoolId, ContId)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -53,11 +59,6 @@ pub struct PoolRecord {
     /// a target takes it off this list (the administrator decides its state from then on).
     #[serde(default)]
     pub down_at_death: BTreeSet<TargetId>,
-    /// Containers of this pool destroyed, oldest first, at most `DESTROYED_CONTS_KEPT`: each
-    /// engine deletes what its targets hold of them in the background (a container's id is
-    /// random and never reused, so a late write to one is deleted by a later pass as well).
-    #[serde(default)]
-    pub destroyed_conts: Vec<ContId>,
 }
 
 impl PoolRecord {
@@ -112,6 +113,14 @@ impl MgmtState {
 
     fn pool_id(&self, name: &str) -> Result<PoolId, RemoteError> {
         Ok(self.pool_by_name(name)?.id)
+    }
+
+    /// Remember a destroyed container for the engines to delete its data (the oldest is
+    /// forgotten past `DESTROYED_CONTS_KEPT`).
+    fn note_destroyed(&mut self, pool: PoolId, cont: ContId) {
+        self.destroyed_conts.push((pool, cont));
+        let over = self.destroyed_conts.len().saturating_sub(DESTROYED_CONTS_KEPT);
+        self.destroyed_conts.drain(..over);
     }
 
     pub fn cont_by_name(&self, pool: &str, cont: &str) -> Result<&ContInfo, RemoteError> {
@@ -334,7 +343,7 @@ impl MgmtState {
                     return Err(err(ErrorCode::NoSpace, format!("pool '{label}' needs {} but only {} is free across the system; pass a smaller --size or add servers", human_bytes(size.max(1)), human_bytes(free))));
                 }
                 let map = PoolMap::new(targets).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
-                self.pools.insert(*id, PoolRecord { id: *id, label: label.clone(), size_bytes: size, map, rebuilt_by: Default::default(), rebuilt_version: 0, unrebuilt: BTreeSet::new(), down_at_death: BTreeSet::new(), destroyed_conts: Vec::new() });
+                self.pools.insert(*id, PoolRecord { id: *id, label: label.clone(), size_bytes: size, map, rebuilt_by: Default::default(), rebuilt_version: 0, unrebuilt: BTreeSet::new(), down_at_death: BTreeSet::new() });
                 Ok(MgmtReply::Pool(self.pool_info(&self.pools[id])))
             }
             MgmtCmd::PoolDestroy { pool, force } => {
@@ -343,7 +352,11 @@ impl MgmtState {
                 if n > 0 && !force {
                     return Err(err(ErrorCode::Conflict, format!("pool '{pool}' still has {n} container(s); destroy them or pass --force")));
                 }
-                self.conts.retain(|_, c| c.pool != id);
+                let gone: Vec<ContId> = self.conts.values().filter(|c| c.pool == id).map(|c| c.id).collect();
+                for c in gone {
+                    self.conts.remove(&c);
+                    self.note_destroyed(id, c);
+                }
                 self.pools.remove(&id);
                 Ok(MgmtReply::Done)
             }
@@ -413,11 +426,7 @@ impl MgmtState {
                     (c.id, c.pool)
                 };
                 self.conts.remove(&id);
-                if let Some(p) = self.pools.get_mut(&pid) {
-                    p.destroyed_conts.push(id);
-                    let over = p.destroyed_conts.len().saturating_sub(DESTROYED_CONTS_KEPT);
-                    p.destroyed_conts.drain(..over);
-                }
+                self.note_destroyed(pid, id);
                 Ok(MgmtReply::Done)
             }
             MgmtCmd::SnapshotCreate { pool, cont, name, epoch } => {

@@ -117,9 +117,9 @@ pub enum MgmtQuery {
     Cont { pool: String, cont: String },
     /// Who holds a lease (`MgmtReply::LeaseHolder`), e.g. to find a volume's writer.
     Lease { key: String },
-    /// The pool's destroyed containers whose data the engines may still hold, oldest first
-    /// (`MgmtReply::ContIds`): engines delete what they hold of them in the background.
-    DestroyedConts { pool: String },
+    /// Destroyed containers whose data the engines may still hold, oldest first
+    /// (`MgmtReply::DestroyedConts`): engines delete what they hold of them in the background.
+    DestroyedConts,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -277,7 +277,8 @@ pub enum MgmtReply {
     /// Holder and expiry (ms since the Unix epoch) of a lease, if one was taken and not
     /// released (it may have expired: compare with the clock).
     LeaseHolder(Option<(String, u64)>),
-    ContIds(Vec<ContId>),
+    /// Destroyed containers and the pools they were in.
+    DestroyedConts(Vec<(PoolId, ContId)>),
 }
 
 #[cfg(test)]
