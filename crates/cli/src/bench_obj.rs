@@ -37,6 +37,11 @@ pub struct Args {
     /// Also run fio with the same pattern on the engines' file system and print the ratio.
     #[arg(long)]
     baseline: bool,
+    /// Rounds of (this bench, then fio), each in a container of its own, reported as medians
+    /// (the ratio: the median of the rounds' ratios). Default: 3 with --baseline (a ratio of
+    /// one round on a shared disk says little), else 1.
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Keep the container the bench wrote (named in the report) instead of destroying it at the
     /// end: a 1 MiB write run leaves gigabytes behind.
     #[arg(long)]
@@ -72,6 +77,68 @@ struct Report {
     target: Option<String>,
     /// The container written, when `--keep` kept it (otherwise it is destroyed at the end).
     kept_container: Option<String>,
+    /// Seconds this side ran.
+    elapsed_secs: f64,
+    /// With more than one round, each round's report (the figures above are their medians).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    per_round: Vec<Report>,
+}
+
+/// The median of `f` over `rs` (None when no round has it).
+fn median_of(rs: &[Report], f: impl Fn(&Report) -> Option<f64>) -> Option<f64> {
+    let v: Vec<f64> = rs.iter().filter_map(f).collect();
+    (!v.is_empty()).then(|| fio::median(v))
+}
+
+/// One report of the rounds' medians (ratios: medians of the rounds' ratios, not ratios of
+/// medians), the target judged on them.
+fn medians(rounds: Vec<Report>, class: ObjectClass) -> Report {
+    let m = |f: fn(&Report) -> f64| fio::median(rounds.iter().map(f).collect());
+    let fio_median = |pick: fn(&Report) -> Option<&fio::FioResult>| -> Option<fio::FioResult> {
+        let fs: Vec<&fio::FioResult> = rounds.iter().filter_map(pick).collect();
+        (!fs.is_empty()).then(|| {
+            let m = |f: fn(&fio::FioResult) -> f64| fio::median(fs.iter().map(|x| f(x)).collect());
+            fio::FioResult { iops: m(|f| f.iops), bytes_per_sec: m(|f| f.bytes_per_sec), p50_us: m(|f| f.p50_us), p99_us: m(|f| f.p99_us), cpu_secs: m(|f| f.cpu_secs) }
+        })
+    };
+    let first = &rounds[0];
+    let mut r = Report {
+        oclass: first.oclass.clone(),
+        op: first.op.clone(),
+        size_bytes: first.size_bytes,
+        threads: first.threads,
+        ops_per_sec: m(|r| r.ops_per_sec),
+        mib_per_sec: m(|r| r.mib_per_sec),
+        p50_us: m(|r| r.p50_us),
+        p99_us: m(|r| r.p99_us),
+        p999_us: m(|r| r.p999_us),
+        cpu_secs: m(|r| r.cpu_secs),
+        engine_cpu_secs: median_of(&rounds, |r| r.engine_cpu_secs),
+        fio: fio_median(|r| r.fio.as_ref()),
+        throughput_ratio: median_of(&rounds, |r| r.throughput_ratio),
+        fio_fresh_space: fio_median(|r| r.fio_fresh_space.as_ref()),
+        fresh_space_ratio: median_of(&rounds, |r| r.fresh_space_ratio),
+        p99_ratio: median_of(&rounds, |r| r.p99_ratio),
+        target: None,
+        kept_container: None,
+        elapsed_secs: m(|r| r.elapsed_secs),
+        per_round: Vec::new(),
+    };
+    r.target = judge(class, r.size_bytes, &r.op, r.throughput_ratio, r.p99_ratio);
+    r.per_round = rounds;
+    r
+}
+
+/// The target for this pattern, where it names one, judged on these ratios.
+fn judge(class: ObjectClass, size: u64, op: &str, throughput_ratio: Option<f64>, p99_ratio: Option<f64>) -> Option<String> {
+    let (t, p) = (throughput_ratio?, p99_ratio?);
+    let goal = match (class.redundancy(), size, op) {
+        (strata_types::Redundancy::None, s, "write") if s >= 1 << 20 => Some(("S1 1 MiB writes >= 0.60x fio", t >= 0.6)),
+        (strata_types::Redundancy::Replicas(3), s, "write") if s >= 1 << 20 => Some(("RP_3 1 MiB writes >= 0.25x fio (three copies share one disk)", t >= 0.25)),
+        (strata_types::Redundancy::Replicas(3), 4096, "write") => Some(("RP_3 4 KiB update p99 <= 5x fio fsync'd 4 KiB p99", p <= 5.0)),
+        _ => None,
+    };
+    goal.map(|(t, met)| format!("{t}: {}", if met { "met" } else { "NOT met" }))
 }
 
 /// fio writing `threads` fallocated files once each (not time-based: a file that wrapped around
@@ -110,8 +177,97 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.baseline {
         fio::require()?;
     }
+    let rounds = a.rounds.unwrap_or(if a.baseline { 3 } else { 1 });
+    anyhow::ensure!((1..=20).contains(&rounds), "--rounds must be 1..=20");
+    anyhow::ensure!(!a.keep || rounds == 1, "--keep keeps the container of one round: pass --rounds 1 with it");
     let cluster_path = a.conn.cluster.clone().or_else(|| std::env::var_os("STRATA_CLUSTER").map(Into::into)).unwrap_or_else(ClusterFile::default_path);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let mut reports = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        if i > 0 {
+            // The last round's container is deleted by the engines' next aggregation pass:
+            // let it finish, so it does not slow this round (or fio's).
+            rt.block_on(wait_for_aggregation_passes(&a))?;
+        }
+        if rounds > 1 && !a.conn.json {
+            eprintln!("round {}/{rounds}", i + 1);
+        }
+        reports.push(one_round(&a, class, size, &cluster_path, &rt)?);
+    }
+    let r = if rounds == 1 { reports.pop().context("no round ran")? } else { medians(reports, class) };
+    emit(a.conn.json, &r, |r| {
+        if !r.per_round.is_empty() {
+            for (i, x) in r.per_round.iter().enumerate() {
+                let ratio = x.throughput_ratio.map(|t| format!("  ratio {t:.2}x, p99 {:.2}x", x.p99_ratio.unwrap_or(0.0))).unwrap_or_default();
+                println!("round {}: {:>8.1} MiB/s  p99 {:>7.0} us{ratio}", i + 1, x.mib_per_sec, x.p99_us);
+            }
+            println!("medians of {} rounds (ratios: the median of the rounds' ratios):", r.per_round.len());
+        }
+        println!("strata bench obj: {} {} of {} B, {} in flight, {:.1} s", r.oclass, r.op, r.size_bytes, r.threads, r.elapsed_secs);
+        let engines = r.engine_cpu_secs.map(|s| format!(", engines {s:.1} s")).unwrap_or_default();
+        println!("strata: {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  p999 {:>7.0} us  cpu: client {:.1} s{engines}", r.ops_per_sec, r.mib_per_sec, r.p50_us, r.p99_us, r.p999_us, r.cpu_secs);
+        if let Some(f) = &r.fio {
+            println!("fio:    {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  cpu {:.1} s  (psync, {}{} jobs)", f.iops, f.bytes_per_sec / (1 << 20) as f64, f.p50_us, f.p99_us, f.cpu_secs, if r.op == "write" { "fdatasync each, " } else { "" }, r.threads);
+            println!("ratio:  throughput {:.2}x, p99 latency {:.2}x", r.throughput_ratio.unwrap_or(0.0), r.p99_ratio.unwrap_or(0.0));
+        }
+        if let (Some(g), Some(x)) = (&r.fio_fresh_space, r.fresh_space_ratio) {
+            println!("fio, fresh space: {:>4.0} ops/s {:>8.1} MiB/s  p99 {:>7.0} us  (direct, fallocated file written once, fdatasync each)", g.iops, g.bytes_per_sec / (1 << 20) as f64, g.p99_us);
+            println!("ratio:  throughput {x:.2}x of fio into fresh space (every write here is a new version in new space)");
+        }
+        if let Some(t) = &r.target {
+            println!("target: {t}");
+        }
+        if let Some(c) = &r.kept_container {
+            println!("kept container {c} (`strata cont destroy` frees it)");
+        }
+    })?;
+    Ok(())
+}
+
+
+/// Wait until every rank of the pool finished two more aggregation passes (so one that started
+/// after this call ran whole: it deleted the container the last round destroyed). Gives up,
+/// saying so, after 60 s, or after 25 s in which no rank finished any (aggregation turned
+/// off: `--aggregate-interval-ms 0`).
+async fn wait_for_aggregation_passes(a: &Args) -> anyhow::Result<()> {
+    use strata_rpc::engine_msg::{EngineReq, EngineResp};
+    let client = a.conn.client().await?;
+    let addrs: Vec<String> = client.pool(&a.pool).await?.info()?.rank_addrs.values().cloned().collect();
+    let engines = strata_rpc::RpcPool::new(strata_rpc::ServiceKind::Engine, Some(client.cluster().to_owned()), Default::default());
+    let passes = || async {
+        let mut v = Vec::with_capacity(addrs.len());
+        for addr in &addrs {
+            v.push(match engines.call::<_, EngineResp>(addr, &EngineReq::Stats, bytes::Bytes::new(), Duration::from_secs(10)).await {
+                Ok((EngineResp::Stats(s), _)) => Some(s.aggregation.passes),
+                _ => None,
+            });
+        }
+        v
+    };
+    let start_passes = passes().await;
+    let t0 = Instant::now();
+    loop {
+        let now = passes().await;
+        // A rank that does not answer is not waited for.
+        let done = now.iter().zip(&start_passes).all(|(n, s)| match (n, s) {
+            (Some(n), Some(s)) => *n >= s + 2,
+            _ => true,
+        });
+        if done {
+            return Ok(());
+        }
+        let moved = now.iter().zip(&start_passes).any(|(n, s)| n != s);
+        if t0.elapsed() > Duration::from_secs(60) || (!moved && t0.elapsed() > Duration::from_secs(25)) {
+            eprintln!("warning: the engines' aggregation passes (which delete the last round's container) did not finish in time; the next round may share the disk with that deletion");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One round: a container of its own, this bench, fio (with `--baseline`), the container
+/// destroyed (unless `--keep`).
+fn one_round(a: &Args, class: ObjectClass, size: u64, cluster_path: &std::path::Path, rt: &tokio::runtime::Runtime) -> anyhow::Result<Report> {
     // A container of its own per run: runs never see each other's data, and it can be destroyed.
     let cont_id = ContId::new_random();
     let cont_label = format!("bench-{}-{}", class.to_string().to_lowercase().replace('_', "-"), cont_id.as_bytes()[..4].iter().map(|b| format!("{b:02x}")).collect::<String>());
@@ -228,30 +384,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         p99_ratio: None,
         target: None,
         kept_container: a.keep.then(|| format!("{}/{cont_label}", a.pool)),
+        elapsed_secs: elapsed,
+        per_round: Vec::new(),
     };
-    let compared = if a.baseline { compare_with_fio(&a, class, size, &cluster_path, &mut r) } else { Ok(()) };
+    let compared = if a.baseline { compare_with_fio(a, class, size, cluster_path, &mut r) } else { Ok(()) };
     let cleaned = destroy();
     compared?;
-    emit(a.conn.json, &r, |r| {
-        println!("strata bench obj: {} {} of {} B, {} in flight, {:.1} s", r.oclass, r.op, r.size_bytes, r.threads, elapsed);
-        let engines = r.engine_cpu_secs.map(|s| format!(", engines {s:.1} s")).unwrap_or_default();
-        println!("strata: {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  p999 {:>7.0} us  cpu: client {:.1} s{engines}", r.ops_per_sec, r.mib_per_sec, r.p50_us, r.p99_us, r.p999_us, r.cpu_secs);
-        if let Some(f) = &r.fio {
-            println!("fio:    {:>10.0} ops/s {:>8.1} MiB/s  p50 {:>7.0} us  p99 {:>7.0} us  cpu {:.1} s  (psync, {}{} jobs)", f.iops, f.bytes_per_sec / (1 << 20) as f64, f.p50_us, f.p99_us, f.cpu_secs, if r.op == "write" { "fdatasync each, " } else { "" }, r.threads);
-            println!("ratio:  throughput {:.2}x, p99 latency {:.2}x", r.throughput_ratio.unwrap_or(0.0), r.p99_ratio.unwrap_or(0.0));
-        }
-        if let (Some(g), Some(x)) = (&r.fio_fresh_space, r.fresh_space_ratio) {
-            println!("fio, fresh space: {:>4.0} ops/s {:>8.1} MiB/s  p99 {:>7.0} us  (direct, fallocated file written once, fdatasync each)", g.iops, g.bytes_per_sec / (1 << 20) as f64, g.p99_us);
-            println!("ratio:  throughput {x:.2}x of fio into fresh space (every write here is a new version in new space)");
-        }
-        if let Some(t) = &r.target {
-            println!("target: {t}");
-        }
-        if let Some(c) = &r.kept_container {
-            println!("kept container {c} (`strata cont destroy` frees it)");
-        }
-    })?;
-    cleaned
+    cleaned?;
+    Ok(r)
 }
 
 /// fio with the same pattern on the engines' file system (and, for writes, into fresh space),
@@ -275,13 +415,7 @@ fn compare_with_fio(a: &Args, class: ObjectClass, size: u64, cluster_path: &std:
     }
     r.throughput_ratio = Some(r.ops_per_sec / f.iops.max(f64::MIN_POSITIVE));
     r.p99_ratio = Some(r.p99_us / f.p99_us.max(1.0));
-    let goal = match (class.redundancy(), size, a.op.as_str()) {
-        (strata_types::Redundancy::None, s, "write") if s >= 1 << 20 => Some(("S1 1 MiB writes >= 0.60x fio", r.throughput_ratio.unwrap_or(0.0) >= 0.6)),
-        (strata_types::Redundancy::Replicas(3), s, "write") if s >= 1 << 20 => Some(("RP_3 1 MiB writes >= 0.25x fio (three copies share one disk)", r.throughput_ratio.unwrap_or(0.0) >= 0.25)),
-        (strata_types::Redundancy::Replicas(3), 4096, "write") => Some(("RP_3 4 KiB update p99 <= 5x fio fsync'd 4 KiB p99", r.p99_ratio.unwrap_or(f64::MAX) <= 5.0)),
-        _ => None,
-    };
-    r.target = goal.map(|(t, met)| format!("{t}: {}", if met { "met" } else { "NOT met" }));
+    r.target = judge(class, size, &a.op, r.throughput_ratio, r.p99_ratio);
     r.fio = Some(f);
     Ok(())
 }

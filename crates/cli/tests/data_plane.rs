@@ -416,9 +416,11 @@ fn a_failure_during_rebuild_restarts_it_and_three_failures_of_rp3_lose_nothing()
 fn bench_obj_reports_figures_and_ratios_to_fio_in_the_same_run() {
     // The baseline runs fio itself: it must be installed (scripts/test installs fio).
     assert!(std::process::Command::new("fio").arg("--version").output().is_ok_and(|o| o.status.success()), "fio is not installed: apt-get install fio");
-    let c = Cluster::start(&["--ranks", "3"]);
-    for (class, size, op, in_flight) in [("RP_3G1", "4k", "write", "4"), ("S1", "1m", "write", "2"), ("EC_2P1G1", "64k", "read", "2")] {
-        let v = c.json(&["bench", "obj", "--oclass", class, "--size", size, "--op", op, "--threads", in_flight, "--duration", "0.5", "--baseline"]);
+    // Short aggregation passes: between rounds the bench waits for the pass that deletes the
+    // last round's container.
+    let c = Cluster::start(&["--ranks", "3", "--aggregate-interval-ms", "300"]);
+    for (class, size, op, in_flight, rounds) in [("RP_3G1", "4k", "write", "4", "1"), ("S1", "1m", "write", "2", "3"), ("EC_2P1G1", "64k", "read", "2", "1")] {
+        let v = c.json(&["bench", "obj", "--oclass", class, "--size", size, "--op", op, "--threads", in_flight, "--duration", "0.5", "--baseline", "--rounds", rounds]);
         let what = format!("{class} {size} {op}: {v}");
         assert!(v["ops_per_sec"].as_f64().unwrap() > 0.0, "{what}");
         assert!(v["p50_us"].as_f64().unwrap() > 0.0 && v["p99_us"].as_f64().unwrap() >= v["p50_us"].as_f64().unwrap(), "{what}");
@@ -430,6 +432,16 @@ fn bench_obj_reports_figures_and_ratios_to_fio_in_the_same_run() {
         assert_eq!(v["fresh_space_ratio"].as_f64().is_some(), op == "write", "{what}");
         // The targets are judged where it names them (RP_3 4 KiB p99, S1 1 MiB), not elsewhere.
         assert_eq!(v["target"].is_string(), op == "write", "{what}");
+        // Several rounds: each one's figures, and the report's ratio is the median of theirs.
+        if rounds == "3" {
+            let per: Vec<f64> = v["per_round"].as_array().unwrap_or_else(|| panic!("no rounds: {what}")).iter().map(|r| r["throughput_ratio"].as_f64().unwrap()).collect();
+            assert_eq!(per.len(), 3, "{what}");
+            let mut sorted = per.clone();
+            sorted.sort_by(f64::total_cmp);
+            assert_eq!(v["throughput_ratio"].as_f64().unwrap(), sorted[1], "{what}");
+        } else {
+            assert!(v.get("per_round").is_none(), "{what}");
+        }
     }
     // Each run wrote into a container of its own and destroyed it: nothing is left behind
     // (a 1 MiB run leaves gigabytes), unless asked to keep it.
@@ -442,6 +454,8 @@ fn bench_obj_reports_figures_and_ratios_to_fio_in_the_same_run() {
     // Bad input gets a clear error, not a panic.
     let out = c.cmd(&["bench", "obj", "--size", "5m"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--size"), "{out:?}");
+    let out = c.cmd(&["bench", "obj", "--rounds", "0"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--rounds"), "{out:?}");
 }
 
 /// One plain HTTP/1.1 GET: (status code, headers, body).
