@@ -203,9 +203,11 @@ fn destroying_a_container_frees_its_space_and_keeps_the_others() {
         for i in (0..VALUES).step_by(8) {
             assert_eq!(kept.read(&dkey(i), b"v", 0, VALUE_BYTES as u64, Epoch::MAX).await.unwrap().0, value(i, 2), "kept container, dkey {i}");
         }
-        // The destroyed container is gone for clients too.
+        // The destroyed container is gone for clients too: it does not open, and a handle
+        // opened before the destroy has its writes refused, not acknowledged and then deleted.
         assert!(client.container("tank", "doomed").await.is_err(), "a destroyed container opened");
-        drop(doomed);
+        let refused = doomed.write(&dkey(0), b"v", 0, &value(0, 5)).await.expect_err("a write to a destroyed container was acknowledged");
+        assert!(refused.to_string().contains("destroyed"), "unexpected error: {refused}");
     });
     c.json(&["cont", "create", "tank", "later", "--oclass", "RP_3G1", "--rf", "2"]);
     rt.block_on(async {

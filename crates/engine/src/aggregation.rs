@@ -166,12 +166,16 @@ impl Engine {
     /// pools destroyed with them), except those of pools in `moving` (data movement under way
     /// reads and pushes containers; a later pass deletes them). Only the management service's
     /// list of destroyed containers is trusted, never the absence of a container from its list
-    /// of live ones (a list read before a container's creation lacks it). Rows written to a
-    /// destroyed container after this (a client that still had it open, a rebuild that read it
-    /// earlier) are deleted by a later pass.
+    /// of live ones (a list read before a container's creation lacks it). From this pass on,
+    /// client updates to any destroyed container are refused; rows that still reach one (a
+    /// rebuild import, a KV write, an update admitted before this pass) are deleted by a later
+    /// pass.
     async fn delete_destroyed_containers(&self, moving: &[PoolId]) {
         let destroyed: Vec<strata_types::ContId> = match self.mgmt.query(MgmtQuery::DestroyedConts).await {
-            Ok(strata_rpc::mgmt_msg::MgmtReply::DestroyedConts(list)) => list.into_iter().filter(|(p, _)| !moving.contains(p)).map(|(_, c)| c).collect(),
+            Ok(strata_rpc::mgmt_msg::MgmtReply::DestroyedConts(list)) => {
+                *self.destroyed.write().unwrap_or_else(|e| e.into_inner()) = list.iter().map(|(_, c)| *c).collect();
+                list.into_iter().filter(|(p, _)| !moving.contains(p)).map(|(_, c)| c).collect()
+            }
             Ok(_) => return,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot list destroyed containers");

@@ -160,6 +160,10 @@ pub struct Engine {
     reclaim: reclaim::ReclaimCounters,
     /// Targets of this rank seen draining: reclaim empties them once `DOWNOUT`, no others.
     drained: reclaim::DrainedTargets,
+    /// Containers destroyed, as of the last aggregation pass: updates to them are refused (a
+    /// client that still had one open would otherwise have writes acknowledged that the next
+    /// pass deletes).
+    destroyed: RwLock<std::collections::HashSet<strata_types::ContId>>,
 }
 
 /// A failed push to `t`, as `Unavailable` (the pass tries again later), except a destination
@@ -220,7 +224,7 @@ impl Engine {
             targets.push(Arc::new(Vos::open(&dir, &cfg.vos).map_err(|e| e.to_string())?));
         }
         let hlc = Hlc::open(&cfg.dir.join("hlc"), Box::new(SystemClock), strata_types::HLC_MAX_DRIFT_MS_DEFAULT).map_err(|e| e.to_string())?;
-        Ok(Engine { requests: Default::default(), started: std::time::Instant::now(), pacer: move_pacing::MovePacer::new(cfg.rebuild_bytes_per_s), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes), reclaim_gate: Default::default(), reclaim: Default::default(), drained: Default::default() })
+        Ok(Engine { requests: Default::default(), started: std::time::Instant::now(), pacer: move_pacing::MovePacer::new(cfg.rebuild_bytes_per_s), background: background_threads::BackgroundThreads::start(), page_buffers: Arc::new(strata_rpc::buffer_pool::BufferPool::new(import_batch::BUFFERS_KEPT_BYTES)), inflight: Default::default(), inflight_done: tokio::sync::Notify::new(), map_changed: tokio::sync::Notify::new(), moved_records: Default::default(), moved_bytes: Default::default(), extension_write_bytes: Default::default(), pass_since: std::sync::Mutex::new(Epoch::ZERO), scrubbed: Default::default(), rebuilt: std::sync::Mutex::new(HashMap::new()), stripe_locks: std::sync::Mutex::new(HashMap::new()), rank: cfg.rank, targets, pools: RwLock::new(HashMap::new()), mgmt, peers: RpcPool::new(ServiceKind::Engine, Some(cfg.cluster.clone()), ClientConfig::default()), hlc, kv: Default::default(), aggregation: cfg.aggregation.clone(), agg_counters: Default::default(), movement: Default::default(), space: space_guard::SpaceGuard::new(cfg.dir.clone(), cfg.space_reserve_bytes), reclaim_gate: Default::default(), reclaim: Default::default(), drained: Default::default(), destroyed: Default::default() })
     }
 
     pub fn targets(&self) -> &[Arc<Vos>] {
@@ -425,6 +429,9 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     async fn update(&self, pool: PoolId, version: u64, cont: strata_types::ContId, oid: strata_types::Oid, dkey: Vec<u8>, epoch: Option<Epoch>, ops: Vec<WireOp>, payload: Bytes) -> Result<EngineResp, RemoteError> {
         let (view, _admitted) = self.admit(pool, version).await?;
+        if self.destroyed.read().unwrap_or_else(|e| e.into_inner()).contains(&cont) {
+            return Err(rerr(ErrorCode::NotFound, format!("container {cont} was destroyed")));
+        }
         let _writing = self.reclaim_gate.enter(pool, version).await;
         let layout = view.placement.layout(oid).map_err(|e| rerr(ErrorCode::InvalidArgument, e.to_string()))?;
         let g = layout.group_for_dkey(&dkey);
