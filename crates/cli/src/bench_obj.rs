@@ -224,7 +224,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-
 /// Wait until every rank of the pool finished two more aggregation passes (so one that started
 /// after this call ran whole: it deleted the container the last round destroyed). Gives up,
 /// saying so, after 60 s, or after 25 s in which no rank finished any (aggregation turned
