@@ -234,23 +234,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 /// off: `--aggregate-interval-ms 0`).
 async fn wait_for_aggregation_passes(a: &Args) -> anyhow::Result<()> {
     use strata_rpc::engine_msg::{EngineReq, EngineResp};
-    let client = a.conn.client().await?;
-    let addrs: Vec<String> = client.pool(&a.pool).await?.info()?.rank_addrs.values().cloned().collect();
-    let engines = strata_rpc::RpcPool::new(strata_rpc::ServiceKind::Engine, Some(client.cluster().to_owned()), Default::default());
+    let pool = a.conn.client().await?.pool(&a.pool).await?;
     let passes = || async {
-        let mut v = Vec::with_capacity(addrs.len());
-        for addr in &addrs {
-            v.push(match engines.call::<_, EngineResp>(addr, &EngineReq::Stats, bytes::Bytes::new(), Duration::from_secs(10)).await {
-                Ok((EngineResp::Stats(s), _)) => Some(s.aggregation.passes),
-                _ => None,
-            });
-        }
-        v
+        let answers = pool.call_all_engines(&EngineReq::Stats, Duration::from_secs(10)).await?;
+        Ok::<Vec<Option<u64>>, anyhow::Error>(answers.into_iter().map(|r| match r {
+            Ok((EngineResp::Stats(s), _)) => Some(s.aggregation.passes),
+            _ => None,
+        }).collect())
     };
-    let start_passes = passes().await;
+    let start_passes = passes().await?;
     let t0 = Instant::now();
     loop {
-        let now = passes().await;
+        let now = passes().await?;
         // A rank that does not answer is not waited for.
         let done = now.iter().zip(&start_passes).all(|(n, s)| match (n, s) {
             (Some(n), Some(s)) => *n >= s + 2,

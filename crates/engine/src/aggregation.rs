@@ -124,7 +124,7 @@ impl Engine {
         let moving: Vec<PoolId> = pools.iter().filter(|v| movement_under_way(&v.map)).map(|v| v.map_pool_id).collect();
         self.delete_destroyed_containers(&moving).await;
         for view in pools {
-            if movement_under_way(&view.map) {
+            if moving.contains(&view.map_pool_id) {
                 self.agg_counters.skipped_for_movement.fetch_add(1, Ordering::Relaxed);
                 continue;
             }

@@ -27,6 +27,23 @@ pub struct ReclaimStats {
     pub object_removed: bool,
 }
 
+impl ReclaimStats {
+    /// Count record row `v`, about to be deleted; an extent-file extent it references joins
+    /// `dead` (its blocks are freed once the delete is durable).
+    pub(crate) fn count_deleted(&mut self, v: &[u8], dead: &mut Vec<(ExtentRef, u64)>) {
+        self.records += 1;
+        match record::decode(v) {
+            Ok(rec) if rec.kind == RecordKind::ValueRef => {
+                self.bytes += rec.len;
+                dead.extend(ExtentRef::decode(rec.payload).map(|x| (x, rec.len)));
+            }
+            Ok(rec) => self.bytes += rec.payload.len() as u64,
+            // A damaged row goes as well: nothing of it is needed here.
+            Err(_) => self.bytes += v.len() as u64,
+        }
+    }
+}
+
 impl Vos {
     /// Delete every row of object `oid` in `cont` on this target: all versions, punches, its
     /// index row; frees the extent-file blocks its extents used. Durable on return.
@@ -65,16 +82,7 @@ impl Vos {
                     kept = true;
                     continue;
                 }
-                stats.records += 1;
-                match record::decode(&v) {
-                    Ok(rec) if rec.kind == RecordKind::ValueRef => {
-                        stats.bytes += rec.len;
-                        dead.extend(ExtentRef::decode(rec.payload).map(|x| (x, rec.len)));
-                    }
-                    Ok(rec) => stats.bytes += rec.payload.len() as u64,
-                    // A damaged row goes as well: nothing of it is needed here.
-                    Err(_) => stats.bytes += v.len() as u64,
-                }
+                stats.count_deleted(&v, &mut dead);
                 ops.push(EngineOp::Delete(Space::Records, k));
                 if ops.len() >= RECLAIM_BATCH_ROWS {
                     self.writer.commit(std::mem::take(&mut ops), Vec::new(), 0)?;

@@ -785,15 +785,7 @@ impl Vos {
             for r in self.engine.scan(space, cont.as_bytes(), Some(&end), false) {
                 let (k, v) = r?;
                 if space == Space::Records {
-                    stats.records += 1;
-                    match record::decode(&v) {
-                        Ok(rec) if rec.kind == RecordKind::ValueRef => {
-                            stats.bytes += rec.len;
-                            dead.extend(ExtentRef::decode(rec.payload).map(|x| (x, rec.len)));
-                        }
-                        Ok(rec) => stats.bytes += rec.payload.len() as u64,
-                        Err(_) => stats.bytes += v.len() as u64,
-                    }
+                    stats.count_deleted(&v, &mut dead);
                 }
                 ops.push(EngineOp::Delete(space, k));
                 if ops.len() >= 10_000 {
